@@ -1,0 +1,1 @@
+"""Benchmark suite of street2shop: metrics, grid runner, feature cache, speed measurements."""

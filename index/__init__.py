@@ -1,0 +1,30 @@
+"""FAISS indexes of product vectors for street2shop: presets, GPU/CPU placement, string ids, persistence.
+
+This package imports nothing from the rest of street2shop: numpy arrays in, product ids and scores out.
+
+Example::
+
+    from index import ProductIndex
+
+    catalog = ProductIndex.build(vectors, product_ids, preset="ivfpq", metadata={"descriptor": "gem"})
+    scores, ids = catalog.search(queries, k=10)   # (Q, 10) float32, (Q, 10) str
+    catalog.save("runs/catalog-index")            # index.faiss + manifest.json, atomically
+    catalog = ProductIndex.load("runs/catalog-index")
+"""
+from .device import resolve_faiss_device
+from .errors import IndexCorruptError, IndexMismatchError
+from .presets import describe_index_preset, index_factory_string, list_index_presets
+from .product_index import ProductIndex
+
+PACKAGE_ID = "street2shop.index"
+"""Lets tests prove that `import index` found this package and not another top-level `index`."""
+
+__all__ = [
+    "ProductIndex",
+    "IndexMismatchError",
+    "IndexCorruptError",
+    "list_index_presets",
+    "index_factory_string",
+    "describe_index_preset",
+    "resolve_faiss_device",
+]

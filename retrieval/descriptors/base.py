@@ -1,0 +1,126 @@
+"""The descriptor plugin contract.
+
+Every descriptor is a `torch.nn.Module` registered in `DESCRIPTORS`. The engine only calls:
+
+- `embed(images) -> (B, dim)` float32 L2-normalised: what goes into a FAISS index. Global
+  descriptors return `extract(images).desc`; local ones aggregate their `LocalFeatures` (VLAD, ...).
+- `fit(batches)` once before `embed` when `needs_fit` (codebooks, PCA-whitening): `batches` is an
+  iterable of (B, 3, H, W) image tensors from a *training* set, never from the evaluation queries.
+- `fingerprint()`: a hash of name, config and weights, stored in index manifests and feature caches
+  so that a query with another descriptor, or another fit, is refused.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any, Dict, Iterable, Union
+
+import torch
+from torch import nn
+
+from retrieval.registry import Registry, module_fingerprint
+from retrieval.types import GlobalFeatures, InputSpec, LocalFeatures
+
+DESCRIPTORS = Registry("descriptor")
+
+
+class NotFittedError(RuntimeError):
+    """Raised when a descriptor that needs `fit` is used before it."""
+
+
+class Descriptor(nn.Module):
+    """Base class. Subclasses set `default_conf`, `kind`, `trainable`, `needs_fit` and implement `extract`."""
+
+    name: str = "base"
+    kind: str = "global"  # "global" | "local"
+    trainable: bool = False
+    needs_fit: bool = False
+    default_conf: Dict[str, Any] = {}
+
+    def __init__(self, **conf: Any):
+        super().__init__()
+        unknown = set(conf) - set(self.default_conf)
+        if unknown:
+            raise ValueError(
+                f"{type(self).__name__} got unknown options {sorted(unknown)}; "
+                f"valid options: {sorted(self.default_conf)}"
+            )
+        self.conf: Dict[str, Any] = {**self.default_conf, **conf}
+        self.name = getattr(type(self), "registry_name", self.name)
+        # A buffer so that `fitted` travels with state_dict and checkpoints.
+        self.register_buffer("_fitted", torch.tensor(not self.needs_fit))
+
+    # ---- contract -------------------------------------------------------------------------
+    @property
+    def dim(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def input_spec(self) -> InputSpec:
+        return InputSpec(size=tuple(self.conf.get("image_size", (256, 192))))
+
+    def extract(self, images: torch.Tensor) -> Union[GlobalFeatures, LocalFeatures]:
+        raise NotImplementedError
+
+    def aggregate(self, features: LocalFeatures) -> torch.Tensor:
+        raise NotImplementedError(f"{self.name} is a local descriptor without an aggregator")
+
+    @torch.no_grad()
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [0, 1] -> (B, dim) float32, L2-normalised."""
+        check_images(images)
+        if not self.fitted:
+            raise NotFittedError(
+                f"descriptor {self.name!r} must be fitted first (descriptor.fit(batches) or "
+                "`street2shop index`, which fits it on the catalog); it learns a codebook or whitening"
+            )
+        out = self.extract(images)
+        vectors = out.desc if isinstance(out, GlobalFeatures) else self.aggregate(out)
+        return torch.nn.functional.normalize(vectors.float(), dim=-1)
+
+    def fit(self, batches: Iterable[torch.Tensor]) -> "Descriptor":
+        """Learn what `embed` needs from training images; a no-op for descriptors that need nothing."""
+        self._fitted.fill_(True)
+        return self
+
+    # ---- bookkeeping ----------------------------------------------------------------------
+    @property
+    def fitted(self) -> bool:
+        return bool(self._fitted)
+
+    @property
+    def device(self) -> torch.device:
+        for tensor in list(self.parameters()) + list(self.buffers()):
+            return tensor.device
+        return torch.device("cpu")
+
+    def config(self) -> Dict[str, Any]:
+        """JSON-serialisable config: enough, with the state dict, to rebuild this descriptor."""
+        return json.loads(json.dumps(self.conf, default=list))
+
+    def fingerprint(self) -> str:
+        """Hash of name, config and every tensor of the state dict (fitted codebooks included)."""
+        return module_fingerprint(self.name, self.config(), self)
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}, dim={self.dim}, conf={self.conf}"
+
+
+def check_images(images: torch.Tensor) -> None:
+    """Raise a clear error unless `images` is (B, 3, H, W) floating point."""
+    if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3:
+        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise ValueError(f"expected images of shape (B, 3, H, W), got {shape}")
+    if not images.is_floating_point():
+        raise ValueError(f"expected float images in [0, 1], got dtype {images.dtype}")
+
+
+def create_descriptor(name: str, **conf: Any) -> Descriptor:
+    import retrieval.descriptors  # noqa: F401  (registers the built-ins)
+
+    return DESCRIPTORS.create(name, **conf)
+
+
+def list_descriptors() -> list:
+    import retrieval.descriptors  # noqa: F401
+
+    return DESCRIPTORS.names()

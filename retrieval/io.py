@@ -1,0 +1,397 @@
+"""Robust image I/O: the one reader every part of street2shop uses.
+
+Datasets in this field are messy: CMYK JPEGs from shops, 16-bit PNGs, palette images with a transparent
+background, phone photos whose pixels are stored sideways with an EXIF orientation tag, and the odd
+truncated download. `read_image` turns all of them into the same thing, an (H, W, 3) uint8 RGB array,
+or fails with an error that names the file, says what is wrong and what to do about it. Nothing is
+silently padded or clipped.
+
+Example:
+    >>> from retrieval.io import read_image, resize_image, images_to_tensor
+    >>> image = read_image("shop/000003_1.jpg")  # doctest: +SKIP
+    >>> batch = images_to_tensor([resize_image(image, (256, 192))])  # doctest: +SKIP
+    >>> batch.shape  # doctest: +SKIP
+    torch.Size([1, 3, 256, 192])
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Optional, Sequence, Tuple, Union
+
+import cv2
+import numpy as np
+import torch
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+logger = logging.getLogger(__name__)
+
+PathLike = Union[str, os.PathLike]
+
+# 64 megapixels: above any product or street photo in the supported datasets (VITON is 0.05 MP,
+# DeepFashion under 1 MP) and below Pillow's own bomb warning (~89 MP), so a hostile or broken file
+# is refused before it is decoded into gigabytes of memory.
+DEFAULT_MAX_PIXELS = 64_000_000
+
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+_WHITE = 255.0
+_HASH_CHUNK_BYTES = 1 << 20
+_warned_about_truncated_loading = False
+
+
+class ImageReadError(ValueError):
+    """A file exists but cannot be turned into an image (corrupt, truncated, too large, empty...)."""
+
+
+def _check_truncated_loading_is_off() -> None:
+    """Warn once if some other code switched Pillow to pad truncated files silently.
+
+    `ImageFile.LOAD_TRUNCATED_IMAGES` is process-global; this module never sets it, because a
+    half-downloaded product photo padded with grey would be indexed as if it were real.
+    """
+    global _warned_about_truncated_loading
+    if ImageFile.LOAD_TRUNCATED_IMAGES and not _warned_about_truncated_loading:
+        _warned_about_truncated_loading = True
+        logger.warning(
+            "PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True (set by other code in this process): truncated "
+            "image files will be padded silently instead of raising ImageReadError. Set it back to False."
+        )
+
+
+def _open_and_decode(path: Path, max_pixels: int) -> Image.Image:
+    """Open `path` with Pillow, refuse oversized images before decoding, decode and apply EXIF rotation.
+
+    Raises:
+        FileNotFoundError: `path` does not exist.
+        ImageReadError: anything else that stops the file from becoming an image.
+    """
+    if not path.exists():
+        raise FileNotFoundError(f"Image file not found: {path}. Check the path (and the dataset root it came from).")
+    if not path.is_file():
+        raise ImageReadError(f"{path} is not a regular file (a directory?); expected an image file.")
+    if path.stat().st_size == 0:
+        raise ImageReadError(f"{path} is empty (0 bytes); re-download or re-export the image.")
+    _check_truncated_loading_is_off()
+
+    with warnings.catch_warnings():
+        # Pillow only warns between its two thresholds; a warning here means a decompression bomb.
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            image = Image.open(path)
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+            raise ImageReadError(
+                f"{path} is refused by Pillow's decompression-bomb guard ({error}). If the file is "
+                "genuine, raise PIL.Image.MAX_IMAGE_PIXELS and pass a larger max_pixels."
+            ) from error
+        except UnidentifiedImageError as error:
+            raise ImageReadError(
+                f"{path} is not an image Pillow can identify (wrong extension, corrupt header or not an "
+                "image at all); replace the file."
+            ) from error
+        except OSError as error:
+            raise ImageReadError(f"{path} cannot be opened as an image: {error}.") from error
+
+    width, height = image.size
+    if width == 0 or height == 0:
+        raise ImageReadError(f"{path} has zero size ({width}x{height}); replace the file.")
+    if width * height > max_pixels:
+        raise ImageReadError(
+            f"{path} is {width}x{height} = {width * height:,} pixels, more than max_pixels={max_pixels:,}. "
+            "If the file is genuine, pass a larger max_pixels to read_image (or downscale the file)."
+        )
+    try:
+        image.load()
+        # exif_transpose returns a rotated copy (a plain copy when there is no tag), so the file
+        # handle opened above can be closed right after.
+        oriented = ImageOps.exif_transpose(image)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        # Pillow reports truncation as OSError("image file is truncated") and some corrupt
+        # headers as SyntaxError or ValueError.
+        raise ImageReadError(
+            f"{path} is corrupt or truncated ({error}); re-download or re-export the image."
+        ) from error
+    finally:
+        image.close()
+    return oriented
+
+
+def _sixteen_bit_to_uint8(values: np.ndarray) -> np.ndarray:
+    """Scale 16-bit samples (0..65535) to 8 bit by the full range, rounding (65535 -> 255, 32768 -> 128)."""
+    return np.round(values.astype(np.float32) * (255.0 / 65535.0)).astype(np.uint8)
+
+
+def _wide_range_to_uint8(values: np.ndarray) -> np.ndarray:
+    """Scale 32-bit integer ("I") or float ("F") samples to 8 bit by their range, never by clipping.
+
+    Integer images whose values fit 0..65535 are 16-bit data in Pillow's "I" mode (older Pillow opens
+    16-bit PNGs so) and are scaled like 16 bit. Floats in [0, 1] are scaled by 255 and floats already in
+    [0, 255] are kept. Anything else is stretched linearly from its minimum to its maximum.
+    """
+    is_float = np.issubdtype(values.dtype, np.floating)
+    data = values.astype(np.float64)
+    finite = data[np.isfinite(data)]
+    low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+    if is_float and low >= 0.0 and high <= 1.0:
+        scaled = data * 255.0
+    elif is_float and low >= 0.0 and high <= 255.0:
+        scaled = data
+    elif not is_float and low >= 0.0 and high <= 65535.0:
+        scaled = data * (255.0 / 65535.0)
+    elif high > low:
+        scaled = (data - low) * (255.0 / (high - low))
+    else:
+        scaled = np.zeros_like(data)
+    scaled = np.nan_to_num(scaled, nan=0.0, posinf=255.0, neginf=0.0)
+    return np.round(np.clip(scaled, 0.0, 255.0)).astype(np.uint8)
+
+
+def _composite_over_white(rgb: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    """Alpha-composite (H, W, 3) colour over white with an (H, W) uint8 alpha.
+
+    White, not black, because shop photos are shot on white: a transparent product cut-out must look
+    like the other catalog images, otherwise descriptors learn "black background = product X".
+    """
+    weight = alpha.astype(np.float32)[..., None] / 255.0
+    blended = rgb.astype(np.float32) * weight + _WHITE * (1.0 - weight)
+    return np.round(blended).astype(np.uint8)
+
+
+def _to_rgb_array(image: Image.Image, path: Path) -> np.ndarray:
+    """Convert a decoded Pillow image of any mode to an (H, W, 3) uint8 RGB array."""
+    mode = image.mode
+    if mode == "RGB":
+        return np.asarray(image, dtype=np.uint8)
+    if mode in ("L", "1"):
+        grey = np.asarray(image.convert("L"), dtype=np.uint8)
+        return np.repeat(grey[..., None], 3, axis=2)
+    if mode in _SIXTEEN_BIT_MODES:
+        grey = _sixteen_bit_to_uint8(np.asarray(image))
+        return np.repeat(grey[..., None], 3, axis=2)
+    if mode in ("I", "F"):
+        grey = _wide_range_to_uint8(np.asarray(image))
+        return np.repeat(grey[..., None], 3, axis=2)
+    if mode == "P" and "transparency" not in image.info:
+        return np.asarray(image.convert("RGB"), dtype=np.uint8)
+    if mode in ("RGBA", "RGBa", "LA", "La", "PA", "P"):
+        rgba = np.asarray(image.convert("RGBA"), dtype=np.uint8)
+        return _composite_over_white(rgba[..., :3], rgba[..., 3])
+    try:
+        # CMYK, YCbCr, RGBX, HSV...: Pillow's own conversion. (CMYK uses Pillow's simple formula,
+        # not the embedded ICC profile; colours of print-oriented files can shift slightly.)
+        return np.asarray(image.convert("RGB"), dtype=np.uint8)
+    except (ValueError, OSError) as error:
+        raise ImageReadError(
+            f"{path} has pixel mode {mode!r} that cannot be converted to RGB ({error}); "
+            "re-export it as RGB JPEG or PNG."
+        ) from error
+
+
+def read_image(path: PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Read any image file as an upright RGB uint8 array.
+
+    The EXIF orientation is applied; grey, 1-bit, palette, CMYK, 16-bit and float images are converted;
+    images with an alpha channel are composited over white (shop photos are on white).
+
+    Args:
+        path: image file.
+        max_pixels: refuse images with more pixels than this before decoding them.
+
+    Returns:
+        (H, W, 3) uint8 RGB array, C-contiguous.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ImageReadError: the file is empty, not an image, corrupt, truncated, zero-size or too large.
+
+    Shape:
+        - Output: (H, W, 3), uint8.
+
+    Example:
+        >>> read_image("catalog/000003_1.jpg").shape  # doctest: +SKIP
+        (256, 192, 3)
+    """
+    path = Path(path)
+    image = _open_and_decode(path, max_pixels)
+    return np.ascontiguousarray(_to_rgb_array(image, path))
+
+
+def read_mask(path: PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Read a label map or mask as a single-channel uint8 array.
+
+    Palette images (human-parsing maps such as VITON's image-parse) keep their palette *indices*,
+    which are the labels; converting them to RGB would lose exactly that. Grey masks (VITON's JPEG
+    cloth-mask) keep their grey values: threshold them yourself (at 128 for VITON). Colour images are
+    converted to luminance; 16-bit label maps are accepted when every label fits in 0..255.
+
+    Args:
+        path: mask or label-map file.
+        max_pixels: refuse images with more pixels than this before decoding them.
+
+    Returns:
+        (H, W) uint8 array of labels or grey values.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ImageReadError: unreadable file, or 16/32-bit labels above 255.
+
+    Example:
+        >>> labels = read_mask("image-parse/000003_0.png")  # doctest: +SKIP
+        >>> garment = (labels == 5)  # doctest: +SKIP
+    """
+    path = Path(path)
+    image = _open_and_decode(path, max_pixels)
+    if image.mode in ("P", "L"):
+        return np.ascontiguousarray(np.asarray(image, dtype=np.uint8))
+    if image.mode in ("PA",):
+        return np.ascontiguousarray(np.asarray(image.getchannel(0), dtype=np.uint8))
+    if image.mode in _SIXTEEN_BIT_MODES + ("I",):
+        labels = np.asarray(image)
+        if labels.size and (labels.min() < 0 or labels.max() > 255):
+            raise ImageReadError(
+                f"{path} is a {image.mode} label map with values in {labels.min()}..{labels.max()}, "
+                "outside 0..255; save label maps as 8-bit palette or grey PNG."
+            )
+        return np.ascontiguousarray(labels.astype(np.uint8))
+    try:
+        return np.ascontiguousarray(np.asarray(image.convert("L"), dtype=np.uint8))
+    except (ValueError, OSError) as error:
+        raise ImageReadError(
+            f"{path} has pixel mode {image.mode!r} that cannot be read as a mask ({error}); "
+            "save it as an 8-bit grey or palette PNG."
+        ) from error
+
+
+def _check_image_array(image: np.ndarray, name: str = "image", allow_grey: bool = False) -> None:
+    """Raise ValueError unless `image` is uint8 (H, W, 3) (or (H, W) when `allow_grey`)."""
+    if not isinstance(image, np.ndarray):
+        raise ValueError(f"{name} must be a numpy array, got {type(image).__name__}")
+    if image.dtype != np.uint8:
+        raise ValueError(f"{name} must be uint8, got {image.dtype}")
+    colour = image.ndim == 3 and image.shape[2] == 3
+    grey = allow_grey and image.ndim == 2
+    if not (colour or grey):
+        expected = "(H, W, 3) or (H, W)" if allow_grey else "(H, W, 3)"
+        raise ValueError(f"{name} must be {expected}, got shape {image.shape}")
+    if image.shape[0] == 0 or image.shape[1] == 0:
+        raise ValueError(f"{name} has zero size: {image.shape}")
+
+
+def resize_image(image: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
+    """Resize an RGB image to `size` = (H, W).
+
+    INTER_AREA when shrinking (averages pixels, so stripes and dots do not alias into moire) and
+    INTER_LINEAR when any side grows (INTER_AREA degenerates to nearest-neighbour when enlarging).
+
+    Args:
+        image: (H, W, 3) uint8.
+        size: (height, width) of the output, both positive.
+
+    Returns:
+        (size[0], size[1], 3) uint8.
+
+    Example:
+        >>> resize_image(np.zeros((512, 384, 3), np.uint8), (256, 192)).shape
+        (256, 192, 3)
+    """
+    _check_image_array(image)
+    height, width = int(size[0]), int(size[1])
+    if height <= 0 or width <= 0:
+        raise ValueError(f"size must be positive (H, W), got {size}")
+    if (height, width) == image.shape[:2]:
+        return image.copy()
+    shrinking = height <= image.shape[0] and width <= image.shape[1]
+    interpolation = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
+    # cv2 takes (width, height).
+    return cv2.resize(image, (width, height), interpolation=interpolation)
+
+
+def images_to_tensor(images: Sequence[np.ndarray]) -> torch.Tensor:
+    """Stack same-size RGB uint8 images into the project's batch format.
+
+    Args:
+        images: non-empty sequence of (H, W, 3) uint8 arrays, all the same size.
+
+    Returns:
+        (B, 3, H, W) float32 tensor in [0, 1], contiguous, on the CPU.
+
+    Example:
+        >>> images_to_tensor([np.full((4, 3, 3), 255, np.uint8)]).shape
+        torch.Size([1, 3, 4, 3])
+    """
+    if len(images) == 0:
+        raise ValueError("images_to_tensor needs at least one image")
+    for position, image in enumerate(images):
+        _check_image_array(image, name=f"images[{position}]")
+    shapes = {image.shape for image in images}
+    if len(shapes) > 1:
+        raise ValueError(f"images must all have the same size to be stacked, got {sorted(shapes)}; resize first")
+    batch = torch.from_numpy(np.stack(images))  # (B, H, W, 3) uint8
+    return batch.permute(0, 3, 1, 2).contiguous().to(torch.float32).div_(255.0)
+
+
+def file_sha1(path: PathLike) -> str:
+    """SHA-1 hex digest of a file's bytes, read in 1 MiB chunks (for manifests and caches)."""
+    digest = hashlib.sha1()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(_HASH_CHUNK_BYTES), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_image_atomic(
+    path: PathLike,
+    image: np.ndarray,
+    palette: Optional[Sequence[int]] = None,
+    quality: int = 95,
+    compress_level: int = 6,
+) -> Path:
+    """Write an image so that readers never see a half-written file.
+
+    The image goes to a temporary file in the destination directory, then `os.replace` moves it into
+    place (atomic on POSIX and Windows within one file system). The format follows the extension.
+
+    Args:
+        path: destination; its extension picks the format (.png, .jpg, ...).
+        image: (H, W, 3) RGB or (H, W) grey/label uint8 array.
+        palette: for (H, W) label maps, a flat [r0, g0, b0, r1, ...] palette: the file is written as a
+            palette image whose indices are the labels (what `read_mask` returns).
+        quality: JPEG quality (ignored by other formats).
+        compress_level: PNG zlib level 0-9 (ignored by other formats); 1 is several times faster than
+            the default 6 for noisy images at little cost in size.
+
+    Returns:
+        The destination path.
+    """
+    path = Path(path)
+    _check_image_array(image, allow_grey=True)
+    if palette is not None and image.ndim != 2:
+        raise ValueError(f"a palette needs an (H, W) label map, got shape {image.shape}")
+    image_format = Image.registered_extensions().get(path.suffix.lower())
+    if image_format is None:
+        raise ValueError(f"cannot tell the image format of {path} from its extension {path.suffix!r}")
+    array = np.ascontiguousarray(image)
+    height, width = array.shape[:2]
+    if array.ndim == 3:
+        pil_image = Image.frombytes("RGB", (width, height), array.tobytes())
+    elif palette is not None:
+        pil_image = Image.frombytes("P", (width, height), array.tobytes())
+        pil_image.putpalette(list(palette))
+    else:
+        pil_image = Image.frombytes("L", (width, height), array.tobytes())
+    save_options = {"JPEG": {"quality": quality}, "PNG": {"compress_level": compress_level}}.get(image_format, {})
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            pil_image.save(stream, format=image_format, **save_options)
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+        raise
+    return path

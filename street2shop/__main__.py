@@ -1,0 +1,3 @@
+from street2shop.cli import main
+
+main()

@@ -1,0 +1,267 @@
+"""The `street2shop` command line. It parses and calls; the work is in street2shop.engine and benchmarks."""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional
+
+import click
+
+DATASET_HELP = (
+    "Dataset spec: 'synthetic' or 'synthetic:N' (the embedded generated set, N products), "
+    "'viton:ROOT' (VITON layout, e.g. viton:../shared/data/viton), or 'csv:CATALOG.csv[,QUERIES.csv]'."
+)
+
+
+def _split_list(value: str) -> List[str]:
+    return [item.strip() for item in value.split(",") if item.strip()]
+
+
+def _ks(value: str) -> List[int]:
+    try:
+        ks = sorted({int(k) for k in _split_list(value)})
+    except ValueError:
+        raise click.BadParameter(f"--k takes comma-separated whole numbers, e.g. 1,5,10,20; got {value!r}")
+    if not ks or ks[0] < 1:
+        raise click.BadParameter("every k must be >= 1")
+    return ks
+
+
+def _cache_dir(value: Optional[str]) -> Path:
+    from retrieval.datasets import default_cache_dir
+
+    return Path(value) if value else default_cache_dir()
+
+
+def _fail(exc: Exception) -> None:
+    """Turn an expected error into a one-line message and exit code 2 (no traceback for users)."""
+    click.echo(f"error: {exc}", err=True)
+    sys.exit(2)
+
+
+EXPECTED_ERRORS = (ValueError, FileNotFoundError, KeyError, RuntimeError)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
+@click.version_option(package_name="street2shop")
+def cli(verbose: int) -> None:
+    """Street-to-shop retrieval: find the product a person wears, from a photo, in a shop's catalog.
+
+    \b
+    Typical session:
+      street2shop demo                                   # everything on the embedded synthetic set
+      street2shop index --catalog viton:../shared/data/viton --descriptor gem --out shop-index
+      street2shop query --index shop-index photo1.jpg photo2.jpg --k 5
+      street2shop bench --dataset viton:../shared/data/viton --descriptors sift,rmac,gem
+      street2shop list                                   # descriptors, proxies, index presets
+    """
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+
+
+@cli.command("list")
+def list_plugins() -> None:
+    """List the registered descriptors, proxies and index presets."""
+    from generation.proxies import list_proxies
+    from index import list_index_presets
+    from retrieval.descriptors import DESCRIPTORS, list_descriptors
+
+    click.echo("descriptors:")
+    for name in list_descriptors():
+        cls = DESCRIPTORS.get(name)
+        doc = (cls.__doc__ or "").strip().splitlines()[0]
+        click.echo(f"  {name:<10} {cls.kind:<7} {doc}")
+    click.echo("proxies:       " + ", ".join(list_proxies()))
+    click.echo("index presets: " + ", ".join(list_index_presets()))
+
+
+@cli.command("index")
+@click.option("--catalog", required=True, help=DATASET_HELP + " Its catalog (products) is indexed.")
+@click.option("--split", default="all", show_default=True, help="Which part of a dataset's catalog to index: all, train or val.")
+@click.option("--descriptor", default="gem", show_default=True, help="Descriptor name (see `street2shop list`).")
+@click.option("--preset", default="flat", show_default=True, help="Index preset: flat (exact), ivfpq, hnsw.")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Index directory to write.")
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--batch-size", default=32, show_default=True)
+@click.option("--fit-max-images", default=1000, show_default=True, help="Images used to fit codebooks/whitening.")
+@click.option("--cache-dir", default=None, help="Feature cache (an interrupted run resumes from it). Default: $STREET2SHOP_CACHE or ~/.cache/street2shop.")
+@click.option("--seed", default=0, show_default=True)
+def index_command(catalog, split, descriptor, preset, out_dir, device, batch_size, fit_max_images, cache_dir, seed) -> None:
+    """Embed a catalog's product photos and save a FAISS index with its manifest.
+
+    Descriptors that learn something (sift's codebook, rmac's whitening) are fitted on the dataset's
+    training pairs when it has them, else on the catalog itself. Features are cached per chunk:
+    run the same command again after an interruption and it resumes.
+    """
+    from benchmarks.runner import fit_images
+    from retrieval.batching import resolve_device
+    from retrieval.datasets import load_dataset
+    from retrieval.descriptors import create_descriptor
+    from street2shop.engine import build_index
+
+    try:
+        cache = _cache_dir(cache_dir)
+        dataset = load_dataset(catalog, split=split, seed=seed, cache_dir=cache)
+        model = create_descriptor(descriptor).to(resolve_device(device)).eval()
+        click.echo(f"indexing {len(dataset.catalog)} products of {dataset.name} with {descriptor} ({preset})")
+        started = time.perf_counter()
+        built = build_index(
+            dataset.catalog, model, out_dir, preset=preset, fit_paths=fit_images(dataset, fit_max_images, seed),
+            batch_size=batch_size, cache_dir=cache / "features", faiss_device=device,
+        )
+    except EXPECTED_ERRORS as exc:
+        _fail(exc)
+    click.echo(f"wrote {out_dir}: {built.ntotal} products, dim {built.dim}, {time.perf_counter() - started:.1f} s")
+
+
+@cli.command("query")
+@click.option("--index", "index_dir", required=True, type=click.Path(exists=True, file_okay=False), help="Directory written by `street2shop index`.")
+@click.argument("photos", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--k", default=10, show_default=True, help="Products returned per photo.")
+@click.option("--proxy", default="none", show_default=True, help="Proxy stage applied to the photos first.")
+@click.option("--descriptor", default=None, help="Refuse to run unless the index was built with this descriptor.")
+@click.option("--format", "fmt", default="table", show_default=True, type=click.Choice(["table", "json"]))
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+def query_command(index_dir, photos, k, proxy, descriptor, fmt, device) -> None:
+    """Find the top-k catalog products for street photos."""
+    from street2shop.engine import Searcher
+
+    try:
+        searcher = Searcher(index_dir, device=device, proxy=proxy, descriptor=descriptor)
+        results = searcher.search(list(photos), k=k)
+    except EXPECTED_ERRORS as exc:
+        _fail(exc)
+    if fmt == "json":
+        grouped = [
+            {"query": q, "results": [{"rank": int(r.rank), "product_id": r.product_id, "score": round(float(r.score), 6)} for r in g.itertuples()]}
+            for q, g in results.groupby("query", sort=False)
+        ]
+        click.echo(json.dumps(grouped, indent=2))
+    else:
+        click.echo(results.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+
+
+@cli.command("bench")
+@click.option("--dataset", default="synthetic", show_default=True, help=DATASET_HELP)
+@click.option("--split", default="val", show_default=True, help="val (seeded third of the pairs), train, or all.")
+@click.option("--descriptors", default="colorhist,sift,rmac,gem", show_default=True, help="Comma-separated descriptor names.")
+@click.option("--proxies", default="none", show_default=True, help="Comma-separated proxy names.")
+@click.option("--index", "preset", default="flat", show_default=True, help="Index preset used for the ranking.")
+@click.option("--k", "ks", default="1,5,10,20", show_default=True, help="Cut-offs for mAP@k and recall@k.")
+@click.option("--out", "out_dir", default="results", show_default=True, type=click.Path(file_okay=False), help="Where results.csv and results.md go.")
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--batch-size", default=32, show_default=True)
+@click.option("--fit-max-images", default=1000, show_default=True, help="Training images used to fit codebooks/whitening.")
+@click.option("--cache-dir", default=None, help="Feature cache; default $STREET2SHOP_CACHE or ~/.cache/street2shop.")
+@click.option("--no-cache", is_flag=True, help="Recompute every feature.")
+@click.option("--seed", default=0, show_default=True)
+def bench_command(dataset, split, descriptors, proxies, preset, ks, out_dir, device, batch_size, fit_max_images, cache_dir, no_cache, seed) -> None:
+    """Score proxy x descriptor combinations with mAP@k (DESIGN.md's definition) and recall@k.
+
+    Query = person/street photo, gallery = every product of the split, one relevant product per
+    query for VITON. Prints the table and writes results.csv and results.md to --out.
+    """
+    from benchmarks.runner import format_table, run_grid
+    from retrieval.batching import resolve_device
+    from retrieval.datasets import load_dataset
+
+    k_list = _ks(ks)
+    try:
+        cache = _cache_dir(cache_dir)
+        data = load_dataset(dataset, split=split, seed=seed, cache_dir=cache)
+        click.echo(f"{data.name}: {data.describe()}")
+        started = time.perf_counter()
+        results = run_grid(
+            data, _split_list(descriptors), _split_list(proxies), preset=preset, ks=k_list,
+            device=resolve_device(device), faiss_device=device, batch_size=batch_size,
+            fit_max_images=fit_max_images, cache_dir=None if no_cache else cache / "features", seed=seed,
+        )
+    except EXPECTED_ERRORS as exc:
+        _fail(exc)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    results.to_csv(out / "results.csv", index=False)
+    (out / "results.md").write_text(
+        f"# street2shop bench: {data.name}, split {split}\n\n{data.describe()}\n\n"
+        "mAP@k: (1/min(R,k)) sum P(i) rel(i) (DESIGN.md); recall@k: share of relevant products in the top k.\n\n"
+        + format_table(results, k_list, markdown=True) + "\n"
+    )
+    click.echo(format_table(results, k_list))
+    click.echo(f"\n{time.perf_counter() - started:.1f} s; wrote {out / 'results.csv'} and {out / 'results.md'}")
+
+
+@cli.command("demo")
+@click.option("--products", default=120, show_default=True, help="Size of the generated synthetic set.")
+@click.option("--descriptors", default="colorhist,sift,rmac,gem", show_default=True)
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--cache-dir", default=None, help="Where the synthetic set, indexes and features go.")
+def demo_command(products, descriptors, device, cache_dir) -> None:
+    """Build the embedded synthetic street-to-shop set, index its catalog, query it, print mAP@k.
+
+    Everything runs offline on this machine in about a minute on a laptop CPU.
+    """
+    from benchmarks.runner import format_table, run_grid
+    from retrieval.batching import resolve_device
+    from retrieval.datasets import load_dataset
+    from retrieval.descriptors import create_descriptor
+    from street2shop.engine import Searcher, build_index
+
+    try:
+        cache = _cache_dir(cache_dir)
+        spec = f"synthetic:{products}"
+        data = load_dataset(spec, split="val", cache_dir=cache)
+        click.echo(f"1. synthetic street-to-shop set ({spec}) at {data.root}: {data.describe()}")
+        index_dir = cache / "demo-index"
+        torch_device = resolve_device(device)
+        from benchmarks.runner import fit_images
+
+        build_index(data.catalog, create_descriptor("gem").to(torch_device).eval(), index_dir,
+                    fit_paths=fit_images(data, 1000), cache_dir=cache / "features", faiss_device=device)
+        click.echo(f"2. indexed its {len(data.catalog)} catalog products with gem -> {index_dir}")
+        sample = data.queries.head(3)
+        results = Searcher(index_dir, device=device).search(list(sample["image"]), k=5)
+        truth = dict(zip(sample["image"], sample["product_id"].astype(str)))
+        results["correct"] = [truth[q] == p for q, p in zip(results["query"], results["product_id"])]
+        results["query"] = results["query"].map(lambda p: Path(p).name)
+        click.echo("3. three street photos queried (top 5, correct = the product the person wears):")
+        click.echo(results.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+        click.echo(f"4. mAP@k of every descriptor on all {len(data.queries)} street photos:")
+        grid = run_grid(data, _split_list(descriptors), ("none",), device=torch_device, faiss_device=device,
+                        cache_dir=cache / "features", progress=True)
+    except EXPECTED_ERRORS as exc:
+        _fail(exc)
+    click.echo(format_table(grid))
+
+
+@cli.command("bench-speed")
+@click.option("--descriptors", default="colorhist,sift,rmac,gem", show_default=True)
+@click.option("--images", default=64, show_default=True, help="Synthetic images per descriptor for the extraction timing.")
+@click.option("--n", "n_vectors", default=100_000, show_default=True, help="Database vectors for the flat-search timing.")
+@click.option("--dim", default=512, show_default=True)
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--cache-dir", default=None)
+def bench_speed_command(descriptors, images, n_vectors, dim, device, cache_dir) -> None:
+    """Extraction images/s per descriptor, and flat-index search QPS/latency beside the memory-bandwidth bound."""
+    from benchmarks.search_speed import flat_search_speed, format_speed_table
+    from benchmarks.speed import extraction_speed, format_extraction_table
+    from retrieval.batching import resolve_device
+
+    try:
+        rows = extraction_speed(_split_list(descriptors), n_images=images, device=resolve_device(device), cache_dir=_cache_dir(cache_dir))
+        click.echo(format_extraction_table(rows))
+        click.echo("")
+        click.echo(format_speed_table(flat_search_speed(n=n_vectors, dim=dim)))
+    except EXPECTED_ERRORS as exc:
+        _fail(exc)
+
+
+def main() -> None:
+    cli(prog_name="street2shop")
+
+
+if __name__ == "__main__":
+    main()

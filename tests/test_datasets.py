@@ -1,0 +1,288 @@
+"""Tests of retrieval.datasets and retrieval.synthetic on tiny trees built in tmp_path."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+import retrieval.synthetic as synthetic
+from retrieval.datasets import (
+    RetrievalSet,
+    default_cache_dir,
+    load_csv,
+    load_dataset,
+    load_viton,
+)
+from retrieval.io import read_image, read_mask
+from retrieval.synthetic import LABEL_UPPER_CLOTHES, SYNTHETIC_MARKER, make_synthetic_dataset
+
+VITON_ROOT = Path(__file__).parents[2] / "shared" / "data" / "viton"
+
+
+def _write_tiny(path: Path, value: int, mode: str = "RGB") -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new(mode, (6, 8), (value, value, value) if mode == "RGB" else value).save(path)
+
+
+def _fake_viton(root: Path, half: str, ids, ext: str = "jpg", missing_product=(), try_on_pairs: bool = False):
+    """A VITON-layout half with one pixel value per id, so tests can tell the images apart."""
+    for number, pair_id in enumerate(ids):
+        _write_tiny(root / half / "image" / f"{pair_id}_0.{ext}", number)
+        if pair_id not in missing_product:
+            _write_tiny(root / half / "cloth" / f"{pair_id}_1.{ext}", number)
+            _write_tiny(root / half / "cloth-mask" / f"{pair_id}_1.{ext}", 255, mode="L")
+        _write_tiny(root / half / "image-parse" / f"{pair_id}_0.png", 5, mode="L")
+    # VITON's test_pairs.txt pairs each person with ANOTHER product (try-on); the loader must ignore it.
+    partners = list(ids[1:]) + list(ids[:1]) if try_on_pairs else list(ids)
+    lines = [f"{person}_0.{ext} {product}_1.{ext}" for person, product in zip(ids, partners)]
+    (root / f"{half}_pairs.txt").write_text("\n".join(lines) + "\n")
+
+
+def _ids(count: int, start: int = 1):
+    return [f"{number:06d}" for number in range(start, start + count)]
+
+
+def test_pairs_by_id_even_when_the_pairs_file_pairs_other_products(tmp_path):
+    _fake_viton(tmp_path, "test", _ids(5), try_on_pairs=True)
+    data = load_viton(tmp_path, split="all")
+    assert len(data.catalog) == 5 and len(data.queries) == 5 and data.train is None
+    for query in data.queries.itertuples():
+        assert Path(query.image).name == f"{query.product_id}_0.jpg"
+        product_image = data.catalog.set_index("product_id").loc[query.product_id, "image"]
+        assert Path(product_image).name == f"{query.product_id}_1.jpg"
+        assert Path(product_image).parent.name == "cloth"
+        # Same id -> same pixel value in this fake tree: the pair really is the person's own product.
+        assert read_image(query.image)[0, 0, 0] == read_image(product_image)[0, 0, 0]
+
+
+def test_val_split_is_disjoint_from_training_pairs(tmp_path):
+    _fake_viton(tmp_path, "train", _ids(30))
+    data = load_viton(tmp_path, split="val", seed=3)
+    val_ids = set(data.catalog["product_id"])
+    train_ids = set(data.train["pair_id"])
+    assert len(val_ids) == 10 and len(train_ids) == 20
+    assert not val_ids & train_ids
+    assert val_ids | train_ids == set(_ids(30))
+    assert set(data.queries["product_id"]) == val_ids
+    assert list(data.train.columns) == ["pair_id", "person_image", "product_image", "parse", "mask", "product_id"]
+    train_split = load_viton(tmp_path, split="train", seed=3)
+    assert set(train_split.catalog["product_id"]) == train_ids
+
+
+def test_split_is_deterministic_for_a_seed(tmp_path):
+    _fake_viton(tmp_path, "train", _ids(30))
+    first = load_viton(tmp_path, split="val", seed=7)
+    again = load_viton(tmp_path, split="val", seed=7)
+    other = load_viton(tmp_path, split="val", seed=8)
+    pd.testing.assert_frame_equal(first.catalog, again.catalog)
+    assert set(first.catalog["product_id"]) != set(other.catalog["product_id"])
+
+
+def test_missing_products_are_dropped_with_a_warning(tmp_path, caplog):
+    _fake_viton(tmp_path, "train", _ids(6), missing_product={"000002", "000005"})
+    with caplog.at_level(logging.WARNING, logger="retrieval.datasets"):
+        data = load_viton(tmp_path, split="all")
+    assert sorted(data.catalog["product_id"]) == ["000001", "000003", "000004", "000006"]
+    assert "dropped 2 of 6" in caplog.text
+
+
+def test_both_halves_get_prefixed_ids(tmp_path):
+    _fake_viton(tmp_path, "train", _ids(3))
+    _fake_viton(tmp_path, "test", _ids(2), try_on_pairs=True)  # same numbers as train: must not collide
+    data = load_viton(tmp_path, split="all")
+    assert sorted(data.catalog["product_id"]) == [
+        "test-000001", "test-000002", "train-000001", "train-000002", "train-000003",
+    ]
+    assert "train-000001_0" in set(data.queries["query_id"])
+
+
+def test_png_layout_and_directory_listing_without_pairs_file(tmp_path):
+    _fake_viton(tmp_path, "train", _ids(4), ext="png")
+    (tmp_path / "train_pairs.txt").unlink()
+    data = load_viton(tmp_path, split="all")
+    assert len(data.catalog) == 4
+    assert data.catalog["image"].str.endswith("_1.png").all()
+
+
+def test_optional_parse_and_mask_paths(tmp_path):
+    _fake_viton(tmp_path, "train", _ids(3))
+    (tmp_path / "train" / "image-parse" / "000002_0.png").unlink()
+    for seed in range(4):  # whichever split the pair without a parse map lands in
+        data = load_viton(tmp_path, split="val", seed=seed, val_fraction=0.34)
+        for pair_id, parse in zip(data.train["pair_id"], data.train["parse"]):
+            assert (parse is None) == (pair_id == "000002")  # None, not NaN (which is truthy)
+        assert data.train["mask"].notna().all()
+
+
+def test_viton_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="expected the VITON layout"):
+        load_viton(tmp_path / "absent")
+    with pytest.raises(FileNotFoundError, match="neither"):
+        load_viton(tmp_path)
+    _fake_viton(tmp_path, "train", _ids(3))
+    with pytest.raises(ValueError, match="train, val, all"):
+        load_viton(tmp_path, split="test")
+    with pytest.raises(ValueError, match="val_fraction"):
+        load_viton(tmp_path, val_fraction=1.5)
+
+
+def test_malformed_pairs_file_names_the_line(tmp_path):
+    _fake_viton(tmp_path, "train", _ids(2))
+    (tmp_path / "train_pairs.txt").write_text("000001_0.jpg 000001_1.jpg\nbogus.jpg x.jpg\n")
+    with pytest.raises(ValueError, match=r"train_pairs.txt:2"):
+        load_viton(tmp_path)
+
+
+def _write_csvs(tmp_path: Path):
+    _write_tiny(tmp_path / "shop" / "a.jpg", 10)
+    _write_tiny(tmp_path / "shop" / "b.jpg", 20)
+    _write_tiny(tmp_path / "street" / "q.jpg", 30)
+    catalog = tmp_path / "catalog.csv"
+    catalog.write_text("product_id,image,category\n007,shop/a.jpg,tee\n008,shop/b.jpg,tank\n")
+    queries = tmp_path / "queries.csv"
+    queries.write_text("query_id,image,product_id\nq1,street/q.jpg,007\nq1,street/q.jpg,008\n")
+    return catalog, queries
+
+
+def test_load_csv_resolves_relative_paths_and_keeps_string_ids(tmp_path):
+    catalog, queries = _write_csvs(tmp_path)
+    data = load_csv(catalog, queries)
+    assert list(data.catalog["product_id"]) == ["007", "008"]
+    assert data.catalog.loc[0, "image"] == str((tmp_path / "shop" / "a.jpg").resolve())
+    assert read_image(data.queries.loc[0, "image"])[0, 0, 0] == 30
+    assert "category" in data.catalog.columns
+    assert "2 products, 1 queries (2 rows)" in data.describe()
+    index_only = load_csv(catalog)
+    assert index_only.queries.empty and index_only.train is None
+
+
+def test_load_csv_missing_column_names_file_and_column(tmp_path):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("id,image\n1,a.jpg\n")
+    with pytest.raises(ValueError, match=r"bad\.csv.*'product_id'"):
+        load_csv(bad)
+    with pytest.raises(FileNotFoundError):
+        load_csv(tmp_path / "absent.csv")
+
+
+def _table(**columns):
+    return pd.DataFrame(columns)
+
+
+def test_validate_errors():
+    empty = RetrievalSet("empty", _table(product_id=[], image=[]), _table(query_id=[], image=[], product_id=[]))
+    with pytest.raises(ValueError, match="empty"):
+        empty.validate()
+    duplicated = RetrievalSet(
+        "dup", _table(product_id=["a", "a", "b"], image=["x", "y", "z"]), _table(query_id=[], image=[], product_id=[])
+    )
+    with pytest.raises(ValueError, match="'a'"):
+        duplicated.validate()
+    unknown = RetrievalSet(
+        "unknown", _table(product_id=["a"], image=["x"]), _table(query_id=["q"], image=["y"], product_id=["zz"])
+    )
+    with pytest.raises(ValueError, match="'zz'"):
+        unknown.validate()
+    missing_column = RetrievalSet("cols", _table(product_id=["a"]), _table(query_id=[], image=[], product_id=[]))
+    with pytest.raises(ValueError, match="'image'"):
+        missing_column.validate()
+
+
+def test_load_dataset_specs(tmp_path):
+    catalog, queries = _write_csvs(tmp_path)
+    assert len(load_dataset(f"csv:{catalog},{queries}").queries) == 2
+    assert load_dataset(f"csv:{catalog}").queries.empty
+    with pytest.raises(ValueError, match="valid forms"):
+        load_dataset("deepfashion:/x")
+    with pytest.raises(ValueError, match="positive integer"):
+        load_dataset("synthetic:zero", cache_dir=tmp_path)
+
+
+def test_default_cache_dir_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("STREET2SHOP_CACHE", str(tmp_path / "cache"))
+    assert default_cache_dir() == tmp_path / "cache"
+    monkeypatch.delenv("STREET2SHOP_CACHE")
+    assert default_cache_dir() == Path.home() / ".cache" / "street2shop"
+
+
+def _all_bytes(root: Path):
+    return {str(path.relative_to(root)): path.read_bytes() for path in sorted(root.rglob("*")) if path.is_file()}
+
+
+def test_synthetic_is_deterministic_and_loadable(tmp_path):
+    first = make_synthetic_dataset(tmp_path / "a", n_products=6, seed=4, size=(64, 48))
+    second = make_synthetic_dataset(tmp_path / "b", n_products=6, seed=4, size=(64, 48))
+    assert _all_bytes(first) == _all_bytes(second)
+    other_seed = make_synthetic_dataset(tmp_path / "c", n_products=6, seed=5, size=(64, 48))
+    assert _all_bytes(other_seed) != _all_bytes(first)
+
+    data = load_viton(first, split="all")
+    assert len(data.catalog) == 6 and len(data.queries) == 6
+    assert read_image(data.catalog.loc[0, "image"]).shape == (64, 48, 3)
+    pair = load_viton(first, split="val", seed=4, val_fraction=0.5).train.iloc[0]
+    parse = read_mask(pair["parse"])
+    assert LABEL_UPPER_CLOTHES in np.unique(parse)
+    assert set(np.unique(parse)) <= {0, 2, 5, 9, 13, 14, 15}
+    assert Image.open(pair["parse"]).mode == "P"
+    product_mask = read_mask(pair["mask"])
+    assert 0 < (product_mask > 127).mean() < 1
+    # A shop photo is on white: the corners are white.
+    assert read_image(pair["product_image"])[0, 0].min() == 255
+
+
+def test_synthetic_street_image_differs_from_its_product(tmp_path):
+    root = make_synthetic_dataset(tmp_path / "s", n_products=2, seed=0, size=(64, 48))
+    data = load_viton(root, split="all")
+    street = read_image(data.queries.loc[0, "image"]).astype(int)
+    product = read_image(data.catalog.loc[0, "image"]).astype(int)
+    assert np.abs(street - product).mean() > 20
+
+
+def test_synthetic_interrupted_generation_never_looks_complete(tmp_path, monkeypatch):
+    real_draw = synthetic.make_synthetic_product
+
+    def failing_draw(index, **kwargs):
+        if index == 3:
+            raise RuntimeError("interrupted")
+        return real_draw(index, **kwargs)
+
+    monkeypatch.setattr(synthetic, "make_synthetic_product", failing_draw)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        make_synthetic_dataset(tmp_path / "set", n_products=4, size=(64, 48))
+    assert list(tmp_path.iterdir()) == []  # neither the target nor the staging directory is left
+
+
+def test_synthetic_spec_generates_once_then_reuses(tmp_path):
+    data = load_dataset("synthetic:6", split="all", seed=1, cache_dir=tmp_path)
+    root = tmp_path / "synthetic-6-seed1"
+    marker = root / SYNTHETIC_MARKER
+    assert marker.is_file() and len(data.catalog) == 6
+    stamp = marker.stat().st_mtime_ns
+    again = load_dataset("synthetic:6", split="val", seed=1, cache_dir=tmp_path)
+    assert marker.stat().st_mtime_ns == stamp
+    assert len(again.catalog) == 2 and len(again.train) == 4
+
+
+def test_synthetic_refuses_a_foreign_directory(tmp_path):
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="busy"):
+        make_synthetic_dataset(tmp_path / "busy", n_products=2, size=(64, 48))
+
+
+@pytest.mark.viton
+def test_real_viton_counts_and_split():
+    if not VITON_ROOT.is_dir():
+        pytest.skip(f"real VITON data not found at {VITON_ROOT}")
+    everything = load_viton(VITON_ROOT, split="all")
+    assert len(everything.catalog) == 5459 and len(everything.queries) == 5459
+    data = load_viton(VITON_ROOT, split="val", seed=0)
+    assert abs(len(data.catalog) - 5459 / 3) <= 1
+    assert len(data.catalog) + len(data.train) == 5459
+    assert not set(data.catalog["product_id"]) & set(data.train["pair_id"])
+    assert read_image(data.queries.loc[0, "image"]).shape == (256, 192, 3)
+    assert LABEL_UPPER_CLOTHES in np.unique(read_mask(data.train.loc[0, "parse"]))
