@@ -74,8 +74,9 @@ def run_grid(
     n_relevant = count_relevant(queries["query_id"], truth, gallery_ids)
     depth = max(ks)
     rows: List[Dict] = []
-    for descriptor_name in descriptors:
-        descriptor = create_descriptor(descriptor_name).to(device).eval()
+    for descriptor_spec in descriptors:
+        descriptor = create_descriptor(descriptor_spec).to(device).eval()
+        descriptor_name = descriptor_label(descriptor_spec)
         started = time.perf_counter()
         if descriptor.needs_fit:
             fit_descriptor(descriptor, fit_images(dataset, fit_max_images, seed), batch_size=batch_size, progress=progress)
@@ -116,6 +117,12 @@ def run_grid(
                 }
             )
     return pd.DataFrame(rows)
+
+
+def descriptor_label(spec: str) -> str:
+    """'tn@runs/tn-viton/final.pt' -> 'tn@tn-viton': short, and still says which training run."""
+    name, _, checkpoint = spec.partition("@")
+    return f"{name}@{Path(checkpoint).parent.name or Path(checkpoint).stem}" if checkpoint else name
 
 
 def format_table(results: pd.DataFrame, ks: Sequence[int] = DEFAULT_KS, markdown: bool = False) -> str:

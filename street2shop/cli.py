@@ -237,6 +237,59 @@ def demo_command(products, descriptors, device, cache_dir) -> None:
     click.echo(format_table(grid))
 
 
+@cli.group("train")
+def train_group() -> None:
+    """Train the learnable parts: descriptors (and, as they land, proxies). Checkpoints resume."""
+
+
+@train_group.command("descriptor")
+@click.argument("name")
+@click.option("--dataset", default="viton:../shared/data/viton", show_default=True, help=DATASET_HELP + " Its training pairs are used.")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Run directory: last.pt (resume), final.pt, losses.csv/png.")
+@click.option("--epochs", default=None, type=int, help="Passes over the training pairs (default: the descriptor's own).")
+@click.option("--batch-size", default=None, type=int, help="Default: the descriptor's own.")
+@click.option("--lr", default=None, type=float, help="Learning rate (default: the descriptor's own).")
+@click.option("--time-budget", default=None, type=float, help="Stop cleanly (checkpointed) after this many minutes.")
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--cache-dir", default=None, help="Default: $STREET2SHOP_CACHE or ~/.cache/street2shop.")
+@click.option("--seed", default=0, show_default=True)
+def train_descriptor_command(name, dataset, out_dir, epochs, batch_size, lr, time_budget, device, cache_dir, seed) -> None:
+    """Train descriptor NAME on a dataset's training pairs; then use it as NAME@OUT/final.pt.
+
+    \b
+    Example:
+      street2shop train descriptor tn --out runs/tn
+      street2shop bench --descriptors gem,tn@runs/tn/final.pt
+    Run the same command again after an interruption: it resumes from OUT/last.pt.
+    """
+    from retrieval.batching import resolve_device
+    from retrieval.datasets import load_dataset
+    from retrieval.descriptors import create_descriptor
+
+    options = {k: v for k, v in {"epochs": epochs, "batch_size": batch_size, "lr": lr}.items() if v is not None}
+    try:
+        data = load_dataset(dataset, split="val", seed=seed, cache_dir=_cache_dir(cache_dir))
+        if data.train is None or data.train.empty:
+            raise ValueError(f"{data.name} has no training pairs to train {name} on")
+        model = create_descriptor(name).to(resolve_device(device))
+        if not model.trainable:
+            raise ValueError(f"descriptor {name!r} has nothing to train (trainable ones: "
+                             + ", ".join(n for n in _trainable_descriptors()) + ")")
+        started = time.perf_counter()
+        final = model.train_on(data, Path(out_dir), seed=seed, progress=True,
+                               time_budget_s=None if time_budget is None else 60 * time_budget, **options)
+    except EXPECTED_ERRORS as exc:
+        _fail(exc)
+    click.echo(f"trained {name} on {len(data.train)} pairs in {time.perf_counter() - started:.0f} s -> {final}")
+    click.echo(f"use it as: --descriptors {name}@{final}")
+
+
+def _trainable_descriptors() -> List[str]:
+    from retrieval.descriptors import DESCRIPTORS
+
+    return [n for n in DESCRIPTORS.names() if DESCRIPTORS.get(n).trainable]
+
+
 @cli.command("bench-speed")
 @click.option("--descriptors", default="colorhist,sift,rmac,gem", show_default=True)
 @click.option("--images", default=64, show_default=True, help="Synthetic images per descriptor for the extraction timing.")

