@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
-from retrieval.descriptors.base import Descriptor
 from retrieval.io import images_to_tensor, read_image, resize_image
+
+if TYPE_CHECKING:  # descriptors import this module; a runtime import would be circular
+    from retrieval.descriptors.base import Descriptor
 
 
 def load_batch(paths: Sequence[str], size: Tuple[int, int]) -> torch.Tensor:

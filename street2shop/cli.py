@@ -173,7 +173,7 @@ def bench_command(dataset, split, descriptors, proxies, preset, ks, out_dir, dev
     try:
         cache = _cache_dir(cache_dir)
         data = load_dataset(dataset, split=split, seed=seed, cache_dir=cache)
-        click.echo(f"{data.name}: {data.describe()}")
+        click.echo(data.describe())
         started = time.perf_counter()
         results = run_grid(
             data, _split_list(descriptors), _split_list(proxies), preset=preset, ks=k_list,
@@ -214,7 +214,7 @@ def demo_command(products, descriptors, device, cache_dir) -> None:
         cache = _cache_dir(cache_dir)
         spec = f"synthetic:{products}"
         data = load_dataset(spec, split="val", cache_dir=cache)
-        click.echo(f"1. synthetic street-to-shop set ({spec}) at {data.root}: {data.describe()}")
+        click.echo(f"1. synthetic street-to-shop set ({spec}): {data.describe()}")
         index_dir = cache / "demo-index"
         torch_device = resolve_device(device)
         from benchmarks.runner import fit_images

@@ -14,8 +14,13 @@ from retrieval.descriptors.base import DESCRIPTORS, Descriptor
 from retrieval.types import GlobalFeatures, InputSpec
 
 
-def hsv_histogram(images: torch.Tensor, bins=(8, 4, 4), white_threshold: float = 0.92) -> torch.Tensor:
+def hsv_histogram(
+    images: torch.Tensor, bins=(8, 4, 4), white_threshold: float = 0.92, centre_sigma: float | None = None
+) -> torch.Tensor:
     """Joint HSV histograms, batched (one scatter-add, no loop over pixels or images).
+
+    `centre_sigma` (a fraction of the image height and width) weights pixels by a Gaussian around the
+    image centre, where a garment sits in both a person photo and a product photo; None weights all equally.
 
     Shape:
         - images: (B, 3, H, W) RGB in [0, 1]
@@ -29,6 +34,12 @@ def hsv_histogram(images: torch.Tensor, bins=(8, 4, 4), white_threshold: float =
     v_bin = (hsv[:, 2] * n_v).long().clamp(0, n_v - 1)
     joint = (h_bin * n_s + s_bin) * n_v + v_bin  # (B, H, W)
     keep = (images.min(dim=1).values < white_threshold).float()  # drop the white backdrop
+    if centre_sigma is not None:
+        height, width = images.shape[-2:]
+        ys = (torch.arange(height, device=images.device) + 0.5) / height - 0.5
+        xs = (torch.arange(width, device=images.device) + 0.5) / width - 0.5
+        weight = torch.exp(-(ys[:, None] ** 2 + xs[None, :] ** 2) / (2 * centre_sigma**2))
+        keep = keep * weight
     n_bins = n_h * n_s * n_v
     hist = torch.zeros(images.shape[0], n_bins, device=images.device)
     hist.scatter_add_(1, joint.flatten(1), keep.flatten(1))
@@ -42,7 +53,7 @@ class ColorHistogram(Descriptor):
     """8x4x4 HSV histogram, Hellinger-mapped; 128-d, nothing to fit."""
 
     kind = "global"
-    default_conf = {"image_size": (128, 96), "bins": (8, 4, 4), "white_threshold": 0.92}
+    default_conf = {"image_size": (128, 96), "bins": (8, 4, 4), "white_threshold": 0.92, "centre_sigma": None}
 
     @property
     def dim(self) -> int:
@@ -54,5 +65,5 @@ class ColorHistogram(Descriptor):
         return InputSpec(size=tuple(self.conf["image_size"]))
 
     def extract(self, images: torch.Tensor) -> GlobalFeatures:
-        hist = hsv_histogram(images, tuple(self.conf["bins"]), self.conf["white_threshold"])
+        hist = hsv_histogram(images, tuple(self.conf["bins"]), self.conf["white_threshold"], self.conf["centre_sigma"])
         return GlobalFeatures(torch.nn.functional.normalize(hist.sqrt(), dim=-1))
