@@ -1,0 +1,170 @@
+"""Readable outputs of a benchmark grid: Table-4-shaped Markdown beside the paper, plots, rank pictures.
+
+Inputs are the runner's tables: `summary` (one row per proxy x descriptor x index, with mAP@k,
+recall@k, intervals and paired tests) and `per_query` (one row per query and combination, with its
+AP@k values, the rank of its product and its top-5 product ids).
+"""
+from __future__ import annotations
+
+import html
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+import pandas as pd
+
+# PaintNet (Lin et al., 2020), Table 4: mAP@1, @5, @10, @20 on their Lookbook split (250-product gallery).
+PAPER_TABLE4: Dict[tuple, tuple] = {
+    ("none", "sift"): (0.0321, 0.0342, 0.0424, 0.0476),
+    ("none", "surf"): (0.0613, 0.0643, 0.0698, 0.0711),
+    ("none", "tn"): (0.1220, 0.1358, 0.1574, 0.1732),
+    ("none", "l2net"): (0.1976, 0.2737, 0.3610, 0.3985),
+    ("none", "rmac"): (0.1694, 0.2509, 0.2720, 0.2849),
+    ("none", "lfnet"): (0.2170, 0.3055, 0.3527, 0.4202),
+    ("none", "delf"): (0.2013, 0.2874, 0.3542, 0.4167),
+    ("hp", "sift"): (0.0107, 0.0152, 0.0213, 0.0272),
+    ("hp", "surf"): (0.0261, 0.0285, 0.0301, 0.0344),
+    ("hp", "tn"): (0.1423, 0.1658, 0.1846, 0.2175),
+    ("hp", "l2net"): (0.1774, 0.2431, 0.3250, 0.3792),
+    ("hp", "rmac"): (0.2079, 0.3276, 0.3751, 0.4173),
+    ("hp", "lfnet"): (0.2215, 0.2647, 0.3470, 0.4026),
+    ("hp", "delf"): (0.2483, 0.3016, 0.3752, 0.4433),
+    ("paintnet", "sift"): (0.1022, 0.1473, 0.1686, 0.1971),
+    ("paintnet", "surf"): (0.1149, 0.1492, 0.1721, 0.2016),
+    ("paintnet", "tn"): (0.2257, 0.3107, 0.3444, 0.3921),
+    ("paintnet", "l2net"): (0.2114, 0.3016, 0.3659, 0.4028),
+    ("paintnet", "rmac"): (0.2496, 0.3310, 0.3621, 0.4323),
+    ("paintnet", "lfnet"): (0.2672, 0.3524, 0.3827, 0.4539),
+    ("paintnet", "delf"): (0.2711, 0.3609, 0.3943, 0.4670),
+}
+PAPER_KS = (1, 5, 10, 20)
+PAPER_AVERAGE_IMPROVEMENT = 5.34  # percent, PaintNet over non-generative retrieval (abstract)
+
+
+def paper_numbers(proxy: str, descriptor: str) -> Optional[tuple]:
+    """The paper's row for a combination; trained variants ('tn@run') map to their base name."""
+    return PAPER_TABLE4.get((proxy.split("@")[0], descriptor.split("@")[0]))
+
+
+def table4_markdown(summary: pd.DataFrame, ks: Sequence[int] = PAPER_KS) -> str:
+    """Our mAP@k with 95% intervals, the paired test against `none`, and the paper's numbers beside them."""
+    header = ["proxy", "descriptor", "index"] + [f"mAP@{k}" for k in ks] + ["vs none (mAP@20)", "paper mAP@1/5/10/20"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 3 + ["---:"] * (len(ks) + 2)) + "|"]
+    for row in summary.to_dict("records"):
+        cells = [row["proxy"], row["descriptor"], row.get("index", "")]
+        for k in ks:
+            value = row[f"mAP@{k}"]
+            low, high = row.get(f"mAP@{k}_ci_low"), row.get(f"mAP@{k}_ci_high")
+            cells.append(f"{value:.4f}" + (f" [{low:.3f}, {high:.3f}]" if low is not None and not pd.isna(low) else ""))
+        improvement = row.get("improvement_pct")
+        p_value = row.get("p_value")
+        cells.append("" if improvement is None or pd.isna(improvement) else f"{improvement:+.1f}% (p={p_value:.3g})")
+        paper = paper_numbers(row["proxy"], row["descriptor"])
+        cells.append("" if paper is None else " / ".join(f"{v:.3f}" for v in paper))
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def _save_figure(fig, path: Path) -> Path:
+    handle, temp = tempfile.mkstemp(dir=path.parent, suffix=".png")
+    os.close(handle)
+    fig.savefig(temp, dpi=100, bbox_inches="tight")
+    os.replace(temp, path)
+    return path
+
+
+def plot_map_curves(curves: pd.DataFrame, path: Path) -> Path:
+    """mAP@k against k, one line per proxy+descriptor (+index). `curves`: label, k, mAP."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, group in curves.groupby("label", sort=False):
+        ax.plot(group["k"], group["mAP"], marker=".", label=label)
+    ax.set_xlabel("k")
+    ax.set_ylabel("mAP@k")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, ncol=2)
+    fig.suptitle("mAP@k (DESIGN.md definition)")
+    path = _save_figure(fig, Path(path))
+    plt.close(fig)
+    return path
+
+
+def plot_heatmap(summary: pd.DataFrame, path: Path, metric: str = "mAP@20") -> Path:
+    """Proxy x descriptor heatmap of one metric (first index preset when there are several)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    table = summary.pivot_table(index="proxy", columns="descriptor", values=metric, aggfunc="first")
+    fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(table.columns), 1.0 + 0.6 * len(table.index)))
+    image = ax.imshow(table.to_numpy(dtype=float), cmap="viridis", aspect="auto")
+    ax.set_xticks(range(len(table.columns)), table.columns, rotation=30, ha="right")
+    ax.set_yticks(range(len(table.index)), table.index)
+    for (i, j), value in np.ndenumerate(table.to_numpy(dtype=float)):
+        if not np.isnan(value):
+            ax.text(j, i, f"{value:.3f}", ha="center", va="center", color="w" if value < np.nanmax(table.to_numpy(dtype=float)) * 0.6 else "k", fontsize=8)
+    fig.colorbar(image, ax=ax, label=metric)
+    ax.set_title(f"{metric}: proxy x descriptor")
+    path = _save_figure(fig, Path(path))
+    plt.close(fig)
+    return path
+
+
+def _thumbnail(image: np.ndarray, height: int, width: int, border: Optional[tuple] = None) -> np.ndarray:
+    import cv2
+
+    tile = cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA)
+    if border is not None:
+        cv2.rectangle(tile, (0, 0), (width - 1, height - 1), border, thickness=4)
+    return tile
+
+
+def rank_picture(
+    query_image: np.ndarray, proxy_image: np.ndarray, top_images: List[np.ndarray], correct: List[bool],
+    tile: tuple = (128, 96),
+) -> np.ndarray:
+    """One row: query | proxy output | top-k, the true product framed green, others grey. (H, W, 3) uint8."""
+    height, width = tile
+    gap = np.full((height, 8, 3), 255, np.uint8)
+    parts = [_thumbnail(query_image, height, width), gap, _thumbnail(proxy_image, height, width, (60, 60, 200)), gap]
+    for image, hit in zip(top_images, correct):
+        parts += [_thumbnail(image, height, width, (0, 170, 0) if hit else (190, 190, 190)), gap[:, :3]]
+    return np.concatenate(parts, axis=1)
+
+
+def write_rank_pages(
+    rows: List[Dict], out_dir: Path, title: str, write_image: Callable[[Path, np.ndarray], None]
+) -> Path:
+    """Rank pictures as PNGs plus one static HTML page. rows: {label, query_id, picture, rank}."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    items = []
+    for i, row in enumerate(rows):
+        name = f"rank_{i:03d}.png"
+        write_image(out_dir / name, row["picture"])
+        rank = "not in top 20" if not row["rank"] else f"rank {row['rank']}"
+        items.append(
+            f"<figure><img src='{name}' alt='{html.escape(str(row['query_id']))}'><figcaption>"
+            f"{html.escape(row['label'])} &middot; query {html.escape(str(row['query_id']))} &middot; true product {rank}"
+            "</figcaption></figure>"
+        )
+    page = (
+        "<!doctype html><meta charset='utf-8'><title>" + html.escape(title) + "</title>"
+        "<style>body{font-family:sans-serif;margin:2em}figure{margin:0 0 1.5em}img{max-width:100%}"
+        "figcaption{color:#444}</style><h1>" + html.escape(title) + "</h1>"
+        "<p>Each row: street photo | proxy output (blue) | top 5 products, the true product framed green.</p>"
+        + "\n".join(items)
+    )
+    path = out_dir / "index.html"
+    handle, temp = tempfile.mkstemp(dir=out_dir, suffix=".html")
+    with os.fdopen(handle, "w", encoding="utf-8") as out:
+        out.write(page)
+    os.replace(temp, path)
+    return path
