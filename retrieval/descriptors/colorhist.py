@@ -50,10 +50,12 @@ def hsv_histogram(
 
 @DESCRIPTORS.register("colorhist")
 class ColorHistogram(Descriptor):
-    """8x4x4 HSV histogram, Hellinger-mapped; 128-d, nothing to fit."""
+    """Centre-weighted 16x4x4 HSV histogram, Hellinger-mapped; 256-d, nothing to fit."""
 
     kind = "global"
-    default_conf = {"image_size": (128, 96), "bins": (8, 4, 4), "white_threshold": 0.92, "centre_sigma": None}
+    # Centre weighting and 16 hue bins were chosen on the VITON *training* split (mAP@20 0.03 without
+    # centre weighting, 0.18 with sigma 0.12); the validation split agrees.
+    default_conf = {"image_size": (128, 96), "bins": (16, 4, 4), "white_threshold": 0.92, "centre_sigma": 0.12}
 
     @property
     def dim(self) -> int:
