@@ -143,7 +143,7 @@ def flat_search_speed(
         finally:
             faiss.omp_set_num_threads(faiss_threads)
 
-    numpy_s, numpy_rows = _best_of(1, lambda: _numpy_top_k(catalog, queries, k))
+    numpy_s, numpy_rows = _best_of(1, lambda: numpy_top_k(catalog, queries, k))
     numpy_ids = np.array(product_ids, dtype=object)[numpy_rows]
     agreement = np.mean([len(set(a) & set(b)) / k for a, b in zip(faiss_ids, numpy_ids)])
 
@@ -222,7 +222,7 @@ def _single_query_ms(index: ProductIndex, queries: np.ndarray, k: int, n_single:
     return times_ms
 
 
-def _numpy_top_k(catalog: np.ndarray, queries: np.ndarray, k: int, block: int = 256) -> np.ndarray:
+def numpy_top_k(catalog: np.ndarray, queries: np.ndarray, k: int, block: int = 256) -> np.ndarray:
     """Row indices of the k best catalog vectors per query, best first; query blocks bound memory."""
     rows = np.empty((len(queries), k), dtype=np.int64)
     for start in range(0, len(queries), block):

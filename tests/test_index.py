@@ -6,7 +6,9 @@ import json
 import logging
 from pathlib import Path
 
+import faiss
 import numpy as np
+import pandas as pd
 import pytest
 
 import index
@@ -18,6 +20,8 @@ from index import (
     list_index_presets,
     resolve_faiss_device,
 )
+
+from index.presets import plan_index
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PRESETS = list_index_presets()
@@ -42,6 +46,16 @@ def ids_for(n: int, prefix: str = "p") -> list:
     return [f"{prefix}{i}" for i in range(n)]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_faiss_thread():
+    """These tests check results, not speed: one OpenMP thread keeps them fast on a shared, loaded
+    machine (two spinning threads on an oversubscribed CPU made k-means ~10x slower here)."""
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def clustered():
     database = clustered_vectors(5000, 32, seed=1)
@@ -58,14 +72,19 @@ def test_import_is_this_repository():
 
 
 def test_presets_and_factory_strings():
-    assert PRESETS == ["flat", "hnsw", "ivfpq"]
+    assert PRESETS == ["flat", "hnsw", "ivfpq", "ivfpq-rflat"]
     assert index_factory_string("flat", 32, 10) == "Flat"
     assert index_factory_string("hnsw", 32, 10) == "HNSW32,Flat"
-    assert index_factory_string("ivfpq", 512, 100_000) == "IVF1265,PQ64x8np,RFlat"
+    # nlist = 4 sqrt(N); 4-bit fast-scan PQ with dim/8 sub-quantizers (at most 64), SQ8 re-rank.
+    assert index_factory_string("ivfpq", 512, 1_000_000) == "IVF4000,PQ64x4fs,Refine(SQ8)"
+    assert index_factory_string("ivfpq-rflat", 512, 100_000) == "IVF1265,PQ64x8np,RFlat"
     # nlist lowered so each list gets >= 39 training points; PQ bits lowered for the same reason.
-    assert index_factory_string("ivfpq", 32, 5000) == "IVF128,PQ8x7np,RFlat"
+    assert index_factory_string("ivfpq-rflat", 32, 5000) == "IVF128,PQ8x7np,RFlat"
+    assert index_factory_string("ivfpq", 32, 5000) == "IVF128,PQ4x4fs,Refine(SQ8)"
     assert index_factory_string("ivfpq", 32, 50) == "Flat"
-    with pytest.raises(ValueError, match="flat, hnsw, ivfpq"):
+    plan = plan_index("ivfpq", 512, 1_000_000)
+    assert plan.train_size == 40 * 4000  # k-means on a subsample, not on the million
+    with pytest.raises(ValueError, match="flat, hnsw, ivfpq, ivfpq-rflat"):
         index_factory_string("lsh", 32, 100)
 
 
@@ -297,3 +316,134 @@ def test_search_speed_smoke():
     assert result["numpy_topk_agreement"] >= 0.99  # float rounding may swap near-ties
     assert result["batched_qps"] > 0 and result["single_p99_ms"] >= result["single_p50_ms"]
     assert "queries/s" in format_speed_table(result)
+
+
+def recall_at(found: np.ndarray, exact: np.ndarray) -> float:
+    return float(np.mean([len(set(a) & set(e)) / len(e) for a, e in zip(found, exact)]))
+
+
+@pytest.fixture(scope="module")
+def mixture():
+    """20k catalog vectors and 1000 fresh queries from one descriptor-like gaussian mixture (64-d)."""
+    from benchmarks.speed_suite import descriptor_like_vectors
+
+    vectors, _ = descriptor_like_vectors(21_000, 64, n_centres=200, seed=3)
+    return vectors[:20_000], vectors[20_000:]
+
+
+@pytest.fixture(scope="module")
+def mixture_exact_ids(mixture):
+    database, fresh = mixture
+    return ProductIndex.build(database, ids_for(len(database)), preset="flat", device="cpu").search(fresh, k=10)[1]
+
+
+@pytest.mark.parametrize("preset", ["ivfpq", "hnsw"])
+def test_tuning_reaches_the_target_recall_on_fresh_queries(preset, mixture, mixture_exact_ids):
+    database, fresh = mixture
+    tuned = ProductIndex.build(database, ids_for(len(database)), preset=preset, device="cpu", target_recall=0.95)
+    report = tuned.tuning
+    assert report["met"] and report["recall"] - 2 * report["recall_se"] >= 0.95
+    assert report["queries"].startswith("catalog vectors moved off") and report["n_queries"] == 1000
+    assert {key: tuned.search_params[key] for key in report["search_params"]} == report["search_params"]
+    # Every setting that was measured is in the sweep, and the chosen one reached the target.
+    assert any(all(row.get(key) == value for key, value in report["search_params"].items()
+                   if key != "min_candidates") for row in report["sweep"])
+    # The queries tuned on were perturbed catalog vectors; these were never seen.
+    assert recall_at(tuned.search(fresh, k=10)[1], mixture_exact_ids) >= 0.95
+
+
+def test_tuning_follows_the_target(mixture, mixture_exact_ids):
+    database, fresh = mixture
+    catalog = ProductIndex.build(database, ids_for(len(database)), preset="ivfpq", device="cpu", target_recall=0.6)
+    low_params, low_recall = catalog.search_params, recall_at(catalog.search(fresh, k=10)[1], mixture_exact_ids)
+    assert 0.6 <= catalog.tuning["recall"] < 0.9  # the fastest setting above 0.6, not the most accurate one
+    report = catalog.tune(target_recall=0.95, queries=fresh[:500], vectors=database)
+    assert report["queries"] == "caller's queries" and report["met"]
+    high_recall = recall_at(catalog.search(fresh[500:], k=10)[1], mixture_exact_ids[500:])
+    assert catalog.search_params != low_params
+    assert high_recall >= 0.95 > low_recall
+
+
+def test_tuned_search_params_survive_save_and_load(tmp_path, mixture):
+    database, fresh = mixture
+    for preset in ("ivfpq", "hnsw"):
+        built = ProductIndex.build(database[:5000], ids_for(5000), preset=preset, device="cpu", target_recall=0.9)
+        built.save(tmp_path / preset)
+        manifest = json.loads((tmp_path / preset / "manifest.json").read_text())
+        assert manifest["search_params"] == built.search_params
+        assert manifest["tuning"]["search_params"].items() <= built.search_params.items()
+        loaded = ProductIndex.load(tmp_path / preset, device="cpu")
+        assert loaded.search_params == built.search_params and loaded.tuning == built.tuning
+        for got, want in zip(loaded.search(fresh, k=10), built.search(fresh, k=10)):
+            np.testing.assert_array_equal(got, want)
+        assert loaded.build_timings is None and set(built.build_timings) == {"train_s", "add_s", "tune_s"}
+
+
+def test_ivfpq_memory_is_at_most_35_percent_of_flat():
+    database = clustered_vectors(20_000, 256, n_clusters=100, seed=8)
+    sizes = {}
+    for preset in ("flat", "ivfpq"):
+        built = ProductIndex.build(database, ids_for(20_000), preset=preset, device="cpu", target_recall=None)
+        sizes[preset] = len(faiss.serialize_index(built._cpu_index))
+        assert built.serialized_size() == sizes[preset]
+        assert index.product_index._has_gpu_version(built._cpu_index, built._kind) == (preset == "flat")
+    assert sizes["ivfpq"] <= 0.35 * sizes["flat"]
+    # ivfpq-rflat keeps the exact vectors beside its codes (k-means and 8-bit PQ are slow to train: small N).
+    small = database[:2000]
+    for preset in ("flat", "ivfpq-rflat"):
+        built = ProductIndex.build(small, ids_for(2000), preset=preset, device="cpu", target_recall=None)
+        sizes[preset] = built.serialized_size()
+        # The 8-bit PQ of ivfpq-rflat has a GPU version (fast-scan PQ has none).
+        assert index.product_index._has_gpu_version(built._cpu_index, built._kind)
+    assert sizes["ivfpq-rflat"] > sizes["flat"]
+
+
+def test_tune_refuses_bad_arguments():
+    exact = ProductIndex.build(random_vectors(50, 8), ids_for(50), device="cpu")
+    assert exact.tune()["search_params"] == {} and exact.tuning is None
+    with pytest.raises(ValueError, match="target_recall"):
+        ProductIndex.build(random_vectors(50, 8), ids_for(50), preset="hnsw", target_recall=0.0)
+    with pytest.raises(IndexMismatchError, match="dim 9"):
+        ProductIndex.build(random_vectors(50, 8), ids_for(50), preset="hnsw", tune_queries=random_vectors(5, 9))
+    graph = ProductIndex.build(random_vectors(200, 8), ids_for(200), preset="hnsw", device="cpu", target_recall=None)
+    assert graph.tuning is None and graph.search_params == {"efSearch": 64}
+    with pytest.raises(ValueError, match="target_recall"):
+        graph.tune(target_recall=1.5)
+    with pytest.raises(IndexMismatchError, match="dim 9"):
+        graph.tune(queries=random_vectors(5, 9))
+    with pytest.raises(ValueError, match="200 x 8"):
+        graph.tune(vectors=random_vectors(10, 8))
+    assert graph.tuning is None  # refused calls changed nothing
+
+
+def test_descriptor_like_vectors_are_seeded_clustered_unit_vectors():
+    from benchmarks.speed_suite import descriptor_like_vectors
+
+    vectors, labels = descriptor_like_vectors(3000, 64, n_centres=30, seed=1)
+    again, _ = descriptor_like_vectors(3000, 64, n_centres=30, seed=1)
+    np.testing.assert_array_equal(vectors, again)
+    assert vectors.shape == (3000, 64) and vectors.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    similarities = vectors[:300] @ vectors.T
+    same = labels[:300, None] == labels[None, :]
+    assert similarities[same].mean() > 0.5 > 0.1 > abs(similarities[~same].mean())
+    # Power-law spectrum: a handful of directions carry most of the variance, unlike uniform noise.
+    eigenvalues = np.linalg.eigvalsh(np.cov(vectors.T))[::-1]
+    assert eigenvalues[:8].sum() / eigenvalues.sum() > 0.5
+
+
+def test_index_speed_suite_smoke(tmp_path):
+    from benchmarks.speed_suite import BOUND_ROW, NUMPY_ROW, format_speed_suite, index_speed_suite, write_speed_suite
+
+    frame = index_speed_suite(sizes=(3000,), dim=32, presets=("ivfpq", "hnsw"), n_queries=100, n_single=5,
+                              bandwidth_bytes=1 << 22, sgemm_size=128)
+    assert frame["preset"].tolist() == ["flat", BOUND_ROW, NUMPY_ROW, "ivfpq", "hnsw"]
+    rows = frame.set_index("preset")
+    assert rows.loc["flat", "recall_at_k"] == 1.0 and rows.loc[NUMPY_ROW, "recall_at_k"] >= 0.99
+    assert rows.loc["ivfpq", "memory_vs_flat"] < 0.5 and rows.loc["ivfpq", "recall_at_k"] >= 0.9
+    assert (rows.loc[["flat", "ivfpq", "hnsw"], "p99_ms"] >= rows.loc[["flat", "ivfpq", "hnsw"], "p50_ms"]).all()
+    assert rows["gpu_qps"].isna().all() or frame["gpus"].iloc[0] > 0
+    text = format_speed_suite(frame)
+    assert "QPS batched" in text and "ONE faiss thread" in text and "N = 3,000" in text
+    csv_path, md_path = write_speed_suite(frame, tmp_path)
+    assert len(pd.read_csv(csv_path)) == len(frame) and md_path.read_text().count("| ivfpq |") == 1
