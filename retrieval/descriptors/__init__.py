@@ -8,3 +8,7 @@ from retrieval.descriptors.base import (  # noqa: F401
 )
 from retrieval.descriptors import colorhist, gem, rmac  # noqa: F401,E402
 from retrieval.descriptors import sift  # noqa: F401
+from retrieval.descriptors import delf  # noqa: F401
+from retrieval.descriptors import tn  # noqa: F401
+from retrieval.descriptors import l2net, lfnet  # noqa: F401
+from retrieval.descriptors import surf  # noqa: F401

@@ -95,19 +95,10 @@ class Descriptor(nn.Module):
 
     def load_trained(self, checkpoint) -> "Descriptor":
         """Load the weights of a final.pt written by `train_on` (strict: every key must match)."""
-        from retrieval.training import load_checkpoint
+        from retrieval.training import load_trained_weights
 
-        payload = load_checkpoint(checkpoint, map_location=self.device)
-        if payload.get("descriptor") not in (None, self.name):
-            raise ValueError(f"{checkpoint} was trained for descriptor {payload.get('descriptor')!r}, not {self.name!r}")
-        missing, unexpected = self.load_state_dict(payload["state_dict"], strict=False)
-        shipped = self.shipped_state_prefixes
-        missing = [k for k in missing if not (shipped and k.startswith(shipped))]
-        if missing or unexpected:
-            raise ValueError(
-                f"{checkpoint} does not fit descriptor {self.name!r} with config {self.conf}: "
-                f"missing {missing[:5]}, unexpected {list(unexpected)[:5]}; was it trained with another config?"
-            )
+        load_trained_weights(self, checkpoint, kind="descriptor", name=self.name, conf=self.conf,
+                             shipped_prefixes=tuple(self.shipped_state_prefixes))
         return self
 
     # ---- bookkeeping ----------------------------------------------------------------------
@@ -145,8 +136,9 @@ def check_images(images: torch.Tensor) -> None:
 def create_descriptor(name: str, **conf: Any) -> Descriptor:
     """Build a registered descriptor; `name` may be 'NAME@path/to/final.pt' to load trained weights."""
     import retrieval.descriptors  # noqa: F401  (registers the built-ins)
+    from retrieval.training import split_trained_spec
 
-    name, _, checkpoint = name.partition("@")
+    name, checkpoint = split_trained_spec(name)
     descriptor = DESCRIPTORS.create(name, **conf)
     if checkpoint:
         descriptor.load_trained(checkpoint)

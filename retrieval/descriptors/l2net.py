@@ -1,0 +1,504 @@
+"""L2-Net patch descriptors at DoG keypoints, trained here on synthetic homographies, VLAD-aggregated.
+
+L2-Net (Tian, Fan & Wu, "L2-Net: Deep learning of discriminative patch descriptor in Euclidean
+space", CVPR 2017) describes a 32x32 grey patch with seven 3x3/8x8 convolutions (32-32-64-64-128-
+128-128 channels, BatchNorm without affine parameters, stride 2 at the third and fifth) and an
+L2-normalised 128-d output. kornia has no `L2Net` class; its `HardNet` *is* this architecture
+(HardNet, Mishchuk et al. NeurIPS 2017, kept L2-Net's network and changed the loss) plus a 0.3
+dropout before the last convolution; L2-Net's optional central-surround second stream and its
+final local response normalisation are not included. We build `kornia.feature.HardNet(pretrained=
+False)`, so no weights are ever downloaded: the network starts from random initialisation and is
+trained by `train_on` with HardNet's hardest-in-batch triplet loss on patch pairs cut from VITON
+product photos and random homographies of them (`retrieval.patches`).
+
+Keypoints come from OpenCV's SIFT detector (difference of Gaussians, no learning), with its
+position, size and orientation; each becomes a local affine frame (kornia convention) whose 32x32
+patch is sampled from the scale pyramid. Descriptors are aggregated exactly like `sift`: VLAD
+over a k-means codebook, then PCA-whitening (`retrieval.aggregation`, `retrieval.whitening`).
+
+`LearnedPatchDescriptor` holds everything but the detector, so `lfnet` (KeyNet + the same patch
+network, trained jointly) shares the description, aggregation, fitting and training loop.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
+
+import cv2
+import numpy as np
+import torch
+from kornia.color import rgb_to_grayscale
+from kornia.feature import (
+    HardNet,
+    extract_patches_from_pyramid,
+    get_laf_center,
+    get_laf_orientation,
+    get_laf_scale,
+    laf_from_center_scale_ori,
+)
+from torch import nn
+
+from retrieval.aggregation import fit_codebook, vlad
+from retrieval.descriptors.base import DESCRIPTORS, Descriptor, check_images
+from retrieval.descriptors.sift import pad_features, rgb_to_grey_uint8
+from retrieval.patches import (
+    PATCH_SIZE,
+    hardnet_loss,
+    homography_patch_pairs,
+    photometric_jitter,
+    random_homographies,
+    warp_images,
+)
+from retrieval.types import InputSpec, LocalFeatures
+from retrieval.whitening import apply_pca_whitening, fit_pca_whitening
+
+PATCH_DESCRIPTOR_DIM = 128
+
+# Settings every learned patch descriptor shares; subclasses add their detector's.
+PATCH_DESCRIPTOR_CONF: Dict[str, Any] = {
+    "image_size": (256, 192),
+    "max_keypoints": 300,
+    "upright": False,
+    "n_clusters": 64,
+    "pca_dim": 512,
+    "fit_descriptors_per_image": 300,
+    "max_fit_descriptors": 200_000,
+    "kmeans_iterations": 20,
+    "describe_chunk": 1024,
+    "min_patch_contrast": 0.01,
+    "seed": 0,
+}
+
+
+def choose_random_subset(mask: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+    """Keep at most `k` of the True entries of each row, chosen uniformly at random.
+
+    Shape:
+        - mask: (B, N) bool
+        - output: (B, N) bool, each row a subset of the input row with min(k, row count) entries
+    """
+    if mask.shape[1] <= k:
+        return mask.clone()
+    keys = torch.rand(mask.shape, generator=generator).to(mask.device).masked_fill(~mask, -1.0)
+    chosen = torch.zeros_like(mask)
+    chosen.scatter_(1, keys.topk(k, dim=1).indices, True)
+    return chosen & mask
+
+
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Run a block (e.g. building networks) under torch's CPU RNG seeded by `seed`, restoring it after."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def step_generator(seed: int, epoch: int, step: int) -> torch.Generator:
+    """A generator seeded by (seed, epoch, step): a resumed run draws the same homographies."""
+    state = np.random.SeedSequence([int(seed), int(epoch), int(step)]).generate_state(1, dtype=np.uint64)[0]
+    return torch.Generator().manual_seed(int(state) & ((1 << 63) - 1))
+
+
+class LearnedPatchDescriptor(Descriptor):
+    """Keypoint frames -> 32x32 patches -> HardNet/L2-Net network -> VLAD + PCA-whitening.
+
+    Subclasses provide `detect` (frames per image) and may add detector training through
+    `_training_modules` and `_training_loss`. The patch network is trained here, never downloaded,
+    so its weights travel with the state dict (``shipped_state_prefixes = ()``).
+
+    Shape:
+        - embed input: (B, 3, H, W) float RGB in [0, 1]
+        - embed output: (B, dim), dim = pca_dim or n_clusters * 128
+    """
+
+    kind = "local"
+    trainable = True
+    needs_fit = True
+    shipped_state_prefixes = ()
+    default_conf: Dict[str, Any] = PATCH_DESCRIPTOR_CONF
+    # train_on options (not part of the model's conf or fingerprint); CLI flags override. On the
+    # project's 2-core CPU a step of 8 photos (~150 pairs, 300 patches through the network forward
+    # and backward) took 3.5 s with other jobs running, so one epoch over 1,600 photos (200 steps)
+    # is about 12 minutes.
+    train_defaults: Dict[str, Any] = {
+        "epochs": 1,
+        "batch_size": 8,
+        "pairs_per_image": 24,
+        "lr": 1e-3,
+        "weight_decay": 1e-4,
+        "margin": 1.0,
+        "max_images": 1600,
+    }
+
+    def __init__(self, **conf: Any):
+        super().__init__(**conf)
+        n_clusters, pca_dim = int(self.conf["n_clusters"]), self.conf["pca_dim"]
+        if n_clusters < 1 or int(self.conf["max_keypoints"]) < 1:
+            raise ValueError(f"n_clusters and max_keypoints must be >= 1, got conf {self.conf}")
+        vlad_dim = n_clusters * PATCH_DESCRIPTOR_DIM
+        if pca_dim is not None and not 1 <= int(pca_dim) <= vlad_dim:
+            raise ValueError(f"pca_dim must be None or in [1, {vlad_dim}] (n_clusters * 128), got {pca_dim}")
+        # L2-Net architecture (kornia calls it HardNet); random weights, never a download. Seeded, so
+        # that the untrained descriptor is the same network in every process.
+        with seeded(int(self.conf["seed"])):
+            self.net = HardNet(pretrained=False)
+        self.register_buffer("centroids", torch.zeros(n_clusters, PATCH_DESCRIPTOR_DIM))
+        if pca_dim is not None:
+            self.register_buffer("pca_mean", torch.zeros(vlad_dim))
+            self.register_buffer("pca_projection", torch.zeros(vlad_dim, int(pca_dim)))
+
+    # ---- contract -------------------------------------------------------------------------
+    @property
+    def dim(self) -> int:
+        pca_dim = self.conf["pca_dim"]
+        return int(pca_dim) if pca_dim is not None else int(self.conf["n_clusters"]) * PATCH_DESCRIPTOR_DIM
+
+    @property
+    def input_spec(self) -> InputSpec:
+        return InputSpec(size=tuple(self.conf["image_size"]), grey=True)
+
+    def detect(self, images: torch.Tensor, grey: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Keypoint frames of every image: (lafs (B, N, 2, 3), scores (B, N), mask (B, N) bool)."""
+        raise NotImplementedError
+
+    def describe(self, grey: torch.Tensor, lafs: torch.Tensor, mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """128-d patch descriptors at the real frames whose patch is not flat; zero rows elsewhere.
+
+        A patch whose standard deviation is below ``min_patch_contrast`` (white backdrop) is
+        dropped from the mask, as in training: the network standardises every patch, so a flat
+        one would get a descriptor of amplified JPEG noise. Only the kept frames go through the
+        network, in chunks of ``describe_chunk`` patches.
+
+        Returns:
+            (desc, mask): the descriptors and the input mask without the flat patches.
+
+        Shape:
+            - grey: (B, 1, H, W) in [0, 1]
+            - lafs: (B, N, 2, 3), mask: (B, N)
+            - output: ((B, N, 128), (B, N) bool)
+        """
+        batch, n_frames = mask.shape
+        desc = grey.new_zeros(batch, n_frames, PATCH_DESCRIPTOR_DIM)
+        if not bool(mask.any()):
+            return desc, mask
+        zero = torch.zeros((), dtype=lafs.dtype, device=lafs.device)
+        patches = extract_patches_from_pyramid(grey, torch.where(mask[..., None, None], lafs, zero), PATCH_SIZE)
+        mask = mask & (patches.flatten(2).std(dim=-1) >= float(self.conf["min_patch_contrast"]))
+        if not bool(mask.any()):
+            return desc, mask
+        chunks = patches[mask].split(int(self.conf["describe_chunk"]))
+        desc[mask] = torch.cat([self.net(chunk) for chunk in chunks])
+        return desc, mask
+
+    @torch.no_grad()
+    def extract(self, images: torch.Tensor) -> LocalFeatures:
+        """Detect keypoint frames and describe their patches.
+
+        Returns:
+            LocalFeatures padded to the batch's largest keypoint count: keypoints xy in pixels,
+            scales = half side of the described square in pixels, orientations in degrees [0, 360)
+            in OpenCV's convention (as `sift`), scores = detector response, desc with unit L2 rows.
+            An image without keypoints has an all-False mask row.
+
+        Shape:
+            - images: (B, 3, H, W) float RGB in [0, 1]
+            - desc: (B, N, 128), keypoints (B, N, 2), scores/scales/orientations/mask (B, N)
+        """
+        check_images(images)
+        grey = rgb_to_grayscale(images.clamp(0.0, 1.0))
+        lafs, scores, mask = self.detect(images, grey)
+        desc, mask = self.describe(grey, lafs, mask)
+        # kornia's frame angle turns the other way from OpenCV's keypoint angle (see keypoints_to_lafs).
+        kornia_degrees = get_laf_orientation(lafs)[..., 0]
+        return LocalFeatures(
+            keypoints=get_laf_center(lafs).contiguous(),
+            desc=desc,
+            scores=scores,
+            mask=mask,
+            scales=get_laf_scale(lafs)[..., 0, 0],
+            orientations=torch.remainder(-kornia_degrees, 360.0).masked_fill(~mask, 0.0),
+            image_size=(int(images.shape[2]), int(images.shape[3])),
+        )
+
+    # ---- aggregation (as `sift`) ----------------------------------------------------------
+    def _aggregate_descriptors(self, desc: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        vectors = vlad(desc.float(), mask, self.centroids)
+        if self.conf["pca_dim"] is not None:
+            vectors = apply_pca_whitening(vectors, self.pca_mean, self.pca_projection)
+        return vectors
+
+    @torch.no_grad()
+    def aggregate(self, features: LocalFeatures) -> torch.Tensor:
+        """VLAD (intra-norm, signed sqrt, L2), then PCA-whitening + signed sqrt + L2 when configured.
+
+        Shape:
+            - features.desc: (B, N, 128)
+            - output: (B, dim)
+        """
+        return self._aggregate_descriptors(features.desc, features.mask)
+
+    @torch.no_grad()
+    def fit(self, batches: Iterable[torch.Tensor]) -> "LearnedPatchDescriptor":
+        """Learn the VLAD codebook (and PCA-whitening) from training image batches, in one pass.
+
+        As `SIFT.fit`: each image contributes a seeded random subset of at most
+        ``fit_descriptors_per_image`` descriptors, which also give the training VLADs for the
+        whitening. Fit after training: a retrained network invalidates the codebook.
+
+        Raises:
+            ValueError: no images, or fewer descriptors than ``n_clusters``.
+        """
+        was_training = self.training
+        self.eval()
+        rng = np.random.default_rng(int(self.conf["seed"]))
+        per_image_cap = int(self.conf["fit_descriptors_per_image"])
+        sampled: List[np.ndarray] = []
+        for images in batches:
+            features = self.extract(images)
+            desc, mask = features.desc.cpu().numpy(), features.mask.cpu().numpy()
+            for image_desc, image_mask in zip(desc, mask):
+                real = image_desc[image_mask]
+                if len(real) > per_image_cap:
+                    real = real[rng.choice(len(real), size=per_image_cap, replace=False)]
+                sampled.append(real)
+        if not sampled:
+            raise ValueError(f"{self.name}.fit got no training images")
+        centroids = fit_codebook(
+            np.concatenate(sampled),
+            n_clusters=int(self.conf["n_clusters"]),
+            seed=int(self.conf["seed"]),
+            max_points=int(self.conf["max_fit_descriptors"]),
+            n_iterations=int(self.conf["kmeans_iterations"]),
+        )
+        self.centroids.copy_(torch.from_numpy(centroids))
+        if self.conf["pca_dim"] is not None:
+            with_features = [s for s in sampled if len(s)]
+            training_vlads = []
+            for start in range(0, len(with_features), 256):  # bounds the padded (chunk, N, 128) tensors
+                desc, mask = pad_features(with_features[start : start + 256], PATCH_DESCRIPTOR_DIM)
+                training_vlads.append(vlad(torch.from_numpy(desc), torch.from_numpy(mask), self.centroids.cpu()).numpy())
+            mean, projection = fit_pca_whitening(np.concatenate(training_vlads), int(self.conf["pca_dim"]))
+            self.pca_mean.copy_(torch.from_numpy(mean))
+            self.pca_projection.copy_(torch.from_numpy(projection))
+        self._fitted.fill_(True)
+        self.train(was_training)
+        return self
+
+    # ---- training -------------------------------------------------------------------------
+    def _training_modules(self) -> Dict[str, nn.Module]:
+        """The modules `train_on` optimises and checkpoints."""
+        return {"net": self.net}
+
+    def _training_loss(
+        self, grey_a: torch.Tensor, grey_b: torch.Tensor, homographies: torch.Tensor,
+        generator: torch.Generator, options: Dict[str, Any],
+    ) -> Tuple[Optional[torch.Tensor], Dict[str, float]]:
+        """Loss of one batch of synthetic pairs; None when the batch holds fewer than 2 pairs."""
+        raise NotImplementedError
+
+    def _patch_pair_loss(self, pairs, options: Dict[str, Any]) -> Tuple[Optional[torch.Tensor], Dict[str, float]]:
+        n_pairs = len(pairs.anchors)
+        if n_pairs < 2:
+            return None, {"pairs": float(n_pairs)}
+        # One forward pass for both views: one set of BatchNorm statistics, one large GEMM per layer.
+        desc = self.net(torch.cat([pairs.anchors, pairs.positives]))
+        loss = hardnet_loss(desc[:n_pairs], desc[n_pairs:], float(options["margin"]), pairs.exclude)
+        return loss, {"desc_loss": float(loss.detach()), "pairs": float(n_pairs)}
+
+    def train_on(self, dataset, out_dir, **options: Any):
+        """Train on random homographies of the training pairs' product photos; return final.pt.
+
+        Each step reads ``batch_size`` product photos (grey, ``image_size``), warps each by a
+        random homography with a photometric change, and optimises `_training_loss` (Adam). An epoch
+        is one pass over the (at most ``max_images``) product photos in a seeded order; homographies
+        are drawn from (seed, epoch, step), so a resumed run repeats exactly what it would have done.
+        Writes ``out_dir``/{last.pt, final.pt, losses.csv, losses.png, config.json} via `TrainingRun`.
+        The codebook and whitening are not learned here: `fit` after training (the engine does).
+
+        Args:
+            dataset: a RetrievalSet with training pairs.
+            out_dir: run directory (resumes from its last.pt).
+            **options: seed, progress, time_budget_s, checkpoint_every_s, and overrides of
+                `train_defaults` (epochs, batch_size, pairs_per_image, lr, weight_decay, margin, max_images).
+        """
+        from retrieval.batching import load_batch, sample_paths
+        from retrieval.training import TrainingRun
+
+        seed = int(options.pop("seed", 0))
+        progress = options.pop("progress", True)
+        time_budget_s = options.pop("time_budget_s", None)
+        checkpoint_every_s = float(options.pop("checkpoint_every_s", 120.0))
+        unknown = set(options) - set(self.train_defaults)
+        if unknown:
+            raise ValueError(f"{self.name}.train_on got unknown options {sorted(unknown)}; valid: {sorted(self.train_defaults)}")
+        settings = {**self.train_defaults, **{k: v for k, v in options.items() if v is not None}}
+        if dataset.train is None or dataset.train.empty:
+            raise ValueError(f"{dataset.name} has no training pairs to train {self.name} on")
+        paths = sorted(dict.fromkeys(str(p) for p in dataset.train["product_image"]))
+        if settings["max_images"] is not None:
+            paths = sample_paths(paths, int(settings["max_images"]), seed)
+        batch_size = int(settings["batch_size"])
+        steps_per_epoch = -(-len(paths) // batch_size)
+
+        modules = self._training_modules()
+        parameters = [p for module in modules.values() for p in module.parameters()]
+        optimizer = torch.optim.Adam(parameters, lr=float(settings["lr"]), weight_decay=float(settings["weight_decay"]))
+        run = TrainingRun(
+            out_dir, modules, {"adam": optimizer},
+            config={"descriptor": self.name, "conf": self.config(), "n_images": len(paths), **settings},
+            seed=seed, time_budget_s=time_budget_s, checkpoint_every_s=checkpoint_every_s,
+            progress=f"train {self.name}" if progress else None, steps_per_epoch=steps_per_epoch,
+        )
+        size = tuple(self.conf["image_size"])
+        device = self.device
+        for epoch in run.epochs(int(settings["epochs"])):
+            order = np.random.default_rng([seed, epoch]).permutation(len(paths))
+            chunks = [[paths[i] for i in order[start : start + batch_size]] for start in range(0, len(paths), batch_size)]
+            for step, chunk in run.skip_done(enumerate(chunks)):
+                generator = step_generator(seed, epoch, step)
+                for module in modules.values():
+                    module.train()
+                grey_a = rgb_to_grayscale(load_batch(chunk, size)).to(device)
+                homographies = random_homographies(len(chunk), size[0], size[1], generator).to(device)
+                grey_b = photometric_jitter(warp_images(grey_a, homographies), generator)
+                loss, logs = self._training_loss(grey_a, grey_b, homographies, generator, settings)
+                if loss is not None:
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                run.log(logs)
+                if run.out_of_time:
+                    break
+        self.eval()
+        # Whatever codebook this instance held describes the old network: it must be fitted again.
+        self._fitted.fill_(False)
+        return run.finish(weights=self.state_dict(), extra={"descriptor": self.name})
+
+
+# --------------------------------------------------------------------------------------------------
+# L2-Net at OpenCV DoG keypoints
+# --------------------------------------------------------------------------------------------------
+
+
+def dog_keypoints(detector: "cv2.SIFT", grey: np.ndarray, max_keypoints: int, upright: bool) -> np.ndarray:
+    """OpenCV SIFT (DoG) keypoints of one image, strongest first: (N, 5) x, y, size, angle, response.
+
+    With `upright`, SIFT's extra orientations at one position are dropped (they would all give the
+    same upright patch and count it several times in VLAD), keeping the strongest.
+
+    Shape:
+        - grey: (H, W) uint8
+        - output: (N, 5) float32, N <= max_keypoints
+    """
+    keypoints = detector.detect(grey, None)
+    if not keypoints:
+        return np.zeros((0, 5), np.float32)
+    # OpenCV hands keypoints back only as Python objects: unpacking their fields is the one per-keypoint step.
+    attributes = np.array([(k.pt[0], k.pt[1], k.size, k.angle, k.response) for k in keypoints], dtype=np.float32)
+    attributes = attributes[np.argsort(-attributes[:, 4], kind="stable")]
+    if upright:
+        _, first = np.unique(np.round(attributes[:, :3], 2), axis=0, return_index=True)
+        attributes = attributes[np.sort(first)]
+    return attributes[:max_keypoints]
+
+
+def keypoints_to_lafs(
+    attributes: torch.Tensor, patch_scale: float, min_radius: float, max_radius: float, upright: bool
+) -> torch.Tensor:
+    """SIFT keypoint attributes -> kornia LAFs of half side ``clamp(patch_scale * size)``.
+
+    OpenCV's ``size`` is twice the keypoint's sigma, so ``patch_scale = 3`` gives the half side
+    ``6 sigma`` that kornia's DoG + HardNet pipeline uses. OpenCV's angle turns clockwise in image
+    coordinates where kornia's turns the other way, hence the sign flip (checked on rotated images).
+
+    Shape:
+        - attributes: (B, N, 5) x, y, size, angle, response
+        - output: (B, N, 2, 3)
+    """
+    radius = (patch_scale * attributes[..., 2]).clamp(min_radius, max_radius)
+    angle = torch.zeros_like(attributes[..., 3]) if upright else -attributes[..., 3]
+    return laf_from_center_scale_ori(attributes[..., :2].contiguous(), radius[..., None, None], angle[..., None])
+
+
+@DESCRIPTORS.register("l2net")
+class L2Net(LearnedPatchDescriptor):
+    """L2-Net descriptors of 32x32 patches at OpenCV DoG keypoints, VLAD + PCA-whitened.
+
+    The network is kornia's `HardNet(pretrained=False)`, which is the L2-Net architecture (see the
+    module docstring); `train_on` trains it with the HardNet loss on homography patch pairs of the
+    training product photos, keypoints from the same DoG detector. Untrained, it is a random
+    network, still a valid (weak) descriptor.
+
+    Config (``default_conf``), beyond the shared ones (image_size, max_keypoints, upright,
+    n_clusters, pca_dim, fit_descriptors_per_image, max_fit_descriptors, kmeans_iterations,
+    describe_chunk: patches per network call, min_patch_contrast: flatter patches are not described, seed):
+        n_octave_layers, contrast_threshold, edge_threshold, sigma: cv2.SIFT_create detector settings
+            (contrast threshold 0.02 as `sift`, for small low-contrast garments).
+        patch_scale: half side of the patch in units of OpenCV's keypoint size (3 = 6 sigma).
+        min_patch_radius, max_patch_radius: clamp of that half side, in pixels.
+
+    Example:
+        >>> l2net = L2Net(n_clusters=8, pca_dim=None)
+        >>> l2net.dim
+        1024
+    """
+
+    default_conf: Dict[str, Any] = {
+        **PATCH_DESCRIPTOR_CONF,
+        "n_octave_layers": 3,
+        "contrast_threshold": 0.02,
+        "edge_threshold": 10.0,
+        "sigma": 1.6,
+        "patch_scale": 3.0,
+        "min_patch_radius": 4.0,
+        "max_patch_radius": 32.0,
+    }
+
+    def __init__(self, **conf: Any):
+        super().__init__(**conf)
+        self.eval()
+
+    def _detector(self) -> "cv2.SIFT":
+        # A fresh detector per batch (microseconds): no cv2 object on the module (not picklable).
+        return cv2.SIFT_create(
+            nfeatures=int(self.conf["max_keypoints"]) * (1 if self.conf["upright"] else 2),
+            nOctaveLayers=int(self.conf["n_octave_layers"]),
+            contrastThreshold=float(self.conf["contrast_threshold"]),
+            edgeThreshold=float(self.conf["edge_threshold"]),
+            sigma=float(self.conf["sigma"]),
+        )
+
+    def detect(self, images: torch.Tensor, grey: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """DoG keypoints of each image (OpenCV takes one image per call) as LAFs.
+
+        Shape:
+            - images: (B, 3, H, W); grey: (B, 1, H, W)
+            - output: lafs (B, N, 2, 3), scores (B, N) DoG response, mask (B, N) bool
+        """
+        detector = self._detector()
+        per_image = [
+            dog_keypoints(detector, g, int(self.conf["max_keypoints"]), bool(self.conf["upright"]))
+            for g in rgb_to_grey_uint8(images)
+        ]
+        attributes, mask = pad_features(per_image, 5)
+        attributes = torch.from_numpy(attributes).to(grey.device)
+        lafs = keypoints_to_lafs(
+            attributes, float(self.conf["patch_scale"]), float(self.conf["min_patch_radius"]),
+            float(self.conf["max_patch_radius"]), bool(self.conf["upright"]),
+        )
+        return lafs.to(grey.dtype), attributes[..., 4], torch.from_numpy(mask).to(grey.device)
+
+    def _training_loss(self, grey_a, grey_b, homographies, generator, options):
+        """HardNet loss on patches at DoG keypoints of A and their homography images in B.
+
+        The training frames come from the same detector as at test time (a random subset of
+        ``pairs_per_image`` per image), so the network learns the patches it will see.
+        """
+        with torch.no_grad():
+            images_a = grey_a.expand(-1, 3, -1, -1)
+            lafs, _, mask = self.detect(images_a, grey_a)
+            mask = choose_random_subset(mask, int(options["pairs_per_image"]), generator)
+        pairs = homography_patch_pairs(
+            grey_a, grey_b, lafs, mask, homographies, min_contrast=float(self.conf["min_patch_contrast"])
+        )
+        return self._patch_pair_loss(pairs, options)

@@ -1,0 +1,381 @@
+"""Training data for learned patch descriptors: matching patch pairs from synthetic homographies.
+
+A product photo A is warped by a random homography H (rotation, scale, shear, perspective,
+translation) and re-lit (gamma, contrast, brightness, noise) into B. A local affine frame (LAF)
+placed in A maps through H to the frame that sees the same surface in B, so every pair of patches
+is a known correspondence, with no labels and no learned detector needed (the recipe of
+SuperPoint's homographic adaptation and of LF-Net's synthetic pairs). The pieces:
+
+- `random_homographies`, `warp_images`, `photometric_jitter`: the synthetic view B of a batch A.
+- `homography_patch_pairs`: 32x32 patches at LAFs in A and at the mapped LAFs in B, with the pairs
+  whose patch leaves either image dropped, and a mask of negatives that are really the same place.
+- `hardnet_loss` / `hardest_in_batch_triplet_loss`: the HardNet loss (Mishchuk et al., "Working
+  hard to know your neighbor's margins", NeurIPS 2017): for every matching pair, the closest
+  non-matching descriptor in the batch, in either direction, is the negative of a margin triplet.
+- `patch_matching_metrics`: FPR95 and matching mAP on held-out pairs, where descriptor training shows.
+
+LAFs follow kornia's convention (``[A | c]`` in pixels, pixel centres at integers; the patch covers
+``c + A [-1, 1]^2``). Homographies map pixel coordinates of A to pixel coordinates of B.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from kornia.feature import extract_patches_from_pyramid, get_laf_center, perspective_transform_lafs
+from kornia.geometry.transform import warp_perspective
+
+PATCH_SIZE = 32
+
+
+# --------------------------------------------------------------------------------------------------
+# Synthetic second views
+# --------------------------------------------------------------------------------------------------
+
+
+def _uniform(generator: torch.Generator, shape, low: float, high: float) -> torch.Tensor:
+    return low + (high - low) * torch.rand(shape, generator=generator, dtype=torch.float64)
+
+
+def random_homographies(
+    batch: int,
+    height: int,
+    width: int,
+    generator: torch.Generator,
+    max_rotation_deg: float = 30.0,
+    scale_range: Tuple[float, float] = (0.75, 1.33),
+    max_aspect: float = 1.15,
+    max_shear: float = 0.15,
+    max_perspective: float = 0.12,
+    max_translation: float = 0.12,
+) -> torch.Tensor:
+    """Draw random homographies that keep the centre of an image roughly in view.
+
+    They are built in centred coordinates normalised by half the longer side (so a rotation is a
+    rotation in pixels too): ``[[R(theta) diag(s a, s / a) Shear, t], [p, 1]]``, with the rotation,
+    log-uniform scale and aspect, shear, translation (a fraction of the half side) and perspective
+    terms drawn uniformly within the given bounds; then conjugated back to pixel coordinates.
+
+    Args:
+        batch: how many.
+        height, width: image size in pixels.
+        generator: seeds the draw (CPU generator).
+        max_rotation_deg: rotation drawn in [-max, max] degrees.
+        scale_range: isotropic scale, log-uniform in this range.
+        max_aspect: anisotropic stretch, log-uniform in [1 / max_aspect, max_aspect].
+        max_shear: shear drawn in [-max, max].
+        max_perspective: perspective row drawn in [-max, max] (per unit of normalised coordinate).
+        max_translation: translation in [-max, max] times half the longer side.
+
+    Returns:
+        float32 homographies mapping pixel (x, y, 1) of the source to the warped image.
+
+    Shape:
+        - output: (batch, 3, 3)
+
+    Example:
+        >>> H = random_homographies(2, 256, 192, torch.Generator().manual_seed(0))
+        >>> H.shape
+        torch.Size([2, 3, 3])
+    """
+    radius = max(height, width) / 2.0
+    cx, cy = (width - 1) / 2.0, (height - 1) / 2.0
+    to_centred = torch.tensor([[1 / radius, 0, -cx / radius], [0, 1 / radius, -cy / radius], [0, 0, 1]], dtype=torch.float64)
+    to_pixels = torch.linalg.inv(to_centred)
+
+    theta = torch.deg2rad(_uniform(generator, (batch,), -max_rotation_deg, max_rotation_deg))
+    scale = torch.exp(_uniform(generator, (batch,), math.log(scale_range[0]), math.log(scale_range[1])))
+    aspect = torch.exp(_uniform(generator, (batch,), -math.log(max_aspect), math.log(max_aspect)))
+    shear = _uniform(generator, (batch,), -max_shear, max_shear)
+    translation = _uniform(generator, (batch, 2), -max_translation, max_translation)
+    perspective = _uniform(generator, (batch, 2), -max_perspective, max_perspective)
+
+    cos, sin = torch.cos(theta), torch.sin(theta)
+    rotation = torch.stack([torch.stack([cos, -sin], -1), torch.stack([sin, cos], -1)], -2)
+    stretch = torch.diag_embed(torch.stack([scale * aspect, scale / aspect], -1))
+    shearing = torch.eye(2, dtype=torch.float64).repeat(batch, 1, 1)
+    shearing[:, 0, 1] = shear
+    centred = torch.zeros(batch, 3, 3, dtype=torch.float64)
+    centred[:, :2, :2] = rotation @ stretch @ shearing
+    centred[:, :2, 2] = translation
+    centred[:, 2, :2] = perspective
+    centred[:, 2, 2] = 1.0
+    return (to_pixels @ centred @ to_centred).float()
+
+
+def warp_images(images: torch.Tensor, homographies: torch.Tensor) -> torch.Tensor:
+    """Warp images by homographies into a canvas of the same size (borders replicate the edge).
+
+    Edge replication rather than black: shop photos are on white, and a black wedge would hand the
+    detector strong fake corners along the canvas border.
+
+    Shape:
+        - images: (B, C, H, W)
+        - homographies: (B, 3, 3), source pixels -> output pixels
+        - output: (B, C, H, W)
+    """
+    height, width = images.shape[-2:]
+    return warp_perspective(
+        images, homographies.to(images), (height, width), mode="bilinear", padding_mode="border", align_corners=True
+    )
+
+
+def photometric_jitter(
+    grey: torch.Tensor,
+    generator: torch.Generator,
+    gamma_range: Tuple[float, float] = (0.7, 1.4),
+    contrast_range: Tuple[float, float] = (0.7, 1.3),
+    max_brightness: float = 0.15,
+    noise_std: float = 0.02,
+) -> torch.Tensor:
+    """Random gamma, contrast (about the image mean), brightness and Gaussian noise, per image.
+
+    Shape:
+        - grey: (B, 1, H, W) in [0, 1]
+        - output: (B, 1, H, W) in [0, 1]
+    """
+    batch = grey.shape[0]
+
+    def draw(low: float, high: float) -> torch.Tensor:
+        return _uniform(generator, (batch, 1, 1, 1), low, high).to(grey)
+
+    gamma = torch.exp(draw(math.log(gamma_range[0]), math.log(gamma_range[1])))
+    out = grey.clamp(1e-6, 1.0) ** gamma
+    mean = out.mean(dim=(1, 2, 3), keepdim=True)
+    out = (out - mean) * draw(*contrast_range) + mean + draw(-max_brightness, max_brightness)
+    noise = torch.randn(grey.shape, generator=generator, dtype=torch.float64).to(grey)
+    return (out + noise_std * noise).clamp(0.0, 1.0)
+
+
+# --------------------------------------------------------------------------------------------------
+# Patch pairs
+# --------------------------------------------------------------------------------------------------
+
+
+def laf_square_inside(lafs: torch.Tensor, height: int, width: int, border: float = 0.0) -> torch.Tensor:
+    """Whether the whole square patch ``c + A [-1, 1]^2`` of each LAF lies inside the image.
+
+    kornia's `laf_is_inside_image` tests the inscribed ellipse; the patch sampler reads the square,
+    whose corners reach sqrt(2) further, and a corner outside the image reads replicated border.
+
+    Shape:
+        - lafs: (B, N, 2, 3)
+        - output: (B, N) bool
+    """
+    corners = torch.tensor([[1.0, 1.0], [1.0, -1.0], [-1.0, 1.0], [-1.0, -1.0]], dtype=lafs.dtype, device=lafs.device)
+    points = lafs[..., None, :, 2] + torch.einsum("bnij,kj->bnki", lafs[..., :2], corners)  # (B, N, 4, 2)
+    inside_x = (points[..., 0] >= border) & (points[..., 0] <= width - 1 - border)
+    inside_y = (points[..., 1] >= border) & (points[..., 1] <= height - 1 - border)
+    return (inside_x & inside_y).all(dim=-1)
+
+
+def same_place_mask(centres: torch.Tensor, image_index: torch.Tensor, radius: float) -> torch.Tensor:
+    """Pairs (i, j) of distinct features from the same image whose centres are closer than `radius`.
+
+    Two such patches show nearly the same pixels (e.g. SIFT's second orientation at a keypoint), so
+    using one as the other's negative would teach the network to separate identical content.
+
+    Shape:
+        - centres: (M, 2)
+        - image_index: (M,)
+        - output: (M, M) bool, False on the diagonal
+    """
+    close = torch.cdist(centres.double(), centres.double()) < radius
+    same_image = image_index[:, None] == image_index[None, :]
+    eye = torch.eye(len(centres), dtype=torch.bool, device=centres.device)
+    return close & same_image & ~eye
+
+
+@dataclass
+class PatchPairs:
+    """Matching patches: ``anchors[i]`` (view A) and ``positives[i]`` (view B) show the same surface.
+
+    Shape:
+        anchors, positives: (M, 1, PS, PS)
+        centres: (M, 2) xy of the anchor in A's pixels.
+        image_index: (M,) which image of the batch each pair came from.
+        exclude: (M, M) bool, pairs that must not serve as each other's negatives.
+    """
+
+    anchors: torch.Tensor
+    positives: torch.Tensor
+    centres: torch.Tensor
+    image_index: torch.Tensor
+    exclude: torch.Tensor
+
+
+def homography_patch_pairs(
+    grey_a: torch.Tensor,
+    grey_b: torch.Tensor,
+    lafs_a: torch.Tensor,
+    mask: torch.Tensor,
+    homographies: torch.Tensor,
+    patch_size: int = PATCH_SIZE,
+    same_place_radius: float = 4.0,
+    min_contrast: float = 0.01,
+) -> PatchPairs:
+    """Patches at LAFs of A and at the same LAFs mapped by H into B.
+
+    A pair is kept when it is real (``mask``), both square patches lie inside their images (in B a
+    pixel outside the canvas is invented border), and the anchor is not flat (std >= `min_contrast`:
+    a patch of white backdrop matches every other one and teaches nothing). The LAFs in B are
+    kornia's `perspective_transform_lafs` (exact centre, affine approximation of H around it), so
+    the grid-sampling of patches is differentiable in ``lafs_a`` (LF-Net-style detector training).
+
+    Args:
+        grey_a: view A.
+        grey_b: view B = warp of A by ``homographies`` (plus photometric change).
+        lafs_a: frames in A; padding rows may hold anything finite.
+        mask: True for real frames.
+        homographies: pixels of A -> pixels of B.
+        patch_size: side of the square patches.
+        same_place_radius: pairs from one image closer than this (pixels of A) are excluded as negatives.
+        min_contrast: anchors with a lower standard deviation are dropped.
+
+    Shape:
+        - grey_a, grey_b: (B, 1, H, W)
+        - lafs_a: (B, N, 2, 3)
+        - mask: (B, N) bool
+        - homographies: (B, 3, 3)
+        - output: `PatchPairs` with M <= B * N pairs
+    """
+    if grey_a.ndim != 4 or grey_a.shape[1] != 1 or grey_a.shape != grey_b.shape:
+        raise ValueError(f"grey_a and grey_b must both be (B, 1, H, W), got {tuple(grey_a.shape)}, {tuple(grey_b.shape)}")
+    batch, n_lafs = mask.shape
+    if lafs_a.shape != (batch, n_lafs, 2, 3) or homographies.shape != (batch, 3, 3):
+        raise ValueError(f"shapes disagree: lafs {tuple(lafs_a.shape)}, mask {tuple(mask.shape)}, H {tuple(homographies.shape)}")
+    height, width = grey_a.shape[-2:]
+    lafs_b = perspective_transform_lafs(homographies.to(lafs_a), lafs_a)
+    with torch.no_grad():
+        keep = mask & laf_square_inside(lafs_a, height, width) & laf_square_inside(lafs_b, height, width)
+        keep = keep & torch.isfinite(lafs_b).flatten(2).all(dim=-1)
+    # Sample only the kept frames: zero the others so that the patch sampler reads finite grids.
+    zero = torch.zeros((), dtype=lafs_a.dtype, device=lafs_a.device)
+    patches_a = extract_patches_from_pyramid(grey_a, torch.where(keep[..., None, None], lafs_a, zero), patch_size)
+    patches_b = extract_patches_from_pyramid(grey_b, torch.where(keep[..., None, None], lafs_b, zero), patch_size)
+    with torch.no_grad():
+        keep = keep & (patches_a.flatten(2).std(dim=-1) >= min_contrast)
+    image_index = torch.arange(batch, device=mask.device)[:, None].expand(batch, n_lafs)[keep]
+    centres = get_laf_center(lafs_a)[keep]
+    return PatchPairs(
+        anchors=patches_a[keep],
+        positives=patches_b[keep],
+        centres=centres,
+        image_index=image_index,
+        exclude=same_place_mask(centres.detach(), image_index, same_place_radius),
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Loss
+# --------------------------------------------------------------------------------------------------
+
+
+def descriptor_distances(desc_a: torch.Tensor, desc_b: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Euclidean distance matrix, with a gradient that stays finite at distance 0.
+
+    ``sqrt(|a|^2 + |b|^2 - 2 a.b + eps)``, HardNet's form: `torch.cdist`'s gradient is NaN for two
+    identical rows, which happens with a random network on flat patches.
+
+    Shape:
+        - desc_a: (M, D)
+        - desc_b: (K, D)
+        - output: (M, K)
+    """
+    squared = (desc_a * desc_a).sum(1)[:, None] + (desc_b * desc_b).sum(1)[None, :] - 2.0 * desc_a @ desc_b.T
+    return torch.sqrt(squared.clamp(min=0.0) + eps)
+
+
+def hardest_in_batch_triplet_loss(
+    distances: torch.Tensor, margin: float = 1.0, exclude: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """HardNet's loss from a distance matrix whose diagonal holds the matching pairs.
+
+    For pair i, the positive distance is ``d[i, i]`` and the negative is the smallest distance from
+    anchor i to another positive or from positive i to another anchor (``min(row, column)``
+    excluding the diagonal and ``exclude``); the loss is ``mean_i max(0, margin + d[i, i] - neg_i)``.
+    A pair without any allowed negative contributes 0.
+
+    Args:
+        distances: d[i, j] = distance(anchor_i, positive_j).
+        margin: triplet margin.
+        exclude: True where (i, j) must not serve as a negative (same physical point).
+
+    Shape:
+        - distances: (M, M)
+        - exclude: (M, M) bool
+        - output: scalar
+
+    Example:
+        >>> d = torch.tensor([[0.2, 0.9, 0.5], [0.7, 0.3, 1.4], [1.1, 0.6, 0.4]])
+        >>> round(hardest_in_batch_triplet_loss(d).item(), 4)  # negatives 0.5, 0.6, 0.5
+        0.7667
+    """
+    if distances.ndim != 2 or distances.shape[0] != distances.shape[1]:
+        raise ValueError(f"distances must be a square (M, M) matrix, got {tuple(distances.shape)}")
+    size = distances.shape[0]
+    if size == 0:
+        return distances.sum()
+    blocked = torch.eye(size, dtype=torch.bool, device=distances.device)
+    if exclude is not None:
+        blocked = blocked | exclude.to(device=distances.device, dtype=torch.bool)
+    negatives = distances.masked_fill(blocked, float("inf"))
+    hardest = torch.minimum(negatives.min(dim=1).values, negatives.min(dim=0).values)
+    return F.relu(margin + distances.diagonal() - hardest).mean()
+
+
+def hardnet_loss(
+    desc_a: torch.Tensor, desc_b: torch.Tensor, margin: float = 1.0, exclude: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """Hardest-in-batch triplet margin loss of matching descriptor rows (HardNet).
+
+    Shape:
+        - desc_a, desc_b: (M, D), row i of each describes the same point
+        - exclude: (M, M) bool, optional
+        - output: scalar
+    """
+    if desc_a.shape != desc_b.shape or desc_a.ndim != 2:
+        raise ValueError(f"desc_a and desc_b must be (M, D) of the same shape, got {tuple(desc_a.shape)}, {tuple(desc_b.shape)}")
+    return hardest_in_batch_triplet_loss(descriptor_distances(desc_a, desc_b), margin, exclude)
+
+
+# --------------------------------------------------------------------------------------------------
+# Evaluation
+# --------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def patch_matching_metrics(
+    desc_a: torch.Tensor, desc_b: torch.Tensor, exclude: Optional[torch.Tensor] = None
+) -> Dict[str, float]:
+    """How well descriptors tell matching patches from the others.
+
+    - ``fpr95``: the share of non-matching pairs (i, j != i, not excluded) closer than the distance
+      under which 95% of the matching pairs fall (Brown et al.'s FPR at 95% recall; lower is better).
+    - ``matching_map``: for each anchor, rank every positive by distance; with one true match the
+      average precision is 1 / its rank (excluded ones are not ranked); mean over anchors.
+    - ``top1``: share of anchors whose nearest positive is their own.
+
+    Shape:
+        - desc_a, desc_b: (M, D), M >= 2
+        - exclude: (M, M) bool, optional
+    """
+    size = desc_a.shape[0]
+    if size < 2 or desc_b.shape != desc_a.shape:
+        raise ValueError(f"need at least 2 matching rows of the same shape, got {tuple(desc_a.shape)}, {tuple(desc_b.shape)}")
+    distances = descriptor_distances(desc_a.double(), desc_b.double(), eps=0.0)
+    eye = torch.eye(size, dtype=torch.bool)
+    blocked = eye if exclude is None else eye | exclude.cpu().bool()
+    positive = distances.diagonal()
+    negatives = distances[~blocked]
+    threshold = torch.quantile(positive, 0.95)
+    ranks = 1 + (distances.masked_fill(blocked, float("inf")) < positive[:, None]).sum(dim=1)
+    return {
+        "fpr95": float((negatives <= threshold).double().mean()),
+        "matching_map": float((1.0 / ranks.double()).mean()),
+        "top1": float((ranks == 1).double().mean()),
+        "pairs": int(size),
+    }

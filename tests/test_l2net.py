@@ -1,0 +1,205 @@
+"""L2-Net descriptor and the homography patch-pair training data (`retrieval.patches`), on tiny seeded images."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from kornia.geometry.linalg import transform_points
+
+from retrieval.datasets import load_viton
+from retrieval.descriptors import create_descriptor
+from retrieval.descriptors.l2net import L2Net, choose_random_subset, keypoints_to_lafs, step_generator
+from retrieval.patches import (
+    hardest_in_batch_triplet_loss,
+    hardnet_loss,
+    homography_patch_pairs,
+    patch_matching_metrics,
+    photometric_jitter,
+    random_homographies,
+    same_place_mask,
+    warp_images,
+)
+
+TINY = dict(image_size=(96, 64), n_clusters=4, pca_dim=None, max_keypoints=48)
+
+
+def textured_grey(n: int, seed: int, size=(96, 64)) -> torch.Tensor:
+    """Seeded grey images with blocks, oblique stripes and noise: DoG keypoints everywhere."""
+    generator = torch.Generator().manual_seed(seed)
+    h, w = size
+    blocks = torch.nn.functional.interpolate(torch.rand(n, 1, h // 8, w // 8, generator=generator), size=size, mode="nearest")
+    yy, xx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    stripes = 0.5 + 0.5 * torch.sin(0.45 * (xx + 0.6 * yy)).expand(n, 1, h, w)
+    return (0.6 * blocks + 0.3 * stripes + 0.1 * torch.rand(n, 1, h, w, generator=generator)).clamp(0, 1)
+
+
+def translation(tx: float, ty: float) -> torch.Tensor:
+    return torch.tensor([[[1.0, 0.0, tx], [0.0, 1.0, ty], [0.0, 0.0, 1.0]]])
+
+
+def square_lafs(centres, radius: float) -> torch.Tensor:
+    xy = torch.tensor([centres], dtype=torch.float32)
+    return keypoints_to_lafs(
+        torch.cat([xy, torch.full((1, len(centres), 1), radius / 3.0), torch.zeros(1, len(centres), 2)], -1),
+        patch_scale=3.0, min_radius=1.0, max_radius=100.0, upright=True,
+    )
+
+
+# ---- the network ------------------------------------------------------------------------------
+def test_patch_network_is_l2net_shaped_and_unit_norm():
+    net = L2Net(**TINY).net.eval()
+    convs = [m for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [32, 32, 64, 64, 128, 128, 128]
+    assert convs[-1].kernel_size == (8, 8) and [c.stride[0] for c in convs] == [1, 1, 2, 1, 2, 1, 1]
+    desc = net(torch.rand(5, 1, 32, 32, generator=torch.Generator().manual_seed(0)))
+    assert desc.shape == (5, 128)
+    assert torch.allclose(desc.norm(dim=1), torch.ones(5), atol=1e-5)
+
+
+def test_untrained_network_is_seeded():
+    a, b, c = L2Net(**TINY), L2Net(**TINY), L2Net(**TINY, seed=1)
+    assert torch.equal(a.net.features[0].weight, b.net.features[0].weight)
+    assert not torch.equal(a.net.features[0].weight, c.net.features[0].weight)
+
+
+# ---- loss -------------------------------------------------------------------------------------
+def test_hardest_in_batch_loss_golden():
+    d = torch.tensor([[0.2, 0.9, 0.5], [0.7, 0.3, 1.4], [1.1, 0.6, 0.4]])
+    # hardest negatives min(row, column) off the diagonal: 0.5, 0.6, 0.5 -> (0.7 + 0.7 + 0.9) / 3
+    assert hardest_in_batch_triplet_loss(d, margin=1.0).item() == pytest.approx(2.3 / 3)
+    exclude = torch.zeros(3, 3, dtype=torch.bool)
+    exclude[0, 2] = True  # (anchor 0, positive 2) is the same place: negatives become 0.7, 0.6, 0.6
+    assert hardest_in_batch_triplet_loss(d, 1.0, exclude).item() == pytest.approx((0.5 + 0.7 + 0.8) / 3)
+    assert hardest_in_batch_triplet_loss(d, margin=0.1).item() == pytest.approx(0.0)
+
+
+def test_hardnet_loss_on_descriptors():
+    eye = torch.eye(4, 8)
+    # matching rows identical, non-matching ones orthogonal (distance sqrt 2 > margin): no loss
+    assert hardnet_loss(eye, eye).item() == pytest.approx(0.0, abs=1e-6)
+    # swapped positives: every positive distance is sqrt 2 and a negative is 0 -> 1 + sqrt 2 each
+    assert hardnet_loss(eye, eye[[1, 0, 3, 2]]).item() == pytest.approx(1 + math.sqrt(2), abs=2e-3)
+
+
+def test_same_place_mask():
+    centres = torch.tensor([[10.0, 10.0], [12.0, 10.0], [30.0, 10.0], [10.0, 11.0]])
+    image = torch.tensor([0, 0, 0, 1])
+    mask = same_place_mask(centres, image, radius=4.0)
+    assert mask.tolist() == [[False, True, False, False], [True, False, False, False],
+                             [False, False, False, False], [False, False, False, False]]
+
+
+# ---- homographies and patch pairs -------------------------------------------------------------
+def test_random_homographies_move_points_where_the_warp_moves_pixels():
+    generator = torch.Generator().manual_seed(3)
+    assert torch.allclose(
+        random_homographies(2, 96, 64, generator, 0.0, (1.0, 1.0), 1.0, 0.0, 0.0, 0.0), torch.eye(3).expand(2, 3, 3), atol=1e-6
+    )
+    homography = random_homographies(1, 96, 64, generator, max_translation=0.05)
+    dot = torch.zeros(1, 1, 96, 64)
+    dot[0, 0, 40, 30] = 1.0  # (x, y) = (30, 40)
+    moved = warp_images(dot, homography)
+    expected = transform_points(homography, torch.tensor([[[30.0, 40.0]]]))[0, 0]
+    flat = moved.flatten().argmax()
+    assert abs(flat % 64 - expected[0]) <= 1 and abs(flat // 64 - expected[1]) <= 1
+
+
+def test_translation_patch_pairs_match():
+    grey = textured_grey(1, seed=0)
+    lafs = square_lafs([(30.0, 40.0), (20.0, 60.0), (52.0, 45.0)], radius=8.0)
+    mask = torch.ones(1, 3, dtype=torch.bool)
+    shifted = translation(5.0, -3.0)  # integer: bilinear sampling is exact
+    pairs = homography_patch_pairs(grey, warp_images(grey, shifted), lafs, mask, shifted)
+    # the third frame's square reaches x = 57 + 8 = 65 in B, outside the 64 px wide image: dropped
+    assert len(pairs.anchors) == 2 and pairs.image_index.tolist() == [0, 0]
+    assert torch.allclose(pairs.anchors, pairs.positives, atol=1e-4)
+    half = translation(2.5, 1.5)  # sub-pixel: two bilinear interpolations against one
+    pairs = homography_patch_pairs(grey, warp_images(grey, half), lafs, mask, half)
+    assert (pairs.anchors - pairs.positives).abs().mean() < 0.05
+    other = homography_patch_pairs(grey, warp_images(textured_grey(1, seed=1), half), lafs, mask, half)
+    assert (other.anchors - other.positives).abs().mean() > 0.1  # the check above can fail
+
+
+def test_photometric_jitter_stays_in_range_and_changes_the_image():
+    grey = textured_grey(2, seed=0)
+    out = photometric_jitter(grey, torch.Generator().manual_seed(0))
+    assert out.shape == grey.shape and out.min() >= 0 and out.max() <= 1
+    assert (out - grey).abs().mean() > 0.01
+
+
+def test_patch_matching_metrics_golden():
+    a = torch.eye(3, 4)
+    perfect = patch_matching_metrics(a, a)
+    assert perfect["fpr95"] == 0.0 and perfect["matching_map"] == 1.0 and perfect["top1"] == 1.0
+    swapped = patch_matching_metrics(a, a[[1, 0, 2]])  # anchors 0 and 1 find the other's positive first
+    assert swapped["top1"] == pytest.approx(1 / 3) and swapped["matching_map"] == pytest.approx((0.5 + 0.5 + 1) / 3)
+
+
+def test_choose_random_subset():
+    mask = torch.tensor([[True, True, True, False], [True, False, False, False]])
+    chosen = choose_random_subset(mask, 2, torch.Generator().manual_seed(0))
+    assert chosen.sum(1).tolist() == [2, 1] and not (chosen & ~mask).any()
+
+
+# ---- descriptor -------------------------------------------------------------------------------
+def test_extract_shapes_and_flat_image():
+    l2net = L2Net(**TINY)
+    images = textured_grey(2, seed=4).expand(-1, 3, -1, -1)
+    features = l2net.extract(images)
+    n = features.desc.shape[1]
+    assert 0 < n <= TINY["max_keypoints"] and features.desc.shape == (2, n, 128)
+    real = features.desc[features.mask]
+    assert torch.allclose(real.norm(dim=1), torch.ones(len(real)), atol=1e-4)
+    assert (features.desc[~features.mask] == 0).all()
+    l2net.fit(textured_grey(8, seed=s).expand(-1, 3, -1, -1) for s in range(2))
+    flat = torch.full((1, 3, 96, 64), 0.5)
+    assert l2net.extract(flat).mask.sum() == 0
+    vector = l2net.embed(flat)
+    assert vector.shape == (1, l2net.dim) and torch.isfinite(vector).all()
+
+
+def test_one_training_step_lowers_the_loss():
+    l2net = L2Net(**TINY)
+    grey_a = textured_grey(4, seed=5)
+    generator = step_generator(0, 0, 0)
+    homographies = random_homographies(4, 96, 64, generator, max_rotation_deg=10.0, max_perspective=0.02)
+    grey_b = photometric_jitter(warp_images(grey_a, homographies), generator)
+    options = {**L2Net.train_defaults, "pairs_per_image": 24}
+    l2net.net.train()
+    optimizer = torch.optim.Adam(l2net.net.parameters(), lr=1e-3)
+
+    def loss_now():
+        torch.manual_seed(0)  # the same dropout mask before and after the step
+        return l2net._training_loss(grey_a, grey_b, homographies, step_generator(0, 0, 1), options)
+
+    before, logs = loss_now()
+    assert logs["pairs"] >= 16
+    optimizer.zero_grad()
+    before.backward()
+    optimizer.step()
+    after, _ = loss_now()
+    assert after.item() < before.item()
+
+
+def test_train_on_round_trip(synthetic_root, tmp_path):
+    data = load_viton(synthetic_root, split="val")
+    l2net = L2Net(**TINY)
+    untrained = l2net.net.features[0].weight.clone()
+    final = l2net.train_on(data, tmp_path / "run", epochs=1, batch_size=4, max_images=4, pairs_per_image=8, progress=False)
+    assert final.exists() and (tmp_path / "run" / "losses.csv").exists()
+    assert not torch.equal(l2net.net.features[0].weight, untrained) and not l2net.fitted and not l2net.training
+    loaded = create_descriptor(f"l2net@{final}", **TINY)
+    assert not loaded.fitted
+    for descriptor in (l2net, loaded):
+        descriptor.fit(textured_grey(6, seed=s).expand(-1, 3, -1, -1) for s in (7, 8))
+    images = textured_grey(2, seed=9).expand(-1, 3, -1, -1)
+    assert torch.allclose(l2net.embed(images), loaded.embed(images), atol=1e-5)
+    assert loaded.fingerprint() == l2net.fingerprint()
+    with pytest.raises(ValueError, match="trained for descriptor 'l2net'"):
+        create_descriptor(f"lfnet@{final}", image_size=(96, 64), n_clusters=4, pca_dim=None)
+    # a second call finds the finished run and resumes nothing: same weights
+    again = L2Net(**TINY).train_on(
+        data, tmp_path / "run", epochs=1, batch_size=4, max_images=4, pairs_per_image=8, progress=False
+    )
+    assert torch.equal(create_descriptor(f"l2net@{again}", **TINY).net.features[0].weight, loaded.net.features[0].weight)
