@@ -6,6 +6,8 @@ bring street photos into the catalog's domain.
 """
 from __future__ import annotations
 
+import importlib
+from pathlib import Path
 from typing import Any, Dict, Optional
 
 import torch
@@ -14,6 +16,8 @@ from torch import nn
 from retrieval.registry import Registry, module_fingerprint
 
 PROXIES = Registry("proxy")
+# Modules whose import registers the built-in proxies (a new proxy file appends its module here).
+BUILTIN_PROXY_MODULES = ("generation.parsing", "generation.paintnet", "generation.pix2pix", "generation.dtgan")
 
 
 class Proxy(nn.Module):
@@ -34,6 +38,22 @@ class Proxy(nn.Module):
         """Hash of name, config and weights: part of every feature-cache key downstream."""
         return module_fingerprint(self.name, self.conf, self)
 
+    # ---- training (trainable proxies only) ------------------------------------------------
+    def train_on(self, dataset, out_dir, **options: Any) -> Path:
+        """Train on `dataset`'s training pairs through `retrieval.training.TrainingRun`; return final.pt.
+
+        Trainable proxies override this (`street2shop train NAME` calls it with seed, progress,
+        time_budget_s, epochs, batch_size, lr and the proxy's own extra options).
+        """
+        raise NotImplementedError(f"proxy {self.name!r} is not trainable")
+
+    def load_trained(self, checkpoint) -> "Proxy":
+        """Load the weights of a final.pt written by `train_on` (strict: every key must match)."""
+        from retrieval.training import load_trained_weights
+
+        load_trained_weights(self, checkpoint, kind="proxy", name=self.name, conf=self.conf)
+        return self
+
 
 @PROXIES.register("none")
 class IdentityProxy(Proxy):
@@ -43,11 +63,25 @@ class IdentityProxy(Proxy):
         return images
 
 
+def _register_builtins() -> None:
+    for module in BUILTIN_PROXY_MODULES:
+        importlib.import_module(module)
+
+
 def create_proxy(name: str, **conf: Any) -> Proxy:
-    return PROXIES.create(name, **conf)
+    """Build a registered proxy; `name` may be 'NAME@path/to/final.pt' to load trained weights."""
+    from retrieval.training import split_trained_spec
+
+    _register_builtins()
+    name, checkpoint = split_trained_spec(name)
+    proxy = PROXIES.create(name, **conf)
+    if checkpoint:
+        proxy.load_trained(checkpoint)
+    return proxy
 
 
 def list_proxies() -> list:
+    _register_builtins()
     return PROXIES.names()
 
 

@@ -79,6 +79,10 @@ def list_plugins() -> None:
     click.echo("index presets: " + ", ".join(list_index_presets()))
 
 
+RERANK_MODELS = ("similarity", "affine", "homography")
+RERANK_MODEL_HELP = "Geometric model of the spatial verification (see retrieval/rerank.py)."
+
+
 @cli.command("index")
 @click.option("--catalog", required=True, help=DATASET_HELP + " Its catalog (products) is indexed.")
 @click.option("--split", default="all", show_default=True, help="Which part of a dataset's catalog to index: all, train or val.")
@@ -90,7 +94,8 @@ def list_plugins() -> None:
 @click.option("--fit-max-images", default=1000, show_default=True, help="Images used to fit codebooks/whitening.")
 @click.option("--cache-dir", default=None, help="Feature cache (an interrupted run resumes from it). Default: $STREET2SHOP_CACHE or ~/.cache/street2shop.")
 @click.option("--seed", default=0, show_default=True)
-def index_command(catalog, split, descriptor, preset, out_dir, device, batch_size, fit_max_images, cache_dir, seed) -> None:
+@click.option("--local-features", is_flag=True, help="Also store the catalog's local features (local descriptors), for `query --rerank`.")
+def index_command(catalog, split, descriptor, preset, out_dir, device, batch_size, fit_max_images, cache_dir, seed, local_features) -> None:
     """Embed a catalog's product photos and save a FAISS index with its manifest.
 
     Descriptors that learn something (sift's codebook, rmac's whitening) are fitted on the dataset's
@@ -111,7 +116,7 @@ def index_command(catalog, split, descriptor, preset, out_dir, device, batch_siz
         started = time.perf_counter()
         built = build_index(
             dataset.catalog, model, out_dir, preset=preset, fit_paths=fit_images(dataset, fit_max_images, seed),
-            batch_size=batch_size, cache_dir=cache / "features", faiss_device=device,
+            batch_size=batch_size, cache_dir=cache / "features", faiss_device=device, local_features=local_features,
         )
     except EXPECTED_ERRORS as exc:
         _fail(exc)
@@ -126,12 +131,15 @@ def index_command(catalog, split, descriptor, preset, out_dir, device, batch_siz
 @click.option("--descriptor", default=None, help="Refuse to run unless the index was built with this descriptor.")
 @click.option("--format", "fmt", default="table", show_default=True, type=click.Choice(["table", "json"]))
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
-def query_command(index_dir, photos, k, proxy, descriptor, fmt, device) -> None:
+@click.option("--rerank", default=0, show_default=True, help="Re-rank the top N by spatial verification (index built with --local-features); 0: off.")
+@click.option("--rerank-model", default="similarity", show_default=True, type=click.Choice(RERANK_MODELS), help=RERANK_MODEL_HELP)
+def query_command(index_dir, photos, k, proxy, descriptor, fmt, device, rerank, rerank_model) -> None:
     """Find the top-k catalog products for street photos."""
     from street2shop.engine import Searcher
 
     try:
-        searcher = Searcher(index_dir, device=device, proxy=proxy, descriptor=descriptor)
+        searcher = Searcher(index_dir, device=device, proxy=proxy, descriptor=descriptor,
+                            rerank=rerank, rerank_conf={"model": rerank_model})
         results = searcher.search(list(photos), k=k)
     except EXPECTED_ERRORS as exc:
         _fail(exc)
@@ -159,7 +167,9 @@ def query_command(index_dir, photos, k, proxy, descriptor, fmt, device) -> None:
 @click.option("--cache-dir", default=None, help="Feature cache; default $STREET2SHOP_CACHE or ~/.cache/street2shop.")
 @click.option("--no-cache", is_flag=True, help="Recompute every feature.")
 @click.option("--seed", default=0, show_default=True)
-def bench_command(dataset, split, descriptors, proxies, preset, ks, out_dir, device, batch_size, fit_max_images, cache_dir, no_cache, seed) -> None:
+@click.option("--rerank", default=0, show_default=True, help="Also score each local descriptor's top N re-ranked by spatial verification (rows NAME+sv); 0: off.")
+@click.option("--rerank-model", default="similarity", show_default=True, type=click.Choice(RERANK_MODELS), help=RERANK_MODEL_HELP)
+def bench_command(dataset, split, descriptors, proxies, preset, ks, out_dir, device, batch_size, fit_max_images, cache_dir, no_cache, seed, rerank, rerank_model) -> None:
     """Score proxy x descriptor combinations with mAP@k (DESIGN.md's definition) and recall@k.
 
     Query = person/street photo, gallery = every product of the split, one relevant product per
@@ -179,6 +189,7 @@ def bench_command(dataset, split, descriptors, proxies, preset, ks, out_dir, dev
             data, _split_list(descriptors), _split_list(proxies), preset=preset, ks=k_list,
             device=resolve_device(device), faiss_device=device, batch_size=batch_size,
             fit_max_images=fit_max_images, cache_dir=None if no_cache else cache / "features", seed=seed,
+            rerank=rerank or None, rerank_conf={"model": rerank_model},
         )
     except EXPECTED_ERRORS as exc:
         _fail(exc)
@@ -239,21 +250,64 @@ def demo_command(products, descriptors, device, cache_dir) -> None:
 
 @cli.group("train")
 def train_group() -> None:
-    """Train the learnable parts: descriptors (and, as they land, proxies). Checkpoints resume."""
+    """Train the learnable parts: descriptors and proxies. Every run checkpoints and resumes."""
+
+
+TRAIN_OPTIONS = [
+    click.option("--dataset", default="viton:../shared/data/viton", show_default=True, help=DATASET_HELP + " Its training pairs are used."),
+    click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Run directory: last.pt (resume), final.pt, losses.csv/png, samples/."),
+    click.option("--epochs", default=None, type=int, help="Passes over the training pairs (default: the model's own)."),
+    click.option("--batch-size", default=None, type=int, help="Default: the model's own."),
+    click.option("--lr", default=None, type=float, help="Learning rate (default: the model's own)."),
+    click.option("--time-budget", default=None, type=float, help="Stop cleanly (checkpointed) after this many minutes."),
+    click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"])),
+    click.option("--cache-dir", default=None, help="Default: $STREET2SHOP_CACHE or ~/.cache/street2shop."),
+    click.option("--seed", default=0, show_default=True),
+]
+
+
+def _train_options(command):
+    for option in reversed(TRAIN_OPTIONS):
+        command = option(command)
+    return command
+
+
+def _train(kind: str, name: str, dataset, out_dir, epochs, batch_size, lr, time_budget, device, cache_dir, seed, **extra) -> None:
+    """Build the named descriptor or proxy, train it on the dataset's training pairs, say where it went."""
+    from retrieval.batching import resolve_device
+    from retrieval.datasets import load_dataset
+
+    options = {k: v for k, v in {"epochs": epochs, "batch_size": batch_size, "lr": lr}.items() if v is not None}
+    options.update({k: v for k, v in extra.items() if v is not None})
+    try:
+        data = load_dataset(dataset, split="val", seed=seed, cache_dir=_cache_dir(cache_dir))
+        if data.train is None or data.train.empty:
+            raise ValueError(f"{data.name} has no training pairs to train {name} on")
+        if kind == "descriptor":
+            from retrieval.descriptors import create_descriptor
+
+            model = create_descriptor(name)
+        else:
+            from generation.proxies import create_proxy
+
+            model = create_proxy(name)
+        if not model.trainable:
+            raise ValueError(f"{kind} {name!r} has nothing to train")
+        model = model.to(resolve_device(device))
+        started = time.perf_counter()
+        final = model.train_on(data, Path(out_dir), seed=seed, progress=True,
+                               time_budget_s=None if time_budget is None else 60 * time_budget, **options)
+    except EXPECTED_ERRORS as exc:
+        _fail(exc)
+    click.echo(f"trained {name} on {len(data.train)} pairs in {time.perf_counter() - started:.0f} s -> {final}")
+    flag = "--descriptors" if kind == "descriptor" else "--proxies"
+    click.echo(f"use it as: {flag} {name}@{final}")
 
 
 @train_group.command("descriptor")
 @click.argument("name")
-@click.option("--dataset", default="viton:../shared/data/viton", show_default=True, help=DATASET_HELP + " Its training pairs are used.")
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Run directory: last.pt (resume), final.pt, losses.csv/png.")
-@click.option("--epochs", default=None, type=int, help="Passes over the training pairs (default: the descriptor's own).")
-@click.option("--batch-size", default=None, type=int, help="Default: the descriptor's own.")
-@click.option("--lr", default=None, type=float, help="Learning rate (default: the descriptor's own).")
-@click.option("--time-budget", default=None, type=float, help="Stop cleanly (checkpointed) after this many minutes.")
-@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
-@click.option("--cache-dir", default=None, help="Default: $STREET2SHOP_CACHE or ~/.cache/street2shop.")
-@click.option("--seed", default=0, show_default=True)
-def train_descriptor_command(name, dataset, out_dir, epochs, batch_size, lr, time_budget, device, cache_dir, seed) -> None:
+@_train_options
+def train_descriptor_command(name, **options) -> None:
     """Train descriptor NAME on a dataset's training pairs; then use it as NAME@OUT/final.pt.
 
     \b
@@ -262,54 +316,71 @@ def train_descriptor_command(name, dataset, out_dir, epochs, batch_size, lr, tim
       street2shop bench --descriptors gem,tn@runs/tn/final.pt
     Run the same command again after an interruption: it resumes from OUT/last.pt.
     """
-    from retrieval.batching import resolve_device
-    from retrieval.datasets import load_dataset
-    from retrieval.descriptors import create_descriptor
-
-    options = {k: v for k, v in {"epochs": epochs, "batch_size": batch_size, "lr": lr}.items() if v is not None}
-    try:
-        data = load_dataset(dataset, split="val", seed=seed, cache_dir=_cache_dir(cache_dir))
-        if data.train is None or data.train.empty:
-            raise ValueError(f"{data.name} has no training pairs to train {name} on")
-        model = create_descriptor(name).to(resolve_device(device))
-        if not model.trainable:
-            raise ValueError(f"descriptor {name!r} has nothing to train (trainable ones: "
-                             + ", ".join(n for n in _trainable_descriptors()) + ")")
-        started = time.perf_counter()
-        final = model.train_on(data, Path(out_dir), seed=seed, progress=True,
-                               time_budget_s=None if time_budget is None else 60 * time_budget, **options)
-    except EXPECTED_ERRORS as exc:
-        _fail(exc)
-    click.echo(f"trained {name} on {len(data.train)} pairs in {time.perf_counter() - started:.0f} s -> {final}")
-    click.echo(f"use it as: --descriptors {name}@{final}")
+    _train("descriptor", name, **options)
 
 
-def _trainable_descriptors() -> List[str]:
-    from retrieval.descriptors import DESCRIPTORS
+@train_group.command("parsing")
+@_train_options
+def train_parsing_command(**options) -> None:
+    """Train the garment parser of the `hp` proxy (EfficientNet-Lite0 encoder + light decoder, LIP labels 5/6/7)."""
+    _train("proxy", "hp", **options)
 
-    return [n for n in DESCRIPTORS.names() if DESCRIPTORS.get(n).trainable]
+
+@train_group.command("paintnet")
+@click.option("--parser", default=None, help="final.pt of `train parsing`, used to cut the garment out at inference (GrabCut without).")
+@_train_options
+def train_paintnet_command(parser, **options) -> None:
+    """Train PaintNet (shape predictor, then texture renderer) on the person/product pairs."""
+    _train("proxy", "paintnet", parser=parser, **options)
+
+
+@train_group.command("pix2pix")
+@_train_options
+def train_pix2pix_command(**options) -> None:
+    """Train the pix2pix baseline (U-Net + PatchGAN + L1): person photo -> product photo."""
+    _train("proxy", "pix2pix", **options)
+
+
+@train_group.command("dtgan")
+@_train_options
+def train_dtgan_command(**options) -> None:
+    """Train the DTGAN-style association GAN baseline (residual generator, real/fake + association D)."""
+    _train("proxy", "dtgan", **options)
 
 
 @cli.command("bench-speed")
-@click.option("--descriptors", default="colorhist,sift,rmac,gem", show_default=True)
+@click.option("--descriptors", default="colorhist,sift,rmac,gem", show_default=True, help="Descriptors timed for extraction ('' to skip).")
 @click.option("--images", default=64, show_default=True, help="Synthetic images per descriptor for the extraction timing.")
-@click.option("--n", "n_vectors", default=100_000, show_default=True, help="Database vectors for the flat-search timing.")
+@click.option("--sizes", default="10000,100000", show_default=True, help="Catalog sizes for the index timings, e.g. 10000,100000,1000000.")
 @click.option("--dim", default=512, show_default=True)
+@click.option("--presets", default="flat,ivfpq,hnsw", show_default=True, help="Index presets timed (flat always runs as the reference).")
+@click.option("--out", "out_dir", default="results/speed", show_default=True, type=click.Path(file_okay=False))
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--cache-dir", default=None)
-def bench_speed_command(descriptors, images, n_vectors, dim, device, cache_dir) -> None:
-    """Extraction images/s per descriptor, and flat-index search QPS/latency beside the memory-bandwidth bound."""
-    from benchmarks.search_speed import flat_search_speed, format_speed_table
+def bench_speed_command(descriptors, images, sizes, dim, presets, out_dir, device, cache_dir) -> None:
+    """Extraction images/s per descriptor; index build time, memory, QPS, p50/p99 latency and recall@10.
+
+    Index timings use clustered descriptor-like vectors; each size also gets flat's bound (sgemm for
+    batches, memory bandwidth for single queries) and a plain numpy brute force. Approximate presets
+    tune their own search parameters for recall@10 >= 0.95 first.
+    """
     from benchmarks.speed import extraction_speed, format_extraction_table
+    from benchmarks.speed_suite import format_speed_suite, index_speed_suite, write_speed_suite
     from retrieval.batching import resolve_device
 
     try:
-        rows = extraction_speed(_split_list(descriptors), n_images=images, device=resolve_device(device), cache_dir=_cache_dir(cache_dir))
-        click.echo(format_extraction_table(rows))
-        click.echo("")
-        click.echo(format_speed_table(flat_search_speed(n=n_vectors, dim=dim)))
+        if _split_list(descriptors):
+            rows = extraction_speed(_split_list(descriptors), n_images=images, device=resolve_device(device), cache_dir=_cache_dir(cache_dir))
+            click.echo(format_extraction_table(rows))
+            click.echo("")
+        size_list = [int(n) for n in _split_list(sizes)]
+        frame = index_speed_suite(sizes=tuple(size_list), dim=dim, presets=tuple(_split_list(presets)),
+                                  progress=lambda message: click.echo(message, err=True))
     except EXPECTED_ERRORS as exc:
         _fail(exc)
+    csv_path, md_path = write_speed_suite(frame, out_dir)
+    click.echo(format_speed_suite(frame))
+    click.echo(f"wrote {csv_path} and {md_path}")
 
 
 def main() -> None:

@@ -1,0 +1,728 @@
+"""Human parsing for the proxy stages: the garment of a person photo, cut out on white (PaintNet's T_m).
+
+The paper segments the model photos with a fine-tuned Mask R-CNN and keeps only the clothing, the
+"segmented texture" T_m that PaintNet's renderer and the HP+X retrieval baselines take as input. Here:
+
+    person photo (B, 3, H, W) -> resized to the parser's size (default 128 x 96)
+      -> EfficientNet-Lite0, ImageNet weights; stem + blocks 0-4 frozen, blocks 5-15 + head fine-tuned
+         endpoints: block2 (24 ch, 1/4), block4 (40 ch, 1/8), block10 (112 ch, 1/16), head (1280 ch, 1/32)
+      -> FPN decoder: 1x1 laterals to 64 channels, top-down bilinear upsampling + sum down to 1/4,
+         two 3x3 conv-BN-ReLU, 1x1 classifier -> garment logit at 1/4, bilinearly upsampled
+      -> garment probability (B, 1, H, W)
+
+trained with BCE + Dice on VITON's LIP parse maps, garment = labels 5, 6, 7 (upper-clothes, dress,
+coat). A binary parser is all the proxies need. Without a trained parser, GrabCut (OpenCV) segments the
+garment from a torso prior (`grabcut_garment_mask`): slower, per image, and less accurate.
+
+`segmented_texture` turns (photo, garment mask) into T_m: the garment composited on white, cropped to
+the mask's bounding box plus a margin, resized keeping its aspect ratio and padded with white.
+
+The `hp` proxy (`HumanParsingProxy`) chains the two: `create_proxy("hp")` uses GrabCut,
+`create_proxy("hp@runs/parser/final.pt")` the trained parser; `hp.train_on(dataset, out_dir)` trains it
+(`street2shop train parsing --out runs/parser`).
+
+Example:
+    >>> proxy = create_proxy("hp")                        # doctest: +SKIP
+    >>> proxy(person_photos).shape                        # doctest: +SKIP
+    torch.Size([B, 3, H, W])
+    >>> parser = load_garment_parser("runs/parser/final.pt")  # doctest: +SKIP
+    >>> texture = segmented_texture(photos, parser.predict(photos) > 0.5, size=(64, 64))  # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from generation.metrics import GarmentIoU
+from generation.proxies import PROXIES, Proxy
+from retrieval.backbones import EfficientNetLite0
+from retrieval.io import read_image, read_mask, resize_image
+
+log = logging.getLogger("street2shop.parsing")
+
+# LIP labels of the garment a VITON pair shows: upper-clothes, dress, coat.
+GARMENT_LABELS = (5, 6, 7)
+# Lite0 endpoints the decoder reads, fine to coarse: (name, channels, stride).
+ENCODER_ENDPOINTS = (("block2", 24, 4), ("block4", 40, 8), ("block10", 112, 16), ("head", 1280, 32))
+
+# GrabCut's torso prior, as fractions (top, bottom, left, right) of the photo. Measured on 300 VITON
+# *training* parse maps (garment = labels 5-7): the garment lies inside SURE_BACKGROUND_OUTSIDE's box in
+# >90% of photos (10th/90th percentiles of the garment's bounding box, widened), PROBABLE_GARMENT is
+# where a pixel is garment in >=50% of photos, SURE_GARMENT where it is in >=95%.
+SURE_BACKGROUND_OUTSIDE = (0.20, 1.00, 0.08, 0.92)
+PROBABLE_GARMENT = (0.30, 0.79, 0.24, 0.76)
+SURE_GARMENT = (0.42, 0.59, 0.40, 0.60)
+
+
+# --------------------------------------------------------------------------------------------------
+# Labels and paths
+# --------------------------------------------------------------------------------------------------
+
+
+def garment_mask_from_labels(labels: np.ndarray, garment_labels: Sequence[int] = GARMENT_LABELS) -> np.ndarray:
+    """LIP label map (H, W) uint8 -> boolean garment mask (H, W).
+
+    Example:
+        >>> garment_mask_from_labels(np.array([[0, 5], [7, 9]], np.uint8)).tolist()
+        [[False, True], [True, False]]
+    """
+    return np.isin(labels, garment_labels)
+
+
+def viton_parse_path(person_image: str) -> Optional[Path]:
+    """The parse map of a VITON person photo: <root>/<half>/image/ID_0.jpg -> <root>/<half>/image-parse/ID_0.png.
+
+    Validation queries of `load_viton(..., split="val")` carry only the photo's path; their parse maps
+    sit beside it in VITON's layout. Returns None when the file is not there.
+    """
+    person = Path(person_image)
+    if person.parent.name != "image":
+        return None
+    candidate = person.parent.parent / "image-parse" / f"{person.stem}.png"
+    return candidate if candidate.is_file() else None
+
+
+# --------------------------------------------------------------------------------------------------
+# The parser network
+# --------------------------------------------------------------------------------------------------
+
+
+def _conv_bn_relu(in_channels: int, out_channels: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
+        nn.BatchNorm2d(out_channels),
+        nn.ReLU(inplace=True),
+    )
+
+
+class FpnDecoder(nn.Module):
+    """Light FPN decoder: per-endpoint 1x1 laterals, top-down upsample-and-add, 3x3 fusion, 1x1 classifier.
+
+    Args:
+        in_channels: channels of the endpoints, finest first.
+        channels: width of the laterals and fusion convolutions.
+        prior: initial garment probability; the classifier's bias starts at its logit so the first
+            steps do not spend themselves learning the class balance.
+
+    Shape:
+        - Input: list of maps, finest first, each (B, C_i, H / s_i, W / s_i).
+        - Output: (B, 1, H / s_0, W / s_0) garment logits at the finest endpoint's resolution.
+    """
+
+    def __init__(self, in_channels: Sequence[int] = tuple(c for _, c, _ in ENCODER_ENDPOINTS), channels: int = 64, prior: float = 0.2):
+        super().__init__()
+        self.laterals = nn.ModuleList(nn.Conv2d(c, channels, 1) for c in in_channels)
+        self.fuse = nn.Sequential(_conv_bn_relu(channels, channels), _conv_bn_relu(channels, channels))
+        self.classifier = nn.Conv2d(channels, 1, 1)
+        nn.init.zeros_(self.classifier.weight)
+        nn.init.constant_(self.classifier.bias, math.log(prior / (1 - prior)))
+
+    def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
+        x = self.laterals[-1](features[-1])
+        for lateral, feature in zip(reversed(self.laterals[:-1]), reversed(features[:-1])):
+            x = F.interpolate(x, size=feature.shape[-2:], mode="bilinear", align_corners=False) + lateral(feature)
+        return self.classifier(self.fuse(x))
+
+
+class GarmentParser(nn.Module):
+    """Binary garment parser: EfficientNet-Lite0 encoder (partly frozen) + FPN decoder.
+
+    The encoder's batch-norm layers always use their ImageNet statistics (the module keeps them in
+    eval mode even in `train()`): CPU batches of 16 are too small to re-estimate them, and frozen
+    statistics make the parser's output independent of the batch.
+
+    Args:
+        image_size: (H, W) the parser works at; inputs of any size are resized to it and the logits
+            resized back. Stored as a buffer, so a checkpoint carries it.
+        decoder_channels: width of the FPN decoder.
+        frozen_blocks: Lite0 MBConv blocks (after the stem, also frozen) that are not trained; 5 freezes
+            everything up to stride 8 (block4), where most of the CPU time of a backward pass would go.
+        pretrained: ImageNet weights for the encoder (False only when a checkpoint will be loaded).
+
+    Shape:
+        - Input: (B, 3, H, W) float in [0, 1].
+        - `forward`: (B, 1, H, W) garment logits; `predict`: (B, 1, H, W) probabilities.
+
+    Example:
+        >>> parser = GarmentParser(pretrained=False).eval()
+        >>> parser.predict(torch.rand(2, 3, 256, 192)).shape
+        torch.Size([2, 1, 256, 192])
+    """
+
+    def __init__(self, image_size: Tuple[int, int] = (128, 96), decoder_channels: int = 64, frozen_blocks: int = 5, pretrained: bool = True):
+        super().__init__()
+        if not 0 <= frozen_blocks <= 16:
+            raise ValueError(f"frozen_blocks must be in 0..16 (Lite0 has 16 MBConv blocks), got {frozen_blocks}")
+        if any(int(s) % 32 for s in image_size):
+            raise ValueError(f"image_size must be a multiple of 32 on each side (the encoder's stride), got {image_size}")
+        self.encoder = EfficientNetLite0(pretrained=pretrained)
+        # The ImageNet classifier is not used: dropping it keeps 5 MB out of every checkpoint.
+        self.encoder._fc = nn.Identity()
+        self.decoder = FpnDecoder(channels=decoder_channels)
+        self.frozen_blocks = int(frozen_blocks)
+        self.decoder_channels = int(decoder_channels)
+        self.register_buffer("image_size", torch.tensor([int(s) for s in image_size]))
+        for name, parameter in self.encoder.named_parameters():
+            parameter.requires_grad_(not self._is_frozen(name))
+        self.encoder.eval()
+
+    def _is_frozen(self, parameter_name: str) -> bool:
+        if parameter_name.startswith(("_conv_stem.", "_bn0.")):
+            return True
+        if parameter_name.startswith("_blocks."):
+            return int(parameter_name.split(".")[1]) < self.frozen_blocks
+        return False
+
+    def train(self, mode: bool = True) -> "GarmentParser":
+        super().train(mode)
+        self.encoder.eval()  # ImageNet batch-norm statistics, always (see the class docstring)
+        return self
+
+    def config(self) -> Dict[str, Any]:
+        return {"image_size": [int(s) for s in self.image_size], "decoder_channels": self.decoder_channels, "frozen_blocks": self.frozen_blocks}
+
+    def trainable_parameters(self) -> Tuple[List[nn.Parameter], List[nn.Parameter]]:
+        """(fine-tuned encoder parameters, decoder parameters): two groups with their own learning rates."""
+        return [p for p in self.encoder.parameters() if p.requires_grad], list(self.decoder.parameters())
+
+    def encode(self, images: torch.Tensor) -> List[torch.Tensor]:
+        """The four endpoint maps, finest first; the frozen part runs without autograd bookkeeping."""
+        net = self.encoder
+        wanted = {name for name, _, _ in ENCODER_ENDPOINTS}
+        maps: Dict[str, torch.Tensor] = {}
+        x = ((images - net.mean) / net.std).contiguous(memory_format=torch.channels_last)
+        with torch.no_grad():
+            x = net.act(net._bn0(net._conv_stem(x)))
+            for i in range(self.frozen_blocks):
+                x = net._blocks[i](x)
+                if f"block{i}" in wanted:
+                    maps[f"block{i}"] = x
+        for i in range(self.frozen_blocks, len(net._blocks)):
+            x = net._blocks[i](x)
+            if f"block{i}" in wanted:
+                maps[f"block{i}"] = x
+        maps["head"] = net.act(net._bn1(net._conv_head(x)))
+        return [maps[name] for name, _, _ in ENCODER_ENDPOINTS]
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [0, 1] -> (B, 1, H, W) garment logits (computed at `image_size`)."""
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"expected images of shape (B, 3, H, W), got {tuple(images.shape)}")
+        size = tuple(int(s) for s in self.image_size)
+        resized = images if tuple(images.shape[-2:]) == size else F.interpolate(
+            images, size=size, mode="bilinear", align_corners=False, antialias=True)
+        logits = self.decoder(self.encode(resized))
+        return F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False).contiguous()
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [0, 1] -> (B, 1, H, W) garment probability."""
+        return torch.sigmoid(self.forward(images))
+
+
+def load_garment_parser(checkpoint, map_location: str | torch.device = "cpu") -> GarmentParser:
+    """The trained parser of a final.pt written by the hp proxy's `train_on` (the `parser` option of others).
+
+    Raises:
+        FileNotFoundError, ValueError: no such file, or not a parser checkpoint.
+    """
+    from retrieval.training import load_checkpoint
+
+    payload = load_checkpoint(checkpoint, map_location=map_location)
+    if payload.get("proxy") != "hp" or "parser_conf" not in payload:
+        raise ValueError(f"{checkpoint} is not a garment-parser checkpoint (written by `street2shop train parsing`)")
+    parser = GarmentParser(**payload["parser_conf"], pretrained=False)
+    state = {k[len("parser."):]: v for k, v in payload["state_dict"].items() if k.startswith("parser.")}
+    parser.load_state_dict(state, strict=True)
+    return parser.to(map_location).eval()
+
+
+# --------------------------------------------------------------------------------------------------
+# Loss
+# --------------------------------------------------------------------------------------------------
+
+
+def dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
+    """1 - soft Dice coefficient per image, averaged over the batch.
+
+    Shape:
+        - logits, target: (B, 1, H, W); target in [0, 1].
+        - Output: ().
+
+    Example:
+        >>> round(float(dice_loss(torch.full((1, 1, 2, 2), 20.0), torch.ones(1, 1, 2, 2))), 4)
+        0.0
+    """
+    probabilities = torch.sigmoid(logits).flatten(1)
+    target = target.flatten(1)
+    intersection = (probabilities * target).sum(dim=1)
+    total = probabilities.sum(dim=1) + target.sum(dim=1)
+    return (1 - (2 * intersection + smooth) / (total + smooth)).mean()
+
+
+def garment_segmentation_loss(logits: torch.Tensor, target: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """BCE + Dice on the garment mask: {"loss": sum, "bce": ..., "dice": ...}.
+
+    BCE trains every pixel; Dice keeps the garment (a fifth of the photo) from being drowned by the
+    background and matches the IoU the parser is judged by.
+
+    Shape:
+        - logits, target: (B, 1, H, W); target in [0, 1] (soft at edges after downsampling).
+    """
+    bce = F.binary_cross_entropy_with_logits(logits, target)
+    dice = dice_loss(logits, target)
+    return {"loss": bce + dice, "bce": bce, "dice": dice}
+
+
+# --------------------------------------------------------------------------------------------------
+# GrabCut fallback
+# --------------------------------------------------------------------------------------------------
+
+
+def _box(fractions: Tuple[float, float, float, float], height: int, width: int) -> Tuple[slice, slice]:
+    top, bottom, left, right = fractions
+    return slice(int(round(top * height)), int(round(bottom * height))), slice(int(round(left * width)), int(round(right * width)))
+
+
+def torso_prior_mask(height: int, width: int) -> np.ndarray:
+    """GrabCut's initial labels for a centred person photo: the torso prior of this module's constants.
+
+    Returns:
+        (H, W) uint8 of cv2.GC_BGD (outside SURE_BACKGROUND_OUTSIDE), GC_PR_BGD, GC_PR_FGD
+        (PROBABLE_GARMENT) and GC_FGD (SURE_GARMENT).
+    """
+    labels = np.full((height, width), cv2.GC_BGD, np.uint8)
+    labels[_box(SURE_BACKGROUND_OUTSIDE, height, width)] = cv2.GC_PR_BGD
+    labels[_box(PROBABLE_GARMENT, height, width)] = cv2.GC_PR_FGD
+    labels[_box(SURE_GARMENT, height, width)] = cv2.GC_FGD
+    return labels
+
+
+def run_grabcut(image: np.ndarray, initial_labels: np.ndarray, iterations: int = 5) -> np.ndarray:
+    """OpenCV GrabCut from initial labels; returns the (H, W) boolean foreground.
+
+    OpenCV seeds its GMM k-means from a global RNG; it is reset before each call so that the same
+    image always gives the same mask (and a batch gives what one-by-one calls give).
+    """
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"GrabCut needs an (H, W, 3) uint8 image, got {image.dtype} {image.shape}")
+    labels = initial_labels.copy()
+    if not ((labels == cv2.GC_FGD) | (labels == cv2.GC_PR_FGD)).any() or not ((labels == cv2.GC_BGD) | (labels == cv2.GC_PR_BGD)).any():
+        raise ValueError("GrabCut needs both foreground and background in its initial labels")
+    background_model = np.zeros((1, 65), np.float64)
+    foreground_model = np.zeros((1, 65), np.float64)
+    cv2.setRNGSeed(0)
+    # GrabCut's colour models are symmetric in the channel order, so RGB is as good as OpenCV's BGR.
+    cv2.grabCut(np.ascontiguousarray(image), labels, None, background_model, foreground_model, int(iterations), cv2.GC_INIT_WITH_MASK)
+    return (labels == cv2.GC_FGD) | (labels == cv2.GC_PR_FGD)
+
+
+def grabcut_garment_mask(image: np.ndarray, iterations: int = 5) -> np.ndarray:
+    """Garment of a centred person photo by GrabCut from the torso prior (no trained parser needed).
+
+    Args:
+        image: (H, W, 3) uint8 RGB person photo, framed like VITON's (head at the top, torso centred).
+        iterations: GrabCut iterations.
+
+    Returns:
+        (H, W) boolean garment mask.
+    """
+    return run_grabcut(image, torso_prior_mask(*image.shape[:2]), iterations)
+
+
+def remove_small_regions(mask: np.ndarray, min_fraction: float = 0.05) -> np.ndarray:
+    """Drop the connected regions of a boolean (H, W) mask smaller than `min_fraction` of its largest.
+
+    Specks far from the garment would otherwise stretch its bounding box, and so shrink and shift the
+    garment in the segmented texture.
+
+    Example:
+        >>> m = np.zeros((6, 6), bool); m[:3, :3] = True; m[5, 5] = True
+        >>> int(remove_small_regions(m, 0.2).sum())
+        9
+    """
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+    if count <= 2 or min_fraction <= 0:
+        return mask
+    areas = stats[1:, cv2.CC_STAT_AREA]
+    keep = np.flatnonzero(areas >= min_fraction * areas.max()) + 1
+    return np.isin(labels, keep)
+
+
+def garment_masks(
+    images: torch.Tensor,
+    parser: Optional[GarmentParser] = None,
+    threshold: float = 0.5,
+    grabcut_iterations: int = 5,
+    min_region_fraction: float = 0.05,
+) -> torch.Tensor:
+    """Binary garment masks of person photos: the trained parser when given, else GrabCut per image.
+
+    Regions smaller than `min_region_fraction` of the largest one are dropped (`remove_small_regions`;
+    0 keeps everything).
+
+    Shape:
+        - images: (B, 3, H, W) in [0, 1].
+        - Output: (B, 1, H, W) float in {0, 1}, on the images' device.
+    """
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"expected images of shape (B, 3, H, W), got {tuple(images.shape)}")
+    if parser is not None:
+        masks = (parser.predict(images) > threshold)[:, 0].cpu().numpy()
+    else:
+        pixels = (images.detach().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        masks = np.stack([grabcut_garment_mask(np.ascontiguousarray(p), grabcut_iterations) for p in pixels])
+    masks = np.stack([remove_small_regions(m, min_region_fraction) for m in masks])
+    return torch.from_numpy(masks)[:, None].to(device=images.device, dtype=images.dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# Segmented texture T_m
+# --------------------------------------------------------------------------------------------------
+
+
+def mask_bounding_boxes(masks: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Tight boxes (top, left, bottom, right), end-exclusive, of boolean masks; the full image when empty.
+
+    Shape:
+        - masks: (B, 1, H, W) bool.
+        - Output: boxes (B, 4) long, nonempty (B,) bool.
+
+    Example:
+        >>> m = torch.zeros(1, 1, 4, 5, dtype=torch.bool); m[0, 0, 1:3, 2:4] = True
+        >>> mask_bounding_boxes(m)[0].tolist()
+        [[1, 2, 3, 4]]
+    """
+    rows, cols = masks[:, 0].any(dim=2), masks[:, 0].any(dim=1)  # (B, H), (B, W)
+    height, width = masks.shape[-2:]
+    top = rows.int().argmax(dim=1)
+    bottom = height - rows.flip(1).int().argmax(dim=1)
+    left = cols.int().argmax(dim=1)
+    right = width - cols.flip(1).int().argmax(dim=1)
+    nonempty = rows.any(dim=1)
+    full = torch.tensor([0, 0, height, width], device=masks.device)
+    boxes = torch.where(nonempty[:, None], torch.stack([top, left, bottom, right], dim=1), full)
+    return boxes, nonempty
+
+
+def segmented_texture(images: torch.Tensor, garment_mask: torch.Tensor, size: Tuple[int, int] = (64, 64), margin: float = 0.05) -> torch.Tensor:
+    """The garment cut out on white, cropped to its box, resized keeping aspect, padded with white (T_m).
+
+    Args:
+        images: person photos in [0, 1].
+        garment_mask: garment alpha in [0, 1] (binary or soft); its box is where it exceeds 0.5.
+        size: (h, w) of the output.
+        margin: white border around the garment's box, as a fraction of the box's side.
+
+    An image whose mask is empty is returned whole (not cut out, resized keeping aspect): with no
+    garment found, the photo itself is a better guess than a blank page.
+
+    Shape:
+        - images: (B, 3, H, W); garment_mask: (B, 1, H, W).
+        - Output: (B, 3, h, w) in [0, 1].
+
+    Example:
+        >>> photo = torch.zeros(1, 3, 8, 8); mask = torch.zeros(1, 1, 8, 8); mask[..., 2:6, 3:5] = 1
+        >>> t = segmented_texture(photo, mask, size=(8, 8), margin=0.0)
+        >>> t[0, 0, :, 2:6].tolist() == [[0.0] * 4] * 8, float(t[0, 0, 0, 0])  # a 4x2 box fills 8x4
+        (True, 1.0)
+    """
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"expected images of shape (B, 3, H, W), got {tuple(images.shape)}")
+    if garment_mask.shape != (images.shape[0], 1, *images.shape[-2:]):
+        raise ValueError(f"garment_mask must be (B, 1, H, W) = {(images.shape[0], 1, *images.shape[-2:])}, got {tuple(garment_mask.shape)}")
+    alpha = garment_mask.to(images.dtype).clamp(0, 1)
+    boxes, nonempty = mask_bounding_boxes(alpha > 0.5)
+    alpha = torch.where(nonempty[:, None, None, None], alpha, torch.ones_like(alpha))
+    cutout = images * alpha + (1 - alpha)  # composite over white
+    out_h, out_w = int(size[0]), int(size[1])
+    out = images.new_ones(images.shape[0], 3, out_h, out_w)
+    for i, (top, left, bottom, right) in enumerate(boxes.tolist()):  # per image: each box has its own size
+        box_h, box_w = bottom - top, right - left
+        scale = min(out_h / (box_h * (1 + 2 * margin)), out_w / (box_w * (1 + 2 * margin)))
+        new_h = min(out_h, max(1, int(round(box_h * scale))))
+        new_w = min(out_w, max(1, int(round(box_w * scale))))
+        crop = cutout[i : i + 1, :, top:bottom, left:right]
+        shrinking = new_h < box_h or new_w < box_w
+        resized = F.interpolate(crop, size=(new_h, new_w), mode="bilinear", align_corners=False, antialias=shrinking)
+        y0, x0 = (out_h - new_h) // 2, (out_w - new_w) // 2
+        out[i, :, y0 : y0 + new_h, x0 : x0 + new_w] = resized[0]
+    return out.clamp(0, 1)
+
+
+# --------------------------------------------------------------------------------------------------
+# Data, training, evaluation
+# --------------------------------------------------------------------------------------------------
+
+
+def _read_pair(person_image: str, parse: str, size: Tuple[int, int]) -> Tuple[np.ndarray, np.ndarray]:
+    image = resize_image(read_image(person_image), size)
+    garment = garment_mask_from_labels(read_mask(parse)).astype(np.uint8) * 255
+    # Area-averaged, the mask keeps its boundary as soft targets instead of a jagged nearest-neighbour edge.
+    garment = cv2.resize(garment, (size[1], size[0]), interpolation=cv2.INTER_AREA)
+    return image, garment
+
+
+def load_parsing_pairs(person_images: Sequence[str], parses: Sequence[str], size: Tuple[int, int], workers: int = 2) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Read person photos and their garment masks at `size`, as compact uint8 tensors (kept in memory).
+
+    Returns:
+        images (N, 3, h, w) uint8 and masks (N, 1, h, w) uint8 (255 = garment, soft at the edges).
+    """
+    if len(person_images) != len(parses) or not len(parses):
+        raise ValueError(f"need as many parse maps as photos, and at least one: got {len(person_images)} and {len(parses)}")
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        pairs = list(pool.map(lambda args: _read_pair(*args, size), zip(person_images, parses)))
+    images = torch.from_numpy(np.stack([p[0] for p in pairs])).permute(0, 3, 1, 2).contiguous()
+    masks = torch.from_numpy(np.stack([p[1] for p in pairs]))[:, None].contiguous()
+    return images, masks
+
+
+def parsing_pairs(table) -> Tuple[List[str], List[str]]:
+    """(person photos, parse maps) of a training-pairs table, skipping pairs without a parse map."""
+    rows = table[table["parse"].map(lambda p: isinstance(p, str) and bool(p))]
+    return list(rows["person_image"]), list(rows["parse"])
+
+
+def validation_parsing_pairs(dataset, limit: Optional[int] = None, seed: int = 0) -> Tuple[List[str], List[str]]:
+    """(person photo, parse map) of a RetrievalSet's validation queries, parse maps found by VITON's layout.
+
+    A RetrievalSet's queries carry only the photo; `viton_parse_path` finds the parse map beside it.
+    `limit` keeps a seeded sample (in query order).
+    """
+    from retrieval.batching import sample_paths
+
+    photos = list(dict.fromkeys(dataset.queries["image"]))
+    found = [(photo, viton_parse_path(photo)) for photo in photos]
+    found = [(photo, str(parse)) for photo, parse in found if parse is not None]
+    keep = set(sample_paths([photo for photo, _ in found], limit, seed=seed))
+    found = [(photo, parse) for photo, parse in found if photo in keep]
+    return [photo for photo, _ in found], [parse for _, parse in found]
+
+
+@torch.no_grad()
+def evaluate_garment_masks(
+    person_images: Sequence[str],
+    parses: Sequence[str],
+    parser: Optional[GarmentParser] = None,
+    batch_size: int = 32,
+    threshold: float = 0.5,
+    progress: bool = False,
+) -> Dict[str, float]:
+    """Garment IoUs of the parser (or of GrabCut when `parser` is None) against LIP parse maps.
+
+    Masks are compared at the parse maps' own resolution (the photo is resized to it first).
+
+    Returns:
+        `generation.metrics.GarmentIoU.compute()`: iou_garment, iou_background, miou,
+        mean_image_iou_garment, images.
+    """
+    metric = GarmentIoU()
+    device = next(parser.parameters()).device if parser is not None else torch.device("cpu")
+    chunks = range(0, len(person_images), batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        chunks = tqdm(chunks, desc="parser mIoU", unit="batch", leave=False)
+    for start in chunks:
+        labels = [read_mask(p) for p in parses[start : start + batch_size]]
+        photos = [resize_image(read_image(p), lab.shape[:2]) for p, lab in zip(person_images[start : start + batch_size], labels)]
+        # One batch when the parse maps share a size (VITON's do), else photo by photo.
+        groups = [list(range(len(photos)))] if len({lab.shape for lab in labels}) == 1 else [[i] for i in range(len(photos))]
+        for group in groups:
+            batch = torch.from_numpy(np.stack([photos[i] for i in group])).permute(0, 3, 1, 2).float().div(255).to(device)
+            predicted = garment_masks(batch, parser, threshold)[:, 0].bool().cpu()
+            metric.update(predicted, torch.from_numpy(np.stack([garment_mask_from_labels(labels[i]) for i in group])))
+    return metric.compute()
+
+
+def _cosine_lr(step: int, total_steps: int, base_lr: float, warmup_steps: int = 50) -> float:
+    """Linear warm-up then cosine decay to 1% of `base_lr`; a pure function of the step, so resume is exact."""
+    if step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return base_lr * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def train_garment_parser(
+    parser: GarmentParser,
+    person_images: Sequence[str],
+    parses: Sequence[str],
+    out_dir,
+    *,
+    epochs: int = 6,
+    batch_size: int = 16,
+    lr: float = 1e-3,
+    encoder_lr_scale: float = 0.1,
+    weight_decay: float = 1e-4,
+    seed: int = 0,
+    progress: bool = True,
+    time_budget_s: Optional[float] = None,
+    validation: Optional[Tuple[Sequence[str], Sequence[str]]] = None,
+    run_config: Optional[Dict[str, Any]] = None,
+) -> Path:
+    """Train `parser` on (photo, LIP parse map) pairs through `TrainingRun`; return final.pt.
+
+    The pairs are read once into memory at the parser's size (3,600 VITON pairs at 128 x 96 take
+    180 MB). Each epoch visits them in a (seed, epoch)-seeded order with random horizontal flips;
+    AdamW, `lr` for the decoder and `lr * encoder_lr_scale` for the fine-tuned encoder blocks, linear
+    warm-up then cosine decay over all steps. After training, garment IoUs on `validation` (photos,
+    parse maps) go into final.pt (`val`) and `<out_dir>/val_metrics.json`.
+
+    final.pt holds the weights as `parser.*` (what the hp proxy's state dict names them), the parser's
+    architecture (`parser_conf`) and `proxy: "hp"`.
+    """
+    from retrieval.training import TrainingRun
+
+    size = tuple(int(s) for s in parser.image_size)
+    encoder_params, decoder_params = parser.trainable_parameters()
+    optimizer = torch.optim.AdamW(
+        [{"params": encoder_params, "lr_scale": encoder_lr_scale}, {"params": decoder_params, "lr_scale": 1.0}],
+        lr=lr, weight_decay=weight_decay,
+    )
+    steps_per_epoch = -(-len(person_images) // batch_size)
+    config = {
+        "proxy": "hp", **parser.config(), "epochs": epochs, "batch_size": batch_size, "lr": lr,
+        "encoder_lr_scale": encoder_lr_scale, "weight_decay": weight_decay, "seed": seed,
+        "train_pairs": len(person_images), **dict(run_config or {}),
+    }
+    run = TrainingRun(out_dir, {"parser": parser}, {"adamw": optimizer}, config, seed=seed,
+                      time_budget_s=time_budget_s, progress="train parser" if progress else None,
+                      steps_per_epoch=steps_per_epoch)
+    if run.epoch < epochs and not run.out_of_time:
+        log.info("reading %d training pairs at %s", len(person_images), size)
+        images, masks = load_parsing_pairs(person_images, parses, size)
+        device = next(parser.parameters()).device
+        total_steps = epochs * steps_per_epoch
+        parser.train()
+        for epoch in run.epochs(epochs):
+            generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+            order = torch.randperm(len(images), generator=generator)
+            flips = torch.rand(len(images), generator=generator) < 0.5
+            batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+            for indices in run.skip_done(batches):
+                for group in optimizer.param_groups:
+                    group["lr"] = _cosine_lr(run.step, total_steps, lr) * group["lr_scale"]
+                batch = images[indices].to(device).float().div_(255)
+                target = masks[indices].to(device).float().div_(255)
+                flip = flips[indices].to(device)[:, None, None, None]
+                batch = torch.where(flip, batch.flip(-1), batch)
+                target = torch.where(flip, target.flip(-1), target)
+                losses = garment_segmentation_loss(parser(batch), target)
+                optimizer.zero_grad(set_to_none=True)
+                losses["loss"].backward()
+                optimizer.step()
+                run.log({k: float(v.detach()) for k, v in losses.items()})
+                if run.out_of_time:
+                    break
+        del images, masks
+    parser.eval()
+    extra: Dict[str, Any] = {"proxy": "hp", "parser_conf": parser.config()}
+    if validation is not None and len(validation[0]):
+        metrics = evaluate_garment_masks(*validation, parser=parser, progress=progress)
+        extra["val"] = metrics
+        (Path(out_dir) / "val_metrics.json").write_text(json.dumps(metrics, indent=1))
+        log.warning("parser on %d validation photos: garment IoU %.4f, mIoU %.4f", metrics["images"], metrics["iou_garment"], metrics["miou"])
+    return run.finish(extra=extra)
+
+
+# --------------------------------------------------------------------------------------------------
+# The hp proxy
+# --------------------------------------------------------------------------------------------------
+
+
+@PROXIES.register("hp")
+class HumanParsingProxy(Proxy):
+    """HP: the person photo's garment, cut out on white and cropped (the paper's segmented texture T_m).
+
+    Untrained (`create_proxy("hp")`): GrabCut from a torso prior segments the garment, image by image
+    (about 0.1 s each on a CPU). Trained (`create_proxy("hp@runs/parser/final.pt")`): the
+    `GarmentParser` of that checkpoint. Either way the output is `segmented_texture` of the mask.
+
+    Config:
+        output_size: (H, W) of the output; None keeps the input's size.
+        margin: white border around the garment's box, as a fraction of the box's side.
+        threshold: garment probability above which a pixel is garment (trained parser only).
+        grabcut_iterations: GrabCut iterations (untrained form only).
+        min_region_fraction: mask regions smaller than this fraction of the largest are dropped.
+
+    Shape:
+        - Input: (B, 3, H, W) in [0, 1].
+        - Output: (B, 3, H', W') in [0, 1], (H', W') = output_size or (H, W).
+    """
+
+    trainable = True
+    default_conf = {"output_size": None, "margin": 0.05, "threshold": 0.5, "grabcut_iterations": 5, "min_region_fraction": 0.05}
+    # Training options of `train_on` (the CLI passes epochs, batch_size, lr; the rest are extras).
+    default_training = {
+        "epochs": 6, "batch_size": 16, "lr": 1e-3, "image_size": (128, 96), "decoder_channels": 64,
+        "frozen_blocks": 5, "encoder_lr_scale": 0.1, "val_images": 500,
+    }
+
+    def __init__(self, **conf: Any):
+        super().__init__(**conf)
+        self.parser: Optional[GarmentParser] = None
+
+    @property
+    def uses_parser(self) -> bool:
+        return self.parser is not None
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if images.ndim != 4 or images.shape[1] != 3 or not images.is_floating_point():
+            raise ValueError(f"expected float images of shape (B, 3, H, W), got {tuple(images.shape)} {images.dtype}")
+        masks = garment_masks(images, self.parser, self.conf["threshold"], self.conf["grabcut_iterations"], self.conf["min_region_fraction"])
+        size = tuple(self.conf["output_size"] or images.shape[-2:])
+        return segmented_texture(images, masks, size=size, margin=self.conf["margin"])
+
+    def load_trained(self, checkpoint) -> "HumanParsingProxy":
+        """Build the parser the checkpoint describes, then load its weights (strict)."""
+        from retrieval.training import load_checkpoint
+
+        payload = load_checkpoint(checkpoint, map_location="cpu")
+        if "parser_conf" not in payload:
+            raise ValueError(f"{checkpoint} holds no parser (no parser_conf): was it written by `street2shop train parsing`?")
+        device = next(iter(list(self.parameters()) + list(self.buffers())), torch.empty(0)).device
+        self.parser = GarmentParser(**payload["parser_conf"], pretrained=False).to(device).eval()
+        return super().load_trained(checkpoint)
+
+    def train_on(self, dataset, out_dir, **options: Any) -> Path:
+        """Train the garment parser on `dataset.train`'s (photo, parse map) pairs; evaluate on its queries.
+
+        Options (defaults in `default_training`): epochs, batch_size, lr, image_size, decoder_channels,
+        frozen_blocks, encoder_lr_scale, val_images (validation photos scored at the end; 0 for none),
+        seed, progress, time_budget_s. Afterwards this proxy uses the trained parser.
+        """
+        seed = int(options.pop("seed", 0))
+        progress = bool(options.pop("progress", True))
+        time_budget_s = options.pop("time_budget_s", None)
+        unknown = set(options) - set(self.default_training)
+        if unknown:
+            raise ValueError(f"hp.train_on got unknown options {sorted(unknown)}; valid: {sorted(self.default_training)} + seed, progress, time_budget_s")
+        settings = {**self.default_training, **{k: v for k, v in options.items() if v is not None}}
+        if dataset.train is None or dataset.train.empty:
+            raise ValueError(f"{dataset.name} has no training pairs to train the parser on")
+        photos, parses = parsing_pairs(dataset.train)
+        if not photos:
+            raise ValueError(f"{dataset.name}: no training pair has a parse map (column 'parse'); the parser needs them")
+        validation = validation_parsing_pairs(dataset, limit=int(settings["val_images"]), seed=seed) if settings["val_images"] else None
+        if validation is not None and not validation[0]:
+            log.warning("%s: no parse map found beside the validation photos; the parser is not evaluated", dataset.name)
+        device = next(iter(list(self.parameters()) + list(self.buffers())), torch.empty(0)).device
+        parser = GarmentParser(tuple(settings["image_size"]), int(settings["decoder_channels"]), int(settings["frozen_blocks"])).to(device)
+        final = train_garment_parser(
+            parser, photos, parses, out_dir, epochs=int(settings["epochs"]), batch_size=int(settings["batch_size"]),
+            lr=float(settings["lr"]), encoder_lr_scale=float(settings["encoder_lr_scale"]), seed=seed, progress=progress,
+            time_budget_s=time_budget_s, validation=validation, run_config={"dataset": dataset.name},
+        )
+        self.parser = parser.eval()
+        return final

@@ -1,0 +1,291 @@
+"""PaintNet: Table 1 layer shapes, its losses, the shape predictor's lookup, training and checkpoints."""
+import csv
+
+import pytest
+import torch
+
+from generation.gan import (
+    adversarial_loss,
+    conv_block,
+    discriminator_loss,
+    from_gan_range,
+    generator_loss,
+    save_sample_grid,
+    to_gan_range,
+    up_block,
+)
+from generation.paintnet import (
+    PaintNet,
+    PerceptualLoss,
+    RealFakeDiscriminator,
+    RelevanceDiscriminator,
+    RendererStep,
+    ShapePredictor,
+    TextureRenderer,
+    attention_pool,
+    gram_matrix,
+    perceptual_losses,
+    rank_triplet_candidates,
+    relevance_batch,
+    shape_iou_matrix,
+    triplet_loss,
+)
+from generation.proxies import create_proxy, list_proxies
+from retrieval.backbones import EfficientNetLite0
+from retrieval.datasets import load_viton
+
+# Small but valid settings for anything that runs (Table 1 widths are checked on the meta device).
+TINY = {"width": 0.125, "sp_image_size": (64, 48), "sp_hidden": 16, "sp_dim": 16, "sp_k": 3}
+
+
+def layer_outputs(module: torch.nn.Sequential, x: torch.Tensor):
+    shapes = []
+    for layer in module:
+        x = layer(x)
+        shapes.append(tuple(x.shape[1:]))
+    return shapes, x
+
+
+def convolutions(module):
+    return [m for m in module.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d))]
+
+
+# ---- Table 1 -------------------------------------------------------------------------------------
+
+
+def test_renderer_layers_match_table1():
+    with torch.device("meta"):
+        renderer = TextureRenderer()
+        encoded, code = layer_outputs(renderer.encoder, torch.empty(2, 6, 64, 64))
+        decoded, out = layer_outputs(renderer.decoder, code)
+    assert encoded == [(96, 32, 32), (192, 16, 16), (384, 8, 8), (768, 4, 4), (1536, 1, 1)]
+    # the first transposed convolution is the mirror of Conv(5) (1x1x1536 -> 4x4x768), then Table 1's four
+    assert decoded == [(768, 4, 4), (384, 8, 8), (192, 16, 16), (96, 32, 32), (3, 64, 64)]
+    for conv in convolutions(renderer):
+        assert conv.kernel_size == (4, 4)
+    assert [c.stride for c in convolutions(renderer.encoder)] == [(2, 2)] * 4 + [(1, 1)]
+    assert convolutions(renderer)[0].in_channels == 6
+    assert isinstance(renderer.encoder[0][-1], torch.nn.LeakyReLU) and isinstance(renderer.decoder[-1][-1], torch.nn.Tanh)
+    assert isinstance(renderer.decoder[0][-1], torch.nn.ReLU)
+    assert out.shape == (2, 3, 64, 64)
+
+
+def test_discriminators_match_table1():
+    with torch.device("meta"):
+        rf, rv = RealFakeDiscriminator(), RelevanceDiscriminator()
+        rf_shapes, rf_out = layer_outputs(rf.net, torch.empty(2, 3, 64, 64))
+        rv_shapes, _ = layer_outputs(rv.net, torch.empty(2, 6, 64, 64))
+    expected = [(96, 32, 32), (192, 16, 16), (384, 8, 8), (768, 4, 4), (1, 4, 4)]
+    assert rf_shapes == expected and rv_shapes == expected and rf_out.shape == (2, 1, 4, 4)
+    assert [c.kernel_size for c in convolutions(rv)] == [(4, 4)] * 4 + [(1, 1)]
+    assert convolutions(rf)[0].in_channels == 3 and convolutions(rv)[0].in_channels == 6
+
+
+def test_128_variant_has_one_more_layer_each_way():
+    with torch.device("meta"):
+        renderer = TextureRenderer(image_size=128)
+        encoded, code = layer_outputs(renderer.encoder, torch.empty(2, 6, 128, 128))
+        out = renderer.decoder(code)
+        d_out = RelevanceDiscriminator(image_size=128)(torch.empty(2, 6, 128, 128))
+    assert encoded[-2:] == [(768, 4, 4), (1536, 1, 1)] and len(encoded) == 6
+    assert out.shape == (2, 3, 128, 128) and d_out.shape == (2, 1, 4, 4)
+    with pytest.raises(ValueError, match="64x64"):
+        TextureRenderer(image_size=96)
+
+
+def test_without_shape_predictor_the_renderer_takes_the_texture_only():
+    proxy = create_proxy("paintnet-wo-sp", width=0.125)
+    assert proxy.conf["use_shape_predictor"] is False and proxy.shape_predictor is None
+    assert proxy.renderer.in_channels == 3 and convolutions(proxy.renderer)[0].in_channels == 3
+    assert {"paintnet", "paintnet-wo-sp"} <= set(list_proxies())
+
+
+# ---- pieces, golden values -----------------------------------------------------------------------
+
+
+def test_gan_helpers_golden_values():
+    assert conv_block(6, 8)(torch.zeros(1, 6, 16, 16)).shape == (1, 8, 8, 8)
+    assert up_block(8, 3, norm=False, activation="tanh")(torch.zeros(1, 8, 8, 8)).shape == (1, 3, 16, 16)
+    assert adversarial_loss(torch.zeros(3), True).item() == pytest.approx(0.693147, abs=1e-5)
+    assert discriminator_loss(torch.full((2,), 20.0), torch.full((2,), -20.0)).item() == pytest.approx(0.0, abs=1e-6)
+    assert generator_loss(torch.tensor([1.0, 3.0]), "hinge").item() == -2.0
+    assert adversarial_loss(torch.tensor([0.5]), False, "lsgan").item() == 0.25
+    x = torch.tensor([0.0, 0.25, 1.0])
+    assert torch.allclose(from_gan_range(to_gan_range(x)), x)
+
+
+def test_loss_pieces_golden_values():
+    features = torch.arange(8.0).view(1, 2, 2, 2)  # rows [0, 1, 2, 3] and [4, 5, 6, 7]
+    assert torch.allclose(gram_matrix(features), torch.tensor([[[14.0, 38.0], [38.0, 126.0]]]) / 8)
+    fea, sty = perceptual_losses({"a": features}, {"a": features + 1}, ("a",), ("a",))
+    assert fea.item() == 1.0
+    expected_style = ((gram_matrix(features) - gram_matrix(features + 1)) ** 2).sum()
+    assert sty.item() == pytest.approx(expected_style.item())
+    # ||a-p||^2 = 1, ||a-n||^2 = 4: loss = max(0, 1 - 4 + 5) = 2
+    assert triplet_loss(torch.zeros(1, 2), torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 2.0]]), 5.0).item() == 2.0
+    assert attention_pool(torch.tensor([[[[2.0, 4.0]]]]), torch.tensor([[[[0.0, 100.0]]]])).item() == pytest.approx(4.0)
+
+
+def test_relevance_batch_picks_real_generated_or_irrelevant():
+    real, fake, other = torch.zeros(3, 3, 2, 2), torch.ones(3, 3, 2, 2), torch.full((3, 3, 2, 2), 2.0)
+    images, targets = relevance_batch(real, fake, other, torch.tensor([0, 1, 2]))
+    assert images[:, 0, 0, 0].tolist() == [0.0, 1.0, 2.0] and targets.tolist() == [1.0, 0.0, 0.0]
+
+
+def test_triplet_candidates_and_shape_iou():
+    shapes = torch.zeros(4, 1, 32, 32, dtype=torch.uint8)
+    shapes[0, :, :16] = 255
+    shapes[1, :, :12] = 255  # overlaps 0 most
+    shapes[2, :, 16:] = 255  # disjoint from 0
+    shapes[3, :, 8:24] = 255
+    iou = shape_iou_matrix(shapes)
+    assert iou[0, 1].item() == pytest.approx(12 / 16) and iou[0, 2].item() == 0.0 and iou[1, 1].item() == 1.0
+    positives, negatives = rank_triplet_candidates(iou, k=1)
+    assert positives[0].item() == 1 and negatives[0].item() == 2
+    assert (positives != torch.arange(4)[:, None]).all() and (negatives != torch.arange(4)[:, None]).all()
+
+
+# ---- shape predictor -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def backbone():
+    return EfficientNetLite0(pretrained=True)
+
+
+def test_shape_predictor_returns_the_nearest_stored_shape(backbone):
+    torch.manual_seed(0)
+    predictor = ShapePredictor((64, 48), hidden=16, dim=8, shape_size=64, backbone=backbone).eval()
+    photos = torch.rand(2, 3, 64, 48)
+    with torch.no_grad():
+        own = predictor(photos)
+    assert own.shape == (2, 8)
+    # memory: far away entries, and near copies of the two photos' own embeddings at rows 3 and 1
+    memory = torch.cat([own[0:1] + 50, own[1:2] + 0.01, own[0:1] - 50, own[0:1] - 0.01])
+    shapes = torch.zeros(4, 1, 64, 64, dtype=torch.uint8)
+    for row in range(4):
+        shapes[row, 0, row * 16 : (row + 1) * 16] = 255  # a distinct band per row
+    predictor.set_memory(memory, shapes)
+    assert predictor.nearest(own).tolist() == [3, 1]
+    predicted = predictor.predict_shape(photos)
+    assert torch.equal(predicted, shapes[[3, 1]].float() / 255)
+    # leave-one-out lookup over the memory itself never returns the row itself
+    assert (predictor.nearest(memory, exclude_self=True) != torch.arange(4)).all()
+
+
+def test_one_triplet_step_lowers_the_loss(backbone):
+    torch.manual_seed(0)
+    predictor = ShapePredictor((64, 48), hidden=16, dim=8, backbone=backbone)
+    maps = torch.rand(6, 1280, 2, 2)
+    optimizer = torch.optim.SGD(list(predictor.attention.parameters()) + list(predictor.embedding.parameters()), lr=1e-3, momentum=0.9)
+
+    def loss():
+        a, p, n = predictor.embed_maps(maps).chunk(3)
+        return triplet_loss(a, p, n, margin=5.0)
+
+    before = loss()
+    optimizer.zero_grad()
+    before.backward()
+    optimizer.step()
+    assert before.item() > 0 and loss().item() < before.item()
+
+
+# ---- renderer optimisation ---------------------------------------------------------------------
+
+
+def tiny_renderer_parts(backbone, rf=True, rv=True, perceptual=True, lambda_l1=0.0):
+    torch.manual_seed(0)
+    conf = {**PaintNet.default_conf, "lambda_l1": lambda_l1}
+    renderer = TextureRenderer(width=0.125)
+    d_rf = RealFakeDiscriminator(width=0.125) if rf else None
+    d_rv = RelevanceDiscriminator(width=0.125) if rv else None
+    loss = PerceptualLoss(backbone) if perceptual else None
+    optimizers = {"g": torch.optim.Adam(renderer.parameters(), lr=1e-4, betas=(0.5, 0.999))}
+    for name, d in (("rf", d_rf), ("rv", d_rv)):
+        if d is not None:
+            optimizers[name] = torch.optim.Adam(d.parameters(), lr=1e-4, betas=(0.5, 0.999))
+    return RendererStep(renderer, d_rf, d_rv, loss, optimizers, conf)
+
+
+def tiny_batch(b=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "texture": torch.rand(b, 3, 64, 64, generator=g) * 2 - 1,
+        "shape": (torch.rand(b, 1, 64, 64, generator=g) > 0.5).float() * 2 - 1,
+        "product": torch.rand(b, 3, 64, 64, generator=g) * 2 - 1,
+        "index": torch.arange(b),
+    }
+
+
+def test_one_step_lowers_every_renderer_loss(backbone):
+    step = tiny_renderer_parts(backbone, lambda_l1=1.0)
+    batch = tiny_batch(b=2)
+    pool = torch.randint(0, 256, (6, 3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    choice, irrelevant = step.draw(batch, torch.Generator().manual_seed(2), pool)
+    fake = step.generate(batch).detach()
+    before = step.discriminator_losses(batch, fake, choice, irrelevant)
+    for name, loss in before.items():  # one Adam step per discriminator on its own loss
+        step.optimizers[name[2:]].zero_grad()
+        loss.backward()
+        step.optimizers[name[2:]].step()
+    after = step.discriminator_losses(batch, fake, choice, irrelevant)
+    assert set(before) == {"d_rf", "d_rv"}
+    for name in before:
+        assert after[name].item() < before[name].item(), name
+
+    g_before = step.generator_losses(batch, step.generate(batch))
+    step.optimizers["g"].zero_grad()
+    g_before["g_total"].backward()
+    step.optimizers["g"].step()
+    g_after = step.generator_losses(batch, step.generate(batch))
+    assert set(g_before) == {"g_rf", "g_rv", "g_fea", "g_sty", "g_l1", "g_total"}
+    assert g_after["g_total"].item() < g_before["g_total"].item()
+
+
+@pytest.mark.parametrize(
+    "switch, removed",
+    [("rf", {"d_rf", "g_rf"}), ("rv", {"d_rv", "g_rv"}), ("perceptual", {"g_fea", "g_sty"})],
+)
+def test_ablation_switches_remove_their_loss_terms(backbone, switch, removed):
+    step = tiny_renderer_parts(backbone, **{switch: False})
+    pool = torch.randint(0, 256, (6, 3, 64, 64), dtype=torch.uint8)
+    logged = step.step(tiny_batch(b=2), torch.Generator().manual_seed(0), pool)
+    full = {"d_rf", "d_rv", "g_rf", "g_rv", "g_fea", "g_sty", "g_total"}
+    assert set(logged) == full - removed
+
+
+def test_sample_grid_png(tmp_path):
+    path = save_sample_grid([("photo", torch.rand(3, 3, 8, 8)), ("shape", torch.rand(3, 1, 8, 8))], tmp_path / "g.png", cell=16)
+    import cv2
+
+    image = cv2.imread(str(path))
+    assert image.shape == (16 + 3 * 16, 2 * 16, 3)
+
+
+# ---- training, checkpoints, the proxy ------------------------------------------------------------
+
+
+def test_train_checkpoint_round_trip(synthetic_root, tmp_path):
+    data = load_viton(synthetic_root, split="val")
+    proxy = create_proxy("paintnet", **TINY)
+    final = proxy.train_on(data, tmp_path / "run", epochs=1, batch_size=4, seed=0, progress=False, sp_epochs=1,
+                           sample_every=2, max_pairs=8, use_rf_discriminator=False)
+    payload = torch.load(final, weights_only=True)
+    assert payload["proxy"] == "paintnet" and payload["proxy_conf"]["use_rf_discriminator"] is False
+    assert not any(".backbone." in f".{k}" for k in payload["state_dict"])
+    assert payload["state_dict"]["shape_predictor.memory_shapes"].shape == (8, 1, 64, 64)  # max_pairs
+    with open(tmp_path / "run" / "losses.csv") as handle:
+        columns = next(csv.reader(handle))
+    assert "d_rf" not in columns and "g_rf" not in columns and {"d_rv", "g_rv", "g_fea", "g_sty"} <= set(columns)
+    assert list((tmp_path / "run" / "samples").glob("step_*.png"))
+
+    images = torch.rand(2, 3, 80, 60, generator=torch.Generator().manual_seed(3))
+    expected = proxy(images)
+    loaded = create_proxy(f"paintnet@{final}", **TINY)
+    assert loaded.conf["use_rf_discriminator"] is False  # training-only options come with the checkpoint
+    out = loaded(images)
+    assert out.shape == (2, 3, 80, 60) and 0 <= out.min() and out.max() <= 1
+    assert torch.allclose(out, expected, atol=1e-5)
+    assert loaded.fingerprint() == proxy.fingerprint() != create_proxy("paintnet", **TINY).fingerprint()
+    with pytest.raises(ValueError, match="trained with"):
+        create_proxy(f"paintnet@{final}", **{**TINY, "width": 0.25})
