@@ -40,7 +40,7 @@ from torch import nn
 from retrieval.aggregation import fit_codebook, vlad
 from retrieval.backbones import LITE0_STAGES, LITE_MEAN, LITE_STD, EfficientNetLite0
 from retrieval.descriptors.base import DESCRIPTORS, Descriptor, NotFittedError, check_images
-from retrieval.descriptors.sift import pad_features
+from retrieval.vlad_fitting import pad_features
 from retrieval.types import InputSpec, LocalFeatures
 from retrieval.whitening import apply_pca_whitening, fit_pca_whitening
 

@@ -22,7 +22,7 @@ network, trained jointly) shares the description, aggregation, fitting and train
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterable, Iterator, Optional, Tuple
 
 import cv2
 import numpy as np
@@ -38,9 +38,9 @@ from kornia.feature import (
 )
 from torch import nn
 
-from retrieval.aggregation import fit_codebook, vlad
+from retrieval.aggregation import vlad
 from retrieval.descriptors.base import DESCRIPTORS, Descriptor, check_images
-from retrieval.descriptors.sift import pad_features, rgb_to_grey_uint8
+from retrieval.descriptors.sift import rgb_to_grey_uint8
 from retrieval.patches import (
     PATCH_SIZE,
     hardnet_loss,
@@ -50,7 +50,8 @@ from retrieval.patches import (
     warp_images,
 )
 from retrieval.types import InputSpec, LocalFeatures
-from retrieval.whitening import apply_pca_whitening, fit_pca_whitening
+from retrieval.vlad_fitting import fit_vlad_buffers, pad_features
+from retrieval.whitening import apply_pca_whitening
 
 PATCH_DESCRIPTOR_DIM = 128
 
@@ -250,36 +251,7 @@ class LearnedPatchDescriptor(Descriptor):
         """
         was_training = self.training
         self.eval()
-        rng = np.random.default_rng(int(self.conf["seed"]))
-        per_image_cap = int(self.conf["fit_descriptors_per_image"])
-        sampled: List[np.ndarray] = []
-        for images in batches:
-            features = self.extract(images)
-            desc, mask = features.desc.cpu().numpy(), features.mask.cpu().numpy()
-            for image_desc, image_mask in zip(desc, mask):
-                real = image_desc[image_mask]
-                if len(real) > per_image_cap:
-                    real = real[rng.choice(len(real), size=per_image_cap, replace=False)]
-                sampled.append(real)
-        if not sampled:
-            raise ValueError(f"{self.name}.fit got no training images")
-        centroids = fit_codebook(
-            np.concatenate(sampled),
-            n_clusters=int(self.conf["n_clusters"]),
-            seed=int(self.conf["seed"]),
-            max_points=int(self.conf["max_fit_descriptors"]),
-            n_iterations=int(self.conf["kmeans_iterations"]),
-        )
-        self.centroids.copy_(torch.from_numpy(centroids))
-        if self.conf["pca_dim"] is not None:
-            with_features = [s for s in sampled if len(s)]
-            training_vlads = []
-            for start in range(0, len(with_features), 256):  # bounds the padded (chunk, N, 128) tensors
-                desc, mask = pad_features(with_features[start : start + 256], PATCH_DESCRIPTOR_DIM)
-                training_vlads.append(vlad(torch.from_numpy(desc), torch.from_numpy(mask), self.centroids.cpu()).numpy())
-            mean, projection = fit_pca_whitening(np.concatenate(training_vlads), int(self.conf["pca_dim"]))
-            self.pca_mean.copy_(torch.from_numpy(mean))
-            self.pca_projection.copy_(torch.from_numpy(projection))
+        fit_vlad_buffers(self, batches)
         self._fitted.fill_(True)
         self.train(was_training)
         return self

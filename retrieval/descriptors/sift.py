@@ -7,14 +7,15 @@ image via `retrieval.aggregation.vlad`.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, List, Sequence, Tuple
+from typing import Any, Dict, Iterable, Tuple
 
 import cv2
 import numpy as np
 import torch
 
-from retrieval.aggregation import fit_codebook, vlad
-from retrieval.whitening import apply_pca_whitening, fit_pca_whitening
+from retrieval.aggregation import vlad
+from retrieval.vlad_fitting import fit_vlad_buffers, pad_features
+from retrieval.whitening import apply_pca_whitening
 from retrieval.descriptors.base import DESCRIPTORS, Descriptor, check_images
 from retrieval.types import InputSpec, LocalFeatures
 
@@ -46,22 +47,6 @@ def root_sift(desc: np.ndarray, eps: float = 1e-12) -> np.ndarray:
     """
     l1 = np.abs(desc).sum(axis=1, keepdims=True)
     return np.sqrt(desc / np.maximum(l1, eps)).astype(np.float32)
-
-
-def pad_features(rows: Sequence[np.ndarray], width: int) -> Tuple[np.ndarray, np.ndarray]:
-    """Stack variable-length per-image arrays into one zero-padded batch plus its mask.
-
-    Shape:
-        - rows: B arrays of shape (N_b, width)
-        - output: ((B, max N_b, width), (B, max N_b) bool)
-    """
-    n_max = max((len(r) for r in rows), default=0)
-    padded = np.zeros((len(rows), n_max, width), dtype=np.float32)
-    mask = np.zeros((len(rows), n_max), dtype=bool)
-    for i, r in enumerate(rows):
-        padded[i, : len(r)] = r
-        mask[i, : len(r)] = True
-    return padded, mask
 
 
 @DESCRIPTORS.register("sift")
@@ -240,43 +225,6 @@ class SIFT(Descriptor):
         Raises:
             ValueError: no images, or fewer descriptors than ``n_clusters``.
         """
-        rng = np.random.default_rng(int(self.conf["seed"]))
-        per_image_cap = int(self.conf["fit_descriptors_per_image"])
-        sampled: List[np.ndarray] = []
-        for images in batches:
-            features = self.extract(images)
-            desc, mask = features.desc.cpu().numpy(), features.mask.cpu().numpy()
-            for image_desc, image_mask in zip(desc, mask):
-                real = image_desc[image_mask]
-                if len(real) > per_image_cap:
-                    real = real[rng.choice(len(real), size=per_image_cap, replace=False)]
-                sampled.append(real)
-        if not sampled:
-            raise ValueError(f"{self.name}.fit got no training images")
-
-        centroids = fit_codebook(
-            np.concatenate(sampled),
-            n_clusters=int(self.conf["n_clusters"]),
-            seed=int(self.conf["seed"]),
-            max_points=int(self.conf["max_fit_descriptors"]),
-            n_iterations=int(self.conf["kmeans_iterations"]),
-        )
-        self.centroids.copy_(torch.from_numpy(centroids))
-
-        if self.conf["pca_dim"] is not None:
-            # Chunks bound the padded (chunk, N, 128) tensors; images without keypoints give zero
-            # VLADs that carry no information about the distribution, so they are left out.
-            with_features = [s for s in sampled if len(s)]
-            chunk = 256
-            training_vlads = []
-            for start in range(0, len(with_features), chunk):
-                desc, mask = pad_features(with_features[start : start + chunk], SIFT_DIM)
-                training_vlads.append(
-                    vlad(torch.from_numpy(desc), torch.from_numpy(mask), self.centroids.cpu()).numpy()
-                )
-            mean, projection = fit_pca_whitening(np.concatenate(training_vlads), int(self.conf["pca_dim"]))
-            self.pca_mean.copy_(torch.from_numpy(mean))
-            self.pca_projection.copy_(torch.from_numpy(projection))
-
+        fit_vlad_buffers(self, batches)
         self._fitted.fill_(True)
         return self

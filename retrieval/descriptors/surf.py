@@ -7,88 +7,17 @@ codebook and a PCA-whitening of the VLAD vectors, both learned by `fit` and kept
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Dict, Iterable
 
-import numpy as np
 import torch
 from kornia.color import rgb_to_grayscale
 
-from retrieval.aggregation import fit_codebook, vlad
+from retrieval.aggregation import vlad
 from retrieval.descriptors.base import DESCRIPTORS, Descriptor, check_images
-from retrieval.descriptors.sift import pad_features
 from retrieval.surf import DEFAULT_HESSIAN_THRESHOLD, surf
 from retrieval.types import InputSpec, LocalFeatures
-from retrieval.whitening import apply_pca_whitening, fit_pca_whitening
-
-
-# ---- VLAD + PCA-whitening fitting, independent of the local descriptor ---------------------------
-def sample_local_descriptors(
-    extract: Callable[[torch.Tensor], LocalFeatures],
-    batches: Iterable[torch.Tensor],
-    per_image_cap: int,
-    rng: np.random.Generator,
-) -> List[np.ndarray]:
-    """Extract local descriptors from training batches, at most `per_image_cap` per image (seeded subset).
-
-    Returns:
-        One (N_i, D) float32 array per image, in input order (N_i may be 0).
-    """
-    sampled: List[np.ndarray] = []
-    for images in batches:
-        features = extract(images)
-        desc, mask = features.desc.float().cpu().numpy(), features.mask.cpu().numpy()
-        for image_desc, image_mask in zip(desc, mask):
-            real = image_desc[image_mask]
-            if len(real) > per_image_cap:
-                real = real[rng.choice(len(real), size=per_image_cap, replace=False)]
-            sampled.append(real)
-    return sampled
-
-
-def fit_vlad_and_whitening(
-    per_image: List[np.ndarray],
-    n_clusters: int,
-    pca_dim: Optional[int],
-    seed: int = 0,
-    max_points: int = 200_000,
-    n_iterations: int = 20,
-    chunk: int = 256,
-) -> Tuple[np.ndarray, Optional[np.ndarray], Optional[np.ndarray]]:
-    """Learn a VLAD codebook from pooled local descriptors, then PCA-whitening of the images' VLADs.
-
-    The same per-image descriptor sets give the VLAD vectors the whitening is learned from (so the
-    training batches are read once). Images without descriptors give zero VLADs, which carry no
-    information about the distribution, so they are left out of the whitening.
-
-    Args:
-        per_image: one (N_i, D) array per training image, from `sample_local_descriptors`.
-        n_clusters: K of the codebook.
-        pca_dim: output dims of the whitening, or None for no whitening.
-        seed, max_points, n_iterations: see `retrieval.aggregation.fit_codebook`.
-        chunk: images per padded VLAD batch (bounds memory).
-
-    Returns:
-        ``(centroids (K, D), mean (K*D,) or None, projection (K*D, pca_dim) or None)``, float32.
-
-    Raises:
-        ValueError: no images, or fewer descriptors than ``n_clusters`` (the message says what to do).
-    """
-    if not per_image:
-        raise ValueError("fit got no training images")
-    dim = per_image[0].shape[1]
-    centroids = fit_codebook(
-        np.concatenate(per_image), n_clusters=n_clusters, seed=seed, max_points=max_points, n_iterations=n_iterations
-    )
-    if pca_dim is None:
-        return centroids, None, None
-    with_features = [d for d in per_image if len(d)]
-    centroids_tensor = torch.from_numpy(centroids)
-    training_vlads = []
-    for start in range(0, len(with_features), chunk):
-        desc, mask = pad_features(with_features[start : start + chunk], dim)
-        training_vlads.append(vlad(torch.from_numpy(desc), torch.from_numpy(mask), centroids_tensor).numpy())
-    mean, projection = fit_pca_whitening(np.concatenate(training_vlads), int(pca_dim))
-    return centroids, mean, projection
+from retrieval.vlad_fitting import fit_vlad_buffers
+from retrieval.whitening import apply_pca_whitening
 
 
 # ---- the descriptor ------------------------------------------------------------------------------
@@ -238,21 +167,6 @@ class SURF(Descriptor):
         Raises:
             ValueError: no images, or fewer descriptors than ``n_clusters``.
         """
-        rng = np.random.default_rng(int(self.conf["seed"]))
-        per_image = sample_local_descriptors(self.extract, batches, int(self.conf["fit_descriptors_per_image"]), rng)
-        if not per_image:
-            raise ValueError(f"{self.name}.fit got no training images")
-        centroids, mean, projection = fit_vlad_and_whitening(
-            per_image,
-            n_clusters=int(self.conf["n_clusters"]),
-            pca_dim=self.conf["pca_dim"],
-            seed=int(self.conf["seed"]),
-            max_points=int(self.conf["max_fit_descriptors"]),
-            n_iterations=int(self.conf["kmeans_iterations"]),
-        )
-        self.centroids.copy_(torch.from_numpy(centroids))
-        if mean is not None:
-            self.pca_mean.copy_(torch.from_numpy(mean))
-            self.pca_projection.copy_(torch.from_numpy(projection))
+        fit_vlad_buffers(self, batches)
         self._fitted.fill_(True)
         return self
