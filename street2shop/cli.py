@@ -153,56 +153,187 @@ def query_command(index_dir, photos, k, proxy, descriptor, fmt, device, rerank, 
         click.echo(results.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
 
 
+def _expand(patterns: str, names: List[str], what: str) -> List[str]:
+    """Comma-separated names or shell globs ('*', 'paintnet*', 's?ft') -> registered names, in order.
+
+    A 'NAME@checkpoint' entry is kept as given (its NAME must exist); a glob that matches nothing is an
+    error that lists what exists.
+    """
+    import fnmatch
+
+    chosen: List[str] = []
+    for pattern in _split_list(patterns):
+        base = pattern.split("@")[0].split("[")[0]
+        if "@" in pattern or "[" in pattern:  # a checkpoint or options (paintnet[use_perceptual=False]): as given
+            matches = [pattern] if base in names else []
+        else:
+            matches = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
+        if not matches:
+            raise click.BadParameter(f"{pattern!r} matches no {what}; registered: {', '.join(names)}")
+        chosen += [m for m in matches if m not in chosen]
+    return chosen
+
+
 @cli.command("bench")
 @click.option("--dataset", default="synthetic", show_default=True, help=DATASET_HELP)
 @click.option("--split", default="val", show_default=True, help="val (seeded third of the pairs), train, or all.")
-@click.option("--descriptors", default="colorhist,sift,rmac,gem", show_default=True, help="Comma-separated descriptor names.")
-@click.option("--proxies", default="none", show_default=True, help="Comma-separated proxy names.")
-@click.option("--index", "preset", default="flat", show_default=True, help="Index preset used for the ranking.")
+@click.option("--descriptors", default="colorhist,sift,rmac,gem", show_default=True,
+              help="Comma-separated names or globs ('*' = all), each optionally NAME@run/final.pt.")
+@click.option("--proxies", default="none", show_default=True, help="Names or globs, e.g. 'none,hp,paintnet@runs/paintnet/final.pt'.")
+@click.option("--indexes", "--index", "presets", default="flat", show_default=True, help="Index presets or globs, e.g. 'flat,ivfpq'.")
 @click.option("--k", "ks", default="1,5,10,20", show_default=True, help="Cut-offs for mAP@k and recall@k.")
-@click.option("--out", "out_dir", default="results", show_default=True, type=click.Path(file_okay=False), help="Where results.csv and results.md go.")
+@click.option("--out", "out_dir", default="results", show_default=True, type=click.Path(file_okay=False), help="Where the report goes (see below).")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--batch-size", default=32, show_default=True)
 @click.option("--fit-max-images", default=1000, show_default=True, help="Training images used to fit codebooks/whitening.")
-@click.option("--cache-dir", default=None, help="Feature cache; default $STREET2SHOP_CACHE or ~/.cache/street2shop.")
+@click.option("--cache-dir", default=None, help="Feature and checkpoint cache; default $STREET2SHOP_CACHE or ~/.cache/street2shop.")
 @click.option("--no-cache", is_flag=True, help="Recompute every feature.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--rerank", default=0, show_default=True, help="Also score each local descriptor's top N re-ranked by spatial verification (rows NAME+sv); 0: off.")
 @click.option("--rerank-model", default="similarity", show_default=True, type=click.Choice(RERANK_MODELS), help=RERANK_MODEL_HELP)
-def bench_command(dataset, split, descriptors, proxies, preset, ks, out_dir, device, batch_size, fit_max_images, cache_dir, no_cache, seed, rerank, rerank_model) -> None:
-    """Score proxy x descriptor combinations with mAP@k (DESIGN.md's definition) and recall@k.
+@click.option("--distractors", default=0, show_default=True, help="Extra gallery products drawn from the training split (nobody queries them).")
+@click.option("--protocol-draws", default=10, show_default=True, help="The paper's protocol: seeded galleries drawn (0: off).")
+@click.option("--protocol-gallery", default=250, show_default=True, help="Products per drawn gallery (the paper: 250).")
+@click.option("--bootstrap", default=1000, show_default=True, help="Bootstrap resamples for the 95%% intervals and paired tests (0: off).")
+@click.option("--generation-samples", default=200, show_default=True, help="Queries whose proxy output is scored against the true product (RMSE, SSIM, IS-style); 0: off.")
+@click.option("--rank-pictures", default=6, show_default=True, help="Queries pictured (query | proxy output | top 5) for every combination; 0: off.")
+@click.option("--train", "train_missing", is_flag=True,
+              help="Train every trainable model named without a checkpoint (cached under CACHE/checkpoints by config; "
+                   "reused later). Ablations as NAME[KEY=VALUE;...], e.g. 'paintnet[use_perceptual=False]'.")
+@click.option("--train-budget", default=10.0, show_default=True, help="Minutes of training per model with --train.")
+def bench_command(dataset, split, descriptors, proxies, presets, ks, out_dir, device, batch_size, fit_max_images, cache_dir,
+                  no_cache, seed, rerank, rerank_model, distractors, protocol_draws, protocol_gallery, bootstrap,
+                  generation_samples, rank_pictures, train_missing, train_budget) -> None:
+    """Score the proxy x descriptor x index grid with mAP@k (DESIGN.md), recall@k and MRR.
 
-    Query = person/street photo, gallery = every product of the split, one relevant product per
-    query for VITON. Prints the table and writes results.csv and results.md to --out.
+    Query = person/street photo; gallery = every product of the split (plus --distractors). Features
+    are cached by image content and model fingerprints: run the same command again after an
+    interruption and it resumes where it stopped.
+
+    \b
+    Writes to --out:
+      report.md                Table-4-shaped report: intervals, paired tests vs none, the paper beside
+      results.csv/.parquet     one row per combination (every metric, interval, test, timing)
+      per_query.csv/.parquet   one row per query and combination (rank, AP@k, top 5)
+      protocol_draws.csv       the paper's 250-product protocol, one row per draw
+      generation.csv           proxy outputs vs true products (generative proxies)
+      map_curves.png, heatmap.png, rank/index.html, config.json (config, versions, git revision)
+
+    \b
+    Example (every descriptor, three proxies, two indexes, training what has no checkpoint):
+      street2shop bench --dataset viton:../shared/data/viton --descriptors '*' \\
+          --proxies none,hp,paintnet --indexes flat,ivfpq --train --train-budget 10
     """
-    from benchmarks.runner import format_table, run_grid
-    from retrieval.batching import resolve_device
+    from benchmarks.report import (atomic_write_text, bench_markdown, git_revision, map_curves_frame, package_versions,
+                                   plot_heatmap, plot_map_curves, write_bench_rank_pictures, write_table)
+    from benchmarks.runner import format_table, proxy_previews, run_benchmark
+    from generation.proxies import list_proxies
+    from index import list_index_presets
+    from retrieval.batching import resolve_device, sample_paths
     from retrieval.datasets import load_dataset
+    from retrieval.descriptors import list_descriptors
 
     k_list = _ks(ks)
-    try:
-        cache = _cache_dir(cache_dir)
-        data = load_dataset(dataset, split=split, seed=seed, cache_dir=cache)
-        click.echo(data.describe())
-        started = time.perf_counter()
-        results = run_grid(
-            data, _split_list(descriptors), _split_list(proxies), preset=preset, ks=k_list,
-            device=resolve_device(device), faiss_device=device, batch_size=batch_size,
-            fit_max_images=fit_max_images, cache_dir=None if no_cache else cache / "features", seed=seed,
-            rerank=rerank or None, rerank_conf={"model": rerank_model},
-        )
-    except EXPECTED_ERRORS as exc:
-        _fail(exc)
+    descriptor_specs = _expand(descriptors, list_descriptors(), "descriptor")
+    proxy_specs = _expand(proxies, list_proxies(), "proxy")
+    preset_names = _expand(presets, list_index_presets(), "index preset")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    results.to_csv(out / "results.csv", index=False)
-    (out / "results.md").write_text(
-        f"# street2shop bench: {data.name}, split {split}\n\n{data.describe()}\n\n"
-        "mAP@k: (1/min(R,k)) sum P(i) rel(i) (DESIGN.md); recall@k: share of relevant products in the top k.\n\n"
-        + format_table(results, k_list, markdown=True) + "\n"
-    )
-    click.echo(format_table(results, k_list))
-    click.echo(f"\n{time.perf_counter() - started:.1f} s; wrote {out / 'results.csv'} and {out / 'results.md'}")
+    started = time.perf_counter()
+    trainings = []
+    try:
+        cache = _cache_dir(cache_dir)
+        torch_device = resolve_device(device)
+        data = load_dataset(dataset, split=split, seed=seed, cache_dir=cache)
+        click.echo(data.describe())
+        with_options = [spec for spec in proxy_specs + descriptor_specs if "[" in spec.split("@")[0]]
+        if with_options and not train_missing:
+            raise ValueError(f"{', '.join(with_options)}: options in brackets name a model to train; add --train, "
+                             "or train it with `street2shop train ... --set KEY=VALUE` and pass NAME@final.pt")
+        if train_missing:
+            from benchmarks.reproduce import ensure_trained
+
+            proxy_specs, proxy_rows = ensure_trained(proxy_specs, "proxy", data, cache, train_budget, torch_device, seed, progress=True)
+            descriptor_specs, descriptor_rows = ensure_trained(descriptor_specs, "descriptor", data, cache, train_budget,
+                                                               torch_device, seed, progress=True)
+            trainings = proxy_rows + descriptor_rows
+        click.echo(f"grid: {len(proxy_specs)} proxies x {len(descriptor_specs)} descriptors x {len(preset_names)} indexes", err=True)
+        result = run_benchmark(
+            data, descriptor_specs, proxy_specs, presets=preset_names, ks=k_list, device=torch_device,
+            faiss_device=device, batch_size=batch_size, fit_max_images=fit_max_images,
+            cache_dir=None if no_cache else cache / "features", seed=seed, rerank=rerank or None,
+            rerank_conf={"model": rerank_model}, distractors=distractors, protocol_gallery=protocol_gallery,
+            protocol_draws=protocol_draws, bootstrap=bootstrap,
+        )
+        generation, generation_md = _bench_generation(data, proxy_specs, generation_samples, torch_device, seed)
+        files = ["results.csv", "per_query.csv", "protocol_draws.csv", "map_curves.png", "heatmap.png", "config.json"]
+        if rank_pictures > 0:
+            queries = data.queries.drop_duplicates("query_id")
+            chosen = sample_paths(list(queries["query_id"]), rank_pictures, seed)
+            paths = dict(zip(queries["query_id"], queries["image"]))
+            previews = proxy_previews(proxy_specs, [paths[q] for q in chosen], chosen, device=torch_device)
+            catalog = dict(zip(data.catalog["product_id"].astype(str), data.catalog["image"]))
+            if data.train is not None:  # distractors shown in a top 5 come from the training products
+                catalog.update({f"distractor:{p}": i for p, i in zip(data.train["product_id"].astype(str), data.train["product_image"])})
+            write_bench_rank_pictures(result.per_query, paths, catalog, previews, chosen, out / "rank",
+                                      f"street2shop bench: {data.name}")
+            files.append("rank/index.html")
+    except EXPECTED_ERRORS as exc:
+        _fail(exc)
+    wall = time.perf_counter() - started
+    config = {
+        "command": "street2shop " + " ".join(sys.argv[1:]),
+        "dataset": dataset, "split": split, "described": data.describe(), "descriptors": descriptor_specs,
+        "proxies": proxy_specs, "indexes": preset_names, "ks": k_list, "device": str(torch_device),
+        "batch_size": batch_size, "fit_max_images": fit_max_images, "seed": seed, "rerank": rerank,
+        "rerank_model": rerank_model, "distractors": distractors, "protocol_draws": protocol_draws,
+        "protocol_gallery": protocol_gallery, "bootstrap": bootstrap, "generation_samples": generation_samples,
+        "trainings": trainings, "wall_s": round(wall, 1), "finished": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "versions": package_versions(), "git": git_revision(),
+    }
+    write_table(result.summary, out / "results")
+    write_table(result.per_query, out / "per_query")
+    if not result.draws.empty:
+        write_table(result.draws, out / "protocol_draws")
+    if generation is not None:
+        write_table(generation, out / "generation")
+        files.append("generation.csv")
+    if trainings:
+        write_table(pd_frame(trainings), out / "trainings")
+        files.append("trainings.csv")
+    plot_map_curves(map_curves_frame(result.summary, k_list), out / "map_curves.png")
+    plot_heatmap(result.summary, out / "heatmap.png", metric=f"mAP@{max(k_list)}")
+    atomic_write_text(out / "config.json", json.dumps(config, indent=2, default=str))
+    atomic_write_text(out / "report.md", bench_markdown(
+        result, k_list, title=f"street2shop bench: {data.name}, split {split}", description=data.describe(),
+        config=config, generation=generation, generation_markdown=generation_md, files=files))
+    click.echo(format_table(result.summary, k_list))
+    if trainings:
+        click.echo("trainings: " + "; ".join(f"{t['name']} {'trained' if t['trained'] else 'cached'} {t['wall_s']:.0f} s" for t in trainings))
+    click.echo(f"\n{wall:.1f} s; wrote {out / 'report.md'} (and {', '.join(files)})")
+
+
+def pd_frame(rows):
+    """Rows of dicts -> DataFrame; nested values (training options) as JSON text, so Parquet can hold them."""
+    import pandas as pd
+
+    return pd.DataFrame([{k: json.dumps(v, default=str) if isinstance(v, (dict, list, tuple)) else v for k, v in row.items()}
+                         for row in rows])
+
+
+def _bench_generation(data, proxy_specs, samples, device, seed):
+    """(table, markdown) of the proxies' outputs against the true products, or (None, '')."""
+    if samples <= 0 or all(spec == "none" for spec in proxy_specs):
+        return None, ""
+    from benchmarks.generation_eval import evaluate_generation, evaluation_pairs, format_generation_table
+    from benchmarks.runner import descriptor_label
+    from generation.proxies import create_proxy
+
+    persons, products = evaluation_pairs(data, samples, seed)
+    proxies = [(descriptor_label(spec), create_proxy(spec)) for spec in proxy_specs if spec != "none"]
+    reference = list(data.train["product_image"]) if data.train is not None and len(data.train) else None
+    table, _ = evaluate_generation(proxies, persons, products, reference_products=reference, device=device)
+    return table, format_generation_table(table, markdown=True)
 
 
 @cli.command("demo")
@@ -263,7 +394,26 @@ TRAIN_OPTIONS = [
     click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"])),
     click.option("--cache-dir", default=None, help="Default: $STREET2SHOP_CACHE or ~/.cache/street2shop."),
     click.option("--seed", default=0, show_default=True),
+    click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
+                 help="Model option for this run, repeatable, stored in final.pt: e.g. --set width=0.5 "
+                      "--set use_perceptual=False (PaintNet's ablations), --set max_pairs=500."),
 ]
+
+
+def _parse_settings(settings) -> dict:
+    """('width=0.5', 'use_rf_discriminator=False') -> {'width': 0.5, 'use_rf_discriminator': False}."""
+    import ast
+
+    parsed = {}
+    for item in settings:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise click.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint="--set")
+        try:
+            parsed[key.strip()] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            parsed[key.strip()] = value.strip()  # a bare word is a string option, e.g. gan_mode=lsgan
+    return parsed
 
 
 def _train_options(command):
@@ -272,13 +422,15 @@ def _train_options(command):
     return command
 
 
-def _train(kind: str, name: str, dataset, out_dir, epochs, batch_size, lr, time_budget, device, cache_dir, seed, **extra) -> None:
+def _train(kind: str, name: str, dataset, out_dir, epochs, batch_size, lr, time_budget, device, cache_dir, seed,
+           settings=(), **extra) -> None:
     """Build the named descriptor or proxy, train it on the dataset's training pairs, say where it went."""
     from retrieval.batching import resolve_device
     from retrieval.datasets import load_dataset
 
     options = {k: v for k, v in {"epochs": epochs, "batch_size": batch_size, "lr": lr}.items() if v is not None}
     options.update({k: v for k, v in extra.items() if v is not None})
+    options.update(_parse_settings(settings))
     try:
         data = load_dataset(dataset, split="val", seed=seed, cache_dir=_cache_dir(cache_dir))
         if data.train is None or data.train.empty:

@@ -131,7 +131,7 @@ def test_cli_index_query_bench(synthetic_root, tmp_path):
     out = runner.invoke(cli, ["bench", "--dataset", spec, "--descriptors", "colorhist", "--out", str(tmp_path / "res"), "--cache-dir", cache])
     assert out.exit_code == 0, out.output
     assert "mAP@20" in out.output and (tmp_path / "res" / "results.csv").exists()
-    assert "| none | colorhist |" in (tmp_path / "res" / "results.md").read_text()
+    assert "| none | colorhist |" in (tmp_path / "res" / "report.md").read_text()
 
 
 def test_cli_errors_are_one_line_messages(tmp_path):
@@ -139,7 +139,7 @@ def test_cli_errors_are_one_line_messages(tmp_path):
     out = runner.invoke(cli, ["bench", "--dataset", "nope:x", "--out", str(tmp_path)])
     assert out.exit_code == 2 and "error:" in out.output and "Traceback" not in out.output
     out = runner.invoke(cli, ["bench", "--dataset", "synthetic:24", "--descriptors", "nope", "--cache-dir", str(tmp_path), "--out", str(tmp_path)])
-    assert out.exit_code == 2 and "valid names" in out.output
+    assert out.exit_code == 2 and "matches no descriptor" in out.output
     out = runner.invoke(cli, ["bench", "--k", "0", "--out", str(tmp_path)])
     assert out.exit_code == 2
 

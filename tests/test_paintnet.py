@@ -289,3 +289,5 @@ def test_train_checkpoint_round_trip(synthetic_root, tmp_path):
     assert loaded.fingerprint() == proxy.fingerprint() != create_proxy("paintnet", **TINY).fingerprint()
     with pytest.raises(ValueError, match="trained with"):
         create_proxy(f"paintnet@{final}", **{**TINY, "width": 0.25})
+    bare = create_proxy(f"paintnet@{final}")  # no options: the architecture comes with the checkpoint
+    assert bare.conf["width"] == TINY["width"] and torch.allclose(bare(images), expected, atol=1e-5)

@@ -1,0 +1,151 @@
+"""The benchmark suite: grid statistics, protocols, distractors, resume, report files, generation metrics."""
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from click.testing import CliRunner
+
+from benchmarks.features import FeatureCache
+from benchmarks.generation_eval import evaluate_generation, evaluation_pairs, sample_grid
+from benchmarks.runner import add_statistics, run_benchmark
+from retrieval.datasets import load_dataset
+from street2shop.cli import _expand, cli
+
+
+@pytest.fixture
+def dataset(synthetic_root):
+    return load_dataset(f"viton:{synthetic_root}", split="val")
+
+
+def test_expand_globs_keeps_order_and_checkpoints():
+    names = ["colorhist", "gem", "rmac", "sift", "surf"]
+    assert _expand("s*,gem", names, "descriptor") == ["sift", "surf", "gem"]
+    assert _expand("*", names, "descriptor") == names
+    assert _expand("gem@runs/x/final.pt,gem", names, "descriptor") == ["gem@runs/x/final.pt", "gem"]
+    with pytest.raises(Exception, match="matches no descriptor"):
+        _expand("vgg*", names, "descriptor")
+    with pytest.raises(Exception, match="matches no descriptor"):
+        _expand("vgg@x.pt", names, "descriptor")
+
+
+def test_statistics_against_hand_computed_values():
+    """Two proxies on four queries: improvement, paired difference and intervals by hand."""
+    per_query = pd.DataFrame({
+        "proxy": ["none"] * 4 + ["hp"] * 4, "descriptor": "d", "index": "flat",
+        "AP@1": [1, 0, 0, 0, 1, 1, 0, 0], "AP@20": [1.0, 0.5, 0.0, 0.0, 1.0, 1.0, 0.5, 0.0],
+    })
+    summary = pd.DataFrame({"proxy": ["none", "hp"], "descriptor": "d", "index": "flat",
+                            "mAP@1": [0.25, 0.5], "mAP@20": [0.375, 0.625]})
+    out = add_statistics(summary, per_query, ks=(1, 20), n_resamples=500)
+    hp = out.iloc[1]
+    assert hp["improvement_pct"] == pytest.approx(100 * (0.625 - 0.375) / 0.375)
+    assert hp["diff_vs_none"] == pytest.approx(0.25)
+    assert hp["diff_ci_low"] >= 0.0 and hp["diff_ci_high"] <= 0.5  # per-query differences are 0, .5, .5, 0
+    assert 0 < hp["p_value"] <= 1
+    assert np.isnan(out.iloc[0]["improvement_pct"]) and np.isnan(out.iloc[0]["p_value"])
+    assert (out["mAP@20_ci_low"] <= out["mAP@20"]).all() and (out["mAP@20"] <= out["mAP@20_ci_high"]).all()
+
+
+def test_benchmark_tables_agree(dataset):
+    """Summary = mean of the per-query table; distractors enlarge the gallery but never match."""
+    plain = run_benchmark(dataset, ["colorhist"], ["none"], ks=(1, 5), progress=False, protocol_draws=3, bootstrap=200)
+    harder = run_benchmark(dataset, ["colorhist"], ["none"], ks=(1, 5), progress=False, protocol_draws=0, bootstrap=0,
+                           distractors=5)
+    row = plain.summary.iloc[0]
+    assert row["mAP@5"] == pytest.approx(plain.per_query["AP@5"].mean())
+    assert row["recall@1"] == pytest.approx((plain.per_query["rank"] == 1).mean())
+    assert row["mAP@5_ci_low"] <= row["mAP@5"] <= row["mAP@5_ci_high"]
+    # the drawn galleries hold every product with queries here, so each draw equals the full gallery
+    assert row["paper_mAP@5"] == pytest.approx(row["mAP@5"]) and row["paper_mAP@5_std"] == pytest.approx(0.0)
+    assert len(plain.draws) == 3
+    assert harder.summary.iloc[0]["gallery"] == len(dataset.catalog) + 5
+    assert harder.summary.iloc[0]["mAP@5"] <= row["mAP@5"] + 1e-9, "more products cannot make ranking easier"
+    assert harder.per_query["top5"].str.contains("distractor:").any() or harder.summary.iloc[0]["mAP@5"] == row["mAP@5"]
+
+
+def test_interrupted_benchmark_resumes_without_recomputing(dataset, tmp_path, monkeypatch):
+    """Kill the run after two cached chunks; the rerun computes only the rest; a third run computes nothing."""
+    calls = {"put": 0}
+    original_put = FeatureCache.put
+
+    def failing_put(self, key, features):
+        if calls["put"] == 2:
+            raise KeyboardInterrupt("simulated Ctrl-C")
+        calls["put"] += 1
+        original_put(self, key, features)
+
+    options = dict(ks=(1, 5), progress=False, cache_dir=tmp_path, chunk_size=2, protocol_draws=0, bootstrap=0)
+    monkeypatch.setattr(FeatureCache, "put", failing_put)
+    with pytest.raises(KeyboardInterrupt):
+        run_benchmark(dataset, ["colorhist"], ["none"], **options)
+    monkeypatch.setattr(FeatureCache, "put", original_put)
+
+    computed = []
+    monkeypatch.setattr(FeatureCache, "put", lambda self, key, f: (computed.append(len(f)), original_put(self, key, f)))
+    resumed = run_benchmark(dataset, ["colorhist"], ["none"], **options)
+    n_images = len(dataset.catalog) + dataset.queries["query_id"].nunique()
+    assert sum(computed) == n_images - 4, "the two finished chunks (2 x 2 images) were reused"
+    computed.clear()
+    again = run_benchmark(dataset, ["colorhist"], ["none"], **options)
+    assert computed == []
+    pd.testing.assert_frame_equal(resumed.summary.drop(columns=[c for c in resumed.summary if c.endswith("_s")]),
+                                  again.summary.drop(columns=[c for c in again.summary if c.endswith("_s")]))
+
+
+def test_bench_cli_writes_the_report(synthetic_root, tmp_path):
+    out = tmp_path / "out"
+    result = CliRunner().invoke(cli, [
+        "bench", "--dataset", f"viton:{synthetic_root}", "--descriptors", "colorh*", "--proxies", "none,hp",
+        "--indexes", "flat", "--k", "1,5", "--out", str(out), "--cache-dir", str(tmp_path / "cache"),
+        "--bootstrap", "100", "--protocol-draws", "2", "--generation-samples", "4", "--rank-pictures", "2",
+    ])
+    assert result.exit_code == 0, result.output
+    for name in ("report.md", "results.csv", "results.parquet", "per_query.csv", "protocol_draws.csv",
+                 "generation.csv", "map_curves.png", "heatmap.png", "rank/index.html", "config.json"):
+        assert (out / name).exists(), name
+    config = json.loads((out / "config.json").read_text())
+    assert config["descriptors"] == ["colorhist"] and "torch" in config["versions"] and "commit" in config["git"]
+    report = (out / "report.md").read_text()
+    assert "| hp | colorhist | flat |" in report and "(p=" in report and "mean product (reference)" in report
+    per_query = pd.read_parquet(out / "per_query.parquet")
+    assert set(per_query["proxy"]) == {"none", "hp"}
+    assert len(list((out / "rank").glob("rank_*.png"))) == 4  # 2 queries x 2 proxies
+
+
+class _Identity(torch.nn.Module):
+    def forward(self, images):
+        return images
+
+
+def test_generation_metrics_identity_and_references(dataset):
+    persons, products = evaluation_pairs(dataset, 6)
+    table, first = evaluate_generation([("identity", _Identity()), ("copy", _Identity())], products, products,
+                                       reference_products=products, inception=False, progress=False)
+    identity = table.set_index("method").loc["identity"]
+    assert identity["rmse"] == pytest.approx(0.0, abs=1e-6) and identity["ssim"] == pytest.approx(1.0, abs=1e-4)
+    mean_row = table.set_index("method").loc["mean product (reference)"]
+    assert mean_row["rmse"] > 0.01 and mean_row["ssim"] < 1.0
+    grid = sample_grid(first, ["identity"], rows=3)
+    assert grid.shape == (3 * 66, 3 * 66, 3) and grid.dtype == np.uint8
+    with pytest.raises(ValueError, match="aligned"):
+        evaluate_generation([("identity", _Identity())], persons, products[:-1], inception=False, progress=False)
+
+
+def test_bench_train_trains_missing_checkpoints_once(synthetic_root, tmp_path):
+    """`bench --train` on a machine with no checkpoints: hp is trained into the cache, then reused."""
+    args = ["bench", "--dataset", f"viton:{synthetic_root}", "--descriptors", "colorhist", "--proxies", "none,hp",
+            "--k", "1,5", "--cache-dir", str(tmp_path / "cache"), "--bootstrap", "0", "--protocol-draws", "0",
+            "--generation-samples", "0", "--rank-pictures", "0", "--train", "--train-budget", "0.05"]
+    first = CliRunner().invoke(cli, args + ["--out", str(tmp_path / "a")])
+    assert first.exit_code == 0, first.output
+    assert "hp trained" in first.output
+    assert list((tmp_path / "cache" / "checkpoints").glob("hp-*/final.pt"))
+    second = CliRunner().invoke(cli, args + ["--out", str(tmp_path / "b")])
+    assert second.exit_code == 0, second.output
+    assert "hp cached" in second.output
+    config = json.loads((tmp_path / "b" / "config.json").read_text())
+    assert config["proxies"][1].startswith("hp@") and config["trainings"][0]["trained"] is False
+    unknown = CliRunner().invoke(cli, args[:-3] + ["--proxies", "paintnet[width=0.5]", "--out", str(tmp_path / "c")])
+    assert unknown.exit_code == 2 and "add --train" in unknown.output
