@@ -336,6 +336,55 @@ def _bench_generation(data, proxy_specs, samples, device, seed):
     return table, format_generation_table(table, markdown=True)
 
 
+@cli.command("bench-generation")
+@click.option("--dataset", default="viton:../shared/data/viton", show_default=True, help=DATASET_HELP)
+@click.option("--split", default="val", show_default=True)
+@click.option("--proxies", required=True, help="Proxies to score, e.g. 'hp@runs/parser/final.pt,paintnet@runs/paintnet/final.pt'.")
+@click.option("--samples", default=500, show_default=True, help="Seeded sample of the split's person -> product pairs (0: all).")
+@click.option("--size", default=64, show_default=True, help="Side the images are compared at (the paper: 64).")
+@click.option("--no-inception", is_flag=True, help="Skip the IS-style score (one classifier pass per image).")
+@click.option("--out", "out_dir", default="results/generation", show_default=True, type=click.Path(file_okay=False))
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--cache-dir", default=None)
+@click.option("--seed", default=0, show_default=True)
+def bench_generation_command(dataset, split, proxies, samples, size, no_inception, out_dir, device, cache_dir, seed) -> None:
+    """Tables 2-3: each proxy's output against the true product photo (RMSE, SSIM, IS-style score).
+
+    Adds two reference rows: the mean training product (a generator that learned only the average) and
+    the real products' own IS-style score. Writes generation.csv/.md and samples.png (person | each
+    proxy | true product) to --out.
+    """
+    from benchmarks.generation_eval import evaluate_generation, evaluation_pairs, format_generation_table, sample_grid
+    from benchmarks.report import atomic_write_text, write_table
+    from benchmarks.runner import descriptor_label
+    from generation.proxies import create_proxy, list_proxies
+    from retrieval.batching import resolve_device
+    from retrieval.datasets import load_dataset
+    from retrieval.io import write_image_atomic
+
+    specs = _expand(proxies, list_proxies(), "proxy")
+    started = time.perf_counter()
+    try:
+        data = load_dataset(dataset, split=split, seed=seed, cache_dir=_cache_dir(cache_dir))
+        click.echo(data.describe())
+        persons, products = evaluation_pairs(data, samples or None, seed)
+        labelled = [(descriptor_label(spec), create_proxy(spec)) for spec in specs]
+        reference = list(data.train["product_image"]) if data.train is not None and len(data.train) else None
+        table, first = evaluate_generation(labelled, persons, products, reference_products=reference, size=size,
+                                           device=resolve_device(device), inception=not no_inception)
+    except EXPECTED_ERRORS as exc:
+        _fail(exc)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_table(table, out / "generation")
+    markdown = format_generation_table(table, markdown=True)
+    atomic_write_text(out / "generation.md", f"# Generation metrics: {data.name}\n\n{len(persons)} person -> product pairs "
+                      f"at {size}x{size}; RMSE lower is better, SSIM and the IS-style score higher.\n\n{markdown}\n")
+    write_image_atomic(out / "samples.png", sample_grid(first, [label for label, _ in labelled]))
+    click.echo(format_generation_table(table))
+    click.echo(f"\n{time.perf_counter() - started:.0f} s; wrote {out / 'generation.md'}, generation.csv and samples.png")
+
+
 @cli.command("demo")
 @click.option("--products", default=120, show_default=True, help="Size of the generated synthetic set.")
 @click.option("--descriptors", default="colorhist,sift,rmac,gem", show_default=True)
@@ -502,6 +551,7 @@ def train_dtgan_command(**options) -> None:
 
 @cli.command("bench-speed")
 @click.option("--descriptors", default="colorhist,sift,rmac,gem", show_default=True, help="Descriptors timed for extraction ('' to skip).")
+@click.option("--proxies", default="", show_default=True, help="Proxy stages timed alone, e.g. 'hp,paintnet@runs/paintnet/final.pt' ('' to skip).")
 @click.option("--images", default=64, show_default=True, help="Synthetic images per descriptor for the extraction timing.")
 @click.option("--sizes", default="10000,100000", show_default=True, help="Catalog sizes for the index timings, e.g. 10000,100000,1000000.")
 @click.option("--dim", default=512, show_default=True)
@@ -509,7 +559,7 @@ def train_dtgan_command(**options) -> None:
 @click.option("--out", "out_dir", default="results/speed", show_default=True, type=click.Path(file_okay=False))
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--cache-dir", default=None)
-def bench_speed_command(descriptors, images, sizes, dim, presets, out_dir, device, cache_dir) -> None:
+def bench_speed_command(descriptors, proxies, images, sizes, dim, presets, out_dir, device, cache_dir) -> None:
     """Extraction images/s per descriptor; index build time, memory, QPS, p50/p99 latency and recall@10.
 
     Index timings use clustered descriptor-like vectors; each size also gets flat's bound (sgemm for
@@ -524,6 +574,13 @@ def bench_speed_command(descriptors, images, sizes, dim, presets, out_dir, devic
         if _split_list(descriptors):
             rows = extraction_speed(_split_list(descriptors), n_images=images, device=resolve_device(device), cache_dir=_cache_dir(cache_dir))
             click.echo(format_extraction_table(rows))
+            click.echo("")
+        if _split_list(proxies):
+            from benchmarks.speed import proxy_speed
+
+            proxy_rows = proxy_speed(_split_list(proxies), n_images=min(images, 32), device=resolve_device(device),
+                                     cache_dir=_cache_dir(cache_dir))
+            click.echo("proxy stages alone\n" + pd_frame(proxy_rows).to_string(index=False, float_format=lambda v: f"{v:.1f}"))
             click.echo("")
         size_list = [int(n) for n in _split_list(sizes)]
         frame = index_speed_suite(sizes=tuple(size_list), dim=dim, presets=tuple(_split_list(presets)),

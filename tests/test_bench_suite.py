@@ -149,3 +149,12 @@ def test_bench_train_trains_missing_checkpoints_once(synthetic_root, tmp_path):
     assert config["proxies"][1].startswith("hp@") and config["trainings"][0]["trained"] is False
     unknown = CliRunner().invoke(cli, args[:-3] + ["--proxies", "paintnet[width=0.5]", "--out", str(tmp_path / "c")])
     assert unknown.exit_code == 2 and "add --train" in unknown.output
+
+
+def test_bench_generation_cli(synthetic_root, tmp_path):
+    result = CliRunner().invoke(cli, ["bench-generation", "--dataset", f"viton:{synthetic_root}", "--proxies", "hp",
+                                      "--samples", "4", "--no-inception", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    table = pd.read_csv(tmp_path / "generation.csv")
+    assert list(table["method"]) == ["hp", "mean product (reference)"]
+    assert (tmp_path / "samples.png").exists() and "RMSE" in (tmp_path / "generation.md").read_text()
