@@ -347,6 +347,21 @@ def load_csv(catalog_csv: PathLike, queries_csv: Optional[PathLike] = None) -> R
 # --------------------------------------------------------------------------------------------------
 
 
+def subset_products(data: RetrievalSet, limit: Optional[int], seed: int = 0) -> RetrievalSet:
+    """A seeded sample of `limit` catalog products and their queries (training pairs unchanged).
+
+    For quick benchmarks of slow descriptors; the name says "[N products]" so a report cannot pass
+    it off as the full split.
+    """
+    if not limit or limit >= len(data.catalog):
+        return data
+    keep = data.catalog.sample(int(limit), random_state=seed).sort_index()
+    ids = set(keep["product_id"].astype(str))
+    queries = data.queries[data.queries["product_id"].astype(str).isin(ids)]
+    return RetrievalSet(f"{data.name} [{len(keep)} products]", keep.reset_index(drop=True),
+                        queries.reset_index(drop=True), data.train, data.root).validate()
+
+
 def load_dataset(
     spec: str, split: str = "val", seed: int = 0, cache_dir: Optional[PathLike] = None
 ) -> RetrievalSet:

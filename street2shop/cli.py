@@ -191,6 +191,7 @@ def _expand(patterns: str, names: List[str], what: str) -> List[str]:
 @click.option("--seed", default=0, show_default=True)
 @click.option("--rerank", default=0, show_default=True, help="Also score each local descriptor's top N re-ranked by spatial verification (rows NAME+sv); 0: off.")
 @click.option("--rerank-model", default="similarity", show_default=True, type=click.Choice(RERANK_MODELS), help=RERANK_MODEL_HELP)
+@click.option("--limit", default=0, show_default=True, help="Evaluate a seeded sample of N products and their queries (0: all); for slow descriptors.")
 @click.option("--distractors", default=0, show_default=True, help="Extra gallery products drawn from the training split (nobody queries them).")
 @click.option("--protocol-draws", default=10, show_default=True, help="The paper's protocol: seeded galleries drawn (0: off).")
 @click.option("--protocol-gallery", default=250, show_default=True, help="Products per drawn gallery (the paper: 250).")
@@ -202,7 +203,7 @@ def _expand(patterns: str, names: List[str], what: str) -> List[str]:
                    "reused later). Ablations as NAME[KEY=VALUE;...], e.g. 'paintnet[use_perceptual=False]'.")
 @click.option("--train-budget", default=10.0, show_default=True, help="Minutes of training per model with --train.")
 def bench_command(dataset, split, descriptors, proxies, presets, ks, out_dir, device, batch_size, fit_max_images, cache_dir,
-                  no_cache, seed, rerank, rerank_model, distractors, protocol_draws, protocol_gallery, bootstrap,
+                  no_cache, seed, rerank, rerank_model, limit, distractors, protocol_draws, protocol_gallery, bootstrap,
                   generation_samples, rank_pictures, train_missing, train_budget) -> None:
     """Score the proxy x descriptor x index grid with mAP@k (DESIGN.md), recall@k and MRR.
 
@@ -230,7 +231,7 @@ def bench_command(dataset, split, descriptors, proxies, presets, ks, out_dir, de
     from generation.proxies import list_proxies
     from index import list_index_presets
     from retrieval.batching import resolve_device, sample_paths
-    from retrieval.datasets import load_dataset
+    from retrieval.datasets import load_dataset, subset_products
     from retrieval.descriptors import list_descriptors
 
     k_list = _ks(ks)
@@ -244,7 +245,7 @@ def bench_command(dataset, split, descriptors, proxies, presets, ks, out_dir, de
     try:
         cache = _cache_dir(cache_dir)
         torch_device = resolve_device(device)
-        data = load_dataset(dataset, split=split, seed=seed, cache_dir=cache)
+        data = subset_products(load_dataset(dataset, split=split, seed=seed, cache_dir=cache), limit, seed)
         click.echo(data.describe())
         with_options = [spec for spec in proxy_specs + descriptor_specs if "[" in spec.split("@")[0]]
         if with_options and not train_missing:
@@ -285,7 +286,7 @@ def bench_command(dataset, split, descriptors, proxies, presets, ks, out_dir, de
         "command": "street2shop " + " ".join(sys.argv[1:]),
         "dataset": dataset, "split": split, "described": data.describe(), "descriptors": descriptor_specs,
         "proxies": proxy_specs, "indexes": preset_names, "ks": k_list, "device": str(torch_device),
-        "batch_size": batch_size, "fit_max_images": fit_max_images, "seed": seed, "rerank": rerank,
+        "batch_size": batch_size, "fit_max_images": fit_max_images, "seed": seed, "limit": limit, "rerank": rerank,
         "rerank_model": rerank_model, "distractors": distractors, "protocol_draws": protocol_draws,
         "protocol_gallery": protocol_gallery, "bootstrap": bootstrap, "generation_samples": generation_samples,
         "trainings": trainings, "wall_s": round(wall, 1), "finished": time.strftime("%Y-%m-%d %H:%M:%S %Z"),

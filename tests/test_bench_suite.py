@@ -158,3 +158,12 @@ def test_bench_generation_cli(synthetic_root, tmp_path):
     table = pd.read_csv(tmp_path / "generation.csv")
     assert list(table["method"]) == ["hp", "mean product (reference)"]
     assert (tmp_path / "samples.png").exists() and "RMSE" in (tmp_path / "generation.md").read_text()
+
+
+def test_subset_products_keeps_their_queries(dataset):
+    from retrieval.datasets import subset_products
+
+    small = subset_products(dataset, 3, seed=1)
+    assert len(small.catalog) == 3 and "[3 products]" in small.name
+    assert set(small.queries["product_id"]) <= set(small.catalog["product_id"]) and len(small.queries) >= 3
+    assert subset_products(dataset, 0) is dataset
