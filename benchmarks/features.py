@@ -106,3 +106,59 @@ def extract_features(
     finally:
         bar.close()
     return np.concatenate(results)  # type: ignore[arg-type]
+
+
+#: (H, W) proxy outputs are rendered and stored at: VITON's native photo size. Descriptors resize from it.
+PROXY_OUTPUT_SIZE = (256, 192)
+
+
+@torch.no_grad()
+def materialize_proxy_outputs(
+    proxy: torch.nn.Module,
+    paths: Sequence[str],
+    root: os.PathLike,
+    *,
+    size: Tuple[int, int] = PROXY_OUTPUT_SIZE,
+    batch_size: int = 16,
+    device: torch.device = torch.device("cpu"),
+    progress: Optional[str] = None,
+) -> List[str]:
+    """Run a proxy stage once over image files and keep its outputs as PNGs; return their paths.
+
+    The proxy (parser, PaintNet, ...) is the expensive part of a query and does not depend on the
+    descriptor after it, so a grid runs it once per proxy, not once per proxy x descriptor. Outputs go
+    to `root/<proxy name>-<proxy fingerprint>/<image sha1>.png` (the fingerprint covers config and
+    checkpoint weights), each written atomically: an interrupted run resumes, a retrained proxy never
+    reuses stale images. Descriptors then read these files like any photo, and the feature cache keys
+    on their content.
+
+    Args:
+        proxy: (B, 3, H, W) in [0, 1] -> (B, 3, H, W) in [0, 1], with `name` and `fingerprint()`.
+        paths: the input photos.
+        size: (H, W) the photos are read at and the outputs stored at.
+
+    Returns:
+        paths of the outputs, aligned with `paths`.
+    """
+    from retrieval.io import write_image_atomic
+
+    directory = Path(root) / f"{proxy.name}-{proxy.fingerprint()}-{size[0]}x{size[1]}"
+    directory.mkdir(parents=True, exist_ok=True)
+    outputs = [str(directory / f"{file_sha1(p)}.png") for p in paths]
+    todo = [i for i, out in enumerate(outputs) if not Path(out).exists()]
+    bar = tqdm(total=len(paths), initial=len(paths) - len(todo), desc=progress, unit="img", disable=progress is None, leave=False)
+    try:
+        todo_paths = [str(paths[i]) for i in todo]
+        position = 0
+        for batch in iter_batches(todo_paths, size, batch_size):
+            generated = proxy(batch.to(device)).clamp(0, 1)
+            if generated.shape[-2:] != tuple(size):
+                generated = torch.nn.functional.interpolate(generated, size=size, mode="bilinear", align_corners=False)
+            images = generated.mul(255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+            for image in images:
+                write_image_atomic(outputs[todo[position]], image, compress_level=1)
+                position += 1
+            bar.update(len(images))
+    finally:
+        bar.close()
+    return outputs

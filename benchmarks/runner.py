@@ -9,6 +9,7 @@ resumes and a repeated one costs only the search.
 from __future__ import annotations
 
 import logging
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,16 +19,16 @@ import numpy as np
 import pandas as pd
 import torch
 
-from benchmarks.features import DEFAULT_CHUNK, FeatureCache, extract_features
+from benchmarks.features import DEFAULT_CHUNK, FeatureCache, extract_features, materialize_proxy_outputs
 from benchmarks.metrics import average_precision_at_k, count_relevant, ranking_metrics, relevance_matrix
 from benchmarks.protocols import sampled_gallery_protocol, summarise_draws
 from benchmarks.stats import bootstrap_ci, paired_bootstrap_test, relative_improvement
-from generation.proxies import create_proxy, query_embedder
+from generation.proxies import create_proxy
 from index import ProductIndex
 from retrieval.batching import fit_descriptor, sample_paths
 from retrieval.datasets import RetrievalSet
 from retrieval.descriptors import create_descriptor
-from retrieval.rerank import LocalFeatureStore, SpatialVerifier, behind_proxy
+from retrieval.rerank import LocalFeatureStore, SpatialVerifier
 
 log = logging.getLogger("street2shop.bench")
 DEFAULT_KS = (1, 5, 10, 20)
@@ -94,6 +95,7 @@ def run_benchmark(
     protocol_draws: int = 10,
     bootstrap: int = 1000,
     chunk_size: int = DEFAULT_CHUNK,
+    proxy_output_dir: Optional[Path] = None,
 ) -> BenchResult:
     """Score every proxy x descriptor x index preset on `dataset`.
 
@@ -108,6 +110,10 @@ def run_benchmark(
     Protocols: the full gallery (the main columns) and the paper's (``protocol_draws`` seeded
     galleries of ``protocol_gallery`` products, ranked exactly; columns ``paper_mAP@k`` and
     ``paper_mAP@k_std``; 0 draws turns it off). Statistics: ``bootstrap`` resamples of the queries.
+
+    Each proxy runs once over the queries (`materialize_proxy_outputs`; stored under
+    ``proxy_output_dir``, default ``cache_dir/../proxy-outputs``, a temporary folder without a cache),
+    and every descriptor reads its outputs.
     """
     dataset.validate()
     catalog = _with_distractors(dataset, distractors, seed)
@@ -129,77 +135,97 @@ def run_benchmark(
         rows.append(row)
         per_query.append(_per_query_frame(row, query_ids, query_products, relevance, n_relevant, ranked, ks))
 
-    for descriptor_spec in descriptors:
-        descriptor = create_descriptor(descriptor_spec).to(device).eval()
-        descriptor_name = descriptor_label(descriptor_spec)
-        started = time.perf_counter()
-        if descriptor.needs_fit:
-            _stage(progress, f"{descriptor_name}: fitting on {fit_max_images} training images")
-            fit_descriptor(descriptor, fit_images(dataset, fit_max_images, seed), batch_size=batch_size, progress=progress)
-        fit_seconds = time.perf_counter() - started
-        started = time.perf_counter()
-        gallery = extract_features(
-            descriptor.embed, list(catalog["image"]), descriptor.input_spec.size, batch_size=batch_size,
-            device=device, cache=cache(f"{descriptor.name}-{descriptor.fingerprint()}"), chunk_size=chunk_size,
-            progress=f"{descriptor_name}: gallery" if progress else None,
-        )
-        gallery_seconds = time.perf_counter() - started
-        indexes = {}
-        for preset in presets:
+    temporary = None
+    if proxy_output_dir is None and not cache_dir:
+        temporary = tempfile.TemporaryDirectory(prefix="street2shop-proxy-")
+    output_root = Path(proxy_output_dir or (temporary.name if temporary else Path(cache_dir).parent / "proxy-outputs"))
+    try:
+        # Each proxy runs once over the queries; every descriptor below reads its stored outputs.
+        proxied = [_run_proxy(spec, list(queries["image"]), output_root, batch_size, device, progress) for spec in proxies]
+        for descriptor_spec in descriptors:
+            descriptor = create_descriptor(descriptor_spec).to(device).eval()
+            descriptor_name = descriptor_label(descriptor_spec)
+            size = descriptor.input_spec.size
             started = time.perf_counter()
-            indexes[preset] = (ProductIndex.build(gallery, gallery_ids, preset=preset, device=faiss_device),
-                               time.perf_counter() - started)
-        verify = bool(rerank) and descriptor.kind == "local"
-        if rerank and not verify:
-            log.warning("%s is a global descriptor: no local features to verify, no +sv row", descriptor_name)
-        if verify:
+            if descriptor.needs_fit:
+                _stage(progress, f"{descriptor_name}: fitting on {fit_max_images} training images")
+                fit_descriptor(descriptor, fit_images(dataset, fit_max_images, seed), batch_size=batch_size, progress=progress)
+            fit_seconds = time.perf_counter() - started
             started = time.perf_counter()
-            gallery_local = LocalFeatureStore.build(
-                descriptor.extract, list(catalog["image"]), descriptor.input_spec.size, batch_size=batch_size,
-                device=device, progress=f"{descriptor_name}: gallery local features" if progress else None,
+            gallery = extract_features(
+                descriptor.embed, list(catalog["image"]), size, batch_size=batch_size, device=device,
+                cache=cache(f"{descriptor.name}-{descriptor.fingerprint()}"), chunk_size=chunk_size,
+                progress=f"{descriptor_name}: gallery" if progress else None,
             )
-            gallery_local_seconds = time.perf_counter() - started
-        for proxy_name in proxies:
-            proxy = create_proxy(proxy_name).to(device).eval()
-            proxy_label = descriptor_label(proxy_name)
-            started = time.perf_counter()
-            query_vectors = extract_features(
-                query_embedder(descriptor, proxy), list(queries["image"]), descriptor.input_spec.size,
-                batch_size=batch_size, device=device, chunk_size=chunk_size,
-                cache=cache(f"{descriptor.name}-{descriptor.fingerprint()}-proxy-{proxy.name}-{proxy.fingerprint()}"),
-                progress=f"{proxy_label}+{descriptor_name}: queries" if progress else None,
-            )
-            query_seconds = time.perf_counter() - started
-            protocol = _paper_protocol(query_vectors, gallery, query_products, gallery_ids, protocol_gallery,
-                                       protocol_draws, ks, seed)
-            if protocol is not None:
-                draws.append(protocol[1].assign(proxy=proxy_label, descriptor=descriptor_name))
-            for preset, (product_index, build_seconds) in indexes.items():
+            gallery_seconds = time.perf_counter() - started
+            indexes = {}
+            for preset in presets:
                 started = time.perf_counter()
-                scores, ranked = product_index.search(query_vectors, max(depth, int(rerank or 0)) if verify else depth)
-                row = {
-                    "dataset": dataset.name, "proxy": proxy_label, "descriptor": descriptor_name, "index": preset,
-                    "queries": len(queries), "gallery": len(gallery_ids),
-                    **(protocol[0] if protocol is not None else {}),
-                    "fit_s": round(fit_seconds, 1), "gallery_s": round(gallery_seconds, 1),
-                    "index_build_s": round(build_seconds, 2), "query_s": round(query_seconds, 1),
-                    "search_s": round(time.perf_counter() - started, 3),
-                }
-                record(row, ranked)
-                if verify:
+                indexes[preset] = (ProductIndex.build(gallery, gallery_ids, preset=preset, device=faiss_device),
+                                   time.perf_counter() - started)
+            verify = bool(rerank) and descriptor.kind == "local"
+            if rerank and not verify:
+                log.warning("%s is a global descriptor: no local features to verify, no +sv row", descriptor_name)
+            if verify:
+                started = time.perf_counter()
+                gallery_local = LocalFeatureStore.build(
+                    descriptor.extract, list(catalog["image"]), size, batch_size=batch_size, device=device,
+                    progress=f"{descriptor_name}: gallery local features" if progress else None,
+                )
+                gallery_local_seconds = time.perf_counter() - started
+            for proxy_label, proxy_key, query_paths, proxy_seconds in proxied:
+                started = time.perf_counter()
+                query_vectors = extract_features(
+                    descriptor.embed, query_paths, size, batch_size=batch_size, device=device, chunk_size=chunk_size,
+                    cache=cache(f"{descriptor.name}-{descriptor.fingerprint()}-{proxy_key}"),
+                    progress=f"{proxy_label}+{descriptor_name}: queries" if progress else None,
+                )
+                query_seconds = time.perf_counter() - started
+                protocol = _paper_protocol(query_vectors, gallery, query_products, gallery_ids, protocol_gallery,
+                                           protocol_draws, ks, seed)
+                if protocol is not None:
+                    draws.append(protocol[1].assign(proxy=proxy_label, descriptor=descriptor_name))
+                for preset, (product_index, build_seconds) in indexes.items():
                     started = time.perf_counter()
-                    reranked = _spatially_reranked(
-                        descriptor, proxy, queries, scores, ranked, int(rerank), gallery_ids, gallery_local,
-                        rerank_conf or {}, batch_size, device,
-                        progress=f"{proxy_label}+{descriptor_name}+sv" if progress else None,
-                    )
-                    record({**{k: v for k, v in row.items() if not k.startswith("paper_")},
-                            "descriptor": f"{descriptor_name}+sv",
-                            "gallery_s": round(gallery_seconds + gallery_local_seconds, 1),
-                            "rerank_s": round(time.perf_counter() - started, 1)}, reranked)
+                    scores, ranked = product_index.search(query_vectors, max(depth, int(rerank or 0)) if verify else depth)
+                    row = {
+                        "dataset": dataset.name, "proxy": proxy_label, "descriptor": descriptor_name, "index": preset,
+                        "queries": len(queries), "gallery": len(gallery_ids),
+                        **(protocol[0] if protocol is not None else {}),
+                        "fit_s": round(fit_seconds, 1), "gallery_s": round(gallery_seconds, 1),
+                        "proxy_s": round(proxy_seconds, 1), "query_s": round(query_seconds, 1),
+                        "index_build_s": round(build_seconds, 2), "search_s": round(time.perf_counter() - started, 3),
+                    }
+                    record(row, ranked)
+                    if verify:
+                        started = time.perf_counter()
+                        reranked = _spatially_reranked(
+                            descriptor, query_paths, scores, ranked, int(rerank), gallery_ids, gallery_local,
+                            rerank_conf or {}, batch_size, device,
+                            progress=f"{proxy_label}+{descriptor_name}+sv" if progress else None,
+                        )
+                        record({**{k: v for k, v in row.items() if not k.startswith("paper_")},
+                                "descriptor": f"{descriptor_name}+sv",
+                                "gallery_s": round(gallery_seconds + gallery_local_seconds, 1),
+                                "rerank_s": round(time.perf_counter() - started, 1)}, reranked)
+    finally:
+        if temporary is not None:
+            temporary.cleanup()
     per_query_table = pd.concat(per_query, ignore_index=True)
     summary = add_statistics(pd.DataFrame(rows), per_query_table, ks, n_resamples=bootstrap, seed=seed)
     return BenchResult(summary, per_query_table, pd.concat(draws, ignore_index=True) if draws else pd.DataFrame())
+
+
+def _run_proxy(spec: str, paths: List[str], root: Path, batch_size: int, device: torch.device,
+               progress: bool) -> Tuple[str, str, List[str], float]:
+    """(label, feature-cache key part, the proxy's output paths, seconds) for one proxy over the queries."""
+    started = time.perf_counter()
+    proxy = create_proxy(spec).to(device).eval()
+    label = descriptor_label(spec)
+    if proxy.name != "none":
+        paths = materialize_proxy_outputs(proxy, paths, root, batch_size=min(batch_size, 16), device=device,
+                                          progress=f"proxy {label}" if progress else None)
+    return label, f"proxy-{proxy.name}-{proxy.fingerprint()}", paths, time.perf_counter() - started
 
 
 def _stage(progress: bool, message: str) -> None:
@@ -290,12 +316,14 @@ def add_statistics(summary: pd.DataFrame, per_query: pd.DataFrame, ks: Sequence[
     return summary
 
 
-def _spatially_reranked(descriptor, proxy, queries, scores, ranked, top, gallery_ids, gallery_local,
+def _spatially_reranked(descriptor, query_paths, scores, ranked, top, gallery_ids, gallery_local,
                         rerank_conf, batch_size, device, progress) -> np.ndarray:
-    """The first stage's ranked ids with their top `top` re-sorted by spatial verification."""
-    size = descriptor.input_spec.size
-    extract = behind_proxy(descriptor.extract, None if proxy.name == "none" else proxy, size)
-    query_local = LocalFeatureStore.build(extract, list(queries["image"]), size, batch_size=batch_size, device=device, progress=progress)
+    """The first stage's ranked ids with their top `top` re-sorted by spatial verification.
+
+    Queries are verified on the images their global vectors came from (the proxy's outputs, if any).
+    """
+    query_local = LocalFeatureStore.build(descriptor.extract, list(query_paths), descriptor.input_spec.size,
+                                          batch_size=batch_size, device=device, progress=progress)
     top = min(top, ranked.shape[1])
     positions = pd.Index(gallery_ids).get_indexer(ranked[:, :top].ravel()).reshape(len(ranked), top)  # -1: none
     positions = torch.from_numpy(positions.astype(np.int64))

@@ -167,3 +167,22 @@ def test_subset_products_keeps_their_queries(dataset):
     assert len(small.catalog) == 3 and "[3 products]" in small.name
     assert set(small.queries["product_id"]) <= set(small.catalog["product_id"]) and len(small.queries) >= 3
     assert subset_products(dataset, 0) is dataset
+
+
+def test_each_proxy_runs_once_per_grid_and_is_cached(dataset, tmp_path, monkeypatch):
+    """Two descriptors behind hp: hp sees every query once; a rerun reads its stored outputs."""
+    from generation.proxies import create_proxy
+
+    proxy_type = type(create_proxy("hp"))
+    original = proxy_type.forward
+    seen = []
+    monkeypatch.setattr(proxy_type, "forward", lambda self, images: (seen.append(len(images)), original(self, images))[1])
+    options = dict(ks=(1, 5), progress=False, cache_dir=tmp_path / "features", protocol_draws=0, bootstrap=0)
+    first = run_benchmark(dataset, ["colorhist", "sift"], ["none", "hp"], **options)
+    n_queries = dataset.queries["query_id"].nunique()
+    assert sum(seen) == n_queries
+    assert len(list((tmp_path / "proxy-outputs").glob("hp-*/*.png"))) == n_queries
+    seen.clear()
+    again = run_benchmark(dataset, ["colorhist", "sift"], ["none", "hp"], **options)
+    assert seen == []
+    assert np.allclose(first.summary["mAP@5"], again.summary["mAP@5"])
