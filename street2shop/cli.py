@@ -480,19 +480,26 @@ def _train(kind: str, name: str, dataset, out_dir, epochs, batch_size, lr, time_
 
     options = {k: v for k, v in {"epochs": epochs, "batch_size": batch_size, "lr": lr}.items() if v is not None}
     options.update({k: v for k, v in extra.items() if v is not None})
-    options.update(_parse_settings(settings))
+    settings = _parse_settings(settings)
     try:
         data = load_dataset(dataset, split="val", seed=seed, cache_dir=_cache_dir(cache_dir))
         if data.train is None or data.train.empty:
             raise ValueError(f"{data.name} has no training pairs to train {name} on")
+        from retrieval.training import seed_everything
+
         if kind == "descriptor":
             from retrieval.descriptors import create_descriptor
 
-            model = create_descriptor(name)
+            create = create_descriptor
         else:
             from generation.proxies import create_proxy
 
-            model = create_proxy(name)
+            create = create_proxy
+        # --set KEY=VALUE: the model's own options build it, the rest are training options.
+        model_conf = {k: v for k, v in settings.items() if k in create(name).default_conf}
+        options.update({k: v for k, v in settings.items() if k not in model_conf})
+        seed_everything(seed)  # before the model is built: --seed also decides the initial weights
+        model = create(name, **model_conf)
         if not model.trainable:
             raise ValueError(f"{kind} {name!r} has nothing to train")
         model = model.to(resolve_device(device))
@@ -501,7 +508,9 @@ def _train(kind: str, name: str, dataset, out_dir, epochs, batch_size, lr, time_
                                time_budget_s=None if time_budget is None else 60 * time_budget, **options)
     except EXPECTED_ERRORS as exc:
         _fail(exc)
-    click.echo(f"trained {name} on {len(data.train)} pairs in {time.perf_counter() - started:.0f} s -> {final}")
+    budget = f" (stopped by the {time_budget:g}-minute budget if it came first)" if time_budget else ""
+    click.echo(f"trained {name} in {time.perf_counter() - started:.0f} s on {data.name}'s {len(data.train)} training pairs"
+               f"{budget} -> {final}; steps and epochs: {Path(out_dir) / 'losses.csv'}")
     flag = "--descriptors" if kind == "descriptor" else "--proxies"
     click.echo(f"use it as: {flag} {name}@{final}")
 

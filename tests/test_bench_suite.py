@@ -186,3 +186,13 @@ def test_each_proxy_runs_once_per_grid_and_is_cached(dataset, tmp_path, monkeypa
     again = run_benchmark(dataset, ["colorhist", "sift"], ["none", "hp"], **options)
     assert seen == []
     assert np.allclose(first.summary["mAP@5"], again.summary["mAP@5"])
+
+
+def test_train_set_options_are_parsed_and_checked(synthetic_root, tmp_path):
+    from street2shop.cli import _parse_settings
+
+    assert _parse_settings(["width=0.5", "use_perceptual=False", "gan_mode=lsgan", "sp_image_size=(64, 48)"]) == {
+        "width": 0.5, "use_perceptual": False, "gan_mode": "lsgan", "sp_image_size": (64, 48)}
+    result = CliRunner().invoke(cli, ["train", "parsing", "--dataset", f"viton:{synthetic_root}", "--out", str(tmp_path),
+                                      "--set", "nonsense"])
+    assert result.exit_code != 0 and "KEY=VALUE" in result.output
