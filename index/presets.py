@@ -10,8 +10,8 @@ preset           factory string                           when to use it
 ``ivfpq``        ``IVF{nlist},PQ{m}x4fs,Refine(SQ8)``     large catalogs on CPU; IVF + 4-bit fast-scan
                                                           PQ find candidates, 8-bit scalar-quantised
                                                           copies of the vectors re-rank them. About
-                                                          28% of flat's memory (at D=512: 512 B SQ8 +
-                                                          32 B PQ + 8 B id per vector, against
+                                                          29% of flat's memory (at D=512: 512 B SQ8 +
+                                                          64 B PQ + 8 B id per vector, against
                                                           2048 B); scores are SQ8 approximations
 ``ivfpq-rflat``  ``IVF{nlist},PQ{m}x{b}np,RFlat``         IVF + 8-bit PQ re-ranked from the exact
                                                           vectors: exact scores, memory of flat plus
@@ -23,19 +23,33 @@ preset           factory string                           when to use it
 
 Both IVF presets are sized from the number of vectors N given at build time:
 
-- ``nlist ~ 4 * sqrt(N)``, then lowered so that every list gets >= 39 training points (FAISS's own
-  k-means rule of thumb). Below :data:`MIN_IVFPQ_TRAIN` vectors they fall back to ``Flat``, since an
-  exact scan of a thousand vectors costs microseconds and k-means on so few points is noise.
-- k-means trains on a seeded subsample of ``TRAIN_POINTS_PER_LIST * nlist`` vectors (:attr:`IndexPlan.
-  train_size`), not on all N: at 1M x 512 that is 160k points and 4000 lists, well under a minute of
-  k-means on two idle cores, where FAISS's own cap (256 points per centroid) would take 1M points.
-- ``ivfpq``: ``m`` (sub-quantizers) is the largest divisor of ``dim`` that is <= ``min(64, dim // 8)``
-  at 4 bits each, i.e. half a bit per dimension, scanned with fast-scan (lookup tables held in SIMD
-  registers). The codes only pick candidates; precision comes from the re-rank, so short codes that
-  scan fast win: at 300k x 512, PQ64x4fs gave 29% more QPS than PQ128x4fs at recall@10 0.96. The SQ8 re-rank keeps 8 bits per dimension, 4x smaller than float32; its
-  score error (~1e-3 at D=512) swaps only near-tied neighbours, which caps recall@10 against exact
-  search near 0.98 on descriptor-like data (``benchmarks/speed_suite.py``): use ``ivfpq-rflat`` or
-  ``flat`` above that.
+- ``nlist ~ c * sqrt(N)`` (``c`` = :data:`IVFPQ_NLIST_PER_SQRT_N` = 8 for ``ivfpq``,
+  :data:`NLIST_PER_SQRT_N` = 4 for ``ivfpq-rflat``), then lowered so that there are >= 39 vectors
+  per list (FAISS's own k-means rule of thumb). Below :data:`MIN_IVFPQ_TRAIN` vectors they fall back
+  to ``Flat``, since an exact scan of a thousand vectors costs microseconds and k-means on so few
+  points is noise.
+- k-means trains on a seeded subsample of ``points_per_list * nlist`` vectors (:attr:`IndexPlan.
+  train_size`; 20 per list for ``ivfpq``, 40 for ``ivfpq-rflat``), not on all N, where FAISS's own cap
+  (256 points per centroid) would take 1M points. At 1M x 512, ``ivfpq`` clusters 160k points into
+  8000 lists (about 2.5 minutes of k-means on one core); 40 instead of 20 points per list doubled that
+  and changed the share of true neighbours inside the probed lists by < 0.002.
+- Why 8 sqrt(N) lists for ``ivfpq``: at 1M x 512 (descriptor-like vectors) a query's true top-10 are
+  spread over many lists, and with 4000 lists 97% of them lay in the nearest 64 lists, which hold
+  40k vectors (big lists attract queries: 2.2x the mean list size per probe); with 8000 lists 97%
+  lay in the nearest 32 lists holding 11k vectors. Scanning 3.5x fewer codes outweighs the doubled
+  cost of comparing the query with the centroids (the flat coarse quantizer, ~0.1 ms per query
+  per core at 8000 lists, now half the search time): 0.20 against 0.26 ms per query on one core
+  at recall@10 0.96.
+- ``ivfpq``: ``m`` (sub-quantizers) is the largest divisor of ``dim`` that is <= ``min(128, dim // 4)``
+  at 4 bits each, i.e. one bit per dimension, scanned with fast-scan (lookup tables held in SIMD
+  registers). The codes only pick candidates and the re-rank gives the precision, but re-ranking is
+  the expensive step (~0.35 us per candidate at 1M: a random 512 B read from memory), so codes
+  precise enough to need few candidates win: at 1M x 512 with 48 of 8000 lists probed, re-ranking
+  the best 80 candidates of PQ128x4fs gave recall@10 0.962, where PQ64x4fs gave 0.928 and needed
+  320 candidates for 0.961; at the tuned settings PQ64x4fs was ~1.8x slower. The SQ8 re-rank keeps
+  8 bits per dimension, 4x smaller than float32; its score error (~1e-3 at D=512) swaps only
+  near-tied neighbours, which caps recall@10 against exact search near 0.98 on descriptor-like data
+  (``benchmarks/speed_suite.py``): use ``ivfpq-rflat`` or ``flat`` above that.
 - ``ivfpq-rflat``: ``m`` is the largest divisor of ``dim`` that is <= ``min(64, dim // 4)``, ``b`` is
   8 bits, lowered when N < 39 * 256 so each PQ codebook is trainable; ``np`` turns off polysemous
   training, which only serves Hamming prefiltering (unused) and multiplied training time by ~8.
@@ -58,16 +72,30 @@ MIN_POINTS_PER_CENTROID = 39
 """FAISS k-means warns below 39 training points per centroid; we size nlist and PQ bits to respect it."""
 
 TRAIN_POINTS_PER_LIST = 40
-"""k-means trains on at most this many vectors per inverted list (a seeded subsample of the catalog):
-FAISS's minimum of 39 per centroid. More points barely move IVF centroids but cost k-means time."""
+"""``ivfpq-rflat``'s k-means trains on at most this many vectors per inverted list (a seeded subsample
+of the catalog): FAISS's minimum of 39 per centroid. More points barely move IVF centroids but cost
+k-means time."""
+
+IVFPQ_TRAIN_POINTS_PER_LIST = 20
+"""The same for ``ivfpq``, whose 2x more lists would make 40 per list cost 4x the k-means time; at 1M x
+512 the centroids trained on 20 per list put as many true neighbours in the probed lists as 40 did.
+(The k-means of :class:`ProductIndex` is told so, so FAISS does not warn about it.)"""
 
 NLIST_PER_SQRT_N = 4
-"""nlist ~ this * sqrt(N): lists of ~sqrt(N)/4 vectors. Larger nlist scans fewer codes per probe but
-costs k-means time (quadratic in nlist with a proportional sample) and centroid comparisons per query;
-at 300k x 512, 4 sqrt(N) lists gave 22% more QPS than 2 sqrt(N) at equal recall@10."""
+"""``ivfpq-rflat``: nlist ~ this * sqrt(N). Larger nlist scans fewer codes per probe but costs k-means
+time (quadratic in nlist with a proportional sample) and centroid comparisons per query; at 300k x 512,
+4 sqrt(N) lists gave 22% more QPS than 2 sqrt(N) at equal recall@10."""
+
+IVFPQ_NLIST_PER_SQRT_N = 8
+"""``ivfpq``: nlist ~ this * sqrt(N) (see the module docstring: at 1M x 512, 8000 lists gave 1.3x the
+QPS of 4000 at recall@10 0.96)."""
 
 MAX_NLIST = 65536
 MAX_PQ_SUBQUANTIZERS = 64
+"""``ivfpq-rflat``: at most this many 8-bit sub-quantizers."""
+
+MAX_FASTSCAN_SUBQUANTIZERS = 128
+"""``ivfpq``: at most this many 4-bit fast-scan sub-quantizers (scan time grows with them)."""
 
 DEFAULT_EF_SEARCH = 64
 """HNSW beam width when not tuned; each search uses max(efSearch, 2 * k) so deep result lists keep recall."""
@@ -153,7 +181,7 @@ def index_factory_string(preset: str, dim: int, n_train: int) -> str:
 
     Example:
         >>> index_factory_string("ivfpq", dim=512, n_train=1_000_000)
-        'IVF4000,PQ64x4fs,Refine(SQ8)'
+        'IVF8000,PQ128x4fs,Refine(SQ8)'
         >>> index_factory_string("ivfpq-rflat", dim=512, n_train=100_000)
         'IVF1265,PQ64x8np,RFlat'
         >>> index_factory_string("ivfpq", dim=512, n_train=50)
@@ -186,10 +214,14 @@ def _plan_ivf(preset: str, dim: int, n_train: int) -> IndexPlan:
                 "using an exact Flat index instead"
             ),
         )
-    wanted_nlist = int(round(NLIST_PER_SQRT_N * math.sqrt(n_train)))
+    per_sqrt_n, points_per_list = (
+        (IVFPQ_NLIST_PER_SQRT_N, IVFPQ_TRAIN_POINTS_PER_LIST) if preset == "ivfpq"
+        else (NLIST_PER_SQRT_N, TRAIN_POINTS_PER_LIST)
+    )
+    wanted_nlist = int(round(per_sqrt_n * math.sqrt(n_train)))
     trainable_nlist = n_train // MIN_POINTS_PER_CENTROID
     nlist = max(1, min(wanted_nlist, trainable_nlist, MAX_NLIST))
-    train_size = min(n_train, TRAIN_POINTS_PER_LIST * nlist)
+    train_size = min(n_train, points_per_list * nlist)
     # Probing 1/8 of the lists (at least 8) keeps recall@10 high on clustered catalogs when untuned.
     search_params = {
         "nprobe": min(nlist, max(8, nlist // 8)),
@@ -198,12 +230,12 @@ def _plan_ivf(preset: str, dim: int, n_train: int) -> IndexPlan:
     }
     reason = None
     if preset == "ivfpq":
-        m = _largest_divisor_at_most(dim, min(MAX_PQ_SUBQUANTIZERS, max(1, dim // 8)))
+        m = _largest_divisor_at_most(dim, min(MAX_FASTSCAN_SUBQUANTIZERS, max(1, dim // 4)))
         factory = f"IVF{nlist},PQ{m}x4fs,Refine(SQ8)"
         if nlist < wanted_nlist:
             reason = (
                 f"preset 'ivfpq' on {n_train} training vectors: nlist {nlist} (wanted {wanted_nlist}) "
-                f"so that every centroid gets >= {MIN_POINTS_PER_CENTROID} training points"
+                f"so that there are >= {MIN_POINTS_PER_CENTROID} vectors per list"
             )
     else:
         # b bits per sub-quantizer means 2**b centroids per PQ codebook, each wanting 39 points.

@@ -66,8 +66,10 @@ _CONFIDENCE_SE = 2.0
 one-sided confidence that the recall on fresh queries reaches it too; one s.e. let fresh recall fall
 just short of the target in one case out of six)."""
 
-_TUNING_K_FACTORS = (1, 2, 4, 8, 16, 32, 64)
-"""Re-rank depths (candidates = k_factor * k) tried by :meth:`ProductIndex.tune` for IVF presets."""
+_TUNING_K_FACTORS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+"""Re-rank depths (candidates = k_factor * k) tried by :meth:`ProductIndex.tune` for IVF presets: steps
+of 1.33x-1.5x, since the cost of a setting grows with them about linearly (at 1M x 512, powers of two
+left the tuner choosing between settings 2x apart in cost)."""
 
 _MAX_TUNED_NPROBE = 2048
 """Largest nprobe tried: GPU IVF searches accept no more, and beyond it flat is the better index."""
@@ -77,7 +79,12 @@ _TUNING_EF_SEARCH = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
 target is also the fastest)."""
 
 _SATURATION_GAIN = 0.002
-"""Doubling nprobe gained less recall than this: at this re-rank depth more lists will not help."""
+"""Doubling nprobe (two steps of the sweep) gained less recall than this: at this re-rank depth more
+lists will not help."""
+
+_SLOWER_THAN_BEST = 1.5
+"""An nprobe sweep stops once a setting is this many times slower than the fastest one reaching the
+target so far: more lists only cost more."""
 
 _TIMING_REPEATS = 3
 
@@ -185,6 +192,7 @@ class ProductIndex:
             tune_queries = _tuning_queries(tune_queries, dim)  # refused before minutes of training
         cpu_index = faiss.index_factory(dim, plan.factory_string, faiss.METRIC_INNER_PRODUCT)
         _encode_residuals(cpu_index)
+        _expect_training_sample(cpu_index, plan.train_size)
         started = time.perf_counter()
         if not cpu_index.is_trained:
             cpu_index.train(_training_sample(vectors, plan.train_size, seed))
@@ -443,10 +451,14 @@ class ProductIndex:
         measure them. On a sample of queries, exact top-k come from a brute-force scan
         (``faiss.knn``, inner product) of the catalog vectors; then
 
-        - IVF presets: for each re-rank depth ``k_factor`` in 1, 2, 4 ... 64, nprobe doubles from 1 until
-          the recall reaches the target (or stops improving: that depth cannot reach it); every
-          (nprobe, k_factor) that reaches it is timed on the sample and the fastest wins. A deeper
-          re-rank is only tried with fewer lists than the best so far, since more of both is slower.
+        - IVF presets: re-rank depths ``k_factor`` go down from 64 through 48, 32, 24 ... 1, and for
+          each, nprobe grows in steps of 1.33x-1.5x (1, 2, 3, 4, 6, 8, 12 ...) until the recall
+          reaches the target; every (nprobe, k_factor) that reaches it is timed again and the fastest
+          wins. Recall grows with both parameters, so a shallower re-rank needs at least the nprobe
+          the deeper one needed: each depth starts there, which walks the frontier of cheapest
+          settings in a few dozen searches. A depth stops early when doubling nprobe gains < 0.002
+          recall (it cannot reach the target, nor can shallower ones: the walk ends) or once it is
+          1.5x slower than the fastest setting found.
         - HNSW: efSearch grows through 16, 24, 32 ... 1024 and the first value that reaches the target
           wins (recall and cost both grow with it).
 
@@ -634,22 +646,17 @@ class ProductIndex:
 
     def _sweep_ivf(self, measure: Any, target_recall: float, k: int) -> Tuple[List[Dict], List[Dict]]:
         """nprobe x k_factor sweep (see :meth:`tune`); returns all rows measured and those reaching the target."""
-        nlist = int(faiss.extract_index_ivf(self._cpu_index).nlist)
-        top = min(nlist, _MAX_TUNED_NPROBE)
-        nprobes = [1 << i for i in range(int(math.log2(top)) + 1)]
-        if nprobes[-1] < top:
-            nprobes.append(top)
+        nprobes = _nprobe_steps(min(int(faiss.extract_index_ivf(self._cpu_index).nlist), _MAX_TUNED_NPROBE))
+        # Beyond twice the catalog, deeper re-ranks re-score the same vectors.
+        k_factors = [kf for kf in _TUNING_K_FACTORS if kf == 1 or kf * k <= 2 * self.ntotal]
         sweep: List[Dict[str, Any]] = []
         reaching: List[Dict[str, Any]] = []
-        nprobe_bound = math.inf  # a deeper re-rank is only worth trying with fewer lists than this
-        for k_factor in _TUNING_K_FACTORS:
-            # Beyond twice the catalog, deeper re-ranks re-score the same vectors.
-            if (k_factor > 1 and k_factor * k > 2 * self.ntotal) or nprobe_bound <= nprobes[0]:
-                break
-            previous = None
-            for nprobe in nprobes:
-                if nprobe >= nprobe_bound:
-                    break
+        start = 0  # index in nprobes: shallower re-ranks need at least the lists the deeper one needed
+        for k_factor in sorted(k_factors, reverse=True):
+            rows: List[Dict[str, Any]] = []
+            fastest = min((row["ms_per_query"] for row in reaching), default=math.inf)
+            for position in range(start, len(nprobes)):
+                nprobe = nprobes[position]
                 params = faiss.IndexRefineSearchParameters(
                     k_factor=float(k_factor), base_index_params=faiss.SearchParametersIVF(nprobe=nprobe)
                 )
@@ -657,13 +664,19 @@ class ProductIndex:
                 row = {"nprobe": nprobe, "k_factor": k_factor, "recall": recall, "recall_se": se,
                        "ms_per_query": ms_per_query, "params": params}
                 sweep.append(row)
+                rows.append(row)
                 if _reaches(recall, se, target_recall):
                     reaching.append(row)
-                    nprobe_bound = nprobe
+                    start = position
                     break
-                if previous is not None and recall - previous < _SATURATION_GAIN:
+                if ms_per_query > _SLOWER_THAN_BEST * fastest:
+                    start = position
                     break
-                previous = recall
+                # Two steps back is about half the lists: saturated at this depth, and at shallower ones.
+                if len(rows) >= 3 and recall - rows[-3]["recall"] < _SATURATION_GAIN:
+                    return sweep, reaching
+            else:
+                return sweep, reaching  # every nprobe tried without reaching the target
         return sweep, reaching
 
     def _sweep_hnsw(self, measure: Any, target_recall: float, k: int) -> Tuple[List[Dict], List[Dict]]:
@@ -736,6 +749,18 @@ def serialized_index_size(cpu_index: Any) -> int:
     faiss.write_index(cpu_index, writer)
     del writer  # flushes its last buffered block into the count
     return written[0]
+
+
+def _nprobe_steps(top: int) -> List[int]:
+    """1, 2, 3, 4, 6, 8, 12, 16, 24 ... (powers of two and 1.5x them), up to and including ``top``.
+
+    Example:
+        >>> _nprobe_steps(40)
+        [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 40]
+    """
+    steps = sorted({value for i in range(max(1, top).bit_length() + 1) for value in (1 << i, 3 << i >> 1)
+                    if 1 <= value < top})
+    return steps + [max(1, top)]
 
 
 def _pick_fastest(sweep: List[Dict[str, Any]], reaching: List[Dict[str, Any]], measure: Any) -> Dict[str, Any]:
@@ -821,6 +846,17 @@ def _encode_residuals(cpu_index: Any) -> None:
         base = faiss.downcast_index(cpu_index.base_index)
         if isinstance(base, faiss.IndexIVFFastScan) and not base.is_trained:
             base.by_residual = True
+
+
+def _expect_training_sample(cpu_index: Any, train_size: Optional[int]) -> None:
+    """Tell an IVF index's k-means how many points per centroid the plan gives it (``train_size / nlist``),
+    so that FAISS does not print a warning for a sample smaller than its rule of thumb (39 per centroid)
+    on purpose (see ``presets.IVFPQ_TRAIN_POINTS_PER_LIST``)."""
+    if train_size is None or isinstance(cpu_index, (faiss.IndexFlat, faiss.IndexHNSW)):
+        return
+    ivf = faiss.extract_index_ivf(cpu_index)
+    per_list = max(1, train_size // max(1, ivf.nlist))
+    ivf.cp.min_points_per_centroid = min(int(ivf.cp.min_points_per_centroid), per_list)
 
 
 def _training_sample(vectors: np.ndarray, train_size: Optional[int], seed: int) -> np.ndarray:
