@@ -60,11 +60,18 @@ def table4_markdown(summary: pd.DataFrame, ks: Sequence[int] = PAPER_KS) -> str:
             cells.append(f"{value:.4f}" + (f" [{low:.3f}, {high:.3f}]" if low is not None and not pd.isna(low) else ""))
         improvement = row.get("improvement_pct")
         p_value = row.get("p_value")
-        cells.append("" if improvement is None or pd.isna(improvement) else f"{improvement:+.1f}% (p={p_value:.3g})")
+        cells.append("" if improvement is None or pd.isna(improvement) else f"{improvement:+.1f}% ({_p_text(p_value)})")
         paper = paper_numbers(row["proxy"], row["descriptor"])
         cells.append("" if paper is None else " / ".join(f"{v:.3f}" for v in paper))
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)
+
+
+def _p_text(p_value) -> str:
+    """'p=0.042'; at the resolution floor of the permutation test (1/(n+1)), 'p<=0.001' rather than a fake 0.000999."""
+    if p_value is None or pd.isna(p_value):
+        return "p n/a"
+    return "p<=0.001" if p_value <= 0.001 else f"p={p_value:.3g}"
 
 
 def _save_figure(fig, path: Path) -> Path:
@@ -291,7 +298,7 @@ def bench_markdown(result, ks: Sequence[int], *, title: str, description: str, c
                   "|---|---|---:|---:|---:|---:|"]
         parts += [f"| {r.proxy} | {r.index} | {r.descriptors} | {r.mean_improvement_pct:+.2f}% | {r.significant_better} | {r.significant_worse} |"
                   for r in improvements.itertuples(index=False)]
-    timing_columns = [c for c in ("fit_s", "gallery_s", "query_s", "index_build_s", "search_s", "rerank_s") if c in summary]
+    timing_columns = [c for c in ("fit_s", "gallery_s", "proxy_s", "query_s", "index_build_s", "search_s", "rerank_s") if c in summary]
     parts += ["", "## Time (seconds; cached features cost ~0)", "",
               markdown_table(summary[["proxy", "descriptor", "index", *timing_columns]])]
     if generation_markdown:
