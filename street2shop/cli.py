@@ -241,6 +241,7 @@ def bench_command(dataset, split, descriptors, proxies, presets, ks, out_dir, de
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
+    revision = git_revision()  # now: the code this process runs, even if the checkout moves on meanwhile
     trainings = []
     try:
         cache = _cache_dir(cache_dir)
@@ -290,7 +291,7 @@ def bench_command(dataset, split, descriptors, proxies, presets, ks, out_dir, de
         "rerank_model": rerank_model, "distractors": distractors, "protocol_draws": protocol_draws,
         "protocol_gallery": protocol_gallery, "bootstrap": bootstrap, "generation_samples": generation_samples,
         "trainings": trainings, "wall_s": round(wall, 1), "finished": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "versions": package_versions(), "git": git_revision(),
+        "versions": package_versions(), "git": revision,
     }
     write_table(result.summary, out / "results")
     write_table(result.per_query, out / "per_query")
