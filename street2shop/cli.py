@@ -301,7 +301,7 @@ def bench_command(dataset, split, descriptors, proxies, presets, ks, out_dir, de
         write_table(generation, out / "generation")
         files.append("generation.csv")
     if trainings:
-        write_table(pd_frame(trainings), out / "trainings")
+        write_table(_table_of_rows(trainings), out / "trainings")
         files.append("trainings.csv")
     plot_map_curves(map_curves_frame(result.summary, k_list), out / "map_curves.png")
     plot_heatmap(result.summary, out / "heatmap.png", metric=f"mAP@{max(k_list)}")
@@ -315,7 +315,7 @@ def bench_command(dataset, split, descriptors, proxies, presets, ks, out_dir, de
     click.echo(f"\n{wall:.1f} s; wrote {out / 'report.md'} (and {', '.join(files)})")
 
 
-def pd_frame(rows):
+def _table_of_rows(rows):
     """Rows of dicts -> DataFrame; nested values (training options) as JSON text, so Parquet can hold them."""
     import pandas as pd
 
@@ -591,7 +591,7 @@ def bench_speed_command(descriptors, proxies, images, sizes, dim, presets, out_d
 
             proxy_rows = proxy_speed(_split_list(proxies), n_images=min(images, 32), device=resolve_device(device),
                                      cache_dir=_cache_dir(cache_dir))
-            click.echo("proxy stages alone\n" + pd_frame(proxy_rows).to_string(index=False, float_format=lambda v: f"{v:.1f}"))
+            click.echo("proxy stages alone\n" + _table_of_rows(proxy_rows).to_string(index=False, float_format=lambda v: f"{v:.1f}"))
             click.echo("")
         size_list = [int(n) for n in _split_list(sizes)]
         frame = index_speed_suite(sizes=tuple(size_list), dim=dim, presets=tuple(_split_list(presets)),
