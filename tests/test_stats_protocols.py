@@ -71,7 +71,7 @@ def test_table4_markdown_puts_the_paper_beside_ours():
     ])
     text = table4_markdown(summary)
     assert "0.1694 / 0.2509" not in text and "0.169 / 0.251 / 0.272 / 0.285" in text  # paper R-MAC row
-    assert "+35.7% (p=0.001)" in text and "[0.260, 0.300]" in text
+    assert "+35.7% (p<=0.001)" in text and "[0.260, 0.300]" in text
     assert paper_numbers("none", "tn@runs-tn") == paper_numbers("none", "tn")
 
 
