@@ -58,6 +58,7 @@ from generation.gan import (
     up_block,
 )
 from generation.proxies import PROXIES, Proxy
+from retrieval.training import train_options
 
 SUPPORTED_SIZES = (64, 128)
 
@@ -339,14 +340,7 @@ class GeneratorProxy(Proxy):
             **options: seed, progress, time_budget_s, checkpoint_every_s, and overrides of
                 `train_defaults` (None values are ignored, so the CLI can pass its unset flags).
         """
-        seed = int(options.pop("seed", 0))
-        progress = options.pop("progress", True)
-        time_budget_s = options.pop("time_budget_s", None)
-        checkpoint_every_s = float(options.pop("checkpoint_every_s", 120.0))
-        unknown = set(options) - set(self.train_defaults)
-        if unknown:
-            raise ValueError(f"{self.name}.train_on got unknown options {sorted(unknown)}; valid: {sorted(self.train_defaults)}")
-        settings = {**self.train_defaults, **{k: v for k, v in options.items() if v is not None}}
+        seed, progress, time_budget_s, checkpoint_every_s, settings = train_options(self.name, options, self.train_defaults)
         if settings.get("gan_mode") not in GAN_MODES:
             raise ValueError(f"gan_mode must be one of {GAN_MODES}, got {settings.get('gan_mode')!r}")
         if dataset.train is None or dataset.train.empty:

@@ -84,6 +84,25 @@ def split_trained_spec(spec: str) -> Tuple[str, Optional[str]]:
     return name, (checkpoint or None)
 
 
+def train_options(name: str, options: Dict[str, Any], defaults: Mapping[str, Any],
+                  checkpoint_every_s: float = 120.0) -> Tuple[int, Any, Optional[float], float, Dict[str, Any]]:
+    """Split `train_on(**options)` into (seed, progress, time_budget_s, checkpoint_every_s, settings).
+
+    settings = `defaults` overridden by the remaining options; None values are ignored (the CLI passes
+    its unset flags), an option that is not in `defaults` is an error naming the valid ones.
+    """
+    options = dict(options)
+    seed = int(options.pop("seed", 0))
+    progress = options.pop("progress", True)
+    time_budget_s = options.pop("time_budget_s", None)
+    checkpoint_every_s = float(options.pop("checkpoint_every_s", checkpoint_every_s))
+    unknown = set(options) - set(defaults)
+    if unknown:
+        raise ValueError(f"{name}.train_on got unknown options {sorted(unknown)}; valid: {sorted(defaults)}")
+    settings = {**defaults, **{k: v for k, v in options.items() if v is not None}}
+    return seed, progress, time_budget_s, checkpoint_every_s, settings
+
+
 def load_trained_weights(
     module: nn.Module,
     checkpoint: os.PathLike,

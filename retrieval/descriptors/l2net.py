@@ -294,16 +294,9 @@ class LearnedPatchDescriptor(Descriptor):
                 `train_defaults` (epochs, batch_size, pairs_per_image, lr, weight_decay, margin, max_images).
         """
         from retrieval.batching import load_batch, sample_paths
-        from retrieval.training import TrainingRun
+        from retrieval.training import TrainingRun, train_options
 
-        seed = int(options.pop("seed", 0))
-        progress = options.pop("progress", True)
-        time_budget_s = options.pop("time_budget_s", None)
-        checkpoint_every_s = float(options.pop("checkpoint_every_s", 120.0))
-        unknown = set(options) - set(self.train_defaults)
-        if unknown:
-            raise ValueError(f"{self.name}.train_on got unknown options {sorted(unknown)}; valid: {sorted(self.train_defaults)}")
-        settings = {**self.train_defaults, **{k: v for k, v in options.items() if v is not None}}
+        seed, progress, time_budget_s, checkpoint_every_s, settings = train_options(self.name, options, self.train_defaults)
         if dataset.train is None or dataset.train.empty:
             raise ValueError(f"{dataset.name} has no training pairs to train {self.name} on")
         paths = sorted(dict.fromkeys(str(p) for p in dataset.train["product_image"]))
