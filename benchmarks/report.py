@@ -15,6 +15,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 import numpy as np
 import pandas as pd
 
+from retrieval.io import write_text_atomic
+
 # PaintNet (Lin et al., 2020), Table 4: mAP@1, @5, @10, @20 on their Lookbook split (250-product gallery).
 PAPER_TABLE4: Dict[tuple, tuple] = {
     ("none", "sift"): (0.0321, 0.0342, 0.0424, 0.0476),
@@ -169,33 +171,14 @@ def write_rank_pages(
         "<p>Each row: street photo | proxy output (blue) | top 5 products, the true product framed green.</p>"
         + "\n".join(items)
     )
-    path = out_dir / "index.html"
-    handle, temp = tempfile.mkstemp(dir=out_dir, suffix=".html")
-    with os.fdopen(handle, "w", encoding="utf-8") as out:
-        out.write(page)
-    os.replace(temp, path)
-    return path
+    return write_text_atomic(out_dir / "index.html", page)
 
 
 # ---- the files `street2shop bench` writes -------------------------------------------------------
-def atomic_write_text(path: Path, text: str) -> Path:
-    """Write text so that readers never see half a file (temp file + os.replace)."""
-    path = Path(path)
-    handle, temp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as out:
-            out.write(text)
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def write_table(frame: pd.DataFrame, stem: Path) -> List[Path]:
     """`stem`.csv and `stem`.parquet (when pyarrow is installed), each written atomically."""
     stem = Path(stem)
-    written = [atomic_write_text(stem.with_suffix(".csv"), frame.to_csv(index=False))]
+    written = [write_text_atomic(stem.with_suffix(".csv"), frame.to_csv(index=False))]
     try:
         import pyarrow  # noqa: F401  (pandas' parquet engine)
     except ImportError:

@@ -342,6 +342,20 @@ def file_sha1(path: PathLike) -> str:
     return digest.hexdigest()
 
 
+def write_text_atomic(path: PathLike, text: str) -> Path:
+    """Write text so that readers never see half a file (temp file in the same folder + os.replace)."""
+    path = Path(path)
+    handle, temp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as out:
+            out.write(text)
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+    return path
+
+
 def write_image_atomic(
     path: PathLike,
     image: np.ndarray,

@@ -34,6 +34,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from retrieval.io import write_text_atomic
+
 log = logging.getLogger("street2shop.training")
 CHECKPOINT_VERSION = 1
 
@@ -203,7 +205,7 @@ class TrainingRun:
                     "use a new --out directory, or delete this one to start over"
                 )
         else:
-            _write_text_atomic(config_path, json.dumps(self.config, indent=1, sort_keys=True))
+            write_text_atomic(config_path, json.dumps(self.config, indent=1, sort_keys=True))
         if not last.exists():
             return False
         state = load_checkpoint(last)
@@ -324,10 +326,3 @@ def plot_losses(csv_path: Path, png_path: Path, smooth: int = 20) -> Optional[Pa
     plt.close(fig)
     os.replace(temp, png_path)
     return Path(png_path)
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    handle, temp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(handle, "w") as out:
-        out.write(text)
-    os.replace(temp, path)

@@ -225,9 +225,10 @@ def bench_command(dataset, split, descriptors, proxies, presets, ks, out_dir, de
       street2shop bench --dataset viton:../shared/data/viton --descriptors '*' \\
           --proxies none,hp,paintnet --indexes flat,ivfpq --train --train-budget 10
     """
-    from benchmarks.report import (atomic_write_text, bench_markdown, git_revision, map_curves_frame, package_versions,
+    from benchmarks.report import (bench_markdown, git_revision, map_curves_frame, package_versions,
                                    plot_heatmap, plot_map_curves, write_bench_rank_pictures, write_table)
     from benchmarks.runner import format_table, proxy_previews, run_benchmark
+    from retrieval.io import write_text_atomic
     from generation.proxies import list_proxies
     from index import list_index_presets
     from retrieval.batching import resolve_device, sample_paths
@@ -305,8 +306,8 @@ def bench_command(dataset, split, descriptors, proxies, presets, ks, out_dir, de
         files.append("trainings.csv")
     plot_map_curves(map_curves_frame(result.summary, k_list), out / "map_curves.png")
     plot_heatmap(result.summary, out / "heatmap.png", metric=f"mAP@{max(k_list)}")
-    atomic_write_text(out / "config.json", json.dumps(config, indent=2, default=str))
-    atomic_write_text(out / "report.md", bench_markdown(
+    write_text_atomic(out / "config.json", json.dumps(config, indent=2, default=str))
+    write_text_atomic(out / "report.md", bench_markdown(
         result, k_list, title=f"street2shop bench: {data.name}, split {split}", description=data.describe(),
         config=config, generation=generation, generation_markdown=generation_md, files=files))
     click.echo(format_table(result.summary, k_list))
@@ -357,12 +358,12 @@ def bench_generation_command(dataset, split, proxies, samples, size, no_inceptio
     proxy | true product) to --out.
     """
     from benchmarks.generation_eval import evaluate_generation, evaluation_pairs, format_generation_table, sample_grid
-    from benchmarks.report import atomic_write_text, write_table
+    from benchmarks.report import write_table
     from benchmarks.runner import descriptor_label
     from generation.proxies import create_proxy, list_proxies
     from retrieval.batching import resolve_device
     from retrieval.datasets import load_dataset
-    from retrieval.io import write_image_atomic
+    from retrieval.io import write_image_atomic, write_text_atomic
 
     specs = _expand(proxies, list_proxies(), "proxy")
     started = time.perf_counter()
@@ -380,7 +381,7 @@ def bench_generation_command(dataset, split, proxies, samples, size, no_inceptio
     out.mkdir(parents=True, exist_ok=True)
     write_table(table, out / "generation")
     markdown = format_generation_table(table, markdown=True)
-    atomic_write_text(out / "generation.md", f"# Generation metrics: {data.name}\n\n{len(persons)} person -> product pairs "
+    write_text_atomic(out / "generation.md", f"# Generation metrics: {data.name}\n\n{len(persons)} person -> product pairs "
                       f"at {size}x{size}; RMSE lower is better, SSIM and the IS-style score higher.\n\n{markdown}\n")
     write_image_atomic(out / "samples.png", sample_grid(first, [label for label, _ in labelled]))
     click.echo(format_generation_table(table))
