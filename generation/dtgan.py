@@ -342,6 +342,16 @@ def product_codes_of(pairs: pd.DataFrame) -> torch.Tensor:
     return torch.from_numpy(np.asarray(codes, dtype=np.int64))
 
 
+def identical_image_codes(images: torch.Tensor) -> torch.Tensor:
+    """(N,) int64 codes of (N, C, H, W) images, equal exactly for identical images.
+
+    A pair archive carries no product ids: two pairs show the same product when their product photos
+    are the same pixels (one shop photo per product), so those are the codes it falls back on.
+    """
+    _, codes = torch.unique(images.reshape(images.shape[0], -1), dim=0, return_inverse=True)
+    return codes.to(torch.int64)
+
+
 # --------------------------------------------------------------------------------------------------
 # Proxy
 # --------------------------------------------------------------------------------------------------
@@ -371,6 +381,7 @@ class DTGANProxy(GeneratorProxy):
         "l1_weight": 0.0,  # 003 and Yoo et al. train without a pixel loss
         "sample_every": 100,
         "max_pairs": None,
+        "pairs": None,  # a pair archive to train on instead of the data set's photos
     }
 
     def __init__(self, **conf: Any):
@@ -394,8 +405,8 @@ class DTGANProxy(GeneratorProxy):
             "d_rf": torch.optim.Adam(realfake.parameters(), lr=lr, betas=betas),
             "d_assoc": torch.optim.Adam(association.parameters(), lr=lr, betas=betas),
         }
-        codes = product_codes_of(pairs)
         products = data["product"]
+        codes = product_codes_of(pairs) if pairs is not None else identical_image_codes(products)
         mode, l1_weight = str(settings["gan_mode"]), float(settings["l1_weight"])
 
         def step(batch: Dict[str, torch.Tensor], generator: torch.Generator) -> Dict[str, float]:

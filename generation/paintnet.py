@@ -90,6 +90,7 @@ from generation.gan import (
     from_gan_range,
     generator_loss,
     init_gan_weights,
+    load_pair_archive,
     prepare_pair_tensors,
     set_requires_grad,
     to_gan_range,
@@ -832,6 +833,9 @@ class PaintNet(Proxy):
         sample_every: int = 100,
         checkpoint_every_s: float = 300.0,
         max_pairs: Optional[int] = None,
+        pairs: Optional[str] = None,
+        shape_predictor_from: Optional[str] = None,
+        renderer_from: Optional[str] = None,
         **conf_overrides: Any,
     ) -> Path:
         """Train the shape predictor, then the texture renderer, on `dataset.train`; return out_dir/final.pt.
@@ -848,6 +852,15 @@ class PaintNet(Proxy):
             sample_every: steps between sample grids (samples/step_NNNNNN.png).
             checkpoint_every_s: seconds between last.pt writes (~750 MB at Table 1's size, with Adam's state).
             max_pairs: train on a seeded sample of at most this many pairs (smoke runs, tests).
+            pairs: a pair archive (`street2shop export-pairs`) to train on instead of the data set's photos;
+                `dataset` may then be None. Without photos the shape predictor cannot be trained here: give
+                `shape_predictor_from`, or the run trains the renderer alone (on the true shape maps, as
+                always) and final.pt says its shape predictor is untrained.
+            shape_predictor_from: a PaintNet final.pt whose trained shape predictor this run takes instead
+                of training one (stage 1 is skipped): ablations that differ in renderer options share it.
+            renderer_from: a PaintNet final.pt whose renderer weights (float32 or float16) start this run:
+                fine-tuning, or with epochs=0, joining a renderer trained elsewhere (a GPU machine) with a
+                shape predictor trained here.
             conf_overrides: proxy options for this run (e.g. use_rf_discriminator=False); they are stored in
                 final.pt and adopted when it is loaded.
         """
@@ -860,8 +873,9 @@ class PaintNet(Proxy):
         device = self.device
         self._build(seed)  # fresh networks initialised from the run's seed (a resumed run reloads last.pt)
         self.to(device)
-        if dataset.train is None or len(dataset.train) == 0:
-            raise ValueError(f"{dataset.name} has no training pairs to train {self.name} on")
+        if pairs is None and (dataset is None or dataset.train is None or len(dataset.train) == 0):
+            name = "no data set" if dataset is None else dataset.name
+            raise ValueError(f"{name} has no training pairs to train {self.name} on (or give pairs=ARCHIVE)")
         if epochs is None and time_budget_s is None:
             time_budget_s = DEFAULT_TIME_BUDGET_S
             log.info("%s: default run, capped at %.0f min of training (pass epochs or a time budget for more)",
@@ -874,16 +888,37 @@ class PaintNet(Proxy):
         started = time.perf_counter()
         seed_everything(seed)
         size = self.conf["image_size"]
-        train = dataset.train.reset_index(drop=True)
-        if max_pairs is not None and len(train) > int(max_pairs):
-            train = train.sample(int(max_pairs), random_state=seed).reset_index(drop=True)
-
-        data = prepare_pair_tensors(train, out_dir / f"pairs_{size}.pt", (size, size), self.conf["shape_maps"],
-                                    progress=progress)
-        log.info("%s: %d training pairs preprocessed in %.0f s", self.name, len(train), time.perf_counter() - started)
+        if pairs is not None:
+            train = None
+            data = self._pairs_from_archive(pairs, size, max_pairs, seed)
+        else:
+            train = dataset.train.reset_index(drop=True)
+            if max_pairs is not None and len(train) > int(max_pairs):
+                train = train.sample(int(max_pairs), random_state=seed).reset_index(drop=True)
+            data = prepare_pair_tensors(train, out_dir / f"pairs_{size}.pt", (size, size), self.conf["shape_maps"],
+                                        progress=progress)
+        log.info("%s: %d training pairs ready in %.0f s", self.name, data["product"].shape[0], time.perf_counter() - started)
+        joined: Dict[str, Any] = {}
+        if renderer_from is not None:
+            source = self._load_part(renderer_from, "renderer.")
+            joined["renderer_from"] = {"path": str(renderer_from), "steps": source.get("steps"),
+                                       "train_seconds": source.get("train_seconds"), "config": source.get("config")}
 
         sp_summary: Dict[str, Any] = {}
-        if self.shape_predictor is not None:
+        if self.shape_predictor is not None and shape_predictor_from is not None:
+            if self.conf["train_shapes"] == "predicted":
+                raise ValueError("train_shapes='predicted' needs the shape predictor's leave-one-out neighbours of "
+                                 "these pairs: train it in this run (drop shape_predictor_from)")
+            source = self._load_part(shape_predictor_from, "shape_predictor.")
+            if not self.shape_predictor.has_memory:
+                raise ValueError(f"{shape_predictor_from} holds no trained shape predictor (its shape memory is empty)")
+            sp_summary = {**source.get("shape_predictor", {}), "taken_from": str(shape_predictor_from)}
+        elif self.shape_predictor is not None and train is None:
+            log.warning("%s: training from a pair archive without shape_predictor_from: the shape predictor stays "
+                        "untrained (it needs the photos); the renderer trains on the true shape maps as always. "
+                        "Join a trained one later with shape_predictor_from and renderer_from (epochs=0).", self.name)
+            sp_summary = {"trained": False}
+        elif self.shape_predictor is not None:
             sp_budget = None if time_budget_s is None else 0.3 * time_budget_s
             sp_summary = train_shape_predictor(
                 self.shape_predictor, train, data["shape"], out_dir / "shape_predictor", ranking=self.conf["sp_ranking"],
@@ -897,12 +932,44 @@ class PaintNet(Proxy):
 
         remaining = None if time_budget_s is None else max(1.0, time_budget_s - (time.perf_counter() - started))
         final = self._train_renderer(data, out_dir, epochs, batch_size, lr, seed, remaining, progress,
-                                     sample_every, checkpoint_every_s, sp_summary, device)
+                                     sample_every, checkpoint_every_s, sp_summary, device, joined)
         log.info("%s: trained in %.0f s -> %s", self.name, time.perf_counter() - started, final)
         return final
 
+    def _pairs_from_archive(self, path, size: int, max_pairs: Optional[int], seed: int) -> Dict[str, torch.Tensor]:
+        """The pair tensors of a `save_pair_archive` file, checked against this run's image size."""
+        data = load_pair_archive(Path(path))
+        missing = [k for k in ("texture", "product", "shape") if k not in data]
+        if missing:
+            raise ValueError(f"{path} lacks {missing}: export it again with `street2shop export-pairs`")
+        found = tuple(data["product"].shape[-2:])
+        if found != (size, size):
+            raise ValueError(f"{path} holds {found[0]}x{found[1]} pairs but this {self.name} renders {size}x{size}: "
+                             f"export it with --size {size}, or --set image_size={found[0]}")
+        if max_pairs is not None and data["product"].shape[0] > int(max_pairs):
+            keep = torch.randperm(data["product"].shape[0], generator=torch.Generator().manual_seed(seed))[: int(max_pairs)]
+            data = {k: v[keep] for k, v in data.items()}
+        return data
+
+    def _load_part(self, checkpoint, prefix: str) -> Dict[str, Any]:
+        """Copy the tensors under `prefix` ("renderer." or "shape_predictor.") from a PaintNet final.pt; return it."""
+        payload = load_checkpoint(checkpoint, map_location="cpu")
+        state = {k[len(prefix):]: v for k, v in payload.get("state_dict", {}).items() if k.startswith(prefix)}
+        module = getattr(self, prefix.rstrip("."))
+        own = {k for k in module.state_dict() if ".backbone." not in f".{k}"}
+        if not state or own - set(state) or set(state) - set(module.state_dict()):
+            raise ValueError(f"{checkpoint}: its {prefix.rstrip('.')} does not fit this {self.name} (conf {self.conf}); "
+                             f"missing {sorted(own - set(state))[:3]}, unexpected {sorted(set(state) - set(module.state_dict()))[:3]}")
+        try:
+            module.load_state_dict(state, strict=False)  # the frozen pretrained backbone is not in final.pt
+        except RuntimeError as exc:  # same names, other shapes: another width or image size
+            raise ValueError(f"{checkpoint}: its {prefix.rstrip('.')} does not fit this {self.name} (conf {self.conf}): "
+                             f"{str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else exc}") from exc
+        log.info("%s: %s taken from %s", self.name, prefix.rstrip("."), checkpoint)
+        return payload
+
     def _train_renderer(self, data, out_dir, epochs, batch_size, lr, seed, time_budget_s, progress, sample_every,
-                        checkpoint_every_s, sp_summary, device) -> Path:
+                        checkpoint_every_s, sp_summary, device, joined=None) -> Path:
         c = self.conf
         size = c["image_size"]
         rf = RealFakeDiscriminator(size, c["width"], c["norm"]).to(device) if c["use_rf_discriminator"] else None
@@ -955,7 +1022,7 @@ class PaintNet(Proxy):
         trainer.train(data, epochs, batch_size, step=lambda batch, gen: step.step(batch, gen, data["product"]),
                       sample=sample_columns)
         self.eval()
-        extra = {"proxy": self.name, "proxy_conf": _jsonable(c), "shape_predictor": sp_summary}
+        extra = {"proxy": self.name, "proxy_conf": _jsonable(c), "shape_predictor": sp_summary, **(joined or {})}
         final = trainer.finish(weights=self.trained_state(), extra=extra)
         self.eval()
         return final

@@ -52,6 +52,7 @@ from generation.gan import (
     from_gan_range,
     generator_loss,
     init_gan_weights,
+    load_pair_archive,
     prepare_pair_tensors,
     set_requires_grad,
     to_gan_range,
@@ -338,20 +339,30 @@ class GeneratorProxy(Proxy):
                 preparation also cuts the segmented textures PaintNet trains on).
             out_dir: run directory.
             **options: seed, progress, time_budget_s, checkpoint_every_s, and overrides of
-                `train_defaults` (None values are ignored, so the CLI can pass its unset flags).
+                `train_defaults` (None values are ignored, so the CLI can pass its unset flags);
+                pairs=ARCHIVE trains on a `street2shop export-pairs` archive, `dataset` may then be None.
         """
         seed, progress, time_budget_s, checkpoint_every_s, settings = train_options(self.name, options, self.train_defaults)
         if settings.get("gan_mode") not in GAN_MODES:
             raise ValueError(f"gan_mode must be one of {GAN_MODES}, got {settings.get('gan_mode')!r}")
-        if dataset.train is None or dataset.train.empty:
-            raise ValueError(f"{dataset.name} has no training pairs to train {self.name} on")
-        pairs = dataset.train
-        if settings.get("max_pairs") is not None:
-            pairs = pairs.iloc[: int(settings["max_pairs"])]
         side = self._check_size()
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        tensors = prepare_pair_tensors(pairs, out_dir / f"pairs_{side}.pt", size=(side, side), progress=bool(progress))
+        limit = None if settings.get("max_pairs") is None else int(settings["max_pairs"])
+        if settings.get("pairs") is not None:  # a pair archive (`street2shop export-pairs`) instead of the photos
+            pairs = None
+            tensors = load_pair_archive(Path(settings["pairs"]))
+            found = tuple(tensors["product"].shape[-2:])
+            if found != (side, side):
+                raise ValueError(f"{settings['pairs']} holds {found[0]}x{found[1]} pairs but this {self.name} works at "
+                                 f"{side}x{side}: export it with --size {side}")
+            tensors = {k: v[:limit] for k, v in tensors.items()}
+        else:
+            if dataset is None or dataset.train is None or dataset.train.empty:
+                name = "no data set" if dataset is None else dataset.name
+                raise ValueError(f"{name} has no training pairs to train {self.name} on (or give pairs=ARCHIVE)")
+            pairs = dataset.train if limit is None else dataset.train.iloc[:limit]
+            tensors = prepare_pair_tensors(pairs, out_dir / f"pairs_{side}.pt", size=(side, side), progress=bool(progress))
         data = {"person": tensors["person"], "product": tensors["product"]}
         device = next(self.generator.parameters()).device
 
@@ -361,7 +372,7 @@ class GeneratorProxy(Proxy):
         modules = {name: module.to(device).train() for name, module in modules.items()}
         trainer = GanTrainer(
             out_dir, modules, optimizers,
-            config={"proxy": self.name, "conf": self.conf, "n_pairs": len(pairs), "seed": seed, **settings},
+            config={"proxy": self.name, "conf": self.conf, "n_pairs": int(data["product"].shape[0]), "seed": seed, **settings},
             seed=seed, time_budget_s=time_budget_s, checkpoint_every_s=checkpoint_every_s,
             progress=f"train {self.name}" if progress else None, sample_every=int(settings["sample_every"]),
         )
@@ -409,6 +420,7 @@ class Pix2PixProxy(GeneratorProxy):
         "d_width": 64,  # PatchGAN's first layer (pix2pix: 64)
         "sample_every": 100,
         "max_pairs": None,
+        "pairs": None,  # a pair archive to train on instead of the data set's photos
     }
 
     def __init__(self, **conf: Any):

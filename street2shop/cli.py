@@ -484,9 +484,12 @@ def _train(kind: str, name: str, dataset, out_dir, epochs, batch_size, lr, time_
     options.update({k: v for k, v in extra.items() if v is not None})
     settings = _parse_settings(settings)
     try:
-        data = load_dataset(dataset, split="val", seed=seed, cache_dir=_cache_dir(cache_dir))
-        if data.train is None or data.train.empty:
-            raise ValueError(f"{data.name} has no training pairs to train {name} on")
+        if "pairs" in settings:  # a pair archive (export-pairs) stands in for the photos
+            data = None
+        else:
+            data = load_dataset(dataset, split="val", seed=seed, cache_dir=_cache_dir(cache_dir))
+            if data.train is None or data.train.empty:
+                raise ValueError(f"{data.name} has no training pairs to train {name} on")
         from retrieval.training import seed_everything
 
         if kind == "descriptor":
@@ -511,7 +514,8 @@ def _train(kind: str, name: str, dataset, out_dir, epochs, batch_size, lr, time_
     except EXPECTED_ERRORS as exc:
         _fail(exc)
     budget = f" (stopped by the {time_budget:g}-minute budget if it came first)" if time_budget else ""
-    click.echo(f"trained {name} in {time.perf_counter() - started:.0f} s on {data.name}'s {len(data.train)} training pairs"
+    source = f"the pair archive {settings['pairs']}" if data is None else f"{data.name}'s {len(data.train)} training pairs"
+    click.echo(f"trained {name} in {time.perf_counter() - started:.0f} s on {source}"
                f"{budget} -> {final}; steps and epochs: {Path(out_dir) / 'losses.csv'}")
     flag = "--descriptors" if kind == "descriptor" else "--proxies"
     click.echo(f"use it as: {flag} {name}@{final}")
@@ -543,8 +547,50 @@ def train_parsing_command(**options) -> None:
 @click.option("--parser", default=None, help="final.pt of `train parsing`, used to cut the garment out at inference (GrabCut without).")
 @_train_options
 def train_paintnet_command(parser, **options) -> None:
-    """Train PaintNet (shape predictor, then texture renderer) on the person/product pairs."""
+    """Train PaintNet (shape predictor, then texture renderer) on the person/product pairs.
+
+    \b
+    Example (the paper's model at half width, 10 epochs; the w/o-SP ablation shares its shape predictor):
+      street2shop train paintnet --out runs/paintnet --epochs 10 --set width=0.5 --parser runs/parser/final.pt
+      street2shop train paintnet --out runs/paintnet-wo-sp --epochs 10 --set width=0.5 --set use_shape_predictor=False
+    \b
+    On a GPU machine without the photos: export the pairs here, train the renderer there, join here:
+      street2shop export-pairs --out pairs64.npz
+      street2shop train paintnet --set pairs=pairs64.npz --out gpu-run --device cuda ...    (there)
+      street2shop train paintnet --out runs/paintnet-gpu --epochs 0 --set pairs=pairs64.npz \\
+          --set renderer_from=gpu-run/final.pt --set shape_predictor_from=runs/paintnet/final.pt
+    Other training options go through --set: max_pairs, sp_epochs, sample_every, pairs,
+    shape_predictor_from, renderer_from.
+    """
     _train("proxy", "paintnet", parser=parser, **options)
+
+
+@cli.command("export-pairs")
+@click.option("--dataset", default="viton:../shared/data/viton", show_default=True, help=DATASET_HELP + " Its training pairs are exported.")
+@click.option("--size", default=64, show_default=True, help="Side of the square tensors (PaintNet's image_size).")
+@click.option("--shape-maps", default="cloth_mask", show_default=True, type=click.Choice(["cloth_mask", "grabcut"]),
+              help="Product shape maps: the data set's masks, or GrabCut on the product photo (the paper).")
+@click.option("--seed", default=0, show_default=True, help="Seed of the train/validation split.")
+@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False), help="Archive to write (.npz).")
+@click.option("--cache-dir", default=None)
+def export_pairs_command(dataset, size, shape_maps, seed, out_path, cache_dir) -> None:
+    """Write the preprocessed training pairs (person, segmented texture, product, shape map, garment mask)
+    as one lossless archive, for training on a machine without the photos (`--set pairs=FILE`).
+
+    VITON's 3,639 training pairs at 64x64 make a ~37 MB archive (lossless WebP/PNG).
+    """
+    from generation.gan import prepare_pair_tensors, save_pair_archive
+    from retrieval.datasets import load_dataset
+
+    try:
+        data = load_dataset(dataset, split="val", seed=seed, cache_dir=_cache_dir(cache_dir))
+        if data.train is None or data.train.empty:
+            raise ValueError(f"{data.name} has no training pairs to export")
+        tensors = prepare_pair_tensors(data.train.reset_index(drop=True), None, (size, size), shape_maps, progress=True)
+        path = save_pair_archive(tensors, Path(out_path))
+    except EXPECTED_ERRORS as exc:
+        _fail(exc)
+    click.echo(f"wrote {len(data.train)} pairs at {size}x{size} to {path} ({path.stat().st_size / 1e6:.1f} MB)")
 
 
 @train_group.command("pix2pix")

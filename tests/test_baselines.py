@@ -250,3 +250,25 @@ def test_train_on_checkpoint_round_trip(name, synthetic_root, tmp_path):
     other = {"pix2pix": {"width": 16}, "dtgan": {"stem_width": 8}}[name]
     with pytest.raises(ValueError, match="another config"):
         create_proxy(f"{name}@{final}", **other)
+
+
+@pytest.mark.parametrize("name", ["pix2pix", "dtgan"])
+def test_train_on_a_pair_archive_without_the_photos(name, synthetic_root, tmp_path):
+    from generation.gan import prepare_pair_tensors, save_pair_archive
+
+    dataset = load_viton(synthetic_root, split="val")
+    archive = save_pair_archive(prepare_pair_tensors(dataset.train, None, (64, 64)), tmp_path / "pairs.npz")
+    options = dict(epochs=1, batch_size=4, max_pairs=8, d_width=8, sample_every=100, seed=0, progress=False)
+    final = create_proxy(name, **TINY[name]).train_on(None, tmp_path / name, pairs=str(archive), **options)
+    payload = torch.load(final, weights_only=True)
+    assert payload["steps"] == 2 and not (tmp_path / name / "pairs_64.pt").exists()
+
+
+def test_identical_image_codes_group_equal_pixels():
+    from generation.dtgan import identical_image_codes
+
+    images = torch.zeros(4, 3, 2, 2, dtype=torch.uint8)
+    images[1] = 7
+    images[3] = 7
+    codes = identical_image_codes(images)
+    assert codes[0] == codes[2] and codes[1] == codes[3] and codes[0] != codes[1]

@@ -291,3 +291,53 @@ def test_train_checkpoint_round_trip(synthetic_root, tmp_path):
         create_proxy(f"paintnet@{final}", **{**TINY, "width": 0.25})
     bare = create_proxy(f"paintnet@{final}")  # no options: the architecture comes with the checkpoint
     assert bare.conf["width"] == TINY["width"] and torch.allclose(bare(images), expected, atol=1e-5)
+
+
+def test_pair_archive_round_trip_is_exact(tmp_path):
+    from generation.gan import load_pair_archive, save_pair_archive
+
+    generator = torch.Generator().manual_seed(0)
+    tensors = {"texture": torch.randint(0, 256, (5, 3, 16, 16), dtype=torch.uint8, generator=generator),
+               "shape": (torch.rand(5, 1, 16, 16, generator=generator) > 0.5).to(torch.uint8) * 255}
+    path = save_pair_archive(tensors, tmp_path / "pairs.npz")
+    back = load_pair_archive(path)
+    assert set(back) == {"texture", "shape"} and all(torch.equal(back[k], tensors[k]) for k in tensors)
+    with pytest.raises(ValueError, match="different lengths"):
+        save_pair_archive({"texture": tensors["texture"], "shape": tensors["shape"][:2]}, tmp_path / "bad.npz")
+    (tmp_path / "junk.npz").write_bytes(b"not an archive")
+    with pytest.raises(ValueError, match="export-pairs"):
+        load_pair_archive(tmp_path / "junk.npz")
+    with pytest.raises(FileNotFoundError, match="export-pairs"):
+        load_pair_archive(tmp_path / "missing.npz")
+
+
+def test_renderer_trained_from_an_archive_joins_a_shape_predictor(synthetic_root, tmp_path):
+    """The GPU-machine path: train the renderer on an archive alone, then join it with a trained shape predictor."""
+    from generation.gan import prepare_pair_tensors, save_pair_archive
+
+    data = load_viton(synthetic_root, split="val")
+    options = dict(batch_size=4, seed=0, progress=False, sample_every=100, max_pairs=8)
+    with_sp = create_proxy("paintnet", **TINY).train_on(data, tmp_path / "sp", epochs=1, sp_epochs=1, **options)
+    archive = save_pair_archive(prepare_pair_tensors(data.train, None, (64, 64)), tmp_path / "pairs.npz")
+
+    renderer_run = create_proxy("paintnet", **TINY).train_on(None, tmp_path / "gpu", epochs=1, pairs=str(archive), **options)
+    payload = torch.load(renderer_run, weights_only=True)
+    assert payload["shape_predictor"] == {"trained": False}
+    assert payload["state_dict"]["shape_predictor.memory_shapes"].numel() == 0  # nothing trained it
+
+    joined = create_proxy("paintnet", **TINY).train_on(None, tmp_path / "joined", epochs=0, pairs=str(archive),
+                                                        renderer_from=str(renderer_run), shape_predictor_from=str(with_sp),
+                                                        **options)
+    state = torch.load(joined, weights_only=True)
+    for key, value in payload["state_dict"].items():
+        if key.startswith("renderer."):
+            assert torch.equal(state["state_dict"][key], value)
+    sp_state = torch.load(with_sp, weights_only=True)["state_dict"]
+    assert torch.equal(state["state_dict"]["shape_predictor.memory_embeddings"], sp_state["shape_predictor.memory_embeddings"])
+    assert state["renderer_from"]["steps"] == payload["steps"] == 2
+    assert state["shape_predictor"]["taken_from"] == str(with_sp)
+    with pytest.raises(ValueError, match="renders 128x128"):
+        create_proxy("paintnet", **{**TINY, "image_size": 128}).train_on(None, tmp_path / "x", epochs=0, pairs=str(archive))
+    with pytest.raises(ValueError, match="does not fit"):
+        create_proxy("paintnet", **{**TINY, "width": 0.25}).train_on(None, tmp_path / "y", epochs=0, pairs=str(archive),
+                                                                     renderer_from=str(renderer_run))
