@@ -906,13 +906,21 @@ class PaintNet(Proxy):
 
         sp_summary: Dict[str, Any] = {}
         if self.shape_predictor is not None and shape_predictor_from is not None:
-            if self.conf["train_shapes"] == "predicted":
-                raise ValueError("train_shapes='predicted' needs the shape predictor's leave-one-out neighbours of "
-                                 "these pairs: train it in this run (drop shape_predictor_from)")
             source = self._load_part(shape_predictor_from, "shape_predictor.")
             if not self.shape_predictor.has_memory:
                 raise ValueError(f"{shape_predictor_from} holds no trained shape predictor (its shape memory is empty)")
             sp_summary = {**source.get("shape_predictor", {}), "taken_from": str(shape_predictor_from)}
+            if self.conf["train_shapes"] == "predicted":
+                # The leave-one-out neighbours come from the stored training embeddings, which are those of
+                # these pairs only if the memory holds exactly these pairs' shape maps, in this order.
+                memory = self.shape_predictor.memory_shapes.cpu()
+                if memory.shape != data["shape"].shape or not torch.equal(memory, data["shape"]):
+                    raise ValueError(f"train_shapes='predicted': the shape memory of {shape_predictor_from} was not "
+                                     "built from these training pairs, so it gives no leave-one-out neighbours; train "
+                                     "the shape predictor in this run (drop shape_predictor_from)")
+                with torch.no_grad():
+                    loo_index = self.shape_predictor.nearest(self.shape_predictor.memory_embeddings, exclude_self=True).cpu()
+                data = dict(data, shape=data["shape"][loo_index])
         elif self.shape_predictor is not None and train is None:
             log.warning("%s: training from a pair archive without shape_predictor_from: the shape predictor stays "
                         "untrained (it needs the photos); the renderer trains on the true shape maps as always. "

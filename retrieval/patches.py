@@ -13,6 +13,8 @@ SuperPoint's homographic adaptation and of LF-Net's synthetic pairs). The pieces
   hard to know your neighbor's margins", NeurIPS 2017): for every matching pair, the closest
   non-matching descriptor in the batch, in either direction, is the negative of a margin triplet.
 - `patch_matching_metrics`: FPR95 and matching mAP on held-out pairs, where descriptor training shows.
+- `garment_patch_pairs` / `load_garment_pair_batch`: cross-domain pairs, a product photo's patch and
+  the patch at the same place of the garment worn in the street photo (coarse, by mask boxes).
 
 LAFs follow kornia's convention (``[A | c]`` in pixels, pixel centres at integers; the patch covers
 ``c + A [-1, 1]^2``). Homographies map pixel coordinates of A to pixel coordinates of B.
@@ -23,8 +25,11 @@ import math
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
+import cv2
+import numpy as np
 import torch
 import torch.nn.functional as F
+from kornia.color import rgb_to_grayscale
 from kornia.feature import extract_patches_from_pyramid, get_laf_center, perspective_transform_lafs
 from kornia.geometry.transform import warp_perspective
 
@@ -267,6 +272,155 @@ def homography_patch_pairs(
         image_index=image_index,
         exclude=same_place_mask(centres.detach(), image_index, same_place_radius),
     )
+
+
+# --------------------------------------------------------------------------------------------------
+# Cross-domain pairs: the garment on the person <-> the same garment in the product photo
+# --------------------------------------------------------------------------------------------------
+
+
+def mask_boxes(masks: torch.Tensor) -> torch.Tensor:
+    """Bounding boxes (x0, y0, x1, y1) in pixels of binary masks; an empty mask gives NaN.
+
+    Shape:
+        - masks: (B, 1, H, W) bool or 0/1
+        - output: (B, 4) float32
+    """
+    on = masks[:, 0].bool()
+    rows, cols = on.any(dim=2), on.any(dim=1)  # (B, H), (B, W)
+
+    def first_last(flags: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        index = torch.arange(flags.shape[1], device=flags.device, dtype=torch.float32)
+        first = torch.where(flags, index, torch.inf).amin(dim=1)
+        last = torch.where(flags, index, -torch.inf).amax(dim=1)
+        return first, last
+
+    y0, y1 = first_last(rows)
+    x0, x1 = first_last(cols)
+    boxes = torch.stack([x0, y0, x1, y1], dim=1)
+    return torch.where(on.flatten(1).any(dim=1, keepdim=True), boxes, torch.full_like(boxes, float("nan")))
+
+
+def garment_patch_pairs(
+    grey_product: torch.Tensor,
+    product_mask: torch.Tensor,
+    grey_person: torch.Tensor,
+    garment_mask: torch.Tensor,
+    pairs_per_image: int,
+    generator: torch.Generator,
+    scale_range: Tuple[float, float] = (0.06, 0.16),
+    same_place_radius: float = 0.1,
+    min_contrast: float = 0.01,
+    candidates: int = 4,
+) -> PatchPairs:
+    """Patches of a product photo and of the same garment worn in a street photo, matched by position.
+
+    There is no pixel-exact correspondence between a flat product and the garment on a body, so the two
+    are matched coarsely: a position u in [0, 1]^2 of the product mask's bounding box corresponds to
+    the position u of the garment mask's box in the person photo (collar to collar, hem to hem, the
+    print in the middle to the print in the middle). Positions are drawn uniformly and kept where
+    both masks are on; each patch's half side is the same fraction s of its own box (sqrt of the box
+    area, s drawn from `scale_range`), upright. Training on these pairs teaches a patch descriptor the
+    street-to-shop change (folds, light, pose, another camera) that homographies of the product
+    photo alone never show, which is what retrieval asks of it.
+
+    Args:
+        grey_product, product_mask: the product photos and their garment masks (anchors).
+        grey_person, garment_mask: the person photos and the worn garment's masks (positives).
+        pairs_per_image: at most this many pairs per pair of photos.
+        generator: CPU generator of the positions and scales.
+        scale_range: range of s.
+        same_place_radius: pairs of one photo closer than this (in box units) are not each other's negatives.
+        min_contrast: product patches with a lower standard deviation are dropped.
+        candidates: positions drawn per kept pair (most land outside one of the masks).
+
+    Shape:
+        - grey_*: (B, 1, H, W); masks: (B, 1, H, W) bool or 0/1, at the same H, W as their photos
+        - output: `PatchPairs` with M <= B * pairs_per_image; centres are box coordinates u
+    """
+    batch = grey_product.shape[0]
+    if grey_person.shape[0] != batch or product_mask.shape[0] != batch or garment_mask.shape[0] != batch:
+        raise ValueError("garment_patch_pairs needs one person photo and two masks per product photo")
+    device = grey_product.device
+    n = int(pairs_per_image) * int(candidates)
+    u = torch.rand(batch, n, 2, generator=generator).to(device)
+    s = (scale_range[0] + (scale_range[1] - scale_range[0]) * torch.rand(batch, n, generator=generator)).to(device)
+
+    def frames(grey: torch.Tensor, mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        boxes = mask_boxes(mask).to(device)
+        origin, extent = boxes[:, None, :2], (boxes[:, None, 2:] - boxes[:, None, :2]).clamp_min(1.0)
+        centres = origin + u * extent  # (B, n, 2) pixels
+        radius = s * extent.prod(dim=-1).sqrt()  # (B, n)
+        height, width = mask.shape[-2:]
+        x = centres[..., 0].round().long().clamp(0, width - 1)
+        y = centres[..., 1].round().long().clamp(0, height - 1)
+        on = mask[:, 0].bool()[torch.arange(batch, device=device)[:, None], y, x] & torch.isfinite(radius)
+        lafs = torch.zeros(batch, n, 2, 3, device=device, dtype=grey.dtype)
+        lafs[..., 0, 0] = lafs[..., 1, 1] = torch.nan_to_num(radius, nan=1.0)
+        lafs[..., :, 2] = torch.nan_to_num(centres, nan=0.0)
+        return lafs, on & laf_square_inside(lafs, height, width)
+
+    lafs_c, keep_c = frames(grey_product, product_mask)
+    lafs_p, keep_p = frames(grey_person, garment_mask)
+    keep = keep_c & keep_p
+    # at most pairs_per_image per photo: a random subset of the valid candidates
+    order = torch.rand(batch, n, generator=generator).to(device).masked_fill(~keep, 2.0).argsort(dim=1)
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(n, device=device).expand(batch, n))
+    keep = keep & (rank < int(pairs_per_image))
+    zero = torch.zeros((), dtype=grey_product.dtype, device=device)
+    patches_c = extract_patches_from_pyramid(grey_product, torch.where(keep[..., None, None], lafs_c, zero), PATCH_SIZE)
+    patches_p = extract_patches_from_pyramid(grey_person, torch.where(keep[..., None, None], lafs_p, zero), PATCH_SIZE)
+    keep = keep & (patches_c.flatten(2).std(dim=-1) >= min_contrast)
+    image_index = torch.arange(batch, device=device)[:, None].expand(batch, n)[keep]
+    centres = u[keep]
+    return PatchPairs(
+        anchors=patches_c[keep],
+        positives=patches_p[keep],
+        centres=centres,
+        image_index=image_index,
+        exclude=same_place_mask(centres, image_index, same_place_radius),
+    )
+
+
+def load_garment_pair_batch(rows, size: Tuple[int, int]) -> Dict[str, torch.Tensor]:
+    """Grey product and person photos of training pairs with their garment masks, resized to `size`.
+
+    The product mask is the data set's mask (thresholded at 128, VITON's are JPEGs) or, without one,
+    the product photo's non-white pixels; the worn garment's mask is the LIP labels 5, 6, 7 of the
+    person's parse map. Rows without a parse map cannot be used: the caller filters them out.
+
+    Args:
+        rows: records with product_image, person_image, parse and mask (e.g. `dataset.train.itertuples()`).
+        size: (H, W) of every output.
+
+    Returns:
+        {"product", "person"}: (B, 1, H, W) float grey in [0, 1]; {"product_mask", "garment_mask"}: (B, 1, H, W) bool.
+    """
+    from generation.parsing import GARMENT_LABELS  # LIP's garment labels, defined with the parser
+    from retrieval.batching import load_batch
+    from retrieval.io import read_mask
+
+    height, width = int(size[0]), int(size[1])
+
+    def resized(mask: np.ndarray) -> np.ndarray:
+        return cv2.resize(mask.astype(np.uint8), (width, height), interpolation=cv2.INTER_NEAREST)
+
+    products = load_batch([r.product_image for r in rows], size)
+    persons = load_batch([r.person_image for r in rows], size)
+    product_masks, garment_masks = [], []
+    for row, product in zip(rows, products):
+        if getattr(row, "mask", None):
+            mask = read_mask(row.mask)
+            product_masks.append(resized((mask if mask.ndim == 2 else mask[..., 0]) >= 128))
+        else:
+            product_masks.append(((product < 0.94).any(dim=0)).numpy().astype(np.uint8))
+        garment_masks.append(resized(np.isin(read_mask(row.parse), GARMENT_LABELS)))
+    return {
+        "product": rgb_to_grayscale(products),
+        "person": rgb_to_grayscale(persons),
+        "product_mask": torch.from_numpy(np.stack(product_masks))[:, None].bool(),
+        "garment_mask": torch.from_numpy(np.stack(garment_masks))[:, None].bool(),
+    }
 
 
 # --------------------------------------------------------------------------------------------------

@@ -203,3 +203,44 @@ def test_train_on_round_trip(synthetic_root, tmp_path):
         data, tmp_path / "run", epochs=1, batch_size=4, max_images=4, pairs_per_image=8, progress=False
     )
     assert torch.equal(create_descriptor(f"l2net@{again}", **TINY).net.features[0].weight, loaded.net.features[0].weight)
+
+
+def test_mask_boxes_golden():
+    from retrieval.patches import mask_boxes
+
+    masks = torch.zeros(2, 1, 8, 10, dtype=torch.bool)
+    masks[0, 0, 2:5, 3:9] = True
+    boxes = mask_boxes(masks)
+    assert boxes[0].tolist() == [3.0, 2.0, 8.0, 4.0] and torch.isnan(boxes[1]).all()
+
+
+def test_garment_patch_pairs_match_by_box_position():
+    """A ramp laid over each mask's box: a product patch and its worn patch see the same ramp value."""
+    from retrieval.patches import garment_patch_pairs
+
+    def ramp_in_box(height, width, x0, y0, x1, y1):
+        grey = torch.zeros(1, 1, height, width)
+        mask = torch.zeros(1, 1, height, width, dtype=torch.bool)
+        mask[..., y0 : y1 + 1, x0 : x1 + 1] = True
+        xs = (torch.arange(width, dtype=torch.float32) - x0) / (x1 - x0)
+        grey[..., y0 : y1 + 1, x0 : x1 + 1] = 0.2 + 0.6 * xs[x0 : x1 + 1]
+        return grey, mask
+
+    product, product_mask = ramp_in_box(96, 80, 10, 10, 69, 85)
+    person, garment_mask = ramp_in_box(120, 90, 30, 40, 69, 109)  # another place, size and aspect
+    pairs = garment_patch_pairs(product, product_mask, person, garment_mask, 16, torch.Generator().manual_seed(0))
+    assert 4 <= len(pairs.anchors) <= 16 and pairs.anchors.shape[1:] == (1, 32, 32)
+    centre = (slice(None), 0, 15, 15)
+    expected = 0.2 + 0.6 * pairs.centres[:, 0]  # the ramp at the pair's box position u
+    assert torch.allclose(pairs.anchors[centre], expected, atol=0.03)
+    assert torch.allclose(pairs.positives[centre], expected, atol=0.03)
+    assert pairs.exclude.shape == (len(pairs.anchors),) * 2 and not pairs.exclude.diagonal().any()
+
+
+def test_train_on_with_garment_pairs(synthetic_root, tmp_path):
+    data = load_viton(synthetic_root, split="val")
+    final = L2Net(**TINY).train_on(data, tmp_path / "run", epochs=1, batch_size=4, max_images=4, pairs_per_image=8,
+                                   garment_pairs_weight=1.0, garment_pairs_per_image=8, progress=False)
+    with open(tmp_path / "run" / "losses.csv") as handle:
+        header = handle.readline().strip().split(",")
+    assert final.exists() and {"desc_loss", "garment_desc_loss", "garment_pairs"} <= set(header)

@@ -336,6 +336,16 @@ def test_renderer_trained_from_an_archive_joins_a_shape_predictor(synthetic_root
     assert torch.equal(state["state_dict"]["shape_predictor.memory_embeddings"], sp_state["shape_predictor.memory_embeddings"])
     assert state["renderer_from"]["steps"] == payload["steps"] == 2
     assert state["shape_predictor"]["taken_from"] == str(with_sp)
+    # train_shapes="predicted" takes the leave-one-out shapes from the reused memory, when it holds these pairs
+    with pytest.raises(ValueError, match="not built from these training pairs"):
+        create_proxy("paintnet", **{**TINY, "train_shapes": "predicted"}).train_on(
+            None, tmp_path / "loo-other", epochs=0, pairs=str(archive), shape_predictor_from=str(with_sp))
+    same_pairs = data.train.sample(8, random_state=0).reset_index(drop=True)  # the sample with_sp trained on
+    same_archive = save_pair_archive(prepare_pair_tensors(same_pairs, None, (64, 64)), tmp_path / "same.npz")
+    loo = create_proxy("paintnet", **{**TINY, "train_shapes": "predicted"}).train_on(
+        None, tmp_path / "loo", epochs=1, batch_size=4, progress=False, pairs=str(same_archive),
+        shape_predictor_from=str(with_sp))
+    assert torch.load(loo, weights_only=True)["steps"] == 2
     with pytest.raises(ValueError, match="renders 128x128"):
         create_proxy("paintnet", **{**TINY, "image_size": 128}).train_on(None, tmp_path / "x", epochs=0, pairs=str(archive))
     with pytest.raises(ValueError, match="does not fit"):

@@ -43,8 +43,10 @@ from retrieval.descriptors.base import DESCRIPTORS, Descriptor, check_images
 from retrieval.descriptors.sift import rgb_to_grey_uint8
 from retrieval.patches import (
     PATCH_SIZE,
+    garment_patch_pairs,
     hardnet_loss,
     homography_patch_pairs,
+    load_garment_pair_batch,
     photometric_jitter,
     random_homographies,
     warp_images,
@@ -129,6 +131,11 @@ class LearnedPatchDescriptor(Descriptor):
         "weight_decay": 1e-4,
         "margin": 1.0,
         "max_images": 1600,
+        # Cross-domain pairs (`retrieval.patches.garment_patch_pairs`): each step also matches patches of
+        # the product photos with the same places of the garment worn in their street photos; their
+        # HardNet loss is added with this weight (0: homographies of product photos only).
+        "garment_pairs_weight": 0.0,
+        "garment_pairs_per_image": 24,
     }
 
     def __init__(self, **conf: Any):
@@ -291,7 +298,9 @@ class LearnedPatchDescriptor(Descriptor):
             dataset: a RetrievalSet with training pairs.
             out_dir: run directory (resumes from its last.pt).
             **options: seed, progress, time_budget_s, checkpoint_every_s, and overrides of
-                `train_defaults` (epochs, batch_size, pairs_per_image, lr, weight_decay, margin, max_images).
+                `train_defaults` (epochs, batch_size, pairs_per_image, lr, weight_decay, margin, max_images,
+                garment_pairs_weight, garment_pairs_per_image: with a positive weight each step also
+                matches product patches to the garment worn in the pair's street photo).
         """
         from retrieval.batching import load_batch, sample_paths
         from retrieval.training import TrainingRun, train_options
@@ -299,7 +308,17 @@ class LearnedPatchDescriptor(Descriptor):
         seed, progress, time_budget_s, checkpoint_every_s, settings = train_options(self.name, options, self.train_defaults)
         if dataset.train is None or dataset.train.empty:
             raise ValueError(f"{dataset.name} has no training pairs to train {self.name} on")
-        paths = sorted(dict.fromkeys(str(p) for p in dataset.train["product_image"]))
+        garment_weight = float(settings["garment_pairs_weight"])
+        rows_by_product: Dict[str, Any] = {}
+        if garment_weight > 0:
+            usable = dataset.train.dropna(subset=["parse"]) if "parse" in dataset.train else dataset.train.iloc[:0]
+            if usable.empty:
+                raise ValueError(f"garment_pairs_weight > 0 needs person parse maps, and {dataset.name}'s training "
+                                 "pairs have none: train with garment_pairs_weight=0")
+            rows_by_product = {str(r.product_image): r for r in usable.itertuples(index=False)}
+            paths = sorted(rows_by_product)
+        else:
+            paths = sorted(dict.fromkeys(str(p) for p in dataset.train["product_image"]))
         if settings["max_images"] is not None:
             paths = sample_paths(paths, int(settings["max_images"]), seed)
         batch_size = int(settings["batch_size"])
@@ -323,10 +342,22 @@ class LearnedPatchDescriptor(Descriptor):
                 generator = step_generator(seed, epoch, step)
                 for module in modules.values():
                     module.train()
-                grey_a = rgb_to_grayscale(load_batch(chunk, size)).to(device)
+                if garment_weight > 0:
+                    worn = {k: v.to(device) for k, v in load_garment_pair_batch([rows_by_product[p] for p in chunk], size).items()}
+                    grey_a = worn["product"]
+                else:
+                    grey_a = rgb_to_grayscale(load_batch(chunk, size)).to(device)
                 homographies = random_homographies(len(chunk), size[0], size[1], generator).to(device)
                 grey_b = photometric_jitter(warp_images(grey_a, homographies), generator)
                 loss, logs = self._training_loss(grey_a, grey_b, homographies, generator, settings)
+                if garment_weight > 0:
+                    pairs = garment_patch_pairs(worn["product"], worn["product_mask"], worn["person"], worn["garment_mask"],
+                                                int(settings["garment_pairs_per_image"]), generator,
+                                                min_contrast=float(self.conf["min_patch_contrast"]))
+                    worn_loss, worn_logs = self._patch_pair_loss(pairs, settings)
+                    logs.update({f"garment_{k}": v for k, v in worn_logs.items()})
+                    if worn_loss is not None:
+                        loss = garment_weight * worn_loss if loss is None else loss + garment_weight * worn_loss
                 if loss is not None:
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
