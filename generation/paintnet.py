@@ -844,7 +844,8 @@ class PaintNet(Proxy):
             dataset: a RetrievalSet with training pairs (person_image, product_image, parse, mask).
             out_dir: run directory: final.pt, last.pt, losses.csv/png, samples/ (the renderer's run),
                 pairs_<S>.pt (the preprocessed pairs), shape_predictor/ (its own run and cached maps).
-            epochs: renderer epochs (default `DEFAULT_EPOCHS`); batch_size 16 and lr 1e-4 (Adam, betas
+            epochs: renderer epochs (default `DEFAULT_EPOCHS`, or as many as `time_budget_s` allows when
+                only a budget is given); batch_size 16 and lr 1e-4 (Adam, betas
                 0.5/0.999) by default, as the paper.
             seed, time_budget_s, progress: as `TrainingRun`; the budget covers both stages. With neither
                 `epochs` nor `time_budget_s` given, the budget is `DEFAULT_TIME_BUDGET_S` (15 min).
@@ -878,9 +879,12 @@ class PaintNet(Proxy):
             raise ValueError(f"{name} has no training pairs to train {self.name} on (or give pairs=ARCHIVE)")
         if epochs is None and time_budget_s is None:
             time_budget_s = DEFAULT_TIME_BUDGET_S
+            epochs = DEFAULT_EPOCHS
             log.info("%s: default run, capped at %.0f min of training (pass epochs or a time budget for more)",
                      self.name, time_budget_s / 60)
-        epochs = DEFAULT_EPOCHS if epochs is None else int(epochs)
+        elif epochs is None:  # a time budget alone: train until it is spent
+            epochs = UNTIL_BUDGET_EPOCHS
+        epochs = int(epochs)
         batch_size = 16 if batch_size is None else int(batch_size)
         lr = 1e-4 if lr is None else float(lr)
         out_dir = Path(out_dir)
@@ -1046,6 +1050,8 @@ class PaintNetWithoutShapePredictor(PaintNet):
 #: Renderer epochs of a default run. One epoch of VITON's 3,639 training pairs is 227 steps of 16; a
 #: Table-1-sized step costs about 8.6 CPU-seconds (4-5 s on an idle 2-core CPU), so an epoch takes ~17 min.
 DEFAULT_EPOCHS = 1
+#: Epochs of a run given a time budget but no epochs: the budget, not this, ends it.
+UNTIL_BUDGET_EPOCHS = 10_000
 #: A run that names neither epochs nor a time budget stops after this long (preprocessing included), so a
 #: default run fits the 15-minute CPU budget; name --epochs (or a budget) for more.
 DEFAULT_TIME_BUDGET_S = 15 * 60

@@ -309,7 +309,7 @@ def garment_patch_pairs(
     pairs_per_image: int,
     generator: torch.Generator,
     scale_range: Tuple[float, float] = (0.06, 0.16),
-    same_place_radius: float = 0.1,
+    same_place_radius: Optional[float] = None,
     min_contrast: float = 0.01,
     candidates: int = 4,
 ) -> PatchPairs:
@@ -330,7 +330,11 @@ def garment_patch_pairs(
         pairs_per_image: at most this many pairs per pair of photos.
         generator: CPU generator of the positions and scales.
         scale_range: range of s.
-        same_place_radius: pairs of one photo closer than this (in box units) are not each other's negatives.
+        same_place_radius: pairs of one photo closer than this (in box units) are not each other's
+            negatives; None (default): no two pairs of one photo are. The correspondence is only
+            coarse and a garment's print repeats, so a patch elsewhere on the same garment often looks
+            like the positive: what retrieval needs is telling garments apart, and the negatives come
+            from the other garments of the batch.
         min_contrast: product patches with a lower standard deviation are dropped.
         candidates: positions drawn per kept pair (most land outside one of the masks).
 
@@ -378,7 +382,8 @@ def garment_patch_pairs(
         positives=patches_p[keep],
         centres=centres,
         image_index=image_index,
-        exclude=same_place_mask(centres, image_index, same_place_radius),
+        exclude=(same_place_mask(centres, image_index, same_place_radius) if same_place_radius is not None else
+                 (image_index[:, None] == image_index[None, :]) & ~torch.eye(len(centres), dtype=torch.bool, device=device)),
     )
 
 
