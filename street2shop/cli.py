@@ -550,7 +550,7 @@ def train_paintnet_command(parser, **options) -> None:
     """Train PaintNet (shape predictor, then texture renderer) on the person/product pairs.
 
     \b
-    Example (the paper's model at half width, 10 epochs; the w/o-SP ablation shares its shape predictor):
+    Example (the paper's model at half width for 10 epochs, and its w/o-SP ablation):
       street2shop train paintnet --out runs/paintnet --epochs 10 --set width=0.5 --parser runs/parser/final.pt
       street2shop train paintnet --out runs/paintnet-wo-sp --epochs 10 --set width=0.5 --set use_shape_predictor=False
     \b
