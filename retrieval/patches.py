@@ -501,6 +501,29 @@ def hardnet_loss(
     return hardest_in_batch_triplet_loss(descriptor_distances(desc_a, desc_b), margin, exclude)
 
 
+def info_nce_loss(
+    desc_a: torch.Tensor, desc_b: torch.Tensor, temperature: float = 0.1, exclude: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """Symmetric InfoNCE of matching unit-norm descriptor rows: each row must pick its partner among all.
+
+    Softer than `hardnet_loss`: every negative weighs in by its similarity instead of only the hardest
+    one, so coarse pairs (`garment_patch_pairs`, where the hardest negative is often a look-alike) still
+    give a useful gradient. Excluded entries are left out of the softmax.
+
+    Shape:
+        - desc_a, desc_b: (M, D), row i of each describes the same point
+        - exclude: (M, M) bool, optional
+        - output: scalar
+    """
+    if desc_a.shape != desc_b.shape or desc_a.ndim != 2:
+        raise ValueError(f"desc_a and desc_b must be (M, D) of the same shape, got {tuple(desc_a.shape)}, {tuple(desc_b.shape)}")
+    logits = desc_a @ desc_b.t() / float(temperature)
+    if exclude is not None:
+        logits = logits.masked_fill(exclude, float("-inf"))
+    target = torch.arange(len(desc_a), device=desc_a.device)
+    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
+
+
 # --------------------------------------------------------------------------------------------------
 # Evaluation
 # --------------------------------------------------------------------------------------------------

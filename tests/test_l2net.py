@@ -245,3 +245,17 @@ def test_train_on_with_garment_pairs(synthetic_root, tmp_path):
     with open(tmp_path / "run" / "losses.csv") as handle:
         header = handle.readline().strip().split(",")
     assert final.exists() and {"desc_loss", "garment_desc_loss", "garment_pairs"} <= set(header)
+
+
+def test_info_nce_loss_golden():
+    import math
+
+    from retrieval.patches import info_nce_loss
+
+    desc = torch.eye(4)  # orthonormal rows: partner similarity 1, every other 0
+    expected = -math.log(math.exp(10.0) / (math.exp(10.0) + 3))
+    assert abs(float(info_nce_loss(desc, desc, temperature=0.1)) - expected) < 1e-5
+    everything_else = ~torch.eye(4, dtype=torch.bool)
+    assert float(info_nce_loss(desc, desc, 0.1, exclude=everything_else)) == 0.0  # nothing left to confuse
+    swapped = desc[[1, 0, 2, 3]]
+    assert float(info_nce_loss(desc, swapped, 0.1)) > expected  # wrong partners cost more

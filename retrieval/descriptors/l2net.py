@@ -46,6 +46,7 @@ from retrieval.patches import (
     garment_patch_pairs,
     hardnet_loss,
     homography_patch_pairs,
+    info_nce_loss,
     load_garment_pair_batch,
     photometric_jitter,
     random_homographies,
@@ -136,6 +137,8 @@ class LearnedPatchDescriptor(Descriptor):
         # HardNet loss is added with this weight (0: homographies of product photos only).
         "garment_pairs_weight": 0.0,
         "garment_pairs_per_image": 24,
+        "garment_loss": "hardnet",  # or "infonce" (softer: every negative counts, see retrieval.patches)
+        "garment_temperature": 0.1,
     }
 
     def __init__(self, **conf: Any):
@@ -275,13 +278,19 @@ class LearnedPatchDescriptor(Descriptor):
         """Loss of one batch of synthetic pairs; None when the batch holds fewer than 2 pairs."""
         raise NotImplementedError
 
-    def _patch_pair_loss(self, pairs, options: Dict[str, Any]) -> Tuple[Optional[torch.Tensor], Dict[str, float]]:
+    def _patch_pair_loss(self, pairs, options: Dict[str, Any], kind: str = "hardnet") -> Tuple[Optional[torch.Tensor], Dict[str, float]]:
+        """HardNet loss (or, with kind="infonce", `info_nce_loss`) of a `PatchPairs` batch; None below 2 pairs."""
+        if kind not in ("hardnet", "infonce"):
+            raise ValueError(f"garment_loss must be 'hardnet' or 'infonce', got {kind!r}")
         n_pairs = len(pairs.anchors)
         if n_pairs < 2:
             return None, {"pairs": float(n_pairs)}
         # One forward pass for both views: one set of BatchNorm statistics, one large GEMM per layer.
         desc = self.net(torch.cat([pairs.anchors, pairs.positives]))
-        loss = hardnet_loss(desc[:n_pairs], desc[n_pairs:], float(options["margin"]), pairs.exclude)
+        if kind == "infonce":
+            loss = info_nce_loss(desc[:n_pairs], desc[n_pairs:], float(options["garment_temperature"]), pairs.exclude)
+        else:
+            loss = hardnet_loss(desc[:n_pairs], desc[n_pairs:], float(options["margin"]), pairs.exclude)
         return loss, {"desc_loss": float(loss.detach()), "pairs": float(n_pairs)}
 
     def train_on(self, dataset, out_dir, **options: Any):
@@ -354,7 +363,7 @@ class LearnedPatchDescriptor(Descriptor):
                     pairs = garment_patch_pairs(worn["product"], worn["product_mask"], worn["person"], worn["garment_mask"],
                                                 int(settings["garment_pairs_per_image"]), generator,
                                                 min_contrast=float(self.conf["min_patch_contrast"]))
-                    worn_loss, worn_logs = self._patch_pair_loss(pairs, settings)
+                    worn_loss, worn_logs = self._patch_pair_loss(pairs, settings, settings["garment_loss"])
                     logs.update({f"garment_{k}": v for k, v in worn_logs.items()})
                     if worn_loss is not None:
                         loss = garment_weight * worn_loss if loss is None else loss + garment_weight * worn_loss
