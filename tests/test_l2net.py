@@ -238,13 +238,18 @@ def test_garment_patch_pairs_match_by_box_position():
     assert torch.equal(pairs.exclude, same_photo & ~torch.eye(len(same_photo), dtype=torch.bool))  # one photo here
 
 
-def test_train_on_with_garment_pairs(synthetic_root, tmp_path):
+@pytest.mark.parametrize("garment_loss", ["hardnet", "infonce", "image"])
+def test_train_on_with_garment_pairs(garment_loss, synthetic_root, tmp_path):
     data = load_viton(synthetic_root, split="val")
     final = L2Net(**TINY).train_on(data, tmp_path / "run", epochs=1, batch_size=4, max_images=4, pairs_per_image=8,
-                                   garment_pairs_weight=1.0, garment_pairs_per_image=8, progress=False)
+                                   garment_pairs_weight=1.0, garment_pairs_per_image=8, garment_loss=garment_loss,
+                                   progress=False)
     with open(tmp_path / "run" / "losses.csv") as handle:
         header = handle.readline().strip().split(",")
     assert final.exists() and {"desc_loss", "garment_desc_loss", "garment_pairs"} <= set(header)
+    with pytest.raises(ValueError, match="garment_loss"):
+        L2Net(**TINY).train_on(data, tmp_path / "bad", epochs=1, batch_size=4, max_images=4, garment_pairs_weight=1.0,
+                               garment_loss="nope", progress=False)
 
 
 def test_info_nce_loss_golden():

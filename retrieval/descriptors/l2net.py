@@ -27,6 +27,7 @@ from typing import Any, Dict, Iterable, Iterator, Optional, Tuple
 import cv2
 import numpy as np
 import torch
+import torch.nn.functional as F
 from kornia.color import rgb_to_grayscale
 from kornia.feature import (
     HardNet,
@@ -57,6 +58,7 @@ from retrieval.vlad_fitting import fit_vlad_buffers, pad_features
 from retrieval.whitening import apply_pca_whitening
 
 PATCH_DESCRIPTOR_DIM = 128
+GARMENT_LOSSES = ("hardnet", "infonce", "image")
 
 # Settings every learned patch descriptor shares; subclasses add their detector's.
 PATCH_DESCRIPTOR_CONF: Dict[str, Any] = {
@@ -137,7 +139,9 @@ class LearnedPatchDescriptor(Descriptor):
         # HardNet loss is added with this weight (0: homographies of product photos only).
         "garment_pairs_weight": 0.0,
         "garment_pairs_per_image": 24,
-        "garment_loss": "hardnet",  # or "infonce" (softer: every negative counts, see retrieval.patches)
+        # "hardnet"/"infonce": patch to patch at the same box position; "image": the worn garment's patches,
+        # averaged, against the product's, averaged (InfoNCE over the batch's garments; no positions needed)
+        "garment_loss": "hardnet",
         "garment_temperature": 0.1,
     }
 
@@ -280,14 +284,19 @@ class LearnedPatchDescriptor(Descriptor):
 
     def _patch_pair_loss(self, pairs, options: Dict[str, Any], kind: str = "hardnet") -> Tuple[Optional[torch.Tensor], Dict[str, float]]:
         """HardNet loss (or, with kind="infonce", `info_nce_loss`) of a `PatchPairs` batch; None below 2 pairs."""
-        if kind not in ("hardnet", "infonce"):
-            raise ValueError(f"garment_loss must be 'hardnet' or 'infonce', got {kind!r}")
+        if kind not in GARMENT_LOSSES:
+            raise ValueError(f"garment_loss must be one of {GARMENT_LOSSES}, got {kind!r}")
         n_pairs = len(pairs.anchors)
-        if n_pairs < 2:
+        if n_pairs < 2 or (kind == "image" and len(pairs.image_index.unique()) < 2):
             return None, {"pairs": float(n_pairs)}
         # One forward pass for both views: one set of BatchNorm statistics, one large GEMM per layer.
         desc = self.net(torch.cat([pairs.anchors, pairs.positives]))
-        if kind == "infonce":
+        if kind == "image":
+            images, which = pairs.image_index.unique(return_inverse=True)
+            pooled = [F.normalize(desc.new_zeros(len(images), desc.shape[1]).index_add_(0, which, half), dim=1)
+                      for half in (desc[:n_pairs], desc[n_pairs:])]
+            loss = info_nce_loss(pooled[0], pooled[1], float(options["garment_temperature"]))
+        elif kind == "infonce":
             loss = info_nce_loss(desc[:n_pairs], desc[n_pairs:], float(options["garment_temperature"]), pairs.exclude)
         else:
             loss = hardnet_loss(desc[:n_pairs], desc[n_pairs:], float(options["margin"]), pairs.exclude)
@@ -318,6 +327,8 @@ class LearnedPatchDescriptor(Descriptor):
         if dataset.train is None or dataset.train.empty:
             raise ValueError(f"{dataset.name} has no training pairs to train {self.name} on")
         garment_weight = float(settings["garment_pairs_weight"])
+        if settings["garment_loss"] not in GARMENT_LOSSES:
+            raise ValueError(f"garment_loss must be one of {GARMENT_LOSSES}, got {settings['garment_loss']!r}")
         rows_by_product: Dict[str, Any] = {}
         if garment_weight > 0:
             usable = dataset.train.dropna(subset=["parse"]) if "parse" in dataset.train else dataset.train.iloc[:0]
