@@ -135,8 +135,8 @@ class LearnedPatchDescriptor(Descriptor):
         "margin": 1.0,
         "max_images": 1600,
         # Cross-domain pairs (`retrieval.patches.garment_patch_pairs`): each step also matches patches of
-        # the product photos with the same places of the garment worn in their street photos; their
-        # HardNet loss is added with this weight (0: homographies of product photos only).
+        # the product photos with the garment worn in their street photos; that loss (`garment_loss`) is
+        # added with this weight (0: homographies of product photos only).
         "garment_pairs_weight": 0.0,
         "garment_pairs_per_image": 24,
         # "hardnet"/"infonce": patch to patch at the same box position; "image": the worn garment's patches,
@@ -283,7 +283,7 @@ class LearnedPatchDescriptor(Descriptor):
         raise NotImplementedError
 
     def _patch_pair_loss(self, pairs, options: Dict[str, Any], kind: str = "hardnet") -> Tuple[Optional[torch.Tensor], Dict[str, float]]:
-        """HardNet loss (or, with kind="infonce", `info_nce_loss`) of a `PatchPairs` batch; None below 2 pairs."""
+        """Loss of a `PatchPairs` batch (kind: one of GARMENT_LOSSES, see train_defaults); None below 2 pairs."""
         if kind not in GARMENT_LOSSES:
             raise ValueError(f"garment_loss must be one of {GARMENT_LOSSES}, got {kind!r}")
         n_pairs = len(pairs.anchors)
@@ -317,8 +317,9 @@ class LearnedPatchDescriptor(Descriptor):
             out_dir: run directory (resumes from its last.pt).
             **options: seed, progress, time_budget_s, checkpoint_every_s, and overrides of
                 `train_defaults` (epochs, batch_size, pairs_per_image, lr, weight_decay, margin, max_images,
-                garment_pairs_weight, garment_pairs_per_image: with a positive weight each step also
-                matches product patches to the garment worn in the pair's street photo).
+                garment_pairs_weight, garment_pairs_per_image, garment_loss, garment_temperature: with a
+                positive weight each step also matches product patches to the garment worn in the pair's
+                street photo).
         """
         from retrieval.batching import load_batch, sample_paths
         from retrieval.training import TrainingRun, train_options
