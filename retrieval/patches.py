@@ -486,6 +486,11 @@ def hardest_in_batch_triplet_loss(
     return F.relu(margin + distances.diagonal() - hardest).mean()
 
 
+def _check_matching_rows(desc_a: torch.Tensor, desc_b: torch.Tensor) -> None:
+    if desc_a.shape != desc_b.shape or desc_a.ndim != 2:
+        raise ValueError(f"desc_a and desc_b must be (M, D) of the same shape, got {tuple(desc_a.shape)}, {tuple(desc_b.shape)}")
+
+
 def hardnet_loss(
     desc_a: torch.Tensor, desc_b: torch.Tensor, margin: float = 1.0, exclude: Optional[torch.Tensor] = None
 ) -> torch.Tensor:
@@ -496,8 +501,7 @@ def hardnet_loss(
         - exclude: (M, M) bool, optional
         - output: scalar
     """
-    if desc_a.shape != desc_b.shape or desc_a.ndim != 2:
-        raise ValueError(f"desc_a and desc_b must be (M, D) of the same shape, got {tuple(desc_a.shape)}, {tuple(desc_b.shape)}")
+    _check_matching_rows(desc_a, desc_b)
     return hardest_in_batch_triplet_loss(descriptor_distances(desc_a, desc_b), margin, exclude)
 
 
@@ -515,8 +519,7 @@ def info_nce_loss(
         - exclude: (M, M) bool, optional
         - output: scalar
     """
-    if desc_a.shape != desc_b.shape or desc_a.ndim != 2:
-        raise ValueError(f"desc_a and desc_b must be (M, D) of the same shape, got {tuple(desc_a.shape)}, {tuple(desc_b.shape)}")
+    _check_matching_rows(desc_a, desc_b)
     logits = desc_a @ desc_b.t() / float(temperature)
     if exclude is not None:
         logits = logits.masked_fill(exclude, float("-inf"))

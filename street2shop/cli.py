@@ -485,6 +485,9 @@ def _train(kind: str, name: str, dataset, out_dir, epochs, batch_size, lr, time_
     settings = _parse_settings(settings)
     try:
         if "pairs" in settings:  # a pair archive (export-pairs) stands in for the photos
+            if kind == "descriptor":
+                raise ValueError("--set pairs=ARCHIVE is for the generators (paintnet, pix2pix, dtgan); "
+                                 "descriptors train on the data set's photos: drop it and give --dataset")
             data = None
         else:
             data = load_dataset(dataset, split="val", seed=seed, cache_dir=_cache_dir(cache_dir))
