@@ -22,6 +22,7 @@ LAFs follow kornia's convention (``[A | c]`` in pixels, pixel centres at integer
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
@@ -414,8 +415,9 @@ def load_garment_pair_batch(rows, size: Tuple[int, int]) -> Dict[str, torch.Tens
     persons = load_batch([r.person_image for r in rows], size)
     product_masks, garment_masks = [], []
     for row, product in zip(rows, products):
-        if getattr(row, "mask", None):
-            mask = read_mask(row.mask)
+        mask_path = getattr(row, "mask", None)
+        if isinstance(mask_path, (str, os.PathLike)) and str(mask_path):  # a missing mask reads as None or NaN
+            mask = read_mask(mask_path)
             product_masks.append(resized((mask if mask.ndim == 2 else mask[..., 0]) >= 128))
         else:
             product_masks.append(((product < 0.94).any(dim=0)).numpy().astype(np.uint8))

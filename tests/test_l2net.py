@@ -264,3 +264,13 @@ def test_info_nce_loss_golden():
     assert float(info_nce_loss(desc, desc, 0.1, exclude=everything_else)) == 0.0  # nothing left to confuse
     swapped = desc[[1, 0, 2, 3]]
     assert float(info_nce_loss(desc, swapped, 0.1)) > expected  # wrong partners cost more
+
+
+def test_garment_pair_batch_without_a_product_mask_uses_non_white_pixels(synthetic_root):
+    from retrieval.patches import load_garment_pair_batch
+
+    row = next(load_viton(synthetic_root, split="val").train.itertuples(index=False))
+    with_mask = load_garment_pair_batch([row], (64, 48))
+    without = load_garment_pair_batch([row._replace(mask=float("nan"))], (64, 48))  # a CSV's empty cell
+    assert without["product_mask"].shape == (1, 1, 64, 48) and without["product_mask"].any()
+    assert torch.equal(without["product"], with_mask["product"]) and torch.equal(without["garment_mask"], with_mask["garment_mask"])
