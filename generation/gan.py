@@ -26,6 +26,7 @@ Example (the shape of a training loop; see generation/paintnet.py for a complete
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -37,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from retrieval.io import read_image, read_mask, write_image_atomic
+from retrieval.io import read_image, read_mask, write_bytes_atomic, write_image_atomic
 from retrieval.training import TrainingRun, atomic_torch_save, load_checkpoint
 
 log = logging.getLogger("street2shop.gan")
@@ -395,11 +396,9 @@ def save_pair_archive(tensors: Mapping[str, torch.Tensor], path: Path, workers: 
             arrays[f"{name}__bytes"] = np.frombuffer(b"".join(encoded), dtype=np.uint8)
             arrays[f"{name}__offsets"] = np.cumsum([0] + [len(b) for b in encoded]).astype(np.int64)
             arrays[f"{name}__shape"] = np.array(values.shape, dtype=np.int64)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial.npz")
-    np.savez(partial, **arrays)  # the payload is compressed already
-    partial.replace(path)
-    return path
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)  # the payload is compressed already
+    return write_bytes_atomic(path, buffer.getvalue())
 
 
 def load_pair_archive(path: Path, workers: int = 2) -> Dict[str, torch.Tensor]:

@@ -342,18 +342,26 @@ def file_sha1(path: PathLike) -> str:
     return digest.hexdigest()
 
 
-def write_text_atomic(path: PathLike, text: str) -> Path:
-    """Write text so that readers never see half a file (temp file in the same folder + os.replace)."""
+def write_bytes_atomic(path: PathLike, data: bytes) -> Path:
+    """Write bytes so that readers never see half a file (temp file in the same folder, fsync, os.replace)."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     handle, temp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     try:
-        with os.fdopen(handle, "w", encoding="utf-8") as out:
-            out.write(text)
+        with os.fdopen(handle, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
         os.replace(temp, path)
     except BaseException:
         Path(temp).unlink(missing_ok=True)
         raise
     return path
+
+
+def write_text_atomic(path: PathLike, text: str) -> Path:
+    """Write UTF-8 text so that readers never see half a file (`write_bytes_atomic`)."""
+    return write_bytes_atomic(path, text.encode("utf-8"))
 
 
 def write_image_atomic(

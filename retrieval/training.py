@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from retrieval.io import write_text_atomic
+from retrieval.io import write_bytes_atomic, write_text_atomic
 
 log = logging.getLogger("street2shop.training")
 CHECKPOINT_VERSION = 1
@@ -50,20 +50,9 @@ def seed_everything(seed: int) -> torch.Generator:
 
 def atomic_torch_save(payload: Any, path: os.PathLike) -> None:
     """torch.save to a temporary file in the same folder, then rename: never a half-written checkpoint."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
     torch.save(payload, buffer)
-    handle, temp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as out:
-            out.write(buffer.getvalue())
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
+    write_bytes_atomic(path, buffer.getvalue())
 
 
 def load_checkpoint(path: os.PathLike, map_location: str | torch.device = "cpu") -> Dict[str, Any]:
