@@ -383,8 +383,7 @@ def garment_patch_pairs(
         positives=patches_p[keep],
         centres=centres,
         image_index=image_index,
-        exclude=(same_place_mask(centres, image_index, same_place_radius) if same_place_radius is not None else
-                 (image_index[:, None] == image_index[None, :]) & ~torch.eye(len(centres), dtype=torch.bool, device=device)),
+        exclude=same_place_mask(centres, image_index, math.inf if same_place_radius is None else same_place_radius),
     )
 
 
