@@ -149,7 +149,8 @@ def run_benchmark(
             started = time.perf_counter()
             if descriptor.needs_fit:
                 _stage(progress, f"{descriptor_name}: fitting on {fit_max_images} training images")
-                fit_descriptor(descriptor, fit_images(dataset, fit_max_images, seed), batch_size=batch_size, progress=progress)
+                fit_descriptor(descriptor, fit_images(dataset, fit_max_images, seed), batch_size=batch_size, progress=progress,
+                               cache_dir=cache_dir)
             fit_seconds = time.perf_counter() - started
             started = time.perf_counter()
             gallery = extract_features(

@@ -101,7 +101,8 @@ def build_index(
         raise ValueError(f"the catalog has duplicate product ids, e.g. {list(duplicated[:5])}: ids must be unique")
     out_dir = Path(out_dir)
     if descriptor.needs_fit and not descriptor.fitted:
-        fit_descriptor(descriptor, fit_paths if fit_paths is not None else list(catalog["image"]), batch_size=batch_size, progress=progress)
+        fit_descriptor(descriptor, fit_paths if fit_paths is not None else list(catalog["image"]), batch_size=batch_size,
+                       progress=progress, cache_dir=cache_dir)
     cache = FeatureCache(cache_dir, f"{descriptor.name}-{descriptor.fingerprint()}") if cache_dir else None
     vectors = extract_features(
         descriptor.embed, list(catalog["image"]), descriptor.input_spec.size, batch_size=batch_size,

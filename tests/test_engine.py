@@ -46,6 +46,29 @@ def test_fitted_descriptor_state_travels_with_the_index(dataset, tmp_path):
     assert results["product_id"].iloc[0] == str(dataset.catalog["product_id"].iloc[0])
 
 
+def test_fitted_state_is_cached_by_weights_config_and_images(dataset, tmp_path, monkeypatch):
+    from retrieval.batching import fit_descriptor, fitted_state_path
+
+    train = list(dataset.train["product_image"][:8])
+    fitted = fit_descriptor(create_descriptor("sift", n_clusters=4, pca_dim=None, **SMALL), train, progress=False,
+                            cache_dir=tmp_path)
+    stored = fitted_state_path(create_descriptor("sift", n_clusters=4, pca_dim=None, **SMALL), train, tmp_path)
+    assert stored.exists() and set(torch.load(stored, weights_only=True)) == {"centroids", "_fitted"}
+    # the same unfitted descriptor on the same images: loaded, not fitted (fit would raise here)
+    monkeypatch.setattr(type(fitted), "fit", lambda *args, **kwargs: pytest.fail("fitted again despite the cache"))
+    again = fit_descriptor(create_descriptor("sift", n_clusters=4, pca_dim=None, **SMALL), train, progress=False,
+                           cache_dir=tmp_path)
+    assert again.fitted and again.fingerprint() == fitted.fingerprint()
+    # another config or other images give another key; a damaged file is refitted, not trusted
+    assert fitted_state_path(create_descriptor("sift", n_clusters=5, pca_dim=None, **SMALL), train, tmp_path) != stored
+    assert fitted_state_path(create_descriptor("sift", n_clusters=4, pca_dim=None, **SMALL), train[:7], tmp_path) != stored
+    monkeypatch.undo()
+    stored.write_bytes(b"not a checkpoint")
+    refitted = fit_descriptor(create_descriptor("sift", n_clusters=4, pca_dim=None, **SMALL), train, progress=False,
+                              cache_dir=tmp_path)
+    assert refitted.fingerprint() == fitted.fingerprint() and torch.load(stored, weights_only=True)["_fitted"]
+
+
 def test_query_with_other_descriptor_is_refused(dataset, tmp_path):
     build_index(dataset.catalog, create_descriptor("colorhist"), tmp_path / "idx", progress=False)
     with pytest.raises(IndexMismatchError, match="colorhist.*gem|gem.*colorhist"):
