@@ -50,6 +50,17 @@ def paper_numbers(proxy: str, descriptor: str) -> Optional[tuple]:
     return PAPER_TABLE4.get((proxy.split("@")[0], descriptor.split("@")[0]))
 
 
+def _paper_cell(row: Dict) -> str:
+    """The paper's mAP@1/5/10/20 for a summary row, or "" where the paper has none.
+
+    A row's ``paper_proxy`` (from `Proxy.paper_name`) decides when present, so that a PaintNet ablation
+    run labelled 'paintnet@run' is not set beside the paper's PaintNet.
+    """
+    proxy = row["paper_proxy"] if "paper_proxy" in row else row["proxy"]
+    paper = None if proxy is None or pd.isna(proxy) else paper_numbers(proxy, row["descriptor"])
+    return "" if paper is None else " / ".join(f"{v:.3f}" for v in paper)
+
+
 def table4_markdown(summary: pd.DataFrame, ks: Sequence[int] = PAPER_KS) -> str:
     """Our mAP@k with 95% intervals, the paired test against `none`, and the paper's numbers beside them."""
     header = ["proxy", "descriptor", "index"] + [f"mAP@{k}" for k in ks] + ["vs none (mAP@20)", "paper mAP@1/5/10/20"]
@@ -63,8 +74,7 @@ def table4_markdown(summary: pd.DataFrame, ks: Sequence[int] = PAPER_KS) -> str:
         improvement = row.get("improvement_pct")
         p_value = row.get("p_value")
         cells.append("" if improvement is None or pd.isna(improvement) else f"{improvement:+.1f}% ({_p_text(p_value)})")
-        paper = paper_numbers(row["proxy"], row["descriptor"])
-        cells.append("" if paper is None else " / ".join(f"{v:.3f}" for v in paper))
+        cells.append(_paper_cell(row))
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)
 
@@ -236,9 +246,7 @@ def _protocol_markdown(summary: pd.DataFrame, ks: Sequence[int]) -> str:
              "|---|---|" + "---:|" * (len(ks) + 1)]
     for row in view.to_dict("records"):
         cells = [f"{row[f'paper_mAP@{k}']:.4f} ± {row[f'paper_mAP@{k}_std']:.4f}" for k in ks]
-        paper = paper_numbers(row["proxy"], row["descriptor"])
-        lines.append(f"| {row['proxy']} | {row['descriptor']} | " + " | ".join(cells) + " | "
-                     + ("" if paper is None else " / ".join(f"{v:.3f}" for v in paper)) + " |")
+        lines.append(f"| {row['proxy']} | {row['descriptor']} | " + " | ".join(cells) + " | " + _paper_cell(row) + " |")
     first = view.iloc[0]
     return (f"Galleries of {int(first['paper_gallery'])} products, {int(first['paper_draws'])} seeded draws "
             "(mean ± standard deviation over draws), ranked exactly:\n\n" + "\n".join(lines))

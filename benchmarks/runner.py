@@ -174,7 +174,7 @@ def run_benchmark(
                     progress=f"{descriptor_name}: gallery local features" if progress else None,
                 )
                 gallery_local_seconds = time.perf_counter() - started
-            for proxy_label, proxy_key, query_paths, proxy_seconds in proxied:
+            for proxy_label, paper_proxy, proxy_key, query_paths, proxy_seconds in proxied:
                 started = time.perf_counter()
                 query_vectors = extract_features(
                     descriptor.embed, query_paths, size, batch_size=batch_size, device=device, chunk_size=chunk_size,
@@ -190,7 +190,8 @@ def run_benchmark(
                     started = time.perf_counter()
                     scores, ranked = product_index.search(query_vectors, max(depth, int(rerank or 0)) if verify else depth)
                     row = {
-                        "dataset": dataset.name, "proxy": proxy_label, "descriptor": descriptor_name, "index": preset,
+                        "dataset": dataset.name, "proxy": proxy_label, "paper_proxy": paper_proxy,
+                        "descriptor": descriptor_name, "index": preset,
                         "queries": len(queries), "gallery": len(gallery_ids),
                         **(protocol[0] if protocol is not None else {}),
                         "fit_s": round(fit_seconds, 1), "gallery_s": round(gallery_seconds, 1),
@@ -218,15 +219,16 @@ def run_benchmark(
 
 
 def _run_proxy(spec: str, paths: List[str], root: Path, batch_size: int, device: torch.device,
-               progress: bool) -> Tuple[str, str, List[str], float]:
-    """(label, feature-cache key part, the proxy's output paths, seconds) for one proxy over the queries."""
+               progress: bool) -> Tuple[str, Optional[str], str, List[str], float]:
+    """(label, the paper's name for it or None, feature-cache key part, the proxy's output paths, seconds)
+    for one proxy over the queries."""
     started = time.perf_counter()
     proxy = create_proxy(spec).to(device).eval()
     label = descriptor_label(spec)
     if proxy.name != "none":
         paths = materialize_proxy_outputs(proxy, paths, root, batch_size=min(batch_size, 16), device=device,
                                           progress=f"proxy {label}" if progress else None)
-    return label, f"proxy-{proxy.name}-{proxy.fingerprint()}", paths, time.perf_counter() - started
+    return label, proxy.paper_name(), f"proxy-{proxy.name}-{proxy.fingerprint()}", paths, time.perf_counter() - started
 
 
 def _stage(progress: bool, message: str) -> None:

@@ -785,6 +785,12 @@ class PaintNet(Proxy):
         return {k: v.detach().cpu().clone() for k, v in self.state_dict().items()
                 if ".backbone." not in f".{k}" and not k.startswith("parser.")}
 
+    def paper_name(self) -> Optional[str]:
+        """"paintnet" only for the paper's method: an ablation or `train_shapes="predicted"` has no row in Table 4."""
+        switches = ("use_shape_predictor", "use_rf_discriminator", "use_rv_discriminator", "use_perceptual")
+        as_paper = all(self.conf[k] for k in switches) and self.conf["train_shapes"] == "true"
+        return "paintnet" if as_paper else None
+
     def load_trained(self, checkpoint) -> "PaintNet":
         """Load a final.pt of `train_on` (strict on the trained tensors; adopts its training-only options)."""
         payload = load_checkpoint(checkpoint, map_location=self.device)

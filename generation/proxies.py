@@ -38,6 +38,10 @@ class Proxy(nn.Module):
         """Hash of name, config and weights: part of every feature-cache key downstream."""
         return module_fingerprint(self.name, self.conf, self)
 
+    def paper_name(self) -> Optional[str]:
+        """The proxy of the paper's Table 4 this one is (its numbers go beside ours), or None for a variant."""
+        return self.name
+
     # ---- training (trainable proxies only) ------------------------------------------------
     def train_on(self, dataset, out_dir, **options: Any) -> Path:
         """Train on `dataset`'s training pairs through `retrieval.training.TrainingRun`; return final.pt.

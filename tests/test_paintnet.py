@@ -351,3 +351,11 @@ def test_renderer_trained_from_an_archive_joins_a_shape_predictor(synthetic_root
     with pytest.raises(ValueError, match="does not fit"):
         create_proxy("paintnet", **{**TINY, "width": 0.25}).train_on(None, tmp_path / "y", epochs=0, pairs=str(archive),
                                                                      renderer_from=str(renderer_run))
+
+
+def test_only_the_papers_paintnet_takes_its_table4_row():
+    assert create_proxy("paintnet", **TINY).paper_name() == "paintnet"
+    for variant in ({"use_rf_discriminator": False}, {"use_perceptual": False}, {"train_shapes": "predicted"}):
+        assert create_proxy("paintnet", **TINY, **variant).paper_name() is None
+    assert create_proxy("paintnet-wo-sp", **TINY).paper_name() is None
+    assert create_proxy("none").paper_name() == "none"

@@ -75,6 +75,14 @@ def test_table4_markdown_puts_the_paper_beside_ours():
     assert paper_numbers("none", "tn@runs-tn") == paper_numbers("none", "tn")
 
 
+def test_paper_row_follows_the_proxy_variant_not_its_label():
+    rows = [{"proxy": label, "paper_proxy": paper, "descriptor": "rmac", "index": "flat", "mAP@1": 0.1, "mAP@5": 0.1,
+             "mAP@10": 0.1, "mAP@20": 0.1} for label, paper in (("paintnet@gpu-paintnet", "paintnet"),
+                                                               ("paintnet@gpu-wo-sp", None))]
+    paper_line, ablation_line = table4_markdown(pd.DataFrame(rows)).splitlines()[2:]
+    assert paper_line.endswith("|  | 0.250 / 0.331 / 0.362 / 0.432 |") and ablation_line.endswith("| 0.1000 |  |  |")
+
+
 def test_rank_pages(tmp_path):
     image = np.full((64, 48, 3), 200, np.uint8)
     picture = rank_picture(image, image, [image] * 5, [False, True, False, False, False], tile=(32, 24))
