@@ -175,6 +175,22 @@ def test_bench_rows_with_spatial_reranking(synthetic_root):
     assert results["recall@5"].iloc[0] == results["recall@5"].iloc[1]
 
 
+def test_a_repeated_rerank_bench_reads_fit_and_local_features_from_the_cache(synthetic_root, tmp_path, monkeypatch):
+    from benchmarks.runner import run_grid
+    from retrieval.descriptors.sift import SIFT
+
+    data = _small_synthetic(synthetic_root)
+    options = dict(rerank=5, rerank_conf={"threshold": 6.0}, ks=(1, 5), progress=False, cache_dir=tmp_path / "cache",
+                   proxy_output_dir=tmp_path / "proxy")
+    first = run_grid(data, ["sift"], **options)
+    assert len(list((tmp_path / "cache").rglob("local-*.npz"))) == 2  # the gallery's and the queries'
+    monkeypatch.setattr(SIFT, "fit", lambda *a, **k: pytest.fail("fitted again"))
+    monkeypatch.setattr(SIFT, "extract", lambda *a, **k: pytest.fail("extracted again"))
+    again = run_grid(data, ["sift"], **options)
+    assert again["descriptor"].tolist() == ["sift", "sift+sv"]
+    assert again["mAP@5"].tolist() == first["mAP@5"].tolist()
+
+
 def test_searcher_reranks_with_the_catalog_local_features(synthetic_root, tmp_path):
     from retrieval.descriptors import create_descriptor
     from street2shop.engine import Searcher, build_index
