@@ -168,3 +168,35 @@ def vlad(desc: torch.Tensor, mask: torch.Tensor, centroids: torch.Tensor) -> tor
     intra_normalised = F.normalize(residual_sums, dim=-1)
     flat = signed_sqrt(intra_normalised.reshape(batch, n_clusters * dim))
     return F.normalize(flat, dim=-1)
+
+
+def soft_vlad(desc: torch.Tensor, mask: torch.Tensor, centroids: torch.Tensor, alpha: float | torch.Tensor) -> torch.Tensor:
+    """NetVLAD's differentiable VLAD: soft assignment ``softmax_k(-alpha ||x - c_k||^2)``, for training.
+
+    The training-time twin of `vlad` (Arandjelovic et al., "NetVLAD: CNN architecture for weakly
+    supervised place recognition", CVPR 2016): the same residual sums, intra-normalisation and final
+    L2, with each descriptor spread over the clusters by a softmax instead of given to the nearest
+    one, so the loss of the aggregated vector reaches the descriptors and the centroids. As ``alpha``
+    grows it becomes `vlad` without the signed square root, which is left out because its gradient
+    is unbounded near zero (every soft residual sum is small somewhere).
+
+    Shape:
+        - desc: (B, N, D), mask: (B, N) bool, centroids: (K, D)
+        - output: (B, K * D), unit rows (all-zero for an image without descriptors)
+
+    Example:
+        >>> desc = torch.tensor([[[2.0, 0.0], [0.5, -0.5], [0.0, 3.0]]])
+        >>> soft_vlad(desc, torch.ones(1, 3, dtype=torch.bool), torch.eye(2), alpha=1e3).round(decimals=4)
+        tensor([[ 0.5000, -0.5000,  0.0000,  0.7071]])
+    """
+    if desc.ndim != 3 or mask.shape != desc.shape[:2] or centroids.ndim != 2 or centroids.shape[1] != desc.shape[2]:
+        raise ValueError(f"expected desc (B, N, D), mask (B, N), centroids (K, D); got {tuple(desc.shape)}, "
+                         f"{tuple(mask.shape)}, {tuple(centroids.shape)}")
+    batch = desc.shape[0]
+    mask = mask.to(device=desc.device, dtype=torch.bool)
+    desc = torch.where(mask[..., None], desc, torch.zeros((), dtype=desc.dtype, device=desc.device))
+    # -alpha ||x - c||^2 up to the per-descriptor constant -alpha ||x||^2, which the softmax ignores.
+    logits = alpha * (2.0 * desc @ centroids.T - (centroids * centroids).sum(dim=1))  # (B, N, K)
+    assignment = torch.softmax(logits, dim=-1) * mask[..., None].to(desc.dtype)
+    residual_sums = assignment.transpose(1, 2) @ desc - assignment.sum(dim=1)[..., None] * centroids  # (B, K, D)
+    return F.normalize(F.normalize(residual_sums, dim=-1).reshape(batch, -1), dim=-1)

@@ -252,6 +252,79 @@ def test_train_on_with_garment_pairs(garment_loss, synthetic_root, tmp_path):
                                garment_loss="nope", progress=False)
 
 
+def test_vlad_objective_step_lowers_the_loss(synthetic_root):
+    """Through the soft VLAD: one Adam step on a batch of pairs lowers that batch's InfoNCE."""
+    from retrieval.descriptors.l2net import SoftVLADHead
+    from retrieval.patches import load_garment_pair_batch
+
+    data = load_viton(synthetic_root, split="val")
+    rows = list(data.train.itertuples(index=False))[:4]
+    l2net = L2Net(**TINY)
+    worn = load_garment_pair_batch(rows, TINY["image_size"])
+    options = {**L2Net.train_defaults, "vlad_keypoints": 32, "vlad_anchors": "both"}
+    head = l2net._initial_vlad_head(rows, TINY["image_size"], {**options, "vlad_init_images": 4}, seed=0)
+    assert isinstance(head, SoftVLADHead) and head.centroids.shape == (4, 128) and float(head.alpha) > 0
+    l2net.net.train()
+    optimizer = torch.optim.Adam([*l2net.net.parameters(), *head.parameters()], lr=1e-3)
+
+    def loss_now():
+        torch.manual_seed(0)  # the same dropout mask before and after the step
+        return l2net._vlad_loss(worn, head, step_generator(0, 0, 0), options)
+
+    before, logs = loss_now()
+    assert logs["vlad_patches"] > 8 * 8 and 0.0 <= logs["vlad_top1"] <= 1.0
+    optimizer.zero_grad()
+    before.backward()
+    assert head.centroids.grad.abs().sum() > 0
+    optimizer.step()
+    after, _ = loss_now()
+    assert after.item() < before.item()
+
+
+def test_vlad_anchors_cut_the_garment_out_on_white(synthetic_root):
+    from retrieval.patches import load_garment_pair_batch
+
+    data = load_viton(synthetic_root, split="val")
+    worn = load_garment_pair_batch(list(data.train.itertuples(index=False))[:4], TINY["image_size"])
+    l2net = L2Net(**TINY)
+    assert torch.equal(l2net._vlad_anchors(worn, torch.Generator().manual_seed(0), "photo"), worn["person"])
+    cutouts = l2net._vlad_anchors(worn, torch.Generator().manual_seed(0), "cutout")
+    assert cutouts.shape == worn["person"].shape and float((cutouts == 1.0).float().mean()) > 0.2  # a white page
+    both = l2net._vlad_anchors(worn, torch.Generator().manual_seed(0), "both")
+    from_each = [bool(torch.equal(b, p)) or bool(torch.equal(b, c)) for b, p, c in zip(both, worn["person"], cutouts)]
+    assert all(from_each)
+
+
+def test_train_on_through_the_aggregation(synthetic_root, tmp_path):
+    data = load_viton(synthetic_root, split="val")
+    settings = dict(epochs=1, batch_size=4, max_images=8, homography_weight=0.0, vlad_weight=1.0, vlad_keypoints=16,
+                    vlad_init_images=8, progress=False)
+    final = L2Net(**TINY).train_on(data, tmp_path / "run", **settings)
+    with open(tmp_path / "run" / "losses.csv") as handle:
+        header = handle.readline().strip().split(",")
+    assert final.exists() and {"vlad_loss", "vlad_top1"} <= set(header) and "desc_loss" not in header
+    weights = torch.load(final, map_location="cpu", weights_only=False)["state_dict"]
+    assert "centroids" in weights and not any("vlad_head" in k for k in weights)  # the training-only head stays out
+    with pytest.raises(ValueError, match="vlad_anchors"):
+        L2Net(**TINY).train_on(data, tmp_path / "bad", **{**settings, "vlad_anchors": "street"})
+    with pytest.raises(ValueError, match="nothing to train"):
+        L2Net(**TINY).train_on(data, tmp_path / "bad", **{**settings, "vlad_weight": 0.0})
+
+
+def test_bfloat16_training_runs_only_the_network_in_bfloat16_and_ends_with_train_on(synthetic_root, tmp_path):
+    l2net = L2Net(**TINY).eval()  # no dropout: the two passes differ only by precision
+    patches = textured_grey(1, seed=3, size=(32, 32)).expand(16, -1, -1, -1) * torch.linspace(0.5, 1.0, 16)[:, None, None, None]
+    exact = l2net._net(patches)
+    l2net._bfloat16_training = True
+    fast = l2net._net(patches)
+    assert fast.dtype == torch.float32 and not torch.equal(fast, exact)
+    assert torch.allclose(fast, exact, atol=0.05)  # bfloat16 keeps about 3 significant digits
+    data = load_viton(synthetic_root, split="val")
+    l2net = L2Net(**TINY)
+    l2net.train_on(data, tmp_path / "run", epochs=1, batch_size=4, max_images=4, pairs_per_image=8, progress=False)
+    assert l2net._bfloat16_training is False
+
+
 def test_info_nce_loss_golden():
     import math
 

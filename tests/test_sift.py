@@ -121,6 +121,29 @@ def test_vlad_matches_plain_loop_reference_on_a_padded_batch():
         np.testing.assert_allclose(out[b], vlad_reference(desc[b, :count], centroids), atol=1e-5)
 
 
+def test_soft_vlad_golden_and_its_hard_limit():
+    """Hand computed: x1=(2,0), x2=(.5,-.5) -> c1, x3=(0,3) -> c2; residual sums (.5,-.5), (0,2)."""
+    from retrieval.aggregation import signed_sqrt, soft_vlad
+
+    desc = torch.tensor([[[2.0, 0.0], [0.5, -0.5], [0.0, 3.0]]])
+    mask = torch.ones(1, 3, dtype=torch.bool)
+    out = soft_vlad(desc, mask, torch.eye(2), alpha=1e3)
+    torch.testing.assert_close(out, torch.tensor([[0.5, -0.5, 0.0, 0.5**0.5]]))
+    # with a soft assignment every descriptor reaches both centroids, and gradients flow to all inputs
+    desc.requires_grad_(True)
+    centroids = torch.eye(2).requires_grad_(True)
+    soft = soft_vlad(desc, mask, centroids, alpha=0.5)
+    assert not torch.allclose(soft, out)
+    soft[0, 3].backward()
+    assert desc.grad.abs().sum() > 0 and centroids.grad.abs().sum() > 0
+    # sharp: the hard `vlad` is its signed square root (re-normalised), on a random padded batch
+    generator = torch.Generator().manual_seed(3)
+    desc, centroids = torch.randn(2, 7, 5, generator=generator), torch.randn(4, 5, generator=generator)
+    mask = torch.tensor([[True] * 7, [True] * 4 + [False] * 3])
+    expected = vlad(desc, mask, centroids)
+    torch.testing.assert_close(torch.nn.functional.normalize(signed_sqrt(soft_vlad(desc, mask, centroids, 1e4)), dim=-1), expected)
+
+
 def test_vlad_without_keypoints_is_finite_zero():
     out = vlad(torch.zeros(2, 0, 4), torch.zeros(2, 0, dtype=torch.bool), torch.randn(3, 4))
     assert out.shape == (2, 12) and torch.isfinite(out).all() and (out == 0).all()
