@@ -28,8 +28,8 @@ from generation.proxies import create_proxy
 from index import ProductIndex
 from retrieval.batching import fit_descriptor, sample_paths
 from retrieval.datasets import RetrievalSet
-from retrieval.io import file_sha1, write_bytes_atomic
 from retrieval.descriptors import create_descriptor
+from retrieval.io import file_sha1, write_bytes_atomic
 from retrieval.rerank import LocalFeatureStore, SpatialVerifier
 
 log = logging.getLogger("street2shop.bench")
