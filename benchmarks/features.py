@@ -10,8 +10,8 @@ codebook or another proxy never reuses stale features.
 from __future__ import annotations
 
 import hashlib
+import io
 import os
-import tempfile
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Tuple
 
@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from retrieval.batching import iter_batches
-from retrieval.io import file_sha1
+from retrieval.io import file_sha1, write_bytes_atomic
 
 DEFAULT_CHUNK = 256
 
@@ -47,14 +47,9 @@ class FeatureCache:
             return None
 
     def put(self, key: str, features: np.ndarray) -> None:
-        handle, temp = tempfile.mkstemp(dir=self.directory, suffix=".tmp")
-        try:
-            with os.fdopen(handle, "wb") as out:
-                np.save(out, features, allow_pickle=False)
-            os.replace(temp, self.directory / f"{key}.npy")
-        except BaseException:
-            Path(temp).unlink(missing_ok=True)
-            raise
+        buffer = io.BytesIO()
+        np.save(buffer, features, allow_pickle=False)
+        write_bytes_atomic(self.directory / f"{key}.npy", buffer.getvalue())
 
 
 @torch.no_grad()

@@ -7,6 +7,7 @@ AP@k values, the rank of its product and its top-5 product ids).
 from __future__ import annotations
 
 import html
+import io
 import os
 import tempfile
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import numpy as np
 import pandas as pd
 
-from retrieval.io import write_text_atomic
+from retrieval.io import write_bytes_atomic, write_text_atomic
 
 # PaintNet (Lin et al., 2020), Table 4: mAP@1, @5, @10, @20 on their Lookbook split (250-product gallery).
 PAPER_TABLE4: Dict[tuple, tuple] = {
@@ -193,15 +194,9 @@ def write_table(frame: pd.DataFrame, stem: Path) -> List[Path]:
         import pyarrow  # noqa: F401  (pandas' parquet engine)
     except ImportError:
         return written
-    handle, temp = tempfile.mkstemp(dir=stem.parent, suffix=".parquet.tmp")
-    os.close(handle)
-    try:
-        frame.to_parquet(temp, index=False)
-        os.replace(temp, stem.with_suffix(".parquet"))
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-    return written + [stem.with_suffix(".parquet")]
+    buffer = io.BytesIO()
+    frame.to_parquet(buffer, index=False)
+    return written + [write_bytes_atomic(stem.with_suffix(".parquet"), buffer.getvalue())]
 
 
 def package_versions() -> Dict[str, str]:

@@ -40,12 +40,13 @@ import logging
 import os
 import re
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
+
+from retrieval.io import write_text_atomic
 
 log = logging.getLogger("street2shop.reproduce")
 
@@ -350,14 +351,7 @@ def _read_meta(run_dir: Path) -> Dict[str, Any]:
 
 def _write_meta(run_dir: Path, meta: Mapping[str, Any]) -> None:
     """reproduce.json, written atomically: a reader never sees half a file."""
-    handle, temp = tempfile.mkstemp(dir=run_dir, suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w") as out:
-            json.dump(meta, out, indent=2, sort_keys=True, default=_jsonable)
-        os.replace(temp, run_dir / META_FILE)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
+    write_text_atomic(run_dir / META_FILE, json.dumps(meta, indent=2, sort_keys=True, default=_jsonable))
 
 
 def _jsonable(value: Any) -> Any:

@@ -25,10 +25,9 @@ PCA-whitened; the local features serve spatial re-ranking (``retrieval.rerank``)
 """
 from __future__ import annotations
 
+import io
 import logging
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
@@ -40,6 +39,7 @@ from torch import nn
 from retrieval.aggregation import fit_codebook, vlad
 from retrieval.backbones import LITE0_STAGES, LITE_MEAN, LITE_STD, EfficientNetLite0
 from retrieval.descriptors.base import DESCRIPTORS, Descriptor, NotFittedError, check_images
+from retrieval.io import write_bytes_atomic
 from retrieval.vlad_fitting import pad_features
 from retrieval.types import InputSpec, LocalFeatures
 from retrieval.whitening import apply_pca_whitening, fit_pca_whitening
@@ -595,11 +595,6 @@ class DELF(Descriptor):
 
 
 def _save_npz_atomic(path: Path, **arrays: np.ndarray) -> None:
-    handle, temp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as out:
-            np.savez(out, **arrays)
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    write_bytes_atomic(path, buffer.getvalue())
