@@ -102,6 +102,7 @@ def load_trained_weights(
     name: str,
     conf: Mapping[str, Any],
     shipped_prefixes: Tuple[str, ...] = (),
+    ignored_prefixes: Tuple[str, ...] = (),
 ) -> Dict[str, Any]:
     """Load a final.pt written by a `train_on` into `module`; return the checkpoint's payload.
 
@@ -116,6 +117,7 @@ def load_trained_weights(
         name: the plugin's registry name; a checkpoint recorded for another plugin is refused.
         conf: the plugin's config, quoted in the error when the weights do not fit.
         shipped_prefixes: state-dict prefixes that may be missing from the checkpoint.
+        ignored_prefixes: checkpoint keys never loaded (e.g. fit state a plugin recomputes anyway).
 
     Raises:
         FileNotFoundError, ValueError: no such file, not a checkpoint, another plugin's, or weights of
@@ -125,7 +127,8 @@ def load_trained_weights(
     payload = load_checkpoint(checkpoint, map_location=device)
     if payload.get(kind) not in (None, name):
         raise ValueError(f"{checkpoint} was trained for {kind} {payload.get(kind)!r}, not {name!r}")
-    missing, unexpected = module.load_state_dict(payload["state_dict"], strict=False)
+    state = {k: v for k, v in payload["state_dict"].items() if not (ignored_prefixes and k.startswith(tuple(ignored_prefixes)))}
+    missing, unexpected = module.load_state_dict(state, strict=False)
     missing = [k for k in missing if not (shipped_prefixes and k.startswith(tuple(shipped_prefixes)))]
     if missing or unexpected:
         raise ValueError(

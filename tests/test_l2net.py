@@ -205,6 +205,22 @@ def test_train_on_round_trip(synthetic_root, tmp_path):
     assert torch.equal(create_descriptor(f"l2net@{again}", **TINY).net.features[0].weight, loaded.net.features[0].weight)
 
 
+def test_trained_weights_load_under_any_fit_config(tmp_path):
+    """final.pt holds no fit state; an older one that does (another pca_dim's buffers) still loads."""
+    older = L2Net(**{**TINY, "pca_dim": 32})
+    with torch.no_grad():
+        older.net.features[0].weight.add_(1.0)
+    path = tmp_path / "older-final.pt"
+    torch.save({"state_dict": older.state_dict(), "descriptor": "l2net"}, path)
+    for pca_dim in (None, 16):
+        loaded = create_descriptor(f"l2net@{path}", **{**TINY, "pca_dim": pca_dim})
+        assert torch.equal(loaded.net.features[0].weight, older.net.features[0].weight) and not loaded.fitted
+    broken = {k: v for k, v in older.state_dict().items() if k != "net.features.0.weight"}
+    torch.save({"state_dict": broken, "descriptor": "l2net"}, path)
+    with pytest.raises(ValueError, match="missing"):  # the network itself stays strict
+        create_descriptor(f"l2net@{path}", **TINY)
+
+
 def test_mask_boxes_golden():
     from retrieval.patches import mask_boxes
 
@@ -304,11 +320,12 @@ def test_train_on_through_the_aggregation(synthetic_root, tmp_path):
         header = handle.readline().strip().split(",")
     assert final.exists() and {"vlad_loss", "vlad_top1"} <= set(header) and "desc_loss" not in header
     weights = torch.load(final, map_location="cpu", weights_only=False)["state_dict"]
-    assert "centroids" in weights and not any("vlad_head" in k for k in weights)  # the training-only head stays out
+    # the network only: neither the training-only head nor fit state (fitted after training)
+    assert all(k.startswith("net.") for k in weights)
     with pytest.raises(ValueError, match="vlad_anchors"):
         L2Net(**TINY).train_on(data, tmp_path / "bad", **{**settings, "vlad_anchors": "street"})
     with pytest.raises(ValueError, match="nothing to train"):
-        L2Net(**TINY).train_on(data, tmp_path / "bad", **{**settings, "vlad_weight": 0.0})
+        L2Net(**TINY).train_on(data, tmp_path / "bad", **{**settings, "vlad_weight": 0.0, "garment_pairs_weight": 0.0})
 
 
 def test_bfloat16_training_runs_only_the_network_in_bfloat16_and_ends_with_train_on(synthetic_root, tmp_path):

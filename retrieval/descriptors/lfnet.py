@@ -25,7 +25,9 @@ architecture kornia provides, trained in this project the way LF-Net trains:
   places. LF-Net's learned scale and orientation estimation is replaced by KeyNet's scale pyramid and
   the dominant-gradient orientation.
 
-The descriptors are VLAD-aggregated and PCA-whitened like `sift` (through `LearnedPatchDescriptor`).
+By default each step also adds `l2net`'s InfoNCE loss on product <-> worn-garment patch pairs
+(`garment_pairs_weight`). The descriptors are VLAD-aggregated like `sift` (through
+`LearnedPatchDescriptor`).
 """
 from __future__ import annotations
 
@@ -201,7 +203,7 @@ class LFNet(LearnedPatchDescriptor):
     (random init, trained here) with kornia's `HardNet` patch network (the L2-Net architecture),
     trained together with LF-Net's
     image-level score-map loss and a hardest-in-batch triplet loss at soft-argmax-refined peaks (see
-    the module docstring). Descriptors are VLAD-aggregated and PCA-whitened like `sift`.
+    the module docstring), plus the garment-pair loss of `l2net`. Descriptors are VLAD-aggregated like `sift`.
 
     Config (``default_conf``), beyond the shared ones (image_size, max_keypoints, upright,
     n_clusters, pca_dim, fit_descriptors_per_image, max_fit_descriptors, kmeans_iterations,
