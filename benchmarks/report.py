@@ -260,6 +260,42 @@ def improvement_summary(summary: pd.DataFrame) -> pd.DataFrame:
             .reset_index())
 
 
+def untrained_label(label: str) -> Optional[str]:
+    """'lfnet@run' -> 'lfnet', 'delf@run+sv' -> 'delf+sv': the row of the same descriptor without the
+    trained weights; None for a label that names no checkpoint."""
+    name, at, rest = label.partition("@")
+    if not at:
+        return None
+    return name + ("+sv" if rest.endswith("+sv") else "")
+
+
+def trained_vs_untrained(per_query: pd.DataFrame, metric: str = "AP@20", n_resamples: int = 1000,
+                         seed: int = 0) -> pd.DataFrame:
+    """Each trained descriptor (label 'NAME@run') against its untrained form ('NAME') in the same grid.
+
+    Paired on the queries both answered (same proxy, index and gallery): the mean difference of the
+    per-query `metric`, its bootstrap 95% interval and a sign-flip p (`paired_bootstrap_test`).
+    Returns one row per proxy x index x trained descriptor whose untrained row exists.
+    """
+    from benchmarks.stats import paired_bootstrap_test
+
+    columns = ["proxy", "index", "descriptor", "untrained", "untrained_map", "trained_map", "diff", "diff_ci_low",
+               "diff_ci_high", "p_value"]
+    groups = {key: group.set_index("query_id")[metric] for key, group in per_query.groupby(["proxy", "descriptor", "index"], sort=False)}
+    rows = []
+    for (proxy, descriptor, index), trained in groups.items():
+        untrained_name = untrained_label(str(descriptor))
+        untrained = groups.get((proxy, untrained_name, index))
+        if untrained is None:
+            continue
+        shared = trained.index.intersection(untrained.index)
+        a, b = trained.loc[shared].to_numpy(), untrained.loc[shared].to_numpy()
+        test = paired_bootstrap_test(a, b, n_resamples=max(n_resamples, 1000), seed=seed)
+        rows.append([proxy, index, descriptor, untrained_name, float(b.mean()), float(a.mean()), test["mean_diff"],
+                     test["ci_low"], test["ci_high"], test["p_value"]])
+    return pd.DataFrame(rows, columns=columns)
+
+
 def bench_markdown(result, ks: Sequence[int], *, title: str, description: str, config: Dict,
                    generation: Optional[pd.DataFrame] = None, generation_markdown: str = "",
                    files: Sequence[str] = ()) -> str:
@@ -284,6 +320,14 @@ def bench_markdown(result, ks: Sequence[int], *, title: str, description: str, c
                   "|---|---|---:|---:|---:|---:|"]
         parts += [f"| {r.proxy} | {r.index} | {r.descriptors} | {r.mean_improvement_pct:+.2f}% | {r.significant_better} | {r.significant_worse} |"
                   for r in improvements.itertuples(index=False)]
+    trained = trained_vs_untrained(result.per_query, f"AP@{top}") if len(result.per_query) else pd.DataFrame()
+    if not trained.empty:
+        parts += ["", f"## Trained against untrained (mAP@{top}, paired on the same queries)", "",
+                  "| proxy | index | trained | untrained | mAP trained | mAP untrained | difference [95%] | p |",
+                  "|---|---|---|---|---:|---:|---:|---:|"]
+        parts += [f"| {r.proxy} | {r.index} | {r.descriptor} | {r.untrained} | {r.trained_map:.4f} | {r.untrained_map:.4f} | "
+                  f"{r.diff:+.4f} [{r.diff_ci_low:+.4f}, {r.diff_ci_high:+.4f}] | {_p_text(r.p_value)} |"
+                  for r in trained.itertuples(index=False)]
     timing_columns = [c for c in ("fit_s", "gallery_s", "proxy_s", "query_s", "index_build_s", "search_s", "rerank_s") if c in summary]
     parts += ["", "## Time (seconds; cached features cost ~0)", "",
               markdown_table(summary[["proxy", "descriptor", "index", *timing_columns]])]

@@ -4,7 +4,7 @@ import pandas as pd
 import pytest
 
 from benchmarks.protocols import ap_from_rank, relevant_ranks, sampled_gallery_protocol, summarise_draws
-from benchmarks.report import paper_numbers, rank_picture, table4_markdown, write_rank_pages
+from benchmarks.report import paper_numbers, rank_picture, table4_markdown, trained_vs_untrained, untrained_label, write_rank_pages
 from benchmarks.stats import bootstrap_ci, paired_bootstrap_test, relative_improvement
 
 
@@ -94,3 +94,28 @@ def test_rank_pages(tmp_path):
                             lambda path, img: written.append(path))
     text = page.read_text()
     assert "q&lt;1&gt;" in text and "rank 2" in text and written == [tmp_path / "rank_000.png"]
+
+
+def test_trained_against_untrained_pairs_queries_by_id():
+    assert untrained_label("lfnet@run") == "lfnet" and untrained_label("delf@run+sv") == "delf+sv"
+    assert untrained_label("lfnet") is None and untrained_label("delf+sv") is None
+
+    def rows(descriptor, ids, aps):
+        return pd.DataFrame({"proxy": "none", "descriptor": descriptor, "index": "flat", "query_id": ids, "AP@20": aps})
+
+    per_query = pd.concat([
+        rows("lfnet", ["q1", "q2", "q3", "q4"], [0.0, 0.5, 1.0, 0.0]),
+        rows("lfnet@run", ["q4", "q3", "q2", "q1"], [0.5, 1.0, 0.5, 1.0]),  # another order: paired by id
+        rows("delf+sv", ["q1", "q2"], [1.0, 1.0]),
+        rows("delf@run+sv", ["q1", "q2"], [0.5, 0.5]),
+        rows("tn@run", ["q1", "q2"], [1.0, 1.0]),  # no untrained tn in the grid: no row
+    ])
+    table = trained_vs_untrained(per_query, "AP@20").set_index("descriptor")
+    assert sorted(table.index) == ["delf@run+sv", "lfnet@run"]
+    lfnet = table.loc["lfnet@run"]
+    # hand-computed: untrained mean 1.5/4, trained 3/4, per-query differences (1, 0, 0, 0.5)
+    assert lfnet["untrained"] == "lfnet" and lfnet["untrained_map"] == pytest.approx(0.375)
+    assert lfnet["trained_map"] == pytest.approx(0.75) and lfnet["diff"] == pytest.approx(0.375)
+    assert lfnet["diff_ci_low"] >= 0.0 and lfnet["diff_ci_high"] <= 1.0
+    delf = table.loc["delf@run+sv"]
+    assert delf["diff"] == pytest.approx(-0.5) and delf["diff_ci_low"] == delf["diff_ci_high"] == pytest.approx(-0.5)
