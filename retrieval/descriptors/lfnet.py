@@ -235,9 +235,11 @@ class LFNet(LearnedPatchDescriptor):
     }
     train_defaults: Dict[str, Any] = {
         **LearnedPatchDescriptor.train_defaults,
-        # KeyNet's forward and backward over both full views of 4 photos (2.4 s on the project's
-        # 2-core CPU) cost about as much as the patch network on their ~120 pairs: a step took 4.5-6 s
-        # with other jobs running, so one epoch over 640 photos (160 steps) is 12-16 minutes.
+        # KeyNet's forward and backward over both full views of 4 photos cost about as much as the patch
+        # network on their ~120 homography and ~85 garment pairs: a step took 1.75 s on the project's
+        # 2-core CPU (bfloat16, another job running), so the default epoch over 640 photos (160 steps)
+        # takes about 5 minutes.
+        "epochs": 1,
         "batch_size": 4,
         "pairs_per_image": 32,
         "max_images": 640,
