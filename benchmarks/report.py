@@ -16,6 +16,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import numpy as np
 import pandas as pd
 
+from benchmarks.stats import paired_bootstrap_test
 from retrieval.io import write_bytes_atomic, write_text_atomic
 
 # PaintNet (Lin et al., 2020), Table 4: mAP@1, @5, @10, @20 on their Lookbook split (250-product gallery).
@@ -277,8 +278,6 @@ def trained_vs_untrained(per_query: pd.DataFrame, metric: str = "AP@20", n_resam
     per-query `metric`, its bootstrap 95% interval and a sign-flip p (`paired_bootstrap_test`).
     Returns one row per proxy x index x trained descriptor whose untrained row exists.
     """
-    from benchmarks.stats import paired_bootstrap_test
-
     columns = ["proxy", "index", "descriptor", "untrained", "untrained_map", "trained_map", "diff", "diff_ci_low",
                "diff_ci_high", "p_value"]
     groups = {key: group.set_index("query_id")[metric] for key, group in per_query.groupby(["proxy", "descriptor", "index"], sort=False)}
