@@ -392,8 +392,16 @@ def test_fit_and_state_dict_round_trip(fitted_surf):
     torch.testing.assert_close(fresh.embed(images), fitted_surf.embed(images), rtol=0, atol=0)
 
 
-def test_street_photo_finds_its_own_rotated_copy(fitted_surf):
-    """Retrieval sanity: each slightly rotated and re-lit photo is nearest to its original."""
+def test_street_photo_finds_its_own_rotated_copy():
+    """Retrieval sanity: each slightly rotated and re-lit photo is nearest to its original.
+
+    With the descriptor's default raw VLAD (pca_dim=None). TINY_CONF's whitening to 16 dims is fitted on
+    12 images (rank <= 11): it scales noise directions up to the signal's size, so which gallery photo
+    wins turned on the last digits of k-means and the eigendecomposition. That whitened form failed on
+    the fresh install of 2026-12-05 and equally with opencv 4.14, numpy 2.2 or faiss 1.11 put back, so
+    no single release was to blame. The default is what retrieval uses.
+    """
+    fitted_surf = SURF(**dict(TINY_CONF, pca_dim=None)).fit([street_batch(range(100, 106)), street_batch(range(106, 112))])
     gallery = street_batch(range(20, 26))
     rgb = (gallery.permute(0, 2, 3, 1).numpy() * 255).astype(np.uint8)
     height, width = SMALL
@@ -402,3 +410,6 @@ def test_street_photo_finds_its_own_rotated_copy(fitted_surf):
     query_batch = torch.from_numpy(np.stack(queries).astype(np.float32)).permute(0, 3, 1, 2) / 255.0
     similarity = fitted_surf.embed(query_batch) @ fitted_surf.embed(gallery).T
     assert similarity.argmax(dim=1).tolist() == list(range(6)), similarity
+    # and not by a hair: each true pair beats the best wrong one by a clear margin (0.26 measured)
+    wrong = similarity.masked_fill(torch.eye(6, dtype=torch.bool), -1).amax(dim=1)
+    assert (similarity.diagonal() - wrong).min() > 0.1, similarity
