@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from retrieval.garments import GARMENT_LABELS, segmented_texture
 from retrieval.io import read_image, read_mask, write_bytes_atomic, write_image_atomic
 from retrieval.training import TrainingRun, atomic_torch_save, load_checkpoint
 
@@ -224,7 +225,6 @@ def _resize(image: np.ndarray, size: Tuple[int, int], nearest: bool = False) -> 
 
 
 def _garment_mask(parse_path: Optional[str], shape: Tuple[int, int]) -> np.ndarray:
-    from generation.parsing import GARMENT_LABELS
 
     if parse_path is None:
         raise ValueError("a training pair has no parse map: prepare_pair_tensors needs the ground-truth parses")
@@ -311,7 +311,6 @@ def prepare_pair_tensors(
         log.warning("%s was made from other pairs or settings: recomputing it", cache_path)
     if len(train_pairs) == 0:
         raise ValueError("prepare_pair_tensors got no training pairs")
-    from generation.parsing import segmented_texture
 
     rows = list(train_pairs.itertuples(index=False))
     columns: Dict[str, list] = {k: [] for k in PAIR_KEYS}

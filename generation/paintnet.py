@@ -99,6 +99,7 @@ from generation.gan import (
 )
 from generation.proxies import PROXIES, Proxy
 from retrieval.backbones import EfficientNetLite0
+from retrieval.garments import segmented_texture
 from retrieval.training import TrainingRun, atomic_torch_save, load_checkpoint, seed_everything
 
 log = logging.getLogger("street2shop.paintnet")
@@ -745,8 +746,6 @@ class PaintNet(Proxy):
 
     def segmented_textures(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) person photos -> T_m (B, 3, S, S) in [0, 1]."""
-        from generation.parsing import segmented_texture
-
         size = self.conf["image_size"]
         return segmented_texture(images, self.garment_masks(images), size=(size, size))
 

@@ -34,6 +34,8 @@ from kornia.color import rgb_to_grayscale
 from kornia.feature import extract_patches_from_pyramid, get_laf_center, perspective_transform_lafs
 from kornia.geometry.transform import warp_perspective
 
+from retrieval.garments import GARMENT_LABELS
+
 PATCH_SIZE = 32
 
 
@@ -401,7 +403,6 @@ def load_garment_pair_batch(rows, size: Tuple[int, int]) -> Dict[str, torch.Tens
     Returns:
         {"product", "person"}: (B, 1, H, W) float grey in [0, 1]; {"product_mask", "garment_mask"}: (B, 1, H, W) bool.
     """
-    from generation.parsing import GARMENT_LABELS  # LIP's garment labels, defined with the parser
     from retrieval.batching import load_batch
     from retrieval.io import read_mask
 

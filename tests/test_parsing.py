@@ -8,23 +8,20 @@ import torch
 
 from generation.parsing import (
     ENCODER_ENDPOINTS,
-    GARMENT_LABELS,
     GarmentParser,
     dice_loss,
-    garment_mask_from_labels,
     garment_masks,
     garment_segmentation_loss,
     grabcut_garment_mask,
     load_garment_parser,
-    mask_bounding_boxes,
     remove_small_regions,
-    segmented_texture,
     validation_parsing_pairs,
     viton_parse_path,
 )
 from generation.proxies import create_proxy
 from generation.shape_maps import fill_holes, grabcut_shape_map, mask_iou, shape_map_agreement
 from retrieval.datasets import load_viton
+from retrieval.garments import GARMENT_LABELS, garment_mask_from_labels, mask_bounding_boxes, segmented_texture
 from retrieval.training import load_checkpoint
 
 

@@ -49,6 +49,7 @@ from torch import nn
 from retrieval.aggregation import fit_codebook, soft_vlad, vlad
 from retrieval.descriptors.base import DESCRIPTORS, Descriptor, check_images
 from retrieval.descriptors.sift import rgb_to_grey_uint8
+from retrieval.garments import segmented_texture
 from retrieval.patches import (
     PATCH_SIZE,
     garment_patch_pairs,
@@ -384,8 +385,6 @@ class LearnedPatchDescriptor(Descriptor):
             - worn["person"], worn["garment_mask"]: (B, 1, H, W)
             - output: (B, 1, H, W) grey in [0, 1]
         """
-        from generation.parsing import segmented_texture
-
         photos = worn["person"]
         if which == "photo":
             return photos
