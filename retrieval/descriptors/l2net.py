@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any, Dict, Iterable, Iterator, Optional, Tuple
+from typing import Any, Dict, Iterator, Optional, Tuple
 
 import cv2
 import numpy as np
@@ -46,9 +46,10 @@ from kornia.feature import (
 )
 from torch import nn
 
-from retrieval.aggregation import fit_codebook, soft_vlad, vlad
-from retrieval.descriptors.base import DESCRIPTORS, Descriptor, check_images
+from retrieval.aggregation import fit_codebook, soft_vlad
+from retrieval.descriptors.base import DESCRIPTORS, check_images
 from retrieval.descriptors.sift import rgb_to_grey_uint8
+from retrieval.descriptors.vlad_base import VLADDescriptor
 from retrieval.garments import segmented_texture
 from retrieval.patches import (
     PATCH_SIZE,
@@ -62,8 +63,7 @@ from retrieval.patches import (
     warp_images,
 )
 from retrieval.types import InputSpec, LocalFeatures
-from retrieval.vlad_fitting import fit_vlad_buffers, pad_features
-from retrieval.whitening import apply_pca_whitening
+from retrieval.vlad_fitting import pad_features
 
 PATCH_DESCRIPTOR_DIM = 128
 GARMENT_LOSSES = ("hardnet", "infonce", "image")
@@ -151,7 +151,7 @@ class SoftVLADHead(nn.Module):
         return soft_vlad(desc, mask, self.centroids, self.alpha)
 
 
-class LearnedPatchDescriptor(Descriptor):
+class LearnedPatchDescriptor(VLADDescriptor):
     """Keypoint frames -> 32x32 patches -> HardNet/L2-Net network -> VLAD + PCA-whitening.
 
     Subclasses provide `detect` (frames per image) and may add detector training through
@@ -163,9 +163,8 @@ class LearnedPatchDescriptor(Descriptor):
         - embed output: (B, dim), dim = pca_dim or n_clusters * 128
     """
 
-    kind = "local"
     trainable = True
-    needs_fit = True
+    local_dim = PATCH_DESCRIPTOR_DIM
     shipped_state_prefixes = ()
     default_conf: Dict[str, Any] = PATCH_DESCRIPTOR_CONF
     # train_on options (not part of the model's conf or fingerprint); CLI flags override. On the
@@ -209,28 +208,16 @@ class LearnedPatchDescriptor(Descriptor):
 
     def __init__(self, **conf: Any):
         super().__init__(**conf)
-        n_clusters, pca_dim = int(self.conf["n_clusters"]), self.conf["pca_dim"]
-        if n_clusters < 1 or int(self.conf["max_keypoints"]) < 1:
+        if int(self.conf["n_clusters"]) < 1 or int(self.conf["max_keypoints"]) < 1:
             raise ValueError(f"n_clusters and max_keypoints must be >= 1, got conf {self.conf}")
-        vlad_dim = n_clusters * PATCH_DESCRIPTOR_DIM
-        if pca_dim is not None and not 1 <= int(pca_dim) <= vlad_dim:
-            raise ValueError(f"pca_dim must be None or in [1, {vlad_dim}] (n_clusters * 128), got {pca_dim}")
         # L2-Net architecture (kornia calls it HardNet); random weights, never a download. Seeded, so
         # that the untrained descriptor is the same network in every process.
         with seeded(int(self.conf["seed"])):
             self.net = HardNet(pretrained=False)
-        self.register_buffer("centroids", torch.zeros(n_clusters, PATCH_DESCRIPTOR_DIM))
+        self._register_vlad_buffers()
         self._bfloat16_training = False  # set by train_on (its `bfloat16` option) while it runs
-        if pca_dim is not None:
-            self.register_buffer("pca_mean", torch.zeros(vlad_dim))
-            self.register_buffer("pca_projection", torch.zeros(vlad_dim, int(pca_dim)))
 
     # ---- contract -------------------------------------------------------------------------
-    @property
-    def dim(self) -> int:
-        pca_dim = self.conf["pca_dim"]
-        return int(pca_dim) if pca_dim is not None else int(self.conf["n_clusters"]) * PATCH_DESCRIPTOR_DIM
-
     @property
     def input_spec(self) -> InputSpec:
         return InputSpec(size=tuple(self.conf["image_size"]), grey=True)
@@ -309,41 +296,6 @@ class LearnedPatchDescriptor(Descriptor):
             orientations=torch.remainder(-kornia_degrees, 360.0).masked_fill(~mask, 0.0),
             image_size=(int(images.shape[2]), int(images.shape[3])),
         )
-
-    # ---- aggregation (as `sift`) ----------------------------------------------------------
-    def _aggregate_descriptors(self, desc: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        vectors = vlad(desc.float(), mask, self.centroids)
-        if self.conf["pca_dim"] is not None:
-            vectors = apply_pca_whitening(vectors, self.pca_mean, self.pca_projection)
-        return vectors
-
-    @torch.no_grad()
-    def aggregate(self, features: LocalFeatures) -> torch.Tensor:
-        """VLAD (intra-norm, signed sqrt, L2), then PCA-whitening + signed sqrt + L2 when configured.
-
-        Shape:
-            - features.desc: (B, N, 128)
-            - output: (B, dim)
-        """
-        return self._aggregate_descriptors(features.desc, features.mask)
-
-    @torch.no_grad()
-    def fit(self, batches: Iterable[torch.Tensor]) -> "LearnedPatchDescriptor":
-        """Learn the VLAD codebook (and PCA-whitening) from training image batches, in one pass.
-
-        As `SIFT.fit`: each image contributes a seeded random subset of at most
-        ``fit_descriptors_per_image`` descriptors, which also give the training VLADs for the
-        whitening. Fit after training: a retrained network invalidates the codebook.
-
-        Raises:
-            ValueError: no images, or fewer descriptors than ``n_clusters``.
-        """
-        was_training = self.training
-        self.eval()
-        fit_vlad_buffers(self, batches)
-        self._fitted.fill_(True)
-        self.train(was_training)
-        return self
 
     # ---- training -------------------------------------------------------------------------
     def _training_modules(self) -> Dict[str, nn.Module]:

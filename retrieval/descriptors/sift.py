@@ -7,16 +7,15 @@ image via `retrieval.aggregation.vlad`.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, Tuple
+from typing import Any, Dict, Tuple
 
 import cv2
 import numpy as np
 import torch
 
-from retrieval.aggregation import vlad
-from retrieval.vlad_fitting import fit_vlad_buffers, pad_features
-from retrieval.whitening import apply_pca_whitening
-from retrieval.descriptors.base import DESCRIPTORS, Descriptor, check_images
+from retrieval.descriptors.base import DESCRIPTORS, check_images
+from retrieval.descriptors.vlad_base import VLADDescriptor
+from retrieval.vlad_fitting import pad_features
 from retrieval.types import InputSpec, LocalFeatures
 
 SIFT_DIM = 128
@@ -50,7 +49,7 @@ def root_sift(desc: np.ndarray, eps: float = 1e-12) -> np.ndarray:
 
 
 @DESCRIPTORS.register("sift")
-class SIFT(Descriptor):
+class SIFT(VLADDescriptor):
     """OpenCV SIFT keypoints + (Root)SIFT descriptors, VLAD-aggregated for indexing.
 
     `fit` learns the VLAD codebook (and, when ``pca_dim`` is set, a PCA-whitening of the VLAD
@@ -81,9 +80,7 @@ class SIFT(Descriptor):
         1024
     """
 
-    kind = "local"
     trainable = False
-    needs_fit = True
     default_conf: Dict[str, Any] = {
         "image_size": (256, 192),
         "max_keypoints": 1000,
@@ -102,27 +99,15 @@ class SIFT(Descriptor):
         "sigma": 1.6,
     }
 
+    local_dim = SIFT_DIM
+
     def __init__(self, **conf: Any):
         super().__init__(**conf)
-        n_clusters = int(self.conf["n_clusters"])
-        pca_dim = self.conf["pca_dim"]
-        if n_clusters < 1 or int(self.conf["max_keypoints"]) < 1:
+        if int(self.conf["n_clusters"]) < 1 or int(self.conf["max_keypoints"]) < 1:
             raise ValueError(f"n_clusters and max_keypoints must be >= 1, got conf {self.conf}")
-        vlad_dim = n_clusters * SIFT_DIM
-        if pca_dim is not None and not 1 <= int(pca_dim) <= vlad_dim:
-            raise ValueError(f"pca_dim must be None or in [1, {vlad_dim}] (n_clusters * 128), got {pca_dim}")
-        # Shapes follow from conf alone, so a fresh instance can load_state_dict a fitted one.
-        self.register_buffer("centroids", torch.zeros(n_clusters, SIFT_DIM))
-        if pca_dim is not None:
-            self.register_buffer("pca_mean", torch.zeros(vlad_dim))
-            self.register_buffer("pca_projection", torch.zeros(vlad_dim, int(pca_dim)))
+        self._register_vlad_buffers()
 
     # ---- contract -------------------------------------------------------------------------
-    @property
-    def dim(self) -> int:
-        pca_dim = self.conf["pca_dim"]
-        return int(pca_dim) if pca_dim is not None else int(self.conf["n_clusters"]) * SIFT_DIM
-
     @property
     def input_spec(self) -> InputSpec:
         return InputSpec(size=tuple(self.conf["image_size"]), grey=True)
@@ -190,41 +175,3 @@ class SIFT(Descriptor):
             orientations=to_tensor(attributes[..., 3].copy()),
             image_size=(int(images.shape[2]), int(images.shape[3])),
         )
-
-    def _aggregate_descriptors(self, desc: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        vectors = vlad(desc.float(), mask, self.centroids)
-        if self.conf["pca_dim"] is not None:
-            vectors = apply_pca_whitening(vectors, self.pca_mean, self.pca_projection)
-        return vectors
-
-    @torch.no_grad()
-    def aggregate(self, features: LocalFeatures) -> torch.Tensor:
-        """VLAD (intra-norm, signed sqrt, L2), then PCA-whitening + signed sqrt + L2 when configured.
-
-        An image without keypoints gives the zero vector (see `retrieval.aggregation.vlad`).
-
-        Shape:
-            - features.desc: (B, N, 128)
-            - output: (B, dim)
-        """
-        return self._aggregate_descriptors(features.desc, features.mask)
-
-    @torch.no_grad()
-    def fit(self, batches: Iterable[torch.Tensor]) -> "SIFT":
-        """Learn the VLAD codebook (and PCA-whitening) from training image batches, in one pass.
-
-        Each image contributes a seeded random subset of at most ``fit_descriptors_per_image``
-        descriptors. The same subsets give the VLAD vectors the whitening is learned from, so that
-        `batches` may be a one-shot generator; when an image has more keypoints than the cap, its
-        training VLAD vector is a noisier estimate of the full one (intra-normalisation removes the
-        count, so it is not biased in scale).
-
-        Args:
-            batches: iterable of (B, 3, H, W) float RGB tensors in [0, 1] from a training set.
-
-        Raises:
-            ValueError: no images, or fewer descriptors than ``n_clusters``.
-        """
-        fit_vlad_buffers(self, batches)
-        self._fitted.fill_(True)
-        return self

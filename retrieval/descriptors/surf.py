@@ -7,22 +7,20 @@ codebook and a PCA-whitening of the VLAD vectors, both learned by `fit` and kept
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable
+from typing import Any, Dict
 
 import torch
 from kornia.color import rgb_to_grayscale
 
-from retrieval.aggregation import vlad
-from retrieval.descriptors.base import DESCRIPTORS, Descriptor, check_images
+from retrieval.descriptors.base import DESCRIPTORS, check_images
+from retrieval.descriptors.vlad_base import VLADDescriptor
 from retrieval.surf import DEFAULT_HESSIAN_THRESHOLD, surf
 from retrieval.types import InputSpec, LocalFeatures
-from retrieval.vlad_fitting import fit_vlad_buffers
-from retrieval.whitening import apply_pca_whitening
 
 
 # ---- the descriptor ------------------------------------------------------------------------------
 @DESCRIPTORS.register("surf")
-class SURF(Descriptor):
+class SURF(VLADDescriptor):
     """SURF keypoints and descriptors (torch, batched), VLAD-aggregated and PCA-whitened for indexing.
 
     `fit` learns the VLAD codebook (and, when ``pca_dim`` is set, a PCA-whitening of the VLAD
@@ -54,9 +52,7 @@ class SURF(Descriptor):
         512
     """
 
-    kind = "local"
     trainable = False
-    needs_fit = True
     default_conf: Dict[str, Any] = {
         "image_size": (256, 192),
         "hessian_threshold": DEFAULT_HESSIAN_THRESHOLD,
@@ -75,32 +71,17 @@ class SURF(Descriptor):
 
     def __init__(self, **conf: Any):
         super().__init__(**conf)
-        n_clusters, pca_dim = int(self.conf["n_clusters"]), self.conf["pca_dim"]
-        if n_clusters < 1 or int(self.conf["max_keypoints"]) < 1 or int(self.conf["n_octaves"]) < 1:
+        if int(self.conf["n_clusters"]) < 1 or int(self.conf["max_keypoints"]) < 1 or int(self.conf["n_octaves"]) < 1:
             raise ValueError(f"n_clusters, max_keypoints and n_octaves must be >= 1, got conf {self.conf}")
         if not float(self.conf["hessian_threshold"]) >= 0:
             raise ValueError(f"hessian_threshold must be >= 0, got {self.conf['hessian_threshold']}")
-        vlad_dim = n_clusters * self.local_dim
-        if pca_dim is not None and not 1 <= int(pca_dim) <= vlad_dim:
-            raise ValueError(
-                f"pca_dim must be None or in [1, {vlad_dim}] (n_clusters * {self.local_dim}), got {pca_dim}"
-            )
-        # Shapes follow from conf alone, so a fresh instance can load_state_dict a fitted one.
-        self.register_buffer("centroids", torch.zeros(n_clusters, self.local_dim))
-        if pca_dim is not None:
-            self.register_buffer("pca_mean", torch.zeros(vlad_dim))
-            self.register_buffer("pca_projection", torch.zeros(vlad_dim, int(pca_dim)))
+        self._register_vlad_buffers()
 
     # ---- contract -------------------------------------------------------------------------
     @property
     def local_dim(self) -> int:
         """Dimension of one SURF descriptor: 64, or 128 when extended."""
         return 128 if self.conf["extended"] else 64
-
-    @property
-    def dim(self) -> int:
-        pca_dim = self.conf["pca_dim"]
-        return int(pca_dim) if pca_dim is not None else int(self.conf["n_clusters"]) * self.local_dim
 
     @property
     def input_spec(self) -> InputSpec:
@@ -141,32 +122,3 @@ class SURF(Descriptor):
             orientations=torch.rad2deg(features.orientations),
             image_size=(int(images.shape[2]), int(images.shape[3])),
         )
-
-    @torch.no_grad()
-    def aggregate(self, features: LocalFeatures) -> torch.Tensor:
-        """VLAD (intra-norm, signed sqrt, L2), then PCA-whitening + signed sqrt + L2 when configured.
-
-        An image without keypoints gives the zero vector (see `retrieval.aggregation.vlad`).
-
-        Shape:
-            - features.desc: (B, N, 64 or 128)
-            - output: (B, dim)
-        """
-        vectors = vlad(features.desc.float(), features.mask, self.centroids)
-        if self.conf["pca_dim"] is not None:
-            vectors = apply_pca_whitening(vectors, self.pca_mean, self.pca_projection)
-        return vectors
-
-    @torch.no_grad()
-    def fit(self, batches: Iterable[torch.Tensor]) -> "SURF":
-        """Learn the VLAD codebook (and PCA-whitening) from training image batches, in one pass.
-
-        Each image contributes a seeded random subset of at most ``fit_descriptors_per_image``
-        descriptors (see `sample_local_descriptors` and `fit_vlad_and_whitening`).
-
-        Raises:
-            ValueError: no images, or fewer descriptors than ``n_clusters``.
-        """
-        fit_vlad_buffers(self, batches)
-        self._fitted.fill_(True)
-        return self
