@@ -5,13 +5,17 @@ The expensive part of indexing and benchmarking is running a descriptor over tho
 while the descriptor works on the previous batch, and stores each chunk of results in a
 `FeatureCache` keyed by the images' content hashes and the fingerprints of proxy and descriptor.
 An interrupted run therefore resumes from its last finished chunk, and a changed image, a refit
-codebook or another proxy never reuses stale features.
+codebook or another proxy never reuses stale features. Every chunk is verified when read (SHA-256
+footer, shape (images in the chunk, D), float32, finite): a damaged or edited one is recomputed,
+never built into an index.
 """
 from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import os
+from collections import Counter
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Tuple
 
@@ -20,36 +24,73 @@ import torch
 from tqdm.auto import tqdm
 
 from retrieval.batching import iter_batches
-from retrieval.io import file_sha1, write_bytes_atomic
+from retrieval.io import ImageReadError, file_sha1, read_checked_bytes, read_image, write_checked_bytes
 
 DEFAULT_CHUNK = 256
 
+log = logging.getLogger("street2shop.features")
+
+
+def decode_feature_chunk(payload: bytes, rows: Optional[int] = None, dim: Optional[int] = None) -> np.ndarray:
+    """An .npy payload -> (rows, dim) float32 features, or ValueError saying what is wrong with it.
+
+    Checks what a checksum cannot: that the chunk has one finite float32 row per image (a chunk written
+    for other images or by a broken descriptor has a valid checksum too).
+    """
+    features = np.load(io.BytesIO(payload), allow_pickle=False)
+    if not isinstance(features, np.ndarray) or features.ndim != 2:
+        raise ValueError(f"expected a 2-D array, got shape {getattr(features, 'shape', None)}")
+    if features.dtype != np.float32:
+        raise ValueError(f"expected float32, got {features.dtype}")
+    if (rows is not None and features.shape[0] != rows) or (dim is not None and features.shape[1] != dim):
+        raise ValueError(f"expected shape ({rows}, {dim if dim is not None else 'D'}), got {features.shape}")
+    if not np.isfinite(features).all():
+        raise ValueError("holds NaN or infinite values")
+    return features
+
 
 class FeatureCache:
-    """Chunks of features on disk: `<root>/<stage key>/<chunk key>.npy`, written atomically."""
+    """Chunks of features on disk: `<root>/<stage key>/<chunk key>.npy`, written atomically.
+
+    Each file is an .npy array followed by a SHA-256 footer (`retrieval.io.write_checked_bytes`);
+    `get` verifies footer, shape, dtype and finiteness, and records what it refused in `damaged`.
+    """
 
     def __init__(self, root: os.PathLike, stage_key: str):
         self.directory = Path(root) / stage_key
         self.directory.mkdir(parents=True, exist_ok=True)
+        self.damaged: List[str] = []  # "chunk file: why", one per refused entry, for a single warning
 
     @staticmethod
     def chunk_key(content_hashes: Sequence[str]) -> str:
         return hashlib.sha1("\n".join(content_hashes).encode()).hexdigest()
 
-    def get(self, key: str) -> Optional[np.ndarray]:
-        path = self.directory / f"{key}.npy"
-        if not path.exists():
+    def path(self, key: str) -> Path:
+        return self.directory / f"{key}.npy"
+
+    def get(self, key: str, rows: Optional[int] = None, dim: Optional[int] = None) -> Optional[np.ndarray]:
+        """The verified (rows, dim) float32 chunk, or None when absent or damaged (then deleted, noted in `damaged`)."""
+        path = self.path(key)
+        if not os.path.lexists(path):
             return None
         try:
-            return np.load(path, allow_pickle=False)
-        except (ValueError, OSError, EOFError):
-            path.unlink(missing_ok=True)  # a damaged chunk is recomputed, never trusted
+            return decode_feature_chunk(read_checked_bytes(path), rows, dim)
+        except (ValueError, OSError, EOFError) as error:  # ImageReadError / DamagedCacheError are ValueErrors
+            self.discard(key, str(error))
             return None
+
+    def discard(self, key: str, reason: str) -> None:
+        """Forget a chunk that must be recomputed, noting why (a damaged chunk is never trusted)."""
+        self.damaged.append(f"{key}.npy: {reason}")
+        try:
+            self.path(key).unlink(missing_ok=True)
+        except OSError:  # a directory planted there: `put` will fail loudly when it writes the chunk
+            pass
 
     def put(self, key: str, features: np.ndarray) -> None:
         buffer = io.BytesIO()
-        np.save(buffer, features, allow_pickle=False)
-        write_bytes_atomic(self.directory / f"{key}.npy", buffer.getvalue())
+        np.save(buffer, np.ascontiguousarray(features, dtype=np.float32), allow_pickle=False)
+        write_checked_bytes(self.path(key), buffer.getvalue())
 
 
 @torch.no_grad()
@@ -63,8 +104,12 @@ def extract_features(
     cache: Optional[FeatureCache] = None,
     chunk_size: int = DEFAULT_CHUNK,
     progress: Optional[str] = None,
+    dim: Optional[int] = None,
 ) -> np.ndarray:
     """Run `embed` (e.g. descriptor(proxy(x))) over image files.
+
+    Cached chunks are verified (checksum, shape (chunk images, D), float32, finite); failures are
+    recomputed, with one warning naming the cache directory.
 
     Args:
         embed: (B, 3, H, W) on `device` -> (B, D) features.
@@ -72,6 +117,7 @@ def extract_features(
         size: (H, W) every image is resized to.
         cache: where finished chunks go; None disables caching.
         progress: a label for the progress bar, or None for no bar.
+        dim: D, when the caller knows it (descriptor.dim); else taken from a freshly computed chunk.
 
     Returns:
         (N, D) float32, row i for paths[i].
@@ -82,25 +128,69 @@ def extract_features(
     chunks = [paths[i : i + chunk_size] for i in range(0, len(paths), chunk_size)]
     results: List[Optional[np.ndarray]] = [None] * len(chunks)
     keys: List[Optional[str]] = [None] * len(chunks)
+    damaged_before = len(cache.damaged) if cache is not None else 0
     if cache is not None:
         for i, chunk in enumerate(chunks):
             keys[i] = FeatureCache.chunk_key([file_sha1(p) for p in chunk])
-            results[i] = cache.get(keys[i])
+            results[i] = cache.get(keys[i], rows=len(chunk), dim=dim)
     todo = [i for i, r in enumerate(results) if r is None]
-    n_cached = len(paths) - sum(len(chunks[i]) for i in todo)
-    bar = tqdm(total=len(paths), initial=n_cached, desc=progress, unit="img", disable=progress is None, leave=False)
+    bar = tqdm(total=len(paths), desc=progress, unit="img", disable=progress is None, leave=False)
+
+    def compute(i: int) -> None:
+        parts = []
+        for batch in iter_batches(chunks[i], size, batch_size):
+            parts.append(embed(batch.to(device)).float().cpu().numpy())
+            bar.update(len(batch))
+        results[i] = np.concatenate(parts).astype(np.float32)
+        # A non-finite chunk would be refused by every later read: it is returned, never cached.
+        if cache is not None and np.isfinite(results[i]).all():
+            cache.put(keys[i], results[i])
+
     try:
+        if cache is not None and dim is None and len(todo) < len(chunks):
+            # Without `dim` the width D is only known from `embed` itself: a fresh chunk sets it, and a
+            # cached chunk of another width is recomputed. When every chunk is cached and their widths
+            # disagree, the first chunk is recomputed to tell which is right.
+            widths = Counter(r.shape[1] for r in results if r is not None)
+            first_width = None
+            if not todo and len(widths) > 1:
+                todo, first_width = [0], results[0].shape[1]
+            computed = set(todo[:1])
+            if todo:
+                compute(todo[0])
+            width = results[todo[0]].shape[1] if todo else next(iter(widths))
+            if first_width is not None and first_width != width:
+                cache.damaged.append(f"{keys[0]}.npy: width {first_width}, expected {width}")
+            for i, features in enumerate(results):
+                if i not in computed and features is not None and features.shape[1] != width:
+                    cache.discard(keys[i], f"width {features.shape[1]}, expected {width}")
+                    results[i] = None
+                    todo.append(i)
+            todo = sorted(set(todo) - computed)
+        bar.update(sum(len(chunks[i]) for i, r in enumerate(results) if r is not None) - bar.n)
+        if cache is not None and len(cache.damaged) > damaged_before:
+            refused = cache.damaged[damaged_before:]
+            # One warning per run, not one per chunk: a damaged cache usually has many bad chunks.
+            log.warning(
+                "feature cache %s: %d of %d chunks failed verification and are recomputed (e.g. %s)",
+                cache.directory, len(refused), len(chunks), refused[0],
+            )
         for i in todo:
-            parts = []
-            for batch in iter_batches(chunks[i], size, batch_size):
-                parts.append(embed(batch.to(device)).float().cpu().numpy())
-                bar.update(len(batch))
-            results[i] = np.concatenate(parts).astype(np.float32)
-            if cache is not None:
-                cache.put(keys[i], results[i])
+            compute(i)
     finally:
         bar.close()
     return np.concatenate(results)  # type: ignore[arg-type]
+
+
+def _stored_output_problem(path: str, size: Tuple[int, int]) -> Optional[str]:
+    """Why a stored proxy output cannot be reused ("missing", damaged, other size), or None when it can."""
+    if not os.path.lexists(path):
+        return "missing"
+    try:
+        shape = read_image(path).shape  # ~1 ms for 256x192; refuses FIFOs and damaged PNGs
+    except (ImageReadError, FileNotFoundError) as error:
+        return str(error)
+    return None if shape[:2] == tuple(size) else f"{Path(path).name} is {shape[0]}x{shape[1]}, expected {size[0]}x{size[1]}"
 
 
 #: (H, W) proxy outputs are rendered and stored at: VITON's native photo size. Descriptors resize from it.
@@ -132,6 +222,9 @@ def materialize_proxy_outputs(
         paths: the input photos.
         size: (H, W) the photos are read at and the outputs stored at.
 
+    A stored output is reused only if it decodes (PNG's chunk CRCs catch a flipped byte) at `size`;
+    anything else is generated again, with one warning naming the directory.
+
     Returns:
         paths of the outputs, aligned with `paths`.
     """
@@ -140,7 +233,12 @@ def materialize_proxy_outputs(
     directory = Path(root) / f"{proxy.name}-{proxy.fingerprint()}-{size[0]}x{size[1]}"
     directory.mkdir(parents=True, exist_ok=True)
     outputs = [str(directory / f"{file_sha1(p)}.png") for p in paths]
-    todo = [i for i, out in enumerate(outputs) if not Path(out).exists()]
+    problems = [_stored_output_problem(out, size) for out in outputs]
+    todo = [i for i, problem in enumerate(problems) if problem]
+    damaged = [problem for problem in problems if problem and problem != "missing"]
+    if damaged:
+        log.warning("proxy outputs %s: %d stored images failed verification and are generated again (e.g. %s)",
+                    directory, len(damaged), damaged[0])
     bar = tqdm(total=len(paths), initial=len(paths) - len(todo), desc=progress, unit="img", disable=progress is None, leave=False)
     try:
         todo_paths = [str(paths[i]) for i in todo]

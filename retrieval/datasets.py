@@ -28,11 +28,14 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import pandas as pd
 
+from retrieval.io import open_regular_file
+
 logger = logging.getLogger(__name__)
 
 PathLike = Union[str, os.PathLike]
 
 CATALOG_COLUMNS = ("product_id", "image")
+ID_COLUMNS = ("product_id", "query_id")
 QUERY_COLUMNS = ("query_id", "image", "product_id")
 TRAIN_COLUMNS = ("pair_id", "person_image", "product_image", "parse", "mask", "product_id")
 VITON_SPLITS = ("train", "val", "all")
@@ -78,9 +81,9 @@ class RetrievalSet:
         """Check the tables; return self so loaders can `return data.validate()`.
 
         Raises:
-            ValueError: a missing column, an empty catalog, duplicate product ids in the catalog, or
-                queries whose product_id is not in the catalog (a query with no relevant product
-                cannot be scored; see DESIGN.md, "mAP@k, stated once").
+            ValueError: a missing column, an empty catalog, an empty or whitespace-padded id, duplicate
+                product ids in the catalog, or queries whose product_id is not in the catalog (a query
+                with no relevant product cannot be scored; see DESIGN.md, "mAP@k, stated once").
         """
         _require_columns(self.catalog, CATALOG_COLUMNS, f"{self.name}: catalog")
         _require_columns(self.queries, QUERY_COLUMNS, f"{self.name}: queries")
@@ -88,6 +91,10 @@ class RetrievalSet:
             _require_columns(self.train, TRAIN_COLUMNS, f"{self.name}: train")
         if self.catalog.empty:
             raise ValueError(f"{self.name}: the catalog is empty; there is nothing to index")
+        for table, what in ((self.catalog, "catalog"), (self.queries, "queries")):
+            for column in ID_COLUMNS:
+                if column in table.columns:
+                    _check_ids(table[column], f"{self.name}: {what}", lambda row: f"row {row}")
         duplicated = self.catalog["product_id"][self.catalog["product_id"].duplicated()]
         if not duplicated.empty:
             examples = ", ".join(map(repr, duplicated.unique()[:5]))
@@ -112,6 +119,31 @@ def _require_columns(table: pd.DataFrame, columns: Sequence[str], what: str) -> 
         raise ValueError(
             f"{what} lacks column(s) {', '.join(map(repr, missing))}; found {list(map(str, table.columns))}, "
             f"need {list(columns)}"
+        )
+
+
+def _bad_id(value: object) -> Optional[str]:
+    """What is wrong with an id, or None: ids are compared as text, so "a " and "a" would be two products."""
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return "is missing"
+    if not isinstance(value, str):
+        return None  # ids built in code (ints...) are compared as str(id) later
+    if value.strip() == "":
+        return "is empty" if value == "" else f"is only whitespace ({value!r})"
+    if value != value.strip():
+        return f"{value!r} has leading or trailing whitespace"
+    return None
+
+
+def _check_ids(ids: pd.Series, what: str, where) -> None:
+    """ValueError naming the first bad id of `ids` (empty, blank, padded); `where(position)` says where it is."""
+    problems = [_bad_id(value) for value in ids]
+    bad = [position for position, problem in enumerate(problems) if problem]
+    if bad:
+        first = bad[0]
+        raise ValueError(
+            f"{what}: {where(first)}: {ids.name} {problems[first]} ({len(bad)} such rows); give every row a "
+            f"non-empty {ids.name} without surrounding spaces"
         )
 
 
@@ -294,21 +326,44 @@ def load_viton(root: PathLike, split: str = "val", seed: int = 0, val_fraction: 
 
 
 def _read_table(csv_path: Path, columns: Sequence[str], what: str) -> pd.DataFrame:
-    if not csv_path.is_file():
+    """Read one CSV table; every refusal names the file, the row (or line) and the fix."""
+    if not os.path.lexists(csv_path):
         raise FileNotFoundError(f"{what} CSV not found: {csv_path}")
     # Ids are strings ("000123" must not become 123); empty cells stay empty strings, not NaN.
-    table = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
+    try:
+        with open_regular_file(csv_path, expected=f"a {what} CSV file") as handle:  # a FIFO must not block
+            table = pd.read_csv(handle, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(
+            f"{what} CSV {csv_path} cannot be parsed ({reason}); save it as UTF-8, comma-separated, with a header row"
+        ) from None
+    # Rows with fewer fields than the header get NaN even with keep_default_na=False: treat as empty cells.
+    table = table.fillna("")
     table.columns = [str(column).strip() for column in table.columns]
+    duplicated = sorted(set(table.columns[table.columns.duplicated()]))
+    if duplicated:
+        raise ValueError(f"{what} CSV {csv_path} has the column(s) {duplicated} more than once; keep one of each")
     _require_columns(table, columns, f"{what} CSV {csv_path}")
+    for column in ID_COLUMNS:
+        if column in columns:
+            # Rows, not lines: pandas skips blank lines and a quoted cell may span several.
+            _check_ids(table[column], f"{what} CSV {csv_path}", lambda row: f"row {row + 1} after the header")
     empty_images = table["image"].str.strip() == ""
     if empty_images.any():
         first_row = int(np.flatnonzero(empty_images.to_numpy())[0]) + 2  # +1 header, +1 one-based
         raise ValueError(f"{what} CSV {csv_path}: {int(empty_images.sum())} rows have no image (first at line {first_row})")
     base = csv_path.parent
-    table["image"] = [
-        str(path if path.is_absolute() else (base / path).resolve())
-        for path in (Path(value.strip()).expanduser() for value in table["image"])
-    ]
+    images = []
+    for row, value in enumerate(table["image"]):
+        try:
+            path = Path(value.strip()).expanduser()
+            images.append(str(path if path.is_absolute() else (base / path).resolve()))
+        except (ValueError, RuntimeError, OSError) as error:  # NUL bytes, "~nobody/x", symlink loops
+            raise ValueError(
+                f"{what} CSV {csv_path}: row {row + 1} after the header: image {value!r} is not a usable path ({error}); fix the path"
+            ) from None
+    table["image"] = images
     return table
 
 
@@ -328,7 +383,9 @@ def load_csv(catalog_csv: PathLike, queries_csv: Optional[PathLike] = None) -> R
 
     Raises:
         FileNotFoundError: a CSV file is missing.
-        ValueError: a missing column (named, with the file), an empty image cell, or a failed validation.
+        ValueError: a file that is not CSV text (or not a regular file), a missing or repeated column (named,
+            with the file), an empty or whitespace-padded id or an empty image cell (with the line), or a
+            failed validation.
     """
     catalog_path = Path(catalog_csv).expanduser().resolve()
     catalog = _read_table(catalog_path, CATALOG_COLUMNS, "catalog")

@@ -6,6 +6,11 @@ truncated download. `read_image` turns all of them into the same thing, an (H, W
 or fails with an error that names the file, says what is wrong and what to do about it. Nothing is
 silently padded or clipped.
 
+Only regular files are opened (a FIFO or /dev/zero in a catalog is refused, never read). Images over
+64 MP are refused before decoding, except JPEGs, which are decoded at a reduced DCT scale instead;
+raise the limit with $STREET2SHOP_MAX_PIXELS or `set_max_pixels`. Cache files carry a SHA-256
+footer (`write_checked_bytes` / `read_checked_bytes`), so a damaged one is recomputed, not trusted.
+
 Example:
     >>> from retrieval.io import read_image, resize_image, images_to_tensor
     >>> image = read_image("shop/000003_1.jpg")  # doctest: +SKIP
@@ -18,10 +23,12 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import stat
+import struct
 import tempfile
-import warnings
+import threading
 from pathlib import Path
-from typing import Optional, Sequence, Tuple, Union
+from typing import BinaryIO, Optional, Sequence, Tuple, Union
 
 import cv2
 import numpy as np
@@ -36,15 +43,123 @@ PathLike = Union[str, os.PathLike]
 # DeepFashion under 1 MP) and below Pillow's own bomb warning (~89 MP), so a hostile or broken file
 # is refused before it is decoded into gigabytes of memory.
 DEFAULT_MAX_PIXELS = 64_000_000
+#: Environment variable that overrides DEFAULT_MAX_PIXELS for every read (e.g. 400000000 for 400 MP scans).
+MAX_PIXELS_ENV_VARIABLE = "STREET2SHOP_MAX_PIXELS"
+#: A JPEG with more pixels than the limit is decoded at the smallest DCT scale (1/2, 1/4, 1/8) that keeps at
+#: least this many pixels on its long side: descriptors use a few hundred, and 1/8 scale decodes a
+#: 100 MP photo in a fraction of the time and memory.
+LARGE_JPEG_LONG_SIDE = 2048
 
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 _WHITE = 255.0
 _HASH_CHUNK_BYTES = 1 << 20
 _warned_about_truncated_loading = False
+_max_pixels_setting: Optional[int] = None
+# Serialises the short window in which Pillow's own (process-global) bomb guard is lifted (`_open_pillow`).
+_PILLOW_GUARD_LOCK = threading.Lock()
+# Pillow's decoders report a damaged file with any of these, depending on the format and the damage.
+_PILLOW_FAILURES = (OSError, SyntaxError, ValueError, EOFError, LookupError, TypeError, ArithmeticError, struct.error)
+_EXIF_ORIENTATION = 0x0112
+_SIDEWAYS_ORIENTATIONS = (5, 6, 7, 8)
+_CHECKSUM_TAG = b"\n#street2shop-sha256:"
+_CHECKSUM_FOOTER_BYTES = len(_CHECKSUM_TAG) + 64
 
 
 class ImageReadError(ValueError):
     """A file exists but cannot be turned into an image (corrupt, truncated, too large, empty...)."""
+
+
+class DamagedCacheError(ValueError):
+    """A cache file's checksum footer is missing or does not match its bytes (`read_checked_bytes`)."""
+
+
+def set_max_pixels(pixels: Optional[int]) -> None:
+    """Set the pixel limit `read_image` and `read_mask` use by default, for this process.
+
+    Overrides $STREET2SHOP_MAX_PIXELS; None goes back to it (or to DEFAULT_MAX_PIXELS). Pillow's own
+    guard (PIL.Image.MAX_IMAGE_PIXELS, ~89 MP) is not in the way: the readers apply this limit instead.
+
+    Example:
+        >>> set_max_pixels(400_000_000); get_max_pixels()
+        400000000
+        >>> set_max_pixels(None)
+    """
+    global _max_pixels_setting
+    if pixels is not None and (isinstance(pixels, bool) or int(pixels) <= 0):
+        raise ValueError(f"max pixels must be a positive integer, got {pixels!r}")
+    _max_pixels_setting = None if pixels is None else int(pixels)
+
+
+def get_max_pixels() -> int:
+    """The default pixel limit: `set_max_pixels`'s value, else $STREET2SHOP_MAX_PIXELS, else DEFAULT_MAX_PIXELS."""
+    if _max_pixels_setting is not None:
+        return _max_pixels_setting
+    configured = os.environ.get(MAX_PIXELS_ENV_VARIABLE, "").strip()
+    if not configured:
+        return DEFAULT_MAX_PIXELS
+    try:
+        pixels = int(configured)
+    except ValueError:
+        pixels = 0
+    if pixels <= 0:
+        raise ValueError(
+            f"{MAX_PIXELS_ENV_VARIABLE}={configured!r} is not a positive integer; set it to a pixel count such as "
+            f"400000000, or unset it for the default {DEFAULT_MAX_PIXELS:,}"
+        )
+    return pixels
+
+
+_FILE_KINDS = (
+    (stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"),
+)
+
+
+def _kind_of(mode: int) -> str:
+    return next((name for test, name in _FILE_KINDS if test(mode)), "not a regular file")
+
+
+def open_regular_file(path: PathLike, expected: str = "an image file") -> BinaryIO:
+    """Open `path` for binary reading, refusing anything but a regular file before one byte is read.
+
+    A FIFO or a device such as /dev/zero in a catalog would otherwise block or stream forever. The type
+    is checked on the opened descriptor (fstat), so a name swapped for a FIFO after a stat cannot slip
+    through, and O_NONBLOCK makes opening a FIFO return at once instead of waiting for a writer.
+
+    Args:
+        path: the file.
+        expected: what the file should be, for the error message.
+
+    Returns:
+        A binary file object; close it (use `with`).
+
+    Raises:
+        FileNotFoundError: `path` does not exist.
+        ImageReadError: a directory, FIFO, device or socket, or a file that cannot be opened (permissions).
+    """
+    path = Path(path)
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        descriptor = os.open(path, flags)
+    except FileNotFoundError:
+        what = "Image file" if expected == "an image file" else "File"
+        raise FileNotFoundError(f"{what} not found: {path}. Check the path (and the dataset root it came from).") from None
+    except OSError as error:
+        try:  # sockets (ENXIO) and, on Windows, directories cannot be opened at all: say what they are
+            kind = _kind_of(os.stat(path).st_mode)
+        except OSError:
+            kind = ""
+        if kind:
+            raise ImageReadError(f"{path} is not a regular file ({kind}); expected {expected}.") from None
+        raise ImageReadError(f"{path} cannot be opened ({error.strerror or error}); check its permissions.") from None
+    try:
+        mode = os.fstat(descriptor).st_mode
+        if not stat.S_ISREG(mode):
+            raise ImageReadError(f"{path} is not a regular file ({_kind_of(mode)}); expected {expected}.")
+        return os.fdopen(descriptor, "rb")
+    except BaseException:
+        os.close(descriptor)
+        raise
 
 
 def _check_truncated_loading_is_off() -> None:
@@ -62,60 +177,101 @@ def _check_truncated_loading_is_off() -> None:
         )
 
 
-def _open_and_decode(path: Path, max_pixels: int) -> Image.Image:
+def _too_large(path: Path, width: int, height: int, limit: int, note: str = "") -> ImageReadError:
+    return ImageReadError(
+        f"{path} is {width}x{height} = {width * height:,} pixels{note}, more than max_pixels={limit:,}. If the file "
+        f"is genuine, raise the limit: set {MAX_PIXELS_ENV_VARIABLE}=<pixels>, call retrieval.io.set_max_pixels(<pixels>) "
+        "or pass max_pixels to read_image (or downscale the file)."
+    )
+
+
+def _open_pillow(handle: BinaryIO, path: Path) -> Image.Image:
+    """Image.open with Pillow's bomb guard lifted: `_open_and_decode` applies the caller's limit instead.
+
+    Pillow's guard is one process-global number (~89 MP warns, ~179 MP raises) checked inside
+    Image.open, before a JPEG can be drafted to a small scale or a caller's larger limit applies. It is
+    lifted only while the header is parsed (no pixels are decoded here), under a lock so that
+    concurrent reads never restore it out of order.
+    """
+    with _PILLOW_GUARD_LOCK:
+        saved = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = None
+        try:
+            return Image.open(handle)
+        except UnidentifiedImageError as error:
+            raise ImageReadError(
+                f"{path} is not an image Pillow can identify (wrong extension, corrupt header or not an "
+                "image at all); replace the file."
+            ) from error
+        except _PILLOW_FAILURES as error:
+            raise ImageReadError(f"{path} cannot be opened as an image: {error}.") from error
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
+
+
+def _draft_request(image: Image.Image, limit: int, min_size: Optional[Tuple[int, int]]) -> Optional[Tuple[int, int]]:
+    """(W, H) in stored orientation to draft a JPEG to, or None to decode it at full size.
+
+    With `min_size` (H, W as displayed): the smallest DCT scale still at least that large. Without it,
+    only a JPEG over `limit` is drafted, to keep LARGE_JPEG_LONG_SIDE pixels on its long side.
+    """
+    if image.format not in ("JPEG", "MPO"):
+        return None
+    width, height = image.size
+    if min_size is not None:
+        need_height, need_width = (max(1, int(side)) for side in min_size)
+        if image.getexif().get(_EXIF_ORIENTATION) in _SIDEWAYS_ORIENTATIONS:
+            need_height, need_width = need_width, need_height  # stored sideways: the sides swap on display
+        return need_width, need_height
+    if width * height <= limit:
+        return None
+    scale = LARGE_JPEG_LONG_SIDE / max(width, height)
+    return max(1, int(width * scale)), max(1, int(height * scale))
+
+
+def _open_and_decode(path: Path, max_pixels: Optional[int], min_size: Optional[Tuple[int, int]] = None) -> Image.Image:
     """Open `path` with Pillow, refuse oversized images before decoding, decode and apply EXIF rotation.
 
     Raises:
         FileNotFoundError: `path` does not exist.
         ImageReadError: anything else that stops the file from becoming an image.
     """
-    if not path.exists():
-        raise FileNotFoundError(f"Image file not found: {path}. Check the path (and the dataset root it came from).")
-    if not path.is_file():
-        raise ImageReadError(f"{path} is not a regular file (a directory?); expected an image file.")
-    if path.stat().st_size == 0:
-        raise ImageReadError(f"{path} is empty (0 bytes); re-download or re-export the image.")
-    _check_truncated_loading_is_off()
-
-    with warnings.catch_warnings():
-        # Pillow only warns between its two thresholds; a warning here means a decompression bomb.
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
+    limit = get_max_pixels() if max_pixels is None else int(max_pixels)
+    with open_regular_file(path) as handle:
+        if os.fstat(handle.fileno()).st_size == 0:
+            raise ImageReadError(f"{path} is empty (0 bytes); re-download or re-export the image.")
+        _check_truncated_loading_is_off()
+        image = _open_pillow(handle, path)
         try:
-            image = Image.open(path)
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+            width, height = image.size
+            if width == 0 or height == 0:
+                raise ImageReadError(f"{path} has zero size ({width}x{height}); replace the file.")
+            request = _draft_request(image, limit, min_size)
+            if request is not None:
+                image.draft(image.mode, request)  # header only: picks the DCT scale the decoder will use
+            if image.size[0] * image.size[1] > limit:
+                note = f" (still {image.size[0]}x{image.size[1]} at 1/8 JPEG scale)" if image.size != (width, height) else ""
+                raise _too_large(path, width, height, limit, note)
+            image.load()
+            # exif_transpose returns a rotated copy (a plain copy when there is no tag), so the file
+            # handle opened above can be closed right after.
+            oriented = ImageOps.exif_transpose(image)
+        except ImageReadError:
+            raise
+        except Image.DecompressionBombError as error:
+            # Raised while decoding by some formats (TIFF tiles, GIF frames) against Pillow's own limit.
             raise ImageReadError(
-                f"{path} is refused by Pillow's decompression-bomb guard ({error}). If the file is "
-                "genuine, raise PIL.Image.MAX_IMAGE_PIXELS and pass a larger max_pixels."
+                f"{path} is refused by Pillow's decompression-bomb guard ({error}). If the file is genuine, "
+                "raise PIL.Image.MAX_IMAGE_PIXELS (and max_pixels, see retrieval.io.set_max_pixels)."
             ) from error
-        except UnidentifiedImageError as error:
+        except _PILLOW_FAILURES as error:
+            # Pillow reports truncation as OSError("image file is truncated") and corrupt data as
+            # SyntaxError, ValueError, struct.error, ...
             raise ImageReadError(
-                f"{path} is not an image Pillow can identify (wrong extension, corrupt header or not an "
-                "image at all); replace the file."
+                f"{path} is corrupt or truncated ({type(error).__name__}: {error}); re-download or re-export the image."
             ) from error
-        except OSError as error:
-            raise ImageReadError(f"{path} cannot be opened as an image: {error}.") from error
-
-    width, height = image.size
-    if width == 0 or height == 0:
-        raise ImageReadError(f"{path} has zero size ({width}x{height}); replace the file.")
-    if width * height > max_pixels:
-        raise ImageReadError(
-            f"{path} is {width}x{height} = {width * height:,} pixels, more than max_pixels={max_pixels:,}. "
-            "If the file is genuine, pass a larger max_pixels to read_image (or downscale the file)."
-        )
-    try:
-        image.load()
-        # exif_transpose returns a rotated copy (a plain copy when there is no tag), so the file
-        # handle opened above can be closed right after.
-        oriented = ImageOps.exif_transpose(image)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-        # Pillow reports truncation as OSError("image file is truncated") and some corrupt
-        # headers as SyntaxError or ValueError.
-        raise ImageReadError(
-            f"{path} is corrupt or truncated ({error}); re-download or re-export the image."
-        ) from error
-    finally:
-        image.close()
+        finally:
+            image.close()
     return oriented
 
 
@@ -190,36 +346,49 @@ def _to_rgb_array(image: Image.Image, path: Path) -> np.ndarray:
         ) from error
 
 
-def read_image(path: PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+def read_image(
+    path: PathLike, max_pixels: Optional[int] = None, *, min_size: Optional[Tuple[int, int]] = None
+) -> np.ndarray:
     """Read any image file as an upright RGB uint8 array.
 
     The EXIF orientation is applied; grey, 1-bit, palette, CMYK, 16-bit and float images are converted;
-    images with an alpha channel are composited over white (shop photos are on white).
+    images with an alpha channel are composited over white (shop photos are on white). A JPEG with more
+    pixels than the limit is decoded at a reduced DCT scale (long side >= LARGE_JPEG_LONG_SIDE) rather
+    than refused; any other format over the limit is refused before decoding.
 
     Args:
-        path: image file.
-        max_pixels: refuse images with more pixels than this before decoding them.
+        path: image file (a regular file: directories, FIFOs and devices are refused unread).
+        max_pixels: refuse images with more pixels than this before decoding them; None: `get_max_pixels()`
+            (DEFAULT_MAX_PIXELS, $STREET2SHOP_MAX_PIXELS or `set_max_pixels`).
+        min_size: (H, W) the caller will resize to, or None (full size). Given, a JPEG is decoded at the
+            smallest DCT scale (1, 1/2, 1/4, 1/8) still at least this large: several times faster.
 
     Returns:
         (H, W, 3) uint8 RGB array, C-contiguous.
 
     Raises:
         FileNotFoundError: the file does not exist.
-        ImageReadError: the file is empty, not an image, corrupt, truncated, zero-size or too large.
+        ImageReadError: the file is not a regular file, empty, not an image, corrupt, truncated, zero-size or
+            too large.
 
     Shape:
-        - Output: (H, W, 3), uint8.
+        - Output: (H, W, 3), uint8; with `min_size`, H >= min_size[0] and W >= min_size[1] when the file is.
 
     Example:
         >>> read_image("catalog/000003_1.jpg").shape  # doctest: +SKIP
         (256, 192, 3)
     """
     path = Path(path)
-    image = _open_and_decode(path, max_pixels)
-    return np.ascontiguousarray(_to_rgb_array(image, path))
+    image = _open_and_decode(path, max_pixels, min_size)
+    try:
+        return np.ascontiguousarray(_to_rgb_array(image, path))
+    except ImageReadError:
+        raise
+    except _PILLOW_FAILURES as error:
+        raise ImageReadError(f"{path} cannot be converted to RGB ({type(error).__name__}: {error}); re-export it.") from error
 
 
-def read_mask(path: PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+def read_mask(path: PathLike, max_pixels: Optional[int] = None) -> np.ndarray:
     """Read a label map or mask as a single-channel uint8 array.
 
     Palette images (human-parsing maps such as VITON's image-parse) keep their palette *indices*,
@@ -229,7 +398,7 @@ def read_mask(path: PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
 
     Args:
         path: mask or label-map file.
-        max_pixels: refuse images with more pixels than this before decoding them.
+        max_pixels: refuse images with more pixels than this before decoding them; None: `get_max_pixels()`.
 
     Returns:
         (H, W) uint8 array of labels or grey values.
@@ -334,9 +503,14 @@ def images_to_tensor(images: Sequence[np.ndarray]) -> torch.Tensor:
 
 
 def file_sha1(path: PathLike) -> str:
-    """SHA-1 hex digest of a file's bytes, read in 1 MiB chunks (for manifests and caches)."""
+    """SHA-1 hex digest of a file's bytes, read in 1 MiB chunks (for manifests and caches).
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ImageReadError: a directory, FIFO, device or socket (hashing /dev/zero or a FIFO would never end).
+    """
     digest = hashlib.sha1()
-    with open(path, "rb") as handle:
+    with open_regular_file(path, expected="a regular file") as handle:
         for chunk in iter(lambda: handle.read(_HASH_CHUNK_BYTES), b""):
             digest.update(chunk)
     return digest.hexdigest()
@@ -357,6 +531,33 @@ def write_bytes_atomic(path: PathLike, data: bytes) -> Path:
         Path(temp).unlink(missing_ok=True)
         raise
     return path
+
+
+def write_checked_bytes(path: PathLike, data: bytes) -> Path:
+    """Write a cache file atomically with a SHA-256 footer, so `read_checked_bytes` can tell it was damaged.
+
+    The footer goes after the payload: an .npy payload stays loadable by np.load, which stops at the array.
+    """
+    footer = _CHECKSUM_TAG + hashlib.sha256(data).hexdigest().encode("ascii")
+    return write_bytes_atomic(path, bytes(data) + footer)
+
+
+def read_checked_bytes(path: PathLike) -> bytes:
+    """The payload of a `write_checked_bytes` file, verified against its checksum footer.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ImageReadError: `path` is not a regular file (a directory, FIFO...).
+        DamagedCacheError: no footer (a file from an older version, or truncated) or a checksum mismatch.
+    """
+    with open_regular_file(path, expected="a cache file") as handle:
+        sealed = handle.read()
+    payload, footer = sealed[:-_CHECKSUM_FOOTER_BYTES], sealed[-_CHECKSUM_FOOTER_BYTES:]
+    if len(sealed) < _CHECKSUM_FOOTER_BYTES or not footer.startswith(_CHECKSUM_TAG):
+        raise DamagedCacheError(f"{path} has no checksum footer (truncated, or written by an older version); delete it")
+    if hashlib.sha256(payload).hexdigest().encode("ascii") != footer[len(_CHECKSUM_TAG) :]:
+        raise DamagedCacheError(f"{path} does not match its checksum (damaged or edited); delete it")
+    return payload
 
 
 def write_text_atomic(path: PathLike, text: str) -> Path:

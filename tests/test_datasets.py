@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -169,6 +170,70 @@ def test_load_csv_missing_column_names_file_and_column(tmp_path):
         load_csv(tmp_path / "absent.csv")
 
 
+@pytest.mark.parametrize(
+    "rows, message",
+    [
+        ("007,shop/a.jpg\n,shop/b.jpg\n", r"catalog\.csv: row 2 after the header: product_id is empty \(1 such rows\)"),
+        ("007,shop/a.jpg\n008 ,shop/b.jpg\n", r"row 2 after the header: product_id '008 ' has leading or trailing whitespace"),
+        (' 007,shop/a.jpg\n"  ",shop/b.jpg\n', r"row 1 after the header: product_id ' 007' has leading"),
+        ('"  ",shop/a.jpg\n', r"row 1 after the header: product_id is only whitespace"),
+    ],
+)
+def test_load_csv_refuses_empty_and_padded_product_ids(tmp_path, rows, message):
+    _write_csvs(tmp_path)
+    catalog = tmp_path / "catalog.csv"
+    catalog.write_text("product_id,image\n" + rows)
+    with pytest.raises(ValueError, match=message + ".*without surrounding spaces"):
+        load_csv(catalog)
+
+
+@pytest.mark.parametrize(
+    "rows, message",
+    [
+        ("q1 ,street/q.jpg,007\n", r"queries\.csv: row 1 after the header: query_id 'q1 ' has leading"),
+        ("q1,street/q.jpg,\tq1\n", r"queries\.csv: row 1 after the header: product_id '\\tq1' has leading"),
+        ("q1,street/q.jpg,007\n,street/q.jpg,008\n", r"queries\.csv: row 2 after the header: query_id is empty"),
+    ],
+)
+def test_load_csv_refuses_empty_and_padded_query_ids(tmp_path, rows, message):
+    catalog, queries = _write_csvs(tmp_path)
+    queries.write_text("query_id,image,product_id\n" + rows)
+    with pytest.raises(ValueError, match=message):
+        load_csv(catalog, queries)
+
+
+def test_load_csv_names_the_file_for_unparsable_or_odd_tables(tmp_path):
+    catalog, _ = _write_csvs(tmp_path)
+    catalog.write_bytes(b"product_id,image\n\xff\xfe,a.jpg\n")
+    with pytest.raises(ValueError, match=r"catalog CSV .*catalog\.csv cannot be parsed.*UTF-8"):
+        load_csv(catalog)
+    catalog.write_text("")
+    with pytest.raises(ValueError, match=r"catalog\.csv cannot be parsed"):
+        load_csv(catalog)
+    catalog.write_text('product_id,image\n1,"a.jpg\n')
+    with pytest.raises(ValueError, match=r"catalog\.csv cannot be parsed"):
+        load_csv(catalog)
+    catalog.write_text("product_id, image,image \n1,a.jpg,b.jpg\n")
+    with pytest.raises(ValueError, match=r"catalog\.csv has the column\(s\) \['image'\] more than once"):
+        load_csv(catalog)
+    catalog.write_text("product_id,image,category\n1,shop/a.jpg\n2\n")  # short rows: cells are empty, not NaN
+    with pytest.raises(ValueError, match=r"1 rows have no image \(first at line 3\)"):
+        load_csv(catalog)
+    catalog.write_text("product_id,image\n1,a\x00.jpg\n")
+    with pytest.raises(ValueError, match=r"catalog\.csv: row 1 after the header: image .* is not a usable path"):
+        load_csv(catalog)
+
+
+def test_load_csv_refuses_a_directory_or_fifo_as_the_csv(tmp_path):
+    (tmp_path / "dir.csv").mkdir()
+    with pytest.raises(ValueError, match=r"dir\.csv is not a regular file \(a directory\)"):
+        load_csv(tmp_path / "dir.csv")
+    if hasattr(os, "mkfifo"):
+        os.mkfifo(tmp_path / "pipe.csv")
+        with pytest.raises(ValueError, match=r"pipe\.csv is not a regular file \(a FIFO"):
+            load_csv(tmp_path / "pipe.csv")  # would block forever waiting for a writer if opened plainly
+
+
 def _table(**columns):
     return pd.DataFrame(columns)
 
@@ -190,6 +255,14 @@ def test_validate_errors():
     missing_column = RetrievalSet("cols", _table(product_id=["a"]), _table(query_id=[], image=[], product_id=[]))
     with pytest.raises(ValueError, match="'image'"):
         missing_column.validate()
+    no_queries = _table(query_id=[], image=[], product_id=[])
+    for bad, problem in (("", "is empty"), (" a", "' a' has leading"), (None, "is missing"), (float("nan"), "is missing")):
+        padded = RetrievalSet("ids", _table(product_id=["b", bad], image=["x", "y"]), no_queries)
+        with pytest.raises(ValueError, match=f"ids: catalog: row 1: product_id {problem}"):
+            padded.validate()
+    padded_query = RetrievalSet("ids", _table(product_id=["a"], image=["x"]), _table(query_id=["q\n"], image=["y"], product_id=["a"]))
+    with pytest.raises(ValueError, match=r"ids: queries: row 0: query_id 'q\\n' has leading or trailing whitespace"):
+        padded_query.validate()
 
 
 def test_load_dataset_specs(tmp_path):

@@ -3,19 +3,28 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
+import struct
+import threading
+import time
+import zlib
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+import retrieval.io as rio
 from retrieval.io import (
+    MAX_PIXELS_ENV_VARIABLE,
     ImageReadError,
     file_sha1,
+    get_max_pixels,
     images_to_tensor,
     read_image,
     read_mask,
     resize_image,
+    set_max_pixels,
     write_image_atomic,
 )
 
@@ -178,6 +187,151 @@ def test_too_many_pixels_raises_before_decoding(tmp_path):
     with pytest.raises(ImageReadError, match=r"30x20.*max_pixels=500"):
         read_image(path, max_pixels=500)
     assert read_image(path, max_pixels=600).shape == (20, 30, 3)
+
+
+def _within(seconds, function, *args):
+    """function(*args) in a daemon thread: a read that blocks fails the test instead of freezing the suite."""
+    outcome = {}
+
+    def target():
+        try:
+            outcome["value"] = function(*args)
+        except BaseException as error:  # re-raised in the test's thread
+            outcome["error"] = error
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"{function.__name__}{args} blocked for more than {seconds} s"
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome.get("value")
+
+
+@pytest.mark.parametrize("reader", [read_image, read_mask, file_sha1])
+def test_fifo_is_refused_without_blocking(tmp_path, reader):
+    if not hasattr(os, "mkfifo"):
+        pytest.skip("no FIFOs on this platform")
+    fifo = tmp_path / "pipe.jpg"
+    os.mkfifo(fifo)  # nobody writes: opening it for reading without O_NONBLOCK would wait forever
+    with pytest.raises(ImageReadError, match=r"pipe\.jpg is not a regular file \(a FIFO"):
+        _within(10, reader, fifo)
+
+
+@pytest.mark.parametrize("reader", [read_image, file_sha1])
+def test_dev_zero_is_refused_without_reading(reader):
+    if not os.path.exists("/dev/zero"):
+        pytest.skip("no /dev/zero on this platform")
+    with pytest.raises(ImageReadError, match=r"/dev/zero is not a regular file \(a character device"):
+        _within(10, reader, "/dev/zero")
+
+
+def test_socket_and_directory_are_refused_by_file_sha1(tmp_path):
+    with pytest.raises(ImageReadError, match="not a regular file \\(a directory"):
+        file_sha1(tmp_path)
+    if not hasattr(socket, "AF_UNIX"):
+        return
+    path = tmp_path / "s.sock"
+    server = socket.socket(socket.AF_UNIX)
+    try:
+        server.bind(str(path))
+        with pytest.raises(ImageReadError, match="s.sock is not a regular file \\(a socket"):
+            _within(10, read_image, path)
+    finally:
+        server.close()
+    with pytest.raises(FileNotFoundError, match="absent.jpg"):
+        file_sha1(tmp_path / "absent.jpg")
+
+
+def test_a_symlink_to_an_image_is_read(tmp_path):
+    image = _noise_image(5, 4)
+    Image.fromarray(image).save(tmp_path / "real.png")
+    os.symlink(tmp_path / "real.png", tmp_path / "link.png")
+    np.testing.assert_array_equal(read_image(tmp_path / "link.png"), image)
+
+
+@pytest.fixture(scope="module")
+def huge_jpeg(tmp_path_factory):
+    """A 12000x9000 (108 MP) JPEG, dark left half and bright right half; cheap to make (uniform blocks)."""
+    path = tmp_path_factory.mktemp("huge") / "huge.jpg"
+    image = Image.new("RGB", (12000, 9000), (20, 30, 40))
+    image.paste((230, 200, 10), (6000, 0, 12000, 9000))
+    image.save(path, quality=80)
+    return path
+
+
+def test_huge_jpeg_is_read_at_reduced_scale_quickly(huge_jpeg):
+    """Over the limit (and over Pillow's own ~89 MP guard): drafted to 1/4 scale, not refused."""
+    started = time.perf_counter()
+    read = read_image(huge_jpeg)
+    assert time.perf_counter() - started < 3.0
+    assert read.shape == (2250, 3000, 3)  # the smallest DCT scale with >= 2048 px on the long side
+    assert np.abs(read[:, :1400].astype(int) - (20, 30, 40)).max() <= 6
+    assert np.abs(read[:, 1600:].astype(int) - (230, 200, 10)).max() <= 6
+    small = read_image(huge_jpeg, min_size=(256, 192))  # what the descriptor needs: 1/8 scale
+    assert small.shape == (1125, 1500, 3)
+    assert Image.MAX_IMAGE_PIXELS == int(1024 * 1024 * 1024 // 4 // 3), "Pillow's global guard is left as it was"
+
+
+def test_min_size_drafts_a_jpeg_but_never_below_the_size_asked_for(tmp_path):
+    path = tmp_path / "photo.jpg"
+    Image.fromarray(np.full((800, 600, 3), 128, np.uint8)).save(path)
+    assert read_image(path).shape == (800, 600, 3)
+    assert read_image(path, min_size=(256, 192)).shape == (400, 300, 3)  # 1/2: 1/4 would be 200x150 < 256x192
+    assert read_image(path, min_size=(100, 75)).shape == (100, 75, 3)
+    assert read_image(path, min_size=(1000, 1000)).shape == (800, 600, 3)
+    sideways = tmp_path / "sideways.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored 800 wide x 600 high, displayed 600 x 800
+    Image.fromarray(np.full((600, 800, 3), 128, np.uint8)).save(sideways, exif=exif)
+    assert read_image(sideways, min_size=(256, 192)).shape == (400, 300, 3)
+    png = tmp_path / "photo.png"
+    Image.fromarray(np.full((80, 60, 3), 128, np.uint8)).save(png)
+    assert read_image(png, min_size=(8, 6)).shape == (80, 60, 3), "only JPEGs are drafted"
+
+
+def _png_header_only(path, width, height):
+    """A PNG whose header claims width x height with 64 bytes of pixel data: a size check must come first."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + header + chunk(b"IDAT", zlib.compress(bytes(64))))
+    return path
+
+
+def test_too_large_non_jpeg_is_refused_before_decoding_saying_how_to_raise_the_limit(tmp_path, monkeypatch):
+    path = _png_header_only(tmp_path / "scan.png", 14000, 14000)  # 196 MP: Pillow's own guard would raise
+    with pytest.raises(ImageReadError, match=r"scan\.png is 14000x14000.*STREET2SHOP_MAX_PIXELS.*set_max_pixels"):
+        read_image(path)
+    # Raised, the limit lets the file through to decoding (which then finds no pixel data).
+    monkeypatch.setenv(MAX_PIXELS_ENV_VARIABLE, "500000000")
+    with pytest.raises(ImageReadError, match="corrupt or truncated"):
+        read_image(path)
+    with pytest.raises(ImageReadError, match="corrupt or truncated"):
+        read_image(path, max_pixels=10**9)
+
+
+def test_pixel_limit_follows_the_environment_and_set_max_pixels(tmp_path, monkeypatch):
+    path = tmp_path / "small.png"
+    Image.fromarray(_noise_image(20, 30)).save(path)
+    monkeypatch.delenv(MAX_PIXELS_ENV_VARIABLE, raising=False)
+    assert get_max_pixels() == rio.DEFAULT_MAX_PIXELS
+    monkeypatch.setenv(MAX_PIXELS_ENV_VARIABLE, "500")
+    with pytest.raises(ImageReadError, match="max_pixels=500"):
+        read_image(path)
+    try:
+        set_max_pixels(600)  # overrides the environment
+        assert read_image(path).shape == (20, 30, 3)
+        set_max_pixels(None)
+        assert get_max_pixels() == 500
+    finally:
+        set_max_pixels(None)
+    monkeypatch.setenv(MAX_PIXELS_ENV_VARIABLE, "lots")
+    with pytest.raises(ValueError, match="STREET2SHOP_MAX_PIXELS='lots' is not a positive integer"):
+        read_image(path)
+    with pytest.raises(ValueError, match="positive"):
+        set_max_pixels(0)
 
 
 def test_read_mask_of_grey_jpeg_keeps_grey_values(tmp_path):
