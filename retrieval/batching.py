@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from retrieval.io import file_sha1, images_to_tensor, read_image, resize_image, write_bytes_atomic
+from retrieval.io import file_sha1, images_to_tensor, read_checked_bytes, read_image, resize_image, write_checked_bytes
 
 if TYPE_CHECKING:  # descriptors import this module; a runtime import would be circular
     from retrieval.descriptors.base import Descriptor
@@ -97,7 +97,7 @@ def fit_descriptor(
                    if k not in before or v.shape != before[k].shape or not torch.equal(v, before[k])}
         buffer = io.BytesIO()
         torch.save(changed, buffer)
-        write_bytes_atomic(stored, buffer.getvalue())
+        write_checked_bytes(stored, buffer.getvalue())  # torch.load reads a flipped byte without complaint
     return descriptor
 
 
@@ -115,8 +115,9 @@ def load_fitted_state(descriptor: Descriptor, path: Path) -> bool:
         return False
     state = descriptor.state_dict()
     try:
-        stored = torch.load(path, map_location="cpu", weights_only=True)
-        unusable = [k for k, v in stored.items() if k not in state or state[k].shape != v.shape]
+        stored = torch.load(io.BytesIO(read_checked_bytes(path)), map_location="cpu", weights_only=True)
+        unusable = [k for k, v in stored.items() if k not in state or state[k].shape != v.shape
+                    or (v.is_floating_point() and not torch.isfinite(v).all())]
     except Exception as error:  # a damaged file is refitted, never trusted
         log.warning("fitted state %s is unreadable (%s): fitting again", path, error)
         return False

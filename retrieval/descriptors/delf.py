@@ -39,7 +39,7 @@ from torch import nn
 from retrieval.aggregation import fit_codebook, vlad
 from retrieval.backbones import LITE0_STAGES, LITE_MEAN, LITE_STD, EfficientNetLite0
 from retrieval.descriptors.base import DESCRIPTORS, Descriptor, NotFittedError, check_images
-from retrieval.io import write_bytes_atomic
+from retrieval.io import read_checked_bytes, write_checked_bytes
 from retrieval.vlad_fitting import pad_features
 from retrieval.types import InputSpec, LocalFeatures
 from retrieval.whitening import apply_pca_whitening, fit_pca_whitening
@@ -566,23 +566,34 @@ class DELF(Descriptor):
             from tqdm.auto import tqdm
 
             bar = tqdm(total=len(chunks), desc=f"cache {self.conf['endpoint']} features", unit="chunk", leave=False)
+        def compute(chunk) -> Tuple[np.ndarray, np.ndarray]:
+            """Block maps (2n, C, h, w) float16 of the chunk's products then persons, and their labels."""
+            paths = list(pairs["product_image"].iloc[chunk]) + list(pairs["person_image"].iloc[chunk])
+            maps = [self.block_features(images.to(self.device)).cpu().half() for images in iter_batches(paths, size, batch_size)]
+            return torch.cat(maps).numpy(), np.concatenate([labels[chunk], labels[chunk]])
+
         for number, chunk in enumerate(chunks):
             path = cache_dir / f"chunk-{number:05d}.npz"
-            if not path.exists():
-                if targets and budget is not None and run.elapsed > CACHE_BUDGET_SHARE * budget:
-                    log.warning(
-                        "time budget: training %s on the %d of %d pairs cached so far", self.name,
-                        sum(len(t) for t in targets), len(pairs),
-                    )
-                    break
-                paths = list(pairs["product_image"].iloc[chunk]) + list(pairs["person_image"].iloc[chunk])
-                maps = [self.block_features(images.to(self.device)).cpu().half() for images in iter_batches(paths, size, batch_size)]
-                _save_npz_atomic(path, features=torch.cat(maps).numpy(), labels=np.concatenate([labels[chunk], labels[chunk]]))
-            with np.load(path) as stored:
-                maps, n = stored["features"], len(stored["labels"]) // 2
-                product_maps.append(maps[:n])
-                person_maps.append(maps[n:])
-                targets.append(stored["labels"][:n])
+            maps = None
+            if path.exists():
+                try:
+                    with np.load(io.BytesIO(read_checked_bytes(path))) as stored:
+                        maps, chunk_labels = stored["features"], stored["labels"]
+                except (ValueError, OSError) as error:  # damaged, or written before checksums: recompute
+                    log.warning("training maps %s are unusable (%s): recomputing them", path, error)
+            elif targets and budget is not None and run.elapsed > CACHE_BUDGET_SHARE * budget:
+                log.warning(
+                    "time budget: training %s on the %d of %d pairs cached so far", self.name,
+                    sum(len(t) for t in targets), len(pairs),
+                )
+                break
+            if maps is None:
+                maps, chunk_labels = compute(chunk)
+                _save_npz_atomic(path, features=maps, labels=chunk_labels)
+            n = len(chunk_labels) // 2
+            product_maps.append(maps[:n])
+            person_maps.append(maps[n:])
+            targets.append(chunk_labels[:n])
             if bar is not None:
                 bar.update(1)
         if bar is not None:
@@ -597,4 +608,4 @@ class DELF(Descriptor):
 def _save_npz_atomic(path: Path, **arrays: np.ndarray) -> None:
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
-    write_bytes_atomic(path, buffer.getvalue())
+    write_checked_bytes(path, buffer.getvalue())
