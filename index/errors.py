@@ -1,4 +1,4 @@
-"""Errors raised by the index package; both are ValueErrors so callers validating input catch them."""
+"""Errors raised by the index package. The first two are ValueErrors so callers validating input catch them."""
 
 
 class IndexMismatchError(ValueError):
@@ -6,4 +6,8 @@ class IndexMismatchError(ValueError):
 
 
 class IndexCorruptError(ValueError):
-    """A saved index fails its integrity checks (checksum, manifest fields, id count)."""
+    """A saved index fails its integrity checks (a checksum, manifest fields, id count, attachment names)."""
+
+
+class IndexLockedError(TimeoutError):
+    """Another process kept saving the same index directory for longer than the save was willing to wait."""

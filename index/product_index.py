@@ -30,6 +30,7 @@ manifest, so a loaded index searches with it without tuning again.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -43,7 +44,7 @@ import faiss
 import numpy as np
 
 from .device import clone_to_gpu, log_once, resolve_faiss_device
-from .errors import IndexMismatchError
+from .errors import IndexCorruptError, IndexMismatchError
 from .presets import (
     DEFAULT_EF_SEARCH,
     DEFAULT_REFINE_K_FACTOR,
@@ -51,7 +52,14 @@ from .presets import (
     MIN_REFINE_CANDIDATES,
     plan_index,
 )
-from .storage import FORMAT_VERSION, read_index_dir, write_index_dir
+from .storage import (
+    DEFAULT_LOCK_TIMEOUT_S,
+    FORMAT_VERSION,
+    KNOWN_ATTACHMENTS,
+    check_index_destination,
+    load_index_dir,
+    write_index_dir,
+)
 
 LOGGER = logging.getLogger("street2shop.index")
 
@@ -119,6 +127,8 @@ class ProductIndex:
         device: str,
         directory: Optional[Path] = None,
         tuning: Optional[Mapping[str, Any]] = None,
+        version_dir: Optional[Path] = None,
+        attachment_checksums: Optional[Mapping[str, str]] = None,
     ):
         self._cpu_index = _downcast_owned(cpu_index)
         self._ids = np.array(list(product_ids), dtype=object)
@@ -128,6 +138,9 @@ class ProductIndex:
         self._search_params = dict(search_params)
         self._metadata = dict(metadata or {})
         self._directory = directory
+        # The version folder this index was loaded from and its attachments' sha256 (see attachment_path).
+        self._version_dir = version_dir
+        self._attachment_checksums = dict(attachment_checksums or {})
         self._kind = _index_kind(self._cpu_index)
         self._tuning = dict(tuning) if tuning else None
         self._build_timings: Optional[Dict[str, float]] = None
@@ -212,15 +225,19 @@ class ProductIndex:
 
     @classmethod
     def load(cls, directory: str | Path, device: str = "auto") -> "ProductIndex":
-        """Load an index written by :meth:`save`, verifying its checksum and manifest.
+        """Load the live index of a directory written by :meth:`save`, verifying every checksum.
+
+        Safe while another process saves to the same directory: the load reads one complete version,
+        the old or the new one.
 
         Raises:
             FileNotFoundError: no saved index at ``directory``.
-            IndexCorruptError: checksum mismatch or manifest inconsistent with the index file.
+            IndexCorruptError: a checksum mismatch (index, manifest or attachment), or a manifest
+                inconsistent with the index file or naming files an index does not keep.
             ValueError: the index was saved by a newer format version.
         """
         directory = Path(directory)
-        cpu_index, manifest = read_index_dir(directory)
+        cpu_index, manifest, version_dir = load_index_dir(directory)
         return cls(
             cpu_index,
             manifest["product_ids"],
@@ -231,7 +248,22 @@ class ProductIndex:
             device=device,
             directory=directory,
             tuning=manifest.get("tuning"),
+            version_dir=version_dir,
+            attachment_checksums=manifest.get("attachments", {}),
         )
+
+    @staticmethod
+    def check_destination(directory: str | Path) -> Path:
+        """Raise now, before any expensive work, if :meth:`save` to ``directory`` would be refused.
+
+        Returns the real directory a save writes into (symlinks followed). Same as
+        ``index.check_index_destination``.
+
+        Raises:
+            FileExistsError: the path is not a directory, or holds files that are not a saved index.
+            NotADirectoryError: a parent of the path is a file.
+        """
+        return check_index_destination(directory)
 
     # ----------------------------------------------------------------------------- properties
     @property
@@ -532,16 +564,30 @@ class ProductIndex:
         return serialized_index_size(self._cpu_index)
 
     # ----------------------------------------------------------------------------- persistence
-    def save(self, directory: str | Path, attachments: Optional[Mapping[str, bytes]] = None) -> Path:
-        """Write ``index.faiss`` (always a CPU index) and ``manifest.json`` to ``directory`` atomically.
+    def save(
+        self,
+        directory: str | Path,
+        attachments: Optional[Mapping[str, bytes]] = None,
+        lock_timeout: float = DEFAULT_LOCK_TIMEOUT_S,
+    ) -> Path:
+        """Write ``index.faiss`` (always a CPU index), ``manifest.json`` and ``attachments`` as the new live
+        version of ``directory``, in one atomic step (see ``index.storage``).
 
-        ``attachments`` (file name -> bytes) are written in the same atomic step and checksummed.
+        A crash at any point leaves the old or the new index loadable; concurrent saves of the same
+        directory take turns (an exclusive lock); a symlinked ``directory`` is written through.
+
+        Args:
+            attachments: file name -> bytes, names from ``KNOWN_ATTACHMENTS`` (``descriptor.pt``,
+                ``local_features.npz``); checksummed and replaced together with the index.
+            lock_timeout: seconds to wait for another save of the same directory.
 
         Returns:
-            The directory written.
+            The directory written (as given).
 
         Raises:
-            FileExistsError: ``directory`` exists and holds files other than a saved index.
+            FileExistsError: ``directory`` is not a directory or holds files other than a saved index.
+            ValueError: an unknown attachment name, or a metadata descriptor naming a checkpoint (``@``).
+            IndexLockedError: another save held the directory for longer than ``lock_timeout``.
         """
         directory = Path(directory)
         manifest = {
@@ -559,9 +605,47 @@ class ProductIndex:
             "product_ids": self.product_ids,
         }
         # The source of truth is already the CPU index; a GPU copy, if any, is only a search replica.
-        write_index_dir(directory, self._cpu_index, manifest, attachments)
+        write_index_dir(directory, self._cpu_index, manifest, attachments, lock_timeout=lock_timeout)
         self._directory = directory
+        self._version_dir = None  # attachments are read through the directory's live links from now on
+        self._attachment_checksums = {}
         return directory
+
+    def attachment_path(self, name: str) -> Path:
+        """Path of attachment ``name`` of exactly the version this index was loaded from.
+
+        ``directory / name`` follows the live version, which a concurrent save may replace between
+        :meth:`load` and the caller's read; this path stays with the loaded manifest (until a later
+        save deletes that version: then read the file again through :meth:`load`).
+
+        Raises:
+            ValueError: ``name`` is not one of ``KNOWN_ATTACHMENTS``.
+            FileNotFoundError: the index was not loaded from disk, or has no such attachment.
+        """
+        if name not in KNOWN_ATTACHMENTS:
+            raise ValueError(f"attachment name {name!r} is not one of {sorted(KNOWN_ATTACHMENTS)}")
+        if self._directory is None:
+            raise FileNotFoundError(f"this index was never saved or loaded, so it has no attachment {name}")
+        folder = self._version_dir if self._version_dir is not None else self._directory
+        if self._version_dir is not None and name not in self._attachment_checksums:
+            raise FileNotFoundError(
+                f"the index at {self._directory} has no {name}: rebuild it with `street2shop index`"
+            )
+        return folder / name
+
+    def read_attachment(self, name: str) -> bytes:
+        """The bytes of attachment ``name`` of the loaded version, checked against its manifest checksum.
+
+        Raises:
+            FileNotFoundError: no such attachment (see :meth:`attachment_path`).
+            IndexCorruptError: the file no longer matches the checksum verified at load time.
+        """
+        path = self.attachment_path(name)
+        payload = path.read_bytes()
+        expected = self._attachment_checksums.get(name)
+        if expected is not None and hashlib.sha256(payload).hexdigest() != expected:
+            raise IndexCorruptError(f"{path} does not match its checksum in the manifest: rebuild the index")
+        return payload
 
     # ----------------------------------------------------------------------------- internals
     def _where(self) -> str:

@@ -20,8 +20,8 @@ from index import (
     list_index_presets,
     resolve_faiss_device,
 )
-
 from index.presets import plan_index
+from index.storage import FORMAT_VERSION, live_version_dir, manifest_checksum
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PRESETS = list_index_presets()
@@ -44,6 +44,19 @@ def clustered_vectors(n: int, dim: int, n_clusters: int = 50, seed: int = 0) -> 
 
 def ids_for(n: int, prefix: str = "p") -> list:
     return [f"{prefix}{i}" for i in range(n)]
+
+
+def live_manifest(directory: Path) -> Path:
+    """The manifest.json of the version a saved index directory currently points at."""
+    return live_version_dir(directory) / "manifest.json"
+
+
+def rewrite_manifest(directory: Path, manifest: dict, reseal: bool) -> None:
+    """Overwrite the live manifest; ``reseal`` recomputes its own checksum, as a careful forger would,
+    so that the checks behind the checksum are reached."""
+    if reseal:
+        manifest = dict(manifest, manifest_checksum=manifest_checksum(manifest))
+    live_manifest(directory).write_text(json.dumps(manifest))
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -214,8 +227,8 @@ def test_save_load_round_trip(tmp_path, clustered):
         assert loaded.metadata == metadata
         assert loaded.product_ids == built.product_ids
         assert (loaded.preset, loaded.factory_string) == (preset, built.factory_string)
-        manifest = json.loads((target / "manifest.json").read_text())
-        assert manifest["format_version"] == 1 and manifest["metric"] == "inner_product"
+        manifest = json.loads(live_manifest(target).read_text())
+        assert manifest["format_version"] == FORMAT_VERSION == 2 and manifest["metric"] == "inner_product"
         assert manifest["ntotal"] == len(database) and manifest["dim"] == 32
         # Saving again over an existing index replaces it and leaves no temporary directories.
         built.remove(["p0"])
@@ -235,14 +248,17 @@ def test_corrupt_and_missing_indexes(tmp_path):
         ProductIndex.load(target)
 
     catalog.save(target)
-    manifest = json.loads((target / "manifest.json").read_text())
+    manifest = json.loads(live_manifest(target).read_text())
     manifest["product_ids"] = manifest["product_ids"][:-1]
-    (target / "manifest.json").write_text(json.dumps(manifest))
+    rewrite_manifest(target, manifest, reseal=False)
+    with pytest.raises(IndexCorruptError, match="manifest.json does not match its own manifest_checksum"):
+        ProductIndex.load(target)
+    rewrite_manifest(target, manifest, reseal=True)
     with pytest.raises(IndexCorruptError, match="49 product ids"):
         ProductIndex.load(target)
 
     manifest["format_version"] = 99
-    (target / "manifest.json").write_text(json.dumps(manifest))
+    rewrite_manifest(target, manifest, reseal=False)
     with pytest.raises(ValueError, match="format_version 99"):
         ProductIndex.load(target)
 
@@ -388,7 +404,7 @@ def test_tuned_search_params_survive_save_and_load(tmp_path, mixture):
     for preset in ("ivfpq", "hnsw"):
         built = ProductIndex.build(database[:5000], ids_for(5000), preset=preset, device="cpu", target_recall=0.9)
         built.save(tmp_path / preset)
-        manifest = json.loads((tmp_path / preset / "manifest.json").read_text())
+        manifest = json.loads(live_manifest(tmp_path / preset).read_text())
         assert manifest["search_params"] == built.search_params
         assert manifest["tuning"]["search_params"].items() <= built.search_params.items()
         loaded = ProductIndex.load(tmp_path / preset, device="cpu")
