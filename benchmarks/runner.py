@@ -9,6 +9,7 @@ resumes and a repeated one costs only the search.
 from __future__ import annotations
 
 import logging
+import re
 import tempfile
 import time
 import zipfile
@@ -34,6 +35,34 @@ from retrieval.rerank import LocalFeatureStore, SpatialVerifier
 
 log = logging.getLogger("street2shop.bench")
 DEFAULT_KS = (1, 5, 10, 20)
+
+
+# The outputs of `street2shop bench` in its --out directory, by name: the only files a re-run may delete.
+BENCH_TABLES = ("results", "per_query", "protocol_draws", "generation", "trainings")  # each .csv and .parquet
+BENCH_FILES = ("report.md", "config.json", "map_curves.png", "heatmap.png")
+BENCH_RANK_DIR = "rank"  # rank/index.html and rank/rank_NNN.png (benchmarks.report.write_rank_pages)
+_RANK_PICTURE = re.compile(r"rank_\d{3,}\.png")
+
+
+def remove_previous_bench_outputs(out_dir) -> List[Path]:
+    """Delete the files an earlier `street2shop bench` wrote to `out_dir`; return them.
+
+    A re-run that writes fewer files (no --train, --protocol-draws 0, fewer rank pictures) would
+    otherwise leave the earlier run's beside its own report. Only the names bench writes go: anything
+    else in `out_dir` is someone else's and stays.
+    """
+    out_dir = Path(out_dir)
+    candidates = [out_dir / f"{stem}{suffix}" for stem in BENCH_TABLES for suffix in (".csv", ".parquet")]
+    candidates += [out_dir / name for name in BENCH_FILES] + [out_dir / BENCH_RANK_DIR / "index.html"]
+    rank_dir = out_dir / BENCH_RANK_DIR
+    if rank_dir.is_dir():
+        candidates += sorted(path for path in rank_dir.iterdir() if _RANK_PICTURE.fullmatch(path.name))
+    removed = [path for path in candidates if path.is_file()]
+    for path in removed:
+        path.unlink()
+    if rank_dir.is_dir() and not any(rank_dir.iterdir()):
+        rank_dir.rmdir()
+    return removed
 
 
 def fit_images(dataset: RetrievalSet, max_images: int, seed: int = 0) -> List[str]:

@@ -13,7 +13,7 @@ from typing import Any, Dict, Optional
 import torch
 from torch import nn
 
-from retrieval.registry import Registry, module_fingerprint
+from retrieval.registry import Registry, module_fingerprint, typed_options
 
 PROXIES = Registry("proxy")
 # Modules whose import registers the built-in proxies (a new proxy file appends its module here).
@@ -31,8 +31,9 @@ class Proxy(nn.Module):
         unknown = set(conf) - set(self.default_conf)
         if unknown:
             raise ValueError(f"{type(self).__name__} got unknown options {sorted(unknown)}; valid: {sorted(self.default_conf)}")
-        self.conf = {**self.default_conf, **conf}
         self.name = getattr(type(self), "registry_name", type(self).__name__)
+        # Text from any route ('false', '0.5') typed like the default: 'false' is truthy as a string.
+        self.conf = {**self.default_conf, **typed_options(conf, self.default_conf, self.name)}
 
     def fingerprint(self) -> str:
         """Hash of name, config and weights: part of every feature-cache key downstream."""

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from retrieval.io import write_bytes_atomic, write_text_atomic
+from retrieval.registry import typed_options
 
 log = logging.getLogger("street2shop.training")
 CHECKPOINT_VERSION = 1
@@ -90,8 +91,35 @@ def train_options(name: str, options: Dict[str, Any], defaults: Mapping[str, Any
     unknown = set(options) - set(defaults)
     if unknown:
         raise ValueError(f"{name}.train_on got unknown options {sorted(unknown)}; valid: {sorted(defaults)}")
+    options = typed_options(options, defaults, f"{name}.train_on")  # text ('false', '500') typed like its default
     settings = {**defaults, **{k: v for k, v in options.items() if v is not None}}
     return seed, progress, time_budget_s, checkpoint_every_s, settings
+
+
+# Arguments of every `train_on` that the caller sets itself, never a per-model option.
+TRAIN_ON_ARGUMENTS = frozenset({"self", "dataset", "out_dir", "seed", "progress", "time_budget_s"})
+# Where trainers keep their option defaults (l2net, pix2pix, dtgan / tn / hp); others use keyword arguments.
+_TRAIN_DEFAULT_TABLES = ("train_defaults", "default_train_conf", "default_training")
+
+
+def training_defaults(model) -> Dict[str, Any]:
+    """Options `model.train_on` accepts (a class or an instance), with their defaults: its table of
+    defaults and its keyword arguments, less those the caller always sets (seed, progress, time_budget_s).
+
+    Lets `--set KEY=VALUE` type a training option before the training starts.
+    """
+    import inspect
+
+    defaults: Dict[str, Any] = {}
+    for table in _TRAIN_DEFAULT_TABLES:
+        defaults.update(getattr(model, table, None) or {})
+    if getattr(model, "train_defaults", None):
+        defaults.setdefault("checkpoint_every_s", 120.0)  # `train_options` takes it beside the table
+    for parameter in inspect.signature(model.train_on).parameters.values():
+        if (parameter.kind in (parameter.POSITIONAL_OR_KEYWORD, parameter.KEYWORD_ONLY)
+                and parameter.default is not parameter.empty and parameter.name not in TRAIN_ON_ARGUMENTS):
+            defaults.setdefault(parameter.name, parameter.default)
+    return defaults
 
 
 def load_trained_weights(

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import List, Optional
 
@@ -20,14 +22,40 @@ def _split_list(value: str) -> List[str]:
     return [item.strip() for item in value.split(",") if item.strip()]
 
 
+def _split_specs(value: str) -> List[str]:
+    """Like `_split_list`, but a comma inside brackets stays: 'paintnet[image_size=64;sp_image_size=128,96],none'."""
+    items, depth, start = [], 0, 0
+    for i, char in enumerate(value):
+        if char in "[(":
+            depth += 1
+        elif char in "])":
+            depth -= 1
+        elif char == "," and depth <= 0:
+            items.append(value[start:i])
+            start = i + 1
+    items.append(value[start:])
+    return [item.strip() for item in items if item.strip()]
+
+
 def _ks(value: str) -> List[int]:
     try:
         ks = sorted({int(k) for k in _split_list(value)})
     except ValueError:
         raise click.BadParameter(f"--k takes comma-separated whole numbers, e.g. 1,5,10,20; got {value!r}")
     if not ks or ks[0] < 1:
-        raise click.BadParameter("every k must be >= 1")
+        raise click.BadParameter(f"every k must be >= 1, got {value!r}")
     return ks
+
+
+def _counts(value: str) -> List[int]:
+    """'10000,100000' -> [10000, 100000]; anything but whole numbers >= 1 is a usage error naming the value."""
+    try:
+        counts = [int(n) for n in _split_list(value)]
+    except ValueError:
+        counts = [0]
+    if any(n < 1 for n in counts):
+        raise click.BadParameter(f"expected comma-separated whole numbers >= 1, e.g. 10000,100000; got {value!r}")
+    return counts
 
 
 def _cache_dir(value: Optional[str]) -> Path:
@@ -36,17 +64,57 @@ def _cache_dir(value: Optional[str]) -> Path:
     return Path(value) if value else default_cache_dir()
 
 
-def _fail(exc: Exception) -> None:
-    """Turn an expected error into a one-line message and exit code 2 (no traceback for users)."""
-    click.echo(f"error: {exc}", err=True)
-    sys.exit(2)
+# Errors with a message written for the user (a bad option, a missing or damaged file): "error: MESSAGE",
+# exit 2. Anything else is a bug or an unforeseen failure: its type is named too, exit 1.
+EXPECTED_ERRORS = (ValueError, KeyError, RuntimeError, OSError, pickle.UnpicklingError, EOFError)
+INTERRUPTED_EXIT = 130  # 128 + SIGINT, as shells report a Ctrl-C
 
 
-EXPECTED_ERRORS = (ValueError, FileNotFoundError, KeyError, RuntimeError)
+def _error_text(exc: BaseException) -> str:
+    """The message of an exception on one line; an OSError from the system as 'PATH: reason'."""
+    if isinstance(exc, OSError) and exc.filename is not None:
+        where = f"{exc.filename} -> {exc.filename2}" if exc.filename2 is not None else f"{exc.filename}"
+        text = f"{where}: {exc.strerror or exc}"
+    elif isinstance(exc, KeyError) and len(exc.args) == 1 and isinstance(exc.args[0], str):
+        text = exc.args[0]  # str(KeyError) would quote the message
+    else:
+        text = str(exc)
+    return " ".join(line.strip() for line in text.splitlines() if line.strip()) or type(exc).__name__
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
+class Street2shopGroup(click.Group):
+    """The command group that turns every error into one line on stderr and a non-zero exit.
+
+    Done here once, around every command, so no command needs its own try/except: expected errors
+    print "error: MESSAGE" (exit 2), any other "error: TYPE: MESSAGE (run with -v for the traceback)"
+    (exit 1), Ctrl-C a short line (exit 130); `street2shop -v ...` prints the traceback first.
+    Click's own errors (usage, exit 2) pass through as click prints them.
+    """
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except KeyboardInterrupt:
+            if ctx.params.get("verbose"):
+                click.echo(traceback.format_exc(), err=True, nl=False)
+            click.echo("\ninterrupted: run the same command again to resume from what is cached", err=True)
+            ctx.exit(INTERRUPTED_EXIT)
+        except Exception as exc:  # noqa: BLE001  (the last resort: nothing reaches the user as a bare traceback)
+            verbose = bool(ctx.params.get("verbose"))
+            if verbose:
+                click.echo(traceback.format_exc(), err=True, nl=False)
+            if isinstance(exc, EXPECTED_ERRORS):
+                click.echo(f"error: {_error_text(exc)}", err=True)
+                ctx.exit(2)
+            hint = "" if verbose else " (run with -v for the traceback)"
+            click.echo(f"error: {type(exc).__name__}: {_error_text(exc)}{hint}", err=True)
+            ctx.exit(1)
+
+
+@click.group(cls=Street2shopGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug) and the traceback of an error.")
 @click.version_option(package_name="street2shop")
 def cli(verbose: int) -> None:
     """Street-to-shop retrieval: find the product a person wears, from a photo, in a shop's catalog.
@@ -90,8 +158,8 @@ RERANK_MODEL_HELP = "Geometric model of the spatial verification (see retrieval/
 @click.option("--preset", default="flat", show_default=True, help="Index preset: flat (exact), ivfpq, hnsw.")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Index directory to write.")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
-@click.option("--batch-size", default=32, show_default=True)
-@click.option("--fit-max-images", default=1000, show_default=True, help="Images used to fit codebooks/whitening.")
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
+@click.option("--fit-max-images", default=1000, show_default=True, type=click.IntRange(min=1), help="Images used to fit codebooks/whitening.")
 @click.option("--cache-dir", default=None, help="Feature cache (an interrupted run resumes from it). Default: $STREET2SHOP_CACHE or ~/.cache/street2shop.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--local-features", is_flag=True, help="Also store the catalog's local features (local descriptors), for `query --rerank`.")
@@ -106,49 +174,48 @@ def index_command(catalog, split, descriptor, preset, out_dir, device, batch_siz
     from retrieval.batching import resolve_device
     from retrieval.datasets import load_dataset
     from retrieval.descriptors import create_descriptor
-    from street2shop.engine import build_index
+    from street2shop.engine import _check_destination, build_index
 
-    try:
-        cache = _cache_dir(cache_dir)
-        dataset = load_dataset(catalog, split=split, seed=seed, cache_dir=cache)
-        model = create_descriptor(descriptor).to(resolve_device(device)).eval()
-        click.echo(f"indexing {len(dataset.catalog)} products of {dataset.name} with {descriptor} ({preset})")
-        started = time.perf_counter()
-        built = build_index(
-            dataset.catalog, model, out_dir, preset=preset, fit_paths=fit_images(dataset, fit_max_images, seed),
-            batch_size=batch_size, cache_dir=cache / "features", faiss_device=device, local_features=local_features,
-        )
-    except EXPECTED_ERRORS as exc:
-        _fail(exc)
+    _check_destination(out_dir)  # before the data loads: a refused --out must not cost the whole extraction
+    cache = _cache_dir(cache_dir)
+    dataset = load_dataset(catalog, split=split, seed=seed, cache_dir=cache)
+    model = create_descriptor(descriptor).to(resolve_device(device)).eval()
+    click.echo(f"indexing {len(dataset.catalog)} products of {dataset.name} with {descriptor} ({preset})")
+    started = time.perf_counter()
+    built = build_index(
+        dataset.catalog, model, out_dir, preset=preset, fit_paths=fit_images(dataset, fit_max_images, seed),
+        batch_size=batch_size, cache_dir=cache / "features", faiss_device=device, local_features=local_features,
+    )
     click.echo(f"wrote {out_dir}: {built.ntotal} products, dim {built.dim}, {time.perf_counter() - started:.1f} s")
 
 
 @cli.command("query")
 @click.option("--index", "index_dir", required=True, type=click.Path(exists=True, file_okay=False), help="Directory written by `street2shop index`.")
 @click.argument("photos", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
-@click.option("--k", default=10, show_default=True, help="Products returned per photo.")
+@click.option("--k", default=10, show_default=True, type=click.IntRange(min=1), help="Products returned per photo (>= 1).")
 @click.option("--proxy", default="none", show_default=True, help="Proxy stage applied to the photos first.")
 @click.option("--descriptor", default=None, help="Refuse to run unless the index was built with this descriptor.")
 @click.option("--format", "fmt", default="table", show_default=True, type=click.Choice(["table", "json"]))
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
-@click.option("--rerank", default=0, show_default=True, help="Re-rank the top N by spatial verification (index built with --local-features); 0: off.")
+@click.option("--rerank", default=0, show_default=True, type=click.IntRange(min=0), help="Re-rank the top N by spatial verification (index built with --local-features); 0: off.")
 @click.option("--rerank-model", default="similarity", show_default=True, type=click.Choice(RERANK_MODELS), help=RERANK_MODEL_HELP)
 def query_command(index_dir, photos, k, proxy, descriptor, fmt, device, rerank, rerank_model) -> None:
     """Find the top-k catalog products for street photos."""
     from street2shop.engine import Searcher
 
-    try:
-        searcher = Searcher(index_dir, device=device, proxy=proxy, descriptor=descriptor,
-                            rerank=rerank, rerank_conf={"model": rerank_model})
-        results = searcher.search(list(photos), k=k)
-    except EXPECTED_ERRORS as exc:
-        _fail(exc)
+    searcher = Searcher(index_dir, device=device, proxy=proxy, descriptor=descriptor,
+                        rerank=rerank, rerank_conf={"model": rerank_model})
+    results = searcher.search(list(photos), k=k)
     if fmt == "json":
-        grouped = [
-            {"query": q, "results": [{"rank": int(r.rank), "product_id": r.product_id, "score": round(float(r.score), 6)} for r in g.itertuples()]}
-            for q, g in results.groupby("query", sort=False)
+        # One entry per photo argument, in order: search returns the same number of rows for each, so a
+        # photo given twice is two entries (grouping by path merged them into one with 2k results).
+        per_photo = len(results) // len(photos)
+        entries = [
+            {"query": photo, "results": [{"rank": int(r.rank), "product_id": r.product_id, "score": round(float(r.score), 6)}
+                                         for r in results.iloc[i * per_photo:(i + 1) * per_photo].itertuples()]}
+            for i, photo in enumerate(photos)
         ]
-        click.echo(json.dumps(grouped, indent=2))
+        click.echo(json.dumps(entries, indent=2))
     else:
         click.echo(results.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
 
@@ -162,7 +229,7 @@ def _expand(patterns: str, names: List[str], what: str) -> List[str]:
     import fnmatch
 
     chosen: List[str] = []
-    for pattern in _split_list(patterns):
+    for pattern in _split_specs(patterns):
         base = pattern.split("@")[0].split("[")[0]
         if "@" in pattern or "[" in pattern:  # a checkpoint or options (paintnet[use_perceptual=False]): as given
             matches = [pattern] if base in names else []
@@ -172,6 +239,48 @@ def _expand(patterns: str, names: List[str], what: str) -> List[str]:
             raise click.BadParameter(f"{pattern!r} matches no {what}; registered: {', '.join(names)}")
         chosen += [m for m in matches if m not in chosen]
     return chosen
+
+
+def _model_class(kind: str, name: str):
+    """The registered descriptor or proxy class (unknown names: ValueError listing the valid ones)."""
+    if kind == "descriptor":
+        from retrieval.descriptors import DESCRIPTORS, list_descriptors
+
+        list_descriptors()  # registers the built-ins
+        return DESCRIPTORS.get(name)
+    from generation.proxies import PROXIES, list_proxies
+
+    list_proxies()
+    return PROXIES.get(name)
+
+
+def _option_defaults(kind: str, name: str) -> dict:
+    """Every option a model of that name takes, with its default: its config, then its training options."""
+    from retrieval.training import training_defaults
+
+    cls = _model_class(kind, name)
+    defaults = training_defaults(cls) if getattr(cls, "trainable", False) else {}
+    return {**defaults, **getattr(cls, "default_conf", {})}
+
+
+def _typed_specs(specs: List[str], kind: str, flag: str) -> List[str]:
+    """Each 'NAME[KEY=VALUE;...]' spec with its values typed by the options' defaults, written back as
+    Python literals ('paintnet[use_perceptual=false]' -> "paintnet[use_perceptual=False]"), the
+    spelling benchmarks.reproduce reads; a wrong type or unknown option is refused here, before any work."""
+    from retrieval.registry import parse_settings
+
+    typed = []
+    for spec in specs:
+        name, bracket, rest = spec.partition("[")
+        if not bracket or "@" in spec:
+            typed.append(spec)
+            continue
+        if not rest.endswith("]"):
+            raise click.BadParameter(f"{spec!r}: expected NAME[KEY=VALUE;KEY=VALUE]", param_hint=flag)
+        items = [item.strip() for item in rest[:-1].split(";") if item.strip()]
+        options = parse_settings(items, _option_defaults(kind, name.strip()), source=f"{flag} {spec}:")
+        typed.append(f"{name.strip()}[{';'.join(f'{key}={value!r}' for key, value in options.items())}]")
+    return typed
 
 
 @cli.command("bench")
@@ -184,24 +293,24 @@ def _expand(patterns: str, names: List[str], what: str) -> List[str]:
 @click.option("--k", "ks", default="1,5,10,20", show_default=True, help="Cut-offs for mAP@k and recall@k.")
 @click.option("--out", "out_dir", default="results", show_default=True, type=click.Path(file_okay=False), help="Where the report goes (see below).")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
-@click.option("--batch-size", default=32, show_default=True)
-@click.option("--fit-max-images", default=1000, show_default=True, help="Training images used to fit codebooks/whitening.")
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
+@click.option("--fit-max-images", default=1000, show_default=True, type=click.IntRange(min=1), help="Training images used to fit codebooks/whitening.")
 @click.option("--cache-dir", default=None, help="Feature and checkpoint cache; default $STREET2SHOP_CACHE or ~/.cache/street2shop.")
 @click.option("--no-cache", is_flag=True, help="Recompute every feature.")
 @click.option("--seed", default=0, show_default=True)
-@click.option("--rerank", default=0, show_default=True, help="Also score each local descriptor's top N re-ranked by spatial verification (rows NAME+sv); 0: off.")
+@click.option("--rerank", default=0, show_default=True, type=click.IntRange(min=0), help="Also score each local descriptor's top N re-ranked by spatial verification (rows NAME+sv); 0: off.")
 @click.option("--rerank-model", default="similarity", show_default=True, type=click.Choice(RERANK_MODELS), help=RERANK_MODEL_HELP)
-@click.option("--limit", default=0, show_default=True, help="Evaluate a seeded sample of N products and their queries (0: all); for slow descriptors.")
-@click.option("--distractors", default=0, show_default=True, help="Extra gallery products drawn from the training split (nobody queries them).")
-@click.option("--protocol-draws", default=10, show_default=True, help="The paper's protocol: seeded galleries drawn (0: off).")
-@click.option("--protocol-gallery", default=250, show_default=True, help="Products per drawn gallery (the paper: 250).")
-@click.option("--bootstrap", default=1000, show_default=True, help="Bootstrap resamples for the 95%% intervals and paired tests (0: off).")
-@click.option("--generation-samples", default=200, show_default=True, help="Queries whose proxy output is scored against the true product (RMSE, SSIM, IS-style); 0: off.")
-@click.option("--rank-pictures", default=6, show_default=True, help="Queries pictured (query | proxy output | top 5) for every combination; 0: off.")
+@click.option("--limit", default=0, show_default=True, type=click.IntRange(min=0), help="Evaluate a seeded sample of N products and their queries (0: all); for slow descriptors.")
+@click.option("--distractors", default=0, show_default=True, type=click.IntRange(min=0), help="Extra gallery products drawn from the training split (nobody queries them).")
+@click.option("--protocol-draws", default=10, show_default=True, type=click.IntRange(min=0), help="The paper's protocol: seeded galleries drawn (0: off).")
+@click.option("--protocol-gallery", default=250, show_default=True, type=click.IntRange(min=1), help="Products per drawn gallery (the paper: 250).")
+@click.option("--bootstrap", default=1000, show_default=True, type=click.IntRange(min=0), help="Bootstrap resamples for the 95%% intervals and paired tests (0: off).")
+@click.option("--generation-samples", default=200, show_default=True, type=click.IntRange(min=0), help="Queries whose proxy output is scored against the true product (RMSE, SSIM, IS-style); 0: off.")
+@click.option("--rank-pictures", default=6, show_default=True, type=click.IntRange(min=0), help="Queries pictured (query | proxy output | top 5) for every combination; 0: off.")
 @click.option("--train", "train_missing", is_flag=True,
               help="Train every trainable model named without a checkpoint (cached under CACHE/checkpoints by config; "
                    "reused later). Ablations as NAME[KEY=VALUE;...], e.g. 'paintnet[use_perceptual=False]'.")
-@click.option("--train-budget", default=10.0, show_default=True, help="Minutes of training per model with --train.")
+@click.option("--train-budget", default=10.0, show_default=True, type=click.FloatRange(min=0, min_open=True), help="Minutes of training per model with --train.")
 def bench_command(dataset, split, descriptors, proxies, presets, ks, out_dir, device, batch_size, fit_max_images, cache_dir,
                   no_cache, seed, rerank, rerank_model, limit, distractors, protocol_draws, protocol_gallery, bootstrap,
                   generation_samples, rank_pictures, train_missing, train_budget) -> None:
@@ -227,7 +336,7 @@ def bench_command(dataset, split, descriptors, proxies, presets, ks, out_dir, de
     """
     from benchmarks.report import (bench_markdown, git_revision, map_curves_frame, package_versions,
                                    plot_heatmap, plot_map_curves, write_bench_rank_pictures, write_table)
-    from benchmarks.runner import format_table, proxy_previews, run_benchmark
+    from benchmarks.runner import format_table, proxy_previews, remove_previous_bench_outputs, run_benchmark
     from retrieval.io import write_text_atomic
     from generation.proxies import list_proxies
     from index import list_index_presets
@@ -236,53 +345,53 @@ def bench_command(dataset, split, descriptors, proxies, presets, ks, out_dir, de
     from retrieval.descriptors import list_descriptors
 
     k_list = _ks(ks)
-    descriptor_specs = _expand(descriptors, list_descriptors(), "descriptor")
-    proxy_specs = _expand(proxies, list_proxies(), "proxy")
+    descriptor_specs = _typed_specs(_expand(descriptors, list_descriptors(), "descriptor"), "descriptor", "--descriptors")
+    proxy_specs = _typed_specs(_expand(proxies, list_proxies(), "proxy"), "proxy", "--proxies")
     preset_names = _expand(presets, list_index_presets(), "index preset")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     revision = git_revision()  # now: the code this process runs, even if the checkout moves on meanwhile
     trainings = []
-    try:
-        cache = _cache_dir(cache_dir)
-        torch_device = resolve_device(device)
-        data = subset_products(load_dataset(dataset, split=split, seed=seed, cache_dir=cache), limit, seed)
-        click.echo(data.describe())
-        with_options = [spec for spec in proxy_specs + descriptor_specs if "[" in spec.split("@")[0]]
-        if with_options and not train_missing:
-            raise ValueError(f"{', '.join(with_options)}: options in brackets name a model to train; add --train, "
-                             "or train it with `street2shop train ... --set KEY=VALUE` and pass NAME@final.pt")
-        if train_missing:
-            from benchmarks.reproduce import ensure_trained
+    cache = _cache_dir(cache_dir)
+    torch_device = resolve_device(device)
+    data = subset_products(load_dataset(dataset, split=split, seed=seed, cache_dir=cache), limit, seed)
+    click.echo(data.describe())
+    with_options = [spec for spec in proxy_specs + descriptor_specs if "[" in spec.split("@")[0]]
+    if with_options and not train_missing:
+        raise ValueError(f"{', '.join(with_options)}: options in brackets name a model to train; add --train, "
+                         "or train it with `street2shop train ... --set KEY=VALUE` and pass NAME@final.pt")
+    if train_missing:
+        from benchmarks.reproduce import ensure_trained
 
-            proxy_specs, proxy_rows = ensure_trained(proxy_specs, "proxy", data, cache, train_budget, torch_device, seed, progress=True)
-            descriptor_specs, descriptor_rows = ensure_trained(descriptor_specs, "descriptor", data, cache, train_budget,
-                                                               torch_device, seed, progress=True)
-            trainings = proxy_rows + descriptor_rows
-        click.echo(f"grid: {len(proxy_specs)} proxies x {len(descriptor_specs)} descriptors x {len(preset_names)} indexes", err=True)
-        result = run_benchmark(
-            data, descriptor_specs, proxy_specs, presets=preset_names, ks=k_list, device=torch_device,
-            faiss_device=device, batch_size=batch_size, fit_max_images=fit_max_images,
-            cache_dir=None if no_cache else cache / "features", seed=seed, rerank=rerank or None,
-            rerank_conf={"model": rerank_model}, distractors=distractors, protocol_gallery=protocol_gallery,
-            protocol_draws=protocol_draws, bootstrap=bootstrap,
-        )
-        generation, generation_md = _bench_generation(data, proxy_specs, generation_samples, torch_device, seed)
-        files = ["results.csv", "per_query.csv", "protocol_draws.csv", "map_curves.png", "heatmap.png", "config.json"]
-        if rank_pictures > 0:
-            queries = data.queries.drop_duplicates("query_id")
-            chosen = sample_paths(list(queries["query_id"]), rank_pictures, seed)
-            paths = dict(zip(queries["query_id"], queries["image"]))
-            previews = proxy_previews(proxy_specs, [paths[q] for q in chosen], chosen, device=torch_device)
-            catalog = dict(zip(data.catalog["product_id"].astype(str), data.catalog["image"]))
-            if data.train is not None:  # distractors shown in a top 5 come from the training products
-                catalog.update({f"distractor:{p}": i for p, i in zip(data.train["product_id"].astype(str), data.train["product_image"])})
-            write_bench_rank_pictures(result.per_query, paths, catalog, previews, chosen, out / "rank",
-                                      f"street2shop bench: {data.name}")
-            files.append("rank/index.html")
-    except EXPECTED_ERRORS as exc:
-        _fail(exc)
+        proxy_specs, proxy_rows = ensure_trained(proxy_specs, "proxy", data, cache, train_budget, torch_device, seed, progress=True)
+        descriptor_specs, descriptor_rows = ensure_trained(descriptor_specs, "descriptor", data, cache, train_budget,
+                                                           torch_device, seed, progress=True)
+        trainings = proxy_rows + descriptor_rows
+    click.echo(f"grid: {len(proxy_specs)} proxies x {len(descriptor_specs)} descriptors x {len(preset_names)} indexes", err=True)
+    result = run_benchmark(
+        data, descriptor_specs, proxy_specs, presets=preset_names, ks=k_list, device=torch_device,
+        faiss_device=device, batch_size=batch_size, fit_max_images=fit_max_images,
+        cache_dir=None if no_cache else cache / "features", seed=seed, rerank=rerank or None,
+        rerank_conf={"model": rerank_model}, distractors=distractors, protocol_gallery=protocol_gallery,
+        protocol_draws=protocol_draws, bootstrap=bootstrap,
+    )
+    generation, generation_md = _bench_generation(data, proxy_specs, generation_samples, torch_device, seed)
+    # The grid is done: an earlier run's files in --out go now (not at the start, so that a run that
+    # fails keeps them), and the report lists only what this run writes.
+    remove_previous_bench_outputs(out)
+    files = ["results.csv", "per_query.csv"]
+    if rank_pictures > 0:
+        queries = data.queries.drop_duplicates("query_id")
+        chosen = sample_paths(list(queries["query_id"]), rank_pictures, seed)
+        paths = dict(zip(queries["query_id"], queries["image"]))
+        previews = proxy_previews(proxy_specs, [paths[q] for q in chosen], chosen, device=torch_device)
+        catalog = dict(zip(data.catalog["product_id"].astype(str), data.catalog["image"]))
+        if data.train is not None:  # distractors shown in a top 5 come from the training products
+            catalog.update({f"distractor:{p}": i for p, i in zip(data.train["product_id"].astype(str), data.train["product_image"])})
+        write_bench_rank_pictures(result.per_query, paths, catalog, previews, chosen, out / "rank",
+                                  f"street2shop bench: {data.name}")
+        files.append("rank/index.html")
     wall = time.perf_counter() - started
     config = {
         "command": "street2shop " + " ".join(sys.argv[1:]),
@@ -296,8 +405,9 @@ def bench_command(dataset, split, descriptors, proxies, presets, ks, out_dir, de
     }
     write_table(result.summary, out / "results")
     write_table(result.per_query, out / "per_query")
-    if not result.draws.empty:
+    if not result.draws.empty:  # --protocol-draws 0 writes no draws: the report must not list the file
         write_table(result.draws, out / "protocol_draws")
+        files.append("protocol_draws.csv")
     if generation is not None:
         write_table(generation, out / "generation")
         files.append("generation.csv")
@@ -307,6 +417,7 @@ def bench_command(dataset, split, descriptors, proxies, presets, ks, out_dir, de
     plot_map_curves(map_curves_frame(result.summary, k_list), out / "map_curves.png")
     plot_heatmap(result.summary, out / "heatmap.png", metric=f"mAP@{max(k_list)}")
     write_text_atomic(out / "config.json", json.dumps(config, indent=2, default=str))
+    files += ["map_curves.png", "heatmap.png", "config.json"]
     write_text_atomic(out / "report.md", bench_markdown(
         result, k_list, title=f"street2shop bench: {data.name}, split {split}", description=data.describe(),
         config=config, generation=generation, generation_markdown=generation_md, files=files))
@@ -343,8 +454,8 @@ def _bench_generation(data, proxy_specs, samples, device, seed):
 @click.option("--dataset", default="viton:../shared/data/viton", show_default=True, help=DATASET_HELP)
 @click.option("--split", default="val", show_default=True)
 @click.option("--proxies", required=True, help="Proxies to score, e.g. 'hp@runs/parser/final.pt,paintnet@runs/paintnet/final.pt'.")
-@click.option("--samples", default=500, show_default=True, help="Seeded sample of the split's person -> product pairs (0: all).")
-@click.option("--size", default=64, show_default=True, help="Side the images are compared at (the paper: 64).")
+@click.option("--samples", default=500, show_default=True, type=click.IntRange(min=0), help="Seeded sample of the split's person -> product pairs (0: all).")
+@click.option("--size", default=64, show_default=True, type=click.IntRange(min=1), help="Side the images are compared at (the paper: 64).")
 @click.option("--no-inception", is_flag=True, help="Skip the IS-style score (one classifier pass per image).")
 @click.option("--out", "out_dir", default="results/generation", show_default=True, type=click.Path(file_okay=False))
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
@@ -367,16 +478,13 @@ def bench_generation_command(dataset, split, proxies, samples, size, no_inceptio
 
     specs = _expand(proxies, list_proxies(), "proxy")
     started = time.perf_counter()
-    try:
-        data = load_dataset(dataset, split=split, seed=seed, cache_dir=_cache_dir(cache_dir))
-        click.echo(data.describe())
-        persons, products = evaluation_pairs(data, samples or None, seed)
-        labelled = [(descriptor_label(spec), create_proxy(spec)) for spec in specs]
-        reference = list(data.train["product_image"]) if data.train is not None and len(data.train) else None
-        table, first = evaluate_generation(labelled, persons, products, reference_products=reference, size=size,
-                                           device=resolve_device(device), inception=not no_inception)
-    except EXPECTED_ERRORS as exc:
-        _fail(exc)
+    data = load_dataset(dataset, split=split, seed=seed, cache_dir=_cache_dir(cache_dir))
+    click.echo(data.describe())
+    persons, products = evaluation_pairs(data, samples or None, seed)
+    labelled = [(descriptor_label(spec), create_proxy(spec)) for spec in specs]
+    reference = list(data.train["product_image"]) if data.train is not None and len(data.train) else None
+    table, first = evaluate_generation(labelled, persons, products, reference_products=reference, size=size,
+                                       device=resolve_device(device), inception=not no_inception)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_table(table, out / "generation")
@@ -389,7 +497,7 @@ def bench_generation_command(dataset, split, proxies, samples, size, no_inceptio
 
 
 @cli.command("demo")
-@click.option("--products", default=120, show_default=True, help="Size of the generated synthetic set.")
+@click.option("--products", default=120, show_default=True, type=click.IntRange(min=1), help="Size of the generated synthetic set.")
 @click.option("--descriptors", default="colorhist,sift,rmac,gem", show_default=True)
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--cache-dir", default=None, help="Where the synthetic set, indexes and features go.")
@@ -404,30 +512,27 @@ def demo_command(products, descriptors, device, cache_dir) -> None:
     from retrieval.descriptors import create_descriptor
     from street2shop.engine import Searcher, build_index
 
-    try:
-        cache = _cache_dir(cache_dir)
-        spec = f"synthetic:{products}"
-        data = load_dataset(spec, split="val", cache_dir=cache)
-        click.echo(f"1. synthetic street-to-shop set ({spec}): {data.describe()}")
-        index_dir = cache / "demo-index"
-        torch_device = resolve_device(device)
-        from benchmarks.runner import fit_images
+    cache = _cache_dir(cache_dir)
+    spec = f"synthetic:{products}"
+    data = load_dataset(spec, split="val", cache_dir=cache)
+    click.echo(f"1. synthetic street-to-shop set ({spec}): {data.describe()}")
+    index_dir = cache / "demo-index"
+    torch_device = resolve_device(device)
+    from benchmarks.runner import fit_images
 
-        build_index(data.catalog, create_descriptor("gem").to(torch_device).eval(), index_dir,
-                    fit_paths=fit_images(data, 1000), cache_dir=cache / "features", faiss_device=device)
-        click.echo(f"2. indexed its {len(data.catalog)} catalog products with gem -> {index_dir}")
-        sample = data.queries.head(3)
-        results = Searcher(index_dir, device=device).search(list(sample["image"]), k=5)
-        truth = dict(zip(sample["image"], sample["product_id"].astype(str)))
-        results["correct"] = [truth[q] == p for q, p in zip(results["query"], results["product_id"])]
-        results["query"] = results["query"].map(lambda p: Path(p).name)
-        click.echo("3. three street photos queried (top 5, correct = the product the person wears):")
-        click.echo(results.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
-        click.echo(f"4. mAP@k of every descriptor on all {len(data.queries)} street photos:")
-        grid = run_grid(data, _split_list(descriptors), ("none",), device=torch_device, faiss_device=device,
-                        cache_dir=cache / "features", progress=True)
-    except EXPECTED_ERRORS as exc:
-        _fail(exc)
+    build_index(data.catalog, create_descriptor("gem").to(torch_device).eval(), index_dir,
+                fit_paths=fit_images(data, 1000), cache_dir=cache / "features", faiss_device=device)
+    click.echo(f"2. indexed its {len(data.catalog)} catalog products with gem -> {index_dir}")
+    sample = data.queries.head(3)
+    results = Searcher(index_dir, device=device).search(list(sample["image"]), k=5)
+    truth = dict(zip(sample["image"], sample["product_id"].astype(str)))
+    results["correct"] = [truth[q] == p for q, p in zip(results["query"], results["product_id"])]
+    results["query"] = results["query"].map(lambda p: Path(p).name)
+    click.echo("3. three street photos queried (top 5, correct = the product the person wears):")
+    click.echo(results.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    click.echo(f"4. mAP@k of every descriptor on all {len(data.queries)} street photos:")
+    grid = run_grid(data, _split_list(descriptors), ("none",), device=torch_device, faiss_device=device,
+                    cache_dir=cache / "features", progress=True)
     click.echo(format_table(grid))
 
 
@@ -439,33 +544,29 @@ def train_group() -> None:
 TRAIN_OPTIONS = [
     click.option("--dataset", default="viton:../shared/data/viton", show_default=True, help=DATASET_HELP + " Its training pairs are used."),
     click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Run directory: last.pt (resume), final.pt, losses.csv/png, samples/."),
-    click.option("--epochs", default=None, type=int, help="Passes over the training pairs (default: the model's own)."),
-    click.option("--batch-size", default=None, type=int, help="Default: the model's own."),
-    click.option("--lr", default=None, type=float, help="Learning rate (default: the model's own)."),
-    click.option("--time-budget", default=None, type=float, help="Stop cleanly (checkpointed) after this many minutes."),
+    click.option("--epochs", default=None, type=click.IntRange(min=0), help="Passes over the training pairs (default: the model's own)."),
+    click.option("--batch-size", default=None, type=click.IntRange(min=1), help="Default: the model's own."),
+    click.option("--lr", default=None, type=click.FloatRange(min=0, min_open=True), help="Learning rate (default: the model's own)."),
+    click.option("--time-budget", default=None, type=click.FloatRange(min=0, min_open=True), help="Stop cleanly (checkpointed) after this many minutes."),
     click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"])),
     click.option("--cache-dir", default=None, help="Default: $STREET2SHOP_CACHE or ~/.cache/street2shop."),
     click.option("--seed", default=0, show_default=True),
     click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
-                 help="Model option for this run, repeatable, stored in final.pt: e.g. --set width=0.5 "
-                      "--set use_perceptual=False (PaintNet's ablations), --set max_pairs=500."),
+                 help="Model or training option for this run, repeatable, typed by its default (true/false, "
+                      "numbers, 128,96 for a pair): e.g. --set width=0.5 --set use_perceptual=false (PaintNet's "
+                      "ablations), --set max_pairs=500."),
 ]
 
 
-def _parse_settings(settings) -> dict:
-    """('width=0.5', 'use_rf_discriminator=False') -> {'width': 0.5, 'use_rf_discriminator': False}."""
-    import ast
+def _parse_settings(settings, defaults=None) -> dict:
+    """('width=0.5', 'use_rf_discriminator=false') -> {'width': 0.5, 'use_rf_discriminator': False}.
 
-    parsed = {}
-    for item in settings:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise click.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint="--set")
-        try:
-            parsed[key.strip()] = ast.literal_eval(value.strip())
-        except (ValueError, SyntaxError):
-            parsed[key.strip()] = value.strip()  # a bare word is a string option, e.g. gan_mode=lsgan
-    return parsed
+    Each value is typed by its option's default in `defaults` (retrieval.registry.parse_settings): a
+    value of the wrong type or an unknown option is refused, naming it; without `defaults`, guessed.
+    """
+    from retrieval.registry import parse_settings
+
+    return parse_settings(settings, defaults, source="--set")
 
 
 def _train_options(command):
@@ -482,40 +583,37 @@ def _train(kind: str, name: str, dataset, out_dir, epochs, batch_size, lr, time_
 
     options = {k: v for k, v in {"epochs": epochs, "batch_size": batch_size, "lr": lr}.items() if v is not None}
     options.update({k: v for k, v in extra.items() if v is not None})
-    settings = _parse_settings(settings)
-    try:
-        if "pairs" in settings:  # a pair archive (export-pairs) stands in for the photos
-            if kind == "descriptor":
-                raise ValueError("--set pairs=ARCHIVE is for the generators (paintnet, pix2pix, dtgan); "
-                                 "descriptors train on the data set's photos: drop it and give --dataset")
-            data = None
-        else:
-            data = load_dataset(dataset, split="val", seed=seed, cache_dir=_cache_dir(cache_dir))
-            if data.train is None or data.train.empty:
-                raise ValueError(f"{data.name} has no training pairs to train {name} on")
-        from retrieval.training import seed_everything
-
+    if not getattr(_model_class(kind, name), "trainable", False):  # before any data loads
+        raise ValueError(f"{kind} {name!r} has nothing to train")
+    # Typed by the model's options and its trainer's: 'false' is False, not a truthy string.
+    settings = _parse_settings(settings, _option_defaults(kind, name))
+    if "pairs" in settings:  # a pair archive (export-pairs) stands in for the photos
         if kind == "descriptor":
-            from retrieval.descriptors import create_descriptor
+            raise ValueError("--set pairs=ARCHIVE is for the generators (paintnet, pix2pix, dtgan); "
+                             "descriptors train on the data set's photos: drop it and give --dataset")
+        data = None
+    else:
+        data = load_dataset(dataset, split="val", seed=seed, cache_dir=_cache_dir(cache_dir))
+        if data.train is None or data.train.empty:
+            raise ValueError(f"{data.name} has no training pairs to train {name} on")
+    from retrieval.training import seed_everything
 
-            create = create_descriptor
-        else:
-            from generation.proxies import create_proxy
+    if kind == "descriptor":
+        from retrieval.descriptors import create_descriptor
 
-            create = create_proxy
-        # --set KEY=VALUE: the model's own options build it, the rest are training options.
-        model_conf = {k: v for k, v in settings.items() if k in create(name).default_conf}
-        options.update({k: v for k, v in settings.items() if k not in model_conf})
-        seed_everything(seed)  # before the model is built: --seed also decides the initial weights
-        model = create(name, **model_conf)
-        if not model.trainable:
-            raise ValueError(f"{kind} {name!r} has nothing to train")
-        model = model.to(resolve_device(device))
-        started = time.perf_counter()
-        final = model.train_on(data, Path(out_dir), seed=seed, progress=True,
-                               time_budget_s=None if time_budget is None else 60 * time_budget, **options)
-    except EXPECTED_ERRORS as exc:
-        _fail(exc)
+        create = create_descriptor
+    else:
+        from generation.proxies import create_proxy
+
+        create = create_proxy
+    # --set KEY=VALUE: the model's own options build it, the rest are training options.
+    model_conf = {k: v for k, v in settings.items() if k in _model_class(kind, name).default_conf}
+    options.update({k: v for k, v in settings.items() if k not in model_conf})
+    seed_everything(seed)  # before the model is built: --seed also decides the initial weights
+    model = create(name, **model_conf).to(resolve_device(device))
+    started = time.perf_counter()
+    final = model.train_on(data, Path(out_dir), seed=seed, progress=True,
+                           time_budget_s=None if time_budget is None else 60 * time_budget, **options)
     budget = f" (stopped by the {time_budget:g}-minute budget if it came first)" if time_budget else ""
     source = f"the pair archive {settings['pairs']}" if data is None else f"{data.name}'s {len(data.train)} training pairs"
     click.echo(f"trained {name} in {time.perf_counter() - started:.0f} s on {source}"
@@ -570,7 +668,7 @@ def train_paintnet_command(parser, **options) -> None:
 
 @cli.command("export-pairs")
 @click.option("--dataset", default="viton:../shared/data/viton", show_default=True, help=DATASET_HELP + " Its training pairs are exported.")
-@click.option("--size", default=64, show_default=True, help="Side of the square tensors (PaintNet's image_size).")
+@click.option("--size", default=64, show_default=True, type=click.IntRange(min=1), help="Side of the square tensors (PaintNet's image_size).")
 @click.option("--shape-maps", default="cloth_mask", show_default=True, type=click.Choice(["cloth_mask", "grabcut"]),
               help="Product shape maps: the data set's masks, or GrabCut on the product photo (the paper).")
 @click.option("--seed", default=0, show_default=True, help="Seed of the train/validation split.")
@@ -585,14 +683,11 @@ def export_pairs_command(dataset, size, shape_maps, seed, out_path, cache_dir) -
     from generation.gan import prepare_pair_tensors, save_pair_archive
     from retrieval.datasets import load_dataset
 
-    try:
-        data = load_dataset(dataset, split="val", seed=seed, cache_dir=_cache_dir(cache_dir))
-        if data.train is None or data.train.empty:
-            raise ValueError(f"{data.name} has no training pairs to export")
-        tensors = prepare_pair_tensors(data.train.reset_index(drop=True), None, (size, size), shape_maps, progress=True)
-        path = save_pair_archive(tensors, Path(out_path))
-    except EXPECTED_ERRORS as exc:
-        _fail(exc)
+    data = load_dataset(dataset, split="val", seed=seed, cache_dir=_cache_dir(cache_dir))
+    if data.train is None or data.train.empty:
+        raise ValueError(f"{data.name} has no training pairs to export")
+    tensors = prepare_pair_tensors(data.train.reset_index(drop=True), None, (size, size), shape_maps, progress=True)
+    path = save_pair_archive(tensors, Path(out_path))
     click.echo(f"wrote {len(data.train)} pairs at {size}x{size} to {path} ({path.stat().st_size / 1e6:.1f} MB)")
 
 
@@ -613,9 +708,9 @@ def train_dtgan_command(**options) -> None:
 @cli.command("bench-speed")
 @click.option("--descriptors", default="colorhist,sift,rmac,gem", show_default=True, help="Descriptors timed for extraction ('' to skip).")
 @click.option("--proxies", default="", show_default=True, help="Proxy stages timed alone, e.g. 'hp,paintnet@runs/paintnet/final.pt' ('' to skip).")
-@click.option("--images", default=64, show_default=True, help="Synthetic images per descriptor for the extraction timing.")
-@click.option("--sizes", default="10000,100000", show_default=True, help="Catalog sizes for the index timings, e.g. 10000,100000,1000000.")
-@click.option("--dim", default=512, show_default=True)
+@click.option("--images", default=64, show_default=True, type=click.IntRange(min=1), help="Synthetic images per descriptor for the extraction timing.")
+@click.option("--sizes", default="10000,100000", show_default=True, callback=lambda ctx, param, value: _counts(value), help="Catalog sizes for the index timings, e.g. 10000,100000,1000000.")
+@click.option("--dim", default=512, show_default=True, type=click.IntRange(min=1))
 @click.option("--presets", default="flat,ivfpq,hnsw", show_default=True, help="Index presets timed (flat always runs as the reference).")
 @click.option("--out", "out_dir", default="results/speed", show_default=True, type=click.Path(file_okay=False))
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
@@ -631,23 +726,19 @@ def bench_speed_command(descriptors, proxies, images, sizes, dim, presets, out_d
     from benchmarks.speed_suite import format_speed_suite, index_speed_suite, write_speed_suite
     from retrieval.batching import resolve_device
 
-    try:
-        if _split_list(descriptors):
-            rows = extraction_speed(_split_list(descriptors), n_images=images, device=resolve_device(device), cache_dir=_cache_dir(cache_dir))
-            click.echo(format_extraction_table(rows))
-            click.echo("")
-        if _split_list(proxies):
-            from benchmarks.speed import proxy_speed
+    if _split_list(descriptors):
+        rows = extraction_speed(_split_list(descriptors), n_images=images, device=resolve_device(device), cache_dir=_cache_dir(cache_dir))
+        click.echo(format_extraction_table(rows))
+        click.echo("")
+    if _split_list(proxies):
+        from benchmarks.speed import proxy_speed
 
-            proxy_rows = proxy_speed(_split_list(proxies), n_images=min(images, 32), device=resolve_device(device),
-                                     cache_dir=_cache_dir(cache_dir))
-            click.echo("proxy stages alone\n" + _table_of_rows(proxy_rows).to_string(index=False, float_format=lambda v: f"{v:.1f}"))
-            click.echo("")
-        size_list = [int(n) for n in _split_list(sizes)]
-        frame = index_speed_suite(sizes=tuple(size_list), dim=dim, presets=tuple(_split_list(presets)),
-                                  progress=lambda message: click.echo(message, err=True))
-    except EXPECTED_ERRORS as exc:
-        _fail(exc)
+        proxy_rows = proxy_speed(_split_list(proxies), n_images=min(images, 32), device=resolve_device(device),
+                                 cache_dir=_cache_dir(cache_dir))
+        click.echo("proxy stages alone\n" + _table_of_rows(proxy_rows).to_string(index=False, float_format=lambda v: f"{v:.1f}"))
+        click.echo("")
+    frame = index_speed_suite(sizes=tuple(sizes), dim=dim, presets=tuple(_split_list(presets)),
+                              progress=lambda message: click.echo(message, err=True))
     csv_path, md_path = write_speed_suite(frame, out_dir)
     click.echo(format_speed_suite(frame))
     click.echo(f"wrote {csv_path} and {md_path}")

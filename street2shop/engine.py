@@ -25,14 +25,41 @@ import torch
 
 from benchmarks.features import FeatureCache, extract_features
 from generation.proxies import create_proxy, query_embedder
-from index import IndexMismatchError, ProductIndex
+from index import IndexCorruptError, IndexMismatchError, ProductIndex
 from retrieval.batching import fit_descriptor, resolve_device
 from retrieval.descriptors import Descriptor, create_descriptor
 from retrieval.rerank import LocalFeatureStore, SpatialVerifier, behind_proxy
 
+try:
+    from index import check_index_destination
+except ImportError:  # the storage layer's own check, not in every checkout yet: `_check_destination` stands in
+    check_index_destination = None
+
 log = logging.getLogger("street2shop")
 DESCRIPTOR_FILE = "descriptor.pt"
 LOCAL_FEATURES_FILE = "local_features.npz"
+# What a saved index directory may hold; anything else there is someone else's and stops `build_index`.
+INDEX_DIR_FILES = frozenset({"index.faiss", "manifest.json", DESCRIPTOR_FILE, LOCAL_FEATURES_FILE})
+
+
+def _check_destination(out_dir: os.PathLike) -> None:
+    """Refuse, before any feature is computed, an index destination that saving would refuse at the end.
+
+    Uses the storage layer's `index.check_index_destination` where it exists, else the same minimal
+    check: the path must be new, or a directory holding nothing but a saved index.
+    """
+    if check_index_destination is not None:
+        check_index_destination(out_dir)
+        return
+    path = Path(out_dir)
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise FileExistsError(f"{path} exists and is not a directory: choose a new or empty directory for the index")
+    foreign = sorted(set(os.listdir(path)) - INDEX_DIR_FILES)
+    if foreign:
+        raise FileExistsError(f"{path} holds files that are not part of a saved index ({', '.join(foreign[:5])}): "
+                              "choose a new or empty directory for the index")
 
 
 def descriptor_metadata(descriptor: Descriptor) -> Dict[str, Any]:
@@ -53,13 +80,28 @@ def descriptor_state_bytes(descriptor: Descriptor) -> bytes:
     return buffer.getvalue()
 
 
+def _load_state(path: Path, device: torch.device) -> Dict[str, Any]:
+    """torch.load of an index's descriptor.pt, with one clean error for any unreadable or damaged file.
+
+    torch raises many types for a bad file (UnpicklingError, RuntimeError, EOFError, OSError, ...);
+    the user needs only which file and the fix.
+    """
+    try:
+        return torch.load(path, map_location=device, weights_only=True)  # checksum verified by ProductIndex.load
+    except Exception as exc:
+        raise IndexCorruptError(
+            f"{path} cannot be read as a descriptor state ({type(exc).__name__}: {exc}): "
+            "rebuild the index with `street2shop index`"
+        ) from exc
+
+
 def load_descriptor_state(metadata: Dict[str, Any], directory: Path, device: torch.device) -> Descriptor:
     """Rebuild the descriptor an index was made with and check it reproduces the stored fingerprint."""
     descriptor = create_descriptor(metadata["descriptor"], **metadata["descriptor_config"]).to(device)
     path = directory / DESCRIPTOR_FILE
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing: the index directory is incomplete; rebuild it with `street2shop index`")
-    state = torch.load(path, map_location=device, weights_only=True)  # checksum verified by ProductIndex.load
+    state = _load_state(path, device)
     missing, unexpected = descriptor.load_state_dict(state, strict=False)
     shipped = descriptor.shipped_state_prefixes
     stray = [k for k in missing if not (shipped and k.startswith(shipped))] + list(unexpected)
@@ -92,6 +134,7 @@ def build_index(
     ``local_features=True`` (local descriptors only) also stores the catalog's local features, so
     that `Searcher(..., rerank=N)` can re-rank by spatial verification.
     """
+    _check_destination(out_dir)  # before the fit and the extraction, not after them
     if local_features and descriptor.kind != "local":
         raise ValueError(f"descriptor {descriptor.name!r} is global: it has no local features to store for re-ranking")
     if catalog.empty:
@@ -147,6 +190,8 @@ class Searcher:
         self.proxy = create_proxy(proxy).to(torch_device).eval()
         self.embed = query_embedder(self.descriptor, self.proxy)
         self.rerank = int(rerank or 0)
+        if self.rerank < 0:
+            raise ValueError(f"rerank must be >= 0 (0: off), got {rerank}")
         if self.rerank:
             path = self.index_dir / LOCAL_FEATURES_FILE
             if not path.exists():
@@ -163,7 +208,9 @@ class Searcher:
             )
 
     def search(self, image_paths: Sequence[str], k: int = 10, batch_size: int = 32, progress: bool = False) -> pd.DataFrame:
-        """Photos -> long table (query, rank, product_id, score), best first."""
+        """Photos -> long table (query, rank, product_id, score), best first; k rows per photo, in order."""
+        if int(k) < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
         vectors = extract_features(
             self.embed, list(image_paths), self.descriptor.input_spec.size, batch_size=batch_size,
             device=self.descriptor.device, progress="query" if progress else None,

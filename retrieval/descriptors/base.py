@@ -17,7 +17,7 @@ from typing import Any, Dict, Iterable, Union
 import torch
 from torch import nn
 
-from retrieval.registry import Registry, module_fingerprint
+from retrieval.registry import Registry, module_fingerprint, typed_options
 from retrieval.types import GlobalFeatures, InputSpec, LocalFeatures
 
 DESCRIPTORS = Registry("descriptor")
@@ -47,8 +47,9 @@ class Descriptor(nn.Module):
                 f"{type(self).__name__} got unknown options {sorted(unknown)}; "
                 f"valid options: {sorted(self.default_conf)}"
             )
-        self.conf: Dict[str, Any] = {**self.default_conf, **conf}
         self.name = getattr(type(self), "registry_name", self.name)
+        # Text from any route ('false', '0.5') typed like the default: 'false' is truthy as a string.
+        self.conf: Dict[str, Any] = {**self.default_conf, **typed_options(conf, self.default_conf, self.name)}
         # A buffer so that `fitted` travels with state_dict and checkpoints.
         self.register_buffer("_fitted", torch.tensor(not self.needs_fit))
 
