@@ -46,6 +46,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
+from generation.proxies import proxy_training_options
 from retrieval.io import write_text_atomic
 
 log = logging.getLogger("street2shop.reproduce")
@@ -283,7 +284,8 @@ class _Planner:
         started = time.perf_counter()
         final = model.to(device).train_on(
             self.dataset, run_dir, seed=self.seed, progress=bool(self.progress),
-            time_budget_s=None if self.budget_minutes is None else 60.0 * self.budget_minutes, **train_options,
+            time_budget_s=None if self.budget_minutes is None else 60.0 * self.budget_minutes,
+            **proxy_training_options(train_options),
         )
         wall_s = time.perf_counter() - started
         # Done means final.pt in the keyed folder: that is what the next call looks for.

@@ -30,7 +30,7 @@ from index import ProductIndex
 from retrieval.batching import fit_descriptor, sample_paths
 from retrieval.datasets import RetrievalSet
 from retrieval.descriptors import create_descriptor
-from retrieval.io import file_sha1, write_bytes_atomic
+from retrieval.io import file_sha1, read_checked_bytes, write_checked_bytes
 from retrieval.rerank import LocalFeatureStore, SpatialVerifier
 
 log = logging.getLogger("street2shop.bench")
@@ -360,7 +360,7 @@ def _local_features(descriptor, paths: List[str], cache_dir: Optional[Path], sta
         stored = Path(cache_dir) / stage_key / f"local-{FeatureCache.chunk_key([file_sha1(p) for p in paths])}.npz"
         if stored.exists():
             try:
-                store = LocalFeatureStore.from_bytes(stored.read_bytes())
+                store = LocalFeatureStore.from_bytes(read_checked_bytes(stored))
                 if len(store) == len(paths):
                     return store
             except (ValueError, OSError, KeyError, EOFError, zipfile.BadZipFile) as error:  # damaged: extracted again
@@ -368,7 +368,7 @@ def _local_features(descriptor, paths: List[str], cache_dir: Optional[Path], sta
     store = LocalFeatureStore.build(descriptor.extract, paths, descriptor.input_spec.size, batch_size=batch_size,
                                     device=device, progress=progress)
     if stored is not None:
-        write_bytes_atomic(stored, store.to_bytes())
+        write_checked_bytes(stored, store.to_bytes())
     return store
 
 

@@ -85,6 +85,22 @@ def create_proxy(name: str, **conf: Any) -> Proxy:
     return proxy
 
 
+def proxy_training_options(options: Dict[str, Any]) -> Dict[str, Any]:
+    """Training options with a proxy named by a string (``proxy="hp@runs/parser/final.pt"``) built into
+    the Proxy object that retrieval-side trainers take (they cannot look proxies up by name: layers).
+
+    Example:
+        >>> proxy_training_options({"epochs": 2, "proxy": "none"})
+        {'epochs': 2, 'proxy': 'none'}
+        >>> type(proxy_training_options({"proxy": "hp"})["proxy"]).__name__  # doctest: +SKIP
+        'HumanParsingProxy'
+    """
+    proxy = options.get("proxy")
+    if isinstance(proxy, str) and proxy != "none":
+        return {**options, "proxy": create_proxy(proxy)}
+    return dict(options)
+
+
 def list_proxies() -> list:
     _register_builtins()
     return PROXIES.names()

@@ -174,9 +174,10 @@ def index_command(catalog, split, descriptor, preset, out_dir, device, batch_siz
     from retrieval.batching import resolve_device
     from retrieval.datasets import load_dataset
     from retrieval.descriptors import create_descriptor
-    from street2shop.engine import _check_destination, build_index
+    from index import check_index_destination
+    from street2shop.engine import build_index
 
-    _check_destination(out_dir)  # before the data loads: a refused --out must not cost the whole extraction
+    check_index_destination(out_dir)  # before the data loads: a refused --out must not cost the whole extraction
     cache = _cache_dir(cache_dir)
     dataset = load_dataset(catalog, split=split, seed=seed, cache_dir=cache)
     model = create_descriptor(descriptor).to(resolve_device(device)).eval()
@@ -611,6 +612,9 @@ def _train(kind: str, name: str, dataset, out_dir, epochs, batch_size, lr, time_
     options.update({k: v for k, v in settings.items() if k not in model_conf})
     seed_everything(seed)  # before the model is built: --seed also decides the initial weights
     model = create(name, **model_conf).to(resolve_device(device))
+    from generation.proxies import proxy_training_options  # --set proxy=hp@RUN: trainers take the object
+
+    options = proxy_training_options(options)
     started = time.perf_counter()
     final = model.train_on(data, Path(out_dir), seed=seed, progress=True,
                            time_budget_s=None if time_budget is None else 60 * time_budget, **options)

@@ -1,6 +1,7 @@
 """The engine: descriptor + proxy + FAISS index, composed. The CLI only parses and calls these.
 
-An index directory holds everything a query needs:
+An index directory holds everything a query needs (each name a stable link into the live version
+folder, see `index.storage`):
 
     <dir>/index.faiss, <dir>/manifest.json   the FAISS index and its manifest (index.ProductIndex)
     <dir>/descriptor.pt                      the descriptor's fitted state (codebooks, whitening),
@@ -17,7 +18,7 @@ import io
 import logging
 import os
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -25,43 +26,14 @@ import torch
 
 from benchmarks.features import FeatureCache, extract_features
 from generation.proxies import create_proxy, query_embedder
-from index import IndexCorruptError, IndexMismatchError, ProductIndex
+from index import IndexCorruptError, IndexMismatchError, ProductIndex, check_index_destination
 from retrieval.batching import fit_descriptor, resolve_device
 from retrieval.descriptors import Descriptor, create_descriptor
 from retrieval.rerank import LocalFeatureStore, SpatialVerifier, behind_proxy
 
-try:
-    from index import check_index_destination
-except ImportError:  # the storage layer's own check, not in every checkout yet: `_check_destination` stands in
-    check_index_destination = None
-
 log = logging.getLogger("street2shop")
 DESCRIPTOR_FILE = "descriptor.pt"
 LOCAL_FEATURES_FILE = "local_features.npz"
-# What a saved index directory may hold; anything else there is someone else's and stops `build_index`.
-INDEX_DIR_FILES = frozenset({"index.faiss", "manifest.json", DESCRIPTOR_FILE, LOCAL_FEATURES_FILE})
-
-
-def _check_destination(out_dir: os.PathLike) -> None:
-    """Refuse, before any feature is computed, an index destination that saving would refuse at the end.
-
-    Uses the storage layer's `index.check_index_destination` where it exists, else the same minimal
-    check: the path must be new, or a directory holding nothing but a saved index.
-    """
-    if check_index_destination is not None:
-        check_index_destination(out_dir)
-        return
-    path = Path(out_dir)
-    if not path.exists():
-        return
-    if not path.is_dir():
-        raise FileExistsError(f"{path} exists and is not a directory: choose a new or empty directory for the index")
-    foreign = sorted(set(os.listdir(path)) - INDEX_DIR_FILES)
-    if foreign:
-        raise FileExistsError(f"{path} holds files that are not part of a saved index ({', '.join(foreign[:5])}): "
-                              "choose a new or empty directory for the index")
-
-
 def descriptor_metadata(descriptor: Descriptor) -> Dict[str, Any]:
     return {
         "descriptor": descriptor.name,
@@ -134,7 +106,7 @@ def build_index(
     ``local_features=True`` (local descriptors only) also stores the catalog's local features, so
     that `Searcher(..., rerank=N)` can re-rank by spatial verification.
     """
-    _check_destination(out_dir)  # before the fit and the extraction, not after them
+    check_index_destination(out_dir)  # before the fit and the extraction, not after them
     if local_features and descriptor.kind != "local":
         raise ValueError(f"descriptor {descriptor.name!r} is global: it has no local features to store for re-ranking")
     if catalog.empty:
@@ -185,7 +157,9 @@ class Searcher:
                 f"but the query asks for {descriptor!r}: rebuild the index with "
                 f"`street2shop index --descriptor {descriptor}` or drop --descriptor"
             )
-        self.descriptor = load_descriptor_state(metadata, self.index_dir, torch_device).eval()
+        # The files of the version that was loaded, not the live links: a concurrent save may switch those.
+        version_dir = self.index.attachment_path(DESCRIPTOR_FILE).parent
+        self.descriptor = load_descriptor_state(metadata, version_dir, torch_device).eval()
         self.index.check_compatible(descriptor_metadata(self.descriptor))
         self.proxy = create_proxy(proxy).to(torch_device).eval()
         self.embed = query_embedder(self.descriptor, self.proxy)
@@ -194,12 +168,14 @@ class Searcher:
             raise ValueError(f"rerank must be >= 0 (0: off), got {rerank}")
         if self.rerank:
             path = self.index_dir / LOCAL_FEATURES_FILE
-            if not path.exists():
+            try:
+                payload = self.index.read_attachment(LOCAL_FEATURES_FILE)  # the loaded version's, checksummed
+            except FileNotFoundError:
                 raise FileNotFoundError(
                     f"--rerank needs the catalog's local features, but {self.index_dir} has no {LOCAL_FEATURES_FILE}: "
                     f"rebuild it with `street2shop index --local-features` (a local descriptor such as sift or delf)"
-                )
-            self.gallery_local = LocalFeatureStore.from_bytes(path.read_bytes())  # checksum verified by ProductIndex.load
+                ) from None
+            self.gallery_local = LocalFeatureStore.from_bytes(payload)
             if len(self.gallery_local) != self.index.ntotal:
                 raise IndexMismatchError(f"{path} holds {len(self.gallery_local)} products but the index {self.index.ntotal}: rebuild the index")
             self.verifier = SpatialVerifier(**(rerank_conf or {}))

@@ -114,7 +114,7 @@ def test_index_out_with_foreign_files_is_refused_before_loading_data(tmp_path, m
     out.mkdir()
     (out / "notes.txt").write_text("mine")
     line = _one_error_line(CliRunner().invoke(cli, ["index", "--catalog", "synthetic:8", "--out", str(out)]))
-    assert "notes.txt" in line and "new or empty directory" in line
+    assert "notes.txt" in line and "empty or new directory" in line
     assert (out / "notes.txt").read_text() == "mine"
 
 
@@ -134,10 +134,10 @@ def test_build_index_checks_its_destination_before_extracting(dataset, tmp_path,
 
 
 def test_an_existing_index_may_be_rebuilt_in_place(dataset, index_dir, tmp_path):
-    from street2shop.engine import _check_destination
+    from index import check_index_destination
 
-    _check_destination(index_dir)  # a saved index's own files: no error
-    _check_destination(tmp_path / "new")
+    check_index_destination(index_dir)  # a saved index's own files: no error
+    check_index_destination(tmp_path / "new")
 
 
 # ---- damaged index files ----------------------------------------------------------------------

@@ -8,7 +8,8 @@ from click.testing import CliRunner
 
 from benchmarks.features import FeatureCache, extract_features
 from benchmarks.runner import run_grid
-from index import IndexMismatchError, ProductIndex
+from index import IndexCorruptError, IndexMismatchError
+from index.storage import manifest_checksum
 from retrieval.datasets import load_viton
 from retrieval.descriptors import create_descriptor
 from retrieval.io import ImageReadError
@@ -77,6 +78,11 @@ def test_query_with_other_descriptor_is_refused(dataset, tmp_path):
     manifest_path = tmp_path / "idx" / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
     manifest["metadata"]["descriptor_config"]["bins"] = [4, 4, 4]
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(IndexCorruptError, match="manifest_checksum"):  # the manifest seals itself
+        Searcher(tmp_path / "idx", device="cpu")
+    # a re-sealed manifest still fails: the descriptor it describes does not reproduce the fingerprint
+    manifest["manifest_checksum"] = manifest_checksum(manifest)
     manifest_path.write_text(json.dumps(manifest))
     with pytest.raises(IndexMismatchError, match="fingerprint"):
         Searcher(tmp_path / "idx", device="cpu")

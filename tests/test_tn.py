@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 import torch
 
-from generation.proxies import Proxy
+from generation.proxies import Proxy, proxy_training_options
 from retrieval.batching import load_batch
 from retrieval.datasets import load_viton
 from retrieval.descriptors import create_descriptor
@@ -268,6 +268,16 @@ def test_proxy_is_applied_to_the_street_images_only(tiny_set, tmp_path):
         shop = plain.frozen_maps(load_batch(list(rows["product_image"]), SIZE))
     assert torch.allclose(chunk["street"][:2].float(), street, atol=2e-2)
     assert torch.allclose(chunk["shop"][:2].float(), shop, atol=2e-2)
+
+
+def test_a_proxy_name_is_built_by_the_caller_not_by_retrieval(tiny_set, tmp_path):
+    """retrieval/ sits below generation/: tn refuses a proxy *name*; the callers build the object."""
+    tn = create_descriptor("tn", image_size=SIZE, dim=32)
+    with pytest.raises(ValueError, match="Proxy object"):
+        tn.train_on(tiny_set, tmp_path / "run", seed=0, proxy="hp", **{**TINY_TRAIN, "epochs": 1})
+    options = proxy_training_options({"epochs": 1, "proxy": "hp"})
+    assert options["epochs"] == 1 and isinstance(options["proxy"], Proxy) and options["proxy"].name == "hp"
+    assert proxy_training_options({"proxy": "none"}) == {"proxy": "none"}
 
 
 def test_finetuned_blocks_travel_in_final_pt(tiny_set, tmp_path):

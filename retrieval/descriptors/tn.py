@@ -17,8 +17,9 @@ if unremarkable descriptor, and `needs_fit` is False.
 
 Training (`train_on`, through `retrieval.training.TrainingRun`):
     - anchors: person photos of the training pairs, optionally passed through a proxy first
-      (`proxy="NAME"` or a Proxy instance: the descriptor can be trained on the outputs of any proxy,
-      and should then be queried behind the same proxy); positives: their products; negatives: the
+      (`proxy=` a Proxy instance: the descriptor can be trained on the outputs of any proxy, and
+      should then be queried behind the same proxy; the caller builds it, e.g. with
+      `generation.proxies.proxy_training_options`, since retrieval/ cannot look proxies up); positives: their products; negatives: the
       other products of the batch, mined by `retrieval.triplet` (batch-hard by default), in both
       directions (street -> shop and shop -> street) when `symmetric`.
     - the frozen part of the backbone runs once per run: its maps (block 15, or the block before the
@@ -703,16 +704,15 @@ def _step_seed(seed: int, epoch: int, step: int) -> int:
 
 
 def _resolve_proxy(proxy: Any) -> Tuple[Optional[Callable], Dict[str, str]]:
-    """None / "none" / a proxy name / a Proxy instance -> (callable or None, {name, fingerprint}) for the config."""
+    """None / "none" / a Proxy instance -> (callable or None, {name, fingerprint}) for the config."""
     if proxy is None or proxy == "none":
         return None, {"name": "none", "fingerprint": ""}
     if isinstance(proxy, str):
-        # Imported here: proxies live in generation/, which sits above retrieval/ (DESIGN.md layers).
-        from generation.proxies import create_proxy
-
-        proxy = create_proxy(proxy)
+        # Proxies live in generation/, a layer above: the caller builds the object (DESIGN.md layers).
+        raise ValueError(f"tn.train_on takes proxy= as a Proxy object, not the name {proxy!r}: build it with "
+                         "generation.proxies.create_proxy (the CLI and `bench --train` do)")
     if not callable(proxy):
-        raise ValueError(f"proxy must be a name, None or a callable Proxy, got {type(proxy).__name__}")
+        raise ValueError(f"proxy must be None, 'none' or a callable Proxy, got {type(proxy).__name__}")
     if isinstance(proxy, nn.Module):
         proxy.eval()
     name = getattr(proxy, "name", type(proxy).__name__)
