@@ -33,7 +33,6 @@ Example:
 """
 from __future__ import annotations
 
-import ast
 import hashlib
 import json
 import logging
@@ -48,6 +47,7 @@ import torch
 
 from generation.proxies import proxy_training_options
 from retrieval.io import write_text_atomic
+from retrieval.registry import coerce_option
 
 log = logging.getLogger("street2shop.reproduce")
 
@@ -65,10 +65,12 @@ Progress = Union[bool, Callable[[str], None]]
 def parse_spec(spec: str) -> Tuple[str, Optional[str], Dict[str, Any]]:
     """'NAME', 'NAME@path/final.pt' or 'NAME[k=v;k=v]' -> (name, checkpoint or None, options).
 
-    Values are Python literals (`False`, `0.5`, `(64, 48)`, `None`); a bare word is a string.
+    Values are typed as `--set` types them without a default (`retrieval.registry.coerce_option`):
+    true/false in any case, numbers, `(64, 48)`, `None`; a bare word is a string. The model's
+    constructor then types each against its own default.
 
     Example:
-        >>> parse_spec("paintnet[use_perceptual=False;width=0.5]")
+        >>> parse_spec("paintnet[use_perceptual=false;width=0.5]")
         ('paintnet', None, {'use_perceptual': False, 'width': 0.5})
         >>> parse_spec("tn@runs/tn/final.pt")
         ('tn', 'runs/tn/final.pt', {})
@@ -87,10 +89,8 @@ def parse_spec(spec: str) -> Tuple[str, Optional[str], Dict[str, Any]]:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise ValueError(f"bad option {item!r} in spec {spec!r}: expected KEY=VALUE")
-        try:
-            options[key.strip()] = ast.literal_eval(value.strip())
-        except (ValueError, SyntaxError):
-            options[key.strip()] = value.strip()  # a bare word is a string option, e.g. gan_mode=lsgan
+        # The same typing as --set: 'false' and False are one option (and one checkpoint key).
+        options[key.strip()] = coerce_option(key.strip(), value, None)
     return match["name"], None, options
 
 

@@ -100,6 +100,7 @@ from generation.gan import (
 from generation.proxies import PROXIES, Proxy
 from retrieval.backbones import EfficientNetLite0
 from retrieval.garments import segmented_texture
+from retrieval.registry import typed_options
 from retrieval.training import TrainingRun, atomic_torch_save, load_checkpoint, seed_everything
 
 log = logging.getLogger("street2shop.paintnet")
@@ -874,7 +875,8 @@ class PaintNet(Proxy):
             unknown = set(conf_overrides) - set(self.default_conf)
             if unknown:
                 raise ValueError(f"unknown {self.name} options {sorted(unknown)}; valid: {sorted(self.default_conf)}")
-            self.conf.update(conf_overrides)
+            # typed like --set: a text 'false' must not train the full model under an ablation's name
+            self.conf.update(typed_options(conf_overrides, self.default_conf, self.name))
             self._explicit |= set(conf_overrides)
         device = self.device
         self._build(seed)  # fresh networks initialised from the run's seed (a resumed run reloads last.pt)

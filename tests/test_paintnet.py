@@ -359,3 +359,13 @@ def test_only_the_papers_paintnet_takes_its_table4_row():
         assert create_proxy("paintnet", **TINY, **variant).paper_name() is None
     assert create_proxy("paintnet-wo-sp", **TINY).paper_name() is None
     assert create_proxy("none").paper_name() == "none"
+
+
+def test_train_on_types_text_overrides(tmp_path):
+    """A text 'false' (an old spec, a JSON file) must not train the full model under an ablation's name."""
+    proxy = create_proxy("paintnet", **TINY)
+    with pytest.raises(ValueError, match="no training pairs"):  # no data: it stops after adopting the options
+        proxy.train_on(None, tmp_path / "run", epochs=0, use_perceptual="false")
+    assert proxy.conf["use_perceptual"] is False and proxy.paper_name() is None
+    with pytest.raises(ValueError, match="paintnet option width=0,5: expected a number"):
+        create_proxy("paintnet", **TINY).train_on(None, tmp_path / "run2", epochs=0, width="0,5")
