@@ -9,6 +9,7 @@ codebook or another proxy never reuses stale features. Every chunk is verified w
 footer, shape (images in the chunk, D), float32, finite): a damaged or edited one is recomputed,
 never built into an index.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -173,7 +174,10 @@ def extract_features(
             # One warning per run, not one per chunk: a damaged cache usually has many bad chunks.
             log.warning(
                 "feature cache %s: %d of %d chunks failed verification and are recomputed (e.g. %s)",
-                cache.directory, len(refused), len(chunks), refused[0],
+                cache.directory,
+                len(refused),
+                len(chunks),
+                refused[0],
             )
         for i in todo:
             compute(i)
@@ -190,7 +194,11 @@ def _stored_output_problem(path: str, size: Tuple[int, int]) -> Optional[str]:
         shape = read_image(path).shape  # ~1 ms for 256x192; refuses FIFOs and damaged PNGs
     except (ImageReadError, FileNotFoundError) as error:
         return str(error)
-    return None if shape[:2] == tuple(size) else f"{Path(path).name} is {shape[0]}x{shape[1]}, expected {size[0]}x{size[1]}"
+    return (
+        None
+        if shape[:2] == tuple(size)
+        else f"{Path(path).name} is {shape[0]}x{shape[1]}, expected {size[0]}x{size[1]}"
+    )
 
 
 #: (H, W) proxy outputs are rendered and stored at: VITON's native photo size. Descriptors resize from it.
@@ -237,9 +245,20 @@ def materialize_proxy_outputs(
     todo = [i for i, problem in enumerate(problems) if problem]
     damaged = [problem for problem in problems if problem and problem != "missing"]
     if damaged:
-        log.warning("proxy outputs %s: %d stored images failed verification and are generated again (e.g. %s)",
-                    directory, len(damaged), damaged[0])
-    bar = tqdm(total=len(paths), initial=len(paths) - len(todo), desc=progress, unit="img", disable=progress is None, leave=False)
+        log.warning(
+            "proxy outputs %s: %d stored images failed verification and are generated again (e.g. %s)",
+            directory,
+            len(damaged),
+            damaged[0],
+        )
+    bar = tqdm(
+        total=len(paths),
+        initial=len(paths) - len(todo),
+        desc=progress,
+        unit="img",
+        disable=progress is None,
+        leave=False,
+    )
     try:
         todo_paths = [str(paths[i]) for i in todo]
         position = 0

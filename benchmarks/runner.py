@@ -6,6 +6,7 @@ the gallery with a FAISS index. Features are cached (benchmarks.features.Feature
 content and by the fingerprints of the fitted descriptor and the proxy, so an interrupted grid
 resumes and a repeated one costs only the search.
 """
+
 from __future__ import annotations
 
 import logging
@@ -99,8 +100,14 @@ class BenchResult:
     draws: pd.DataFrame
 
 
-def run_grid(dataset: RetrievalSet, descriptors: Sequence[str], proxies: Sequence[str] = ("none",), *,
-             preset: str = "flat", **options) -> pd.DataFrame:
+def run_grid(
+    dataset: RetrievalSet,
+    descriptors: Sequence[str],
+    proxies: Sequence[str] = ("none",),
+    *,
+    preset: str = "flat",
+    **options,
+) -> pd.DataFrame:
     """`run_benchmark` for one index preset, returning only its summary table (the old interface)."""
     return run_benchmark(dataset, descriptors, proxies, presets=(preset,), **options).summary
 
@@ -172,7 +179,9 @@ def run_benchmark(
     output_root = Path(proxy_output_dir or (temporary.name if temporary else Path(cache_dir).parent / "proxy-outputs"))
     try:
         # Each proxy runs once over the queries; every descriptor below reads its stored outputs.
-        proxied = [_run_proxy(spec, list(queries["image"]), output_root, batch_size, device, progress) for spec in proxies]
+        proxied = [
+            _run_proxy(spec, list(queries["image"]), output_root, batch_size, device, progress) for spec in proxies
+        ]
         for descriptor_spec in descriptors:
             descriptor = create_descriptor(descriptor_spec).to(device).eval()
             descriptor_name = descriptor_label(descriptor_spec)
@@ -180,68 +189,115 @@ def run_benchmark(
             started = time.perf_counter()
             if descriptor.needs_fit:
                 _stage(progress, f"{descriptor_name}: fitting on {fit_max_images} training images")
-                fit_descriptor(descriptor, fit_images(dataset, fit_max_images, seed), batch_size=batch_size, progress=progress,
-                               cache_dir=cache_dir)
+                fit_descriptor(
+                    descriptor,
+                    fit_images(dataset, fit_max_images, seed),
+                    batch_size=batch_size,
+                    progress=progress,
+                    cache_dir=cache_dir,
+                )
             fit_seconds = time.perf_counter() - started
             started = time.perf_counter()
             gallery = extract_features(
-                descriptor.embed, list(catalog["image"]), size, batch_size=batch_size, device=device,
-                cache=cache(f"{descriptor.name}-{descriptor.fingerprint()}"), chunk_size=chunk_size,
+                descriptor.embed,
+                list(catalog["image"]),
+                size,
+                batch_size=batch_size,
+                device=device,
+                cache=cache(f"{descriptor.name}-{descriptor.fingerprint()}"),
+                chunk_size=chunk_size,
                 progress=f"{descriptor_name}: gallery" if progress else None,
             )
             gallery_seconds = time.perf_counter() - started
             indexes = {}
             for preset in presets:
                 started = time.perf_counter()
-                indexes[preset] = (ProductIndex.build(gallery, gallery_ids, preset=preset, device=faiss_device),
-                                   time.perf_counter() - started)
+                indexes[preset] = (
+                    ProductIndex.build(gallery, gallery_ids, preset=preset, device=faiss_device),
+                    time.perf_counter() - started,
+                )
             verify = bool(rerank) and descriptor.kind == "local"
             if rerank and not verify:
                 log.warning("%s is a global descriptor: no local features to verify, no +sv row", descriptor_name)
             if verify:
                 started = time.perf_counter()
                 gallery_local = _local_features(
-                    descriptor, list(catalog["image"]), cache_dir, f"{descriptor.name}-{descriptor.fingerprint()}",
-                    batch_size, device, progress=f"{descriptor_name}: gallery local features" if progress else None,
+                    descriptor,
+                    list(catalog["image"]),
+                    cache_dir,
+                    f"{descriptor.name}-{descriptor.fingerprint()}",
+                    batch_size,
+                    device,
+                    progress=f"{descriptor_name}: gallery local features" if progress else None,
                 )
                 gallery_local_seconds = time.perf_counter() - started
             for proxy_label, paper_proxy, proxy_key, query_paths, proxy_seconds in proxied:
                 started = time.perf_counter()
                 query_vectors = extract_features(
-                    descriptor.embed, query_paths, size, batch_size=batch_size, device=device, chunk_size=chunk_size,
+                    descriptor.embed,
+                    query_paths,
+                    size,
+                    batch_size=batch_size,
+                    device=device,
+                    chunk_size=chunk_size,
                     cache=cache(f"{descriptor.name}-{descriptor.fingerprint()}-{proxy_key}"),
                     progress=f"{proxy_label}+{descriptor_name}: queries" if progress else None,
                 )
                 query_seconds = time.perf_counter() - started
-                protocol = _paper_protocol(query_vectors, gallery, query_products, gallery_ids, protocol_gallery,
-                                           protocol_draws, ks, seed)
+                protocol = _paper_protocol(
+                    query_vectors, gallery, query_products, gallery_ids, protocol_gallery, protocol_draws, ks, seed
+                )
                 if protocol is not None:
                     draws.append(protocol[1].assign(proxy=proxy_label, descriptor=descriptor_name))
                 for preset, (product_index, build_seconds) in indexes.items():
                     started = time.perf_counter()
-                    scores, ranked = product_index.search(query_vectors, max(depth, int(rerank or 0)) if verify else depth)
+                    scores, ranked = product_index.search(
+                        query_vectors, max(depth, int(rerank or 0)) if verify else depth
+                    )
                     row = {
-                        "dataset": dataset.name, "proxy": proxy_label, "paper_proxy": paper_proxy,
-                        "descriptor": descriptor_name, "index": preset,
-                        "queries": len(queries), "gallery": len(gallery_ids),
+                        "dataset": dataset.name,
+                        "proxy": proxy_label,
+                        "paper_proxy": paper_proxy,
+                        "descriptor": descriptor_name,
+                        "index": preset,
+                        "queries": len(queries),
+                        "gallery": len(gallery_ids),
                         **(protocol[0] if protocol is not None else {}),
-                        "fit_s": round(fit_seconds, 1), "gallery_s": round(gallery_seconds, 1),
-                        "proxy_s": round(proxy_seconds, 1), "query_s": round(query_seconds, 1),
-                        "index_build_s": round(build_seconds, 2), "search_s": round(time.perf_counter() - started, 3),
+                        "fit_s": round(fit_seconds, 1),
+                        "gallery_s": round(gallery_seconds, 1),
+                        "proxy_s": round(proxy_seconds, 1),
+                        "query_s": round(query_seconds, 1),
+                        "index_build_s": round(build_seconds, 2),
+                        "search_s": round(time.perf_counter() - started, 3),
                     }
                     record(row, ranked)
                     if verify:
                         started = time.perf_counter()
                         reranked = _spatially_reranked(
-                            descriptor, query_paths, scores, ranked, int(rerank), gallery_ids, gallery_local,
-                            rerank_conf or {}, batch_size, device, cache_dir, f"{descriptor.name}-{descriptor.fingerprint()}-{proxy_key}",
+                            descriptor,
+                            query_paths,
+                            scores,
+                            ranked,
+                            int(rerank),
+                            gallery_ids,
+                            gallery_local,
+                            rerank_conf or {},
+                            batch_size,
+                            device,
+                            cache_dir,
+                            f"{descriptor.name}-{descriptor.fingerprint()}-{proxy_key}",
                             progress=f"{proxy_label}+{descriptor_name}+sv" if progress else None,
                         )
                         # the paper protocol's columns describe the first stage; the paper's row still applies
-                        record({**{k: v for k, v in row.items() if not k.startswith("paper_") or k == "paper_proxy"},
+                        record(
+                            {
+                                **{k: v for k, v in row.items() if not k.startswith("paper_") or k == "paper_proxy"},
                                 "descriptor": f"{descriptor_name}+sv",
                                 "gallery_s": round(gallery_seconds + gallery_local_seconds, 1),
-                                "rerank_s": round(time.perf_counter() - started, 1)}, reranked)
+                                "rerank_s": round(time.perf_counter() - started, 1),
+                            },
+                            reranked,
+                        )
     finally:
         if temporary is not None:
             temporary.cleanup()
@@ -250,16 +306,23 @@ def run_benchmark(
     return BenchResult(summary, per_query_table, pd.concat(draws, ignore_index=True) if draws else pd.DataFrame())
 
 
-def _run_proxy(spec: str, paths: List[str], root: Path, batch_size: int, device: torch.device,
-               progress: bool) -> Tuple[str, Optional[str], str, List[str], float]:
+def _run_proxy(
+    spec: str, paths: List[str], root: Path, batch_size: int, device: torch.device, progress: bool
+) -> Tuple[str, Optional[str], str, List[str], float]:
     """(label, the paper's name for it or None, feature-cache key part, the proxy's output paths, seconds)
     for one proxy over the queries."""
     started = time.perf_counter()
     proxy = create_proxy(spec).to(device).eval()
     label = descriptor_label(spec)
     if proxy.name != "none":
-        paths = materialize_proxy_outputs(proxy, paths, root, batch_size=min(batch_size, 16), device=device,
-                                          progress=f"proxy {label}" if progress else None)
+        paths = materialize_proxy_outputs(
+            proxy,
+            paths,
+            root,
+            batch_size=min(batch_size, 16),
+            device=device,
+            progress=f"proxy {label}" if progress else None,
+        )
     return label, proxy.paper_name(), f"proxy-{proxy.name}-{proxy.fingerprint()}", paths, time.perf_counter() - started
 
 
@@ -278,8 +341,10 @@ def _with_distractors(dataset: RetrievalSet, count: int, seed: int) -> pd.DataFr
     if count <= 0:
         return dataset.catalog
     if dataset.train is None or dataset.train.empty:
-        raise ValueError(f"{dataset.name} has no training pairs to draw {count} distractor products from; "
-                         "use --distractors 0 or a dataset with a training split (e.g. viton:ROOT --split val)")
+        raise ValueError(
+            f"{dataset.name} has no training pairs to draw {count} distractor products from; "
+            "use --distractors 0 or a dataset with a training split (e.g. viton:ROOT --split val)"
+        )
     pool = dataset.train.drop_duplicates("product_id")
     pool = pool[~pool["product_id"].astype(str).isin(set(dataset.catalog["product_id"].astype(str)))]
     if len(pool) < count:
@@ -289,14 +354,26 @@ def _with_distractors(dataset: RetrievalSet, count: int, seed: int) -> pd.DataFr
     return pd.concat([dataset.catalog[["product_id", "image"]], extra], ignore_index=True)
 
 
-def _per_query_frame(row: Dict, query_ids, query_products, relevance: np.ndarray, n_relevant: np.ndarray,
-                     ranked: np.ndarray, ks: Sequence[int]) -> pd.DataFrame:
+def _per_query_frame(
+    row: Dict,
+    query_ids,
+    query_products,
+    relevance: np.ndarray,
+    n_relevant: np.ndarray,
+    ranked: np.ndarray,
+    ks: Sequence[int],
+) -> pd.DataFrame:
     hits = relevance.any(axis=1)
-    frame = pd.DataFrame({
-        "proxy": row["proxy"], "descriptor": row["descriptor"], "index": row["index"],
-        "query_id": query_ids, "product_id": query_products,
-        "rank": np.where(hits, relevance.argmax(axis=1) + 1, 0),
-    })
+    frame = pd.DataFrame(
+        {
+            "proxy": row["proxy"],
+            "descriptor": row["descriptor"],
+            "index": row["index"],
+            "query_id": query_ids,
+            "product_id": query_products,
+            "rank": np.where(hits, relevance.argmax(axis=1) + 1, 0),
+        }
+    )
     for k in ks:
         frame[f"AP@{k}"] = average_precision_at_k(relevance, n_relevant, k)
     frame["top5"] = [";".join(str(x) for x in top) for top in ranked[:, :5]]
@@ -310,7 +387,12 @@ def _paper_protocol(query_vectors, gallery_vectors, query_products, gallery_ids,
     with_queries = len(set(query_products) & set(gallery_ids))
     size = min(gallery_size, with_queries)
     if size < gallery_size:
-        log.warning("paper protocol: only %d products have queries; galleries of %d instead of %d", with_queries, size, gallery_size)
+        log.warning(
+            "paper protocol: only %d products have queries; galleries of %d instead of %d",
+            with_queries,
+            size,
+            gallery_size,
+        )
     queries = query_vectors / np.maximum(np.linalg.norm(query_vectors, axis=1, keepdims=True), 1e-12)
     gallery = gallery_vectors / np.maximum(np.linalg.norm(gallery_vectors, axis=1, keepdims=True), 1e-12)
     table = sampled_gallery_protocol(queries, gallery, query_products, gallery_ids, size, n_draws, ks, seed)
@@ -319,8 +401,9 @@ def _paper_protocol(query_vectors, gallery_vectors, query_products, gallery_ids,
     return summary, table
 
 
-def add_statistics(summary: pd.DataFrame, per_query: pd.DataFrame, ks: Sequence[int], n_resamples: int = 1000,
-                   seed: int = 0) -> pd.DataFrame:
+def add_statistics(
+    summary: pd.DataFrame, per_query: pd.DataFrame, ks: Sequence[int], n_resamples: int = 1000, seed: int = 0
+) -> pd.DataFrame:
     """Add bootstrap 95% intervals of mAP@k, and each proxy's paired test against `none`.
 
     The paired test resamples per-query AP@max(k) differences between a proxy and `none` for the same
@@ -331,7 +414,11 @@ def add_statistics(summary: pd.DataFrame, per_query: pd.DataFrame, ks: Sequence[
     top = f"AP@{max(ks)}"
     key = ["proxy", "descriptor", "index"]
     groups = {name: group for name, group in per_query.groupby(key, sort=False)}
-    for column in [f"mAP@{k}_ci_low" for k in ks] + [f"mAP@{k}_ci_high" for k in ks] + ["improvement_pct", "diff_vs_none", "diff_ci_low", "diff_ci_high", "p_value"]:
+    for column in (
+        [f"mAP@{k}_ci_low" for k in ks]
+        + [f"mAP@{k}_ci_high" for k in ks]
+        + ["improvement_pct", "diff_vs_none", "diff_ci_low", "diff_ci_high", "p_value"]
+    ):
         summary[column] = np.nan
     for i, row in summary.iterrows():
         own = groups[(row["proxy"], row["descriptor"], row["index"])]
@@ -344,15 +431,24 @@ def add_statistics(summary: pd.DataFrame, per_query: pd.DataFrame, ks: Sequence[
             continue
         summary.at[i, "improvement_pct"] = relative_improvement(own[top].mean(), baseline[top].mean())
         if n_resamples > 0:
-            test = paired_bootstrap_test(own[top].to_numpy(), baseline[top].to_numpy(), n_resamples=max(n_resamples, 1000), seed=seed)
+            test = paired_bootstrap_test(
+                own[top].to_numpy(), baseline[top].to_numpy(), n_resamples=max(n_resamples, 1000), seed=seed
+            )
             summary.at[i, "diff_vs_none"] = test["mean_diff"]
             summary.at[i, "diff_ci_low"], summary.at[i, "diff_ci_high"] = test["ci_low"], test["ci_high"]
             summary.at[i, "p_value"] = test["p_value"]
     return summary
 
 
-def _local_features(descriptor, paths: List[str], cache_dir: Optional[Path], stage_key: str, batch_size: int,
-                    device: torch.device, progress: Optional[str]) -> LocalFeatureStore:
+def _local_features(
+    descriptor,
+    paths: List[str],
+    cache_dir: Optional[Path],
+    stage_key: str,
+    batch_size: int,
+    device: torch.device,
+    progress: Optional[str],
+) -> LocalFeatureStore:
     """The local features of `paths`, kept in ``cache_dir/stage_key/`` under the images' contents when there is
     a cache dir, so that a repeated `--rerank` bench does not extract them again."""
     stored = None
@@ -365,15 +461,29 @@ def _local_features(descriptor, paths: List[str], cache_dir: Optional[Path], sta
                     return store
             except (ValueError, OSError, KeyError, EOFError, zipfile.BadZipFile) as error:  # damaged: extracted again
                 log.warning("local features %s are unreadable (%s): extracting them again", stored, error)
-    store = LocalFeatureStore.build(descriptor.extract, paths, descriptor.input_spec.size, batch_size=batch_size,
-                                    device=device, progress=progress)
+    store = LocalFeatureStore.build(
+        descriptor.extract, paths, descriptor.input_spec.size, batch_size=batch_size, device=device, progress=progress
+    )
     if stored is not None:
         write_checked_bytes(stored, store.to_bytes())
     return store
 
 
-def _spatially_reranked(descriptor, query_paths, scores, ranked, top, gallery_ids, gallery_local,
-                        rerank_conf, batch_size, device, cache_dir, stage_key, progress) -> np.ndarray:
+def _spatially_reranked(
+    descriptor,
+    query_paths,
+    scores,
+    ranked,
+    top,
+    gallery_ids,
+    gallery_local,
+    rerank_conf,
+    batch_size,
+    device,
+    cache_dir,
+    stage_key,
+    progress,
+) -> np.ndarray:
     """The first stage's ranked ids with their top `top` re-sorted by spatial verification.
 
     Queries are verified on the images their global vectors came from (the proxy's outputs, if any).
@@ -382,7 +492,9 @@ def _spatially_reranked(descriptor, query_paths, scores, ranked, top, gallery_id
     top = min(top, ranked.shape[1])
     positions = pd.Index(gallery_ids).get_indexer(ranked[:, :top].ravel()).reshape(len(ranked), top)  # -1: none
     positions = torch.from_numpy(positions.astype(np.int64))
-    _, reordered, _ = SpatialVerifier(**rerank_conf).rerank(query_local, positions, torch.from_numpy(scores[:, :top]), gallery_local)
+    _, reordered, _ = SpatialVerifier(**rerank_conf).rerank(
+        query_local, positions, torch.from_numpy(scores[:, :top]), gallery_local
+    )
     gallery = np.asarray(gallery_ids + [None], dtype=object)  # position -1 (no candidate) -> None
     return np.concatenate([gallery[reordered.numpy()], ranked[:, top:]], axis=1)
 
@@ -395,7 +507,9 @@ def descriptor_label(spec: str) -> str:
 
 def format_table(results: pd.DataFrame, ks: Sequence[int] = DEFAULT_KS, markdown: bool = False) -> str:
     """The Table-4-shaped view: one line per proxy+descriptor, mAP@k then recall@k, 4 decimals."""
-    columns = ["proxy", "descriptor", "index", "queries", "gallery"] + [f"mAP@{k}" for k in ks] + [f"recall@{k}" for k in ks]
+    columns = (
+        ["proxy", "descriptor", "index", "queries", "gallery"] + [f"mAP@{k}" for k in ks] + [f"recall@{k}" for k in ks]
+    )
     view = results[[c for c in columns if c in results.columns]].copy()
     for column in view.columns:
         if column.startswith(("mAP@", "recall@")):
@@ -409,8 +523,13 @@ def format_table(results: pd.DataFrame, ks: Sequence[int] = DEFAULT_KS, markdown
 
 
 @torch.no_grad()
-def proxy_previews(proxy_specs: Sequence[str], paths: Sequence[str], ids: Sequence[str],
-                   size: Tuple[int, int] = (256, 192), device: torch.device = torch.device("cpu")) -> Dict[str, Dict[str, np.ndarray]]:
+def proxy_previews(
+    proxy_specs: Sequence[str],
+    paths: Sequence[str],
+    ids: Sequence[str],
+    size: Tuple[int, int] = (256, 192),
+    device: torch.device = torch.device("cpu"),
+) -> Dict[str, Dict[str, np.ndarray]]:
     """What each proxy makes of a few query photos: label -> {id: (H, W, 3) uint8}, for rank pictures."""
     from retrieval.batching import load_batch
 

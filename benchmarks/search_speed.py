@@ -13,6 +13,7 @@ Example:
     >>> sorted(result)[:3]
     ['batched_bound_qps', 'batched_gflops', 'batched_qps']
 """
+
 from __future__ import annotations
 
 import math
@@ -190,8 +191,11 @@ def format_speed_table(result: Dict[str, Any]) -> str:
         ("index memory (N*D*4)", f"{result['index_bytes'] / 2**20:.1f}", "MiB"),
         ("build", f"{result['build_s']:.3f}", "s"),
         ("memory read bandwidth, 1 thread", f"{result['read_bandwidth_1thread_bytes_s'] / gb:.1f}", "GB/s"),
-        (f"memory read bandwidth, {result['faiss_threads']} threads",
-         f"{result['read_bandwidth_all_threads_bytes_s'] / gb:.1f}", "GB/s"),
+        (
+            f"memory read bandwidth, {result['faiss_threads']} threads",
+            f"{result['read_bandwidth_all_threads_bytes_s'] / gb:.1f}",
+            "GB/s",
+        ),
         ("single query latency p50", f"{result['single_p50_ms']:.2f}", "ms"),
         ("single query latency p99", f"{result['single_p99_ms']:.2f}", "ms"),
         ("single query latency p50, 1 faiss thread", f"{result['single_p50_ms_1thread']:.2f}", "ms"),

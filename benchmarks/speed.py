@@ -1,4 +1,5 @@
 """Extraction speed per descriptor: images/s with decoding, and of the descriptor alone."""
+
 from __future__ import annotations
 
 import time
@@ -14,7 +15,10 @@ from retrieval.descriptors import create_descriptor
 
 
 def extraction_speed(
-    descriptors: Sequence[str], n_images: int = 64, batch_size: int = 32, device: torch.device = torch.device("cpu"),
+    descriptors: Sequence[str],
+    n_images: int = 64,
+    batch_size: int = 32,
+    device: torch.device = torch.device("cpu"),
     cache_dir: Path | None = None,
 ) -> List[Dict]:
     """Time `embed` on synthetic street photos (fitted first where needed, untimed).
@@ -42,18 +46,29 @@ def extraction_speed(
             descriptor.embed(batch)
         _sync(device)
         compute = time.perf_counter() - started
-        rows.append({
-            "descriptor": name, "images": len(paths), "input HxW": f"{size[0]}x{size[1]}", "dim": descriptor.dim,
-            "device": str(device), "threads": torch.get_num_threads(),
-            "img/s (read+embed)": len(paths) / end_to_end, "img/s (embed only)": len(paths) / compute,
-        })
+        rows.append(
+            {
+                "descriptor": name,
+                "images": len(paths),
+                "input HxW": f"{size[0]}x{size[1]}",
+                "dim": descriptor.dim,
+                "device": str(device),
+                "threads": torch.get_num_threads(),
+                "img/s (read+embed)": len(paths) / end_to_end,
+                "img/s (embed only)": len(paths) / compute,
+            }
+        )
     return rows
 
 
 @torch.no_grad()
 def proxy_speed(
-    proxies: Sequence[str], n_images: int = 32, batch_size: int = 16, size: tuple = (256, 192),
-    device: torch.device = torch.device("cpu"), cache_dir: Path | None = None,
+    proxies: Sequence[str],
+    n_images: int = 32,
+    batch_size: int = 16,
+    size: tuple = (256, 192),
+    device: torch.device = torch.device("cpu"),
+    cache_dir: Path | None = None,
 ) -> List[Dict]:
     """Images/s of each proxy stage alone on synthetic person photos at `size` (VITON's 256x192).
 
@@ -74,8 +89,16 @@ def proxy_speed(
             proxy(batch)
         _sync(device)
         seconds = time.perf_counter() - started
-        rows.append({"proxy": spec, "images": len(paths), "input HxW": f"{size[0]}x{size[1]}", "device": str(device),
-                     "threads": torch.get_num_threads(), "img/s": len(paths) / seconds})
+        rows.append(
+            {
+                "proxy": spec,
+                "images": len(paths),
+                "input HxW": f"{size[0]}x{size[1]}",
+                "device": str(device),
+                "threads": torch.get_num_threads(),
+                "img/s": len(paths) / seconds,
+            }
+        )
     return rows
 
 

@@ -28,9 +28,9 @@ descriptors rather than uniform noise. Centres and within-cluster offsets share 
 covariance with a power-law spectrum (eigenvalue j proportional to 1/j, a randomly rotated basis), so
 most of the variance lies in a few dozen directions (effective dimension (sum s)^2 / sum s^2 = 28 at
 D=512), like the decaying PCA spectra of CNN descriptors and unlike uniform noise, which spreads it
-evenly over all 512; cluster sizes are skewed (Zipf-like weights); the within-cluster spread (0.7 of the centre norm) puts a query's
-nearest neighbour at cosine ~0.8, its cluster at ~0.67 and unrelated vectors at ~0. Queries are
-further draws from the same mixture, not perturbed copies of catalog vectors, so the exact top-10 are
+evenly over all 512; cluster sizes are skewed (Zipf-like weights); the within-cluster spread (0.7 of the
+centre norm) puts a query's nearest neighbour at cosine ~0.8, its cluster at ~0.67 and unrelated vectors
+at ~0. Queries are further draws from the same mixture, not perturbed copies of catalog vectors, so the exact top-10 are
 genuine neighbours with close scores (10th and 11th differ by ~0.002), not one obvious duplicate.
 
 Timings on a shared machine: with more runnable threads than cores, OpenMP threads that spin while
@@ -41,6 +41,7 @@ Example:
     >>> frame = index_speed_suite(sizes=(2_000,), dim=32, n_queries=50, n_single=5, sgemm_size=256)
     >>> print(format_speed_suite(frame))  # doctest: +SKIP
 """
+
 from __future__ import annotations
 
 import gc
@@ -244,47 +245,95 @@ def index_speed_suite(
         passes = math.ceil(n_queries / _FAISS_QUERY_BLOCK)
         stream_s = passes * catalog_bytes / bandwidth_all
         compute_s = 2.0 * n * dim * n_queries / (sgemm_gflops * 1e9)
-        rows.append(dict(
-            common, preset=BOUND_ROW,
-            factory_string=f"QPS: {'compute' if compute_s >= stream_s else 'bandwidth'}-bound; p50: bandwidth",
-            memory_bytes=catalog_bytes, memory_vs_flat=catalog_bytes / flat_bytes,
-            qps=n_queries / max(stream_s, compute_s),
-            p50_ms=catalog_bytes / bandwidth_1 * 1e3,
-            speedup_vs_flat=n_queries / max(stream_s, compute_s) / flat_qps,
-        ))
+        rows.append(
+            dict(
+                common,
+                preset=BOUND_ROW,
+                factory_string=f"QPS: {'compute' if compute_s >= stream_s else 'bandwidth'}-bound; p50: bandwidth",
+                memory_bytes=catalog_bytes,
+                memory_vs_flat=catalog_bytes / flat_bytes,
+                qps=n_queries / max(stream_s, compute_s),
+                p50_ms=catalog_bytes / bandwidth_1 * 1e3,
+                speedup_vs_flat=n_queries / max(stream_s, compute_s) / flat_qps,
+            )
+        )
 
         say(f"N={n:,}: numpy brute force")
         started = time.perf_counter()
         numpy_rows = numpy_top_k(catalog, queries, k_n, block=64)
         numpy_s = time.perf_counter() - started
-        rows.append(dict(
-            common, preset=NUMPY_ROW, factory_string="queries @ catalog.T, argpartition",
-            memory_bytes=catalog_bytes, memory_vs_flat=catalog_bytes / flat_bytes,
-            qps=n_queries / numpy_s, speedup_vs_flat=n_queries / numpy_s / flat_qps,
-            recall_at_k=float(np.mean(_recall_per_query(numpy_rows, exact_labels))),
-        ))
+        rows.append(
+            dict(
+                common,
+                preset=NUMPY_ROW,
+                factory_string="queries @ catalog.T, argpartition",
+                memory_bytes=catalog_bytes,
+                memory_vs_flat=catalog_bytes / flat_bytes,
+                qps=n_queries / numpy_s,
+                speedup_vs_flat=n_queries / numpy_s / flat_qps,
+                recall_at_k=float(np.mean(_recall_per_query(numpy_rows, exact_labels))),
+            )
+        )
 
         for preset in approximate:
             say(f"N={n:,}: {preset} (build, tune for recall@10 >= {target_recall}, measure)")
             row, _ = _measure_preset(
-                preset, catalog, product_ids, queries, k_n, exact_labels, n_single, single_budget_s,
-                target_recall, seed, gpus,
+                preset,
+                catalog,
+                product_ids,
+                queries,
+                k_n,
+                exact_labels,
+                n_single,
+                single_budget_s,
+                target_recall,
+                seed,
+                gpus,
             )
             row.update(memory_vs_flat=row["memory_bytes"] / flat_bytes, speedup_vs_flat=row["qps"] / flat_qps)
             rows.append(dict(common, **row))
-            say(f"N={n:,}: {preset}: {row['qps']:.0f} QPS ({row['speedup_vs_flat']:.1f}x flat), recall@{k_n} "
-                f"{row['recall_at_k']:.3f}, {row['memory_vs_flat']:.0%} of flat's memory")
+            say(
+                f"N={n:,}: {preset}: {row['qps']:.0f} QPS ({row['speedup_vs_flat']:.1f}x flat), recall@{k_n} "
+                f"{row['recall_at_k']:.3f}, {row['memory_vs_flat']:.0%} of flat's memory"
+            )
         del data, catalog, queries, product_ids
         gc.collect()
     return pd.DataFrame(rows, columns=_COLUMNS)
 
 
 _COLUMNS = [
-    "N", "dim", "preset", "factory_string", "search_params", "build_s", "train_s", "tune_s", "memory_bytes",
-    "memory_vs_flat", "qps", "p50_ms", "p99_ms", "n_single", "recall_at_k", "speedup_vs_flat", "tuned_recall",
-    "gpu_qps", "gpu_p50_ms", "gpu_recall_at_k", "faiss_threads", "cpu_count", "load_avg_1min", "gpus",
-    "faiss_version", "bandwidth_1thread_gbs", "bandwidth_all_threads_gbs", "sgemm_gflops", "llc_mib",
-    "n_queries", "k", "generator",
+    "N",
+    "dim",
+    "preset",
+    "factory_string",
+    "search_params",
+    "build_s",
+    "train_s",
+    "tune_s",
+    "memory_bytes",
+    "memory_vs_flat",
+    "qps",
+    "p50_ms",
+    "p99_ms",
+    "n_single",
+    "recall_at_k",
+    "speedup_vs_flat",
+    "tuned_recall",
+    "gpu_qps",
+    "gpu_p50_ms",
+    "gpu_recall_at_k",
+    "faiss_threads",
+    "cpu_count",
+    "load_avg_1min",
+    "gpus",
+    "faiss_version",
+    "bandwidth_1thread_gbs",
+    "bandwidth_all_threads_gbs",
+    "sgemm_gflops",
+    "llc_mib",
+    "n_queries",
+    "k",
+    "generator",
 ]
 
 
@@ -303,8 +352,9 @@ def _measure_preset(
 ) -> Tuple[Dict[str, Any], np.ndarray]:
     """Build one preset on the CPU, time it, free it. Returns its row and its top-k labels (Q, k)."""
     started = time.perf_counter()
-    index = ProductIndex.build(catalog, product_ids, preset=preset, device="cpu",
-                               target_recall=target_recall, seed=seed)
+    index = ProductIndex.build(
+        catalog, product_ids, preset=preset, device="cpu", target_recall=target_recall, seed=seed
+    )
     build_s = time.perf_counter() - started
     timings = index.build_timings or {}
     labels = _labels(index, queries, k)  # also the warm-up: thread pool start, first-call allocations
@@ -460,7 +510,9 @@ def _render(frame: pd.DataFrame, markdown: bool) -> str:
     blocks = ["\n".join(("> " if markdown else "") + line for line in header)]
     for n, group in frame.groupby("N", sort=False):
         title = f"N = {n:,} (load average {group['load_avg_1min'].iloc[0]:.1f} when it started)"
-        cells = [[_cell(row.get(column), fmt, column) for column, _, fmt in display] for row in group.to_dict("records")]
+        cells = [
+            [_cell(row.get(column), fmt, column) for column, _, fmt in display] for row in group.to_dict("records")
+        ]
         headers = [name for _, name, _ in display]
         blocks.append((f"### {title}" if markdown else title) + "\n" + _table(headers, cells, markdown))
     return "\n\n".join(blocks)
@@ -476,7 +528,10 @@ def _cell(value: Any, fmt: str, column: str) -> str:
 
 def _table(headers: List[str], cells: List[List[str]], markdown: bool) -> str:
     if markdown:
-        lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(["---"] + ["---:"] * (len(headers) - 2) + ["---"]) + "|"]
+        lines = [
+            "| " + " | ".join(headers) + " |",
+            "|" + "|".join(["---"] + ["---:"] * (len(headers) - 2) + ["---"]) + "|",
+        ]
         lines += ["| " + " | ".join(row) + " |" for row in cells]
         return "\n".join(lines)
     widths = [max(len(header), *(len(row[i]) for row in cells)) for i, header in enumerate(headers)]

@@ -4,6 +4,7 @@ A mAP difference of 0.01 between two descriptors on 1,820 queries may or may not
 these functions say which. All take per-query values (one number per query, e.g. AP@20), so they
 work for any metric that is a mean over queries.
 """
+
 from __future__ import annotations
 
 from typing import Dict, Tuple
@@ -11,7 +12,9 @@ from typing import Dict, Tuple
 import numpy as np
 
 
-def bootstrap_ci(values: np.ndarray, n_resamples: int = 1000, confidence: float = 0.95, seed: int = 0) -> Tuple[float, float]:
+def bootstrap_ci(
+    values: np.ndarray, n_resamples: int = 1000, confidence: float = 0.95, seed: int = 0
+) -> Tuple[float, float]:
     """Percentile bootstrap interval of the mean of `values` (queries resampled with replacement).
 
     Shape:

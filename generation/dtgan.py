@@ -39,6 +39,7 @@ Example:
     >>> proxy(torch.rand(2, 3, 256, 192)).shape
     torch.Size([2, 3, 256, 192])
 """
+
 from __future__ import annotations
 
 from typing import Any, Dict, Sequence, Tuple
@@ -49,10 +50,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from generation.gan import adversarial_loss, conv_block, generator_loss, init_gan_weights, set_requires_grad, uint8_to_gan
+from generation.gan import (
+    adversarial_loss,
+    conv_block,
+    generator_loss,
+    init_gan_weights,
+    set_requires_grad,
+    uint8_to_gan,
+)
 from generation.pix2pix import GeneratorProxy, _build_seeded
 from generation.proxies import PROXIES
-
 
 # --------------------------------------------------------------------------------------------------
 # Residual generator
@@ -73,13 +80,20 @@ class Bottleneck(nn.Module):
         super().__init__()
         out_channels = width * self.expansion
         self.body = nn.Sequential(
-            nn.Conv2d(in_channels, width, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
-            nn.Conv2d(width, width, 3, stride, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
-            nn.Conv2d(width, out_channels, 1, bias=False), nn.BatchNorm2d(out_channels),
+            nn.Conv2d(in_channels, width, 1, bias=False),
+            nn.BatchNorm2d(width),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(width, width, 3, stride, 1, bias=False),
+            nn.BatchNorm2d(width),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(width, out_channels, 1, bias=False),
+            nn.BatchNorm2d(out_channels),
         )
         self.shortcut = nn.Identity()
         if stride != 1 or in_channels != out_channels:
-            self.shortcut = nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, stride, bias=False), nn.BatchNorm2d(out_channels))
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_channels, out_channels, 1, stride, bias=False), nn.BatchNorm2d(out_channels)
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.relu(self.body(x) + self.shortcut(x))
@@ -98,11 +112,17 @@ class UpBasicBlock(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, upsample: bool = False):
         super().__init__()
-        first = (nn.ConvTranspose2d(in_channels, out_channels, 4, 2, 1, bias=False) if upsample
-                 else nn.Conv2d(in_channels, out_channels, 3, 1, 1, bias=False))
+        first = (
+            nn.ConvTranspose2d(in_channels, out_channels, 4, 2, 1, bias=False)
+            if upsample
+            else nn.Conv2d(in_channels, out_channels, 3, 1, 1, bias=False)
+        )
         self.body = nn.Sequential(
-            first, nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True),
-            nn.Conv2d(out_channels, out_channels, 3, 1, 1, bias=False), nn.BatchNorm2d(out_channels),
+            first,
+            nn.BatchNorm2d(out_channels),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(out_channels, out_channels, 3, 1, 1, bias=False),
+            nn.BatchNorm2d(out_channels),
         )
         shortcut = []
         if upsample:
@@ -146,9 +166,13 @@ class ResidualGenerator(nn.Module):
     ):
         super().__init__()
         if len(encoder_blocks) != 4 or len(decoder_blocks) != 4 or min(*encoder_blocks, *decoder_blocks) < 1:
-            raise ValueError(f"encoder_blocks and decoder_blocks need 4 stages of >= 1 block, got {encoder_blocks}, {decoder_blocks}")
+            raise ValueError(
+                f"encoder_blocks and decoder_blocks need 4 stages of >= 1 block, got {encoder_blocks}, {decoder_blocks}"
+            )
         w = int(stem_width)
-        self.stem = nn.Sequential(nn.Conv2d(in_channels, w, 7, 2, 3, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True))
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_channels, w, 7, 2, 3, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True)
+        )
         stages = []
         channels = w
         for stage, n_blocks in enumerate(encoder_blocks):
@@ -172,7 +196,9 @@ class ResidualGenerator(nn.Module):
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         if images.ndim != 4 or images.shape[-1] % 16 or images.shape[-2] % 16:
-            raise ValueError(f"the residual generator takes (B, C, H, W) with H and W divisible by 16, got {tuple(images.shape)}")
+            raise ValueError(
+                f"the residual generator takes (B, C, H, W) with H and W divisible by 16, got {tuple(images.shape)}"
+            )
         return self.encoder(self.stem(images))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -254,24 +280,33 @@ def association_pairs(
         - photo, product, generated, unassociated: (B, 3, H, W).
         - Output: pairs (3B, 6, H, W) and targets (3B,) float: B ones, then 2B zeros.
     """
-    pairs = torch.cat([
-        torch.cat([photo, product], dim=1),
-        torch.cat([photo, generated], dim=1),
-        torch.cat([photo, unassociated], dim=1),
-    ])
+    pairs = torch.cat(
+        [
+            torch.cat([photo, product], dim=1),
+            torch.cat([photo, generated], dim=1),
+            torch.cat([photo, unassociated], dim=1),
+        ]
+    )
     targets = torch.cat([torch.ones(len(photo)), torch.zeros(2 * len(photo))]).to(photo.device)
     return pairs, targets
 
 
 def association_discriminator_loss(
-    discriminator: nn.Module, photo: torch.Tensor, product: torch.Tensor, generated: torch.Tensor,
-    unassociated: torch.Tensor, mode: str = "bce",
+    discriminator: nn.Module,
+    photo: torch.Tensor,
+    product: torch.Tensor,
+    generated: torch.Tensor,
+    unassociated: torch.Tensor,
+    mode: str = "bce",
 ) -> torch.Tensor:
     """Mean of the three kinds' losses (associated real, generated, unassociated real), weighted equally."""
     pairs, _ = association_pairs(photo, product, generated.detach(), unassociated)
     logits = discriminator(pairs).chunk(3)
-    return (adversarial_loss(logits[0], True, mode) + adversarial_loss(logits[1], False, mode)
-            + adversarial_loss(logits[2], False, mode)) / 3.0
+    return (
+        adversarial_loss(logits[0], True, mode)
+        + adversarial_loss(logits[1], False, mode)
+        + adversarial_loss(logits[2], False, mode)
+    ) / 3.0
 
 
 def realfake_discriminator_loss(
@@ -284,8 +319,13 @@ def realfake_discriminator_loss(
 
 
 def dtgan_generator_loss(
-    realfake: nn.Module, association: nn.Module, photo: torch.Tensor, generated: torch.Tensor,
-    mode: str = "bce", realfake_weight: float = 0.5, association_weight: float = 0.5,
+    realfake: nn.Module,
+    association: nn.Module,
+    photo: torch.Tensor,
+    generated: torch.Tensor,
+    mode: str = "bce",
+    realfake_weight: float = 0.5,
+    association_weight: float = 0.5,
 ) -> Tuple[torch.Tensor, Dict[str, float]]:
     """003's compound generator loss: 1/2 (fool D_rf) + 1/2 (fool D_A on (photo, generated)), non-saturating.
 
@@ -298,8 +338,15 @@ def dtgan_generator_loss(
 
 
 def dtgan_step(
-    generator: nn.Module, realfake: nn.Module, association: nn.Module, optimizers: Dict[str, torch.optim.Optimizer],
-    photo: torch.Tensor, product: torch.Tensor, unassociated: torch.Tensor, mode: str = "bce", l1_weight: float = 0.0,
+    generator: nn.Module,
+    realfake: nn.Module,
+    association: nn.Module,
+    optimizers: Dict[str, torch.optim.Optimizer],
+    photo: torch.Tensor,
+    product: torch.Tensor,
+    unassociated: torch.Tensor,
+    mode: str = "bce",
+    l1_weight: float = 0.0,
 ) -> Dict[str, float]:
     """003's Algorithm 1 on one mini-batch: update D_rf, then D_A, then G.
 
@@ -368,7 +415,10 @@ class DTGANProxy(GeneratorProxy):
     """
 
     default_conf: Dict[str, Any] = {
-        "image_size": 64, "stem_width": 32, "encoder_blocks": (1, 1, 1, 1), "decoder_blocks": (1, 1, 1, 1),
+        "image_size": 64,
+        "stem_width": 32,
+        "encoder_blocks": (1, 1, 1, 1),
+        "decoder_blocks": (1, 1, 1, 1),
     }
     train_defaults: Dict[str, Any] = {
         "epochs": 3,
@@ -387,11 +437,15 @@ class DTGANProxy(GeneratorProxy):
     def __init__(self, **conf: Any):
         super().__init__(**conf)
         self._check_size()
-        self.generator = _build_seeded(lambda: init_gan_weights(ResidualGenerator(
-            stem_width=int(self.conf["stem_width"]),
-            encoder_blocks=tuple(int(b) for b in self.conf["encoder_blocks"]),
-            decoder_blocks=tuple(int(b) for b in self.conf["decoder_blocks"]),
-        )))
+        self.generator = _build_seeded(
+            lambda: init_gan_weights(
+                ResidualGenerator(
+                    stem_width=int(self.conf["stem_width"]),
+                    encoder_blocks=tuple(int(b) for b in self.conf["encoder_blocks"]),
+                    decoder_blocks=tuple(int(b) for b in self.conf["decoder_blocks"]),
+                )
+            )
+        )
 
     def _training_setup(self, settings, data, pairs):
         side, width = int(self.conf["image_size"]), int(settings["d_width"])
@@ -416,8 +470,17 @@ class DTGANProxy(GeneratorProxy):
                 generator = torch.Generator().manual_seed(seed)
             others = draw_unassociated(codes, batch["index"].cpu(), generator)
             unassociated = uint8_to_gan(products[others]).to(batch["person"].device)
-            return dtgan_step(self.generator, realfake, association, optimizers, batch["person"], batch["product"],
-                              unassociated, mode, l1_weight)
+            return dtgan_step(
+                self.generator,
+                realfake,
+                association,
+                optimizers,
+                batch["person"],
+                batch["product"],
+                unassociated,
+                mode,
+                l1_weight,
+            )
 
         modules = {"generator": self.generator, "realfake": realfake, "association": association}
         return modules, optimizers, step

@@ -23,6 +23,7 @@ Example (the shape of a training loop; see generation/paintnet.py for a complete
     >>> trainer.train(data, epochs=5, batch_size=16, step=my_step, sample=my_sample_columns)  # doctest: +SKIP
     >>> final = trainer.finish()                                             # doctest: +SKIP
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -324,7 +325,10 @@ def prepare_pair_tensors(
             by_size.setdefault(item["person_full"].shape, []).append(position)
         textures: list = [None] * len(pending)
         for positions in by_size.values():
-            person = torch.from_numpy(np.stack([pending[i]["person_full"] for i in positions])).permute(0, 3, 1, 2).float() / 255.0
+            person = (
+                torch.from_numpy(np.stack([pending[i]["person_full"] for i in positions])).permute(0, 3, 1, 2).float()
+                / 255.0
+            )
             garment = torch.from_numpy(np.stack([pending[i]["garment_full"] for i in positions]))[:, None].float()
             cut = segmented_texture(person, garment, size=size)
             for i, texture in zip(positions, cut):
@@ -419,9 +423,13 @@ def load_pair_archive(path: Path, workers: int = 2) -> Dict[str, torch.Tensor]:
                 payload, offsets = archive[f"{name}__bytes"], archive[f"{name}__offsets"]
                 shape = tuple(int(v) for v in archive[f"{name}__shape"])
                 flag = cv2.IMREAD_COLOR if shape[1] == 3 else cv2.IMREAD_GRAYSCALE
-                decoded = list(pool.map(lambda i: cv2.imdecode(payload[offsets[i] : offsets[i + 1]], flag), range(shape[0])))
+                decoded = list(
+                    pool.map(lambda i: cv2.imdecode(payload[offsets[i] : offsets[i + 1]], flag), range(shape[0]))
+                )
                 if any(image is None for image in decoded):
-                    raise ValueError(f"{path}: {name} holds images that do not decode; the archive is damaged, export it again")
+                    raise ValueError(
+                        f"{path}: {name} holds images that do not decode; the archive is damaged, export it again"
+                    )
                 stacked = np.stack(decoded)
                 stacked = stacked[..., ::-1].transpose(0, 3, 1, 2) if shape[1] == 3 else stacked[:, None]
                 tensors[name] = torch.from_numpy(np.ascontiguousarray(stacked))
@@ -512,8 +520,14 @@ class GanTrainer:
     ):
         self.out_dir = Path(out_dir)
         self.run = TrainingRun(
-            out_dir, modules, optimizers, config, seed=seed, time_budget_s=time_budget_s,
-            checkpoint_every_s=checkpoint_every_s, progress=progress,
+            out_dir,
+            modules,
+            optimizers,
+            config,
+            seed=seed,
+            time_budget_s=time_budget_s,
+            checkpoint_every_s=checkpoint_every_s,
+            progress=progress,
         )
         self.seed = seed
         self.sample_every = int(sample_every)
@@ -564,7 +578,9 @@ class GanTrainer:
             stop = n - n % batch_size if n >= batch_size else n
             chunks = [order[i : i + batch_size] for i in range(0, stop, batch_size)]
             for indices in self.run.skip_done(chunks):
-                generator = torch.Generator(device=self.device).manual_seed(self.seed * 1_000_003 + 7919 * (self.run.step + 1))
+                generator = torch.Generator(device=self.device).manual_seed(
+                    self.seed * 1_000_003 + 7919 * (self.run.step + 1)
+                )
                 losses = step(self.batch(data, indices), generator)
                 self.run.log(losses)
                 if self.sample_every and self.run.step % self.sample_every == 0:
@@ -580,7 +596,9 @@ class GanTrainer:
             columns = self._sample_fn(self._sample_batch)
         return save_sample_grid(columns, self.out_dir / "samples" / f"step_{self.run.step:06d}.png")
 
-    def finish(self, weights: Optional[Mapping[str, torch.Tensor]] = None, extra: Optional[Mapping[str, object]] = None) -> Path:
+    def finish(
+        self, weights: Optional[Mapping[str, torch.Tensor]] = None, extra: Optional[Mapping[str, object]] = None
+    ) -> Path:
         """Final sample grid (unless sample_every is 0), then `TrainingRun.finish`; returns final.pt."""
         if self.sample_every:
             self.write_samples()

@@ -16,6 +16,7 @@ Example:
     >>> float(rmse(x, x)), round(float(ssim(x, x)), 4)
     (0.0, 1.0)
 """
+
 from __future__ import annotations
 
 from typing import Callable, Dict, Iterable, Optional, Tuple, Union
@@ -33,7 +34,9 @@ def _check_pair(generated: torch.Tensor, target: torch.Tensor) -> None:
             shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
             raise ValueError(f"{name} must be a float tensor (B, C, H, W) in [0, 1], got {shape}")
     if generated.shape != target.shape:
-        raise ValueError(f"generated {tuple(generated.shape)} and target {tuple(target.shape)} differ in shape; resize first")
+        raise ValueError(
+            f"generated {tuple(generated.shape)} and target {tuple(target.shape)} differ in shape; resize first"
+        )
 
 
 def _reduce(per_image: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -85,7 +88,10 @@ def ssim(generated: torch.Tensor, target: torch.Tensor, window_size: int = 11, r
 
     _check_pair(generated, target)
     if min(generated.shape[-2:]) < window_size:
-        raise ValueError(f"SSIM with window {window_size} needs images at least {window_size} px on a side, got {tuple(generated.shape[-2:])}")
+        raise ValueError(
+            f"SSIM with window {window_size} needs images at least {window_size} px on a side, "
+            f"got {tuple(generated.shape[-2:])}"
+        )
     index_map = kornia.metrics.ssim(generated.float(), target.float(), window_size, max_val=1.0, padding="valid")
     return _reduce(index_map.flatten(1).mean(dim=1), reduction)
 
@@ -108,7 +114,9 @@ def inception_score_from_probabilities(probabilities: ArrayLike, splits: int = 1
     if probabilities.ndim != 2 or len(probabilities) == 0:
         raise ValueError(f"probabilities must be (N, K) with N > 0, got {tuple(probabilities.shape)}")
     if not 1 <= splits <= len(probabilities):
-        raise ValueError(f"splits must be in 1..N={len(probabilities)}, got {splits}: score more images or use fewer splits")
+        raise ValueError(
+            f"splits must be in 1..N={len(probabilities)}, got {splits}: score more images or use fewer splits"
+        )
     scores = []
     for chunk in torch.tensor_split(probabilities, splits):
         marginal = chunk.mean(dim=0, keepdim=True)
@@ -148,7 +156,9 @@ def inception_style_score(
             from retrieval.backbones import EfficientNetLite0
 
             classifier = EfficientNetLite0(pretrained=True).to(batch.device).eval().classify
-        resized = torch.nn.functional.interpolate(batch.float(), size=image_size, mode="bilinear", align_corners=False, antialias=True)
+        resized = torch.nn.functional.interpolate(
+            batch.float(), size=image_size, mode="bilinear", align_corners=False, antialias=True
+        )
         probabilities.append(torch.softmax(classifier(resized.clamp(0, 1)).double(), dim=1).cpu())
     if not probabilities:
         raise ValueError("inception_style_score needs at least one image")
@@ -187,7 +197,9 @@ class GarmentIoU:
         """
         predicted, target = _as_bool_tensor(predicted), _as_bool_tensor(target)
         if predicted.shape != target.shape:
-            raise ValueError(f"predicted {tuple(predicted.shape)} and target {tuple(target.shape)} masks differ in shape")
+            raise ValueError(
+                f"predicted {tuple(predicted.shape)} and target {tuple(target.shape)} masks differ in shape"
+            )
         if predicted.ndim == 2:
             predicted, target = predicted[None], target[None]
         predicted, target = predicted.flatten(1), target.flatten(1)

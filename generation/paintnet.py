@@ -71,6 +71,7 @@ Example:
     >>> proxy = create_proxy("paintnet@runs/paintnet/final.pt", parser="runs/parsing/final.pt")  # doctest: +SKIP
     >>> products = proxy(person_photos)  # (B, 3, H, W) in [0, 1] -> (B, 3, H, W) in [0, 1]  # doctest: +SKIP
 """
+
 from __future__ import annotations
 
 import logging
@@ -165,7 +166,9 @@ class TextureRenderer(nn.Module):
             encoder.append(conv_block(previous, c, norm=norm and i > 0, activation="lrelu"))
             previous = c
         # Conv(5): 4x4 valid convolution of the 4x4 map -> the 1536-d embedding.
-        encoder.append(conv_block(previous, bottleneck, kernel_size=4, stride=1, padding=0, norm=norm, activation="lrelu"))
+        encoder.append(
+            conv_block(previous, bottleneck, kernel_size=4, stride=1, padding=0, norm=norm, activation="lrelu")
+        )
         self.encoder = nn.Sequential(*encoder)
         decoder = [up_block(bottleneck, channels[-1], kernel_size=4, stride=1, padding=0, norm=norm, activation="relu")]
         reversed_channels = list(reversed(channels))
@@ -279,7 +282,8 @@ def perceptual_losses(
     """
     feature = sum(((fake_features[j].float() - real_features[j].float()) ** 2).mean() for j in feature_layers)
     style = sum(
-        ((gram_matrix(fake_features[j]) - gram_matrix(real_features[j])) ** 2).sum(dim=(1, 2)).mean() for j in style_layers
+        ((gram_matrix(fake_features[j]) - gram_matrix(real_features[j])) ** 2).sum(dim=(1, 2)).mean()
+        for j in style_layers
     )
     return feature, style
 
@@ -296,9 +300,13 @@ class PerceptualLoss(nn.Module):
         - fake, real: (B, 3, S, S) in [-1, 1]. Output: (L_fea, L_sty) scalars.
     """
 
-    def __init__(self, backbone: Optional[EfficientNetLite0] = None, size: int = 64,
-                 feature_layers: Sequence[str] = PERCEPTUAL_FEATURE_LAYERS,
-                 style_layers: Sequence[str] = PERCEPTUAL_STYLE_LAYERS):
+    def __init__(
+        self,
+        backbone: Optional[EfficientNetLite0] = None,
+        size: int = 64,
+        feature_layers: Sequence[str] = PERCEPTUAL_FEATURE_LAYERS,
+        style_layers: Sequence[str] = PERCEPTUAL_STYLE_LAYERS,
+    ):
         super().__init__()
         self.backbone = (backbone if backbone is not None else EfficientNetLite0(pretrained=True)).eval()
         set_requires_grad(self.backbone, False)
@@ -356,7 +364,9 @@ def relevance_discriminator_loss(logits: torch.Tensor, targets: torch.Tensor, mo
     raise ValueError(f"unknown GAN loss mode {mode!r}")
 
 
-def triplet_loss(anchor: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor, margin: float = 5.0) -> torch.Tensor:
+def triplet_loss(
+    anchor: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor, margin: float = 5.0
+) -> torch.Tensor:
     """Eq. 5: mean over triplets of max(0, ||a - p||^2 - ||a - n||^2 + margin) (squared euclidean).
 
     The paper sums over triplets; the mean makes the learning rate independent of the batch size.
@@ -420,7 +430,11 @@ def shape_iou_matrix(shapes: torch.Tensor, size: int = 32, chunk: int = 1024) ->
     Shape:
         - shapes: (N, 1, H, W) uint8 (0/255) or bool. Output: (N, N) float in [0, 1].
     """
-    masks = F.interpolate(shapes.float(), size=(size, size), mode="area").flatten(1).ge(0.5 * shapes.float().max().clamp_min(1))
+    masks = (
+        F.interpolate(shapes.float(), size=(size, size), mode="area")
+        .flatten(1)
+        .ge(0.5 * shapes.float().max().clamp_min(1))
+    )
     masks = masks.float()
     areas = masks.sum(1)
     rows = []
@@ -462,9 +476,16 @@ class ShapePredictor(nn.Module):
         torch.Size([2, 1, 64, 64])
     """
 
-    def __init__(self, image_size: Tuple[int, int] = (256, 192), layer: str = "head", hidden: int = 64,
-                 dim: int = 256, shape_size: int = 64, pretrained: bool = True,
-                 backbone: Optional[EfficientNetLite0] = None):
+    def __init__(
+        self,
+        image_size: Tuple[int, int] = (256, 192),
+        layer: str = "head",
+        hidden: int = 64,
+        dim: int = 256,
+        shape_size: int = 64,
+        pretrained: bool = True,
+        backbone: Optional[EfficientNetLite0] = None,
+    ):
         super().__init__()
         self.image_size = (int(image_size[0]), int(image_size[1]))
         self.layer = layer
@@ -510,11 +531,15 @@ class ShapePredictor(nn.Module):
     def set_memory(self, embeddings: torch.Tensor, shapes: torch.Tensor) -> None:
         """Store the training photos' embeddings (N, dim) and their product shape maps (N, 1, S, S) uint8."""
         if embeddings.shape[0] != shapes.shape[0] or embeddings.shape[1] != self.dim:
-            raise ValueError(f"memory needs (N, {self.dim}) embeddings and (N, 1, S, S) shapes, got "
-                             f"{tuple(embeddings.shape)} and {tuple(shapes.shape)}")
+            raise ValueError(
+                f"memory needs (N, {self.dim}) embeddings and (N, 1, S, S) shapes, got "
+                f"{tuple(embeddings.shape)} and {tuple(shapes.shape)}"
+            )
         if shapes.dtype != torch.uint8 or shapes.shape[1:] != (1, self.shape_size, self.shape_size):
-            raise ValueError(f"shape maps must be uint8 (N, 1, {self.shape_size}, {self.shape_size}), got "
-                             f"{shapes.dtype} {tuple(shapes.shape)}")
+            raise ValueError(
+                f"shape maps must be uint8 (N, 1, {self.shape_size}, {self.shape_size}), got "
+                f"{shapes.dtype} {tuple(shapes.shape)}"
+            )
         self.memory_embeddings = embeddings.detach().float().to(self.memory_embeddings.device).clone()
         self.memory_shapes = shapes.detach().to(self.memory_shapes.device).clone()
 
@@ -574,8 +599,15 @@ class RendererStep:
     "g_total" (the weighted sum that is minimised).
     """
 
-    def __init__(self, renderer: TextureRenderer, rf: Optional[ConvDiscriminator], rv: Optional[RelevanceDiscriminator],
-                 perceptual: Optional[PerceptualLoss], optimizers: Mapping[str, torch.optim.Optimizer], conf: Mapping[str, Any]):
+    def __init__(
+        self,
+        renderer: TextureRenderer,
+        rf: Optional[ConvDiscriminator],
+        rv: Optional[RelevanceDiscriminator],
+        perceptual: Optional[PerceptualLoss],
+        optimizers: Mapping[str, torch.optim.Optimizer],
+        conf: Mapping[str, Any],
+    ):
         self.renderer, self.rf, self.rv, self.perceptual = renderer, rf, rv, perceptual
         self.optimizers = optimizers
         self.conf = conf
@@ -617,7 +649,9 @@ class RendererStep:
         terms["g_total"] = total
         return terms
 
-    def draw(self, batch, generator: torch.Generator, irrelevant_pool: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    def draw(
+        self, batch, generator: torch.Generator, irrelevant_pool: torch.Tensor
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Per example: D_rv's choice in {0, 1, 2} (equal probability) and an irrelevant product I_c^-.
 
         `irrelevant_pool` (N, 3, S, S) uint8 holds every training product; the irrelevant one is another
@@ -632,7 +666,9 @@ class RendererStep:
         irrelevant = uint8_to_gan(irrelevant_pool[other.cpu()].to(device))
         return choice, irrelevant
 
-    def step(self, batch: Mapping[str, torch.Tensor], generator: torch.Generator, irrelevant_pool: torch.Tensor) -> Dict[str, float]:
+    def step(
+        self, batch: Mapping[str, torch.Tensor], generator: torch.Generator, irrelevant_pool: torch.Tensor
+    ) -> Dict[str, float]:
         choice, irrelevant = self.draw(batch, generator, irrelevant_pool)
         fake = self.generate(batch)
         logged: Dict[str, float] = {}
@@ -662,9 +698,23 @@ class RendererStep:
 # --------------------------------------------------------------------------------------------------
 
 #: Options that only change training: a checkpoint's values are adopted when loading (unless given).
-TRAINING_ONLY_KEYS = ("use_rf_discriminator", "use_rv_discriminator", "use_perceptual", "lambda_rf", "lambda_rv",
-                      "lambda_f", "lambda_s", "lambda_l1", "gan_mode", "perceptual_size", "sp_ranking", "sp_k",
-                      "sp_margin", "shape_maps", "train_shapes")
+TRAINING_ONLY_KEYS = (
+    "use_rf_discriminator",
+    "use_rv_discriminator",
+    "use_perceptual",
+    "lambda_rf",
+    "lambda_rv",
+    "lambda_f",
+    "lambda_s",
+    "lambda_l1",
+    "gan_mode",
+    "perceptual_size",
+    "sp_ranking",
+    "sp_k",
+    "sp_margin",
+    "shape_maps",
+    "train_shapes",
+)
 
 
 @PROXIES.register("paintnet")
@@ -727,8 +777,14 @@ class PaintNet(Proxy):
             torch.manual_seed(seed)
             self.renderer = TextureRenderer(6 if c["use_shape_predictor"] else 3, size, c["width"], c["norm"])
             if c["use_shape_predictor"]:
-                self.shape_predictor = ShapePredictor(tuple(c["sp_image_size"]), c["sp_layer"], c["sp_hidden"],
-                                                      c["sp_dim"], size, pretrained=c["pretrained"])
+                self.shape_predictor = ShapePredictor(
+                    tuple(c["sp_image_size"]),
+                    c["sp_layer"],
+                    c["sp_hidden"],
+                    c["sp_dim"],
+                    size,
+                    pretrained=c["pretrained"],
+                )
             else:
                 self.shape_predictor = None
         self.parser = _load_parser(c["parser"]) if c["parser"] else None
@@ -756,8 +812,10 @@ class PaintNet(Proxy):
             return None
         if not self.shape_predictor.has_memory:
             if not self._warned_untrained:
-                log.warning("paintnet is untrained (no shape memory): using an all-background shape map; "
-                            "train it with `street2shop train paintnet` and load run/final.pt")
+                log.warning(
+                    "paintnet is untrained (no shape memory): using an all-background shape map; "
+                    "train it with `street2shop train paintnet` and load run/final.pt"
+                )
                 self._warned_untrained = True
             size = self.conf["image_size"]
             return images.new_zeros(images.shape[0], 1, size, size)
@@ -782,11 +840,14 @@ class PaintNet(Proxy):
     # ---- checkpoints -------------------------------------------------------------------------
     def trained_state(self) -> Dict[str, torch.Tensor]:
         """What final.pt stores: every tensor but the pretrained backbone's and the parser's."""
-        return {k: v.detach().cpu().clone() for k, v in self.state_dict().items()
-                if ".backbone." not in f".{k}" and not k.startswith("parser.")}
+        return {
+            k: v.detach().cpu().clone()
+            for k, v in self.state_dict().items()
+            if ".backbone." not in f".{k}" and not k.startswith("parser.")
+        }
 
     def paper_name(self) -> Optional[str]:
-        """"paintnet" only for the paper's method: an ablation or `train_shapes="predicted"` has no row in Table 4."""
+        """ "paintnet" only for the paper's method: an ablation or `train_shapes="predicted"` has no row in Table 4."""
         switches = ("use_shape_predictor", "use_rf_discriminator", "use_rv_discriminator", "use_perceptual")
         as_paper = all(self.conf[k] for k in switches) and self.conf["train_shapes"] == "true"
         return "paintnet" if as_paper else None
@@ -798,16 +859,32 @@ class PaintNet(Proxy):
         if trained_for not in (None, self.name):
             raise ValueError(f"{checkpoint} was trained for proxy {trained_for!r}, not {self.name!r}")
         stored_conf = payload.get("proxy_conf", {})
-        architecture = [k for k in ("image_size", "width", "norm", "use_shape_predictor", "sp_image_size", "sp_layer",
-                                    "sp_hidden", "sp_dim") if k in stored_conf and _jsonable(stored_conf[k]) != _jsonable(self.conf[k])]
+        architecture = [
+            k
+            for k in (
+                "image_size",
+                "width",
+                "norm",
+                "use_shape_predictor",
+                "sp_image_size",
+                "sp_layer",
+                "sp_hidden",
+                "sp_dim",
+            )
+            if k in stored_conf and _jsonable(stored_conf[k]) != _jsonable(self.conf[k])
+        ]
         conflicting = [k for k in architecture if k in self._explicit]
         if conflicting:
-            raise ValueError(f"{checkpoint} was trained with {{{', '.join(f'{k}={stored_conf[k]!r}' for k in conflicting)}}} "
-                             f"but this {self.name} was asked for {{{', '.join(f'{k}={self.conf[k]!r}' for k in conflicting)}}}: "
-                             "drop those options to use the checkpoint's")
+            raise ValueError(
+                f"{checkpoint} was trained with {{{', '.join(f'{k}={stored_conf[k]!r}' for k in conflicting)}}} "
+                f"but this {self.name} was asked for {{{', '.join(f'{k}={self.conf[k]!r}' for k in conflicting)}}}: "
+                "drop those options to use the checkpoint's"
+            )
         if architecture:  # 'paintnet@run/final.pt' just works: rebuild with the architecture it was trained with
             device = self.device
-            self.conf.update({k: tuple(stored_conf[k]) if isinstance(stored_conf[k], list) else stored_conf[k] for k in architecture})
+            self.conf.update(
+                {k: tuple(stored_conf[k]) if isinstance(stored_conf[k], list) else stored_conf[k] for k in architecture}
+            )
             self._build()
             self.to(device)
         for key in TRAINING_ONLY_KEYS + ("parser",):
@@ -818,8 +895,10 @@ class PaintNet(Proxy):
         missing, unexpected = self.load_state_dict(payload["state_dict"], strict=False)
         missing = [k for k in missing if ".backbone." not in f".{k}" and not k.startswith("parser.")]
         if missing or unexpected:
-            raise ValueError(f"{checkpoint} does not fit {self.name} with config {self.conf}: missing {missing[:5]}, "
-                             f"unexpected {list(unexpected)[:5]}")
+            raise ValueError(
+                f"{checkpoint} does not fit {self.name} with config {self.conf}: missing {missing[:5]}, "
+                f"unexpected {list(unexpected)[:5]}"
+            )
         return self.eval()
 
     # ---- training ----------------------------------------------------------------------------
@@ -887,8 +966,11 @@ class PaintNet(Proxy):
         if epochs is None and time_budget_s is None:
             time_budget_s = DEFAULT_TIME_BUDGET_S
             epochs = DEFAULT_EPOCHS
-            log.info("%s: default run, capped at %.0f min of training (pass epochs or a time budget for more)",
-                     self.name, time_budget_s / 60)
+            log.info(
+                "%s: default run, capped at %.0f min of training (pass epochs or a time budget for more)",
+                self.name,
+                time_budget_s / 60,
+            )
         elif epochs is None:  # a time budget alone: train until it is spent
             epochs = UNTIL_BUDGET_EPOCHS
         epochs = int(epochs)
@@ -906,14 +988,21 @@ class PaintNet(Proxy):
             train = dataset.train.reset_index(drop=True)
             if max_pairs is not None and len(train) > int(max_pairs):
                 train = train.sample(int(max_pairs), random_state=seed).reset_index(drop=True)
-            data = prepare_pair_tensors(train, out_dir / f"pairs_{size}.pt", (size, size), self.conf["shape_maps"],
-                                        progress=progress)
-        log.info("%s: %d training pairs ready in %.0f s", self.name, data["product"].shape[0], time.perf_counter() - started)
+            data = prepare_pair_tensors(
+                train, out_dir / f"pairs_{size}.pt", (size, size), self.conf["shape_maps"], progress=progress
+            )
+        log.info(
+            "%s: %d training pairs ready in %.0f s", self.name, data["product"].shape[0], time.perf_counter() - started
+        )
         joined: Dict[str, Any] = {}
         if renderer_from is not None:
             source = self._load_part(renderer_from, "renderer.")
-            joined["renderer_from"] = {"path": str(renderer_from), "steps": source.get("steps"),
-                                       "train_seconds": source.get("train_seconds"), "config": source.get("config")}
+            joined["renderer_from"] = {
+                "path": str(renderer_from),
+                "steps": source.get("steps"),
+                "train_seconds": source.get("train_seconds"),
+                "config": source.get("config"),
+            }
 
         sp_summary: Dict[str, Any] = {}
         if self.shape_predictor is not None and shape_predictor_from is not None:
@@ -926,23 +1015,40 @@ class PaintNet(Proxy):
                 # these pairs only if the memory holds exactly these pairs' shape maps, in this order.
                 memory = self.shape_predictor.memory_shapes.cpu()
                 if memory.shape != data["shape"].shape or not torch.equal(memory, data["shape"]):
-                    raise ValueError(f"train_shapes='predicted': the shape memory of {shape_predictor_from} was not "
-                                     "built from these training pairs, so it gives no leave-one-out neighbours; train "
-                                     "the shape predictor in this run (drop shape_predictor_from)")
+                    raise ValueError(
+                        f"train_shapes='predicted': the shape memory of {shape_predictor_from} was not "
+                        "built from these training pairs, so it gives no leave-one-out neighbours; train "
+                        "the shape predictor in this run (drop shape_predictor_from)"
+                    )
                 with torch.no_grad():
-                    loo_index = self.shape_predictor.nearest(self.shape_predictor.memory_embeddings, exclude_self=True).cpu()
+                    loo_index = self.shape_predictor.nearest(
+                        self.shape_predictor.memory_embeddings, exclude_self=True
+                    ).cpu()
                 data = dict(data, shape=data["shape"][loo_index])
         elif self.shape_predictor is not None and train is None:
-            log.warning("%s: training from a pair archive without shape_predictor_from: the shape predictor stays "
-                        "untrained (it needs the photos); the renderer trains on the true shape maps as always. "
-                        "Join a trained one later with shape_predictor_from and renderer_from (epochs=0).", self.name)
+            log.warning(
+                "%s: training from a pair archive without shape_predictor_from: the shape predictor stays "
+                "untrained (it needs the photos); the renderer trains on the true shape maps as always. "
+                "Join a trained one later with shape_predictor_from and renderer_from (epochs=0).",
+                self.name,
+            )
             sp_summary = {"trained": False}
         elif self.shape_predictor is not None:
             sp_budget = None if time_budget_s is None else 0.3 * time_budget_s
             sp_summary = train_shape_predictor(
-                self.shape_predictor, train, data["shape"], out_dir / "shape_predictor", ranking=self.conf["sp_ranking"],
-                k=self.conf["sp_k"], margin=self.conf["sp_margin"], epochs=sp_epochs, batch_size=sp_batch_size,
-                lr=sp_lr, seed=seed, time_budget_s=sp_budget, progress=progress,
+                self.shape_predictor,
+                train,
+                data["shape"],
+                out_dir / "shape_predictor",
+                ranking=self.conf["sp_ranking"],
+                k=self.conf["sp_k"],
+                margin=self.conf["sp_margin"],
+                epochs=sp_epochs,
+                batch_size=sp_batch_size,
+                lr=sp_lr,
+                seed=seed,
+                time_budget_s=sp_budget,
+                progress=progress,
             )
             if self.conf["train_shapes"] == "predicted":
                 data = dict(data, shape=data["shape"][sp_summary.pop("loo_index")])
@@ -950,8 +1056,21 @@ class PaintNet(Proxy):
                 sp_summary.pop("loo_index")
 
         remaining = None if time_budget_s is None else max(1.0, time_budget_s - (time.perf_counter() - started))
-        final = self._train_renderer(data, out_dir, epochs, batch_size, lr, seed, remaining, progress,
-                                     sample_every, checkpoint_every_s, sp_summary, device, joined)
+        final = self._train_renderer(
+            data,
+            out_dir,
+            epochs,
+            batch_size,
+            lr,
+            seed,
+            remaining,
+            progress,
+            sample_every,
+            checkpoint_every_s,
+            sp_summary,
+            device,
+            joined,
+        )
         log.info("%s: trained in %.0f s -> %s", self.name, time.perf_counter() - started, final)
         return final
 
@@ -963,53 +1082,97 @@ class PaintNet(Proxy):
             raise ValueError(f"{path} lacks {missing}: export it again with `street2shop export-pairs`")
         found = tuple(data["product"].shape[-2:])
         if found != (size, size):
-            raise ValueError(f"{path} holds {found[0]}x{found[1]} pairs but this {self.name} renders {size}x{size}: "
-                             f"export it with --size {size}, or --set image_size={found[0]}")
+            raise ValueError(
+                f"{path} holds {found[0]}x{found[1]} pairs but this {self.name} renders {size}x{size}: "
+                f"export it with --size {size}, or --set image_size={found[0]}"
+            )
         if max_pairs is not None and data["product"].shape[0] > int(max_pairs):
-            keep = torch.randperm(data["product"].shape[0], generator=torch.Generator().manual_seed(seed))[: int(max_pairs)]
+            keep = torch.randperm(data["product"].shape[0], generator=torch.Generator().manual_seed(seed))[
+                : int(max_pairs)
+            ]
             data = {k: v[keep] for k, v in data.items()}
         return data
 
     def _load_part(self, checkpoint, prefix: str) -> Dict[str, Any]:
         """Copy the tensors under `prefix` ("renderer." or "shape_predictor.") from a PaintNet final.pt; return it."""
         payload = load_checkpoint(checkpoint, map_location="cpu")
-        state = {k[len(prefix):]: v for k, v in payload.get("state_dict", {}).items() if k.startswith(prefix)}
+        state = {k[len(prefix) :]: v for k, v in payload.get("state_dict", {}).items() if k.startswith(prefix)}
         module = getattr(self, prefix.rstrip("."))
         own = {k for k in module.state_dict() if ".backbone." not in f".{k}"}
         if not state or own - set(state) or set(state) - set(module.state_dict()):
-            raise ValueError(f"{checkpoint}: its {prefix.rstrip('.')} does not fit this {self.name} (conf {self.conf}); "
-                             f"missing {sorted(own - set(state))[:3]}, unexpected {sorted(set(state) - set(module.state_dict()))[:3]}")
+            raise ValueError(
+                f"{checkpoint}: its {prefix.rstrip('.')} does not fit this {self.name} (conf {self.conf}); "
+                f"missing {sorted(own - set(state))[:3]}, "
+                f"unexpected {sorted(set(state) - set(module.state_dict()))[:3]}"
+            )
         try:
             module.load_state_dict(state, strict=False)  # the frozen pretrained backbone is not in final.pt
         except RuntimeError as exc:  # same names, other shapes: another width or image size
-            raise ValueError(f"{checkpoint}: its {prefix.rstrip('.')} does not fit this {self.name} (conf {self.conf}): "
-                             f"{str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else exc}") from exc
+            raise ValueError(
+                f"{checkpoint}: its {prefix.rstrip('.')} does not fit this {self.name} (conf {self.conf}): "
+                f"{str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else exc}"
+            ) from exc
         log.info("%s: %s taken from %s", self.name, prefix.rstrip("."), checkpoint)
         return payload
 
-    def _train_renderer(self, data, out_dir, epochs, batch_size, lr, seed, time_budget_s, progress, sample_every,
-                        checkpoint_every_s, sp_summary, device, joined=None) -> Path:
+    def _train_renderer(
+        self,
+        data,
+        out_dir,
+        epochs,
+        batch_size,
+        lr,
+        seed,
+        time_budget_s,
+        progress,
+        sample_every,
+        checkpoint_every_s,
+        sp_summary,
+        device,
+        joined=None,
+    ) -> Path:
         c = self.conf
         size = c["image_size"]
         rf = RealFakeDiscriminator(size, c["width"], c["norm"]).to(device) if c["use_rf_discriminator"] else None
         rv = RelevanceDiscriminator(size, c["width"], c["norm"]).to(device) if c["use_rv_discriminator"] else None
         perceptual = None
         if c["use_perceptual"]:
-            backbone = self.shape_predictor.backbone if self.shape_predictor is not None else EfficientNetLite0(pretrained=c["pretrained"])
+            backbone = (
+                self.shape_predictor.backbone
+                if self.shape_predictor is not None
+                else EfficientNetLite0(pretrained=c["pretrained"])
+            )
             perceptual = PerceptualLoss(backbone, size=c["perceptual_size"]).to(device)
         betas = (0.5, 0.999)
         modules: Dict[str, nn.Module] = {"renderer": self.renderer}
-        optimizers: Dict[str, torch.optim.Optimizer] = {"g": torch.optim.Adam(self.renderer.parameters(), lr=lr, betas=betas, fused=True)}
+        optimizers: Dict[str, torch.optim.Optimizer] = {
+            "g": torch.optim.Adam(self.renderer.parameters(), lr=lr, betas=betas, fused=True)
+        }
         for name, d in (("rf", rf), ("rv", rv)):
             if d is not None:
                 modules[name] = d
                 optimizers[name] = torch.optim.Adam(d.parameters(), lr=lr, betas=betas, fused=True)
         step = RendererStep(self.renderer, rf, rv, perceptual, optimizers, c)
-        config = {"proxy": self.name, "conf": _jsonable(c), "epochs": epochs, "batch_size": batch_size, "lr": lr,
-                  "seed": seed, "n_pairs": int(data["product"].shape[0])}
-        trainer = GanTrainer(out_dir, modules, optimizers, config, seed=seed, time_budget_s=time_budget_s,
-                             progress=f"train {self.name}" if progress else None,
-                             checkpoint_every_s=checkpoint_every_s, sample_every=sample_every)
+        config = {
+            "proxy": self.name,
+            "conf": _jsonable(c),
+            "epochs": epochs,
+            "batch_size": batch_size,
+            "lr": lr,
+            "seed": seed,
+            "n_pairs": int(data["product"].shape[0]),
+        }
+        trainer = GanTrainer(
+            out_dir,
+            modules,
+            optimizers,
+            config,
+            seed=seed,
+            time_budget_s=time_budget_s,
+            progress=f"train {self.name}" if progress else None,
+            checkpoint_every_s=checkpoint_every_s,
+            sample_every=sample_every,
+        )
         # The fixed sample rows also get the shape the predictor gives them (leave-one-out), as at inference.
         loo_shapes = None
         if self.shape_predictor is not None and self.shape_predictor.has_memory:
@@ -1026,11 +1189,16 @@ class PaintNet(Proxy):
             self.renderer.eval()
             columns = [("photo", from_gan_range(batch["person"])), ("texture T_m", from_gan_range(batch["texture"]))]
             if self.renderer.in_channels == 6:
-                columns += [("true shape", from_gan_range(batch["shape"])), ("gen(true)", from_gan_range(step.generate(batch)))]
+                columns += [
+                    ("true shape", from_gan_range(batch["shape"])),
+                    ("gen(true)", from_gan_range(step.generate(batch))),
+                ]
                 if loo_shapes is not None:
                     predicted = dict(batch, shape=loo_shapes[: batch["shape"].shape[0]])
-                    columns += [("pred shape", from_gan_range(loo_shapes[: batch["shape"].shape[0]])),
-                                ("gen(pred)", from_gan_range(step.generate(predicted)))]
+                    columns += [
+                        ("pred shape", from_gan_range(loo_shapes[: batch["shape"].shape[0]])),
+                        ("gen(pred)", from_gan_range(step.generate(predicted))),
+                    ]
             else:
                 columns.append(("generated", from_gan_range(step.generate(batch))))
             columns.append(("truth", from_gan_range(batch["product"])))
@@ -1038,8 +1206,13 @@ class PaintNet(Proxy):
             return columns
 
         self.renderer.train()
-        trainer.train(data, epochs, batch_size, step=lambda batch, gen: step.step(batch, gen, data["product"]),
-                      sample=sample_columns)
+        trainer.train(
+            data,
+            epochs,
+            batch_size,
+            step=lambda batch, gen: step.step(batch, gen, data["product"]),
+            sample=sample_columns,
+        )
         self.eval()
         extra = {"proxy": self.name, "proxy_conf": _jsonable(c), "shape_predictor": sp_summary, **(joined or {})}
         final = trainer.finish(weights=self.trained_state(), extra=extra)
@@ -1070,7 +1243,9 @@ DEFAULT_TIME_BUDGET_S = 15 * 60
 
 
 @torch.no_grad()
-def _backbone_maps(predictor: ShapePredictor, paths: Sequence[str], cache: Path, progress: bool, batch_size: int = 32) -> torch.Tensor:
+def _backbone_maps(
+    predictor: ShapePredictor, paths: Sequence[str], cache: Path, progress: bool, batch_size: int = 32
+) -> torch.Tensor:
     """Frozen feature maps of the person photos, (N, C, h, w) float16, cached in `cache`."""
     from retrieval.batching import iter_batches
 
@@ -1084,7 +1259,13 @@ def _backbone_maps(predictor: ShapePredictor, paths: Sequence[str], cache: Path,
     if progress:
         from tqdm.auto import tqdm
 
-        batches = tqdm(batches, total=math.ceil(len(paths) / batch_size), desc="shape predictor features", unit="batch", leave=False)
+        batches = tqdm(
+            batches,
+            total=math.ceil(len(paths) / batch_size),
+            desc="shape predictor features",
+            unit="batch",
+            leave=False,
+        )
     maps = torch.cat([predictor.feature_maps(batch.to(device)).half().cpu() for batch in batches])
     atomic_torch_save({"key": key, "maps": maps}, cache)
     return maps
@@ -1096,8 +1277,12 @@ def _product_gem_similarity(backbone: EfficientNetLite0, paths: Sequence[str], s
     from retrieval.descriptors.gem import gem_pool
 
     device = next(backbone.parameters()).device
-    vectors = torch.cat([F.normalize(gem_pool(backbone(batch.to(device))), dim=1).cpu()
-                         for batch in iter_batches(list(map(str, paths)), size, 32)])
+    vectors = torch.cat(
+        [
+            F.normalize(gem_pool(backbone(batch.to(device))), dim=1).cpu()
+            for batch in iter_batches(list(map(str, paths)), size, 32)
+        ]
+    )
     return vectors @ vectors.T
 
 
@@ -1140,18 +1325,37 @@ def train_shape_predictor(
     if ranking == "shape_iou":
         similarity = shape_iou_matrix(shapes)
     elif ranking == "product_gem":
-        similarity = _product_gem_similarity(predictor.backbone, train_pairs["product_image"].tolist(), predictor.image_size)
+        similarity = _product_gem_similarity(
+            predictor.backbone, train_pairs["product_image"].tolist(), predictor.image_size
+        )
     else:
         raise ValueError(f"unknown ranking {ranking!r}; valid: {SP_RANKINGS}")
     positives, negatives = rank_triplet_candidates(similarity, k)
     k = positives.shape[1]
 
-    optimizer = torch.optim.SGD(list(predictor.attention.parameters()) + list(predictor.embedding.parameters()),
-                                lr=lr, momentum=0.9)
-    run = TrainingRun(out_dir, {"shape_predictor": predictor}, {"sgd": optimizer},
-                      config={"ranking": ranking, "k": k, "margin": margin, "epochs": epochs, "batch_size": batch_size,
-                              "lr": lr, "seed": seed, "n": n, "layer": predictor.layer, "dim": predictor.dim},
-                      seed=seed, time_budget_s=time_budget_s, progress="train shape predictor" if progress else None)
+    optimizer = torch.optim.SGD(
+        list(predictor.attention.parameters()) + list(predictor.embedding.parameters()), lr=lr, momentum=0.9
+    )
+    run = TrainingRun(
+        out_dir,
+        {"shape_predictor": predictor},
+        {"sgd": optimizer},
+        config={
+            "ranking": ranking,
+            "k": k,
+            "margin": margin,
+            "epochs": epochs,
+            "batch_size": batch_size,
+            "lr": lr,
+            "seed": seed,
+            "n": n,
+            "layer": predictor.layer,
+            "dim": predictor.dim,
+        },
+        seed=seed,
+        time_budget_s=time_budget_s,
+        progress="train shape predictor" if progress else None,
+    )
     predictor.train()
     for epoch in run.epochs(epochs):
         generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)

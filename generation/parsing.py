@@ -29,6 +29,7 @@ Example:
     >>> parser = load_garment_parser("runs/parser/final.pt")  # doctest: +SKIP
     >>> texture = segmented_texture(photos, parser.predict(photos) > 0.5, size=(64, 64))  # doctest: +SKIP
 """
+
 from __future__ import annotations
 
 import json
@@ -109,7 +110,12 @@ class FpnDecoder(nn.Module):
         - Output: (B, 1, H / s_0, W / s_0) garment logits at the finest endpoint's resolution.
     """
 
-    def __init__(self, in_channels: Sequence[int] = tuple(c for _, c, _ in ENCODER_ENDPOINTS), channels: int = 64, prior: float = 0.2):
+    def __init__(
+        self,
+        in_channels: Sequence[int] = tuple(c for _, c, _ in ENCODER_ENDPOINTS),
+        channels: int = 64,
+        prior: float = 0.2,
+    ):
         super().__init__()
         self.laterals = nn.ModuleList(nn.Conv2d(c, channels, 1) for c in in_channels)
         self.fuse = nn.Sequential(_conv_bn_relu(channels, channels), _conv_bn_relu(channels, channels))
@@ -149,12 +155,20 @@ class GarmentParser(nn.Module):
         torch.Size([2, 1, 256, 192])
     """
 
-    def __init__(self, image_size: Tuple[int, int] = (128, 96), decoder_channels: int = 64, frozen_blocks: int = 5, pretrained: bool = True):
+    def __init__(
+        self,
+        image_size: Tuple[int, int] = (128, 96),
+        decoder_channels: int = 64,
+        frozen_blocks: int = 5,
+        pretrained: bool = True,
+    ):
         super().__init__()
         if not 0 <= frozen_blocks <= 16:
             raise ValueError(f"frozen_blocks must be in 0..16 (Lite0 has 16 MBConv blocks), got {frozen_blocks}")
         if any(int(s) % 32 for s in image_size):
-            raise ValueError(f"image_size must be a multiple of 32 on each side (the encoder's stride), got {image_size}")
+            raise ValueError(
+                f"image_size must be a multiple of 32 on each side (the encoder's stride), got {image_size}"
+            )
         self.encoder = EfficientNetLite0(pretrained=pretrained)
         # The ImageNet classifier is not used: dropping it keeps 5 MB out of every checkpoint.
         self.encoder._fc = nn.Identity()
@@ -179,7 +193,11 @@ class GarmentParser(nn.Module):
         return self
 
     def config(self) -> Dict[str, Any]:
-        return {"image_size": [int(s) for s in self.image_size], "decoder_channels": self.decoder_channels, "frozen_blocks": self.frozen_blocks}
+        return {
+            "image_size": [int(s) for s in self.image_size],
+            "decoder_channels": self.decoder_channels,
+            "frozen_blocks": self.frozen_blocks,
+        }
 
     def trainable_parameters(self) -> Tuple[List[nn.Parameter], List[nn.Parameter]]:
         """(fine-tuned encoder parameters, decoder parameters): two groups with their own learning rates."""
@@ -209,8 +227,11 @@ class GarmentParser(nn.Module):
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"expected images of shape (B, 3, H, W), got {tuple(images.shape)}")
         size = tuple(int(s) for s in self.image_size)
-        resized = images if tuple(images.shape[-2:]) == size else F.interpolate(
-            images, size=size, mode="bilinear", align_corners=False, antialias=True)
+        resized = (
+            images
+            if tuple(images.shape[-2:]) == size
+            else F.interpolate(images, size=size, mode="bilinear", align_corners=False, antialias=True)
+        )
         logits = self.decoder(self.encode(resized))
         return F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False).contiguous()
 
@@ -232,7 +253,7 @@ def load_garment_parser(checkpoint, map_location: str | torch.device = "cpu") ->
     if payload.get("proxy") != "hp" or "parser_conf" not in payload:
         raise ValueError(f"{checkpoint} is not a garment-parser checkpoint (written by `street2shop train parsing`)")
     parser = GarmentParser(**payload["parser_conf"], pretrained=False)
-    state = {k[len("parser."):]: v for k, v in payload["state_dict"].items() if k.startswith("parser.")}
+    state = {k[len("parser.") :]: v for k, v in payload["state_dict"].items() if k.startswith("parser.")}
     parser.load_state_dict(state, strict=True)
     return parser.to(map_location).eval()
 
@@ -281,7 +302,9 @@ def garment_segmentation_loss(logits: torch.Tensor, target: torch.Tensor) -> Dic
 
 def _box(fractions: Tuple[float, float, float, float], height: int, width: int) -> Tuple[slice, slice]:
     top, bottom, left, right = fractions
-    return slice(int(round(top * height)), int(round(bottom * height))), slice(int(round(left * width)), int(round(right * width)))
+    return slice(int(round(top * height)), int(round(bottom * height))), slice(
+        int(round(left * width)), int(round(right * width))
+    )
 
 
 def torso_prior_mask(height: int, width: int) -> np.ndarray:
@@ -307,13 +330,24 @@ def run_grabcut(image: np.ndarray, initial_labels: np.ndarray, iterations: int =
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"GrabCut needs an (H, W, 3) uint8 image, got {image.dtype} {image.shape}")
     labels = initial_labels.copy()
-    if not ((labels == cv2.GC_FGD) | (labels == cv2.GC_PR_FGD)).any() or not ((labels == cv2.GC_BGD) | (labels == cv2.GC_PR_BGD)).any():
+    if (
+        not ((labels == cv2.GC_FGD) | (labels == cv2.GC_PR_FGD)).any()
+        or not ((labels == cv2.GC_BGD) | (labels == cv2.GC_PR_BGD)).any()
+    ):
         raise ValueError("GrabCut needs both foreground and background in its initial labels")
     background_model = np.zeros((1, 65), np.float64)
     foreground_model = np.zeros((1, 65), np.float64)
     cv2.setRNGSeed(0)
     # GrabCut's colour models are symmetric in the channel order, so RGB is as good as OpenCV's BGR.
-    cv2.grabCut(np.ascontiguousarray(image), labels, None, background_model, foreground_model, int(iterations), cv2.GC_INIT_WITH_MASK)
+    cv2.grabCut(
+        np.ascontiguousarray(image),
+        labels,
+        None,
+        background_model,
+        foreground_model,
+        int(iterations),
+        cv2.GC_INIT_WITH_MASK,
+    )
     return (labels == cv2.GC_FGD) | (labels == cv2.GC_PR_FGD)
 
 
@@ -394,14 +428,18 @@ def _read_pair(person_image: str, parse: str, size: Tuple[int, int]) -> Tuple[np
     return image, garment
 
 
-def load_parsing_pairs(person_images: Sequence[str], parses: Sequence[str], size: Tuple[int, int], workers: int = 2) -> Tuple[torch.Tensor, torch.Tensor]:
+def load_parsing_pairs(
+    person_images: Sequence[str], parses: Sequence[str], size: Tuple[int, int], workers: int = 2
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """Read person photos and their garment masks at `size`, as compact uint8 tensors (kept in memory).
 
     Returns:
         images (N, 3, h, w) uint8 and masks (N, 1, h, w) uint8 (255 = garment, soft at the edges).
     """
     if len(person_images) != len(parses) or not len(parses):
-        raise ValueError(f"need as many parse maps as photos, and at least one: got {len(person_images)} and {len(parses)}")
+        raise ValueError(
+            f"need as many parse maps as photos, and at least one: got {len(person_images)} and {len(parses)}"
+        )
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         pairs = list(pool.map(lambda args: _read_pair(*args, size), zip(person_images, parses)))
     images = torch.from_numpy(np.stack([p[0] for p in pairs])).permute(0, 3, 1, 2).contiguous()
@@ -457,11 +495,18 @@ def evaluate_garment_masks(
         chunks = tqdm(chunks, desc="parser mIoU", unit="batch", leave=False)
     for start in chunks:
         labels = [read_mask(p) for p in parses[start : start + batch_size]]
-        photos = [resize_image(read_image(p), lab.shape[:2]) for p, lab in zip(person_images[start : start + batch_size], labels)]
+        photos = [
+            resize_image(read_image(p), lab.shape[:2])
+            for p, lab in zip(person_images[start : start + batch_size], labels)
+        ]
         # One batch when the parse maps share a size (VITON's do), else photo by photo.
-        groups = [list(range(len(photos)))] if len({lab.shape for lab in labels}) == 1 else [[i] for i in range(len(photos))]
+        groups = (
+            [list(range(len(photos)))] if len({lab.shape for lab in labels}) == 1 else [[i] for i in range(len(photos))]
+        )
         for group in groups:
-            batch = torch.from_numpy(np.stack([photos[i] for i in group])).permute(0, 3, 1, 2).float().div(255).to(device)
+            batch = (
+                torch.from_numpy(np.stack([photos[i] for i in group])).permute(0, 3, 1, 2).float().div(255).to(device)
+            )
             predicted = garment_masks(batch, parser, threshold)[:, 0].bool().cpu()
             metric.update(predicted, torch.from_numpy(np.stack([garment_mask_from_labels(labels[i]) for i in group])))
     return metric.compute()
@@ -509,17 +554,32 @@ def train_garment_parser(
     encoder_params, decoder_params = parser.trainable_parameters()
     optimizer = torch.optim.AdamW(
         [{"params": encoder_params, "lr_scale": encoder_lr_scale}, {"params": decoder_params, "lr_scale": 1.0}],
-        lr=lr, weight_decay=weight_decay,
+        lr=lr,
+        weight_decay=weight_decay,
     )
     steps_per_epoch = -(-len(person_images) // batch_size)
     config = {
-        "proxy": "hp", **parser.config(), "epochs": epochs, "batch_size": batch_size, "lr": lr,
-        "encoder_lr_scale": encoder_lr_scale, "weight_decay": weight_decay, "seed": seed,
-        "train_pairs": len(person_images), **dict(run_config or {}),
+        "proxy": "hp",
+        **parser.config(),
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "lr": lr,
+        "encoder_lr_scale": encoder_lr_scale,
+        "weight_decay": weight_decay,
+        "seed": seed,
+        "train_pairs": len(person_images),
+        **dict(run_config or {}),
     }
-    run = TrainingRun(out_dir, {"parser": parser}, {"adamw": optimizer}, config, seed=seed,
-                      time_budget_s=time_budget_s, progress="train parser" if progress else None,
-                      steps_per_epoch=steps_per_epoch)
+    run = TrainingRun(
+        out_dir,
+        {"parser": parser},
+        {"adamw": optimizer},
+        config,
+        seed=seed,
+        time_budget_s=time_budget_s,
+        progress="train parser" if progress else None,
+        steps_per_epoch=steps_per_epoch,
+    )
     if run.epoch < epochs and not run.out_of_time:
         log.info("reading %d training pairs at %s", len(person_images), size)
         images, masks = load_parsing_pairs(person_images, parses, size)
@@ -553,7 +613,12 @@ def train_garment_parser(
         metrics = evaluate_garment_masks(*validation, parser=parser, progress=progress)
         extra["val"] = metrics
         (Path(out_dir) / "val_metrics.json").write_text(json.dumps(metrics, indent=1))
-        log.warning("parser on %d validation photos: garment IoU %.4f, mIoU %.4f", metrics["images"], metrics["iou_garment"], metrics["miou"])
+        log.warning(
+            "parser on %d validation photos: garment IoU %.4f, mIoU %.4f",
+            metrics["images"],
+            metrics["iou_garment"],
+            metrics["miou"],
+        )
     return run.finish(extra=extra)
 
 
@@ -583,11 +648,23 @@ class HumanParsingProxy(Proxy):
     """
 
     trainable = True
-    default_conf = {"output_size": None, "margin": 0.05, "threshold": 0.5, "grabcut_iterations": 5, "min_region_fraction": 0.05}
+    default_conf = {
+        "output_size": None,
+        "margin": 0.05,
+        "threshold": 0.5,
+        "grabcut_iterations": 5,
+        "min_region_fraction": 0.05,
+    }
     # Training options of `train_on` (the CLI passes epochs, batch_size, lr; the rest are extras).
     default_training = {
-        "epochs": 6, "batch_size": 16, "lr": 1e-3, "image_size": (128, 96), "decoder_channels": 64,
-        "frozen_blocks": 5, "encoder_lr_scale": 0.1, "val_images": 500,
+        "epochs": 6,
+        "batch_size": 16,
+        "lr": 1e-3,
+        "image_size": (128, 96),
+        "decoder_channels": 64,
+        "frozen_blocks": 5,
+        "encoder_lr_scale": 0.1,
+        "val_images": 500,
     }
 
     def __init__(self, **conf: Any):
@@ -601,7 +678,13 @@ class HumanParsingProxy(Proxy):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if images.ndim != 4 or images.shape[1] != 3 or not images.is_floating_point():
             raise ValueError(f"expected float images of shape (B, 3, H, W), got {tuple(images.shape)} {images.dtype}")
-        masks = garment_masks(images, self.parser, self.conf["threshold"], self.conf["grabcut_iterations"], self.conf["min_region_fraction"])
+        masks = garment_masks(
+            images,
+            self.parser,
+            self.conf["threshold"],
+            self.conf["grabcut_iterations"],
+            self.conf["min_region_fraction"],
+        )
         size = tuple(self.conf["output_size"] or images.shape[-2:])
         return segmented_texture(images, masks, size=size, margin=self.conf["margin"])
 
@@ -611,7 +694,9 @@ class HumanParsingProxy(Proxy):
 
         payload = load_checkpoint(checkpoint, map_location="cpu")
         if "parser_conf" not in payload:
-            raise ValueError(f"{checkpoint} holds no parser (no parser_conf): was it written by `street2shop train parsing`?")
+            raise ValueError(
+                f"{checkpoint} holds no parser (no parser_conf): was it written by `street2shop train parsing`?"
+            )
         device = next(iter(list(self.parameters()) + list(self.buffers())), torch.empty(0)).device
         self.parser = GarmentParser(**payload["parser_conf"], pretrained=False).to(device).eval()
         return super().load_trained(checkpoint)
@@ -628,22 +713,45 @@ class HumanParsingProxy(Proxy):
         time_budget_s = options.pop("time_budget_s", None)
         unknown = set(options) - set(self.default_training)
         if unknown:
-            raise ValueError(f"hp.train_on got unknown options {sorted(unknown)}; valid: {sorted(self.default_training)} + seed, progress, time_budget_s")
+            raise ValueError(
+                f"hp.train_on got unknown options {sorted(unknown)}; "
+                f"valid: {sorted(self.default_training)} + seed, progress, time_budget_s"
+            )
         settings = {**self.default_training, **{k: v for k, v in options.items() if v is not None}}
         if dataset.train is None or dataset.train.empty:
             raise ValueError(f"{dataset.name} has no training pairs to train the parser on")
         photos, parses = parsing_pairs(dataset.train)
         if not photos:
-            raise ValueError(f"{dataset.name}: no training pair has a parse map (column 'parse'); the parser needs them")
-        validation = validation_parsing_pairs(dataset, limit=int(settings["val_images"]), seed=seed) if settings["val_images"] else None
+            raise ValueError(
+                f"{dataset.name}: no training pair has a parse map (column 'parse'); the parser needs them"
+            )
+        validation = (
+            validation_parsing_pairs(dataset, limit=int(settings["val_images"]), seed=seed)
+            if settings["val_images"]
+            else None
+        )
         if validation is not None and not validation[0]:
-            log.warning("%s: no parse map found beside the validation photos; the parser is not evaluated", dataset.name)
+            log.warning(
+                "%s: no parse map found beside the validation photos; the parser is not evaluated", dataset.name
+            )
         device = next(iter(list(self.parameters()) + list(self.buffers())), torch.empty(0)).device
-        parser = GarmentParser(tuple(settings["image_size"]), int(settings["decoder_channels"]), int(settings["frozen_blocks"])).to(device)
+        parser = GarmentParser(
+            tuple(settings["image_size"]), int(settings["decoder_channels"]), int(settings["frozen_blocks"])
+        ).to(device)
         final = train_garment_parser(
-            parser, photos, parses, out_dir, epochs=int(settings["epochs"]), batch_size=int(settings["batch_size"]),
-            lr=float(settings["lr"]), encoder_lr_scale=float(settings["encoder_lr_scale"]), seed=seed, progress=progress,
-            time_budget_s=time_budget_s, validation=validation, run_config={"dataset": dataset.name},
+            parser,
+            photos,
+            parses,
+            out_dir,
+            epochs=int(settings["epochs"]),
+            batch_size=int(settings["batch_size"]),
+            lr=float(settings["lr"]),
+            encoder_lr_scale=float(settings["encoder_lr_scale"]),
+            seed=seed,
+            progress=progress,
+            time_budget_s=time_budget_s,
+            validation=validation,
+            run_config={"dataset": dataset.name},
         )
         self.parser = parser.eval()
         return final

@@ -34,6 +34,7 @@ Example:
     >>> final = proxy.train_on(load_dataset("viton:../shared/data/viton"), "runs/pix2pix")  # doctest: +SKIP
     >>> trained = create_proxy(f"pix2pix@{final}").eval()          # doctest: +SKIP
 """
+
 from __future__ import annotations
 
 import math
@@ -97,7 +98,9 @@ class UNetGenerator(nn.Module):
         torch.Size([2, 3, 64, 64])
     """
 
-    def __init__(self, levels: int = 6, width: int = 64, in_channels: int = 3, out_channels: int = 3, dropout: float = 0.5):
+    def __init__(
+        self, levels: int = 6, width: int = 64, in_channels: int = 3, out_channels: int = 3, dropout: float = 0.5
+    ):
         super().__init__()
         if levels < 2:
             raise ValueError(f"a U-Net needs at least 2 levels, got {levels}")
@@ -109,8 +112,11 @@ class UNetGenerator(nn.Module):
             # pix2pix: no BatchNorm on the first layer (raw pixels) nor on the 1x1 bottleneck (a single
             # value per channel and image); the bottleneck feeds the decoder through a ReLU.
             outermost, innermost = level == 0, level == levels - 1
-            self.encoder.append(conv_block(in_ch, out_ch, norm=not (outermost or innermost),
-                                           activation="relu" if innermost else "lrelu"))
+            self.encoder.append(
+                conv_block(
+                    in_ch, out_ch, norm=not (outermost or innermost), activation="relu" if innermost else "lrelu"
+                )
+            )
         self.decoder = nn.ModuleList()
         for position, level in enumerate(reversed(range(levels))):
             # Decoder layer `position` brings resolution 2**-(level + 1) to 2**-level; every layer but
@@ -125,7 +131,9 @@ class UNetGenerator(nn.Module):
         """Every encoder level's output, finest first: the skips, the last one the 1x1 bottleneck."""
         side = 2**self.levels
         if images.ndim != 4 or tuple(images.shape[-2:]) != (side, side):
-            raise ValueError(f"a {self.levels}-level U-Net takes (B, C, {side}, {side}) images, got {tuple(images.shape)}")
+            raise ValueError(
+                f"a {self.levels}-level U-Net takes (B, C, {side}, {side}) images, got {tuple(images.shape)}"
+            )
         features = []
         x = images
         for layer in self.encoder:
@@ -215,8 +223,12 @@ def pix2pix_discriminator_loss(
 
 
 def pix2pix_generator_loss(
-    discriminator: nn.Module, photo: torch.Tensor, product: torch.Tensor, generated: torch.Tensor,
-    l1_weight: float = 100.0, mode: str = "bce",
+    discriminator: nn.Module,
+    photo: torch.Tensor,
+    product: torch.Tensor,
+    generated: torch.Tensor,
+    l1_weight: float = 100.0,
+    mode: str = "bce",
 ) -> Tuple[torch.Tensor, Dict[str, float]]:
     """L_cGAN(G) + l1_weight * ||product - generated||_1 (mean absolute error in the [-1, 1] range).
 
@@ -229,8 +241,14 @@ def pix2pix_generator_loss(
 
 
 def pix2pix_step(
-    generator: nn.Module, discriminator: nn.Module, optimizer_g: torch.optim.Optimizer, optimizer_d: torch.optim.Optimizer,
-    photo: torch.Tensor, product: torch.Tensor, l1_weight: float = 100.0, mode: str = "bce",
+    generator: nn.Module,
+    discriminator: nn.Module,
+    optimizer_g: torch.optim.Optimizer,
+    optimizer_d: torch.optim.Optimizer,
+    photo: torch.Tensor,
+    product: torch.Tensor,
+    l1_weight: float = 100.0,
+    mode: str = "bce",
 ) -> Dict[str, float]:
     """One pix2pix iteration: a discriminator step on the current fakes, then a generator step.
 
@@ -304,7 +322,9 @@ class GeneratorProxy(Proxy):
         uses its running statistics and a batch gives the same images as its photos one by one.
         """
         if images.ndim != 4 or images.shape[1] != 3 or not images.is_floating_point():
-            raise ValueError(f"{self.name} expects float images (B, 3, H, W) in [0, 1], got {tuple(images.shape)} {images.dtype}")
+            raise ValueError(
+                f"{self.name} expects float images (B, 3, H, W) in [0, 1], got {tuple(images.shape)} {images.dtype}"
+            )
         side = int(self.conf["image_size"])
         small = resize_images(images, (side, side))
         generated = from_gan_range(self.generator(to_gan_range(small)))
@@ -323,8 +343,11 @@ class GeneratorProxy(Proxy):
         self.generator.eval()
         generated = self.generator(batch["person"])
         self.generator.train(was_training)
-        return [("photo", from_gan_range(batch["person"])), ("generated", from_gan_range(generated)),
-                ("ground truth", from_gan_range(batch["product"]))]
+        return [
+            ("photo", from_gan_range(batch["person"])),
+            ("generated", from_gan_range(generated)),
+            ("ground truth", from_gan_range(batch["product"])),
+        ]
 
     def train_on(self, dataset, out_dir, **options: Any) -> Path:
         """Train on `dataset.train`'s (person photo, product photo) pairs; return the path of final.pt.
@@ -342,7 +365,9 @@ class GeneratorProxy(Proxy):
                 `train_defaults` (None values are ignored, so the CLI can pass its unset flags);
                 pairs=ARCHIVE trains on a `street2shop export-pairs` archive, `dataset` may then be None.
         """
-        seed, progress, time_budget_s, checkpoint_every_s, settings = train_options(self.name, options, self.train_defaults)
+        seed, progress, time_budget_s, checkpoint_every_s, settings = train_options(
+            self.name, options, self.train_defaults
+        )
         if settings.get("gan_mode") not in GAN_MODES:
             raise ValueError(f"gan_mode must be one of {GAN_MODES}, got {settings.get('gan_mode')!r}")
         side = self._check_size()
@@ -354,15 +379,19 @@ class GeneratorProxy(Proxy):
             tensors = load_pair_archive(Path(settings["pairs"]))
             found = tuple(tensors["product"].shape[-2:])
             if found != (side, side):
-                raise ValueError(f"{settings['pairs']} holds {found[0]}x{found[1]} pairs but this {self.name} works at "
-                                 f"{side}x{side}: export it with --size {side}")
+                raise ValueError(
+                    f"{settings['pairs']} holds {found[0]}x{found[1]} pairs but this {self.name} works at "
+                    f"{side}x{side}: export it with --size {side}"
+                )
             tensors = {k: v[:limit] for k, v in tensors.items()}
         else:
             if dataset is None or dataset.train is None or dataset.train.empty:
                 name = "no data set" if dataset is None else dataset.name
                 raise ValueError(f"{name} has no training pairs to train {self.name} on (or give pairs=ARCHIVE)")
             pairs = dataset.train if limit is None else dataset.train.iloc[:limit]
-            tensors = prepare_pair_tensors(pairs, out_dir / f"pairs_{side}.pt", size=(side, side), progress=bool(progress))
+            tensors = prepare_pair_tensors(
+                pairs, out_dir / f"pairs_{side}.pt", size=(side, side), progress=bool(progress)
+            )
         data = {"person": tensors["person"], "product": tensors["product"]}
         device = next(self.generator.parameters()).device
 
@@ -371,13 +400,29 @@ class GeneratorProxy(Proxy):
         modules, optimizers, step = self._training_setup(settings, data, pairs)
         modules = {name: module.to(device).train() for name, module in modules.items()}
         trainer = GanTrainer(
-            out_dir, modules, optimizers,
-            config={"proxy": self.name, "conf": self.conf, "n_pairs": int(data["product"].shape[0]), "seed": seed, **settings},
-            seed=seed, time_budget_s=time_budget_s, checkpoint_every_s=checkpoint_every_s,
-            progress=f"train {self.name}" if progress else None, sample_every=int(settings["sample_every"]),
+            out_dir,
+            modules,
+            optimizers,
+            config={
+                "proxy": self.name,
+                "conf": self.conf,
+                "n_pairs": int(data["product"].shape[0]),
+                "seed": seed,
+                **settings,
+            },
+            seed=seed,
+            time_budget_s=time_budget_s,
+            checkpoint_every_s=checkpoint_every_s,
+            progress=f"train {self.name}" if progress else None,
+            sample_every=int(settings["sample_every"]),
         )
-        trainer.train(data, epochs=int(settings["epochs"]), batch_size=int(settings["batch_size"]), step=step,
-                      sample=self._sample_columns)
+        trainer.train(
+            data,
+            epochs=int(settings["epochs"]),
+            batch_size=int(settings["batch_size"]),
+            step=step,
+            sample=self._sample_columns,
+        )
         self.eval()
         return trainer.finish(weights=self.state_dict(), extra={"proxy": self.name, "proxy_conf": self.conf})
 
@@ -387,8 +432,10 @@ class GeneratorProxy(Proxy):
             return super().load_trained(checkpoint)
         except RuntimeError as exc:  # load_state_dict raises RuntimeError on tensors of another shape
             first = str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else str(exc)
-            raise ValueError(f"{checkpoint} does not fit proxy {self.name!r} with config {self.conf}: was it trained "
-                             f"with another config? ({first})") from None
+            raise ValueError(
+                f"{checkpoint} does not fit proxy {self.name!r} with config {self.conf}: was it trained "
+                f"with another config? ({first})"
+            ) from None
 
 
 def _build_seeded(build, seed: int = 0):
@@ -426,8 +473,11 @@ class Pix2PixProxy(GeneratorProxy):
     def __init__(self, **conf: Any):
         super().__init__(**conf)
         levels = int(math.log2(self._check_size()))
-        self.generator = _build_seeded(lambda: init_gan_weights(
-            UNetGenerator(levels=levels, width=int(self.conf["width"]), dropout=float(self.conf["dropout"]))))
+        self.generator = _build_seeded(
+            lambda: init_gan_weights(
+                UNetGenerator(levels=levels, width=int(self.conf["width"]), dropout=float(self.conf["dropout"]))
+            )
+        )
 
     def _training_setup(self, settings, data, pairs):
         discriminator = init_gan_weights(PatchDiscriminator(in_channels=6, width=int(settings["d_width"])))
@@ -438,7 +488,15 @@ class Pix2PixProxy(GeneratorProxy):
         l1_weight, mode = float(settings["l1_weight"]), str(settings["gan_mode"])
 
         def step(batch: Dict[str, torch.Tensor], generator: torch.Generator) -> Dict[str, float]:
-            return pix2pix_step(self.generator, discriminator, optimizer_g, optimizer_d,
-                                batch["person"], batch["product"], l1_weight, mode)
+            return pix2pix_step(
+                self.generator,
+                discriminator,
+                optimizer_g,
+                optimizer_d,
+                batch["person"],
+                batch["product"],
+                l1_weight,
+                mode,
+            )
 
         return {"generator": self.generator, "discriminator": discriminator}, {"g": optimizer_g, "d": optimizer_d}, step

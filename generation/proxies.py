@@ -4,16 +4,20 @@ A proxy maps query images to images, (B, 3, H, W) -> (B, 3, H', W') float in [0,
 can stand in front of any descriptor. The catalog never goes through a proxy: the proxy's job is to
 bring street photos into the catalog's domain.
 """
+
 from __future__ import annotations
 
 import importlib
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import TYPE_CHECKING, Any, Dict, Optional
 
 import torch
 from torch import nn
 
 from retrieval.registry import Registry, module_fingerprint, typed_options
+
+if TYPE_CHECKING:  # the annotation only: descriptors need not be imported to build a proxy
+    from retrieval.descriptors import Descriptor
 
 PROXIES = Registry("proxy")
 # Modules whose import registers the built-in proxies (a new proxy file appends its module here).
@@ -30,7 +34,9 @@ class Proxy(nn.Module):
         super().__init__()
         unknown = set(conf) - set(self.default_conf)
         if unknown:
-            raise ValueError(f"{type(self).__name__} got unknown options {sorted(unknown)}; valid: {sorted(self.default_conf)}")
+            raise ValueError(
+                f"{type(self).__name__} got unknown options {sorted(unknown)}; valid: {sorted(self.default_conf)}"
+            )
         self.name = getattr(type(self), "registry_name", type(self).__name__)
         # Text from any route ('false', '0.5') typed like the default: 'false' is truthy as a string.
         self.conf = {**self.default_conf, **typed_options(conf, self.default_conf, self.name)}

@@ -19,6 +19,7 @@ Example:
     >>> bool(grabcut_shape_map(product)[12:52, 10:38].mean() > 0.95)
     True
 """
+
 from __future__ import annotations
 
 from typing import Dict, Optional, Sequence
@@ -49,7 +50,9 @@ def fill_holes(mask: np.ndarray) -> np.ndarray:
     return ~outside
 
 
-def shape_map_initial_labels(image: np.ndarray, init: str = "rect", inset: int = 4, white_threshold: int = 245) -> np.ndarray:
+def shape_map_initial_labels(
+    image: np.ndarray, init: str = "rect", inset: int = 4, white_threshold: int = 245
+) -> np.ndarray:
     """GrabCut's initial labels for a product photo on white (see the module docstring).
 
     Returns:
@@ -71,7 +74,14 @@ def shape_map_initial_labels(image: np.ndarray, init: str = "rect", inset: int =
     return labels
 
 
-def grabcut_shape_map(image: np.ndarray, init: str = "rect", inset: int = 4, white_threshold: int = 245, iterations: int = 5, keep_holes: bool = False) -> np.ndarray:
+def grabcut_shape_map(
+    image: np.ndarray,
+    init: str = "rect",
+    inset: int = 4,
+    white_threshold: int = 245,
+    iterations: int = 5,
+    keep_holes: bool = False,
+) -> np.ndarray:
     """Boolean silhouette (H, W) of the garment in a product photo on white, by GrabCut.
 
     Args:

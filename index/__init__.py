@@ -12,6 +12,7 @@ Example::
     catalog.save("runs/catalog-index")            # a new checksummed version, swapped in atomically
     catalog = ProductIndex.load("runs/catalog-index")
 """
+
 from .device import resolve_faiss_device
 from .errors import IndexCorruptError, IndexLockedError, IndexMismatchError
 from .presets import describe_index_preset, index_factory_string, list_index_presets

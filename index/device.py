@@ -3,6 +3,7 @@
 The source of truth is always a CPU index (it is what gets saved); a GPU copy is made from it for
 searching. The decision is logged once per process per distinct outcome, not on every call.
 """
+
 from __future__ import annotations
 
 import logging

@@ -56,9 +56,10 @@ Both IVF presets are sized from the number of vectors N given at build time:
 
 Search parameters (``nprobe`` and the re-rank depth ``k_factor`` for the IVF presets, ``efSearch`` for
 ``hnsw``) are not fixed here: ``ProductIndex.build`` tunes them for a target recall@k on a sample
-of perturbed catalog vectors (or the caller's queries), as autofaiss does (see ``ProductIndex.tune``). The values below are only the starting point
-used when tuning is switched off.
+of perturbed catalog vectors (or the caller's queries), as autofaiss does (see ``ProductIndex.tune``).
+The values below are only the starting point used when tuning is switched off.
 """
+
 from __future__ import annotations
 
 import math
@@ -215,7 +216,8 @@ def _plan_ivf(preset: str, dim: int, n_train: int) -> IndexPlan:
             ),
         )
     per_sqrt_n, points_per_list = (
-        (IVFPQ_NLIST_PER_SQRT_N, IVFPQ_TRAIN_POINTS_PER_LIST) if preset == "ivfpq"
+        (IVFPQ_NLIST_PER_SQRT_N, IVFPQ_TRAIN_POINTS_PER_LIST)
+        if preset == "ivfpq"
         else (NLIST_PER_SQRT_N, TRAIN_POINTS_PER_LIST)
     )
     wanted_nlist = int(round(per_sqrt_n * math.sqrt(n_train)))
@@ -257,6 +259,4 @@ def _largest_divisor_at_most(n: int, limit: int) -> int:
 
 def _check_preset(preset: str) -> None:
     if preset not in _PRESET_DESCRIPTIONS:
-        raise ValueError(
-            f"unknown index preset {preset!r}; valid names: {', '.join(list_index_presets())}"
-        )
+        raise ValueError(f"unknown index preset {preset!r}; valid names: {', '.join(list_index_presets())}")

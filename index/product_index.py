@@ -28,6 +28,7 @@ search for a sweep of ``nprobe`` x re-rank depth (IVF) or ``efSearch`` (HNSW), a
 setting whose recall reaches the target. The result lives in :attr:`ProductIndex.search_params` and the
 manifest, so a loaded index searches with it without tuning again.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -214,8 +215,9 @@ class ProductIndex:
         built = cls(cpu_index, product_ids, preset, plan.factory_string, plan.search_params, metadata, device)
         added = time.perf_counter()
         if target_recall is not None and built._kind != "flat" and built.ntotal >= 2:
-            built._tune(target_recall, k=10, queries=tune_queries, n_queries=DEFAULT_TUNING_QUERIES,
-                        database=vectors, seed=seed)
+            built._tune(
+                target_recall, k=10, queries=tune_queries, n_queries=DEFAULT_TUNING_QUERIES, database=vectors, seed=seed
+            )
         built._build_timings = {
             "train_s": trained - started,
             "add_s": added - trained,
@@ -428,9 +430,7 @@ class ProductIndex:
         scores = np.where(found, scores, -np.inf).astype(np.float32, copy=False)
         return scores, ids
 
-    def check_compatible(
-        self, expected: Mapping[str, Any], keys: Sequence[str] = _DEFAULT_COMPAT_KEYS
-    ) -> None:
+    def check_compatible(self, expected: Mapping[str, Any], keys: Sequence[str] = _DEFAULT_COMPAT_KEYS) -> None:
         """Raise if this index was built for other vectors than the caller is about to query with.
 
         Each key of ``keys`` present in ``expected`` must equal the index's metadata value (``dim`` is
@@ -662,8 +662,14 @@ class ProductIndex:
     ) -> Dict[str, Any]:
         """:meth:`tune` on validated, normalised inputs (``database`` may be the caller's build matrix)."""
         if self._kind == "flat":
-            return {"target_recall": target_recall, "k": k, "met": True, "recall": 1.0,
-                    "search_params": {}, "note": "exact index: nothing to tune"}
+            return {
+                "target_recall": target_recall,
+                "k": k,
+                "met": True,
+                "recall": 1.0,
+                "search_params": {},
+                "note": "exact index: nothing to tune",
+            }
         if self.ntotal < 2:
             raise ValueError(f"cannot tune an index of {self.ntotal} products: it needs at least 2")
         if database is None:
@@ -689,8 +695,14 @@ class ProductIndex:
         else:
             sweep, reaching = self._sweep_hnsw(measure, target_recall, k)
         chosen = _pick_fastest(sweep, reaching, measure)
-        sweep = [{key: round(value, 5) if isinstance(value, float) else value
-                  for key, value in row.items() if key != "params"} for row in sweep]
+        sweep = [
+            {
+                key: round(value, 5) if isinstance(value, float) else value
+                for key, value in row.items()
+                if key != "params"
+            }
+            for row in sweep
+        ]
         met = _reaches(chosen["recall"], chosen["recall_se"], target_recall)
         params = {key: chosen[key] for key in ("nprobe", "k_factor", "efSearch") if key in chosen}
         if "k_factor" in params:
@@ -715,8 +727,10 @@ class ProductIndex:
         }
         settings = ", ".join(f"{key}={value}" for key, value in params.items())
         if met:
-            LOGGER.info(f"tuned {self._preset}: {settings} gives recall@{k} {chosen['recall']:.3f} "
-                        f"(target {target_recall}) on {len(queries)} queries")
+            LOGGER.info(
+                f"tuned {self._preset}: {settings} gives recall@{k} {chosen['recall']:.3f} "
+                f"(target {target_recall}) on {len(queries)} queries"
+            )
         else:
             exact_rerank = self._kind == "hnsw" or isinstance(
                 faiss.downcast_index(self._cpu_index.refine_index), faiss.IndexFlat
@@ -745,8 +759,14 @@ class ProductIndex:
                     k_factor=float(k_factor), base_index_params=faiss.SearchParametersIVF(nprobe=nprobe)
                 )
                 recall, se, ms_per_query = measure(params)
-                row = {"nprobe": nprobe, "k_factor": k_factor, "recall": recall, "recall_se": se,
-                       "ms_per_query": ms_per_query, "params": params}
+                row = {
+                    "nprobe": nprobe,
+                    "k_factor": k_factor,
+                    "recall": recall,
+                    "recall_se": se,
+                    "ms_per_query": ms_per_query,
+                    "params": params,
+                }
                 sweep.append(row)
                 rows.append(row)
                 if _reaches(recall, se, target_recall):
@@ -770,8 +790,15 @@ class ProductIndex:
         for ef_search in sorted({max(ef, 2 * k) for ef in _TUNING_EF_SEARCH}):
             params = _hnsw_params(ef_search, k)
             recall, se, ms_per_query = measure(params)
-            sweep.append({"efSearch": ef_search, "recall": recall, "recall_se": se,
-                          "ms_per_query": ms_per_query, "params": params})
+            sweep.append(
+                {
+                    "efSearch": ef_search,
+                    "recall": recall,
+                    "recall_se": se,
+                    "ms_per_query": ms_per_query,
+                    "params": params,
+                }
+            )
             if _reaches(recall, se, target_recall):
                 return sweep, [sweep[-1]]
         return sweep, []
@@ -842,8 +869,9 @@ def _nprobe_steps(top: int) -> List[int]:
         >>> _nprobe_steps(40)
         [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 40]
     """
-    steps = sorted({value for i in range(max(1, top).bit_length() + 1) for value in (1 << i, 3 << i >> 1)
-                    if 1 <= value < top})
+    steps = sorted(
+        {value for i in range(max(1, top).bit_length() + 1) for value in (1 << i, 3 << i >> 1) if 1 <= value < top}
+    )
     return steps + [max(1, top)]
 
 
@@ -1000,8 +1028,11 @@ def _placement(kind: str, device: str, has_gpu_version: bool = True) -> str:
         log_once(logging.INFO, "faiss: HNSW has no GPU version, HNSW indexes search on the CPU")
         return "cpu"
     if resolved == "cuda" and not has_gpu_version:
-        log_once(logging.INFO, "faiss: fast-scan IVF-PQ (preset 'ivfpq') has no GPU version, it searches on "
-                               "the CPU; preset 'ivfpq-rflat' searches on the GPU")
+        log_once(
+            logging.INFO,
+            "faiss: fast-scan IVF-PQ (preset 'ivfpq') has no GPU version, it searches on "
+            "the CPU; preset 'ivfpq-rflat' searches on the GPU",
+        )
         return "cpu"
     if resolved == "cuda":
         log_once(logging.INFO, f"faiss: {kind} indexes search on the GPU ({faiss.get_num_gpus()} visible)")

@@ -24,6 +24,7 @@ The flat layout of format 1 (``index.faiss`` and ``manifest.json`` as plain file
 still loads. A save over it first adopts those files, unchanged, as a version folder (hard links),
 then proceeds as over any versioned index; it touches only the files that manifest lists.
 """
+
 from __future__ import annotations
 
 import errno
@@ -69,9 +70,20 @@ DEFAULT_LOCK_TIMEOUT_S = 300.0
 """How long a save waits for another save of the same directory before giving up."""
 
 SAVE_STEPS = (
-    "locked", "cleaned", "flat-adopted", "flat-pointed", "flat-replaced", "index-written",
-    "attachments-written", "manifest-written", "version-synced", "links-added", "pointer-staged",
-    "pointer-swapped", "links-pruned", "done",
+    "locked",
+    "cleaned",
+    "flat-adopted",
+    "flat-pointed",
+    "flat-replaced",
+    "index-written",
+    "attachments-written",
+    "manifest-written",
+    "version-synced",
+    "links-added",
+    "pointer-staged",
+    "pointer-swapped",
+    "links-pruned",
+    "done",
 )
 """Names passed to :func:`_crash_point` during a save, in order. The ``flat-*`` steps happen only when
 saving over a format-1 flat index (``flat-replaced`` once per file of it)."""
@@ -233,7 +245,9 @@ def _checked_attachments(attachments: Optional[Mapping[str, bytes]]) -> Dict[str
     return payloads
 
 
-def _write_version(version: Path, cpu_index: Any, manifest: Dict[str, Any], payloads: Mapping[str, bytes]) -> Dict[str, str]:
+def _write_version(
+    version: Path, cpu_index: Any, manifest: Dict[str, Any], payloads: Mapping[str, bytes]
+) -> Dict[str, str]:
     """Write and fsync every file of a version folder; returns the attachments' sha256 by name."""
     index_path = version / INDEX_FILE
     faiss.write_index(cpu_index, str(index_path))
@@ -412,8 +426,11 @@ def _tidy_after_load(directory: Path, live: Optional[str]) -> None:
         return  # a format-1 index has no lock file: its next save tidies up
     target = Path(os.path.realpath(directory))
     try:
-        stale = [name for name in os.listdir(target)
-                 if (name.startswith(VERSION_PREFIX) and name != live) or name.startswith(_TMP_PREFIX)]
+        stale = [
+            name
+            for name in os.listdir(target)
+            if (name.startswith(VERSION_PREFIX) and name != live) or name.startswith(_TMP_PREFIX)
+        ]
         if not stale and not any(_legacy_siblings(target).values()):
             return
         descriptor = os.open(target / LOCK_FILE, os.O_RDWR)
@@ -449,8 +466,11 @@ def _recover_legacy(target: Path) -> None:
     ``.<name>.old-*``: put it back (the newest, if several), so it loads."""
     if os.path.lexists(target):
         return
-    olds = [path for path in _legacy_siblings(target)["old"]
-            if (path / MANIFEST_FILE).is_file() and (path / INDEX_FILE).is_file()]
+    olds = [
+        path
+        for path in _legacy_siblings(target)["old"]
+        if (path / MANIFEST_FILE).is_file() and (path / INDEX_FILE).is_file()
+    ]
     if not olds:
         return
     newest = max(olds, key=lambda path: path.stat().st_mtime)
@@ -631,8 +651,11 @@ def _flat_files(target: Path) -> Set[str]:
         listed = {name for name in attachments if name in KNOWN_ATTACHMENTS}
     except (OSError, ValueError, AttributeError, TypeError):
         pass  # unreadable: only index.faiss and manifest.json count as ours
-    return {name for name in {INDEX_FILE, MANIFEST_FILE} | listed
-            if (target / name).is_file() and not (target / name).is_symlink()}
+    return {
+        name
+        for name in {INDEX_FILE, MANIFEST_FILE} | listed
+        if (target / name).is_file() and not (target / name).is_symlink()
+    }
 
 
 def _foreign_entries(target: Path) -> list:

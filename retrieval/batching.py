@@ -1,4 +1,5 @@
 """Images from files to batches on a device: decoding threads, seeded samples, descriptor fitting."""
+
 from __future__ import annotations
 
 import hashlib
@@ -64,7 +65,11 @@ def sample_paths(paths: Sequence[str], limit: Optional[int], seed: int = 0) -> L
 
 
 def fit_descriptor(
-    descriptor: Descriptor, paths: Sequence[str], *, batch_size: int = 32, progress: bool = True,
+    descriptor: Descriptor,
+    paths: Sequence[str],
+    *,
+    batch_size: int = 32,
+    progress: bool = True,
     cache_dir: Optional[os.PathLike] = None,
 ) -> Descriptor:
     """Fit (codebook, whitening) on training images; a no-op for descriptors that need nothing.
@@ -90,11 +95,16 @@ def fit_descriptor(
     if progress:
         from tqdm.auto import tqdm
 
-        batches = tqdm(batches, total=-(-len(paths) // batch_size), desc=f"fit {descriptor.name}", unit="batch", leave=False)
+        batches = tqdm(
+            batches, total=-(-len(paths) // batch_size), desc=f"fit {descriptor.name}", unit="batch", leave=False
+        )
     descriptor.fit(batch.to(device) for batch in batches)
     if stored is not None:
-        changed = {k: v.detach().cpu() for k, v in descriptor.state_dict().items()
-                   if k not in before or v.shape != before[k].shape or not torch.equal(v, before[k])}
+        changed = {
+            k: v.detach().cpu()
+            for k, v in descriptor.state_dict().items()
+            if k not in before or v.shape != before[k].shape or not torch.equal(v, before[k])
+        }
         buffer = io.BytesIO()
         torch.save(changed, buffer)
         write_checked_bytes(stored, buffer.getvalue())  # torch.load reads a flipped byte without complaint
@@ -116,8 +126,11 @@ def load_fitted_state(descriptor: Descriptor, path: Path) -> bool:
     state = descriptor.state_dict()
     try:
         stored = torch.load(io.BytesIO(read_checked_bytes(path)), map_location="cpu", weights_only=True)
-        unusable = [k for k, v in stored.items() if k not in state or state[k].shape != v.shape
-                    or (v.is_floating_point() and not torch.isfinite(v).all())]
+        unusable = [
+            k
+            for k, v in stored.items()
+            if k not in state or state[k].shape != v.shape or (v.is_floating_point() and not torch.isfinite(v).all())
+        ]
     except Exception as error:  # a damaged file is refitted, never trusted
         log.warning("fitted state %s is unreadable (%s): fitting again", path, error)
         return False

@@ -17,6 +17,7 @@ Example:
     >>> print(data.describe())  # doctest: +SKIP
     viton:/home/me/.cache/street2shop/synthetic-60-seed0 [val]: 20 products, 20 queries, 40 training pairs
 """
+
 from __future__ import annotations
 
 import logging
@@ -183,8 +184,7 @@ def _pair_ids_from_pairs_file(pairs_file: Path) -> List[str]:
         stem = Path(fields[0]).stem
         if not stem.endswith("_0"):
             raise ValueError(
-                f"{pairs_file}:{line_number}: expected a person image named 'NNNNNN_0.<ext>' first, got "
-                f"{fields[0]!r}"
+                f"{pairs_file}:{line_number}: expected a person image named 'NNNNNN_0.<ext>' first, got {fields[0]!r}"
             )
         ids.append(stem[: -len("_0")])
     return list(dict.fromkeys(ids))
@@ -209,7 +209,14 @@ def _read_viton_half(root: Path, half: str) -> Tuple[pd.DataFrame, int]:
         examples = ", ".join([pair_id for pair_id in ids if pair_id not in kept_set][:5])
         logger.warning(
             "%s: dropped %d of %d %s pairs whose person (%s/image/NNNNNN_0.*) or product (%s/cloth/NNNNNN_1.*) "
-            "image is missing (e.g. %s)", root, dropped, len(ids), half, half, half, examples,
+            "image is missing (e.g. %s)",
+            root,
+            dropped,
+            len(ids),
+            half,
+            half,
+            half,
+            examples,
         )
 
     def optional(listing: Dict[str, Path], stem: str) -> Optional[str]:
@@ -352,7 +359,9 @@ def _read_table(csv_path: Path, columns: Sequence[str], what: str) -> pd.DataFra
     empty_images = table["image"].str.strip() == ""
     if empty_images.any():
         first_row = int(np.flatnonzero(empty_images.to_numpy())[0]) + 2  # +1 header, +1 one-based
-        raise ValueError(f"{what} CSV {csv_path}: {int(empty_images.sum())} rows have no image (first at line {first_row})")
+        raise ValueError(
+            f"{what} CSV {csv_path}: {int(empty_images.sum())} rows have no image (first at line {first_row})"
+        )
     base = csv_path.parent
     images = []
     for row, value in enumerate(table["image"]):
@@ -361,7 +370,8 @@ def _read_table(csv_path: Path, columns: Sequence[str], what: str) -> pd.DataFra
             images.append(str(path if path.is_absolute() else (base / path).resolve()))
         except (ValueError, RuntimeError, OSError) as error:  # NUL bytes, "~nobody/x", symlink loops
             raise ValueError(
-                f"{what} CSV {csv_path}: row {row + 1} after the header: image {value!r} is not a usable path ({error}); fix the path"
+                f"{what} CSV {csv_path}: row {row + 1} after the header: image {value!r} is not a usable path "
+                f"({error}); fix the path"
             ) from None
     table["image"] = images
     return table
@@ -415,13 +425,16 @@ def subset_products(data: RetrievalSet, limit: Optional[int], seed: int = 0) -> 
     keep = data.catalog.sample(int(limit), random_state=seed).sort_index()
     ids = set(keep["product_id"].astype(str))
     queries = data.queries[data.queries["product_id"].astype(str).isin(ids)]
-    return RetrievalSet(f"{data.name} [{len(keep)} products]", keep.reset_index(drop=True),
-                        queries.reset_index(drop=True), data.train, data.root).validate()
+    return RetrievalSet(
+        f"{data.name} [{len(keep)} products]",
+        keep.reset_index(drop=True),
+        queries.reset_index(drop=True),
+        data.train,
+        data.root,
+    ).validate()
 
 
-def load_dataset(
-    spec: str, split: str = "val", seed: int = 0, cache_dir: Optional[PathLike] = None
-) -> RetrievalSet:
+def load_dataset(spec: str, split: str = "val", seed: int = 0, cache_dir: Optional[PathLike] = None) -> RetrievalSet:
     """Load a data set from a spec string.
 
     Args:

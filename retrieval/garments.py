@@ -4,6 +4,7 @@ They live here, below `generation/`, because retrieval-side trainers (L2-Net's g
 sampler) need them too and a layer never imports a higher one. `generation.parsing` (the parser that
 predicts the masks) re-exports them.
 """
+
 from __future__ import annotations
 
 from typing import Sequence, Tuple
@@ -50,7 +51,9 @@ def mask_bounding_boxes(masks: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor
     return boxes, nonempty
 
 
-def segmented_texture(images: torch.Tensor, garment_mask: torch.Tensor, size: Tuple[int, int] = (64, 64), margin: float = 0.05) -> torch.Tensor:
+def segmented_texture(
+    images: torch.Tensor, garment_mask: torch.Tensor, size: Tuple[int, int] = (64, 64), margin: float = 0.05
+) -> torch.Tensor:
     """The garment cut out on white, cropped to its box, resized keeping aspect, padded with white (T_m).
 
     Args:
@@ -75,7 +78,10 @@ def segmented_texture(images: torch.Tensor, garment_mask: torch.Tensor, size: Tu
     if images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"expected images of shape (B, 3, H, W), got {tuple(images.shape)}")
     if garment_mask.shape != (images.shape[0], 1, *images.shape[-2:]):
-        raise ValueError(f"garment_mask must be (B, 1, H, W) = {(images.shape[0], 1, *images.shape[-2:])}, got {tuple(garment_mask.shape)}")
+        raise ValueError(
+            f"garment_mask must be (B, 1, H, W) = {(images.shape[0], 1, *images.shape[-2:])}, "
+            f"got {tuple(garment_mask.shape)}"
+        )
     alpha = garment_mask.to(images.dtype).clamp(0, 1)
     boxes, nonempty = mask_bounding_boxes(alpha > 0.5)
     alpha = torch.where(nonempty[:, None, None, None], alpha, torch.ones_like(alpha))

@@ -18,6 +18,7 @@ Example:
     >>> batch.shape  # doctest: +SKIP
     torch.Size([1, 3, 256, 192])
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -110,8 +111,11 @@ def get_max_pixels() -> int:
 
 
 _FILE_KINDS = (
-    (stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
-    (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
 )
 
 
@@ -143,7 +147,9 @@ def open_regular_file(path: PathLike, expected: str = "an image file") -> Binary
         descriptor = os.open(path, flags)
     except FileNotFoundError:
         what = "Image file" if expected == "an image file" else "File"
-        raise FileNotFoundError(f"{what} not found: {path}. Check the path (and the dataset root it came from).") from None
+        raise FileNotFoundError(
+            f"{what} not found: {path}. Check the path (and the dataset root it came from)."
+        ) from None
     except OSError as error:
         try:  # sockets (ENXIO) and, on Windows, directories cannot be opened at all: say what they are
             kind = _kind_of(os.stat(path).st_mode)
@@ -180,8 +186,8 @@ def _check_truncated_loading_is_off() -> None:
 def _too_large(path: Path, width: int, height: int, limit: int, note: str = "") -> ImageReadError:
     return ImageReadError(
         f"{path} is {width}x{height} = {width * height:,} pixels{note}, more than max_pixels={limit:,}. If the file "
-        f"is genuine, raise the limit: set {MAX_PIXELS_ENV_VARIABLE}=<pixels>, call retrieval.io.set_max_pixels(<pixels>) "
-        "or pass max_pixels to read_image (or downscale the file)."
+        f"is genuine, raise the limit: set {MAX_PIXELS_ENV_VARIABLE}=<pixels>, call "
+        "retrieval.io.set_max_pixels(<pixels>) or pass max_pixels to read_image (or downscale the file)."
     )
 
 
@@ -250,7 +256,11 @@ def _open_and_decode(path: Path, max_pixels: Optional[int], min_size: Optional[T
             if request is not None:
                 image.draft(image.mode, request)  # header only: picks the DCT scale the decoder will use
             if image.size[0] * image.size[1] > limit:
-                note = f" (still {image.size[0]}x{image.size[1]} at 1/8 JPEG scale)" if image.size != (width, height) else ""
+                note = (
+                    f" (still {image.size[0]}x{image.size[1]} at 1/8 JPEG scale)"
+                    if image.size != (width, height)
+                    else ""
+                )
                 raise _too_large(path, width, height, limit, note)
             image.load()
             # exif_transpose returns a rotated copy (a plain copy when there is no tag), so the file
@@ -385,7 +395,9 @@ def read_image(
     except ImageReadError:
         raise
     except _PILLOW_FAILURES as error:
-        raise ImageReadError(f"{path} cannot be converted to RGB ({type(error).__name__}: {error}); re-export it.") from error
+        raise ImageReadError(
+            f"{path} cannot be converted to RGB ({type(error).__name__}: {error}); re-export it."
+        ) from error
 
 
 def read_mask(path: PathLike, max_pixels: Optional[int] = None) -> np.ndarray:

@@ -19,6 +19,7 @@ SuperPoint's homographic adaptation and of LF-Net's synthetic pairs). The pieces
 LAFs follow kornia's convention (``[A | c]`` in pixels, pixel centres at integers; the patch covers
 ``c + A [-1, 1]^2``). Homographies map pixel coordinates of A to pixel coordinates of B.
 """
+
 from __future__ import annotations
 
 import math
@@ -91,7 +92,9 @@ def random_homographies(
     """
     radius = max(height, width) / 2.0
     cx, cy = (width - 1) / 2.0, (height - 1) / 2.0
-    to_centred = torch.tensor([[1 / radius, 0, -cx / radius], [0, 1 / radius, -cy / radius], [0, 0, 1]], dtype=torch.float64)
+    to_centred = torch.tensor(
+        [[1 / radius, 0, -cx / radius], [0, 1 / radius, -cy / radius], [0, 0, 1]], dtype=torch.float64
+    )
     to_pixels = torch.linalg.inv(to_centred)
 
     theta = torch.deg2rad(_uniform(generator, (batch,), -max_rotation_deg, max_rotation_deg))
@@ -251,10 +254,14 @@ def homography_patch_pairs(
         - output: `PatchPairs` with M <= B * N pairs
     """
     if grey_a.ndim != 4 or grey_a.shape[1] != 1 or grey_a.shape != grey_b.shape:
-        raise ValueError(f"grey_a and grey_b must both be (B, 1, H, W), got {tuple(grey_a.shape)}, {tuple(grey_b.shape)}")
+        raise ValueError(
+            f"grey_a and grey_b must both be (B, 1, H, W), got {tuple(grey_a.shape)}, {tuple(grey_b.shape)}"
+        )
     batch, n_lafs = mask.shape
     if lafs_a.shape != (batch, n_lafs, 2, 3) or homographies.shape != (batch, 3, 3):
-        raise ValueError(f"shapes disagree: lafs {tuple(lafs_a.shape)}, mask {tuple(mask.shape)}, H {tuple(homographies.shape)}")
+        raise ValueError(
+            f"shapes disagree: lafs {tuple(lafs_a.shape)}, mask {tuple(mask.shape)}, H {tuple(homographies.shape)}"
+        )
     height, width = grey_a.shape[-2:]
     lafs_b = perspective_transform_lafs(homographies.to(lafs_a), lafs_a)
     with torch.no_grad():
@@ -490,7 +497,9 @@ def hardest_in_batch_triplet_loss(
 
 def _check_matching_rows(desc_a: torch.Tensor, desc_b: torch.Tensor) -> None:
     if desc_a.shape != desc_b.shape or desc_a.ndim != 2:
-        raise ValueError(f"desc_a and desc_b must be (M, D) of the same shape, got {tuple(desc_a.shape)}, {tuple(desc_b.shape)}")
+        raise ValueError(
+            f"desc_a and desc_b must be (M, D) of the same shape, got {tuple(desc_a.shape)}, {tuple(desc_b.shape)}"
+        )
 
 
 def hardnet_loss(
@@ -552,7 +561,9 @@ def patch_matching_metrics(
     """
     size = desc_a.shape[0]
     if size < 2 or desc_b.shape != desc_a.shape:
-        raise ValueError(f"need at least 2 matching rows of the same shape, got {tuple(desc_a.shape)}, {tuple(desc_b.shape)}")
+        raise ValueError(
+            f"need at least 2 matching rows of the same shape, got {tuple(desc_a.shape)}, {tuple(desc_b.shape)}"
+        )
     distances = descriptor_distances(desc_a.double(), desc_b.double(), eps=0.0)
     eye = torch.eye(size, dtype=torch.bool)
     blocked = eye if exclude is None else eye | exclude.cpu().bool()

@@ -1,12 +1,13 @@
 """A small named registry shared by descriptors, proxies and other plugins.
 
-    DESCRIPTORS = Registry("descriptor")
+DESCRIPTORS = Registry("descriptor")
 
-    @DESCRIPTORS.register("gem")
-    class GeM(Descriptor): ...
+@DESCRIPTORS.register("gem")
+class GeM(Descriptor): ...
 
-    DESCRIPTORS.create("gem", p=3.0)   # unknown names raise ValueError listing the valid ones
+DESCRIPTORS.create("gem", p=3.0)   # unknown names raise ValueError listing the valid ones
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable, Dict, List, TypeVar
@@ -38,9 +39,7 @@ class Registry:
         try:
             return self._entries[name]
         except KeyError:
-            raise ValueError(
-                f"unknown {self.kind} {name!r}; valid names: {', '.join(self.names())}"
-            ) from None
+            raise ValueError(f"unknown {self.kind} {name!r}; valid names: {', '.join(self.names())}") from None
 
     def create(self, name: str, **conf: Any) -> Any:
         return self.get(name)(**conf)

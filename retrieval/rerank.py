@@ -34,6 +34,7 @@ Works with any descriptor whose `extract` returns `LocalFeatures` (sift, delf, .
 local features live in a `LocalFeatureStore` (padded tensors, float16 descriptors), built from the
 catalog by the same descriptor and saved as bytes (an index attachment).
 """
+
 from __future__ import annotations
 
 import io
@@ -88,12 +89,16 @@ def mutual_nearest_neighbours(
     Example:
         >>> q = torch.eye(3)
         >>> g = torch.eye(3)[[2, 0, 1]][None]  # candidate's descriptors are a permutation
-        >>> match, valid = mutual_nearest_neighbours(q, torch.ones(3, dtype=torch.bool), g, torch.ones(1, 3, dtype=torch.bool))
+        >>> everywhere = torch.ones(3, dtype=torch.bool)
+        >>> match, valid = mutual_nearest_neighbours(q, everywhere, g, everywhere[None])
         >>> match.tolist(), valid.all().item()
         ([[1, 2, 0]], True)
     """
     if query_desc.ndim != 2 or gallery_desc.ndim != 3 or query_desc.shape[-1] != gallery_desc.shape[-1]:
-        raise ValueError(f"expected query (M, D) and gallery (C, N, D), got {tuple(query_desc.shape)} and {tuple(gallery_desc.shape)}")
+        raise ValueError(
+            f"expected query (M, D) and gallery (C, N, D), "
+            f"got {tuple(query_desc.shape)} and {tuple(gallery_desc.shape)}"
+        )
     similarity = torch.einsum("md,cnd->cmn", query_desc.float(), gallery_desc.float())
     pair_valid = query_mask[None, :, None] & gallery_mask[:, None, :]
     similarity = similarity.masked_fill(~pair_valid, float("-inf"))
@@ -219,8 +224,12 @@ def solve_small_systems(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-7) -> 
         permutation = torch.where(rows == pivot[..., None], torch.full_like(permutation, k), permutation)
         augmented = augmented.gather(-2, permutation[..., None].expand_as(augmented))
         pivot_value = augmented[..., k : k + 1, k : k + 1]
-        pivot_row = augmented[..., k : k + 1, :] / torch.where(pivot_value.abs() > eps, pivot_value, torch.ones_like(pivot_value))
-        factors = torch.where((rows == k)[:, None], torch.zeros_like(augmented[..., :, k : k + 1]), augmented[..., :, k : k + 1])
+        pivot_row = augmented[..., k : k + 1, :] / torch.where(
+            pivot_value.abs() > eps, pivot_value, torch.ones_like(pivot_value)
+        )
+        factors = torch.where(
+            (rows == k)[:, None], torch.zeros_like(augmented[..., :, k : k + 1]), augmented[..., :, k : k + 1]
+        )
         augmented = augmented - factors * pivot_row
         augmented = torch.where((rows == k)[:, None], pivot_row.expand_as(augmented), augmented)
     return augmented[..., -1], ok
@@ -296,7 +305,10 @@ def ransac(
     if model not in MODELS:
         raise ValueError(f"unknown geometric model {model!r}; valid models: {', '.join(MODELS)}")
     if src.ndim != 3 or src.shape[-1] != 2 or dst.shape != src.shape or valid.shape != src.shape[:2]:
-        raise ValueError(f"expected src/dst (C, M, 2) and valid (C, M), got {tuple(src.shape)}, {tuple(dst.shape)}, {tuple(valid.shape)}")
+        raise ValueError(
+            f"expected src/dst (C, M, 2) and valid (C, M), "
+            f"got {tuple(src.shape)}, {tuple(dst.shape)}, {tuple(valid.shape)}"
+        )
     _, sample_size = MODELS[model]
     n_sets, n_matches = valid.shape
     device = src.device
@@ -385,7 +397,10 @@ def ransac_opencv(
     if model not in MODELS:
         raise ValueError(f"unknown geometric model {model!r}; valid models: {', '.join(MODELS)}")
     if src.ndim != 3 or src.shape[-1] != 2 or dst.shape != src.shape or valid.shape != src.shape[:2]:
-        raise ValueError(f"expected src/dst (C, M, 2) and valid (C, M), got {tuple(src.shape)}, {tuple(dst.shape)}, {tuple(valid.shape)}")
+        raise ValueError(
+            f"expected src/dst (C, M, 2) and valid (C, M), "
+            f"got {tuple(src.shape)}, {tuple(dst.shape)}, {tuple(valid.shape)}"
+        )
     _, sample_size = MODELS[model]
     src_np, dst_np = src.detach().cpu().double().numpy(), dst.detach().cpu().double().numpy()
     valid_np = valid.detach().cpu().numpy().astype(bool)
@@ -400,7 +415,9 @@ def ransac_opencv(
             matrix, mask = cv2.findHomography(a, b, cv2.RANSAC, threshold, maxIters=iterations, confidence=confidence)
         else:
             estimate = cv2.estimateAffinePartial2D if model == "similarity" else cv2.estimateAffine2D
-            matrix, mask = estimate(a, b, method=cv2.RANSAC, ransacReprojThreshold=threshold, maxIters=iterations, confidence=confidence)
+            matrix, mask = estimate(
+                a, b, method=cv2.RANSAC, ransacReprojThreshold=threshold, maxIters=iterations, confidence=confidence
+            )
             if matrix is not None:
                 matrix = np.vstack([matrix, [0.0, 0.0, 1.0]])
         if matrix is None or mask is None or not np.isfinite(matrix).all():
@@ -414,7 +431,9 @@ def ransac_opencv(
     return torch.from_numpy(matrices).float().to(src.device), torch.from_numpy(inliers).to(valid.device)
 
 
-def _plausible_scale(matrices: torch.Tensor, area_to_pixels: torch.Tensor, max_scale_change: Optional[float]) -> torch.Tensor:
+def _plausible_scale(
+    matrices: torch.Tensor, area_to_pixels: torch.Tensor, max_scale_change: Optional[float]
+) -> torch.Tensor:
     """True where the linear part keeps orientation and changes area by less than max_scale_change^2."""
     if max_scale_change is None:
         return torch.ones(matrices.shape[:-2], dtype=torch.bool, device=matrices.device)
@@ -436,8 +455,16 @@ class LocalFeatureStore:
     """
 
     def __init__(self, keypoints: torch.Tensor, desc: torch.Tensor, mask: torch.Tensor):
-        if keypoints.ndim != 3 or desc.ndim != 3 or keypoints.shape[:2] != desc.shape[:2] or mask.shape != desc.shape[:2]:
-            raise ValueError(f"store shapes disagree: keypoints {tuple(keypoints.shape)}, desc {tuple(desc.shape)}, mask {tuple(mask.shape)}")
+        if (
+            keypoints.ndim != 3
+            or desc.ndim != 3
+            or keypoints.shape[:2] != desc.shape[:2]
+            or mask.shape != desc.shape[:2]
+        ):
+            raise ValueError(
+                f"store shapes disagree: keypoints {tuple(keypoints.shape)}, desc {tuple(desc.shape)}, "
+                f"mask {tuple(mask.shape)}"
+            )
         self.keypoints = keypoints.float()
         self.desc = desc.half()
         self.mask = mask.bool()
@@ -457,7 +484,8 @@ class LocalFeatureStore:
             return F.pad(tensor, (0, 0) * (tensor.ndim - 2) + (0, width - tensor.shape[1]))
 
         return cls(
-            torch.cat([pad(k) for k, _, _ in parts]), torch.cat([pad(d) for _, d, _ in parts]),
+            torch.cat([pad(k) for k, _, _ in parts]),
+            torch.cat([pad(d) for _, d, _ in parts]),
             torch.cat([pad(m) for _, _, m in parts]),
         )
 
@@ -483,7 +511,9 @@ class LocalFeatureStore:
         with torch.no_grad():
             return cls.from_features(extract(images.to(device)) for images in batches)
 
-    def gather(self, positions: torch.Tensor, device: Optional[torch.device] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def gather(
+        self, positions: torch.Tensor, device: Optional[torch.device] = None
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Rows ``positions`` (C,) -> keypoints (C, N, 2), desc (C, N, D) float32, mask (C, N)."""
         positions = positions.cpu().long()
         out = self.keypoints[positions], self.desc[positions].float(), self.mask[positions]
@@ -569,7 +599,9 @@ class SpatialVerifier:
     def __init__(self, **conf: Any):
         unknown = set(conf) - set(self.default_conf)
         if unknown:
-            raise ValueError(f"SpatialVerifier got unknown options {sorted(unknown)}; valid options: {sorted(self.default_conf)}")
+            raise ValueError(
+                f"SpatialVerifier got unknown options {sorted(unknown)}; valid options: {sorted(self.default_conf)}"
+            )
         self.conf = {**self.default_conf, **conf}
         if self.conf["model"] not in MODELS:
             raise ValueError(f"unknown geometric model {self.conf['model']!r}; valid models: {', '.join(MODELS)}")
@@ -601,14 +633,24 @@ class SpatialVerifier:
         backend = self.conf["backend"]
         if backend == "torch" or (backend == "auto" and query_desc.is_cuda):
             _, inliers = ransac(
-                query_kp, matched_kp, valid, model=self.conf["model"], threshold=float(self.conf["threshold"]),
-                iterations=int(self.conf["torch_hypotheses"]), max_scale_change=self.conf["max_scale_change"],
+                query_kp,
+                matched_kp,
+                valid,
+                model=self.conf["model"],
+                threshold=float(self.conf["threshold"]),
+                iterations=int(self.conf["torch_hypotheses"]),
+                max_scale_change=self.conf["max_scale_change"],
                 generator=generator,
             )
         else:
             _, inliers = ransac_opencv(
-                query_kp, matched_kp, valid, model=self.conf["model"], threshold=float(self.conf["threshold"]),
-                iterations=int(self.conf["max_iterations"]), max_scale_change=self.conf["max_scale_change"],
+                query_kp,
+                matched_kp,
+                valid,
+                model=self.conf["model"],
+                threshold=float(self.conf["threshold"]),
+                iterations=int(self.conf["max_iterations"]),
+                max_scale_change=self.conf["max_scale_change"],
             )
         return inliers.sum(dim=1)
 
@@ -636,7 +678,10 @@ class SpatialVerifier:
         positions = torch.as_tensor(positions).long()
         global_scores = torch.as_tensor(global_scores).float()
         if positions.shape != global_scores.shape or positions.ndim != 2 or positions.shape[0] != len(queries):
-            raise ValueError(f"positions {tuple(positions.shape)} and scores {tuple(global_scores.shape)} must be (B, C) with B = {len(queries)} queries")
+            raise ValueError(
+                f"positions {tuple(positions.shape)} and scores {tuple(global_scores.shape)} "
+                f"must be (B, C) with B = {len(queries)} queries"
+            )
         import cv2
 
         generator = torch.Generator().manual_seed(int(self.conf["seed"]))
@@ -653,7 +698,8 @@ class SpatialVerifier:
                 continue
             counts = self.count_inliers(
                 (queries.keypoints[b], queries.desc[b].float(), queries.mask[b]),
-                gallery.gather(positions[b][present]), generator,
+                gallery.gather(positions[b][present]),
+                generator,
             )
             inliers[b, present] = counts
         inliers = torch.where(inliers >= int(self.conf["min_inliers"]), inliers, torch.zeros_like(inliers))

@@ -58,6 +58,7 @@ Example:
     >>> feats.descriptors.shape[0], feats.descriptors.shape[2]
     (2, 64)
 """
+
 from __future__ import annotations
 
 import math
@@ -193,10 +194,14 @@ def _hessian_from_padded(
         rows(column_strip, mid + 1) - rows(column_strip, -mid)
     )  # whole column of three lobes minus 3x the centre lobe = weights +1, -2, +1
     row_strip = (rows(padded, side + 1) - rows(padded, -side)).float()
-    dxx = (cols(row_strip, half + 1) - cols(row_strip, -half)) - 3.0 * (cols(row_strip, mid + 1) - cols(row_strip, -mid))
+    dxx = (cols(row_strip, half + 1) - cols(row_strip, -half)) - 3.0 * (
+        cols(row_strip, mid + 1) - cols(row_strip, -mid)
+    )
     # Rows -lobe..-1 minus rows 1..lobe; then columns -lobe..-1 minus columns 1..lobe:
     # (top-left - bottom-left) - (top-right - bottom-right) = tl + br - tr - bl.
-    top_minus_bottom = (rows(padded, 0) - rows(padded, -lobe)).float() - (rows(padded, lobe + 1) - rows(padded, 1)).float()
+    top_minus_bottom = (rows(padded, 0) - rows(padded, -lobe)).float() - (
+        rows(padded, lobe + 1) - rows(padded, 1)
+    ).float()
     dxy = (cols(top_minus_bottom, 0) - cols(top_minus_bottom, -lobe)) - (
         cols(top_minus_bottom, lobe + 1) - cols(top_minus_bottom, 1)
     )
@@ -210,7 +215,9 @@ def _filter_fits(height: int, width: int, filter_size: int, step: int, device) -
     half = filter_size // 2
     rows = torch.arange(0, height, step, device=device)
     cols = torch.arange(0, width, step, device=device)
-    return ((rows - half >= 0) & (rows + half <= height - 1))[:, None] & ((cols - half >= 0) & (cols + half <= width - 1))[None, :]
+    return ((rows - half >= 0) & (rows + half <= height - 1))[:, None] & (
+        (cols - half >= 0) & (cols + half <= width - 1)
+    )[None, :]
 
 
 def box_hessian_response(
@@ -359,7 +366,7 @@ def refine_maxima(responses: torch.Tensor, points: torch.Tensor) -> Tuple[torch.
 def _top_k_per_image(
     image_index: torch.Tensor, scores: torch.Tensor, batch: int, k: int
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    """For candidates of many images: (selected candidate ids, their image, their rank, N) keeping the k best per image."""
+    """For candidates of many images: (selected ids, their image, their rank, N), the k best per image."""
     by_score = torch.argsort(scores, descending=True, stable=True)
     order = by_score[torch.argsort(image_index[by_score], stable=True)]  # image-major, best first
     image_sorted = image_index[order]
@@ -402,7 +409,9 @@ def detect_surf_keypoints(
     if grey.ndim != 3:
         raise ValueError(f"expected grey images of shape (B, H, W), got {tuple(grey.shape)}")
     if n_octaves < 1 or initial_step < 1 or max_keypoints < 1:
-        raise ValueError(f"n_octaves, initial_step and max_keypoints must be >= 1, got {n_octaves}, {initial_step}, {max_keypoints}")
+        raise ValueError(
+            f"n_octaves, initial_step and max_keypoints must be >= 1, got {n_octaves}, {initial_step}, {max_keypoints}"
+        )
     batch = grey.shape[0]
     device = grey.device
     if integral is None:
@@ -410,13 +419,15 @@ def detect_surf_keypoints(
     height, width = grey.shape[1:]
     found = {key: [] for key in ("image", "x", "y", "size", "response", "laplacian")}
     for octave in range(n_octaves):
-        step = initial_step * 2 ** octave
+        step = initial_step * 2**octave
         sizes = surf_filter_sizes(octave)
         if sizes[2] > min(height, width):
             break  # maxima need the third filter to fit; larger octaves fit even less
         margin = sizes[-1] // 2 + 1
         padded = _pad_integral(integral, margin)
-        dets, traces = zip(*(_hessian_from_padded(padded, margin, height, width, size, step, hessian_weight) for size in sizes))
+        dets, traces = zip(
+            *(_hessian_from_padded(padded, margin, height, width, size, step, hessian_weight) for size in sizes)
+        )
         valid = torch.stack([_filter_fits(height, width, size, step, device) for size in sizes])  # (S, Hg, Wg)
         responses = torch.stack(dets, dim=1).masked_fill(~valid, float("-inf"))  # (B, S, Hg, Wg)
         points = scale_space_maxima(responses, hessian_threshold)
@@ -730,8 +741,16 @@ def surf_descriptor(
             dv_positive, du_positive = dv >= 0, du >= 0
             du_split = (torch.where(dv_positive, du, zero), torch.where(dv_positive, zero, du))
             dv_split = (torch.where(du_positive, dv, zero), torch.where(du_positive, zero, dv))
-            parts = [du_split[0], du_split[0].abs(), du_split[1], du_split[1].abs(),
-                     dv_split[0], dv_split[0].abs(), dv_split[1], dv_split[1].abs()]
+            parts = [
+                du_split[0],
+                du_split[0].abs(),
+                du_split[1],
+                du_split[1].abs(),
+                dv_split[0],
+                dv_split[0].abs(),
+                dv_split[1],
+                dv_split[1].abs(),
+            ]
         else:
             parts = [du, dv, du.abs(), dv.abs()]
         # Gaussian weighting and the per-subregion sums in one product: (n, parts, 400) @ (400, 16).

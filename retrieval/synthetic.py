@@ -23,6 +23,7 @@ Example:
     >>> sorted(p.name for p in root.iterdir())  # doctest: +SKIP
     ['SYNTHETIC_COMPLETE.json', 'train', 'train_pairs.txt']
 """
+
 from __future__ import annotations
 
 import colorsys
@@ -62,9 +63,66 @@ LABEL_RIGHT_ARM = 15
 
 # The usual LIP visualisation palette, so the parse maps look like VITON's in an image viewer.
 LIP_PALETTE: Tuple[int, ...] = (
-    0, 0, 0, 128, 0, 0, 255, 0, 0, 0, 85, 0, 170, 0, 51, 255, 85, 0, 0, 0, 85, 0, 119, 221,
-    85, 85, 0, 0, 85, 85, 85, 51, 0, 52, 86, 128, 0, 128, 0, 0, 0, 255, 51, 170, 221, 0, 255, 255,
-    85, 255, 170, 170, 255, 85, 255, 255, 0, 255, 170, 0,
+    0,
+    0,
+    0,
+    128,
+    0,
+    0,
+    255,
+    0,
+    0,
+    0,
+    85,
+    0,
+    170,
+    0,
+    51,
+    255,
+    85,
+    0,
+    0,
+    0,
+    85,
+    0,
+    119,
+    221,
+    85,
+    85,
+    0,
+    0,
+    85,
+    85,
+    85,
+    51,
+    0,
+    52,
+    86,
+    128,
+    0,
+    128,
+    0,
+    0,
+    0,
+    255,
+    51,
+    170,
+    221,
+    0,
+    255,
+    255,
+    85,
+    255,
+    170,
+    170,
+    255,
+    85,
+    255,
+    255,
+    0,
+    255,
+    170,
+    0,
 )
 
 _SKIN_TONES = np.array(
@@ -112,8 +170,16 @@ def _polygon_mask(shape: Tuple[int, int], points: np.ndarray) -> np.ndarray:
 def _ellipse_mask(shape: Tuple[int, int], center, axes, angle: float = 0.0) -> np.ndarray:
     canvas = np.zeros(shape, np.uint8)
     cv2.ellipse(
-        canvas, tuple(int(v) for v in _fixed_point(center)), tuple(int(v) for v in _fixed_point(axes)),
-        float(angle), 0.0, 360.0, 255, thickness=-1, lineType=cv2.LINE_AA, shift=_SHIFT,
+        canvas,
+        tuple(int(v) for v in _fixed_point(center)),
+        tuple(int(v) for v in _fixed_point(axes)),
+        float(angle),
+        0.0,
+        360.0,
+        255,
+        thickness=-1,
+        lineType=cv2.LINE_AA,
+        shift=_SHIFT,
     )
     return canvas.astype(np.float32) / 255.0
 
@@ -121,8 +187,13 @@ def _ellipse_mask(shape: Tuple[int, int], center, axes, angle: float = 0.0) -> n
 def _polyline_mask(shape: Tuple[int, int], points: np.ndarray, thickness: float) -> np.ndarray:
     canvas = np.zeros(shape, np.uint8)
     cv2.polylines(
-        canvas, [_fixed_point(points).reshape(-1, 1, 2)], False, 255,
-        thickness=max(1, int(round(thickness))), lineType=cv2.LINE_AA, shift=_SHIFT,
+        canvas,
+        [_fixed_point(points).reshape(-1, 1, 2)],
+        False,
+        255,
+        thickness=max(1, int(round(thickness))),
+        lineType=cv2.LINE_AA,
+        shift=_SHIFT,
     )
     return canvas.astype(np.float32) / 255.0
 
@@ -150,9 +221,7 @@ def _label(labels: np.ndarray, coverage: np.ndarray, value: int) -> None:
 
 def _random_colour(rng: np.random.Generator, saturation=(0.25, 1.0), value=(0.25, 1.0)) -> np.ndarray:
     hue = rng.uniform(0.0, 1.0)
-    return np.array(
-        colorsys.hsv_to_rgb(hue, rng.uniform(*saturation), rng.uniform(*value)), dtype=np.float32
-    )
+    return np.array(colorsys.hsv_to_rgb(hue, rng.uniform(*saturation), rng.uniform(*value)), dtype=np.float32)
 
 
 def _contrasting_colour(rng: np.random.Generator, base: np.ndarray) -> np.ndarray:
@@ -205,7 +274,7 @@ def _garment_outline(rng: np.random.Generator, kind: str, height: int, width: in
         armpit = np.array([centre + waist_half * 1.02, armpit_y + 0.03 * height])
         t = np.linspace(0.0, 1.0, 6)[1:-1, None]
         control = np.array([strap_end[0] - 0.01 * width, armpit[1]])
-        armhole = (1 - t) ** 2 * strap_end + 2 * (1 - t) * t * control + t ** 2 * armpit
+        armhole = (1 - t) ** 2 * strap_end + 2 * (1 - t) * t * control + t**2 * armpit
         right = [neckline, strap_end[None], armhole, armpit[None]]
         sleeve_end = armpit.copy()
         shoulder = strap_end
@@ -250,10 +319,14 @@ def _garment_outline(rng: np.random.Generator, kind: str, height: int, width: in
 
     keypoints = {
         "neck": np.array([centre, top]),
-        "shoulder_right": shoulder, "shoulder_left": mirror(shoulder),
-        "sleeve_right": sleeve_end, "sleeve_left": mirror(sleeve_end),
-        "armpit_right": armpit, "armpit_left": mirror(armpit),
-        "hem_right": right_half[hem_corner_index].copy(), "hem_left": mirror(right_half[hem_corner_index]),
+        "shoulder_right": shoulder,
+        "shoulder_left": mirror(shoulder),
+        "sleeve_right": sleeve_end,
+        "sleeve_left": mirror(sleeve_end),
+        "armpit_right": armpit,
+        "armpit_left": mirror(armpit),
+        "hem_right": right_half[hem_corner_index].copy(),
+        "hem_left": mirror(right_half[hem_corner_index]),
     }
     return polygon, keypoints
 
@@ -363,17 +436,20 @@ def _draw_product(rng: np.random.Generator, shape: Tuple[int, int]) -> _Garment:
     mask = _polygon_mask(shape, polygon)
     texture = _pattern(rng, texture_kind, shape)
     if texture_kind == "logo" or rng.uniform() < 0.25:
-        chest = np.array([width / 2.0 + rng.uniform(-0.08, 0.08) * width,
-                          keypoints["neck"][1] + rng.uniform(0.18, 0.3) * height])
+        chest = np.array(
+            [width / 2.0 + rng.uniform(-0.08, 0.08) * width, keypoints["neck"][1] + rng.uniform(0.18, 0.3) * height]
+        )
         _draw_logo(rng, texture, chest, rng.uniform(0.15, 0.32) * width)
     if kind == "sweater":
         # Knit ribs, plus a darker ribbed band at the hem and cuffs.
         columns = np.arange(width, dtype=np.float32)
         texture *= (1.0 - 0.06 * (np.sin(columns * 2.0 * np.pi / 4.0) > 0))[None, :, None]
         hem_band = np.zeros(shape, np.float32)
-        hem_band[int(keypoints["hem_right"][1] - 0.05 * height):, :] = 1.0
+        hem_band[int(keypoints["hem_right"][1] - 0.05 * height) :, :] = 1.0
         for side in ("right", "left"):
-            hem_band = np.maximum(hem_band, _ellipse_mask(shape, keypoints[f"sleeve_{side}"], (0.07 * width, 0.04 * height)))
+            hem_band = np.maximum(
+                hem_band, _ellipse_mask(shape, keypoints[f"sleeve_{side}"], (0.07 * width, 0.04 * height))
+            )
         texture *= (1.0 - 0.18 * hem_band)[..., None]
     # Soft folds and a darker seam along the outline, as in a flat-lay photo.
     folds = 1.0 + 0.05 * _smooth_noise(rng, shape, 4)
@@ -394,7 +470,7 @@ def _cluttered_background(rng: np.random.Generator, shape: Tuple[int, int]) -> n
     height, width = shape
     ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
     angle = rng.uniform(0.0, 2.0 * np.pi)
-    ramp = (xs * np.cos(angle) + ys * np.sin(angle))
+    ramp = xs * np.cos(angle) + ys * np.sin(angle)
     ramp = ((ramp - ramp.min()) / max(float(ramp.max() - ramp.min()), 1e-6))[..., None]
     canvas = _random_colour(rng, value=(0.3, 0.95)) * (1.0 - ramp) + _random_colour(rng, value=(0.3, 0.95)) * ramp
     canvas = canvas.astype(np.float32)
@@ -448,7 +524,7 @@ def _street_photo(rng: np.random.Generator, garment: _Garment, shape: Tuple[int,
     hem_y = to_street(garment.keypoints["hem_right"])[1]
     waist_y = (neck_street[1] + hem_y) / 2.0 + rng.uniform(-0.05, 0.08) * height
     squeeze = rng.uniform(0.0, 0.12)
-    factor = 1.0 + squeeze * np.exp(-((ys - waist_y) / (0.18 * height)) ** 2)  # >1: sample wider => narrower
+    factor = 1.0 + squeeze * np.exp(-(((ys - waist_y) / (0.18 * height)) ** 2))  # >1: sample wider => narrower
     wrinkle = rng.uniform(1.0, 3.0)
     map_x = neck_street[0] + (xs - neck_street[0]) * factor + wrinkle * _smooth_noise(rng, shape, 6)
     map_y = ys + wrinkle * _smooth_noise(rng, shape, 6)
@@ -456,12 +532,13 @@ def _street_photo(rng: np.random.Generator, garment: _Garment, shape: Tuple[int,
 
     def deform(points: np.ndarray) -> np.ndarray:
         """Approximate forward position of a warped keypoint after the waist squeeze."""
-        row_factor = 1.0 + squeeze * np.exp(-((points[1] - waist_y) / (0.18 * height)) ** 2)
+        row_factor = 1.0 + squeeze * np.exp(-(((points[1] - waist_y) / (0.18 * height)) ** 2))
         return np.array([neck_street[0] + (points[0] - neck_street[0]) / row_factor, points[1]])
 
     def warp(image: np.ndarray) -> np.ndarray:
-        straight = cv2.warpPerspective(image, homography, (width, height), flags=cv2.INTER_LINEAR,
-                                       borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+        straight = cv2.warpPerspective(
+            image, homography, (width, height), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0
+        )
         return cv2.remap(straight, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
 
     worn_mask = warp(garment.mask)
@@ -482,11 +559,17 @@ def _street_photo(rng: np.random.Generator, garment: _Garment, shape: Tuple[int,
         hair_length = rng.uniform(0.05, 0.2) * height
         top = face_centre[1]
         half = face_axes[0] * rng.uniform(1.3, 1.6)
-        long_hair = _polygon_mask(shape, np.array([
-            [face_centre[0] - half, top], [face_centre[0] + half, top],
-            [face_centre[0] + half * 1.1, keypoint["neck"][1] + hair_length],
-            [face_centre[0] - half * 1.1, keypoint["neck"][1] + hair_length],
-        ]))
+        long_hair = _polygon_mask(
+            shape,
+            np.array(
+                [
+                    [face_centre[0] - half, top],
+                    [face_centre[0] + half, top],
+                    [face_centre[0] + half * 1.1, keypoint["neck"][1] + hair_length],
+                    [face_centre[0] - half * 1.1, keypoint["neck"][1] + hair_length],
+                ]
+            ),
+        )
         _paint(canvas, long_hair, hair_colour)
         _label(labels, long_hair, LABEL_HAIR)
 
@@ -496,11 +579,14 @@ def _street_photo(rng: np.random.Generator, garment: _Garment, shape: Tuple[int,
     centre_x = keypoint["neck"][0]
     spread = rng.uniform(0.0, 0.06) * width
     for side in (-1.0, 1.0):
-        leg = np.array([
-            [centre_x, hip], [centre_x + side * torso_half * 0.95, hip],
-            [centre_x + side * (torso_half * 0.75 + spread), height + 2.0],
-            [centre_x + side * (spread + 2.0), height + 2.0],
-        ])
+        leg = np.array(
+            [
+                [centre_x, hip],
+                [centre_x + side * torso_half * 0.95, hip],
+                [centre_x + side * (torso_half * 0.75 + spread), height + 2.0],
+                [centre_x + side * (spread + 2.0), height + 2.0],
+            ]
+        )
         coverage = _polygon_mask(shape, leg)
         _paint(canvas, coverage, pants_colour * (0.92 if side < 0 else 1.0))
         _label(labels, coverage, LABEL_PANTS)
@@ -511,10 +597,12 @@ def _street_photo(rng: np.random.Generator, garment: _Garment, shape: Tuple[int,
         outward = 1.0 if side == "right" else -1.0
         shoulder = keypoint[f"shoulder_{side}"]
         sleeve = keypoint[f"sleeve_{side}"]
-        hand = np.array([
-            keypoint[f"hem_{side}"][0] + outward * rng.uniform(0.02, 0.08) * width,
-            max(hem_y + rng.uniform(-0.05, 0.06) * height, sleeve[1] + 0.08 * height),
-        ])
+        hand = np.array(
+            [
+                keypoint[f"hem_{side}"][0] + outward * rng.uniform(0.02, 0.08) * width,
+                max(hem_y + rng.uniform(-0.05, 0.06) * height, sleeve[1] + 0.08 * height),
+            ]
+        )
         arm = _polyline_mask(shape, np.stack([shoulder, sleeve, hand]), arm_width)
         arm = np.maximum(arm, _ellipse_mask(shape, hand, (arm_width * 0.6, arm_width * 0.75)))
         _paint(canvas, arm, skin * (0.95 if side == "left" else 1.0))
@@ -526,21 +614,34 @@ def _street_photo(rng: np.random.Generator, garment: _Garment, shape: Tuple[int,
 
     # Neck and face (LIP has no neck label; VITON's maps fold the neck into the face), then hair on top.
     neck_half = 0.35 * face_axes[0]
-    neck = _polygon_mask(shape, np.array([
-        [face_centre[0] - neck_half, face_centre[1]], [face_centre[0] + neck_half, face_centre[1]],
-        [keypoint["neck"][0] + neck_half, keypoint["neck"][1] + 0.02 * height],
-        [keypoint["neck"][0] - neck_half, keypoint["neck"][1] + 0.02 * height],
-    ]))
+    neck = _polygon_mask(
+        shape,
+        np.array(
+            [
+                [face_centre[0] - neck_half, face_centre[1]],
+                [face_centre[0] + neck_half, face_centre[1]],
+                [keypoint["neck"][0] + neck_half, keypoint["neck"][1] + 0.02 * height],
+                [keypoint["neck"][0] - neck_half, keypoint["neck"][1] + 0.02 * height],
+            ]
+        ),
+    )
     neck = np.clip(neck - worn_mask, 0.0, 1.0)
     face = np.maximum(neck, _ellipse_mask(shape, face_centre, face_axes, rng.uniform(-5, 5)))
     _paint(canvas, face, skin)
     _label(labels, face, LABEL_FACE)
     hair_top = _ellipse_mask(
-        shape, face_centre + np.array([0.0, -0.35 * face_axes[1]]),
+        shape,
+        face_centre + np.array([0.0, -0.35 * face_axes[1]]),
         (face_axes[0] * 1.12, face_axes[1] * 0.8),
     )
-    hair_top = np.clip(hair_top - _ellipse_mask(shape, face_centre + np.array([0.0, 0.25 * face_axes[1]]),
-                                                (face_axes[0] * 0.95, face_axes[1] * 0.85)), 0.0, 1.0)
+    hair_top = np.clip(
+        hair_top
+        - _ellipse_mask(
+            shape, face_centre + np.array([0.0, 0.25 * face_axes[1]]), (face_axes[0] * 0.95, face_axes[1] * 0.85)
+        ),
+        0.0,
+        1.0,
+    )
     _paint(canvas, hair_top, hair_colour)
     _label(labels, hair_top, LABEL_HAIR)
 
@@ -560,10 +661,17 @@ def _street_photo(rng: np.random.Generator, garment: _Garment, shape: Tuple[int,
         bag_w, bag_h = rng.uniform(0.18, 0.32) * width, rng.uniform(0.14, 0.26) * height
         bag_x = centre_x + side * torso_half * rng.uniform(0.3, 0.9)
         bag_y = rng.uniform(0.45, 0.7) * height
-        bag = _polygon_mask(shape, np.array([
-            [bag_x - bag_w / 2, bag_y], [bag_x + bag_w / 2, bag_y],
-            [bag_x + bag_w / 2, bag_y + bag_h], [bag_x - bag_w / 2, bag_y + bag_h],
-        ]))
+        bag = _polygon_mask(
+            shape,
+            np.array(
+                [
+                    [bag_x - bag_w / 2, bag_y],
+                    [bag_x + bag_w / 2, bag_y],
+                    [bag_x + bag_w / 2, bag_y + bag_h],
+                    [bag_x - bag_w / 2, bag_y + bag_h],
+                ]
+            ),
+        )
         strap_from = keypoint["shoulder_left" if side > 0 else "shoulder_right"]
         bag = np.maximum(bag, _polyline_mask(shape, np.stack([strap_from, np.array([bag_x, bag_y])]), 3.0))
         _paint(canvas, bag, _random_colour(rng, value=(0.1, 0.8)))
@@ -572,10 +680,16 @@ def _street_photo(rng: np.random.Generator, garment: _Garment, shape: Tuple[int,
         side = 1.0 if rng.uniform() < 0.5 else -1.0
         # A lock falling from beside the face over the shoulder and chest (not across the face).
         strand_x = face_centre[0] + side * face_axes[0] * 1.15
-        strand = _polyline_mask(shape, np.array([
-            [strand_x, face_centre[1] + 0.3 * face_axes[1]],
-            [strand_x + side * 3.0, keypoint["neck"][1] + rng.uniform(0.1, 0.22) * height],
-        ]), face_axes[0] * rng.uniform(0.4, 0.6))
+        strand = _polyline_mask(
+            shape,
+            np.array(
+                [
+                    [strand_x, face_centre[1] + 0.3 * face_axes[1]],
+                    [strand_x + side * 3.0, keypoint["neck"][1] + rng.uniform(0.1, 0.22) * height],
+                ]
+            ),
+            face_axes[0] * rng.uniform(0.4, 0.6),
+        )
         _paint(canvas, strand, hair_colour)
         _label(labels, strand, LABEL_HAIR)
 
@@ -706,6 +820,7 @@ def make_synthetic_dataset(
         half = staging / "train"
         for folder in ("image", "cloth", "image-parse", "cloth-mask"):
             (half / folder).mkdir(parents=True)
+
         def draw_and_write(index: int) -> None:
             pair_id = f"{index:06d}"
             drawn = make_synthetic_product(index, seed=seed, size=size)

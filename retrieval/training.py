@@ -17,6 +17,7 @@ Example:
     ...         if run.out_of_time: break
     >>> run.finish()                                                     # doctest: +SKIP
 """
+
 from __future__ import annotations
 
 import csv
@@ -76,8 +77,9 @@ def split_trained_spec(spec: str) -> Tuple[str, Optional[str]]:
     return name, (checkpoint or None)
 
 
-def train_options(name: str, options: Dict[str, Any], defaults: Mapping[str, Any],
-                  checkpoint_every_s: float = 120.0) -> Tuple[int, Any, Optional[float], float, Dict[str, Any]]:
+def train_options(
+    name: str, options: Dict[str, Any], defaults: Mapping[str, Any], checkpoint_every_s: float = 120.0
+) -> Tuple[int, Any, Optional[float], float, Dict[str, Any]]:
     """Split `train_on(**options)` into (seed, progress, time_budget_s, checkpoint_every_s, settings).
 
     settings = `defaults` overridden by the remaining options; None values are ignored (the CLI passes
@@ -116,8 +118,11 @@ def training_defaults(model) -> Dict[str, Any]:
     if getattr(model, "train_defaults", None):
         defaults.setdefault("checkpoint_every_s", 120.0)  # `train_options` takes it beside the table
     for parameter in inspect.signature(model.train_on).parameters.values():
-        if (parameter.kind in (parameter.POSITIONAL_OR_KEYWORD, parameter.KEYWORD_ONLY)
-                and parameter.default is not parameter.empty and parameter.name not in TRAIN_ON_ARGUMENTS):
+        if (
+            parameter.kind in (parameter.POSITIONAL_OR_KEYWORD, parameter.KEYWORD_ONLY)
+            and parameter.default is not parameter.empty
+            and parameter.name not in TRAIN_ON_ARGUMENTS
+        ):
             defaults.setdefault(parameter.name, parameter.default)
     return defaults
 
@@ -155,7 +160,11 @@ def load_trained_weights(
     payload = load_checkpoint(checkpoint, map_location=device)
     if payload.get(kind) not in (None, name):
         raise ValueError(f"{checkpoint} was trained for {kind} {payload.get(kind)!r}, not {name!r}")
-    state = {k: v for k, v in payload["state_dict"].items() if not (ignored_prefixes and k.startswith(tuple(ignored_prefixes)))}
+    state = {
+        k: v
+        for k, v in payload["state_dict"].items()
+        if not (ignored_prefixes and k.startswith(tuple(ignored_prefixes)))
+    }
     missing, unexpected = module.load_state_dict(state, strict=False)
     missing = [k for k in missing if not (shipped_prefixes and k.startswith(tuple(shipped_prefixes)))]
     if missing or unexpected:
@@ -260,7 +269,12 @@ class TrainingRun:
         """Record one optimisation step's losses; checkpoint when due."""
         self.step += 1
         self.step_in_epoch += 1
-        row = {"step": self.step, "epoch": self.epoch, "elapsed_s": round(self.elapsed, 2), **{k: float(v) for k, v in losses.items()}}
+        row = {
+            "step": self.step,
+            "epoch": self.epoch,
+            "elapsed_s": round(self.elapsed, 2),
+            **{k: float(v) for k, v in losses.items()},
+        }
         path = self.out_dir / "losses.csv"
         new = not path.exists()
         with open(path, "a", newline="") as handle:
@@ -303,7 +317,9 @@ class TrainingRun:
         )
         self.last_checkpoint = time.perf_counter()
 
-    def finish(self, weights: Optional[Mapping[str, torch.Tensor]] = None, extra: Optional[Mapping[str, Any]] = None) -> Path:
+    def finish(
+        self, weights: Optional[Mapping[str, torch.Tensor]] = None, extra: Optional[Mapping[str, Any]] = None
+    ) -> Path:
         """Write last.pt, final.pt (weights only) and the loss curves; return final.pt's path."""
         if self._bar is not None:
             self._bar.close()
@@ -311,8 +327,17 @@ class TrainingRun:
         if weights is None:
             weights = {f"{name}.{k}": v for name, m in self.modules.items() for k, v in m.state_dict().items()}
         final = self.out_dir / "final.pt"
-        atomic_torch_save({"version": CHECKPOINT_VERSION, "config": self.config, "state_dict": dict(weights),
-                           "steps": self.step, "train_seconds": self.elapsed, **dict(extra or {})}, final)
+        atomic_torch_save(
+            {
+                "version": CHECKPOINT_VERSION,
+                "config": self.config,
+                "state_dict": dict(weights),
+                "steps": self.step,
+                "train_seconds": self.elapsed,
+                **dict(extra or {}),
+            },
+            final,
+        )
         plot_losses(self.out_dir / "losses.csv", self.out_dir / "losses.png")
         return final
 

@@ -17,6 +17,7 @@ Example:
     >>> labels = torch.arange(8)
     >>> loss = loss_fn(street, labels, shop, labels)  # person i <-> product i, others are negatives
 """
+
 from __future__ import annotations
 
 from typing import List, Optional, Tuple
@@ -62,9 +63,7 @@ def pairwise_distance(x: torch.Tensor, y: torch.Tensor, distance: str = "cosine"
 
 def _label_masks(anchor_labels: torch.Tensor, candidate_labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     if anchor_labels.ndim != 1 or candidate_labels.ndim != 1:
-        raise ValueError(
-            f"labels must be 1-d, got {tuple(anchor_labels.shape)} and {tuple(candidate_labels.shape)}"
-        )
+        raise ValueError(f"labels must be 1-d, got {tuple(anchor_labels.shape)} and {tuple(candidate_labels.shape)}")
     same = anchor_labels[:, None] == candidate_labels[None, :]
     return same, ~same
 
@@ -262,8 +261,9 @@ class TripletMarginLoss(nn.Module):
     After each call, `last_stats` holds the number of triplets and the share with a non-zero loss.
     """
 
-    def __init__(self, margin: float = 0.2, distance: str = "cosine", miner: Optional[nn.Module] = None,
-                 reduction: str = "mean"):
+    def __init__(
+        self, margin: float = 0.2, distance: str = "cosine", miner: Optional[nn.Module] = None, reduction: str = "mean"
+    ):
         super().__init__()
         if distance not in DISTANCES:
             raise ValueError(f"unknown distance {distance!r}; valid: {', '.join(DISTANCES)}")
@@ -309,7 +309,8 @@ def seeded_batches(n_items: int, batch_size: int, seed: int, epoch: int, drop_la
     set of negatives), except when it would be the only one.
 
     Example:
-        >>> [b.tolist() for b in seeded_batches(5, 2, seed=0, epoch=0)] == [b.tolist() for b in seeded_batches(5, 2, 0, 0)]
+        >>> first = [b.tolist() for b in seeded_batches(5, 2, seed=0, epoch=0)]
+        >>> first == [b.tolist() for b in seeded_batches(5, 2, 0, 0)]
         True
     """
     if n_items < 1 or batch_size < 1:

@@ -1,4 +1,5 @@
 """Core feature types. Images everywhere are (B, 3, H, W) float32 in [0, 1], RGB."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

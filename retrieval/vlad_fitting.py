@@ -4,6 +4,7 @@
 `fit_vlad_and_whitening` learns the codebook from them and, when asked, the whitening of the images'
 training VLADs. `pad_features` stacks variable-length per-image sets into a padded batch + mask.
 """
+
 from __future__ import annotations
 
 import logging

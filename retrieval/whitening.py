@@ -3,6 +3,7 @@
 `fit_pca_whitening` (numpy, once) and `apply_pca_whitening` (batched torch) are pure functions;
 `PCAWhitening` holds the result as buffers so it travels with a descriptor's state dict.
 """
+
 from __future__ import annotations
 
 import logging
@@ -80,7 +81,10 @@ def fit_pca_whitening(
         logger.warning(
             "PCA-whitening to %d dims learned from %d vectors has only %d informative components; "
             "the remaining %d output coordinates are always 0 (fit on more images or lower pca_dim)",
-            out_dim, n_vectors, n_valid, out_dim - n_valid,
+            out_dim,
+            n_vectors,
+            n_valid,
+            out_dim - n_valid,
         )
     return mean.astype(np.float32), projection.astype(np.float32)
 

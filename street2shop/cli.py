@@ -1,4 +1,5 @@
 """The `street2shop` command line. It parses and calls; the work is in street2shop.engine and benchmarks."""
+
 from __future__ import annotations
 
 import json
@@ -153,17 +154,35 @@ RERANK_MODEL_HELP = "Geometric model of the spatial verification (see retrieval/
 
 @cli.command("index")
 @click.option("--catalog", required=True, help=DATASET_HELP + " Its catalog (products) is indexed.")
-@click.option("--split", default="all", show_default=True, help="Which part of a dataset's catalog to index: all, train or val.")
+@click.option(
+    "--split", default="all", show_default=True, help="Which part of a dataset's catalog to index: all, train or val."
+)
 @click.option("--descriptor", default="gem", show_default=True, help="Descriptor name (see `street2shop list`).")
 @click.option("--preset", default="flat", show_default=True, help="Index preset: flat (exact), ivfpq, hnsw.")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Index directory to write.")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
-@click.option("--fit-max-images", default=1000, show_default=True, type=click.IntRange(min=1), help="Images used to fit codebooks/whitening.")
-@click.option("--cache-dir", default=None, help="Feature cache (an interrupted run resumes from it). Default: $STREET2SHOP_CACHE or ~/.cache/street2shop.")
+@click.option(
+    "--fit-max-images",
+    default=1000,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Images used to fit codebooks/whitening.",
+)
+@click.option(
+    "--cache-dir",
+    default=None,
+    help="Feature cache (an interrupted run resumes from it). Default: $STREET2SHOP_CACHE or ~/.cache/street2shop.",
+)
 @click.option("--seed", default=0, show_default=True)
-@click.option("--local-features", is_flag=True, help="Also store the catalog's local features (local descriptors), for `query --rerank`.")
-def index_command(catalog, split, descriptor, preset, out_dir, device, batch_size, fit_max_images, cache_dir, seed, local_features) -> None:
+@click.option(
+    "--local-features",
+    is_flag=True,
+    help="Also store the catalog's local features (local descriptors), for `query --rerank`.",
+)
+def index_command(
+    catalog, split, descriptor, preset, out_dir, device, batch_size, fit_max_images, cache_dir, seed, local_features
+) -> None:
     """Embed a catalog's product photos and save a FAISS index with its manifest.
 
     Descriptors that learn something (sift's codebook, rmac's whitening) are fitted on the dataset's
@@ -171,10 +190,10 @@ def index_command(catalog, split, descriptor, preset, out_dir, device, batch_siz
     run the same command again after an interruption and it resumes.
     """
     from benchmarks.runner import fit_images
+    from index import check_index_destination
     from retrieval.batching import resolve_device
     from retrieval.datasets import load_dataset
     from retrieval.descriptors import create_descriptor
-    from index import check_index_destination
     from street2shop.engine import build_index
 
     check_index_destination(out_dir)  # before the data loads: a refused --out must not cost the whole extraction
@@ -184,36 +203,65 @@ def index_command(catalog, split, descriptor, preset, out_dir, device, batch_siz
     click.echo(f"indexing {len(dataset.catalog)} products of {dataset.name} with {descriptor} ({preset})")
     started = time.perf_counter()
     built = build_index(
-        dataset.catalog, model, out_dir, preset=preset, fit_paths=fit_images(dataset, fit_max_images, seed),
-        batch_size=batch_size, cache_dir=cache / "features", faiss_device=device, local_features=local_features,
+        dataset.catalog,
+        model,
+        out_dir,
+        preset=preset,
+        fit_paths=fit_images(dataset, fit_max_images, seed),
+        batch_size=batch_size,
+        cache_dir=cache / "features",
+        faiss_device=device,
+        local_features=local_features,
     )
     click.echo(f"wrote {out_dir}: {built.ntotal} products, dim {built.dim}, {time.perf_counter() - started:.1f} s")
 
 
 @cli.command("query")
-@click.option("--index", "index_dir", required=True, type=click.Path(exists=True, file_okay=False), help="Directory written by `street2shop index`.")
+@click.option(
+    "--index",
+    "index_dir",
+    required=True,
+    type=click.Path(exists=True, file_okay=False),
+    help="Directory written by `street2shop index`.",
+)
 @click.argument("photos", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
-@click.option("--k", default=10, show_default=True, type=click.IntRange(min=1), help="Products returned per photo (>= 1).")
+@click.option(
+    "--k", default=10, show_default=True, type=click.IntRange(min=1), help="Products returned per photo (>= 1)."
+)
 @click.option("--proxy", default="none", show_default=True, help="Proxy stage applied to the photos first.")
 @click.option("--descriptor", default=None, help="Refuse to run unless the index was built with this descriptor.")
 @click.option("--format", "fmt", default="table", show_default=True, type=click.Choice(["table", "json"]))
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
-@click.option("--rerank", default=0, show_default=True, type=click.IntRange(min=0), help="Re-rank the top N by spatial verification (index built with --local-features); 0: off.")
-@click.option("--rerank-model", default="similarity", show_default=True, type=click.Choice(RERANK_MODELS), help=RERANK_MODEL_HELP)
+@click.option(
+    "--rerank",
+    default=0,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Re-rank the top N by spatial verification (index built with --local-features); 0: off.",
+)
+@click.option(
+    "--rerank-model", default="similarity", show_default=True, type=click.Choice(RERANK_MODELS), help=RERANK_MODEL_HELP
+)
 def query_command(index_dir, photos, k, proxy, descriptor, fmt, device, rerank, rerank_model) -> None:
     """Find the top-k catalog products for street photos."""
     from street2shop.engine import Searcher
 
-    searcher = Searcher(index_dir, device=device, proxy=proxy, descriptor=descriptor,
-                        rerank=rerank, rerank_conf={"model": rerank_model})
+    searcher = Searcher(
+        index_dir, device=device, proxy=proxy, descriptor=descriptor, rerank=rerank, rerank_conf={"model": rerank_model}
+    )
     results = searcher.search(list(photos), k=k)
     if fmt == "json":
         # One entry per photo argument, in order: search returns the same number of rows for each, so a
         # photo given twice is two entries (grouping by path merged them into one with 2k results).
         per_photo = len(results) // len(photos)
         entries = [
-            {"query": photo, "results": [{"rank": int(r.rank), "product_id": r.product_id, "score": round(float(r.score), 6)}
-                                         for r in results.iloc[i * per_photo:(i + 1) * per_photo].itertuples()]}
+            {
+                "query": photo,
+                "results": [
+                    {"rank": int(r.rank), "product_id": r.product_id, "score": round(float(r.score), 6)}
+                    for r in results.iloc[i * per_photo : (i + 1) * per_photo].itertuples()
+                ],
+            }
             for i, photo in enumerate(photos)
         ]
         click.echo(json.dumps(entries, indent=2))
@@ -287,34 +335,150 @@ def _typed_specs(specs: List[str], kind: str, flag: str) -> List[str]:
 @cli.command("bench")
 @click.option("--dataset", default="synthetic", show_default=True, help=DATASET_HELP)
 @click.option("--split", default="val", show_default=True, help="val (seeded third of the pairs), train, or all.")
-@click.option("--descriptors", default="colorhist,sift,rmac,gem", show_default=True,
-              help="Comma-separated names or globs ('*' = all), each optionally NAME@run/final.pt.")
-@click.option("--proxies", default="none", show_default=True, help="Names or globs, e.g. 'none,hp,paintnet@runs/paintnet/final.pt'.")
-@click.option("--indexes", "--index", "presets", default="flat", show_default=True, help="Index presets or globs, e.g. 'flat,ivfpq'.")
+@click.option(
+    "--descriptors",
+    default="colorhist,sift,rmac,gem",
+    show_default=True,
+    help="Comma-separated names or globs ('*' = all), each optionally NAME@run/final.pt.",
+)
+@click.option(
+    "--proxies",
+    default="none",
+    show_default=True,
+    help="Names or globs, e.g. 'none,hp,paintnet@runs/paintnet/final.pt'.",
+)
+@click.option(
+    "--indexes",
+    "--index",
+    "presets",
+    default="flat",
+    show_default=True,
+    help="Index presets or globs, e.g. 'flat,ivfpq'.",
+)
 @click.option("--k", "ks", default="1,5,10,20", show_default=True, help="Cut-offs for mAP@k and recall@k.")
-@click.option("--out", "out_dir", default="results", show_default=True, type=click.Path(file_okay=False), help="Where the report goes (see below).")
+@click.option(
+    "--out",
+    "out_dir",
+    default="results",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Where the report goes (see below).",
+)
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
-@click.option("--fit-max-images", default=1000, show_default=True, type=click.IntRange(min=1), help="Training images used to fit codebooks/whitening.")
-@click.option("--cache-dir", default=None, help="Feature and checkpoint cache; default $STREET2SHOP_CACHE or ~/.cache/street2shop.")
+@click.option(
+    "--fit-max-images",
+    default=1000,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Training images used to fit codebooks/whitening.",
+)
+@click.option(
+    "--cache-dir",
+    default=None,
+    help="Feature and checkpoint cache; default $STREET2SHOP_CACHE or ~/.cache/street2shop.",
+)
 @click.option("--no-cache", is_flag=True, help="Recompute every feature.")
 @click.option("--seed", default=0, show_default=True)
-@click.option("--rerank", default=0, show_default=True, type=click.IntRange(min=0), help="Also score each local descriptor's top N re-ranked by spatial verification (rows NAME+sv); 0: off.")
-@click.option("--rerank-model", default="similarity", show_default=True, type=click.Choice(RERANK_MODELS), help=RERANK_MODEL_HELP)
-@click.option("--limit", default=0, show_default=True, type=click.IntRange(min=0), help="Evaluate a seeded sample of N products and their queries (0: all); for slow descriptors.")
-@click.option("--distractors", default=0, show_default=True, type=click.IntRange(min=0), help="Extra gallery products drawn from the training split (nobody queries them).")
-@click.option("--protocol-draws", default=10, show_default=True, type=click.IntRange(min=0), help="The paper's protocol: seeded galleries drawn (0: off).")
-@click.option("--protocol-gallery", default=250, show_default=True, type=click.IntRange(min=1), help="Products per drawn gallery (the paper: 250).")
-@click.option("--bootstrap", default=1000, show_default=True, type=click.IntRange(min=0), help="Bootstrap resamples for the 95%% intervals and paired tests (0: off).")
-@click.option("--generation-samples", default=200, show_default=True, type=click.IntRange(min=0), help="Queries whose proxy output is scored against the true product (RMSE, SSIM, IS-style); 0: off.")
-@click.option("--rank-pictures", default=6, show_default=True, type=click.IntRange(min=0), help="Queries pictured (query | proxy output | top 5) for every combination; 0: off.")
-@click.option("--train", "train_missing", is_flag=True,
-              help="Train every trainable model named without a checkpoint (cached under CACHE/checkpoints by config; "
-                   "reused later). Ablations as NAME[KEY=VALUE;...], e.g. 'paintnet[use_perceptual=False]'.")
-@click.option("--train-budget", default=10.0, show_default=True, type=click.FloatRange(min=0, min_open=True), help="Minutes of training per model with --train.")
-def bench_command(dataset, split, descriptors, proxies, presets, ks, out_dir, device, batch_size, fit_max_images, cache_dir,
-                  no_cache, seed, rerank, rerank_model, limit, distractors, protocol_draws, protocol_gallery, bootstrap,
-                  generation_samples, rank_pictures, train_missing, train_budget) -> None:
+@click.option(
+    "--rerank",
+    default=0,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Also score each local descriptor's top N re-ranked by spatial verification (rows NAME+sv); 0: off.",
+)
+@click.option(
+    "--rerank-model", default="similarity", show_default=True, type=click.Choice(RERANK_MODELS), help=RERANK_MODEL_HELP
+)
+@click.option(
+    "--limit",
+    default=0,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Evaluate a seeded sample of N products and their queries (0: all); for slow descriptors.",
+)
+@click.option(
+    "--distractors",
+    default=0,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Extra gallery products drawn from the training split (nobody queries them).",
+)
+@click.option(
+    "--protocol-draws",
+    default=10,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="The paper's protocol: seeded galleries drawn (0: off).",
+)
+@click.option(
+    "--protocol-gallery",
+    default=250,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Products per drawn gallery (the paper: 250).",
+)
+@click.option(
+    "--bootstrap",
+    default=1000,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Bootstrap resamples for the 95%% intervals and paired tests (0: off).",
+)
+@click.option(
+    "--generation-samples",
+    default=200,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Queries whose proxy output is scored against the true product (RMSE, SSIM, IS-style); 0: off.",
+)
+@click.option(
+    "--rank-pictures",
+    default=6,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Queries pictured (query | proxy output | top 5) for every combination; 0: off.",
+)
+@click.option(
+    "--train",
+    "train_missing",
+    is_flag=True,
+    help="Train every trainable model named without a checkpoint (cached under CACHE/checkpoints by config; "
+    "reused later). Ablations as NAME[KEY=VALUE;...], e.g. 'paintnet[use_perceptual=False]'.",
+)
+@click.option(
+    "--train-budget",
+    default=10.0,
+    show_default=True,
+    type=click.FloatRange(min=0, min_open=True),
+    help="Minutes of training per model with --train.",
+)
+def bench_command(
+    dataset,
+    split,
+    descriptors,
+    proxies,
+    presets,
+    ks,
+    out_dir,
+    device,
+    batch_size,
+    fit_max_images,
+    cache_dir,
+    no_cache,
+    seed,
+    rerank,
+    rerank_model,
+    limit,
+    distractors,
+    protocol_draws,
+    protocol_gallery,
+    bootstrap,
+    generation_samples,
+    rank_pictures,
+    train_missing,
+    train_budget,
+) -> None:
     """Score the proxy x descriptor x index grid with mAP@k (DESIGN.md), recall@k and MRR.
 
     Query = person/street photo; gallery = every product of the split (plus --distractors). Features
@@ -335,18 +499,28 @@ def bench_command(dataset, split, descriptors, proxies, presets, ks, out_dir, de
       street2shop bench --dataset viton:../shared/data/viton --descriptors '*' \\
           --proxies none,hp,paintnet --indexes flat,ivfpq --train --train-budget 10
     """
-    from benchmarks.report import (bench_markdown, git_revision, map_curves_frame, package_versions,
-                                   plot_heatmap, plot_map_curves, write_bench_rank_pictures, write_table)
+    from benchmarks.report import (
+        bench_markdown,
+        git_revision,
+        map_curves_frame,
+        package_versions,
+        plot_heatmap,
+        plot_map_curves,
+        write_bench_rank_pictures,
+        write_table,
+    )
     from benchmarks.runner import format_table, proxy_previews, remove_previous_bench_outputs, run_benchmark
-    from retrieval.io import write_text_atomic
     from generation.proxies import list_proxies
     from index import list_index_presets
     from retrieval.batching import resolve_device, sample_paths
     from retrieval.datasets import load_dataset, subset_products
     from retrieval.descriptors import list_descriptors
+    from retrieval.io import write_text_atomic
 
     k_list = _ks(ks)
-    descriptor_specs = _typed_specs(_expand(descriptors, list_descriptors(), "descriptor"), "descriptor", "--descriptors")
+    descriptor_specs = _typed_specs(
+        _expand(descriptors, list_descriptors(), "descriptor"), "descriptor", "--descriptors"
+    )
     proxy_specs = _typed_specs(_expand(proxies, list_proxies(), "proxy"), "proxy", "--proxies")
     preset_names = _expand(presets, list_index_presets(), "index preset")
     out = Path(out_dir)
@@ -360,22 +534,42 @@ def bench_command(dataset, split, descriptors, proxies, presets, ks, out_dir, de
     click.echo(data.describe())
     with_options = [spec for spec in proxy_specs + descriptor_specs if "[" in spec.split("@")[0]]
     if with_options and not train_missing:
-        raise ValueError(f"{', '.join(with_options)}: options in brackets name a model to train; add --train, "
-                         "or train it with `street2shop train ... --set KEY=VALUE` and pass NAME@final.pt")
+        raise ValueError(
+            f"{', '.join(with_options)}: options in brackets name a model to train; add --train, "
+            "or train it with `street2shop train ... --set KEY=VALUE` and pass NAME@final.pt"
+        )
     if train_missing:
         from benchmarks.reproduce import ensure_trained
 
-        proxy_specs, proxy_rows = ensure_trained(proxy_specs, "proxy", data, cache, train_budget, torch_device, seed, progress=True)
-        descriptor_specs, descriptor_rows = ensure_trained(descriptor_specs, "descriptor", data, cache, train_budget,
-                                                           torch_device, seed, progress=True)
+        proxy_specs, proxy_rows = ensure_trained(
+            proxy_specs, "proxy", data, cache, train_budget, torch_device, seed, progress=True
+        )
+        descriptor_specs, descriptor_rows = ensure_trained(
+            descriptor_specs, "descriptor", data, cache, train_budget, torch_device, seed, progress=True
+        )
         trainings = proxy_rows + descriptor_rows
-    click.echo(f"grid: {len(proxy_specs)} proxies x {len(descriptor_specs)} descriptors x {len(preset_names)} indexes", err=True)
+    click.echo(
+        f"grid: {len(proxy_specs)} proxies x {len(descriptor_specs)} descriptors x {len(preset_names)} indexes",
+        err=True,
+    )
     result = run_benchmark(
-        data, descriptor_specs, proxy_specs, presets=preset_names, ks=k_list, device=torch_device,
-        faiss_device=device, batch_size=batch_size, fit_max_images=fit_max_images,
-        cache_dir=None if no_cache else cache / "features", seed=seed, rerank=rerank or None,
-        rerank_conf={"model": rerank_model}, distractors=distractors, protocol_gallery=protocol_gallery,
-        protocol_draws=protocol_draws, bootstrap=bootstrap,
+        data,
+        descriptor_specs,
+        proxy_specs,
+        presets=preset_names,
+        ks=k_list,
+        device=torch_device,
+        faiss_device=device,
+        batch_size=batch_size,
+        fit_max_images=fit_max_images,
+        cache_dir=None if no_cache else cache / "features",
+        seed=seed,
+        rerank=rerank or None,
+        rerank_conf={"model": rerank_model},
+        distractors=distractors,
+        protocol_gallery=protocol_gallery,
+        protocol_draws=protocol_draws,
+        bootstrap=bootstrap,
     )
     generation, generation_md = _bench_generation(data, proxy_specs, generation_samples, torch_device, seed)
     # The grid is done: an earlier run's files in --out go now (not at the start, so that a run that
@@ -389,20 +583,43 @@ def bench_command(dataset, split, descriptors, proxies, presets, ks, out_dir, de
         previews = proxy_previews(proxy_specs, [paths[q] for q in chosen], chosen, device=torch_device)
         catalog = dict(zip(data.catalog["product_id"].astype(str), data.catalog["image"]))
         if data.train is not None:  # distractors shown in a top 5 come from the training products
-            catalog.update({f"distractor:{p}": i for p, i in zip(data.train["product_id"].astype(str), data.train["product_image"])})
-        write_bench_rank_pictures(result.per_query, paths, catalog, previews, chosen, out / "rank",
-                                  f"street2shop bench: {data.name}")
+            catalog.update(
+                {
+                    f"distractor:{p}": i
+                    for p, i in zip(data.train["product_id"].astype(str), data.train["product_image"])
+                }
+            )
+        write_bench_rank_pictures(
+            result.per_query, paths, catalog, previews, chosen, out / "rank", f"street2shop bench: {data.name}"
+        )
         files.append("rank/index.html")
     wall = time.perf_counter() - started
     config = {
         "command": "street2shop " + " ".join(sys.argv[1:]),
-        "dataset": dataset, "split": split, "described": data.describe(), "descriptors": descriptor_specs,
-        "proxies": proxy_specs, "indexes": preset_names, "ks": k_list, "device": str(torch_device),
-        "batch_size": batch_size, "fit_max_images": fit_max_images, "seed": seed, "limit": limit, "rerank": rerank,
-        "rerank_model": rerank_model, "distractors": distractors, "protocol_draws": protocol_draws,
-        "protocol_gallery": protocol_gallery, "bootstrap": bootstrap, "generation_samples": generation_samples,
-        "trainings": trainings, "wall_s": round(wall, 1), "finished": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "versions": package_versions(), "git": revision,
+        "dataset": dataset,
+        "split": split,
+        "described": data.describe(),
+        "descriptors": descriptor_specs,
+        "proxies": proxy_specs,
+        "indexes": preset_names,
+        "ks": k_list,
+        "device": str(torch_device),
+        "batch_size": batch_size,
+        "fit_max_images": fit_max_images,
+        "seed": seed,
+        "limit": limit,
+        "rerank": rerank,
+        "rerank_model": rerank_model,
+        "distractors": distractors,
+        "protocol_draws": protocol_draws,
+        "protocol_gallery": protocol_gallery,
+        "bootstrap": bootstrap,
+        "generation_samples": generation_samples,
+        "trainings": trainings,
+        "wall_s": round(wall, 1),
+        "finished": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "versions": package_versions(),
+        "git": revision,
     }
     write_table(result.summary, out / "results")
     write_table(result.per_query, out / "per_query")
@@ -419,12 +636,25 @@ def bench_command(dataset, split, descriptors, proxies, presets, ks, out_dir, de
     plot_heatmap(result.summary, out / "heatmap.png", metric=f"mAP@{max(k_list)}")
     write_text_atomic(out / "config.json", json.dumps(config, indent=2, default=str))
     files += ["map_curves.png", "heatmap.png", "config.json"]
-    write_text_atomic(out / "report.md", bench_markdown(
-        result, k_list, title=f"street2shop bench: {data.name}, split {split}", description=data.describe(),
-        config=config, generation=generation, generation_markdown=generation_md, files=files))
+    write_text_atomic(
+        out / "report.md",
+        bench_markdown(
+            result,
+            k_list,
+            title=f"street2shop bench: {data.name}, split {split}",
+            description=data.describe(),
+            config=config,
+            generation=generation,
+            generation_markdown=generation_md,
+            files=files,
+        ),
+    )
     click.echo(format_table(result.summary, k_list))
     if trainings:
-        click.echo("trainings: " + "; ".join(f"{t['name']} {'trained' if t['trained'] else 'cached'} {t['wall_s']:.0f} s" for t in trainings))
+        click.echo(
+            "trainings: "
+            + "; ".join(f"{t['name']} {'trained' if t['trained'] else 'cached'} {t['wall_s']:.0f} s" for t in trainings)
+        )
     click.echo(f"\n{wall:.1f} s; wrote {out / 'report.md'} (and {', '.join(files)})")
 
 
@@ -432,8 +662,12 @@ def _table_of_rows(rows):
     """Rows of dicts -> DataFrame; nested values (training options) as JSON text, so Parquet can hold them."""
     import pandas as pd
 
-    return pd.DataFrame([{k: json.dumps(v, default=str) if isinstance(v, (dict, list, tuple)) else v for k, v in row.items()}
-                         for row in rows])
+    return pd.DataFrame(
+        [
+            {k: json.dumps(v, default=str) if isinstance(v, (dict, list, tuple)) else v for k, v in row.items()}
+            for row in rows
+        ]
+    )
 
 
 def _bench_generation(data, proxy_specs, samples, device, seed):
@@ -454,15 +688,31 @@ def _bench_generation(data, proxy_specs, samples, device, seed):
 @cli.command("bench-generation")
 @click.option("--dataset", default="viton:../shared/data/viton", show_default=True, help=DATASET_HELP)
 @click.option("--split", default="val", show_default=True)
-@click.option("--proxies", required=True, help="Proxies to score, e.g. 'hp@runs/parser/final.pt,paintnet@runs/paintnet/final.pt'.")
-@click.option("--samples", default=500, show_default=True, type=click.IntRange(min=0), help="Seeded sample of the split's person -> product pairs (0: all).")
-@click.option("--size", default=64, show_default=True, type=click.IntRange(min=1), help="Side the images are compared at (the paper: 64).")
+@click.option(
+    "--proxies", required=True, help="Proxies to score, e.g. 'hp@runs/parser/final.pt,paintnet@runs/paintnet/final.pt'."
+)
+@click.option(
+    "--samples",
+    default=500,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Seeded sample of the split's person -> product pairs (0: all).",
+)
+@click.option(
+    "--size",
+    default=64,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Side the images are compared at (the paper: 64).",
+)
 @click.option("--no-inception", is_flag=True, help="Skip the IS-style score (one classifier pass per image).")
 @click.option("--out", "out_dir", default="results/generation", show_default=True, type=click.Path(file_okay=False))
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--cache-dir", default=None)
 @click.option("--seed", default=0, show_default=True)
-def bench_generation_command(dataset, split, proxies, samples, size, no_inception, out_dir, device, cache_dir, seed) -> None:
+def bench_generation_command(
+    dataset, split, proxies, samples, size, no_inception, out_dir, device, cache_dir, seed
+) -> None:
     """Tables 2-3: each proxy's output against the true product photo (RMSE, SSIM, IS-style score).
 
     Adds two reference rows: the mean training product (a generator that learned only the average) and
@@ -484,21 +734,39 @@ def bench_generation_command(dataset, split, proxies, samples, size, no_inceptio
     persons, products = evaluation_pairs(data, samples or None, seed)
     labelled = [(descriptor_label(spec), create_proxy(spec)) for spec in specs]
     reference = list(data.train["product_image"]) if data.train is not None and len(data.train) else None
-    table, first = evaluate_generation(labelled, persons, products, reference_products=reference, size=size,
-                                       device=resolve_device(device), inception=not no_inception)
+    table, first = evaluate_generation(
+        labelled,
+        persons,
+        products,
+        reference_products=reference,
+        size=size,
+        device=resolve_device(device),
+        inception=not no_inception,
+    )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_table(table, out / "generation")
     markdown = format_generation_table(table, markdown=True)
-    write_text_atomic(out / "generation.md", f"# Generation metrics: {data.name}\n\n{len(persons)} person -> product pairs "
-                      f"at {size}x{size}; RMSE lower is better, SSIM and the IS-style score higher.\n\n{markdown}\n")
+    write_text_atomic(
+        out / "generation.md",
+        f"# Generation metrics: {data.name}\n\n{len(persons)} person -> product pairs "
+        f"at {size}x{size}; RMSE lower is better, SSIM and the IS-style score higher.\n\n{markdown}\n",
+    )
     write_image_atomic(out / "samples.png", sample_grid(first, [label for label, _ in labelled]))
     click.echo(format_generation_table(table))
-    click.echo(f"\n{time.perf_counter() - started:.0f} s; wrote {out / 'generation.md'}, generation.csv and samples.png")
+    click.echo(
+        f"\n{time.perf_counter() - started:.0f} s; wrote {out / 'generation.md'}, generation.csv and samples.png"
+    )
 
 
 @cli.command("demo")
-@click.option("--products", default=120, show_default=True, type=click.IntRange(min=1), help="Size of the generated synthetic set.")
+@click.option(
+    "--products",
+    default=120,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Size of the generated synthetic set.",
+)
 @click.option("--descriptors", default="colorhist,sift,rmac,gem", show_default=True)
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--cache-dir", default=None, help="Where the synthetic set, indexes and features go.")
@@ -521,8 +789,14 @@ def demo_command(products, descriptors, device, cache_dir) -> None:
     torch_device = resolve_device(device)
     from benchmarks.runner import fit_images
 
-    build_index(data.catalog, create_descriptor("gem").to(torch_device).eval(), index_dir,
-                fit_paths=fit_images(data, 1000), cache_dir=cache / "features", faiss_device=device)
+    build_index(
+        data.catalog,
+        create_descriptor("gem").to(torch_device).eval(),
+        index_dir,
+        fit_paths=fit_images(data, 1000),
+        cache_dir=cache / "features",
+        faiss_device=device,
+    )
     click.echo(f"2. indexed its {len(data.catalog)} catalog products with gem -> {index_dir}")
     sample = data.queries.head(3)
     results = Searcher(index_dir, device=device).search(list(sample["image"]), k=5)
@@ -532,8 +806,15 @@ def demo_command(products, descriptors, device, cache_dir) -> None:
     click.echo("3. three street photos queried (top 5, correct = the product the person wears):")
     click.echo(results.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     click.echo(f"4. mAP@k of every descriptor on all {len(data.queries)} street photos:")
-    grid = run_grid(data, _split_list(descriptors), ("none",), device=torch_device, faiss_device=device,
-                    cache_dir=cache / "features", progress=True)
+    grid = run_grid(
+        data,
+        _split_list(descriptors),
+        ("none",),
+        device=torch_device,
+        faiss_device=device,
+        cache_dir=cache / "features",
+        progress=True,
+    )
     click.echo(format_table(grid))
 
 
@@ -543,19 +824,50 @@ def train_group() -> None:
 
 
 TRAIN_OPTIONS = [
-    click.option("--dataset", default="viton:../shared/data/viton", show_default=True, help=DATASET_HELP + " Its training pairs are used."),
-    click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Run directory: last.pt (resume), final.pt, losses.csv/png, samples/."),
-    click.option("--epochs", default=None, type=click.IntRange(min=0), help="Passes over the training pairs (default: the model's own)."),
+    click.option(
+        "--dataset",
+        default="viton:../shared/data/viton",
+        show_default=True,
+        help=DATASET_HELP + " Its training pairs are used.",
+    ),
+    click.option(
+        "--out",
+        "out_dir",
+        required=True,
+        type=click.Path(file_okay=False),
+        help="Run directory: last.pt (resume), final.pt, losses.csv/png, samples/.",
+    ),
+    click.option(
+        "--epochs",
+        default=None,
+        type=click.IntRange(min=0),
+        help="Passes over the training pairs (default: the model's own).",
+    ),
     click.option("--batch-size", default=None, type=click.IntRange(min=1), help="Default: the model's own."),
-    click.option("--lr", default=None, type=click.FloatRange(min=0, min_open=True), help="Learning rate (default: the model's own)."),
-    click.option("--time-budget", default=None, type=click.FloatRange(min=0, min_open=True), help="Stop cleanly (checkpointed) after this many minutes."),
+    click.option(
+        "--lr",
+        default=None,
+        type=click.FloatRange(min=0, min_open=True),
+        help="Learning rate (default: the model's own).",
+    ),
+    click.option(
+        "--time-budget",
+        default=None,
+        type=click.FloatRange(min=0, min_open=True),
+        help="Stop cleanly (checkpointed) after this many minutes.",
+    ),
     click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"])),
     click.option("--cache-dir", default=None, help="Default: $STREET2SHOP_CACHE or ~/.cache/street2shop."),
     click.option("--seed", default=0, show_default=True),
-    click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
-                 help="Model or training option for this run, repeatable, typed by its default (true/false, "
-                      "numbers, 128,96 for a pair): e.g. --set width=0.5 --set use_perceptual=false (PaintNet's "
-                      "ablations), --set max_pairs=500."),
+    click.option(
+        "--set",
+        "settings",
+        multiple=True,
+        metavar="KEY=VALUE",
+        help="Model or training option for this run, repeatable, typed by its default (true/false, "
+        "numbers, 128,96 for a pair): e.g. --set width=0.5 --set use_perceptual=false (PaintNet's "
+        "ablations), --set max_pairs=500.",
+    ),
 ]
 
 
@@ -576,8 +888,21 @@ def _train_options(command):
     return command
 
 
-def _train(kind: str, name: str, dataset, out_dir, epochs, batch_size, lr, time_budget, device, cache_dir, seed,
-           settings=(), **extra) -> None:
+def _train(
+    kind: str,
+    name: str,
+    dataset,
+    out_dir,
+    epochs,
+    batch_size,
+    lr,
+    time_budget,
+    device,
+    cache_dir,
+    seed,
+    settings=(),
+    **extra,
+) -> None:
     """Build the named descriptor or proxy, train it on the dataset's training pairs, say where it went."""
     from retrieval.batching import resolve_device
     from retrieval.datasets import load_dataset
@@ -590,8 +915,10 @@ def _train(kind: str, name: str, dataset, out_dir, epochs, batch_size, lr, time_
     settings = _parse_settings(settings, _option_defaults(kind, name))
     if "pairs" in settings:  # a pair archive (export-pairs) stands in for the photos
         if kind == "descriptor":
-            raise ValueError("--set pairs=ARCHIVE is for the generators (paintnet, pix2pix, dtgan); "
-                             "descriptors train on the data set's photos: drop it and give --dataset")
+            raise ValueError(
+                "--set pairs=ARCHIVE is for the generators (paintnet, pix2pix, dtgan); "
+                "descriptors train on the data set's photos: drop it and give --dataset"
+            )
         data = None
     else:
         data = load_dataset(dataset, split="val", seed=seed, cache_dir=_cache_dir(cache_dir))
@@ -616,12 +943,22 @@ def _train(kind: str, name: str, dataset, out_dir, epochs, batch_size, lr, time_
 
     options = proxy_training_options(options)
     started = time.perf_counter()
-    final = model.train_on(data, Path(out_dir), seed=seed, progress=True,
-                           time_budget_s=None if time_budget is None else 60 * time_budget, **options)
+    final = model.train_on(
+        data,
+        Path(out_dir),
+        seed=seed,
+        progress=True,
+        time_budget_s=None if time_budget is None else 60 * time_budget,
+        **options,
+    )
     budget = f" (stopped by the {time_budget:g}-minute budget if it came first)" if time_budget else ""
-    source = f"the pair archive {settings['pairs']}" if data is None else f"{data.name}'s {len(data.train)} training pairs"
-    click.echo(f"trained {name} in {time.perf_counter() - started:.0f} s on {source}"
-               f"{budget} -> {final}; steps and epochs: {Path(out_dir) / 'losses.csv'}")
+    source = (
+        f"the pair archive {settings['pairs']}" if data is None else f"{data.name}'s {len(data.train)} training pairs"
+    )
+    click.echo(
+        f"trained {name} in {time.perf_counter() - started:.0f} s on {source}"
+        f"{budget} -> {final}; steps and epochs: {Path(out_dir) / 'losses.csv'}"
+    )
     flag = "--descriptors" if kind == "descriptor" else "--proxies"
     click.echo(f"use it as: {flag} {name}@{final}")
 
@@ -649,7 +986,11 @@ def train_parsing_command(**options) -> None:
 
 
 @train_group.command("paintnet")
-@click.option("--parser", default=None, help="final.pt of `train parsing`, used to cut the garment out at inference (GrabCut without).")
+@click.option(
+    "--parser",
+    default=None,
+    help="final.pt of `train parsing`, used to cut the garment out at inference (GrabCut without).",
+)
 @_train_options
 def train_paintnet_command(parser, **options) -> None:
     """Train PaintNet (shape predictor, then texture renderer) on the person/product pairs.
@@ -671,10 +1012,26 @@ def train_paintnet_command(parser, **options) -> None:
 
 
 @cli.command("export-pairs")
-@click.option("--dataset", default="viton:../shared/data/viton", show_default=True, help=DATASET_HELP + " Its training pairs are exported.")
-@click.option("--size", default=64, show_default=True, type=click.IntRange(min=1), help="Side of the square tensors (PaintNet's image_size).")
-@click.option("--shape-maps", default="cloth_mask", show_default=True, type=click.Choice(["cloth_mask", "grabcut"]),
-              help="Product shape maps: the data set's masks, or GrabCut on the product photo (the paper).")
+@click.option(
+    "--dataset",
+    default="viton:../shared/data/viton",
+    show_default=True,
+    help=DATASET_HELP + " Its training pairs are exported.",
+)
+@click.option(
+    "--size",
+    default=64,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Side of the square tensors (PaintNet's image_size).",
+)
+@click.option(
+    "--shape-maps",
+    default="cloth_mask",
+    show_default=True,
+    type=click.Choice(["cloth_mask", "grabcut"]),
+    help="Product shape maps: the data set's masks, or GrabCut on the product photo (the paper).",
+)
 @click.option("--seed", default=0, show_default=True, help="Seed of the train/validation split.")
 @click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False), help="Archive to write (.npz).")
 @click.option("--cache-dir", default=None)
@@ -710,12 +1067,39 @@ def train_dtgan_command(**options) -> None:
 
 
 @cli.command("bench-speed")
-@click.option("--descriptors", default="colorhist,sift,rmac,gem", show_default=True, help="Descriptors timed for extraction ('' to skip).")
-@click.option("--proxies", default="", show_default=True, help="Proxy stages timed alone, e.g. 'hp,paintnet@runs/paintnet/final.pt' ('' to skip).")
-@click.option("--images", default=64, show_default=True, type=click.IntRange(min=1), help="Synthetic images per descriptor for the extraction timing.")
-@click.option("--sizes", default="10000,100000", show_default=True, callback=lambda ctx, param, value: _counts(value), help="Catalog sizes for the index timings, e.g. 10000,100000,1000000.")
+@click.option(
+    "--descriptors",
+    default="colorhist,sift,rmac,gem",
+    show_default=True,
+    help="Descriptors timed for extraction ('' to skip).",
+)
+@click.option(
+    "--proxies",
+    default="",
+    show_default=True,
+    help="Proxy stages timed alone, e.g. 'hp,paintnet@runs/paintnet/final.pt' ('' to skip).",
+)
+@click.option(
+    "--images",
+    default=64,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Synthetic images per descriptor for the extraction timing.",
+)
+@click.option(
+    "--sizes",
+    default="10000,100000",
+    show_default=True,
+    callback=lambda ctx, param, value: _counts(value),
+    help="Catalog sizes for the index timings, e.g. 10000,100000,1000000.",
+)
 @click.option("--dim", default=512, show_default=True, type=click.IntRange(min=1))
-@click.option("--presets", default="flat,ivfpq,hnsw", show_default=True, help="Index presets timed (flat always runs as the reference).")
+@click.option(
+    "--presets",
+    default="flat,ivfpq,hnsw",
+    show_default=True,
+    help="Index presets timed (flat always runs as the reference).",
+)
 @click.option("--out", "out_dir", default="results/speed", show_default=True, type=click.Path(file_okay=False))
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--cache-dir", default=None)
@@ -731,18 +1115,31 @@ def bench_speed_command(descriptors, proxies, images, sizes, dim, presets, out_d
     from retrieval.batching import resolve_device
 
     if _split_list(descriptors):
-        rows = extraction_speed(_split_list(descriptors), n_images=images, device=resolve_device(device), cache_dir=_cache_dir(cache_dir))
+        rows = extraction_speed(
+            _split_list(descriptors), n_images=images, device=resolve_device(device), cache_dir=_cache_dir(cache_dir)
+        )
         click.echo(format_extraction_table(rows))
         click.echo("")
     if _split_list(proxies):
         from benchmarks.speed import proxy_speed
 
-        proxy_rows = proxy_speed(_split_list(proxies), n_images=min(images, 32), device=resolve_device(device),
-                                 cache_dir=_cache_dir(cache_dir))
-        click.echo("proxy stages alone\n" + _table_of_rows(proxy_rows).to_string(index=False, float_format=lambda v: f"{v:.1f}"))
+        proxy_rows = proxy_speed(
+            _split_list(proxies),
+            n_images=min(images, 32),
+            device=resolve_device(device),
+            cache_dir=_cache_dir(cache_dir),
+        )
+        click.echo(
+            "proxy stages alone\n"
+            + _table_of_rows(proxy_rows).to_string(index=False, float_format=lambda v: f"{v:.1f}")
+        )
         click.echo("")
-    frame = index_speed_suite(sizes=tuple(sizes), dim=dim, presets=tuple(_split_list(presets)),
-                              progress=lambda message: click.echo(message, err=True))
+    frame = index_speed_suite(
+        sizes=tuple(sizes),
+        dim=dim,
+        presets=tuple(_split_list(presets)),
+        progress=lambda message: click.echo(message, err=True),
+    )
     csv_path, md_path = write_speed_suite(frame, out_dir)
     click.echo(format_speed_suite(frame))
     click.echo(f"wrote {csv_path} and {md_path}")

@@ -12,6 +12,7 @@ folder, see `index.storage`):
 The manifest's metadata names the descriptor, its config and fingerprint, so a query rebuilds
 exactly the descriptor the catalog was indexed with, and refuses any other.
 """
+
 from __future__ import annotations
 
 import io
@@ -34,6 +35,8 @@ from retrieval.rerank import LocalFeatureStore, SpatialVerifier, behind_proxy
 log = logging.getLogger("street2shop")
 DESCRIPTOR_FILE = "descriptor.pt"
 LOCAL_FEATURES_FILE = "local_features.npz"
+
+
 def descriptor_metadata(descriptor: Descriptor) -> Dict[str, Any]:
     return {
         "descriptor": descriptor.name,
@@ -72,7 +75,9 @@ def load_descriptor_state(metadata: Dict[str, Any], directory: Path, device: tor
     descriptor = create_descriptor(metadata["descriptor"], **metadata["descriptor_config"]).to(device)
     path = directory / DESCRIPTOR_FILE
     if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: the index directory is incomplete; rebuild it with `street2shop index`")
+        raise FileNotFoundError(
+            f"{path} is missing: the index directory is incomplete; rebuild it with `street2shop index`"
+        )
     state = _load_state(path, device)
     missing, unexpected = descriptor.load_state_dict(state, strict=False)
     shipped = descriptor.shipped_state_prefixes
@@ -116,22 +121,39 @@ def build_index(
         raise ValueError(f"the catalog has duplicate product ids, e.g. {list(duplicated[:5])}: ids must be unique")
     out_dir = Path(out_dir)
     if descriptor.needs_fit and not descriptor.fitted:
-        fit_descriptor(descriptor, fit_paths if fit_paths is not None else list(catalog["image"]), batch_size=batch_size,
-                       progress=progress, cache_dir=cache_dir)
+        fit_descriptor(
+            descriptor,
+            fit_paths if fit_paths is not None else list(catalog["image"]),
+            batch_size=batch_size,
+            progress=progress,
+            cache_dir=cache_dir,
+        )
     cache = FeatureCache(cache_dir, f"{descriptor.name}-{descriptor.fingerprint()}") if cache_dir else None
     vectors = extract_features(
-        descriptor.embed, list(catalog["image"]), descriptor.input_spec.size, batch_size=batch_size,
-        device=descriptor.device, cache=cache, progress=f"index {descriptor.name}" if progress else None,
+        descriptor.embed,
+        list(catalog["image"]),
+        descriptor.input_spec.size,
+        batch_size=batch_size,
+        device=descriptor.device,
+        cache=cache,
+        progress=f"index {descriptor.name}" if progress else None,
     )
     product_index = ProductIndex.build(
-        vectors, [str(p) for p in catalog["product_id"]], preset=preset,
-        metadata=descriptor_metadata(descriptor), device=faiss_device,
+        vectors,
+        [str(p) for p in catalog["product_id"]],
+        preset=preset,
+        metadata=descriptor_metadata(descriptor),
+        device=faiss_device,
     )
     attachments = {DESCRIPTOR_FILE: descriptor_state_bytes(descriptor)}
     if local_features:
         attachments[LOCAL_FEATURES_FILE] = LocalFeatureStore.build(
-            descriptor.extract, list(catalog["image"]), descriptor.input_spec.size, batch_size=batch_size,
-            device=descriptor.device, progress=f"local features {descriptor.name}" if progress else None,
+            descriptor.extract,
+            list(catalog["image"]),
+            descriptor.input_spec.size,
+            batch_size=batch_size,
+            device=descriptor.device,
+            progress=f"local features {descriptor.name}" if progress else None,
         ).to_bytes()
     product_index.save(out_dir, attachments=attachments)
     return product_index
@@ -145,8 +167,16 @@ class Searcher:
     ``rerank_conf`` configures the `SpatialVerifier`.
     """
 
-    def __init__(self, index_dir: os.PathLike, *, device: str = "auto", proxy: str = "none", descriptor: Optional[str] = None,
-                 rerank: Optional[int] = None, rerank_conf: Optional[Dict[str, Any]] = None):
+    def __init__(
+        self,
+        index_dir: os.PathLike,
+        *,
+        device: str = "auto",
+        proxy: str = "none",
+        descriptor: Optional[str] = None,
+        rerank: Optional[int] = None,
+        rerank_conf: Optional[Dict[str, Any]] = None,
+    ):
         self.index_dir = Path(index_dir)
         torch_device = resolve_device(device)
         self.index = ProductIndex.load(self.index_dir, device=device)
@@ -177,19 +207,30 @@ class Searcher:
                 ) from None
             self.gallery_local = LocalFeatureStore.from_bytes(payload)
             if len(self.gallery_local) != self.index.ntotal:
-                raise IndexMismatchError(f"{path} holds {len(self.gallery_local)} products but the index {self.index.ntotal}: rebuild the index")
+                raise IndexMismatchError(
+                    f"{path} holds {len(self.gallery_local)} products but the index {self.index.ntotal}: "
+                    "rebuild the index"
+                )
             self.verifier = SpatialVerifier(**(rerank_conf or {}))
             self.extract_local = behind_proxy(
-                self.descriptor.extract, None if self.proxy.name == "none" else self.proxy, self.descriptor.input_spec.size
+                self.descriptor.extract,
+                None if self.proxy.name == "none" else self.proxy,
+                self.descriptor.input_spec.size,
             )
 
-    def search(self, image_paths: Sequence[str], k: int = 10, batch_size: int = 32, progress: bool = False) -> pd.DataFrame:
+    def search(
+        self, image_paths: Sequence[str], k: int = 10, batch_size: int = 32, progress: bool = False
+    ) -> pd.DataFrame:
         """Photos -> long table (query, rank, product_id, score), best first; k rows per photo, in order."""
         if int(k) < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         vectors = extract_features(
-            self.embed, list(image_paths), self.descriptor.input_spec.size, batch_size=batch_size,
-            device=self.descriptor.device, progress="query" if progress else None,
+            self.embed,
+            list(image_paths),
+            self.descriptor.input_spec.size,
+            batch_size=batch_size,
+            device=self.descriptor.device,
+            progress="query" if progress else None,
         )
         scores, ids = self.index.search(vectors, max(k, self.rerank))
         if self.rerank:
@@ -209,15 +250,22 @@ class Searcher:
         """Top `rerank` re-sorted by inliers + global similarity (the new score); the rest as they were."""
         top = min(self.rerank, ids.shape[1])
         query_local = LocalFeatureStore.build(
-            self.extract_local, list(image_paths), self.descriptor.input_spec.size, batch_size=batch_size,
+            self.extract_local,
+            list(image_paths),
+            self.descriptor.input_spec.size,
+            batch_size=batch_size,
             device=self.descriptor.device,
         )
         product_ids = list(self.index.product_ids)
         positions = pd.Index(product_ids).get_indexer(ids[:, :top].ravel()).reshape(len(ids), top)  # -1: none
         new_scores, reordered, _ = self.verifier.rerank(
-            query_local, torch.from_numpy(positions.astype(np.int64)), torch.from_numpy(scores[:, :top].astype(np.float32)),
+            query_local,
+            torch.from_numpy(positions.astype(np.int64)),
+            torch.from_numpy(scores[:, :top].astype(np.float32)),
             self.gallery_local,
         )
         catalog = np.asarray(product_ids + [None], dtype=object)  # position -1 -> None
-        return (np.concatenate([new_scores.numpy(), scores[:, top:]], axis=1),
-                np.concatenate([catalog[reordered.numpy()], ids[:, top:]], axis=1))
+        return (
+            np.concatenate([new_scores.numpy(), scores[:, top:]], axis=1),
+            np.concatenate([catalog[reordered.numpy()], ids[:, top:]], axis=1),
+        )

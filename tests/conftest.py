@@ -1,4 +1,5 @@
 """Shared fixtures: a tiny generated street-to-shop set and the path of the real VITON data."""
+
 from pathlib import Path
 
 import pytest
@@ -18,5 +19,7 @@ def synthetic_root(tmp_path_factory):
 @pytest.fixture
 def viton_root():
     if not (VITON_ROOT / "train_pairs.txt").exists():
-        pytest.skip(f"real VITON data not found at {VITON_ROOT} (it sits beside the repository as ../shared/data/viton)")
+        pytest.skip(
+            f"real VITON data not found at {VITON_ROOT} (it sits beside the repository as ../shared/data/viton)"
+        )
     return VITON_ROOT

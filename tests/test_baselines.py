@@ -1,4 +1,5 @@
 """Baseline generators: pix2pix (U-Net + PatchGAN + L1) and the DTGAN-style association GAN."""
+
 import csv
 
 import pandas as pd
@@ -62,7 +63,14 @@ def paired_batch(n: int = 4, size: int = 64, seed: int = 0):
 def test_unet_encoder_levels_and_skip_shapes():
     unet = UNetGenerator(levels=6, width=8).eval()
     features = unet.encode(torch.zeros(2, 3, 64, 64))
-    assert [tuple(f.shape[1:]) for f in features] == [(8, 32, 32), (16, 16, 16), (32, 8, 8), (64, 4, 4), (64, 2, 2), (64, 1, 1)]
+    assert [tuple(f.shape[1:]) for f in features] == [
+        (8, 32, 32),
+        (16, 16, 16),
+        (32, 8, 8),
+        (64, 4, 4),
+        (64, 2, 2),
+        (64, 1, 1),
+    ]
     # every decoder layer but the first takes its input concatenated with the skip of that resolution
     assert [layer[0].in_channels for layer in unet.decoder] == [64, 128, 128, 64, 32, 16]
     assert [layer[0].out_channels for layer in unet.decoder] == [64, 64, 32, 16, 8, 3]
@@ -77,7 +85,11 @@ def test_unet_encoder_levels_and_skip_shapes():
 
 
 def convolution_channels(module):
-    return [(m.in_channels, m.out_channels) for m in module.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d))]
+    return [
+        (m.in_channels, m.out_channels)
+        for m in module.modules()
+        if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d))
+    ]
 
 
 def test_unet_full_size_matches_pix2pix_at_64_and_128():
@@ -86,7 +98,15 @@ def test_unet_full_size_matches_pix2pix_at_64_and_128():
     with torch.device("meta"):
         unet = UNetGenerator(levels=7, width=64)
     assert [c for _, c in convolution_channels(unet.encoder)] == [64, 128, 256, 512, 512, 512, 512]
-    assert convolution_channels(unet.decoder) == [(512, 512), (1024, 512), (1024, 512), (1024, 256), (512, 128), (256, 64), (128, 3)]
+    assert convolution_channels(unet.decoder) == [
+        (512, 512),
+        (1024, 512),
+        (1024, 512),
+        (1024, 256),
+        (512, 128),
+        (256, 64),
+        (128, 3),
+    ]
     for levels, side in ((6, 64), (7, 128)):
         small = UNetGenerator(levels=levels, width=4).eval()
         features = small.encode(torch.zeros(1, 3, side, side))
@@ -199,7 +219,10 @@ def test_dtgan_step_lowers_both_discriminator_losses_and_the_generator_loss():
     losses = dtgan_step(generator, realfake, association, optimizers, photo, product, unassociated)
     assert set(losses) == {"d_rf", "d_assoc", "g", "g_rf", "g_assoc"}
     assert realfake_discriminator_loss(realfake, product, generated_before).item() < losses["d_rf"]
-    assert association_discriminator_loss(association, photo, product, generated_before, unassociated).item() < losses["d_assoc"]
+    assert (
+        association_discriminator_loss(association, photo, product, generated_before, unassociated).item()
+        < losses["d_assoc"]
+    )
     g_after, _ = dtgan_generator_loss(realfake, association, photo, generator(photo))
     assert g_after.item() < losses["g"]
 

@@ -1,4 +1,5 @@
 """retrieval/batching.py: the fitted-state cache is verified before it is trusted."""
+
 import logging
 
 import pytest
@@ -24,11 +25,14 @@ def test_a_damaged_fitted_state_is_refitted_not_used(synthetic_root, tmp_path, c
         payload[len(payload) // 2] ^= 0x01
         stored.write_bytes(bytes(payload))
     else:  # a well-formed file whose codebook holds NaN: sealed, but not a usable state
-        from retrieval.io import write_checked_bytes
         import io
 
+        from retrieval.io import write_checked_bytes
+
         buffer = io.BytesIO()
-        torch.save({"centroids": torch.full_like(fitted.centroids, float("nan")), "_fitted": torch.tensor(True)}, buffer)
+        torch.save(
+            {"centroids": torch.full_like(fitted.centroids, float("nan")), "_fitted": torch.tensor(True)}, buffer
+        )
         write_checked_bytes(stored, buffer.getvalue())
     with caplog.at_level(logging.WARNING):
         refitted = fit_descriptor(small_sift(), train, progress=False, cache_dir=tmp_path)

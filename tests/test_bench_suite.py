@@ -1,4 +1,5 @@
 """The benchmark suite: grid statistics, protocols, distractors, resume, report files, generation metrics."""
+
 import json
 
 import numpy as np
@@ -32,12 +33,18 @@ def test_expand_globs_keeps_order_and_checkpoints():
 
 def test_statistics_against_hand_computed_values():
     """Two proxies on four queries: improvement, paired difference and intervals by hand."""
-    per_query = pd.DataFrame({
-        "proxy": ["none"] * 4 + ["hp"] * 4, "descriptor": "d", "index": "flat",
-        "AP@1": [1, 0, 0, 0, 1, 1, 0, 0], "AP@20": [1.0, 0.5, 0.0, 0.0, 1.0, 1.0, 0.5, 0.0],
-    })
-    summary = pd.DataFrame({"proxy": ["none", "hp"], "descriptor": "d", "index": "flat",
-                            "mAP@1": [0.25, 0.5], "mAP@20": [0.375, 0.625]})
+    per_query = pd.DataFrame(
+        {
+            "proxy": ["none"] * 4 + ["hp"] * 4,
+            "descriptor": "d",
+            "index": "flat",
+            "AP@1": [1, 0, 0, 0, 1, 1, 0, 0],
+            "AP@20": [1.0, 0.5, 0.0, 0.0, 1.0, 1.0, 0.5, 0.0],
+        }
+    )
+    summary = pd.DataFrame(
+        {"proxy": ["none", "hp"], "descriptor": "d", "index": "flat", "mAP@1": [0.25, 0.5], "mAP@20": [0.375, 0.625]}
+    )
     out = add_statistics(summary, per_query, ks=(1, 20), n_resamples=500)
     hp = out.iloc[1]
     assert hp["improvement_pct"] == pytest.approx(100 * (0.625 - 0.375) / 0.375)
@@ -51,8 +58,9 @@ def test_statistics_against_hand_computed_values():
 def test_benchmark_tables_agree(dataset):
     """Summary = mean of the per-query table; distractors enlarge the gallery but never match."""
     plain = run_benchmark(dataset, ["colorhist"], ["none"], ks=(1, 5), progress=False, protocol_draws=3, bootstrap=200)
-    harder = run_benchmark(dataset, ["colorhist"], ["none"], ks=(1, 5), progress=False, protocol_draws=0, bootstrap=0,
-                           distractors=5)
+    harder = run_benchmark(
+        dataset, ["colorhist"], ["none"], ks=(1, 5), progress=False, protocol_draws=0, bootstrap=0, distractors=5
+    )
     row = plain.summary.iloc[0]
     assert row["mAP@5"] == pytest.approx(plain.per_query["AP@5"].mean())
     assert row["recall@1"] == pytest.approx((plain.per_query["rank"] == 1).mean())
@@ -90,20 +98,55 @@ def test_interrupted_benchmark_resumes_without_recomputing(dataset, tmp_path, mo
     computed.clear()
     again = run_benchmark(dataset, ["colorhist"], ["none"], **options)
     assert computed == []
-    pd.testing.assert_frame_equal(resumed.summary.drop(columns=[c for c in resumed.summary if c.endswith("_s")]),
-                                  again.summary.drop(columns=[c for c in again.summary if c.endswith("_s")]))
+    pd.testing.assert_frame_equal(
+        resumed.summary.drop(columns=[c for c in resumed.summary if c.endswith("_s")]),
+        again.summary.drop(columns=[c for c in again.summary if c.endswith("_s")]),
+    )
 
 
 def test_bench_cli_writes_the_report(synthetic_root, tmp_path):
     out = tmp_path / "out"
-    result = CliRunner().invoke(cli, [
-        "bench", "--dataset", f"viton:{synthetic_root}", "--descriptors", "colorh*", "--proxies", "none,hp",
-        "--indexes", "flat", "--k", "1,5", "--out", str(out), "--cache-dir", str(tmp_path / "cache"),
-        "--bootstrap", "100", "--protocol-draws", "2", "--generation-samples", "4", "--rank-pictures", "2",
-    ])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "bench",
+            "--dataset",
+            f"viton:{synthetic_root}",
+            "--descriptors",
+            "colorh*",
+            "--proxies",
+            "none,hp",
+            "--indexes",
+            "flat",
+            "--k",
+            "1,5",
+            "--out",
+            str(out),
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            "--bootstrap",
+            "100",
+            "--protocol-draws",
+            "2",
+            "--generation-samples",
+            "4",
+            "--rank-pictures",
+            "2",
+        ],
+    )
     assert result.exit_code == 0, result.output
-    for name in ("report.md", "results.csv", "results.parquet", "per_query.csv", "protocol_draws.csv",
-                 "generation.csv", "map_curves.png", "heatmap.png", "rank/index.html", "config.json"):
+    for name in (
+        "report.md",
+        "results.csv",
+        "results.parquet",
+        "per_query.csv",
+        "protocol_draws.csv",
+        "generation.csv",
+        "map_curves.png",
+        "heatmap.png",
+        "rank/index.html",
+        "config.json",
+    ):
         assert (out / name).exists(), name
     config = json.loads((out / "config.json").read_text())
     assert config["descriptors"] == ["colorhist"] and "torch" in config["versions"] and "commit" in config["git"]
@@ -121,8 +164,14 @@ class _Identity(torch.nn.Module):
 
 def test_generation_metrics_identity_and_references(dataset):
     persons, products = evaluation_pairs(dataset, 6)
-    table, first = evaluate_generation([("identity", _Identity()), ("copy", _Identity())], products, products,
-                                       reference_products=products, inception=False, progress=False)
+    table, first = evaluate_generation(
+        [("identity", _Identity()), ("copy", _Identity())],
+        products,
+        products,
+        reference_products=products,
+        inception=False,
+        progress=False,
+    )
     identity = table.set_index("method").loc["identity"]
     assert identity["rmse"] == pytest.approx(0.0, abs=1e-6) and identity["ssim"] == pytest.approx(1.0, abs=1e-4)
     mean_row = table.set_index("method").loc["mean product (reference)"]
@@ -135,9 +184,30 @@ def test_generation_metrics_identity_and_references(dataset):
 
 def test_bench_train_trains_missing_checkpoints_once(synthetic_root, tmp_path):
     """`bench --train` on a machine with no checkpoints: hp is trained into the cache, then reused."""
-    args = ["bench", "--dataset", f"viton:{synthetic_root}", "--descriptors", "colorhist", "--proxies", "none,hp",
-            "--k", "1,5", "--cache-dir", str(tmp_path / "cache"), "--bootstrap", "0", "--protocol-draws", "0",
-            "--generation-samples", "0", "--rank-pictures", "0", "--train", "--train-budget", "0.05"]
+    args = [
+        "bench",
+        "--dataset",
+        f"viton:{synthetic_root}",
+        "--descriptors",
+        "colorhist",
+        "--proxies",
+        "none,hp",
+        "--k",
+        "1,5",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--bootstrap",
+        "0",
+        "--protocol-draws",
+        "0",
+        "--generation-samples",
+        "0",
+        "--rank-pictures",
+        "0",
+        "--train",
+        "--train-budget",
+        "0.05",
+    ]
     first = CliRunner().invoke(cli, args + ["--out", str(tmp_path / "a")])
     assert first.exit_code == 0, first.output
     assert "hp trained" in first.output
@@ -152,8 +222,21 @@ def test_bench_train_trains_missing_checkpoints_once(synthetic_root, tmp_path):
 
 
 def test_bench_generation_cli(synthetic_root, tmp_path):
-    result = CliRunner().invoke(cli, ["bench-generation", "--dataset", f"viton:{synthetic_root}", "--proxies", "hp",
-                                      "--samples", "4", "--no-inception", "--out", str(tmp_path)])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "bench-generation",
+            "--dataset",
+            f"viton:{synthetic_root}",
+            "--proxies",
+            "hp",
+            "--samples",
+            "4",
+            "--no-inception",
+            "--out",
+            str(tmp_path),
+        ],
+    )
     assert result.exit_code == 0, result.output
     table = pd.read_csv(tmp_path / "generation.csv")
     assert list(table["method"]) == ["hp", "mean product (reference)"]
@@ -176,7 +259,9 @@ def test_each_proxy_runs_once_per_grid_and_is_cached(dataset, tmp_path, monkeypa
     proxy_type = type(create_proxy("hp"))
     original = proxy_type.forward
     seen = []
-    monkeypatch.setattr(proxy_type, "forward", lambda self, images: (seen.append(len(images)), original(self, images))[1])
+    monkeypatch.setattr(
+        proxy_type, "forward", lambda self, images: (seen.append(len(images)), original(self, images))[1]
+    )
     options = dict(ks=(1, 5), progress=False, cache_dir=tmp_path / "features", protocol_draws=0, bootstrap=0)
     first = run_benchmark(dataset, ["colorhist", "sift"], ["none", "hp"], **options)
     n_queries = dataset.queries["query_id"].nunique()
@@ -192,7 +277,12 @@ def test_train_set_options_are_parsed_and_checked(synthetic_root, tmp_path):
     from street2shop.cli import _parse_settings
 
     assert _parse_settings(["width=0.5", "use_perceptual=False", "gan_mode=lsgan", "sp_image_size=(64, 48)"]) == {
-        "width": 0.5, "use_perceptual": False, "gan_mode": "lsgan", "sp_image_size": (64, 48)}
-    result = CliRunner().invoke(cli, ["train", "parsing", "--dataset", f"viton:{synthetic_root}", "--out", str(tmp_path),
-                                      "--set", "nonsense"])
+        "width": 0.5,
+        "use_perceptual": False,
+        "gan_mode": "lsgan",
+        "sp_image_size": (64, 48),
+    }
+    result = CliRunner().invoke(
+        cli, ["train", "parsing", "--dataset", f"viton:{synthetic_root}", "--out", str(tmp_path), "--set", "nonsense"]
+    )
     assert result.exit_code != 0 and "KEY=VALUE" in result.output

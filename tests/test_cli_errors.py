@@ -1,4 +1,5 @@
 """Every CLI error is one line ("error: ..." or click's usage error) with a non-zero exit; -v adds the traceback."""
+
 import json
 import os
 import pickle
@@ -58,7 +59,9 @@ def _usage_error(result, *fragments):
 def test_query_k_below_one_is_refused_with_the_value_given(index_dir, photo):
     runner = CliRunner()
     _usage_error(runner.invoke(cli, ["query", "--index", str(index_dir), photo, "--k", "-1"]), "-1", ">=1")
-    _usage_error(runner.invoke(cli, ["query", "--index", str(index_dir), photo, "--k", "0"]), "0 is not in the range x>=1")
+    _usage_error(
+        runner.invoke(cli, ["query", "--index", str(index_dir), photo, "--k", "0"]), "0 is not in the range x>=1"
+    )
     _usage_error(runner.invoke(cli, ["query", "--index", str(index_dir), photo, "--rerank", "-1"]), "--rerank", "x>=0")
 
 
@@ -71,24 +74,27 @@ def test_searcher_refuses_k_below_one_naming_it(index_dir, photo):
         Searcher(index_dir, device="cpu", rerank=-2)
 
 
-@pytest.mark.parametrize("args, option", [
-    (["index", "--catalog", "synthetic:8", "--out", "X", "--batch-size", "0"], "--batch-size"),
-    (["index", "--catalog", "synthetic:8", "--out", "X", "--fit-max-images", "0"], "--fit-max-images"),
-    (["bench", "--batch-size", "0"], "--batch-size"),
-    (["bench", "--rerank", "-1"], "--rerank"),
-    (["bench", "--limit", "-1"], "--limit"),
-    (["bench", "--protocol-gallery", "0"], "--protocol-gallery"),
-    (["bench", "--bootstrap", "-5"], "--bootstrap"),
-    (["bench", "--train-budget", "0"], "--train-budget"),
-    (["bench-generation", "--proxies", "hp", "--samples", "-1"], "--samples"),
-    (["train", "paintnet", "--out", "X", "--epochs", "-1"], "--epochs"),
-    (["train", "paintnet", "--out", "X", "--batch-size", "0"], "--batch-size"),
-    (["train", "paintnet", "--out", "X", "--lr", "0"], "--lr"),
-    (["demo", "--products", "0"], "--products"),
-    (["export-pairs", "--out", "X.npz", "--size", "0"], "--size"),
-    (["bench-speed", "--images", "0"], "--images"),
-    (["bench-speed", "--sizes", "10,x"], "--sizes"),
-])
+@pytest.mark.parametrize(
+    "args, option",
+    [
+        (["index", "--catalog", "synthetic:8", "--out", "X", "--batch-size", "0"], "--batch-size"),
+        (["index", "--catalog", "synthetic:8", "--out", "X", "--fit-max-images", "0"], "--fit-max-images"),
+        (["bench", "--batch-size", "0"], "--batch-size"),
+        (["bench", "--rerank", "-1"], "--rerank"),
+        (["bench", "--limit", "-1"], "--limit"),
+        (["bench", "--protocol-gallery", "0"], "--protocol-gallery"),
+        (["bench", "--bootstrap", "-5"], "--bootstrap"),
+        (["bench", "--train-budget", "0"], "--train-budget"),
+        (["bench-generation", "--proxies", "hp", "--samples", "-1"], "--samples"),
+        (["train", "paintnet", "--out", "X", "--epochs", "-1"], "--epochs"),
+        (["train", "paintnet", "--out", "X", "--batch-size", "0"], "--batch-size"),
+        (["train", "paintnet", "--out", "X", "--lr", "0"], "--lr"),
+        (["demo", "--products", "0"], "--products"),
+        (["export-pairs", "--out", "X.npz", "--size", "0"], "--size"),
+        (["bench-speed", "--images", "0"], "--images"),
+        (["bench-speed", "--sizes", "10,x"], "--sizes"),
+    ],
+)
 def test_counts_are_validated_by_click(args, option, tmp_path, monkeypatch):
     import benchmarks.speed
     import retrieval.datasets
@@ -109,7 +115,9 @@ def test_bench_k_reports_the_value_given(tmp_path):
 def test_index_out_with_foreign_files_is_refused_before_loading_data(tmp_path, monkeypatch):
     import retrieval.datasets
 
-    monkeypatch.setattr(retrieval.datasets, "load_dataset", lambda *a, **k: pytest.fail("loaded data before checking --out"))
+    monkeypatch.setattr(
+        retrieval.datasets, "load_dataset", lambda *a, **k: pytest.fail("loaded data before checking --out")
+    )
     out = tmp_path / "out"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
@@ -169,12 +177,19 @@ def test_unreadable_descriptor_state_is_a_clean_error(dataset, tmp_path, monkeyp
     directory = tmp_path / "idx"
     build_index(dataset.catalog, create_descriptor("colorhist"), directory, progress=False)
     metadata = json.loads((directory / "manifest.json").read_text())["metadata"]
-    for error in (pickle.UnpicklingError("invalid load key, 'x'."), PermissionError(13, "Permission denied"), EOFError()):
+    for error in (
+        pickle.UnpicklingError("invalid load key, 'x'."),
+        PermissionError(13, "Permission denied"),
+        EOFError(),
+    ):
+
         def load(*args, error=error, **kwargs):
             raise error
 
         monkeypatch.setattr(engine.torch, "load", load)
-        with pytest.raises(ValueError, match=rf"{DESCRIPTOR_FILE} cannot be read as a descriptor state \({type(error).__name__}"):
+        with pytest.raises(
+            ValueError, match=rf"{DESCRIPTOR_FILE} cannot be read as a descriptor state \({type(error).__name__}"
+        ):
             engine.load_descriptor_state(metadata, directory, torch.device("cpu"))
 
 
@@ -188,14 +203,23 @@ def _failing_searcher(monkeypatch, error):
     monkeypatch.setattr(engine, "Searcher", fail)
 
 
-@pytest.mark.parametrize("error, expected", [
-    (PermissionError(13, "Permission denied", "/data/idx/descriptor.pt"), "error: /data/idx/descriptor.pt: Permission denied"),
-    (IsADirectoryError(21, "Is a directory", "/data/idx/index.faiss"), "error: /data/idx/index.faiss: Is a directory"),
-    (OSError(39, "Directory not empty", "/a", None, "/b"), "error: /a -> /b: Directory not empty"),
-    (pickle.UnpicklingError("invalid load key, 'x'."), "error: invalid load key, 'x'."),
-    (KeyError("3 product ids are not in the index: 'a'"), "error: 3 product ids are not in the index: 'a'"),
-    (RuntimeError("two\nlines"), "error: two lines"),
-])
+@pytest.mark.parametrize(
+    "error, expected",
+    [
+        (
+            PermissionError(13, "Permission denied", "/data/idx/descriptor.pt"),
+            "error: /data/idx/descriptor.pt: Permission denied",
+        ),
+        (
+            IsADirectoryError(21, "Is a directory", "/data/idx/index.faiss"),
+            "error: /data/idx/index.faiss: Is a directory",
+        ),
+        (OSError(39, "Directory not empty", "/a", None, "/b"), "error: /a -> /b: Directory not empty"),
+        (pickle.UnpicklingError("invalid load key, 'x'."), "error: invalid load key, 'x'."),
+        (KeyError("3 product ids are not in the index: 'a'"), "error: 3 product ids are not in the index: 'a'"),
+        (RuntimeError("two\nlines"), "error: two lines"),
+    ],
+)
 def test_expected_errors_are_one_line_exit_2(index_dir, photo, monkeypatch, error, expected):
     _failing_searcher(monkeypatch, error)
     line = _one_error_line(CliRunner().invoke(cli, ["query", "--index", str(index_dir), photo]))
@@ -209,7 +233,10 @@ def test_unexpected_errors_name_their_type_and_hint_at_v(index_dir, photo, monke
     assert line == "error: ZeroDivisionError: division by zero (run with -v for the traceback)"
     verbose = runner.invoke(cli, ["-v", "query", "--index", str(index_dir), photo])
     line = _one_error_line(verbose, exit_code=1, verbose=True)
-    assert line == "error: ZeroDivisionError: division by zero" and "ZeroDivisionError" in verbose.output.split("error:")[0]
+    assert (
+        line == "error: ZeroDivisionError: division by zero"
+        and "ZeroDivisionError" in verbose.output.split("error:")[0]
+    )
 
 
 def test_expected_errors_show_the_traceback_with_v(index_dir, photo, monkeypatch):
@@ -237,8 +264,14 @@ def test_real_process_exit_code_and_stderr(tmp_path):
     out.mkdir()
     (out / "notes.txt").write_text("mine")
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "street2shop", "index", "--catalog", "synthetic:8", "--out", str(out)],
-                          capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "street2shop", "index", "--catalog", "synthetic:8", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=300,
+    )
     assert done.returncode == 2, done.stderr
     assert done.stderr.strip().splitlines() == [done.stderr.strip()] and done.stderr.startswith("error: ")
     assert "notes.txt" in done.stderr and "Traceback" not in done.stderr
@@ -247,8 +280,10 @@ def test_real_process_exit_code_and_stderr(tmp_path):
 # ---- query --format json: one entry per photo argument ------------------------------------------
 def test_duplicate_query_photos_give_one_entry_each(index_dir, dataset):
     first, second = (str(p) for p in dataset.queries["image"].iloc[:2])
-    result = CliRunner().invoke(cli, ["query", "--index", str(index_dir), first, second, first, "--k", "3",
-                                      "--format", "json", "--device", "cpu"])
+    result = CliRunner().invoke(
+        cli,
+        ["query", "--index", str(index_dir), first, second, first, "--k", "3", "--format", "json", "--device", "cpu"],
+    )
     assert result.exit_code == 0, result.output
     entries = json.loads(result.output)
     assert [entry["query"] for entry in entries] == [first, second, first]
@@ -260,16 +295,41 @@ def test_duplicate_query_photos_give_one_entry_each(index_dir, dataset):
 def test_bench_rerun_leaves_no_stale_outputs_and_keeps_foreign_files(synthetic_root, tmp_path):
     out = tmp_path / "res"
     (out / "rank").mkdir(parents=True)
-    stale = [out / "protocol_draws.csv", out / "protocol_draws.parquet", out / "generation.csv", out / "trainings.csv",
-             out / "rank" / "index.html", out / "rank" / "rank_007.png"]
+    stale = [
+        out / "protocol_draws.csv",
+        out / "protocol_draws.parquet",
+        out / "generation.csv",
+        out / "trainings.csv",
+        out / "rank" / "index.html",
+        out / "rank" / "rank_007.png",
+    ]
     for path in stale:
         path.write_text("from an earlier run")
     foreign = [out / "notes.txt", out / "rank" / "my_picture.png", out / "results.txt"]
     for path in foreign:
         path.write_text("mine")
-    result = CliRunner().invoke(cli, ["bench", "--dataset", f"viton:{synthetic_root}", "--descriptors", "colorhist",
-                                      "--out", str(out), "--cache-dir", str(tmp_path / "cache"), "--protocol-draws", "0",
-                                      "--bootstrap", "0", "--generation-samples", "0", "--rank-pictures", "0"])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "bench",
+            "--dataset",
+            f"viton:{synthetic_root}",
+            "--descriptors",
+            "colorhist",
+            "--out",
+            str(out),
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            "--protocol-draws",
+            "0",
+            "--bootstrap",
+            "0",
+            "--generation-samples",
+            "0",
+            "--rank-pictures",
+            "0",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert [path for path in stale if path.exists()] == []
     assert all(path.read_text() == "mine" for path in foreign)
@@ -283,7 +343,12 @@ def test_remove_previous_bench_outputs_only_removes_bench_names(tmp_path):
     from benchmarks.runner import remove_previous_bench_outputs
 
     (tmp_path / "rank").mkdir()
-    ours = [tmp_path / "results.csv", tmp_path / "report.md", tmp_path / "rank" / "rank_000.png", tmp_path / "rank" / "index.html"]
+    ours = [
+        tmp_path / "results.csv",
+        tmp_path / "report.md",
+        tmp_path / "rank" / "rank_000.png",
+        tmp_path / "rank" / "index.html",
+    ]
     theirs = [tmp_path / "results.csv.bak", tmp_path / "rank_000.png", tmp_path / "data.parquet"]
     for path in ours + theirs:
         path.write_text("x")

@@ -1,4 +1,5 @@
 """Tests of retrieval.datasets and retrieval.synthetic on tiny trees built in tmp_path."""
+
 from __future__ import annotations
 
 import logging
@@ -96,7 +97,11 @@ def test_both_halves_get_prefixed_ids(tmp_path):
     _fake_viton(tmp_path, "test", _ids(2), try_on_pairs=True)  # same numbers as train: must not collide
     data = load_viton(tmp_path, split="all")
     assert sorted(data.catalog["product_id"]) == [
-        "test-000001", "test-000002", "train-000001", "train-000002", "train-000003",
+        "test-000001",
+        "test-000002",
+        "train-000001",
+        "train-000002",
+        "train-000003",
     ]
     assert "train-000001_0" in set(data.queries["query_id"])
 
@@ -174,7 +179,10 @@ def test_load_csv_missing_column_names_file_and_column(tmp_path):
     "rows, message",
     [
         ("007,shop/a.jpg\n,shop/b.jpg\n", r"catalog\.csv: row 2 after the header: product_id is empty \(1 such rows\)"),
-        ("007,shop/a.jpg\n008 ,shop/b.jpg\n", r"row 2 after the header: product_id '008 ' has leading or trailing whitespace"),
+        (
+            "007,shop/a.jpg\n008 ,shop/b.jpg\n",
+            r"row 2 after the header: product_id '008 ' has leading or trailing whitespace",
+        ),
         (' 007,shop/a.jpg\n"  ",shop/b.jpg\n', r"row 1 after the header: product_id ' 007' has leading"),
         ('"  ",shop/a.jpg\n', r"row 1 after the header: product_id is only whitespace"),
     ],
@@ -256,11 +264,18 @@ def test_validate_errors():
     with pytest.raises(ValueError, match="'image'"):
         missing_column.validate()
     no_queries = _table(query_id=[], image=[], product_id=[])
-    for bad, problem in (("", "is empty"), (" a", "' a' has leading"), (None, "is missing"), (float("nan"), "is missing")):
+    for bad, problem in (
+        ("", "is empty"),
+        (" a", "' a' has leading"),
+        (None, "is missing"),
+        (float("nan"), "is missing"),
+    ):
         padded = RetrievalSet("ids", _table(product_id=["b", bad], image=["x", "y"]), no_queries)
         with pytest.raises(ValueError, match=f"ids: catalog: row 1: product_id {problem}"):
             padded.validate()
-    padded_query = RetrievalSet("ids", _table(product_id=["a"], image=["x"]), _table(query_id=["q\n"], image=["y"], product_id=["a"]))
+    padded_query = RetrievalSet(
+        "ids", _table(product_id=["a"], image=["x"]), _table(query_id=["q\n"], image=["y"], product_id=["a"])
+    )
     with pytest.raises(ValueError, match=r"ids: queries: row 0: query_id 'q\\n' has leading or trailing whitespace"):
         padded_query.validate()
 

@@ -1,4 +1,5 @@
 """DELF-style attentive local features: geometry, attention, PCA, training and checkpoint round trip."""
+
 from __future__ import annotations
 
 import pytest
@@ -10,13 +11,19 @@ from retrieval.descriptors.delf import (
     AttentionNetwork,
     attention_classification_loss,
     attention_pool,
-    paired_attention_loss,
     endpoint_geometry,
+    paired_attention_loss,
     receptive_field_centres,
 )
 
 # Small but real: pretrained backbone, three pyramid scales, tiny codebook.
-SMALL = {"image_size": (96, 64), "scales": (0.7, 1.0, 1.4), "max_keypoints": 40, "n_clusters": 4, "attention_hidden": 32}
+SMALL = {
+    "image_size": (96, 64),
+    "scales": (0.7, 1.0, 1.4),
+    "max_keypoints": 40,
+    "n_clusters": 4,
+    "attention_hidden": 32,
+}
 
 
 def textured(n: int, seed: int, size=(96, 64)) -> torch.Tensor:
@@ -82,8 +89,13 @@ def test_keypoints_are_the_highest_attention_over_all_scales():
     dense = []
     for scale in SMALL["scales"]:
         size = (round(96 * scale), round(64 * scale))
-        level = images if scale == 1.0 else torch.nn.functional.interpolate(
-            images, size=size, mode="bilinear", align_corners=False, antialias=scale < 1)
+        level = (
+            images
+            if scale == 1.0
+            else torch.nn.functional.interpolate(
+                images, size=size, mode="bilinear", align_corners=False, antialias=scale < 1
+            )
+        )
         with torch.no_grad():
             dense.append(delf.attention(delf.block_features(level)).flatten(1))
     expected = torch.cat(dense, dim=1).topk(7, dim=1).values
@@ -113,7 +125,9 @@ def test_one_training_step_lowers_the_loss(loss):
     def value():
         if loss == "paired":
             return paired_attention_loss(attention, products, persons)[0]
-        return attention_classification_loss(attention, classifier, torch.cat([products, persons]), torch.arange(6).repeat(2))[0]
+        return attention_classification_loss(
+            attention, classifier, torch.cat([products, persons]), torch.arange(6).repeat(2)
+        )[0]
 
     before = value()
     optimiser.zero_grad()
@@ -155,7 +169,11 @@ def test_train_on_synthetic_and_checkpoint_round_trip(synthetic_root, tmp_path):
     again = create_descriptor("delf", **conf).train_on(data, tmp_path / "run", epochs=3, batch_size=8, progress=False)
     assert torch.load(again, weights_only=True)["steps"] == steps
     # the paper's free classifier trains too, and its classifier does not end up in final.pt
-    paper = create_descriptor("delf", **conf).train_on(data, tmp_path / "paper", epochs=1, batch_size=8, progress=False, loss="classifier")
-    assert set(torch.load(paper, weights_only=True)["state_dict"]) == {k for k in delf.state_dict() if k.startswith("attention.")}
+    paper = create_descriptor("delf", **conf).train_on(
+        data, tmp_path / "paper", epochs=1, batch_size=8, progress=False, loss="classifier"
+    )
+    assert set(torch.load(paper, weights_only=True)["state_dict"]) == {
+        k for k in delf.state_dict() if k.startswith("attention.")
+    }
     with pytest.raises(ValueError, match="valid: paired, classifier"):
         create_descriptor("delf", **conf).train_on(data, tmp_path / "bad", loss="triplet")

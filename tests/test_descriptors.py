@@ -1,4 +1,5 @@
 """One contract test over the whole descriptor registry, plus golden values for the pieces."""
+
 import numpy as np
 import pytest
 import torch

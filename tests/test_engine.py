@@ -1,4 +1,5 @@
 """The engine end to end on the generated set: index -> save -> query, the CLI, caches and refusals."""
+
 import json
 
 import numpy as np
@@ -51,22 +52,27 @@ def test_fitted_state_is_cached_by_weights_config_and_images(dataset, tmp_path, 
     from retrieval.batching import fit_descriptor, fitted_state_path
 
     train = list(dataset.train["product_image"][:8])
-    fitted = fit_descriptor(create_descriptor("sift", n_clusters=4, pca_dim=None, **SMALL), train, progress=False,
-                            cache_dir=tmp_path)
+    fitted = fit_descriptor(
+        create_descriptor("sift", n_clusters=4, pca_dim=None, **SMALL), train, progress=False, cache_dir=tmp_path
+    )
     stored = fitted_state_path(create_descriptor("sift", n_clusters=4, pca_dim=None, **SMALL), train, tmp_path)
     assert stored.exists() and set(torch.load(stored, weights_only=True)) == {"centroids", "_fitted"}
     # the same unfitted descriptor on the same images: loaded, not fitted (fit would raise here)
     monkeypatch.setattr(type(fitted), "fit", lambda *args, **kwargs: pytest.fail("fitted again despite the cache"))
-    again = fit_descriptor(create_descriptor("sift", n_clusters=4, pca_dim=None, **SMALL), train, progress=False,
-                           cache_dir=tmp_path)
+    again = fit_descriptor(
+        create_descriptor("sift", n_clusters=4, pca_dim=None, **SMALL), train, progress=False, cache_dir=tmp_path
+    )
     assert again.fitted and again.fingerprint() == fitted.fingerprint()
     # another config or other images give another key; a damaged file is refitted, not trusted
     assert fitted_state_path(create_descriptor("sift", n_clusters=5, pca_dim=None, **SMALL), train, tmp_path) != stored
-    assert fitted_state_path(create_descriptor("sift", n_clusters=4, pca_dim=None, **SMALL), train[:7], tmp_path) != stored
+    assert (
+        fitted_state_path(create_descriptor("sift", n_clusters=4, pca_dim=None, **SMALL), train[:7], tmp_path) != stored
+    )
     monkeypatch.undo()
     stored.write_bytes(b"not a checkpoint")
-    refitted = fit_descriptor(create_descriptor("sift", n_clusters=4, pca_dim=None, **SMALL), train, progress=False,
-                              cache_dir=tmp_path)
+    refitted = fit_descriptor(
+        create_descriptor("sift", n_clusters=4, pca_dim=None, **SMALL), train, progress=False, cache_dir=tmp_path
+    )
     assert refitted.fingerprint() == fitted.fingerprint() and torch.load(stored, weights_only=True)["_fitted"]
 
 
@@ -147,7 +153,10 @@ def test_cli_index_query_bench(synthetic_root, tmp_path):
     runner = CliRunner()
     spec = f"viton:{synthetic_root}"
     cache = str(tmp_path / "cache")
-    out = runner.invoke(cli, ["index", "--catalog", spec, "--descriptor", "colorhist", "--out", str(tmp_path / "idx"), "--cache-dir", cache])
+    out = runner.invoke(
+        cli,
+        ["index", "--catalog", spec, "--descriptor", "colorhist", "--out", str(tmp_path / "idx"), "--cache-dir", cache],
+    )
     assert out.exit_code == 0, out.output
     assert "wrote" in out.output
     photo = str(sorted((synthetic_root / "train" / "image").glob("*.png"))[0])
@@ -157,7 +166,20 @@ def test_cli_index_query_bench(synthetic_root, tmp_path):
     assert len(parsed) == 1 and len(parsed[0]["results"]) == 3
     out = runner.invoke(cli, ["query", "--index", str(tmp_path / "idx"), photo, "--descriptor", "gem"])
     assert out.exit_code == 2 and "rebuild the index" in out.output
-    out = runner.invoke(cli, ["bench", "--dataset", spec, "--descriptors", "colorhist", "--out", str(tmp_path / "res"), "--cache-dir", cache])
+    out = runner.invoke(
+        cli,
+        [
+            "bench",
+            "--dataset",
+            spec,
+            "--descriptors",
+            "colorhist",
+            "--out",
+            str(tmp_path / "res"),
+            "--cache-dir",
+            cache,
+        ],
+    )
     assert out.exit_code == 0, out.output
     assert "mAP@20" in out.output and (tmp_path / "res" / "results.csv").exists()
     assert "| none | colorhist |" in (tmp_path / "res" / "report.md").read_text()
@@ -167,7 +189,20 @@ def test_cli_errors_are_one_line_messages(tmp_path):
     runner = CliRunner()
     out = runner.invoke(cli, ["bench", "--dataset", "nope:x", "--out", str(tmp_path)])
     assert out.exit_code == 2 and "error:" in out.output and "Traceback" not in out.output
-    out = runner.invoke(cli, ["bench", "--dataset", "synthetic:24", "--descriptors", "nope", "--cache-dir", str(tmp_path), "--out", str(tmp_path)])
+    out = runner.invoke(
+        cli,
+        [
+            "bench",
+            "--dataset",
+            "synthetic:24",
+            "--descriptors",
+            "nope",
+            "--cache-dir",
+            str(tmp_path),
+            "--out",
+            str(tmp_path),
+        ],
+    )
     assert out.exit_code == 2 and "matches no descriptor" in out.output
     out = runner.invoke(cli, ["bench", "--k", "0", "--out", str(tmp_path)])
     assert out.exit_code == 2

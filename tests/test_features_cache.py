@@ -4,6 +4,7 @@ Each test builds a cache, damages it the way a hostile tester did (a flipped byt
 shape, NaN, a FIFO in place of a chunk), reruns, and checks that the vectors equal a fresh computation,
 that only the bad chunks were recomputed, and that the run said so in exactly one warning.
 """
+
 from __future__ import annotations
 
 import io
@@ -306,8 +307,19 @@ def test_index_refuses_a_directory_fifo_or_device_in_the_catalog_in_one_line(syn
         if not os.path.exists(odd):
             pytest.skip("no /dev/zero on this platform")
     catalog = _catalog_csv(tmp_path, synthetic_root, odd)
-    arguments = ["index", "--catalog", f"csv:{catalog}", "--descriptor", "colorhist", "--out", str(tmp_path / "idx"),
-                 "--cache-dir", str(tmp_path / "cache"), "--device", "cpu"]
+    arguments = [
+        "index",
+        "--catalog",
+        f"csv:{catalog}",
+        "--descriptor",
+        "colorhist",
+        "--out",
+        str(tmp_path / "idx"),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--device",
+        "cpu",
+    ]
     result = _within(60, CliRunner().invoke, cli, arguments)
     assert result.exit_code == 2, result.output
     assert "Traceback" not in result.output and f"error: {odd} is not a regular file" in result.output

@@ -5,6 +5,7 @@ or the documented error (ImageReadError / FileNotFoundError; ValueError naming t
 hang, a crash or another exception type. Examples are derandomized so CI sees the same ones every run,
 and the example database is off so no .hypothesis folder appears in the repository.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -26,7 +27,9 @@ from hypothesis import HealthCheck, example, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 # Pillow warns (rather than raises) about damaged EXIF blocks it then ignores: expected noise here.
-pytestmark = pytest.mark.filterwarnings("ignore:Corrupt EXIF data:UserWarning", "ignore:Truncated File Read:UserWarning")
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:Corrupt EXIF data:UserWarning", "ignore:Truncated File Read:UserWarning"
+)
 
 FUZZ = settings(
     max_examples=200,
@@ -156,8 +159,11 @@ def test_truncated_files_are_refused_or_read_whole(folder, name, keep):
 @FUZZ
 @given(
     name=st.sampled_from(SEED_NAMES),
-    edits=st.lists(st.tuples(st.floats(min_value=0.0, max_value=1.0, exclude_max=True), st.integers(0, 255)),
-                   min_size=1, max_size=8),
+    edits=st.lists(
+        st.tuples(st.floats(min_value=0.0, max_value=1.0, exclude_max=True), st.integers(0, 255)),
+        min_size=1,
+        max_size=8,
+    ),
 )
 def test_mutated_files_read_as_an_image_or_raise_image_read_error(folder, name, edits):
     data = bytearray(SEEDS[name])
@@ -201,9 +207,13 @@ def _mutate(text: str, edits) -> str:
 
 
 EDITS = st.lists(
-    st.tuples(st.floats(min_value=0.0, max_value=1.0, exclude_max=True), st.sampled_from(["insert", "delete", "replace"]),
-              CSV_ALPHABET),
-    min_size=1, max_size=6,
+    st.tuples(
+        st.floats(min_value=0.0, max_value=1.0, exclude_max=True),
+        st.sampled_from(["insert", "delete", "replace"]),
+        CSV_ALPHABET,
+    ),
+    min_size=1,
+    max_size=6,
 )
 
 

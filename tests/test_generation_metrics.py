@@ -1,4 +1,5 @@
 """Golden values for the generation metrics: RMSE, SSIM, the IS-style score and garment mIoU."""
+
 import math
 
 import numpy as np
@@ -23,7 +24,10 @@ def test_rmse_golden_and_reference_loop():
     assert float(rmse(torch.full((2, 3, 4, 4), 0.3), torch.full((2, 3, 4, 4), 0.4))) == pytest.approx(0.1)
     generator = torch.Generator().manual_seed(0)
     a, b = torch.rand(3, 3, 5, 4, generator=generator), torch.rand(3, 3, 5, 4, generator=generator)
-    reference = [math.sqrt(sum((x - y) ** 2 for x, y in zip(a[i].flatten().tolist(), b[i].flatten().tolist())) / a[i].numel()) for i in range(3)]
+    reference = [
+        math.sqrt(sum((x - y) ** 2 for x, y in zip(a[i].flatten().tolist(), b[i].flatten().tolist())) / a[i].numel())
+        for i in range(3)
+    ]
     assert rmse(a, b, reduction="none").tolist() == pytest.approx(reference, rel=1e-5)
     assert float(rmse(a, b)) == pytest.approx(np.mean(reference), rel=1e-5)  # mean of per-image RMSEs
 
@@ -53,7 +57,9 @@ def test_metrics_refuse_bad_input():
 def test_inception_score_bounds():
     k = 5
     assert inception_score_from_probabilities(torch.eye(k), splits=1) == (pytest.approx(k), 0.0)  # upper bound K
-    assert inception_score_from_probabilities(torch.full((6, k), 1 / k), splits=2)[0] == pytest.approx(1.0)  # lower bound
+    assert inception_score_from_probabilities(torch.full((6, k), 1 / k), splits=2)[0] == pytest.approx(
+        1.0
+    )  # lower bound
     same = torch.softmax(torch.randn(1, k, generator=torch.Generator().manual_seed(2)), dim=1).repeat(8, 1)
     assert inception_score_from_probabilities(same, splits=4)[0] == pytest.approx(1.0)
     random_rows = torch.softmax(3 * torch.randn(40, k, generator=torch.Generator().manual_seed(3)), dim=1)
@@ -75,7 +81,9 @@ def test_inception_style_score_with_classifier():
         return batch.mean(dim=(2, 3)) @ weights * 10
 
     score = inception_style_score(images, classifier=classifier, splits=2, batch_size=4, image_size=(32, 32))
-    resized = torch.nn.functional.interpolate(images, size=(32, 32), mode="bilinear", align_corners=False, antialias=True)
+    resized = torch.nn.functional.interpolate(
+        images, size=(32, 32), mode="bilinear", align_corners=False, antialias=True
+    )
     expected = inception_score_from_probabilities(torch.softmax(classifier(resized).double(), dim=1), splits=2)
     assert score == pytest.approx(expected)
     batches = inception_style_score(torch.split(images, 3), classifier=classifier, splits=2, image_size=(32, 32))

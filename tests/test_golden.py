@@ -13,6 +13,7 @@ digits between CPUs). A change that is meant to alter results regenerates them, 
 
     STREET2SHOP_REGENERATE_GOLDEN=1 pytest tests/test_golden.py
 """
+
 from __future__ import annotations
 
 import os
@@ -48,14 +49,16 @@ def check_against_golden(name: str, frame: pd.DataFrame, score_columns=()) -> No
         frame.to_csv(path, index=False, float_format="%.6f")
         pytest.skip(f"regenerated {path}")
     expected = pd.read_csv(path, dtype=str, keep_default_na=False)
-    actual = pd.read_csv(pd.io.common.StringIO(frame.to_csv(index=False, float_format="%.6f")), dtype=str,
-                         keep_default_na=False)
+    actual = pd.read_csv(
+        pd.io.common.StringIO(frame.to_csv(index=False, float_format="%.6f")), dtype=str, keep_default_na=False
+    )
     assert list(actual.columns) == list(expected.columns)
     assert len(actual) == len(expected), f"{name}: {len(actual)} rows, golden has {len(expected)}"
     exact = [c for c in expected.columns if c not in score_columns]
     mismatch = (actual[exact] != expected[exact]).any(axis=1)
-    assert not mismatch.any(), f"{name}: rows differ from the golden file:\n{actual[mismatch].head()}\n" \
-                               f"golden:\n{expected[mismatch].head()}"
+    assert not mismatch.any(), (
+        f"{name}: rows differ from the golden file:\n{actual[mismatch].head()}\ngolden:\n{expected[mismatch].head()}"
+    )
     for column in score_columns:
         got = np.array([[float(v) for v in s.split(";")] for s in actual[column]])
         want = np.array([[float(v) for v in s.split(";")] for s in expected[column]])
@@ -67,8 +70,16 @@ def joined(values, fmt="{}") -> str:
 
 
 def test_bench_rankings_unchanged(grid_set):
-    result = run_benchmark(grid_set, list(UNTRAINED_DESCRIPTORS), ["none"], presets=("flat",), ks=(1, 5, 10),
-                           progress=False, protocol_draws=0, bootstrap=0)
+    result = run_benchmark(
+        grid_set,
+        list(UNTRAINED_DESCRIPTORS),
+        ["none"],
+        presets=("flat",),
+        ks=(1, 5, 10),
+        progress=False,
+        protocol_draws=0,
+        bootstrap=0,
+    )
     frame = result.per_query[["proxy", "descriptor", "index", "query_id", "product_id", "rank", "top5"]]
     check_against_golden("bench_ranks.csv", frame.astype(str))
 
@@ -110,6 +121,8 @@ def test_index_presets_unchanged(one_faiss_thread):
         # matter of timing; the presets' default search parameters are a matter of code.
         index = ProductIndex.build(vectors, ids, preset=preset, device="cpu", target_recall=None)
         scores, found = index.search(queries, 10)
-        rows += [{"preset": preset, "query": q, "top10": joined(found[q]), "scores": joined(scores[q], "{:.6f}")}
-                 for q in range(len(queries))]
+        rows += [
+            {"preset": preset, "query": q, "top10": joined(found[q]), "scores": joined(scores[q], "{:.6f}")}
+            for q in range(len(queries))
+        ]
     check_against_golden("index_top10.csv", pd.DataFrame(rows), score_columns=("scores",))

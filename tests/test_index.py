@@ -1,5 +1,6 @@
 """Tests of the index package: exact search against a numpy reference, approximate presets against flat,
 mutation, persistence, compatibility checks and input validation."""
+
 from __future__ import annotations
 
 import json
@@ -73,8 +74,7 @@ def one_faiss_thread():
 def clustered():
     database = clustered_vectors(5000, 32, seed=1)
     rng = np.random.default_rng(2)
-    queries = normalised(database[rng.choice(len(database), 100, replace=False)]
-                         + 0.1 * rng.standard_normal((100, 32)))
+    queries = normalised(database[rng.choice(len(database), 100, replace=False)] + 0.1 * rng.standard_normal((100, 32)))
     return database, queries
 
 
@@ -217,8 +217,7 @@ def test_save_load_round_trip(tmp_path, clustered):
     database, queries = clustered
     metadata = {"descriptor": "gem", "fingerprint": "abc123", "dim": 32, "config": {"p": 3.0}}
     for preset in PRESETS:
-        built = ProductIndex.build(database, ids_for(len(database)), preset=preset,
-                                   metadata=metadata, device="cpu")
+        built = ProductIndex.build(database, ids_for(len(database)), preset=preset, metadata=metadata, device="cpu")
         target = tmp_path / preset
         built.save(target)
         loaded = ProductIndex.load(target, device="cpu")
@@ -271,8 +270,9 @@ def test_corrupt_and_missing_indexes(tmp_path):
 
 
 def test_check_compatible(tmp_path):
-    catalog = ProductIndex.build(random_vectors(20, 8), ids_for(20), device="cpu",
-                                 metadata={"descriptor": "gem", "fingerprint": "abc", "dim": 8})
+    catalog = ProductIndex.build(
+        random_vectors(20, 8), ids_for(20), device="cpu", metadata={"descriptor": "gem", "fingerprint": "abc", "dim": 8}
+    )
     catalog.save(tmp_path / "idx")
     catalog = ProductIndex.load(tmp_path / "idx", device="cpu")
     catalog.check_compatible({"descriptor": "gem", "fingerprint": "abc", "dim": 8})
@@ -367,8 +367,10 @@ def test_tuning_reaches_the_target_recall_on_fresh_queries(preset, mixture, mixt
     assert report["queries"].startswith("catalog vectors moved off") and report["n_queries"] == 1000
     assert {key: tuned.search_params[key] for key in report["search_params"]} == report["search_params"]
     # Every setting that was measured is in the sweep, and the chosen one reached the target.
-    assert any(all(row.get(key) == value for key, value in report["search_params"].items()
-                   if key != "min_candidates") for row in report["sweep"])
+    assert any(
+        all(row.get(key) == value for key, value in report["search_params"].items() if key != "min_candidates")
+        for row in report["sweep"]
+    )
     if preset == "ivfpq":
         # The IVF sweep walks the frontier: re-rank depth only goes down and nprobe only up.
         depths, probes = [row["k_factor"] for row in report["sweep"]], [row["nprobe"] for row in report["sweep"]]
@@ -470,8 +472,15 @@ def test_descriptor_like_vectors_are_seeded_clustered_unit_vectors():
 def test_index_speed_suite_smoke(tmp_path):
     from benchmarks.speed_suite import BOUND_ROW, NUMPY_ROW, format_speed_suite, index_speed_suite, write_speed_suite
 
-    frame = index_speed_suite(sizes=(3000,), dim=32, presets=("ivfpq", "hnsw"), n_queries=100, n_single=5,
-                              bandwidth_bytes=1 << 22, sgemm_size=128)
+    frame = index_speed_suite(
+        sizes=(3000,),
+        dim=32,
+        presets=("ivfpq", "hnsw"),
+        n_queries=100,
+        n_single=5,
+        bandwidth_bytes=1 << 22,
+        sgemm_size=128,
+    )
     assert frame["preset"].tolist() == ["flat", BOUND_ROW, NUMPY_ROW, "ivfpq", "hnsw"]
     rows = frame.set_index("preset")
     assert rows.loc["flat", "recall_at_k"] == 1.0 and rows.loc[NUMPY_ROW, "recall_at_k"] >= 0.99

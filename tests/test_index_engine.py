@@ -1,5 +1,6 @@
 """The engine over the versioned index layout: it still finds its attachments at ``<dir>/<name>``, and
 a tampered manifest is refused before the descriptor is rebuilt from it."""
+
 import json
 
 import pytest
@@ -20,7 +21,9 @@ def test_engine_reads_attachments_through_the_stable_links(dataset, tmp_path):
     build_index(dataset.catalog, create_descriptor("colorhist"), tmp_path / "idx", progress=False)
     build_index(dataset.catalog, create_descriptor("colorhist"), tmp_path / "idx", progress=False)  # overwrite
     assert (tmp_path / "idx" / "descriptor.pt").is_symlink()
-    assert (tmp_path / "idx" / "descriptor.pt").read_bytes() == (live_version_dir(tmp_path / "idx") / "descriptor.pt").read_bytes()
+    assert (tmp_path / "idx" / "descriptor.pt").read_bytes() == (
+        live_version_dir(tmp_path / "idx") / "descriptor.pt"
+    ).read_bytes()
     searcher = Searcher(tmp_path / "idx", device="cpu")
     first = dataset.catalog["image"].iloc[0]
     assert searcher.search([first], k=1)["product_id"].iloc[0] == str(dataset.catalog["product_id"].iloc[0])

@@ -2,6 +2,7 @@
 writers and readers, symlinked and foreign-occupied destinations, the umask, the format-1 flat layout.
 
 Every index here is tiny (20 vectors of dim 8, flat), so each test runs in about a second."""
+
 from __future__ import annotations
 
 import fcntl
@@ -44,21 +45,33 @@ def one_faiss_thread():
 
 def make_catalog(seed: int, n: int = 20, prefix: str = "p") -> ProductIndex:
     vectors = np.random.default_rng(seed).standard_normal((n, DIM)).astype(np.float32)
-    return ProductIndex.build(vectors, [f"{prefix}{i}" for i in range(n)], preset="flat", device="cpu",
-                              metadata={"descriptor": "gem", "fingerprint": f"f{seed}", "dim": DIM})
+    return ProductIndex.build(
+        vectors,
+        [f"{prefix}{i}" for i in range(n)],
+        preset="flat",
+        device="cpu",
+        metadata={"descriptor": "gem", "fingerprint": f"f{seed}", "dim": DIM},
+    )
 
 
 def make_attachments(seed: int) -> Dict[str, bytes]:
-    return {"descriptor.pt": f"descriptor state {seed}".encode() * 3,
-            "local_features.npz": bytes((seed + i) % 256 for i in range(64))}
+    return {
+        "descriptor.pt": f"descriptor state {seed}".encode() * 3,
+        "local_features.npz": bytes((seed + i) % 256 for i in range(64)),
+    }
 
 
 def snapshot(catalog: ProductIndex) -> tuple:
     """Everything a query depends on: ids in label order, stored vectors, results, metadata."""
     scores, ids = catalog.search(QUERIES, k=5)
     vectors = catalog._cpu_index.reconstruct_n(0, catalog.ntotal)
-    return (tuple(catalog.product_ids), vectors.tobytes(), scores.tobytes(), tuple(map(tuple, ids.tolist())),
-            json.dumps(catalog.metadata, sort_keys=True))
+    return (
+        tuple(catalog.product_ids),
+        vectors.tobytes(),
+        scores.tobytes(),
+        tuple(map(tuple, ids.tolist())),
+        json.dumps(catalog.metadata, sort_keys=True),
+    )
 
 
 def write_format1(directory: Path, catalog: ProductIndex, attachments: Dict[str, bytes]) -> None:
@@ -68,9 +81,17 @@ def write_format1(directory: Path, catalog: ProductIndex, attachments: Dict[str,
     for name, payload in attachments.items():
         (directory / name).write_bytes(payload)
     manifest = {
-        "format_version": 1, "preset": "flat", "factory_string": "Flat", "metric": "inner_product",
-        "dim": catalog.dim, "ntotal": catalog.ntotal, "search_params": {}, "tuning": None,
-        "created": "2024-01-01T00:00:00+00:00", "metadata": catalog.metadata, "product_ids": catalog.product_ids,
+        "format_version": 1,
+        "preset": "flat",
+        "factory_string": "Flat",
+        "metric": "inner_product",
+        "dim": catalog.dim,
+        "ntotal": catalog.ntotal,
+        "search_params": {},
+        "tuning": None,
+        "created": "2024-01-01T00:00:00+00:00",
+        "metadata": catalog.metadata,
+        "product_ids": catalog.product_ids,
         "checksum": storage.sha256_file(directory / "index.faiss"),
         "attachments": {name: hashlib.sha256(payload).hexdigest() for name, payload in attachments.items()},
     }
@@ -95,8 +116,9 @@ def load_outcome(directory: Path):
     except ValueError as error:  # the one documented plain ValueError: a newer format
         assert "format_version" in str(error), error
         return ValueError
-    return snapshot(loaded), {name: loaded.read_attachment(name) for name in sorted(KNOWN_ATTACHMENTS)
-                              if name in loaded._attachment_checksums}
+    return snapshot(loaded), {
+        name: loaded.read_attachment(name) for name in sorted(KNOWN_ATTACHMENTS) if name in loaded._attachment_checksums
+    }
 
 
 def expected_entries(attachments) -> set:
@@ -153,8 +175,10 @@ def test_index_and_attachment_byte_flips_are_refused(tmp_path):
     for name in ["index.faiss", *sorted(KNOWN_ATTACHMENTS)]:
         path = live / name
         original = path.read_bytes()
-        positions = sorted(set(np.random.default_rng(0).choice(len(original), size=min(64, len(original)),
-                                                                replace=False).tolist()) | {0, len(original) - 1})
+        positions = sorted(
+            set(np.random.default_rng(0).choice(len(original), size=min(64, len(original)), replace=False).tolist())
+            | {0, len(original) - 1}
+        )
         for position in positions:
             damaged = bytearray(original)
             damaged[position] ^= 0xFF
@@ -188,8 +212,11 @@ def test_attachment_names_are_limited_to_the_known_files(tmp_path):
     target = catalog.save(tmp_path / "idx", attachments=make_attachments(1))
     outside = tmp_path / "outside.txt"
     outside.write_text("not an attachment")
-    rewrite_manifest(target, lambda m: m["attachments"].update({"../../outside.txt": hashlib.sha256(
-        b"not an attachment").hexdigest()}), reseal=True)
+    rewrite_manifest(
+        target,
+        lambda m: m["attachments"].update({"../../outside.txt": hashlib.sha256(b"not an attachment").hexdigest()}),
+        reseal=True,
+    )
     with pytest.raises(IndexCorruptError, match="outside.txt"):
         ProductIndex.load(target, device="cpu")
     catalog.save(target, attachments=make_attachments(2))
@@ -213,8 +240,9 @@ def test_format1_manifest_cannot_claim_a_users_file(tmp_path):
 
 def test_descriptor_naming_a_checkpoint_is_refused(tmp_path):
     vectors = np.random.default_rng(0).standard_normal((20, DIM)).astype(np.float32)
-    sneaky = ProductIndex.build(vectors, [f"p{i}" for i in range(20)], device="cpu",
-                                metadata={"descriptor": "gem@/tmp/anything.pt"})
+    sneaky = ProductIndex.build(
+        vectors, [f"p{i}" for i in range(20)], device="cpu", metadata={"descriptor": "gem@/tmp/anything.pt"}
+    )
     with pytest.raises(ValueError, match="@"):
         sneaky.save(tmp_path / "idx")
     assert not (tmp_path / "idx").exists()
@@ -337,6 +365,7 @@ def test_two_concurrent_writers_take_turns(tmp_path):
             time.sleep(max(0.0, start - time.time()))
             for _ in range(15):
                 catalogs[seed].save(target, attachments=make_attachments(seed))
+
         return body
 
     pids = []

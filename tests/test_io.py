@@ -1,4 +1,5 @@
 """Tests of retrieval.io: every image the datasets of this field throw at the reader, with golden values."""
+
 from __future__ import annotations
 
 import hashlib
@@ -292,6 +293,7 @@ def test_min_size_drafts_a_jpeg_but_never_below_the_size_asked_for(tmp_path):
 
 def _png_header_only(path, width, height):
     """A PNG whose header claims width x height with 64 bytes of pixel data: a size check must come first."""
+
     def chunk(kind, data):
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 

@@ -1,4 +1,5 @@
 """L2-Net descriptor and the homography patch-pair training data (`retrieval.patches`), on tiny seeded images."""
+
 from __future__ import annotations
 
 import math
@@ -28,7 +29,9 @@ def textured_grey(n: int, seed: int, size=(96, 64)) -> torch.Tensor:
     """Seeded grey images with blocks, oblique stripes and noise: DoG keypoints everywhere."""
     generator = torch.Generator().manual_seed(seed)
     h, w = size
-    blocks = torch.nn.functional.interpolate(torch.rand(n, 1, h // 8, w // 8, generator=generator), size=size, mode="nearest")
+    blocks = torch.nn.functional.interpolate(
+        torch.rand(n, 1, h // 8, w // 8, generator=generator), size=size, mode="nearest"
+    )
     yy, xx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
     stripes = 0.5 + 0.5 * torch.sin(0.45 * (xx + 0.6 * yy)).expand(n, 1, h, w)
     return (0.6 * blocks + 0.3 * stripes + 0.1 * torch.rand(n, 1, h, w, generator=generator)).clamp(0, 1)
@@ -42,7 +45,10 @@ def square_lafs(centres, radius: float) -> torch.Tensor:
     xy = torch.tensor([centres], dtype=torch.float32)
     return keypoints_to_lafs(
         torch.cat([xy, torch.full((1, len(centres), 1), radius / 3.0), torch.zeros(1, len(centres), 2)], -1),
-        patch_scale=3.0, min_radius=1.0, max_radius=100.0, upright=True,
+        patch_scale=3.0,
+        min_radius=1.0,
+        max_radius=100.0,
+        upright=True,
     )
 
 
@@ -86,15 +92,21 @@ def test_same_place_mask():
     centres = torch.tensor([[10.0, 10.0], [12.0, 10.0], [30.0, 10.0], [10.0, 11.0]])
     image = torch.tensor([0, 0, 0, 1])
     mask = same_place_mask(centres, image, radius=4.0)
-    assert mask.tolist() == [[False, True, False, False], [True, False, False, False],
-                             [False, False, False, False], [False, False, False, False]]
+    assert mask.tolist() == [
+        [False, True, False, False],
+        [True, False, False, False],
+        [False, False, False, False],
+        [False, False, False, False],
+    ]
 
 
 # ---- homographies and patch pairs -------------------------------------------------------------
 def test_random_homographies_move_points_where_the_warp_moves_pixels():
     generator = torch.Generator().manual_seed(3)
     assert torch.allclose(
-        random_homographies(2, 96, 64, generator, 0.0, (1.0, 1.0), 1.0, 0.0, 0.0, 0.0), torch.eye(3).expand(2, 3, 3), atol=1e-6
+        random_homographies(2, 96, 64, generator, 0.0, (1.0, 1.0), 1.0, 0.0, 0.0, 0.0),
+        torch.eye(3).expand(2, 3, 3),
+        atol=1e-6,
     )
     homography = random_homographies(1, 96, 64, generator, max_translation=0.05)
     dot = torch.zeros(1, 1, 96, 64)
@@ -186,7 +198,9 @@ def test_train_on_round_trip(synthetic_root, tmp_path):
     data = load_viton(synthetic_root, split="val")
     l2net = L2Net(**TINY)
     untrained = l2net.net.features[0].weight.clone()
-    final = l2net.train_on(data, tmp_path / "run", epochs=1, batch_size=4, max_images=4, pairs_per_image=8, progress=False)
+    final = l2net.train_on(
+        data, tmp_path / "run", epochs=1, batch_size=4, max_images=4, pairs_per_image=8, progress=False
+    )
     assert final.exists() and (tmp_path / "run" / "losses.csv").exists()
     assert not torch.equal(l2net.net.features[0].weight, untrained) and not l2net.fitted and not l2net.training
     loaded = create_descriptor(f"l2net@{final}", **TINY)
@@ -202,7 +216,9 @@ def test_train_on_round_trip(synthetic_root, tmp_path):
     again = L2Net(**TINY).train_on(
         data, tmp_path / "run", epochs=1, batch_size=4, max_images=4, pairs_per_image=8, progress=False
     )
-    assert torch.equal(create_descriptor(f"l2net@{again}", **TINY).net.features[0].weight, loaded.net.features[0].weight)
+    assert torch.equal(
+        create_descriptor(f"l2net@{again}", **TINY).net.features[0].weight, loaded.net.features[0].weight
+    )
 
 
 def test_trained_weights_load_under_any_fit_config(tmp_path):
@@ -257,15 +273,32 @@ def test_garment_patch_pairs_match_by_box_position():
 @pytest.mark.parametrize("garment_loss", ["hardnet", "infonce", "image"])
 def test_train_on_with_garment_pairs(garment_loss, synthetic_root, tmp_path):
     data = load_viton(synthetic_root, split="val")
-    final = L2Net(**TINY).train_on(data, tmp_path / "run", epochs=1, batch_size=4, max_images=4, pairs_per_image=8,
-                                   garment_pairs_weight=1.0, garment_pairs_per_image=8, garment_loss=garment_loss,
-                                   progress=False)
+    final = L2Net(**TINY).train_on(
+        data,
+        tmp_path / "run",
+        epochs=1,
+        batch_size=4,
+        max_images=4,
+        pairs_per_image=8,
+        garment_pairs_weight=1.0,
+        garment_pairs_per_image=8,
+        garment_loss=garment_loss,
+        progress=False,
+    )
     with open(tmp_path / "run" / "losses.csv") as handle:
         header = handle.readline().strip().split(",")
     assert final.exists() and {"desc_loss", "garment_desc_loss", "garment_pairs"} <= set(header)
     with pytest.raises(ValueError, match="garment_loss"):
-        L2Net(**TINY).train_on(data, tmp_path / "bad", epochs=1, batch_size=4, max_images=4, garment_pairs_weight=1.0,
-                               garment_loss="nope", progress=False)
+        L2Net(**TINY).train_on(
+            data,
+            tmp_path / "bad",
+            epochs=1,
+            batch_size=4,
+            max_images=4,
+            garment_pairs_weight=1.0,
+            garment_loss="nope",
+            progress=False,
+        )
 
 
 def test_vlad_objective_step_lowers_the_loss(synthetic_root):
@@ -313,8 +346,16 @@ def test_vlad_anchors_cut_the_garment_out_on_white(synthetic_root):
 
 def test_train_on_through_the_aggregation(synthetic_root, tmp_path):
     data = load_viton(synthetic_root, split="val")
-    settings = dict(epochs=1, batch_size=4, max_images=8, homography_weight=0.0, vlad_weight=1.0, vlad_keypoints=16,
-                    vlad_init_images=8, progress=False)
+    settings = dict(
+        epochs=1,
+        batch_size=4,
+        max_images=8,
+        homography_weight=0.0,
+        vlad_weight=1.0,
+        vlad_keypoints=16,
+        vlad_init_images=8,
+        progress=False,
+    )
     final = L2Net(**TINY).train_on(data, tmp_path / "run", **settings)
     with open(tmp_path / "run" / "losses.csv") as handle:
         header = handle.readline().strip().split(",")
@@ -330,7 +371,10 @@ def test_train_on_through_the_aggregation(synthetic_root, tmp_path):
 
 def test_bfloat16_training_runs_only_the_network_in_bfloat16_and_ends_with_train_on(synthetic_root, tmp_path):
     l2net = L2Net(**TINY).eval()  # no dropout: the two passes differ only by precision
-    patches = textured_grey(1, seed=3, size=(32, 32)).expand(16, -1, -1, -1) * torch.linspace(0.5, 1.0, 16)[:, None, None, None]
+    patches = (
+        textured_grey(1, seed=3, size=(32, 32)).expand(16, -1, -1, -1)
+        * torch.linspace(0.5, 1.0, 16)[:, None, None, None]
+    )
     exact = l2net._net(patches)
     l2net._bfloat16_training = True
     fast = l2net._net(patches)
@@ -363,4 +407,6 @@ def test_garment_pair_batch_without_a_product_mask_uses_non_white_pixels(synthet
     with_mask = load_garment_pair_batch([row], (64, 48))
     without = load_garment_pair_batch([row._replace(mask=float("nan"))], (64, 48))  # a CSV's empty cell
     assert without["product_mask"].shape == (1, 1, 64, 48) and without["product_mask"].any()
-    assert torch.equal(without["product"], with_mask["product"]) and torch.equal(without["garment_mask"], with_mask["garment_mask"])
+    assert torch.equal(without["product"], with_mask["product"]) and torch.equal(
+        without["garment_mask"], with_mask["garment_mask"]
+    )

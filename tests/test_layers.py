@@ -4,6 +4,7 @@ A module may import its own layer and the ones below it, never one above, not ev
 (a function-level import hides the cycle until the day it runs). The test reads every module's source
 with `ast`, so it sees imports that never execute in the suite.
 """
+
 from __future__ import annotations
 
 import ast
@@ -42,7 +43,9 @@ def test_imported_modules_sees_function_level_imports():
 @pytest.mark.parametrize("layer", LAYERS)
 def test_no_layer_imports_a_higher_one(layer):
     violations = list(upward_imports(layer))
-    assert not violations, f"{layer}/ imports a higher layer ({' > '.join(reversed(LAYERS))}):\n" + "\n".join(violations)
+    assert not violations, f"{layer}/ imports a higher layer ({' > '.join(reversed(LAYERS))}):\n" + "\n".join(
+        violations
+    )
 
 
 def test_every_package_is_a_layer():

@@ -1,4 +1,5 @@
 """LF-Net-style descriptor: KeyNet + HardNet trained jointly on homographies, on tiny seeded images."""
+
 from __future__ import annotations
 
 import math
@@ -18,7 +19,9 @@ TINY = dict(image_size=(96, 64), n_clusters=4, pca_dim=None, max_keypoints=48, s
 def textured_grey(n: int, seed: int, size=(96, 64)) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     h, w = size
-    blocks = torch.nn.functional.interpolate(torch.rand(n, 1, h // 8, w // 8, generator=generator), size=size, mode="nearest")
+    blocks = torch.nn.functional.interpolate(
+        torch.rand(n, 1, h // 8, w // 8, generator=generator), size=size, mode="nearest"
+    )
     yy, xx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
     stripes = 0.5 + 0.5 * torch.sin(0.45 * (xx + 0.6 * yy)).expand(n, 1, h, w)
     return (0.6 * blocks + 0.3 * stripes + 0.1 * torch.rand(n, 1, h, w, generator=generator)).clamp(0, 1)
@@ -75,7 +78,9 @@ def test_peak_target_golden():
 def test_top_peaks_respects_k():
     scores = torch.zeros(1, 1, 20, 20)
     scores[0, 0, 3, 3], scores[0, 0, 10, 10], scores[0, 0, 16, 4] = 0.3, 0.9, 0.6
-    indices, found = top_peaks(scores, torch.ones_like(scores, dtype=torch.bool), 2, 3, torch.Generator().manual_seed(0))
+    indices, found = top_peaks(
+        scores, torch.ones_like(scores, dtype=torch.bool), 2, 3, torch.Generator().manual_seed(0)
+    )
     assert indices.tolist() == [[10 * 20 + 10, 16 * 20 + 4]] and found.all()
 
 
@@ -146,7 +151,14 @@ def test_train_on_round_trip(synthetic_root, tmp_path):
     lfnet = LFNet(**TINY)
     untrained = lfnet.keynet.last_conv[0].weight.clone()
     final = lfnet.train_on(
-        data, tmp_path / "run", epochs=1, batch_size=4, max_images=8, pairs_per_image=16, peaks_per_image=16, progress=False
+        data,
+        tmp_path / "run",
+        epochs=1,
+        batch_size=4,
+        max_images=8,
+        pairs_per_image=16,
+        peaks_per_image=16,
+        progress=False,
     )
     assert final.exists() and "image_loss" in (tmp_path / "run" / "losses.csv").read_text().splitlines()[0]
     assert not torch.equal(lfnet.keynet.last_conv[0].weight, untrained)

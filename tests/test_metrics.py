@@ -1,4 +1,5 @@
 """mAP@k against hand-computed rankings and a plain-loop reference."""
+
 import numpy as np
 import pandas as pd
 import pytest

@@ -1,4 +1,5 @@
 """Options given as text (`--set KEY=VALUE`, `NAME[KEY=VALUE;...]`) are typed by the option's default."""
+
 from pathlib import Path
 
 import pytest
@@ -8,27 +9,59 @@ from retrieval.registry import coerce_option, parse_settings, typed_options
 from street2shop.cli import _option_defaults, _parse_settings, _split_specs, _typed_specs, cli
 
 
-@pytest.mark.parametrize("text, default, expected", [
-    # bool: true/false/yes/no/1/0, any case
-    ("false", True, False), ("False", True, False), ("FALSE", True, False), ("no", True, False), ("0", True, False),
-    ("true", False, True), ("True", False, True), ("yes", False, True), ("YES", False, True), ("1", False, True),
-    (" false ", True, False),
-    # int: whole numbers only
-    ("3", 1, 3), ("-2", 1, -2), ("+7", 1, 7), ("1000", 1, 1000),
-    # float: whole or decimal numbers
-    ("0.5", 1.0, 0.5), ("2", 1.0, 2.0), ("1e-3", 1.0, 0.001), ("-0.25", 1.0, -0.25),
-    # str: the text, surrounding quotes dropped
-    ("lsgan", "bce", "lsgan"), ("'lsgan'", "bce", "lsgan"), ('"a b"', "bce", "a b"), ("false", "true", "false"),
-    ("123", "bce", "123"),
-    # tuple/list: comma-separated, brackets optional, items typed like the default's
-    ("128,96", (64, 48), (128, 96)), ("(128, 96)", (64, 48), (128, 96)), ("[128,96]", (64, 48), (128, 96)),
-    ("0.5,1.0", (0.7, 1.0, 1.4), (0.5, 1.0)), ("2,2,2,2", (1, 1, 1, 1), (2, 2, 2, 2)), ("3,", (1, 1), (3,)),
-    ("1,2", [0], [1, 2]),
-    # None default: none/null/'' -> None, else bool, int, float, bracketed tuple/list, text
-    ("none", None, None), ("None", None, None), ("null", None, None), ("", None, None),
-    ("500", None, 500), ("0.5", None, 0.5), ("false", None, False), ("True", None, True),
-    ("(64, 48)", None, (64, 48)), ("[1, 2]", None, [1, 2]), ("runs/hp/final.pt", None, "runs/hp/final.pt"),
-])
+@pytest.mark.parametrize(
+    "text, default, expected",
+    [
+        # bool: true/false/yes/no/1/0, any case
+        ("false", True, False),
+        ("False", True, False),
+        ("FALSE", True, False),
+        ("no", True, False),
+        ("0", True, False),
+        ("true", False, True),
+        ("True", False, True),
+        ("yes", False, True),
+        ("YES", False, True),
+        ("1", False, True),
+        (" false ", True, False),
+        # int: whole numbers only
+        ("3", 1, 3),
+        ("-2", 1, -2),
+        ("+7", 1, 7),
+        ("1000", 1, 1000),
+        # float: whole or decimal numbers
+        ("0.5", 1.0, 0.5),
+        ("2", 1.0, 2.0),
+        ("1e-3", 1.0, 0.001),
+        ("-0.25", 1.0, -0.25),
+        # str: the text, surrounding quotes dropped
+        ("lsgan", "bce", "lsgan"),
+        ("'lsgan'", "bce", "lsgan"),
+        ('"a b"', "bce", "a b"),
+        ("false", "true", "false"),
+        ("123", "bce", "123"),
+        # tuple/list: comma-separated, brackets optional, items typed like the default's
+        ("128,96", (64, 48), (128, 96)),
+        ("(128, 96)", (64, 48), (128, 96)),
+        ("[128,96]", (64, 48), (128, 96)),
+        ("0.5,1.0", (0.7, 1.0, 1.4), (0.5, 1.0)),
+        ("2,2,2,2", (1, 1, 1, 1), (2, 2, 2, 2)),
+        ("3,", (1, 1), (3,)),
+        ("1,2", [0], [1, 2]),
+        # None default: none/null/'' -> None, else bool, int, float, bracketed tuple/list, text
+        ("none", None, None),
+        ("None", None, None),
+        ("null", None, None),
+        ("", None, None),
+        ("500", None, 500),
+        ("0.5", None, 0.5),
+        ("false", None, False),
+        ("True", None, True),
+        ("(64, 48)", None, (64, 48)),
+        ("[1, 2]", None, [1, 2]),
+        ("runs/hp/final.pt", None, "runs/hp/final.pt"),
+    ],
+)
 def test_coerce_option_golden_values(text, default, expected):
     value = coerce_option("opt", text, default)
     assert value == expected and type(value) is type(expected)
@@ -36,18 +69,25 @@ def test_coerce_option_golden_values(text, default, expected):
         assert [type(v) for v in value] == [type(v) for v in expected]
 
 
-@pytest.mark.parametrize("text, default, message", [
-    ("0,5", 1.0, "width=0,5: expected a number (float), got '0,5'"),
-    ("abc", 1.0, "width=abc: expected a number (float), got 'abc'"),
-    ("1.5", 1, "width=1.5: expected a whole number (int), got '1.5'"),
-    ("1e3", 1, "width=1e3: expected a whole number (int), got '1e3'"),
-    ("true", 1, "width=true: expected a whole number (int), got 'true'"),
-    ("maybe", True, "width=maybe: expected true or false (bool), got 'maybe'"),
-    ("2", True, "width=2: expected true or false (bool), got '2'"),
-    ("128x96", (64, 48), "width=128x96: expected comma-separated values like 64,48 (tuple of int), got '128x96'"),
-    ("128,9.5", (64, 48), "width=128,9.5: expected comma-separated values like 64,48 (tuple of int), got '128,9.5'"),
-    ("", (64, 48), "width=: expected comma-separated values like 64,48 (tuple of int), got ''"),
-])
+@pytest.mark.parametrize(
+    "text, default, message",
+    [
+        ("0,5", 1.0, "width=0,5: expected a number (float), got '0,5'"),
+        ("abc", 1.0, "width=abc: expected a number (float), got 'abc'"),
+        ("1.5", 1, "width=1.5: expected a whole number (int), got '1.5'"),
+        ("1e3", 1, "width=1e3: expected a whole number (int), got '1e3'"),
+        ("true", 1, "width=true: expected a whole number (int), got 'true'"),
+        ("maybe", True, "width=maybe: expected true or false (bool), got 'maybe'"),
+        ("2", True, "width=2: expected true or false (bool), got '2'"),
+        ("128x96", (64, 48), "width=128x96: expected comma-separated values like 64,48 (tuple of int), got '128x96'"),
+        (
+            "128,9.5",
+            (64, 48),
+            "width=128,9.5: expected comma-separated values like 64,48 (tuple of int), got '128,9.5'",
+        ),
+        ("", (64, 48), "width=: expected comma-separated values like 64,48 (tuple of int), got ''"),
+    ],
+)
 def test_coerce_option_refuses_a_wrong_type_naming_option_value_and_type(text, default, message):
     with pytest.raises(ValueError) as caught:
         coerce_option("width", text, default)
@@ -61,12 +101,14 @@ def test_coerce_option_leaves_values_that_are_not_text():
 
 def test_parse_settings_types_by_defaults_and_refuses_unknown_names():
     defaults = {"width": 1.0, "use_perceptual": True, "gan_mode": "bce", "sp_image_size": (256, 192), "max_pairs": None}
-    assert parse_settings(["width=0.5", "use_perceptual=false", "gan_mode=lsgan", "sp_image_size=128,96", "max_pairs=500"],
-                          defaults) == {"width": 0.5, "use_perceptual": False, "gan_mode": "lsgan",
-                                        "sp_image_size": (128, 96), "max_pairs": 500}
+    assert parse_settings(
+        ["width=0.5", "use_perceptual=false", "gan_mode=lsgan", "sp_image_size=128,96", "max_pairs=500"], defaults
+    ) == {"width": 0.5, "use_perceptual": False, "gan_mode": "lsgan", "sp_image_size": (128, 96), "max_pairs": 500}
     with pytest.raises(ValueError, match=r"^--set width=0,5: expected a number \(float\), got '0,5'$"):
         parse_settings(["width=0,5"], defaults)
-    with pytest.raises(ValueError, match=r"^--set bogus=1: unknown option 'bogus'; valid: gan_mode, max_pairs, sp_image_size"):
+    with pytest.raises(
+        ValueError, match=r"^--set bogus=1: unknown option 'bogus'; valid: gan_mode, max_pairs, sp_image_size"
+    ):
         parse_settings(["bogus=1"], defaults)
     with pytest.raises(ValueError, match="expected KEY=VALUE"):
         parse_settings(["nonsense"], defaults)
@@ -74,7 +116,11 @@ def test_parse_settings_types_by_defaults_and_refuses_unknown_names():
 
 def test_cli_parse_settings_without_defaults_guesses_as_before():
     assert _parse_settings(["width=0.5", "use_perceptual=False", "gan_mode=lsgan", "sp_image_size=(64, 48)"]) == {
-        "width": 0.5, "use_perceptual": False, "gan_mode": "lsgan", "sp_image_size": (64, 48)}
+        "width": 0.5,
+        "use_perceptual": False,
+        "gan_mode": "lsgan",
+        "sp_image_size": (64, 48),
+    }
     assert _parse_settings(["use_perceptual=false"]) == {"use_perceptual": False}  # not the truthy 'false'
 
 
@@ -105,7 +151,9 @@ def test_train_options_types_text_overrides():
     from retrieval.training import train_options
 
     defaults = {"epochs": 2, "lr": 2e-4, "gan_mode": "bce", "max_pairs": None, "bfloat16": True}
-    *_, settings = train_options("pix2pix", {"epochs": "3", "lr": "1e-3", "max_pairs": "8", "bfloat16": "false"}, defaults)
+    *_, settings = train_options(
+        "pix2pix", {"epochs": "3", "lr": "1e-3", "max_pairs": "8", "bfloat16": "false"}, defaults
+    )
     assert settings == {"epochs": 3, "lr": 1e-3, "gan_mode": "bce", "max_pairs": 8, "bfloat16": False}
     with pytest.raises(ValueError, match=r"pix2pix.train_on option epochs=2.5: expected a whole number \(int\)"):
         train_options("pix2pix", {"epochs": "2.5"}, defaults)
@@ -128,32 +176,55 @@ def test_training_defaults_cover_tables_and_keyword_arguments():
 
 def test_bench_specs_are_split_at_top_level_commas_and_typed():
     assert _split_specs("none,paintnet[sp_image_size=128,96;width=0.5],hp") == [
-        "none", "paintnet[sp_image_size=128,96;width=0.5]", "hp"]
-    typed = _typed_specs(["none", "paintnet[use_perceptual=false;width=0.5;sp_image_size=128,96;max_pairs=4]",
-                          "hp@runs/hp/final.pt"], "proxy", "--proxies")
-    assert typed == ["none", "paintnet[use_perceptual=False;width=0.5;sp_image_size=(128, 96);max_pairs=4]",
-                     "hp@runs/hp/final.pt"]
+        "none",
+        "paintnet[sp_image_size=128,96;width=0.5]",
+        "hp",
+    ]
+    typed = _typed_specs(
+        ["none", "paintnet[use_perceptual=false;width=0.5;sp_image_size=128,96;max_pairs=4]", "hp@runs/hp/final.pt"],
+        "proxy",
+        "--proxies",
+    )
+    assert typed == [
+        "none",
+        "paintnet[use_perceptual=False;width=0.5;sp_image_size=(128, 96);max_pairs=4]",
+        "hp@runs/hp/final.pt",
+    ]
     from benchmarks.reproduce import parse_spec  # what ensure_trained reads: the typed values, exactly
 
-    assert parse_spec(typed[1])[2] == {"use_perceptual": False, "width": 0.5, "sp_image_size": (128, 96), "max_pairs": 4}
-    with pytest.raises(ValueError, match=r"^--proxies paintnet\[width=0,5\]: width=0,5: expected a number \(float\), got '0,5'$"):
+    assert parse_spec(typed[1])[2] == {
+        "use_perceptual": False,
+        "width": 0.5,
+        "sp_image_size": (128, 96),
+        "max_pairs": 4,
+    }
+    with pytest.raises(
+        ValueError, match=r"^--proxies paintnet\[width=0,5\]: width=0,5: expected a number \(float\), got '0,5'$"
+    ):
         _typed_specs(["paintnet[width=0,5]"], "proxy", "--proxies")
     with pytest.raises(ValueError, match="unknown option 'bogus'"):
         _typed_specs(["paintnet[bogus=1]"], "proxy", "--proxies")
-    assert "use_perceptual" in _option_defaults("proxy", "paintnet") and "max_pairs" in _option_defaults("proxy", "paintnet")
+    assert "use_perceptual" in _option_defaults("proxy", "paintnet") and "max_pairs" in _option_defaults(
+        "proxy", "paintnet"
+    )
 
 
 def test_cli_set_refuses_a_wrong_type_before_any_work(tmp_path, monkeypatch):
     import retrieval.datasets
 
-    monkeypatch.setattr(retrieval.datasets, "load_dataset", lambda *a, **k: pytest.fail("loaded data before checking --set"))
+    monkeypatch.setattr(
+        retrieval.datasets, "load_dataset", lambda *a, **k: pytest.fail("loaded data before checking --set")
+    )
     runner = CliRunner()
-    for value, message in [("width=0,5", "error: --set width=0,5: expected a number (float), got '0,5'"),
-                           ("use_perceptual=maybe", "error: --set use_perceptual=maybe: expected true or false (bool), got 'maybe'"),
-                           ("sp_epochs=1.5", "error: --set sp_epochs=1.5: expected a whole number (int), got '1.5'"),
-                           ("bogus=1", "unknown option 'bogus'")]:
-        result = runner.invoke(cli, ["train", "paintnet", "--dataset", "synthetic:8", "--out", str(tmp_path / "run"),
-                                     "--set", value])
+    for value, message in [
+        ("width=0,5", "error: --set width=0,5: expected a number (float), got '0,5'"),
+        ("use_perceptual=maybe", "error: --set use_perceptual=maybe: expected true or false (bool), got 'maybe'"),
+        ("sp_epochs=1.5", "error: --set sp_epochs=1.5: expected a whole number (int), got '1.5'"),
+        ("bogus=1", "unknown option 'bogus'"),
+    ]:
+        result = runner.invoke(
+            cli, ["train", "paintnet", "--dataset", "synthetic:8", "--out", str(tmp_path / "run"), "--set", value]
+        )
         assert result.exit_code == 2, result.output
         assert "Traceback" not in result.output
         assert message in result.output
@@ -183,17 +254,49 @@ def test_cli_set_false_reaches_the_model_as_false(tmp_path, monkeypatch, synthet
         return Fake()
 
     monkeypatch.setattr(generation.proxies, "create_proxy", fake_create)
-    result = CliRunner().invoke(cli, ["train", "paintnet", "--dataset", f"viton:{synthetic_root}", "--out", str(tmp_path / "run"),
-                                      "--set", "use_perceptual=false", "--set", "width=0.5", "--set", "sp_image_size=128,96",
-                                      "--set", "max_pairs=4", "--set", "sp_epochs=1", "--epochs", "1"])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "train",
+            "paintnet",
+            "--dataset",
+            f"viton:{synthetic_root}",
+            "--out",
+            str(tmp_path / "run"),
+            "--set",
+            "use_perceptual=false",
+            "--set",
+            "width=0.5",
+            "--set",
+            "sp_image_size=128,96",
+            "--set",
+            "max_pairs=4",
+            "--set",
+            "sp_epochs=1",
+            "--epochs",
+            "1",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert seen["conf"] == {"use_perceptual": False, "width": 0.5, "sp_image_size": (128, 96)}
     assert seen["options"]["max_pairs"] == 4 and seen["options"]["sp_epochs"] == 1 and seen["options"]["epochs"] == 1
 
 
 def test_cli_bench_bracket_options_are_typed(tmp_path):
-    result = CliRunner().invoke(cli, ["bench", "--dataset", "synthetic:8", "--proxies", "paintnet[width=0,5]",
-                                      "--out", str(tmp_path), "--cache-dir", str(tmp_path / "cache")])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "bench",
+            "--dataset",
+            "synthetic:8",
+            "--proxies",
+            "paintnet[width=0,5]",
+            "--out",
+            str(tmp_path),
+            "--cache-dir",
+            str(tmp_path / "cache"),
+        ],
+    )
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert "error: --proxies paintnet[width=0,5]: width=0,5: expected a number (float), got '0,5'" in result.output
 

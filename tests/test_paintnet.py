@@ -1,4 +1,5 @@
 """PaintNet: Table 1 layer shapes, its losses, the shape predictor's lookup, training and checkpoints."""
+
 import csv
 
 import pytest
@@ -65,7 +66,9 @@ def test_renderer_layers_match_table1():
         assert conv.kernel_size == (4, 4)
     assert [c.stride for c in convolutions(renderer.encoder)] == [(2, 2)] * 4 + [(1, 1)]
     assert convolutions(renderer)[0].in_channels == 6
-    assert isinstance(renderer.encoder[0][-1], torch.nn.LeakyReLU) and isinstance(renderer.decoder[-1][-1], torch.nn.Tanh)
+    assert isinstance(renderer.encoder[0][-1], torch.nn.LeakyReLU) and isinstance(
+        renderer.decoder[-1][-1], torch.nn.Tanh
+    )
     assert isinstance(renderer.decoder[0][-1], torch.nn.ReLU)
     assert out.shape == (2, 3, 64, 64)
 
@@ -177,7 +180,9 @@ def test_one_triplet_step_lowers_the_loss(backbone):
     torch.manual_seed(0)
     predictor = ShapePredictor((64, 48), hidden=16, dim=8, backbone=backbone)
     maps = torch.rand(6, 1280, 2, 2)
-    optimizer = torch.optim.SGD(list(predictor.attention.parameters()) + list(predictor.embedding.parameters()), lr=1e-3, momentum=0.9)
+    optimizer = torch.optim.SGD(
+        list(predictor.attention.parameters()) + list(predictor.embedding.parameters()), lr=1e-3, momentum=0.9
+    )
 
     def loss():
         a, p, n = predictor.embed_maps(maps).chunk(3)
@@ -255,7 +260,9 @@ def test_ablation_switches_remove_their_loss_terms(backbone, switch, removed):
 
 
 def test_sample_grid_png(tmp_path):
-    path = save_sample_grid([("photo", torch.rand(3, 3, 8, 8)), ("shape", torch.rand(3, 1, 8, 8))], tmp_path / "g.png", cell=16)
+    path = save_sample_grid(
+        [("photo", torch.rand(3, 3, 8, 8)), ("shape", torch.rand(3, 1, 8, 8))], tmp_path / "g.png", cell=16
+    )
     import cv2
 
     image = cv2.imread(str(path))
@@ -268,8 +275,18 @@ def test_sample_grid_png(tmp_path):
 def test_train_checkpoint_round_trip(synthetic_root, tmp_path):
     data = load_viton(synthetic_root, split="val")
     proxy = create_proxy("paintnet", **TINY)
-    final = proxy.train_on(data, tmp_path / "run", epochs=1, batch_size=4, seed=0, progress=False, sp_epochs=1,
-                           sample_every=2, max_pairs=8, use_rf_discriminator=False)
+    final = proxy.train_on(
+        data,
+        tmp_path / "run",
+        epochs=1,
+        batch_size=4,
+        seed=0,
+        progress=False,
+        sp_epochs=1,
+        sample_every=2,
+        max_pairs=8,
+        use_rf_discriminator=False,
+    )
     payload = torch.load(final, weights_only=True)
     assert payload["proxy"] == "paintnet" and payload["proxy_conf"]["use_rf_discriminator"] is False
     assert not any(".backbone." in f".{k}" for k in payload["state_dict"])
@@ -297,8 +314,10 @@ def test_pair_archive_round_trip_is_exact(tmp_path):
     from generation.gan import load_pair_archive, save_pair_archive
 
     generator = torch.Generator().manual_seed(0)
-    tensors = {"texture": torch.randint(0, 256, (5, 3, 16, 16), dtype=torch.uint8, generator=generator),
-               "shape": (torch.rand(5, 1, 16, 16, generator=generator) > 0.5).to(torch.uint8) * 255}
+    tensors = {
+        "texture": torch.randint(0, 256, (5, 3, 16, 16), dtype=torch.uint8, generator=generator),
+        "shape": (torch.rand(5, 1, 16, 16, generator=generator) > 0.5).to(torch.uint8) * 255,
+    }
     path = save_pair_archive(tensors, tmp_path / "pairs.npz")
     back = load_pair_archive(path)
     assert set(back) == {"texture", "shape"} and all(torch.equal(back[k], tensors[k]) for k in tensors)
@@ -320,37 +339,57 @@ def test_renderer_trained_from_an_archive_joins_a_shape_predictor(synthetic_root
     with_sp = create_proxy("paintnet", **TINY).train_on(data, tmp_path / "sp", epochs=1, sp_epochs=1, **options)
     archive = save_pair_archive(prepare_pair_tensors(data.train, None, (64, 64)), tmp_path / "pairs.npz")
 
-    renderer_run = create_proxy("paintnet", **TINY).train_on(None, tmp_path / "gpu", epochs=1, pairs=str(archive), **options)
+    renderer_run = create_proxy("paintnet", **TINY).train_on(
+        None, tmp_path / "gpu", epochs=1, pairs=str(archive), **options
+    )
     payload = torch.load(renderer_run, weights_only=True)
     assert payload["shape_predictor"] == {"trained": False}
     assert payload["state_dict"]["shape_predictor.memory_shapes"].numel() == 0  # nothing trained it
 
-    joined = create_proxy("paintnet", **TINY).train_on(None, tmp_path / "joined", epochs=0, pairs=str(archive),
-                                                        renderer_from=str(renderer_run), shape_predictor_from=str(with_sp),
-                                                        **options)
+    joined = create_proxy("paintnet", **TINY).train_on(
+        None,
+        tmp_path / "joined",
+        epochs=0,
+        pairs=str(archive),
+        renderer_from=str(renderer_run),
+        shape_predictor_from=str(with_sp),
+        **options,
+    )
     state = torch.load(joined, weights_only=True)
     for key, value in payload["state_dict"].items():
         if key.startswith("renderer."):
             assert torch.equal(state["state_dict"][key], value)
     sp_state = torch.load(with_sp, weights_only=True)["state_dict"]
-    assert torch.equal(state["state_dict"]["shape_predictor.memory_embeddings"], sp_state["shape_predictor.memory_embeddings"])
+    assert torch.equal(
+        state["state_dict"]["shape_predictor.memory_embeddings"], sp_state["shape_predictor.memory_embeddings"]
+    )
     assert state["renderer_from"]["steps"] == payload["steps"] == 2
     assert state["shape_predictor"]["taken_from"] == str(with_sp)
     # train_shapes="predicted" takes the leave-one-out shapes from the reused memory, when it holds these pairs
     with pytest.raises(ValueError, match="not built from these training pairs"):
         create_proxy("paintnet", **{**TINY, "train_shapes": "predicted"}).train_on(
-            None, tmp_path / "loo-other", epochs=0, pairs=str(archive), shape_predictor_from=str(with_sp))
+            None, tmp_path / "loo-other", epochs=0, pairs=str(archive), shape_predictor_from=str(with_sp)
+        )
     same_pairs = data.train.sample(8, random_state=0).reset_index(drop=True)  # the sample with_sp trained on
     same_archive = save_pair_archive(prepare_pair_tensors(same_pairs, None, (64, 64)), tmp_path / "same.npz")
     loo = create_proxy("paintnet", **{**TINY, "train_shapes": "predicted"}).train_on(
-        None, tmp_path / "loo", epochs=1, batch_size=4, progress=False, pairs=str(same_archive),
-        shape_predictor_from=str(with_sp))
+        None,
+        tmp_path / "loo",
+        epochs=1,
+        batch_size=4,
+        progress=False,
+        pairs=str(same_archive),
+        shape_predictor_from=str(with_sp),
+    )
     assert torch.load(loo, weights_only=True)["steps"] == 2
     with pytest.raises(ValueError, match="renders 128x128"):
-        create_proxy("paintnet", **{**TINY, "image_size": 128}).train_on(None, tmp_path / "x", epochs=0, pairs=str(archive))
+        create_proxy("paintnet", **{**TINY, "image_size": 128}).train_on(
+            None, tmp_path / "x", epochs=0, pairs=str(archive)
+        )
     with pytest.raises(ValueError, match="does not fit"):
-        create_proxy("paintnet", **{**TINY, "width": 0.25}).train_on(None, tmp_path / "y", epochs=0, pairs=str(archive),
-                                                                     renderer_from=str(renderer_run))
+        create_proxy("paintnet", **{**TINY, "width": 0.25}).train_on(
+            None, tmp_path / "y", epochs=0, pairs=str(archive), renderer_from=str(renderer_run)
+        )
 
 
 def test_only_the_papers_paintnet_takes_its_table4_row():

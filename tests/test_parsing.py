@@ -1,4 +1,5 @@
 """Garment parser, GrabCut fallbacks (person photos and product shape maps), segmented texture, hp training."""
+
 import json
 
 import cv2
@@ -26,7 +27,7 @@ from retrieval.training import load_checkpoint
 
 
 def person_photo(height=128, width=96, seed=0):
-    """A grey studio backdrop, a skin head and arms, a red textured shirt on the torso; returns (uint8 RGB, shirt mask)."""
+    """A grey studio backdrop, a skin head and arms, a red textured shirt on the torso -> (uint8 RGB, shirt mask)."""
     rng = np.random.default_rng(seed)
     image = np.full((height, width, 3), 215, np.uint8) + rng.integers(0, 12, (height, width, 3), dtype=np.uint8)
     skin = (224, 172, 140)

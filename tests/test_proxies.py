@@ -4,6 +4,7 @@ Every registered proxy is checked untrained, and trainable proxies listed in TIN
 tiny checkpoint trained on the synthetic set (create_proxy("NAME@final.pt")). A proxy whose untrained
 form is refused by design goes in NEEDS_CHECKPOINT (it must then have a TINY_TRAINING entry).
 """
+
 import pytest
 import torch
 
@@ -11,15 +12,21 @@ from generation.proxies import PROXIES, Proxy, create_proxy, list_proxies, query
 from retrieval.datasets import load_viton
 
 # Small settings so the contract test runs in seconds; each stays a valid configuration.
-TINY = {"hp": {"grabcut_iterations": 2}, "pix2pix": {"width": 8}, "dtgan": {"stem_width": 4},
-        "paintnet": {"width": 0.125, "sp_image_size": (64, 48), "sp_hidden": 16, "sp_dim": 16, "sp_k": 3},
-        "paintnet-wo-sp": {"width": 0.125}}
+TINY = {
+    "hp": {"grabcut_iterations": 2},
+    "pix2pix": {"width": 8},
+    "dtgan": {"stem_width": 4},
+    "paintnet": {"width": 0.125, "sp_image_size": (64, 48), "sp_hidden": 16, "sp_dim": 16, "sp_k": 3},
+    "paintnet-wo-sp": {"width": 0.125},
+}
 # train_on options for a tiny checkpoint (seed, progress and out_dir are added by the test).
-TINY_TRAINING = {"hp": {"epochs": 1, "batch_size": 16, "image_size": (32, 32), "val_images": 0},
-                 "pix2pix": {"epochs": 1, "batch_size": 4, "max_pairs": 8, "d_width": 8, "sample_every": 0},
-                 "dtgan": {"epochs": 1, "batch_size": 4, "max_pairs": 8, "d_width": 8, "sample_every": 0},
-                 "paintnet": {"epochs": 1, "batch_size": 4, "max_pairs": 8, "sp_epochs": 1, "sample_every": 0},
-                 "paintnet-wo-sp": {"epochs": 1, "batch_size": 4, "max_pairs": 8, "sample_every": 0}}
+TINY_TRAINING = {
+    "hp": {"epochs": 1, "batch_size": 16, "image_size": (32, 32), "val_images": 0},
+    "pix2pix": {"epochs": 1, "batch_size": 4, "max_pairs": 8, "d_width": 8, "sample_every": 0},
+    "dtgan": {"epochs": 1, "batch_size": 4, "max_pairs": 8, "d_width": 8, "sample_every": 0},
+    "paintnet": {"epochs": 1, "batch_size": 4, "max_pairs": 8, "sp_epochs": 1, "sample_every": 0},
+    "paintnet-wo-sp": {"epochs": 1, "batch_size": 4, "max_pairs": 8, "sample_every": 0},
+}
 NEEDS_CHECKPOINT = set()
 
 CASES = [(name, False) for name in list_proxies() if name not in NEEDS_CHECKPOINT] + [
@@ -49,7 +56,9 @@ def tiny_checkpoints(synthetic_root, tmp_path_factory):
     def get(name: str):
         if name not in made:
             out_dir = tmp_path_factory.mktemp(f"{name}-tiny")
-            made[name] = create_proxy(name, **TINY.get(name, {})).train_on(data, out_dir, seed=0, progress=False, **TINY_TRAINING[name])
+            made[name] = create_proxy(name, **TINY.get(name, {})).train_on(
+                data, out_dir, seed=0, progress=False, **TINY_TRAINING[name]
+            )
         return made[name]
 
     return get
@@ -104,6 +113,8 @@ def test_checkpoint_of_another_proxy_is_refused(tmp_path):
     atomic_torch_save({"version": 1, "config": {}, "state_dict": {}, "proxy": "paintnet"}, path)
     with pytest.raises(ValueError, match="trained for proxy 'paintnet'"):
         create_proxy("none").load_trained(path)
-    atomic_torch_save({"version": 1, "config": {}, "state_dict": {"stray.weight": torch.zeros(1)}, "proxy": "none"}, path)
+    atomic_torch_save(
+        {"version": 1, "config": {}, "state_dict": {"stray.weight": torch.zeros(1)}, "proxy": "none"}, path
+    )
     with pytest.raises(ValueError, match="does not fit proxy 'none'"):
         create_proxy(f"none@{path}")

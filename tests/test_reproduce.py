@@ -3,6 +3,7 @@
 One real (tiny) training of the hp parser on the synthetic set; every other training is replaced by a
 fake `train_on` that writes a placeholder final.pt and records its call, so the tests stay fast.
 """
+
 import json
 from pathlib import Path
 
@@ -18,10 +19,22 @@ from retrieval.descriptors.tn import TripletNet
 
 # Small settings (as tests/test_proxies.py's TINY and TINY_TRAINING) so models build and train in seconds.
 TINY_HP = {"epochs": 1, "batch_size": 16, "image_size": (32, 32), "val_images": 0}
-TINY_PAINTNET = {"width": 0.125, "sp_image_size": (64, 48), "sp_hidden": 16, "sp_dim": 16, "sp_k": 3,
-                 "pretrained": False, "epochs": 1, "max_pairs": 4}
-TINY = {"hp": TINY_HP, "paintnet": TINY_PAINTNET, "paintnet-wo-sp": {"width": 0.125, "pretrained": False},
-        "pix2pix": {"width": 8, "epochs": 1}}
+TINY_PAINTNET = {
+    "width": 0.125,
+    "sp_image_size": (64, 48),
+    "sp_hidden": 16,
+    "sp_dim": 16,
+    "sp_k": 3,
+    "pretrained": False,
+    "epochs": 1,
+    "max_pairs": 4,
+}
+TINY = {
+    "hp": TINY_HP,
+    "paintnet": TINY_PAINTNET,
+    "paintnet-wo-sp": {"width": 0.125, "pretrained": False},
+    "pix2pix": {"width": 8, "epochs": 1},
+}
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +46,9 @@ def data(synthetic_root):
 def trained_hp(data, tmp_path_factory):
     """A cache holding one real tiny hp training: (cache_root, resolved specs, rows)."""
     cache = tmp_path_factory.mktemp("reproduce-cache")
-    resolved, rows = ensure_trained(["none", "hp"], "proxy", data, cache, device="cpu", options={"hp": TINY_HP},
-                                    progress=False)
+    resolved, rows = ensure_trained(
+        ["none", "hp"], "proxy", data, cache, device="cpu", options={"hp": TINY_HP}, progress=False
+    )
     return cache, resolved, rows
 
 
@@ -80,7 +94,10 @@ def test_parse_spec():
     assert parse_spec("gem") == ("gem", None, {})
     assert parse_spec("tn@runs/tn/final.pt") == ("tn", "runs/tn/final.pt", {})
     assert parse_spec("paintnet[use_perceptual=False; width=0.5;gan_mode=lsgan;sp_image_size=(64, 48)]") == (
-        "paintnet", None, {"use_perceptual": False, "width": 0.5, "gan_mode": "lsgan", "sp_image_size": (64, 48)})
+        "paintnet",
+        None,
+        {"use_perceptual": False, "width": 0.5, "gan_mode": "lsgan", "sp_image_size": (64, 48)},
+    )
     for bad in ("paintnet[use_perceptual]", "paintnet[x=1", "[x=1]"):
         with pytest.raises(ValueError):
             parse_spec(bad)
@@ -123,8 +140,9 @@ def test_trains_once_then_reuses_the_cache(data, trained_hp, monkeypatch):
 
     fake = FakeTraining().install(monkeypatch, HumanParsingProxy)
     said = []
-    again, rows_again = ensure_trained(["none", "hp"], "proxy", data, cache, device="cpu", options={"hp": TINY_HP},
-                                       progress=said.append)
+    again, rows_again = ensure_trained(
+        ["none", "hp"], "proxy", data, cache, device="cpu", options={"hp": TINY_HP}, progress=said.append
+    )
     assert fake.calls == [], "a cached checkpoint must not be trained again"
     assert again == resolved
     [reused] = rows_again
@@ -148,8 +166,8 @@ def test_keys_follow_the_config(data, tmp_path, monkeypatch):
 
     base = checkpoint()
     variants = [
-        checkpoint("hp[epochs=2]"),                      # a training option, inline
-        checkpoint("hp[grabcut_iterations=2]"),          # a model option
+        checkpoint("hp[epochs=2]"),  # a training option, inline
+        checkpoint("hp[grabcut_iterations=2]"),  # a model option
         checkpoint(options={"hp": {**TINY_HP, "lr": 1e-2}}),
         checkpoint(seed=1),
         checkpoint(budget_minutes=0.5),
@@ -166,8 +184,9 @@ def test_keys_follow_the_config(data, tmp_path, monkeypatch):
 
 def test_one_training_serves_repeated_specs(data, tmp_path, monkeypatch):
     fake = FakeTraining().install(monkeypatch, Pix2PixProxy)
-    resolved, rows = ensure_trained(["pix2pix", "none", "pix2pix"], "proxy", data, tmp_path, options=TINY,
-                                    progress=False)
+    resolved, rows = ensure_trained(
+        ["pix2pix", "none", "pix2pix"], "proxy", data, tmp_path, options=TINY, progress=False
+    )
     assert resolved[0] == resolved[2] != "pix2pix" and resolved[1] == "none"
     assert len(fake.calls) == 1 and len(rows) == 1
 

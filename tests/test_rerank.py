@@ -1,4 +1,5 @@
 """Spatial verification: matching, both RANSAC back-ends, the feature store and re-ranking."""
+
 from __future__ import annotations
 
 import math
@@ -47,7 +48,9 @@ def affine_point_set(seed: int, n_inliers: int = 40, n_outliers: int = 30):
     rng = np.random.default_rng(seed)
     src = rng.uniform(0, 200, size=(n_inliers + n_outliers, 2))
     angle = math.radians(15)
-    linear = np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]]) @ np.array([[1.2, 0.15], [0.0, 0.9]])
+    linear = np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]]) @ np.array(
+        [[1.2, 0.15], [0.0, 0.9]]
+    )
     dst = src @ linear.T + np.array([12.0, -7.0])
     dst[n_inliers:] = rng.uniform(0, 200, size=(n_outliers, 2))  # outliers: anywhere
     # keep only outliers that are really off the model by more than the threshold
@@ -73,8 +76,15 @@ def test_ransac_recovers_known_affine_and_its_inliers(backend):
     valid = torch.ones(1, len(src), dtype=torch.bool)
     valid[0, 5] = False  # a padding entry is never an inlier
     if backend == "torch":
-        matrices, inliers = ransac(src[None], dst[None], valid, model="affine", threshold=2.0, iterations=512,
-                                   generator=torch.Generator().manual_seed(0))
+        matrices, inliers = ransac(
+            src[None],
+            dst[None],
+            valid,
+            model="affine",
+            threshold=2.0,
+            iterations=512,
+            generator=torch.Generator().manual_seed(0),
+        )
     else:
         cv2.setRNGSeed(0)
         matrices, inliers = ransac_opencv(src[None], dst[None], valid, model="affine", threshold=2.0)
@@ -85,8 +95,9 @@ def test_ransac_recovers_known_affine_and_its_inliers(backend):
     assert np.allclose(matrices[0, :2, :2].numpy(), linear, atol=1e-3)
     assert np.allclose(matrices[0, :2, 2].numpy(), [12.0, -7.0], atol=1e-2)
     # a similarity cannot explain the shear and anisotropic scale: far fewer inliers at the same threshold
-    _, similarity_inliers = ransac(src[None], dst[None], valid, model="similarity", threshold=2.0,
-                                   generator=torch.Generator().manual_seed(0))
+    _, similarity_inliers = ransac(
+        src[None], dst[None], valid, model="similarity", threshold=2.0, generator=torch.Generator().manual_seed(0)
+    )
     assert similarity_inliers.sum() < 20
 
 
@@ -95,11 +106,24 @@ def test_ransac_batches_independent_sets_and_handles_too_few_matches():
     few = torch.zeros(len(src), dtype=torch.bool)
     few[:2] = True  # fewer than the 3 an affine needs
     valid = torch.stack([torch.ones(len(src), dtype=torch.bool), few])
-    _, inliers = ransac(torch.stack([src, src]), torch.stack([dst, dst]), valid, model="affine", threshold=2.0,
-                        generator=torch.Generator().manual_seed(0))
+    _, inliers = ransac(
+        torch.stack([src, src]),
+        torch.stack([dst, dst]),
+        valid,
+        model="affine",
+        threshold=2.0,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert inliers[0].sum() == 40 and inliers[1].sum() == 0
-    _, homography_inliers = ransac(src[None], dst[None], valid[:1], model="homography", threshold=2.0,
-                                   iterations=1024, generator=torch.Generator().manual_seed(0))
+    _, homography_inliers = ransac(
+        src[None],
+        dst[None],
+        valid[:1],
+        model="homography",
+        threshold=2.0,
+        iterations=1024,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert homography_inliers.sum() == 40  # an affine map is a homography
 
 
@@ -180,8 +204,14 @@ def test_a_repeated_rerank_bench_reads_fit_and_local_features_from_the_cache(syn
     from retrieval.descriptors.sift import SIFT
 
     data = _small_synthetic(synthetic_root)
-    options = dict(rerank=5, rerank_conf={"threshold": 6.0}, ks=(1, 5), progress=False, cache_dir=tmp_path / "cache",
-                   proxy_output_dir=tmp_path / "proxy")
+    options = dict(
+        rerank=5,
+        rerank_conf={"threshold": 6.0},
+        ks=(1, 5),
+        progress=False,
+        cache_dir=tmp_path / "cache",
+        proxy_output_dir=tmp_path / "proxy",
+    )
     first = run_grid(data, ["sift"], **options)
     assert len(list((tmp_path / "cache").rglob("local-*.npz"))) == 2  # the gallery's and the queries'
     monkeypatch.setattr(SIFT, "fit", lambda *a, **k: pytest.fail("fitted again"))
@@ -199,10 +229,14 @@ def test_searcher_reranks_with_the_catalog_local_features(synthetic_root, tmp_pa
     sift = create_descriptor("sift", n_clusters=4, pca_dim=None, max_keypoints=200).eval()
     paths = list(data.catalog["image"])
     build_index(data.catalog, sift, tmp_path / "plain", fit_paths=paths, progress=False, faiss_device="cpu")
-    build_index(data.catalog, sift, tmp_path / "local", fit_paths=paths, progress=False, faiss_device="cpu", local_features=True)
+    build_index(
+        data.catalog, sift, tmp_path / "local", fit_paths=paths, progress=False, faiss_device="cpu", local_features=True
+    )
     with pytest.raises(FileNotFoundError, match="--local-features"):
         Searcher(tmp_path / "plain", device="cpu", rerank=5)
-    searcher = Searcher(tmp_path / "local", device="cpu", rerank=5, rerank_conf={"threshold": 4.0, "inlier_weight": 1.0})
+    searcher = Searcher(
+        tmp_path / "local", device="cpu", rerank=5, rerank_conf={"threshold": 4.0, "inlier_weight": 1.0}
+    )
     results = searcher.search(paths[:2], k=3)
     assert len(results) == 6 and set(results["product_id"]) <= set(data.catalog["product_id"].astype(str))
     # a catalog photo used as the query verifies against itself: first, every keypoint an inlier

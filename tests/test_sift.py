@@ -1,4 +1,5 @@
 """VLAD aggregation and the SIFT descriptor, on tiny hand-made and seeded synthetic images."""
+
 from __future__ import annotations
 
 import math
@@ -9,10 +10,10 @@ import pytest
 import torch
 
 from retrieval.aggregation import fit_codebook, vlad
-from retrieval.whitening import apply_pca_whitening, fit_pca_whitening
 from retrieval.descriptors import create_descriptor
 from retrieval.descriptors.base import NotFittedError
 from retrieval.descriptors.sift import SIFT
+from retrieval.whitening import apply_pca_whitening, fit_pca_whitening
 
 HEIGHT, WIDTH = 256, 192
 # Small codebook and no PCA keep the fits in these tests to a fraction of a second.
@@ -52,9 +53,7 @@ def textured_image(seed: int) -> np.ndarray:
 def distorted(image: np.ndarray, angle: float = 12.0, scale: float = 0.9, gain: float = 1.15) -> np.ndarray:
     """Rotate and scale about the centre, then brighten: a street-photo-like nuisance."""
     matrix = cv2.getRotationMatrix2D((WIDTH / 2, HEIGHT / 2), angle, scale)
-    warped = cv2.warpAffine(
-        image, matrix, (WIDTH, HEIGHT), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT
-    )
+    warped = cv2.warpAffine(image, matrix, (WIDTH, HEIGHT), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
     return np.clip(warped.astype(np.float32) * gain, 0, 255).astype(np.uint8)
 
 
@@ -103,7 +102,7 @@ def test_vlad_hand_computed_golden_value():
     # Signed sqrt: (a, -a, 0, 1) with a = 2^-1/4; L2 norm sqrt(2 a^2 + 1) = sqrt(sqrt2 + 1).
     desc = torch.tensor([[[2.0, 0.0], [0.5, -0.5], [0.0, 3.0]]])
     out = vlad(desc, torch.ones(1, 3, dtype=torch.bool), torch.eye(2))
-    a, norm = 2 ** -0.25, math.sqrt(math.sqrt(2) + 1)
+    a, norm = 2**-0.25, math.sqrt(math.sqrt(2) + 1)
     expected = torch.tensor([[a / norm, -a / norm, 0.0, 1.0 / norm]])
     torch.testing.assert_close(out, expected)
     torch.testing.assert_close(out, torch.tensor([[0.541196, -0.541196, 0.0, 0.643594]]), atol=1e-6, rtol=0)
@@ -141,7 +140,9 @@ def test_soft_vlad_golden_and_its_hard_limit():
     desc, centroids = torch.randn(2, 7, 5, generator=generator), torch.randn(4, 5, generator=generator)
     mask = torch.tensor([[True] * 7, [True] * 4 + [False] * 3])
     expected = vlad(desc, mask, centroids)
-    torch.testing.assert_close(torch.nn.functional.normalize(signed_sqrt(soft_vlad(desc, mask, centroids, 1e4)), dim=-1), expected)
+    torch.testing.assert_close(
+        torch.nn.functional.normalize(signed_sqrt(soft_vlad(desc, mask, centroids, 1e4)), dim=-1), expected
+    )
 
 
 def test_vlad_without_keypoints_is_finite_zero():

@@ -1,10 +1,18 @@
 """Bootstrap intervals, paired tests, the 250-product protocol and the report writers."""
+
 import numpy as np
 import pandas as pd
 import pytest
 
 from benchmarks.protocols import ap_from_rank, relevant_ranks, sampled_gallery_protocol, summarise_draws
-from benchmarks.report import paper_numbers, rank_picture, table4_markdown, trained_vs_untrained, untrained_label, write_rank_pages
+from benchmarks.report import (
+    paper_numbers,
+    rank_picture,
+    table4_markdown,
+    trained_vs_untrained,
+    untrained_label,
+    write_rank_pages,
+)
 from benchmarks.stats import bootstrap_ci, paired_bootstrap_test, relative_improvement
 
 
@@ -63,12 +71,32 @@ def test_sampled_gallery_protocol_is_seeded_and_perfect_for_identical_vectors():
 
 
 def test_table4_markdown_puts_the_paper_beside_ours():
-    summary = pd.DataFrame([
-        {"proxy": "none", "descriptor": "rmac", "index": "flat", "mAP@1": 0.2, "mAP@5": 0.25, "mAP@10": 0.27, "mAP@20": 0.28,
-         "mAP@20_ci_low": 0.26, "mAP@20_ci_high": 0.30},
-        {"proxy": "hp", "descriptor": "rmac", "index": "flat", "mAP@1": 0.3, "mAP@5": 0.35, "mAP@10": 0.37, "mAP@20": 0.38,
-         "improvement_pct": 35.7, "p_value": 0.001},
-    ])
+    summary = pd.DataFrame(
+        [
+            {
+                "proxy": "none",
+                "descriptor": "rmac",
+                "index": "flat",
+                "mAP@1": 0.2,
+                "mAP@5": 0.25,
+                "mAP@10": 0.27,
+                "mAP@20": 0.28,
+                "mAP@20_ci_low": 0.26,
+                "mAP@20_ci_high": 0.30,
+            },
+            {
+                "proxy": "hp",
+                "descriptor": "rmac",
+                "index": "flat",
+                "mAP@1": 0.3,
+                "mAP@5": 0.35,
+                "mAP@10": 0.37,
+                "mAP@20": 0.38,
+                "improvement_pct": 35.7,
+                "p_value": 0.001,
+            },
+        ]
+    )
     text = table4_markdown(summary)
     assert "0.1694 / 0.2509" not in text and "0.169 / 0.251 / 0.272 / 0.285" in text  # paper R-MAC row
     assert "+35.7% (p<=0.001)" in text and "[0.260, 0.300]" in text
@@ -76,9 +104,19 @@ def test_table4_markdown_puts_the_paper_beside_ours():
 
 
 def test_paper_row_follows_the_proxy_variant_not_its_label():
-    rows = [{"proxy": label, "paper_proxy": paper, "descriptor": "rmac", "index": "flat", "mAP@1": 0.1, "mAP@5": 0.1,
-             "mAP@10": 0.1, "mAP@20": 0.1} for label, paper in (("paintnet@gpu-paintnet", "paintnet"),
-                                                               ("paintnet@gpu-wo-sp", None))]
+    rows = [
+        {
+            "proxy": label,
+            "paper_proxy": paper,
+            "descriptor": "rmac",
+            "index": "flat",
+            "mAP@1": 0.1,
+            "mAP@5": 0.1,
+            "mAP@10": 0.1,
+            "mAP@20": 0.1,
+        }
+        for label, paper in (("paintnet@gpu-paintnet", "paintnet"), ("paintnet@gpu-wo-sp", None))
+    ]
     paper_line, ablation_line = table4_markdown(pd.DataFrame(rows)).splitlines()[2:]
     assert paper_line.endswith("|  | 0.250 / 0.331 / 0.362 / 0.432 |") and ablation_line.endswith("| 0.1000 |  |  |")
 
@@ -90,8 +128,12 @@ def test_rank_pages(tmp_path):
     # the second product is framed green
     assert (picture[0, :, 1] == 170).any()
     written = []
-    page = write_rank_pages([{"label": "none+gem", "query_id": "q<1>", "picture": picture, "rank": 2}], tmp_path, "ranks",
-                            lambda path, img: written.append(path))
+    page = write_rank_pages(
+        [{"label": "none+gem", "query_id": "q<1>", "picture": picture, "rank": 2}],
+        tmp_path,
+        "ranks",
+        lambda path, img: written.append(path),
+    )
     text = page.read_text()
     assert "q&lt;1&gt;" in text and "rank 2" in text and written == [tmp_path / "rank_000.png"]
 
@@ -103,13 +145,15 @@ def test_trained_against_untrained_pairs_queries_by_id():
     def rows(descriptor, ids, aps):
         return pd.DataFrame({"proxy": "none", "descriptor": descriptor, "index": "flat", "query_id": ids, "AP@20": aps})
 
-    per_query = pd.concat([
-        rows("lfnet", ["q1", "q2", "q3", "q4"], [0.0, 0.5, 1.0, 0.0]),
-        rows("lfnet@run", ["q4", "q3", "q2", "q1"], [0.5, 1.0, 0.5, 1.0]),  # another order: paired by id
-        rows("delf+sv", ["q1", "q2"], [1.0, 1.0]),
-        rows("delf@run+sv", ["q1", "q2"], [0.5, 0.5]),
-        rows("tn@run", ["q1", "q2"], [1.0, 1.0]),  # no untrained tn in the grid: no row
-    ])
+    per_query = pd.concat(
+        [
+            rows("lfnet", ["q1", "q2", "q3", "q4"], [0.0, 0.5, 1.0, 0.0]),
+            rows("lfnet@run", ["q4", "q3", "q2", "q1"], [0.5, 1.0, 0.5, 1.0]),  # another order: paired by id
+            rows("delf+sv", ["q1", "q2"], [1.0, 1.0]),
+            rows("delf@run+sv", ["q1", "q2"], [0.5, 0.5]),
+            rows("tn@run", ["q1", "q2"], [1.0, 1.0]),  # no untrained tn in the grid: no row
+        ]
+    )
     table = trained_vs_untrained(per_query, "AP@20").set_index("descriptor")
     assert sorted(table.index) == ["delf@run+sv", "lfnet@run"]
     lfnet = table.loc["lfnet@run"]

@@ -1,4 +1,5 @@
 """SURF (retrieval/surf.py) and the `surf` descriptor, on tiny hand-made and seeded synthetic images."""
+
 from __future__ import annotations
 
 import math
@@ -58,7 +59,9 @@ def mutual_nn_precision(features_a, features_b, mapping, tolerance: float = 3.0)
     """Share of mutual nearest-neighbour descriptor matches that `mapping` (a -> b xy) confirms."""
     keypoints_a = features_a.keypoints[0][features_a.mask[0]]
     keypoints_b = features_b.keypoints[0][features_b.mask[0]]
-    distances = torch.cdist(features_a.descriptors[0][features_a.mask[0]], features_b.descriptors[0][features_b.mask[0]])
+    distances = torch.cdist(
+        features_a.descriptors[0][features_a.mask[0]], features_b.descriptors[0][features_b.mask[0]]
+    )
     a_to_b, b_to_a = distances.argmin(1), distances.argmin(0)
     mutual = b_to_a[a_to_b] == torch.arange(len(a_to_b))
     assert mutual.sum() >= 10, "too few matches to judge"
@@ -112,7 +115,8 @@ def test_box_hessian_equals_explicit_filters(size, step):
     grey = torch.rand(2, 61, 50, generator=torch.Generator().manual_seed(size), dtype=torch.float64)
     det, trace, valid = box_hessian_response(integral_image(grey), size, step)
     dxx, dyy, dxy = (
-        F.conv2d(grey[:, None], k[None, None], padding=size // 2)[:, 0, ::step, ::step] / size**2 for k in box_kernels(size)
+        F.conv2d(grey[:, None], k[None, None], padding=size // 2)[:, 0, ::step, ::step] / size**2
+        for k in box_kernels(size)
     )
     assert det.shape == trace.shape == (2, math.ceil(61 / step), math.ceil(50 / step))
     assert valid.sum() > 0
@@ -233,7 +237,9 @@ def test_haar_wavelets_golden_and_replicated_border():
 
     def haar(x, y, side):
         n = len(x)
-        return haar_wavelet_responses(integral, torch.zeros(n, dtype=torch.long), torch.tensor(x), torch.tensor(y), torch.full((n,), side))
+        return haar_wavelet_responses(
+            integral, torch.zeros(n, dtype=torch.long), torch.tensor(x), torch.tensor(y), torch.full((n,), side)
+        )
 
     dx, dy = haar([3.5, 3.5, 5.5], [4.0, 4.0, 4.0], 4.0)  # centred on the edge; then fully right of it
     torch.testing.assert_close(dx, torch.tensor([8.0, 8.0, 0.0]))  # right half: 2 x 4 ones
@@ -243,14 +249,22 @@ def test_haar_wavelets_golden_and_replicated_border():
     # Horizontal ramp: off-image wavelets see the border columns repeated -> dx = 0, dy as at the edge.
     ramp = torch.arange(8.0)[None, :, None].expand(1, 8, 8) / 8
     integral = padded_integral_image(ramp.contiguous(), margin=6)
-    at_edge = haar_wavelet_responses(integral, torch.zeros(2, dtype=torch.long), torch.tensor([7.0, 30.0]), torch.tensor([4.0, 4.0]), torch.tensor([2.0, 2.0]))
+    at_edge = haar_wavelet_responses(
+        integral,
+        torch.zeros(2, dtype=torch.long),
+        torch.tensor([7.0, 30.0]),
+        torch.tensor([4.0, 4.0]),
+        torch.tensor([2.0, 2.0]),
+    )
     torch.testing.assert_close(at_edge[0], torch.zeros(2))
     # side 2 at y = 4: bottom half y in [4, 5] averages rows 4 and 5, top half rows 3 and 4 -> a step of
     # 1/8 over a 2 x 1 half-area: dy = 0.25, both at the last column and 23 px beyond it
     torch.testing.assert_close(at_edge[1], torch.tensor([0.25, 0.25]))
 
 
-@pytest.mark.parametrize("direction, expected_degrees", [((1, 0), 0.0), ((0, 1), 90.0), ((-1, 0), 180.0), ((1, -1), 315.0)])
+@pytest.mark.parametrize(
+    "direction, expected_degrees", [((1, 0), 0.0), ((0, 1), 90.0), ((-1, 0), 180.0), ((1, -1), 315.0)]
+)
 def test_orientation_of_a_ramp_golden(direction, expected_degrees):
     yy, xx = torch.meshgrid(torch.arange(80.0), torch.arange(80.0), indexing="ij")
     grey = (0.5 + 0.004 * (direction[0] * (xx - 40) + direction[1] * (yy - 40)))[None]
@@ -289,10 +303,14 @@ def test_descriptors_are_rotation_invariant_and_upright_is_not():
     # and a 30-degree rotation with interpolation (not exact): still mostly right
     rgb = (grey[0].numpy() * 255).astype(np.uint8)
     matrix = cv2.getRotationMatrix2D(((width - 1) / 2, (grey.shape[1] - 1) / 2), 30, 1.0)
-    warped = cv2.warpAffine(rgb, matrix, (width, grey.shape[1]), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
+    warped = cv2.warpAffine(
+        rgb, matrix, (width, grey.shape[1]), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101
+    )
     affine = torch.from_numpy(matrix).float()
     precision30 = mutual_nn_precision(
-        surf(grey, THRESHOLD), surf(torch.from_numpy(warped).float()[None] / 255, THRESHOLD), lambda xy: xy @ affine[:, :2].T + affine[:, 2]
+        surf(grey, THRESHOLD),
+        surf(torch.from_numpy(warped).float()[None] / 255, THRESHOLD),
+        lambda xy: xy @ affine[:, :2].T + affine[:, 2],
     )
     assert precision30 > 0.7, precision30
 
@@ -304,7 +322,9 @@ def test_extended_descriptor_refines_the_standard_one():
     torch.testing.assert_close(extended.keypoints, standard.keypoints)
     # Per subregion: sum du = du(dv>=0) + du(dv<0), |du| likewise, and dv split by the sign of du.
     e = extended.descriptors[0].view(-1, 16, 8)
-    merged = torch.stack([e[..., 0] + e[..., 2], e[..., 4] + e[..., 6], e[..., 1] + e[..., 3], e[..., 5] + e[..., 7]], -1)
+    merged = torch.stack(
+        [e[..., 0] + e[..., 2], e[..., 4] + e[..., 6], e[..., 1] + e[..., 3], e[..., 5] + e[..., 7]], -1
+    )
     torch.testing.assert_close(F.normalize(merged.reshape(-1, 64), dim=1), standard.descriptors[0], atol=1e-5, rtol=0)
     torch.testing.assert_close(standard.descriptors[0].norm(dim=1), torch.ones(30))
 
@@ -401,12 +421,17 @@ def test_street_photo_finds_its_own_rotated_copy():
     the fresh install of 2026-12-05 and equally with opencv 4.14, numpy 2.2 or faiss 1.11 put back, so
     no single release was to blame. The default is what retrieval uses.
     """
-    fitted_surf = SURF(**dict(TINY_CONF, pca_dim=None)).fit([street_batch(range(100, 106)), street_batch(range(106, 112))])
+    fitted_surf = SURF(**dict(TINY_CONF, pca_dim=None)).fit(
+        [street_batch(range(100, 106)), street_batch(range(106, 112))]
+    )
     gallery = street_batch(range(20, 26))
     rgb = (gallery.permute(0, 2, 3, 1).numpy() * 255).astype(np.uint8)
     height, width = SMALL
     matrix = cv2.getRotationMatrix2D(((width - 1) / 2, (height - 1) / 2), 20, 0.95)
-    queries = [np.clip(cv2.warpAffine(im, matrix, (width, height), borderMode=cv2.BORDER_REFLECT_101) * 1.1, 0, 255) for im in rgb]
+    queries = [
+        np.clip(cv2.warpAffine(im, matrix, (width, height), borderMode=cv2.BORDER_REFLECT_101) * 1.1, 0, 255)
+        for im in rgb
+    ]
     query_batch = torch.from_numpy(np.stack(queries).astype(np.float32)).permute(0, 3, 1, 2) / 255.0
     similarity = fitted_surf.embed(query_batch) @ fitted_surf.embed(gallery).T
     assert similarity.argmax(dim=1).tolist() == list(range(6)), similarity

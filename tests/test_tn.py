@@ -1,4 +1,5 @@
 """The triplet parts (retrieval/triplet.py) and the TN descriptor (retrieval/descriptors/tn.py)."""
+
 import json
 
 import pandas as pd
@@ -75,15 +76,27 @@ def test_batch_hard_miner_picks_farthest_positive_and_closest_negative():
     assert anchors.tolist() == [0, 1, 2]
     assert positives.tolist() == [0, 2, 3]
     assert negatives.tolist() == [2, 4, 1]
-    assert [t.tolist() for t in BatchHardMiner()(DISTANCES, ANCHOR_LABELS, CANDIDATE_LABELS)] == [[0, 1, 2], [0, 2, 3], [2, 4, 1]]
+    assert [t.tolist() for t in BatchHardMiner()(DISTANCES, ANCHOR_LABELS, CANDIDATE_LABELS)] == [
+        [0, 1, 2],
+        [0, 2, 3],
+        [2, 4, 1],
+    ]
 
 
 def test_semi_hard_miner_and_its_fallback():
     anchors, positives, negatives = semi_hard_triplets(DISTANCES, ANCHOR_LABELS, CANDIDATE_LABELS)
     # (1, 2) has d_ap 0.8 and no farther negative: the farthest closer one (0.6, candidate 3) is used
-    assert list(zip(anchors.tolist(), positives.tolist(), negatives.tolist())) == [(0, 0, 3), (1, 1, 3), (1, 2, 3), (2, 3, 1)]
+    assert list(zip(anchors.tolist(), positives.tolist(), negatives.tolist())) == [
+        (0, 0, 3),
+        (1, 1, 3),
+        (1, 2, 3),
+        (2, 3, 1),
+    ]
     assert [t.tolist() for t in SemiHardMiner()(DISTANCES, ANCHOR_LABELS, CANDIDATE_LABELS)] == [
-        anchors.tolist(), positives.tolist(), negatives.tolist()]
+        anchors.tolist(),
+        positives.tolist(),
+        negatives.tolist(),
+    ]
 
 
 def test_all_triplets_counts_every_valid_combination():
@@ -228,7 +241,9 @@ def test_interrupted_run_resumes_to_the_same_weights(tiny_set, trained, tmp_path
         create_descriptor("tn", image_size=SIZE, dim=32).train_on(tiny_set, tmp_path / "cut", seed=3, **TINY_TRAIN)
     monkeypatch.setattr(TrainingRun, "log", original_log)
     assert not (tmp_path / "cut" / "final.pt").exists()
-    resumed = create_descriptor("tn", image_size=SIZE, dim=32).train_on(tiny_set, tmp_path / "cut", seed=3, **TINY_TRAIN)
+    resumed = create_descriptor("tn", image_size=SIZE, dim=32).train_on(
+        tiny_set, tmp_path / "cut", seed=3, **TINY_TRAIN
+    )
     assert len(pd.read_csv(tmp_path / "cut" / "losses.csv")) == steps
     a, b = state_of(whole), state_of(resumed)
     assert a.keys() == b.keys()

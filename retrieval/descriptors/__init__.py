@@ -1,4 +1,16 @@
 """Built-in descriptors; importing this module registers them all."""
+
+from retrieval.descriptors import (  # noqa: F401,E402  # noqa: F401
+    colorhist,
+    delf,  # noqa: F401
+    gem,
+    l2net,
+    lfnet,
+    rmac,
+    sift,  # noqa: F401
+    surf,  # noqa: F401
+    tn,  # noqa: F401
+)
 from retrieval.descriptors.base import (  # noqa: F401
     DESCRIPTORS,
     Descriptor,
@@ -6,9 +18,3 @@ from retrieval.descriptors.base import (  # noqa: F401
     create_descriptor,
     list_descriptors,
 )
-from retrieval.descriptors import colorhist, gem, rmac  # noqa: F401,E402
-from retrieval.descriptors import sift  # noqa: F401
-from retrieval.descriptors import delf  # noqa: F401
-from retrieval.descriptors import tn  # noqa: F401
-from retrieval.descriptors import l2net, lfnet  # noqa: F401
-from retrieval.descriptors import surf  # noqa: F401

@@ -9,6 +9,7 @@ Every descriptor is a `torch.nn.Module` registered in `DESCRIPTORS`. The engine 
 - `fingerprint()`: a hash of name, config and weights, stored in index manifests and feature caches
   so that a query with another descriptor, or another fit, is refused.
 """
+
 from __future__ import annotations
 
 import json
@@ -98,8 +99,14 @@ class Descriptor(nn.Module):
         """Load the weights of a final.pt written by `train_on` (strict: every key must match)."""
         from retrieval.training import load_trained_weights
 
-        load_trained_weights(self, checkpoint, kind="descriptor", name=self.name, conf=self.conf,
-                             shipped_prefixes=tuple(self.shipped_state_prefixes))
+        load_trained_weights(
+            self,
+            checkpoint,
+            kind="descriptor",
+            name=self.name,
+            conf=self.conf,
+            shipped_prefixes=tuple(self.shipped_state_prefixes),
+        )
         return self
 
     # ---- bookkeeping ----------------------------------------------------------------------

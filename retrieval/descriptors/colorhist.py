@@ -5,6 +5,7 @@ inner product of two vectors is the Bhattacharyya coefficient of the two histogr
 pixels (the product photos' background) are left out, otherwise every product would match every
 other on the colour of its backdrop.
 """
+
 from __future__ import annotations
 
 import kornia

@@ -23,6 +23,7 @@ of the receptive fields in input pixels, descriptors the L2-normalised features 
 FAISS stage is VLAD over the 40-d descriptors (``retrieval.aggregation``), optionally
 PCA-whitened; the local features serve spatial re-ranking (``retrieval.rerank``).
 """
+
 from __future__ import annotations
 
 import io
@@ -40,8 +41,8 @@ from retrieval.aggregation import fit_codebook, vlad
 from retrieval.backbones import LITE0_STAGES, LITE_MEAN, LITE_STD, EfficientNetLite0
 from retrieval.descriptors.base import DESCRIPTORS, Descriptor, NotFittedError, check_images
 from retrieval.io import read_checked_bytes, write_checked_bytes
-from retrieval.vlad_fitting import pad_features
 from retrieval.types import InputSpec, LocalFeatures
+from retrieval.vlad_fitting import pad_features
 from retrieval.whitening import apply_pca_whitening, fit_pca_whitening
 
 log = logging.getLogger("street2shop.retrieval")
@@ -82,7 +83,9 @@ def endpoint_geometry(endpoint: str) -> Tuple[int, int]:
             blocks.append((out_channels, stride))
     names = [f"block{i}" for i in range(len(blocks))]
     if endpoint not in names:
-        raise ValueError(f"DELF needs a block endpoint of EfficientNet-Lite0 ('block0'..'block{len(blocks) - 1}'), got {endpoint!r}")
+        raise ValueError(
+            f"DELF needs a block endpoint of EfficientNet-Lite0 ('block0'..'block{len(blocks) - 1}'), got {endpoint!r}"
+        )
     return blocks[names.index(endpoint)]
 
 
@@ -166,7 +169,10 @@ class AttentionNetwork(nn.Module):
 
 
 def paired_attention_loss(
-    attention: nn.Module, product_features: torch.Tensor, person_features: torch.Tensor, scale: float = PAIRED_LOGIT_SCALE
+    attention: nn.Module,
+    product_features: torch.Tensor,
+    person_features: torch.Tensor,
+    scale: float = PAIRED_LOGIT_SCALE,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """DELF's image-level loss with the classifier's weights tied to the batch's product photos.
 
@@ -266,7 +272,9 @@ class DELF(Descriptor):
             raise ValueError(f"scales must be a non-empty list of positive factors, got {self.conf['scales']}")
         pca_dim, n_clusters = int(self.conf["pca_dim"]), int(self.conf["n_clusters"])
         if not 1 <= pca_dim <= self.channels:
-            raise ValueError(f"pca_dim must be in [1, {self.channels}] (channels of {self.conf['endpoint']}), got {pca_dim}")
+            raise ValueError(
+                f"pca_dim must be in [1, {self.channels}] (channels of {self.conf['endpoint']}), got {pca_dim}"
+            )
         if n_clusters < 1 or int(self.conf["max_keypoints"]) < 1:
             raise ValueError(f"n_clusters and max_keypoints must be >= 1, got conf {self.conf}")
         whiten_dim = self.conf["whiten_dim"]
@@ -313,8 +321,12 @@ class DELF(Descriptor):
         keypoints, desc, scores, norms, cell_sizes = [], [], [], [], []
         for scale in self.conf["scales"]:
             scaled = (max(1, round(height * float(scale))), max(1, round(width * float(scale))))
-            pyramid_level = images if scaled == (height, width) else F.interpolate(
-                images, size=scaled, mode="bilinear", align_corners=False, antialias=float(scale) < 1.0
+            pyramid_level = (
+                images
+                if scaled == (height, width)
+                else F.interpolate(
+                    images, size=scaled, mode="bilinear", align_corners=False, antialias=float(scale) < 1.0
+                )
             )
             features = self.block_features(pyramid_level)
             attention = self.attention(features)
@@ -361,7 +373,9 @@ class DELF(Descriptor):
             - desc: (B, N, pca_dim), keypoints (B, N, 2), scores/scales/mask (B, N), N <= max_keypoints
         """
         if not self.fitted:
-            raise NotFittedError(f"descriptor {self.name!r} must be fitted first: `fit` learns the PCA of its local descriptors")
+            raise NotFittedError(
+                f"descriptor {self.name!r} must be fitted first: `fit` learns the PCA of its local descriptors"
+            )
         raw = self.detect_and_describe(images)
         raw.desc = self.reduce(raw.desc)
         return raw
@@ -413,15 +427,20 @@ class DELF(Descriptor):
         if len(training) > int(self.conf["max_fit_descriptors"]):
             training = training[rng.choice(len(training), size=int(self.conf["max_fit_descriptors"]), replace=False)]
         if len(training) <= int(self.conf["pca_dim"]):
-            raise ValueError(f"{self.name}.fit needs more than pca_dim={self.conf['pca_dim']} descriptors, got {len(training)}")
+            raise ValueError(
+                f"{self.name}.fit needs more than pca_dim={self.conf['pca_dim']} descriptors, got {len(training)}"
+            )
         # Plain PCA (power 0: rotation, no whitening), as DELF: it keeps the descriptors' geometry.
         mean, projection = fit_pca_whitening(training, int(self.conf["pca_dim"]), power=0.0)
         self.pca_mean.copy_(torch.from_numpy(mean))
         self.pca_projection.copy_(torch.from_numpy(projection))
         reduced = self.reduce(torch.from_numpy(training).to(self.pca_mean)).cpu().numpy()
         centroids = fit_codebook(
-            reduced, n_clusters=int(self.conf["n_clusters"]), seed=int(self.conf["seed"]),
-            max_points=int(self.conf["max_fit_descriptors"]), n_iterations=int(self.conf["kmeans_iterations"]),
+            reduced,
+            n_clusters=int(self.conf["n_clusters"]),
+            seed=int(self.conf["seed"]),
+            max_points=int(self.conf["max_fit_descriptors"]),
+            n_iterations=int(self.conf["kmeans_iterations"]),
         )
         self.centroids.copy_(torch.from_numpy(centroids))
         if whiten:
@@ -429,7 +448,9 @@ class DELF(Descriptor):
             for start in range(0, len(every_keypoint), 256):
                 desc, mask = pad_features(every_keypoint[start : start + 256], self.channels)
                 reduced = self.reduce(torch.from_numpy(desc).to(self.pca_mean))
-                vectors.append(vlad(reduced, torch.from_numpy(mask).to(self.pca_mean.device), self.centroids).cpu().numpy())
+                vectors.append(
+                    vlad(reduced, torch.from_numpy(mask).to(self.pca_mean.device), self.centroids).cpu().numpy()
+                )
             mean, projection = fit_pca_whitening(np.concatenate(vectors), int(self.conf["whiten_dim"]))
             self.vlad_mean.copy_(torch.from_numpy(mean))
             self.vlad_projection.copy_(torch.from_numpy(projection))
@@ -493,13 +514,26 @@ class DELF(Descriptor):
         parameters = [p for module in modules.values() for p in module.parameters()]
         optimiser = torch.optim.Adam(parameters, lr=lr, weight_decay=weight_decay)
         config = {
-            "descriptor": self.name, "descriptor_config": self.config(), "dataset": dataset.name,
-            "pairs": len(pairs), "products": len(products), "loss": loss, "epochs": epochs,
-            "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "seed": seed,
+            "descriptor": self.name,
+            "descriptor_config": self.config(),
+            "dataset": dataset.name,
+            "pairs": len(pairs),
+            "products": len(products),
+            "loss": loss,
+            "epochs": epochs,
+            "batch_size": batch_size,
+            "lr": lr,
+            "weight_decay": weight_decay,
+            "seed": seed,
         }
         run = TrainingRun(
-            out_dir, modules, {"adam": optimiser}, config,
-            seed=seed, time_budget_s=time_budget_s, progress=f"train {self.name}" if progress else None,
+            out_dir,
+            modules,
+            {"adam": optimiser},
+            config,
+            seed=seed,
+            time_budget_s=time_budget_s,
+            progress=f"train {self.name}" if progress else None,
         )
         self.backbone.eval()
         product_maps, person_maps, targets = self._cached_training_features(
@@ -515,7 +549,9 @@ class DELF(Descriptor):
                     value, accuracy = paired_attention_loss(self.attention, products_batch, persons_batch)
                 else:
                     value, accuracy = attention_classification_loss(
-                        self.attention, modules["classifier"], torch.cat([products_batch, persons_batch]),
+                        self.attention,
+                        modules["classifier"],
+                        torch.cat([products_batch, persons_batch]),
                         targets[batch].repeat(2).to(self.device),
                     )
                 optimiser.zero_grad(set_to_none=True)
@@ -536,7 +572,9 @@ class DELF(Descriptor):
         from retrieval.training import load_trained_weights
 
         not_trained = tuple(k for k in self.state_dict() if not k.startswith(TRAINED_PREFIXES))
-        load_trained_weights(self, checkpoint, kind="descriptor", name=self.name, conf=self.conf, shipped_prefixes=not_trained)
+        load_trained_weights(
+            self, checkpoint, kind="descriptor", name=self.name, conf=self.conf, shipped_prefixes=not_trained
+        )
         return self
 
     def _cached_training_features(
@@ -566,10 +604,14 @@ class DELF(Descriptor):
             from tqdm.auto import tqdm
 
             bar = tqdm(total=len(chunks), desc=f"cache {self.conf['endpoint']} features", unit="chunk", leave=False)
+
         def compute(chunk) -> Tuple[np.ndarray, np.ndarray]:
             """Block maps (2n, C, h, w) float16 of the chunk's products then persons, and their labels."""
             paths = list(pairs["product_image"].iloc[chunk]) + list(pairs["person_image"].iloc[chunk])
-            maps = [self.block_features(images.to(self.device)).cpu().half() for images in iter_batches(paths, size, batch_size)]
+            maps = [
+                self.block_features(images.to(self.device)).cpu().half()
+                for images in iter_batches(paths, size, batch_size)
+            ]
             return torch.cat(maps).numpy(), np.concatenate([labels[chunk], labels[chunk]])
 
         for number, chunk in enumerate(chunks):
@@ -583,8 +625,10 @@ class DELF(Descriptor):
                     log.warning("training maps %s are unusable (%s): recomputing them", path, error)
             elif targets and budget is not None and run.elapsed > CACHE_BUDGET_SHARE * budget:
                 log.warning(
-                    "time budget: training %s on the %d of %d pairs cached so far", self.name,
-                    sum(len(t) for t in targets), len(pairs),
+                    "time budget: training %s on the %d of %d pairs cached so far",
+                    self.name,
+                    sum(len(t) for t in targets),
+                    len(pairs),
                 )
                 break
             if maps is None:

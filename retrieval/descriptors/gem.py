@@ -4,6 +4,7 @@ The modern global baseline: EfficientNet-Lite0 (ImageNet weights) head activatio
     f_c = (mean_{x,y} X_c(x, y)^p)^(1/p),
 so p = 1 is average pooling and p -> inf max pooling.
 """
+
 from __future__ import annotations
 
 import torch

@@ -25,6 +25,7 @@ over a k-means codebook, raw by default, PCA-whitened with ``pca_dim`` (`retriev
 `LearnedPatchDescriptor` holds everything but the detector, so `lfnet` (KeyNet + the same patch
 network, trained jointly) shares the description, aggregation, fitting and training loop.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -303,13 +304,19 @@ class LearnedPatchDescriptor(VLADDescriptor):
         return {"net": self.net}
 
     def _training_loss(
-        self, grey_a: torch.Tensor, grey_b: torch.Tensor, homographies: torch.Tensor,
-        generator: torch.Generator, options: Dict[str, Any],
+        self,
+        grey_a: torch.Tensor,
+        grey_b: torch.Tensor,
+        homographies: torch.Tensor,
+        generator: torch.Generator,
+        options: Dict[str, Any],
     ) -> Tuple[Optional[torch.Tensor], Dict[str, float]]:
         """Loss of one batch of synthetic pairs; None when the batch holds fewer than 2 pairs."""
         raise NotImplementedError
 
-    def _patch_pair_loss(self, pairs, options: Dict[str, Any], kind: str = "hardnet") -> Tuple[Optional[torch.Tensor], Dict[str, float]]:
+    def _patch_pair_loss(
+        self, pairs, options: Dict[str, Any], kind: str = "hardnet"
+    ) -> Tuple[Optional[torch.Tensor], Dict[str, float]]:
         """Loss of a `PatchPairs` batch (kind: one of GARMENT_LOSSES, see train_defaults); None below 2 pairs."""
         if kind not in GARMENT_LOSSES:
             raise ValueError(f"garment_loss must be one of {GARMENT_LOSSES}, got {kind!r}")
@@ -320,8 +327,10 @@ class LearnedPatchDescriptor(VLADDescriptor):
         desc = self._net(torch.cat([pairs.anchors, pairs.positives]))
         if kind == "image":
             images, which = pairs.image_index.unique(return_inverse=True)
-            pooled = [F.normalize(desc.new_zeros(len(images), desc.shape[1]).index_add_(0, which, half), dim=1)
-                      for half in (desc[:n_pairs], desc[n_pairs:])]
+            pooled = [
+                F.normalize(desc.new_zeros(len(images), desc.shape[1]).index_add_(0, which, half), dim=1)
+                for half in (desc[:n_pairs], desc[n_pairs:])
+            ]
             loss = info_nce_loss(pooled[0], pooled[1], float(options["garment_temperature"]))
         elif kind == "infonce":
             loss = info_nce_loss(desc[:n_pairs], desc[n_pairs:], float(options["garment_temperature"]), pairs.exclude)
@@ -341,20 +350,25 @@ class LearnedPatchDescriptor(VLADDescriptor):
         if which == "photo":
             return photos
         size = tuple(photos.shape[-2:])
-        cutouts = segmented_texture(photos.expand(-1, 3, -1, -1), worn["garment_mask"].to(photos.dtype), size=size)[:, :1]
+        cutouts = segmented_texture(photos.expand(-1, 3, -1, -1), worn["garment_mask"].to(photos.dtype), size=size)[
+            :, :1
+        ]
         if which == "cutout":
             return cutouts
         flips = (torch.rand(len(photos), generator=generator) < 0.5).to(photos.device)
         return torch.where(flips[:, None, None, None], cutouts, photos)
 
-    def _keypoint_subset(self, grey: torch.Tensor, k: int, generator: torch.Generator) -> Tuple[torch.Tensor, torch.Tensor]:
+    def _keypoint_subset(
+        self, grey: torch.Tensor, k: int, generator: torch.Generator
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
         """The test-time detector's frames on `grey`, at most `k` per image (seeded random subset)."""
         with torch.no_grad():
             lafs, _, mask = self.detect(grey.expand(-1, 3, -1, -1), grey)
         return lafs, choose_random_subset(mask, k, generator)
 
-    def _vlad_loss(self, worn: Dict[str, torch.Tensor], head: SoftVLADHead, generator: torch.Generator,
-                   options: Dict[str, Any]) -> Tuple[Optional[torch.Tensor], Dict[str, float]]:
+    def _vlad_loss(
+        self, worn: Dict[str, torch.Tensor], head: SoftVLADHead, generator: torch.Generator, options: Dict[str, Any]
+    ) -> Tuple[Optional[torch.Tensor], Dict[str, float]]:
         """InfoNCE between the soft VLADs of the street side and of the products of a batch of pairs.
 
         Patches come from the test-time detector on whole images (background, face and all, as at
@@ -387,19 +401,29 @@ class LearnedPatchDescriptor(VLADDescriptor):
             worn = load_garment_pair_batch(rows[start : start + 16], size)
             for grey in (worn["person"], worn["product"]):
                 grey = grey.to(self.device)
-                lafs, mask = self._keypoint_subset(grey, int(self.conf["max_keypoints"]), torch.Generator().manual_seed(seed))
+                lafs, mask = self._keypoint_subset(
+                    grey, int(self.conf["max_keypoints"]), torch.Generator().manual_seed(seed)
+                )
                 desc, mask = self.describe(grey, lafs, mask)
                 sampled.append(desc[mask].float().cpu().numpy())
         self.train(was_training)
         desc = np.concatenate(sampled)
         n_clusters = int(self.conf["n_clusters"])
         if len(desc) < n_clusters:
-            raise ValueError(f"vlad_weight > 0: the first {len(rows)} training pairs gave {len(desc)} descriptors, fewer "
-                             f"than n_clusters={n_clusters}: raise vlad_init_images")
+            raise ValueError(
+                f"vlad_weight > 0: the first {len(rows)} training pairs gave {len(desc)} descriptors, fewer "
+                f"than n_clusters={n_clusters}: raise vlad_init_images"
+            )
         return SoftVLADHead.from_descriptors(desc, n_clusters, seed).to(self.device)
 
-    def _step_terms(self, batch, worn_pairs: bool, head: Optional[SoftVLADHead], generator: torch.Generator,
-                    settings: Dict[str, Any]) -> Tuple[list, Dict[str, float]]:
+    def _step_terms(
+        self,
+        batch,
+        worn_pairs: bool,
+        head: Optional[SoftVLADHead],
+        generator: torch.Generator,
+        settings: Dict[str, Any],
+    ) -> Tuple[list, Dict[str, float]]:
         """The weighted loss terms of one training step, [(weight, loss or None)], and what to log.
 
         `batch` holds training-pair rows when the garment or VLAD objectives need the street photos
@@ -420,9 +444,15 @@ class LearnedPatchDescriptor(VLADDescriptor):
             loss, logs = self._training_loss(grey_a, grey_b, homographies, generator, settings)
             terms.append((float(settings["homography_weight"]), loss))
         if float(settings["garment_pairs_weight"]) > 0:
-            pairs = garment_patch_pairs(worn["product"], worn["product_mask"], worn["person"], worn["garment_mask"],
-                                        int(settings["garment_pairs_per_image"]), generator,
-                                        min_contrast=float(self.conf["min_patch_contrast"]))
+            pairs = garment_patch_pairs(
+                worn["product"],
+                worn["product_mask"],
+                worn["person"],
+                worn["garment_mask"],
+                int(settings["garment_pairs_per_image"]),
+                generator,
+                min_contrast=float(self.conf["min_patch_contrast"]),
+            )
             worn_loss, worn_logs = self._patch_pair_loss(pairs, settings, settings["garment_loss"])
             logs.update({f"garment_{k}": v for k, v in worn_logs.items()})
             terms.append((float(settings["garment_pairs_weight"]), worn_loss))
@@ -456,7 +486,9 @@ class LearnedPatchDescriptor(VLADDescriptor):
         from retrieval.batching import sample_paths
         from retrieval.training import TrainingRun, train_options
 
-        seed, progress, time_budget_s, checkpoint_every_s, settings = train_options(self.name, options, self.train_defaults)
+        seed, progress, time_budget_s, checkpoint_every_s, settings = train_options(
+            self.name, options, self.train_defaults
+        )
         if dataset.train is None or dataset.train.empty:
             raise ValueError(f"{dataset.name} has no training pairs to train {self.name} on")
         homography_weight = float(settings["homography_weight"])
@@ -473,8 +505,10 @@ class LearnedPatchDescriptor(VLADDescriptor):
         if worn_pairs:
             usable = dataset.train.dropna(subset=["parse"]) if "parse" in dataset.train else dataset.train.iloc[:0]
             if usable.empty:
-                raise ValueError(f"garment_pairs_weight > 0 and vlad_weight > 0 need person parse maps, and {dataset.name}'s "
-                                 "training pairs have none: train with both at 0 (homographies only)")
+                raise ValueError(
+                    f"garment_pairs_weight > 0 and vlad_weight > 0 need person parse maps, and {dataset.name}'s "
+                    "training pairs have none: train with both at 0 (homographies only)"
+                )
             rows_by_product = {str(r.product_image): r for r in usable.itertuples(index=False)}
             paths = sorted(rows_by_product)
         else:
@@ -493,10 +527,15 @@ class LearnedPatchDescriptor(VLADDescriptor):
         parameters = [p for module in modules.values() for p in module.parameters()]
         optimizer = torch.optim.Adam(parameters, lr=float(settings["lr"]), weight_decay=float(settings["weight_decay"]))
         run = TrainingRun(
-            out_dir, modules, {"adam": optimizer},
+            out_dir,
+            modules,
+            {"adam": optimizer},
             config={"descriptor": self.name, "conf": self.config(), "n_images": len(paths), **settings},
-            seed=seed, time_budget_s=time_budget_s, checkpoint_every_s=checkpoint_every_s,
-            progress=f"train {self.name}" if progress else None, steps_per_epoch=steps_per_epoch,
+            seed=seed,
+            time_budget_s=time_budget_s,
+            checkpoint_every_s=checkpoint_every_s,
+            progress=f"train {self.name}" if progress else None,
+            steps_per_epoch=steps_per_epoch,
         )
         self._bfloat16_training = bool(settings["bfloat16"])
         try:
@@ -520,8 +559,15 @@ class LearnedPatchDescriptor(VLADDescriptor):
         """
         from retrieval.training import load_trained_weights
 
-        load_trained_weights(self, checkpoint, kind="descriptor", name=self.name, conf=self.conf,
-                             shipped_prefixes=FIT_STATE_PREFIXES, ignored_prefixes=FIT_STATE_PREFIXES)
+        load_trained_weights(
+            self,
+            checkpoint,
+            kind="descriptor",
+            name=self.name,
+            conf=self.conf,
+            shipped_prefixes=FIT_STATE_PREFIXES,
+            ignored_prefixes=FIT_STATE_PREFIXES,
+        )
         return self
 
     def _train_epochs(self, run, paths, rows_by_product, worn_pairs, modules, optimizer, settings, seed) -> None:
@@ -529,7 +575,9 @@ class LearnedPatchDescriptor(VLADDescriptor):
         batch_size = int(settings["batch_size"])
         for epoch in run.epochs(int(settings["epochs"])):
             order = np.random.default_rng([seed, epoch]).permutation(len(paths))
-            chunks = [[paths[i] for i in order[start : start + batch_size]] for start in range(0, len(paths), batch_size)]
+            chunks = [
+                [paths[i] for i in order[start : start + batch_size]] for start in range(0, len(paths), batch_size)
+            ]
             for step, chunk in run.skip_done(enumerate(chunks)):
                 generator = step_generator(seed, epoch, step)
                 for module in modules.values():
@@ -654,8 +702,11 @@ class L2Net(LearnedPatchDescriptor):
         attributes, mask = pad_features(per_image, 5)
         attributes = torch.from_numpy(attributes).to(grey.device)
         lafs = keypoints_to_lafs(
-            attributes, float(self.conf["patch_scale"]), float(self.conf["min_patch_radius"]),
-            float(self.conf["max_patch_radius"]), bool(self.conf["upright"]),
+            attributes,
+            float(self.conf["patch_scale"]),
+            float(self.conf["min_patch_radius"]),
+            float(self.conf["max_patch_radius"]),
+            bool(self.conf["upright"]),
         )
         return lafs.to(grey.dtype), attributes[..., 4], torch.from_numpy(mask).to(grey.device)
 

@@ -29,11 +29,12 @@ By default each step also adds `l2net`'s InfoNCE loss on product <-> worn-garmen
 (`garment_pairs_weight`). The descriptors are VLAD-aggregated like `sift` (through
 `LearnedPatchDescriptor`).
 """
+
 from __future__ import annotations
 
+import math
 from typing import Any, Dict, Tuple
 
-import math
 import torch
 import torch.nn.functional as F
 from kornia.feature import (
@@ -105,7 +106,9 @@ def top_peaks(
     """
     noise = torch.rand(scores.shape, generator=generator).to(scores)
     jittered = scores.detach() + 1e-4 * noise
-    is_peak = (jittered == F.max_pool2d(jittered, nms_size, stride=1, padding=nms_size // 2)) & valid & (scores > min_score)
+    is_peak = (
+        (jittered == F.max_pool2d(jittered, nms_size, stride=1, padding=nms_size // 2)) & valid & (scores > min_score)
+    )
     keys = jittered.masked_fill(~is_peak, -math.inf).flatten(1)
     values, indices = keys.topk(min(k, keys.shape[1]), dim=1)
     return indices, torch.isfinite(values)
@@ -176,7 +179,9 @@ def balanced_mse(prediction: torch.Tensor, target: torch.Tensor, valid: torch.Te
     error = (prediction - target) ** 2
     weight = valid.to(prediction.dtype)
     peak, background = target * weight, (1.0 - target) * weight
-    return (error * peak).sum() / peak.sum().clamp(min=1e-6) + (error * background).sum() / background.sum().clamp(min=1e-6)
+    return (error * peak).sum() / peak.sum().clamp(min=1e-6) + (error * background).sum() / background.sum().clamp(
+        min=1e-6
+    )
 
 
 def _visible_region(homographies: torch.Tensor, like: torch.Tensor, border: int) -> torch.Tensor:

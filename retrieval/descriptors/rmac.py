@@ -3,6 +3,7 @@
 Max-pooled regions at L scales over a pretrained EfficientNet-Lite0 feature map, each region vector
 L2-normalised, PCA-whitened (learned by `fit`), summed and L2-normalised again.
 """
+
 from __future__ import annotations
 
 from functools import lru_cache
@@ -18,7 +19,9 @@ from retrieval.whitening import PCAWhitening
 
 
 @lru_cache(maxsize=64)
-def rmac_regions(height: int, width: int, levels: int = 3, overlap: float = 0.4) -> Tuple[Tuple[int, int, int, int], ...]:
+def rmac_regions(
+    height: int, width: int, levels: int = 3, overlap: float = 0.4
+) -> Tuple[Tuple[int, int, int, int], ...]:
     """Square regions (y0, x0, y1, x1) of the R-MAC grid on an H x W feature map, whole map first.
 
     Follows the reference implementation (Tolias et al.; cirtorch's `rmac`): level l has squares of

@@ -5,6 +5,7 @@ Gaussians, 128-d gradient histograms, Hellinger kernel via RootSIFT (Arandjelovi
 "Three things everyone should know to improve object retrieval", CVPR 2012), one global vector per
 image via `retrieval.aggregation.vlad`.
 """
+
 from __future__ import annotations
 
 from typing import Any, Dict, Tuple
@@ -15,8 +16,8 @@ import torch
 
 from retrieval.descriptors.base import DESCRIPTORS, check_images
 from retrieval.descriptors.vlad_base import VLADDescriptor
-from retrieval.vlad_fitting import pad_features
 from retrieval.types import InputSpec, LocalFeatures
+from retrieval.vlad_fitting import pad_features
 
 SIFT_DIM = 128
 # ITU-R BT.601 luma, the weights cv2.COLOR_RGB2GRAY uses.
@@ -131,9 +132,7 @@ class SIFT(VLADDescriptor):
             return np.zeros((0, 5), np.float32), np.zeros((0, SIFT_DIM), np.float32)
         # OpenCV hands keypoints back only as Python objects; unpacking their five fields is the
         # one per-keypoint step (a few microseconds each, negligible next to detection).
-        attributes = np.array(
-            [(k.pt[0], k.pt[1], k.size, k.angle, k.response) for k in keypoints], dtype=np.float32
-        )
+        attributes = np.array([(k.pt[0], k.pt[1], k.size, k.angle, k.response) for k in keypoints], dtype=np.float32)
         strongest = np.argsort(-attributes[:, 4], kind="stable")[: int(self.conf["max_keypoints"])]
         attributes, desc = attributes[strongest], desc[strongest].astype(np.float32)
         if self.conf["root_sift"]:

@@ -5,6 +5,7 @@ features come from `retrieval.surf`, a batched torch implementation of Bay et al
 runs on the images' device. Aggregation is the same as the `sift` descriptor's: a k-means VLAD
 codebook and a PCA-whitening of the VLAD vectors, both learned by `fit` and kept as buffers.
 """
+
 from __future__ import annotations
 
 from typing import Any, Dict

