@@ -51,12 +51,14 @@ class Proxy(nn.Module):
 
     # ---- training (trainable proxies only) ------------------------------------------------
     def train_on(self, dataset, out_dir, **options: Any) -> Path:
-        """Train on `dataset`'s training pairs through `retrieval.training.TrainingRun`; return final.pt.
+        """Train on `dataset`'s training pairs with the trainer registered for this proxy; return final.pt.
 
-        Trainable proxies override this (`street2shop train NAME` calls it with seed, progress,
-        time_budget_s, epochs, batch_size, lr and the proxy's own extra options).
+        The training itself lives in `generation/training/` (see `retrieval.training.trainers`);
+        `street2shop train NAME` calls this with seed, progress, time_budget_s and the options.
         """
-        raise NotImplementedError(f"proxy {self.name!r} is not trainable")
+        from retrieval.training import train_model  # training stays out of the inference modules until used
+
+        return train_model(self, dataset, out_dir, **options)
 
     def load_trained(self, checkpoint) -> "Proxy":
         """Load the weights of a final.pt written by `train_on` (strict: every key must match)."""

@@ -101,7 +101,7 @@ def test_registry_errors(tmp_path):
         PROXIES.create("hp", not_an_option=1)
     with pytest.raises(FileNotFoundError):
         create_proxy(f"hp@{tmp_path / 'missing.pt'}")
-    with pytest.raises(NotImplementedError, match="not trainable"):
+    with pytest.raises(ValueError, match="not trainable"):
         create_proxy("none").train_on(None, tmp_path)
     assert {"none", "hp"} <= set(list_proxies())
 

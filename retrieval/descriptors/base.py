@@ -89,11 +89,14 @@ class Descriptor(nn.Module):
 
     # ---- training (trainable descriptors only) --------------------------------------------
     def train_on(self, dataset, out_dir, **options: Any):
-        """Train on `dataset`'s training pairs through `retrieval.training.TrainingRun`; return final.pt.
+        """Train on `dataset`'s training pairs with the trainer registered for this descriptor; return final.pt.
 
-        Trainable descriptors override this (`street2shop train descriptor NAME` calls it).
+        The training itself lives in `retrieval/training/` (see `retrieval.training.trainers`);
+        `street2shop train descriptor NAME` calls this with seed, progress, time_budget_s and options.
         """
-        raise NotImplementedError(f"descriptor {self.name!r} is not trainable")
+        from retrieval.training import train_model  # training stays out of the inference modules until used
+
+        return train_model(self, dataset, out_dir, **options)
 
     def load_trained(self, checkpoint) -> "Descriptor":
         """Load the weights of a final.pt written by `train_on` (strict: every key must match)."""

@@ -112,6 +112,11 @@ def training_defaults(model) -> Dict[str, Any]:
     """
     import inspect
 
+    from retrieval.training.trainers import has_trainer, trainer_for
+
+    name = getattr(model, "registry_name", None) or getattr(model, "name", None)
+    if isinstance(name, str) and has_trainer(name):  # the convention: a trainer's frozen config dataclass
+        return trainer_for(name).defaults()
     defaults: Dict[str, Any] = {}
     for table in _TRAIN_DEFAULT_TABLES:
         defaults.update(getattr(model, table, None) or {})
