@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from retrieval.batching import iter_batches
 from retrieval.io import ImageReadError, file_sha1, read_checked_bytes, read_image, write_checked_bytes
+from retrieval.proxy_stage import to_descriptor_input
 
 DEFAULT_CHUNK = 256
 
@@ -263,9 +264,7 @@ def materialize_proxy_outputs(
         todo_paths = [str(paths[i]) for i in todo]
         position = 0
         for batch in iter_batches(todo_paths, size, batch_size):
-            generated = proxy(batch.to(device)).clamp(0, 1)
-            if generated.shape[-2:] != tuple(size):
-                generated = torch.nn.functional.interpolate(generated, size=size, mode="bilinear", align_corners=False)
+            generated = to_descriptor_input(proxy(batch.to(device)), size)  # as at query time
             images = generated.mul(255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
             for image in images:
                 write_image_atomic(outputs[todo[position]], image, compress_level=1)

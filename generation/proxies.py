@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Dict, Optional
 import torch
 from torch import nn
 
+from retrieval.proxy_stage import behind_proxy
 from retrieval.registry import Registry, module_fingerprint, typed_options
 
 if TYPE_CHECKING:  # the annotation only: descriptors need not be imported to build a proxy
@@ -116,15 +117,4 @@ def list_proxies() -> list:
 
 def query_embedder(descriptor: "Descriptor", proxy: Optional[Proxy]):
     """(B, 3, H, W) -> (B, D): the proxy (if any) then the descriptor, at the descriptor's input size."""
-    if proxy is None or proxy.name == "none":
-        return descriptor.embed
-
-    size = descriptor.input_spec.size
-
-    def embed(images: torch.Tensor) -> torch.Tensor:
-        generated = proxy(images)
-        if generated.shape[-2:] != tuple(size):
-            generated = torch.nn.functional.interpolate(generated, size=size, mode="bilinear", align_corners=False)
-        return descriptor.embed(generated.clamp(0, 1))
-
-    return embed
+    return behind_proxy(descriptor.embed, proxy, descriptor.input_spec.size)

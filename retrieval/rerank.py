@@ -531,28 +531,6 @@ class LocalFeatureStore:
             return cls(*(torch.from_numpy(arrays[k]) for k in ("keypoints", "desc", "mask")))
 
 
-def behind_proxy(
-    extract: Callable[[torch.Tensor], LocalFeatures],
-    proxy: Optional[Callable[[torch.Tensor], torch.Tensor]],
-    size: Tuple[int, int],
-) -> Callable[[torch.Tensor], LocalFeatures]:
-    """``extract`` after an optional proxy stage, resized back to the descriptor's input ``size``.
-
-    The local-feature twin of `generation.proxies.query_embedder`: queries are verified on the
-    same (proxied) images their global vectors came from. ``proxy`` None means no proxy.
-    """
-    if proxy is None:
-        return extract
-
-    def proxied(images: torch.Tensor) -> LocalFeatures:
-        generated = proxy(images)
-        if generated.shape[-2:] != tuple(size):
-            generated = F.interpolate(generated, size=tuple(size), mode="bilinear", align_corners=False)
-        return extract(generated.clamp(0, 1))
-
-    return proxied
-
-
 # --------------------------------------------------------------------------------------------------
 # the re-ranker
 # --------------------------------------------------------------------------------------------------

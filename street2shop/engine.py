@@ -30,7 +30,8 @@ from generation.proxies import create_proxy, query_embedder
 from index import IndexCorruptError, IndexMismatchError, ProductIndex, check_index_destination
 from retrieval.batching import fit_descriptor, resolve_device
 from retrieval.descriptors import Descriptor, create_descriptor
-from retrieval.rerank import LocalFeatureStore, SpatialVerifier, behind_proxy
+from retrieval.proxy_stage import behind_proxy
+from retrieval.rerank import LocalFeatureStore, SpatialVerifier
 
 log = logging.getLogger("street2shop")
 DESCRIPTOR_FILE = "descriptor.pt"
@@ -212,11 +213,7 @@ class Searcher:
                     "rebuild the index"
                 )
             self.verifier = SpatialVerifier(**(rerank_conf or {}))
-            self.extract_local = behind_proxy(
-                self.descriptor.extract,
-                None if self.proxy.name == "none" else self.proxy,
-                self.descriptor.input_spec.size,
-            )
+            self.extract_local = behind_proxy(self.descriptor.extract, self.proxy, self.descriptor.input_spec.size)
 
     def search(
         self, image_paths: Sequence[str], k: int = 10, batch_size: int = 32, progress: bool = False
