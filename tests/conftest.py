@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 VITON_ROOT = REPO.parent / "shared" / "data" / "viton"
@@ -23,3 +24,11 @@ def viton_root():
             f"real VITON data not found at {VITON_ROOT} (it sits beside the repository as ../shared/data/viton)"
         )
     return VITON_ROOT
+
+
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def device(request):
+    """Each device the code must run on: the CPU always, CUDA where there is one (skipped, saying so, elsewhere)."""
+    if request.param == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device: the GPU path is checked on a machine with one (pytest -m gpu)")
+    return torch.device(request.param)

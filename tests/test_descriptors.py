@@ -45,25 +45,26 @@ def fitted(name: str):
 
 
 @pytest.mark.parametrize("name", list_descriptors())
-def test_registry_contract(name):
-    descriptor = create_descriptor(name, **TINY.get(name, {})).eval()
+def test_registry_contract(name, device):
+    descriptor = create_descriptor(name, **TINY.get(name, {})).to(device).eval()
     assert descriptor.name == name and descriptor.kind in ("global", "local")
     size = descriptor.input_spec.size
-    images = textured_images(3, seed=10, size=size)
+    images = textured_images(3, seed=10, size=size).to(device)
     if descriptor.needs_fit:
         with pytest.raises(NotFittedError):
             descriptor.embed(images)
-    descriptor.fit(textured_images(8, seed=s, size=size) for s in range(4))
+    descriptor.fit(textured_images(8, seed=s, size=size).to(device) for s in range(4))
     vectors = descriptor.embed(images)
     assert vectors.shape == (3, descriptor.dim) and vectors.dtype == torch.float32
+    assert vectors.device.type == device.type, "vectors stay on the images' device"
     assert torch.isfinite(vectors).all()
-    assert torch.allclose(vectors.norm(dim=1), torch.ones(3), atol=1e-4)
+    assert torch.allclose(vectors.norm(dim=1).cpu(), torch.ones(3), atol=1e-4)
     assert torch.allclose(descriptor.embed(images), vectors, atol=1e-5), "embed must be deterministic"
     # a flat grey image (no texture, no keypoints) gives a finite vector, never NaN
-    flat = torch.full((1, 3, *size), 0.5)
+    flat = torch.full((1, 3, *size), 0.5, device=device)
     assert torch.isfinite(descriptor.embed(flat)).all()
     # the fitted state travels in the state dict: a fresh instance reproduces vectors and fingerprint
-    clone = create_descriptor(name, **TINY.get(name, {})).eval()
+    clone = create_descriptor(name, **TINY.get(name, {})).to(device).eval()
     clone.load_state_dict(descriptor.state_dict())
     assert clone.fitted
     assert torch.allclose(clone.embed(images), vectors, atol=1e-5)

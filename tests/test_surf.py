@@ -354,6 +354,7 @@ def test_batched_equals_one_by_one():
         assert (batched.descriptors[i, n:] == 0).all()
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_cuda_matches_cpu():
     grey = street_grey(8)
