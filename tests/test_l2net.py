@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -10,7 +11,7 @@ from kornia.geometry.linalg import transform_points
 
 from retrieval.datasets import load_viton
 from retrieval.descriptors import create_descriptor
-from retrieval.descriptors.l2net import L2Net, choose_random_subset, keypoints_to_lafs, step_generator
+from retrieval.descriptors.l2net import L2Net, keypoints_to_lafs
 from retrieval.patches import (
     hardest_in_batch_triplet_loss,
     hardnet_loss,
@@ -20,6 +21,15 @@ from retrieval.patches import (
     random_homographies,
     same_place_mask,
     warp_images,
+)
+from retrieval.training.patch import (
+    L2NetTrainConfig,
+    choose_random_subset,
+    initial_vlad_head,
+    l2net_homography_loss,
+    step_generator,
+    vlad_anchor_images,
+    vlad_loss,
 )
 
 TINY = dict(image_size=(96, 64), n_clusters=4, pca_dim=None, max_keypoints=48)
@@ -177,13 +187,13 @@ def test_one_training_step_lowers_the_loss():
     generator = step_generator(0, 0, 0)
     homographies = random_homographies(4, 96, 64, generator, max_rotation_deg=10.0, max_perspective=0.02)
     grey_b = photometric_jitter(warp_images(grey_a, homographies), generator)
-    options = {**L2Net.train_defaults, "pairs_per_image": 24}
+    options = L2NetTrainConfig(pairs_per_image=24)
     l2net.net.train()
     optimizer = torch.optim.Adam(l2net.net.parameters(), lr=1e-3)
 
     def loss_now():
         torch.manual_seed(0)  # the same dropout mask before and after the step
-        return l2net._training_loss(grey_a, grey_b, homographies, step_generator(0, 0, 1), options)
+        return l2net_homography_loss(l2net, grey_a, grey_b, homographies, step_generator(0, 0, 1), options)
 
     before, logs = loss_now()
     assert logs["pairs"] >= 16
@@ -303,22 +313,22 @@ def test_train_on_with_garment_pairs(garment_loss, synthetic_root, tmp_path):
 
 def test_vlad_objective_step_lowers_the_loss(synthetic_root):
     """Through the soft VLAD: one Adam step on a batch of pairs lowers that batch's InfoNCE."""
-    from retrieval.descriptors.l2net import SoftVLADHead
     from retrieval.patches import load_garment_pair_batch
+    from retrieval.training.patch import SoftVLADHead
 
     data = load_viton(synthetic_root, split="val")
     rows = list(data.train.itertuples(index=False))[:4]
     l2net = L2Net(**TINY)
     worn = load_garment_pair_batch(rows, TINY["image_size"])
-    options = {**L2Net.train_defaults, "vlad_keypoints": 32, "vlad_anchors": "both"}
-    head = l2net._initial_vlad_head(rows, TINY["image_size"], {**options, "vlad_init_images": 4}, seed=0)
+    options = L2NetTrainConfig(vlad_keypoints=32, vlad_anchors="both")
+    head = initial_vlad_head(l2net, rows, TINY["image_size"], dataclasses.replace(options, vlad_init_images=4), seed=0)
     assert isinstance(head, SoftVLADHead) and head.centroids.shape == (4, 128) and float(head.alpha) > 0
     l2net.net.train()
     optimizer = torch.optim.Adam([*l2net.net.parameters(), *head.parameters()], lr=1e-3)
 
     def loss_now():
         torch.manual_seed(0)  # the same dropout mask before and after the step
-        return l2net._vlad_loss(worn, head, step_generator(0, 0, 0), options)
+        return vlad_loss(l2net, worn, head, step_generator(0, 0, 0), options)
 
     before, logs = loss_now()
     assert logs["vlad_patches"] > 8 * 8 and 0.0 <= logs["vlad_top1"] <= 1.0
@@ -335,11 +345,10 @@ def test_vlad_anchors_cut_the_garment_out_on_white(synthetic_root):
 
     data = load_viton(synthetic_root, split="val")
     worn = load_garment_pair_batch(list(data.train.itertuples(index=False))[:4], TINY["image_size"])
-    l2net = L2Net(**TINY)
-    assert torch.equal(l2net._vlad_anchors(worn, torch.Generator().manual_seed(0), "photo"), worn["person"])
-    cutouts = l2net._vlad_anchors(worn, torch.Generator().manual_seed(0), "cutout")
+    assert torch.equal(vlad_anchor_images(worn, torch.Generator().manual_seed(0), "photo"), worn["person"])
+    cutouts = vlad_anchor_images(worn, torch.Generator().manual_seed(0), "cutout")
     assert cutouts.shape == worn["person"].shape and float((cutouts == 1.0).float().mean()) > 0.2  # a white page
-    both = l2net._vlad_anchors(worn, torch.Generator().manual_seed(0), "both")
+    both = vlad_anchor_images(worn, torch.Generator().manual_seed(0), "both")
     from_each = [bool(torch.equal(b, p)) or bool(torch.equal(b, c)) for b, p, c in zip(both, worn["person"], cutouts)]
     assert all(from_each)
 

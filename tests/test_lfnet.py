@@ -2,29 +2,29 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
 import torch
+from test_l2net import textured_grey  # pytest puts tests/ on sys.path (it has no __init__.py)
 
 from retrieval.datasets import load_viton
 from retrieval.descriptors import create_descriptor
-from retrieval.descriptors.l2net import step_generator
-from retrieval.descriptors.lfnet import LFNet, balanced_mse, keynet_logits, peak_target, soft_refine, top_peaks
+from retrieval.descriptors.lfnet import LFNet, keynet_logits
 from retrieval.patches import photometric_jitter, random_homographies, warp_images
+from retrieval.training.patch import (
+    MODEL_TRAINING,
+    LFNetTrainConfig,
+    balanced_mse,
+    lfnet_homography_loss,
+    peak_target,
+    soft_refine,
+    step_generator,
+    top_peaks,
+)
 
 TINY = dict(image_size=(96, 64), n_clusters=4, pca_dim=None, max_keypoints=48, s_mult=8.0)
-
-
-def textured_grey(n: int, seed: int, size=(96, 64)) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed)
-    h, w = size
-    blocks = torch.nn.functional.interpolate(
-        torch.rand(n, 1, h // 8, w // 8, generator=generator), size=size, mode="nearest"
-    )
-    yy, xx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
-    stripes = 0.5 + 0.5 * torch.sin(0.45 * (xx + 0.6 * yy)).expand(n, 1, h, w)
-    return (0.6 * blocks + 0.3 * stripes + 0.1 * torch.rand(n, 1, h, w, generator=generator)).clamp(0, 1)
 
 
 def test_nothing_is_downloaded(monkeypatch):
@@ -119,15 +119,15 @@ def _synthetic_batch(n=4, seed=5):
 def test_one_training_step_lowers_the_loss_and_the_descriptor_loss_reaches_the_detector():
     lfnet = LFNet(**TINY)
     grey_a, grey_b, homographies = _synthetic_batch()
-    options = {**LFNet.train_defaults, "pairs_per_image": 16, "peaks_per_image": 16}
-    modules = lfnet._training_modules()
+    options = LFNetTrainConfig(pairs_per_image=16, peaks_per_image=16)
+    modules = {name: getattr(lfnet, name) for name in MODEL_TRAINING["lfnet"][0]}
     for module in modules.values():
         module.train()
     optimizer = torch.optim.Adam([p for m in modules.values() for p in m.parameters()], lr=1e-3)
 
     def loss_now():
         torch.manual_seed(0)  # the same dropout mask before and after the step
-        return lfnet._training_loss(grey_a, grey_b, homographies, step_generator(0, 0, 1), options)
+        return lfnet_homography_loss(lfnet, grey_a, grey_b, homographies, step_generator(0, 0, 1), options)
 
     before, logs = loss_now()
     assert logs["pairs"] >= 8 and logs["image_loss"] > 0
@@ -139,8 +139,8 @@ def test_one_training_step_lowers_the_loss_and_the_descriptor_loss_reaches_the_d
 
     # LF-Net's link: the descriptor loss alone moves the detector through the soft-argmax positions
     lfnet.zero_grad()
-    options = {**options, "image_loss_weight": 0.0}
-    loss, _ = lfnet._training_loss(grey_a, grey_b, homographies, step_generator(0, 0, 1), options)
+    options = dataclasses.replace(options, image_loss_weight=0.0)
+    loss, _ = lfnet_homography_loss(lfnet, grey_a, grey_b, homographies, step_generator(0, 0, 1), options)
     loss.backward()
     detector_grad = sum(p.grad.abs().sum() for p in lfnet.keynet.parameters() if p.grad is not None)
     assert detector_grad > 0
