@@ -7,14 +7,8 @@ import torch
 
 from retrieval.datasets import load_dataset
 from retrieval.descriptors import NotFittedError, create_descriptor
-from retrieval.descriptors.delf import (
-    AttentionNetwork,
-    attention_classification_loss,
-    attention_pool,
-    endpoint_geometry,
-    paired_attention_loss,
-    receptive_field_centres,
-)
+from retrieval.descriptors.delf import AttentionNetwork, endpoint_geometry, receptive_field_centres
+from retrieval.training.delf import attention_classification_loss, attention_pool, paired_attention_loss
 
 # Small but real: pretrained backbone, three pyramid scales, tiny codebook.
 SMALL = {

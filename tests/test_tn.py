@@ -1,4 +1,5 @@
-"""The triplet parts (retrieval/triplet.py) and the TN descriptor (retrieval/descriptors/tn.py)."""
+"""The triplet parts (retrieval/triplet.py), the TN descriptor (retrieval/descriptors/tn.py) and its trainer
+(retrieval/training/tn.py)."""
 
 import json
 
@@ -11,14 +12,9 @@ from retrieval.batching import load_batch
 from retrieval.datasets import load_viton
 from retrieval.descriptors import create_descriptor
 from retrieval.descriptors.gem import gem_pool
-from retrieval.descriptors.tn import (
-    attention_gem_pool,
-    location_keep_mask,
-    orthogonal_rows,
-    rank_of_truth,
-    single_relevant_metrics,
-)
+from retrieval.descriptors.tn import attention_gem_pool, orthogonal_rows
 from retrieval.training import TrainingRun, load_checkpoint
+from retrieval.training.tn import location_keep_mask, rank_of_truth, single_relevant_metrics, triplet_loss
 from retrieval.triplet import (
     BatchHardMiner,
     SemiHardMiner,
@@ -175,12 +171,12 @@ def test_one_training_step_lowers_the_loss():
     labels = torch.arange(8)
     criterion = TripletMarginLoss(0.5, miner=BatchHardMiner())
     optimizer = torch.optim.SGD(tn.head.parameters(), lr=0.5)
-    before, stats = tn.triplet_loss(street, shop, labels, criterion)
+    before, stats = triplet_loss(tn, street, shop, labels, criterion)
     assert before.item() > 0 and set(stats) >= {"loss", "loss_street2shop", "loss_shop2street", "active"}
     optimizer.zero_grad()
     before.backward()
     optimizer.step()
-    after, _ = tn.triplet_loss(street, shop, labels, criterion)
+    after, _ = triplet_loss(tn, street, shop, labels, criterion)
     assert after.item() < before.item()
     assert tn.backbone._conv_head.weight.grad is None  # the frozen backbone gets no gradient
 

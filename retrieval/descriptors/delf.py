@@ -12,8 +12,8 @@ product photo and the person wearing it) carry the same label, so the attention 
 locations identify a garment *across* the two domains (the garment, not the face, hair, trousers
 or background of the person photo). With only two photos per label, the paper's free linear
 classifier memorises the labels and stops teaching the attention; by default its weights are
-therefore the batch's product photos pooled by the same attention (`paired_attention_loss`; the
-paper's loss stays available, see `DELF.train_on`). The backbone stays frozen: training runs on
+therefore the batch's product photos pooled by the same attention (the paper's loss stays
+available; the training is `retrieval.training.delf`). The backbone stays frozen: training runs on
 block features cached once per run, which makes it a few minutes on a CPU.
 
 Extraction: an image pyramid (``scales``), block features and attention at every scale, the
@@ -26,11 +26,8 @@ PCA-whitened; the local features serve spatial re-ranking (``retrieval.rerank``)
 
 from __future__ import annotations
 
-import io
-import logging
 import math
-from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Tuple
 
 import numpy as np
 import torch
@@ -40,30 +37,12 @@ from torch import nn
 from retrieval.aggregation import fit_codebook, vlad
 from retrieval.backbones import LITE0_STAGES, LITE_MEAN, LITE_STD, EfficientNetLite0
 from retrieval.descriptors.base import DESCRIPTORS, Descriptor, NotFittedError, check_images
-from retrieval.io import read_checked_bytes, write_checked_bytes
 from retrieval.types import InputSpec, LocalFeatures
 from retrieval.vlad_fitting import pad_features
 from retrieval.whitening import apply_pca_whitening, fit_pca_whitening
 
-log = logging.getLogger("street2shop.retrieval")
-
 # softplus(SOFTPLUS_ONE) == 1: the untrained attention weighs every location 1 (plain mean pooling).
 SOFTPLUS_ONE = math.log(math.expm1(1.0))
-# Training defaults (loss "paired"). A run over the VITON training split (~3,600 pairs, ~7,300
-# images) is mostly the one-off caching of the frozen block features (~5-10 minutes on 2 CPU
-# cores); an epoch over the cached features then takes seconds. On a VITON validation subset the
-# paired loss reached its retrieval quality within 1-3 epochs and stayed there (10 epochs: same
-# within noise); 5 is a margin, not a tuned optimum.
-DEFAULT_LOSS = "paired"
-DEFAULT_EPOCHS = 5
-DEFAULT_BATCH_SIZE = 32  # pairs, i.e. 64 images
-DEFAULT_LR = 1e-3
-# Inverse temperature of the paired loss's cosine logits.
-PAIRED_LOGIT_SCALE = 16.0
-TRAINING_LOSSES = ("paired", "classifier")
-CACHE_PAIRS_PER_CHUNK = 64
-# With a time budget, caching stops after this share of it so that training gets the rest.
-CACHE_BUDGET_SHARE = 0.5
 # The state `train_on` learns (and final.pt holds); the rest is the frozen backbone or comes from `fit`.
 TRAINED_PREFIXES = ("attention.",)
 
@@ -125,22 +104,6 @@ def receptive_field_centres(
     return torch.stack([grid_x.reshape(-1), grid_y.reshape(-1)], dim=1)
 
 
-def attention_pool(features: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
-    """DELF's training pooling: mean over locations of attention times the L2-normalised feature.
-
-    Shape:
-        - features: (B, C, h, w)
-        - attention: (B, 1, h, w), non-negative
-        - output: (B, C)
-
-    Example:
-        >>> features = torch.tensor([[[[3.0, 1.0]], [[4.0, 0.0]]]])  # two locations, C = 2
-        >>> attention_pool(features, torch.tensor([[[[1.0, 2.0]]]]))
-        tensor([[1.3000, 0.4000]])
-    """
-    return (F.normalize(features, dim=1) * attention).mean(dim=(2, 3))
-
-
 class AttentionNetwork(nn.Module):
     """Two 1x1 convolutions with a ReLU between and a softplus on top: one score >= 0 per location.
 
@@ -166,50 +129,6 @@ class AttentionNetwork(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return F.softplus(self.conv2(F.relu(self.conv1(features))))
-
-
-def paired_attention_loss(
-    attention: nn.Module,
-    product_features: torch.Tensor,
-    person_features: torch.Tensor,
-    scale: float = PAIRED_LOGIT_SCALE,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """DELF's image-level loss with the classifier's weights tied to the batch's product photos.
-
-    Each person photo is classified over the B product ids of the batch, the weight vector of
-    product j being the attention-pooled feature of its own photo (and symmetrically each product
-    photo over the B persons); logits are scaled cosines, the loss the mean cross-entropy of both
-    directions. It is `attention_classification_loss` with a classifier that cannot memorise: with
-    two images per product id, a free linear classifier learns each id from those two images alone
-    and then no longer needs the attention to find the garment (see `DELF.train_on`).
-
-    Shape:
-        - product_features, person_features: (B, C, h, w), row i of both = pair i
-        - output: (scalar loss, scalar accuracy of the person -> product direction)
-    """
-    products = F.normalize(attention_pool(product_features, attention(product_features)), dim=1)
-    persons = F.normalize(attention_pool(person_features, attention(person_features)), dim=1)
-    logits = scale * persons @ products.T  # (B persons, B products)
-    targets = torch.arange(len(logits), device=logits.device)
-    loss = 0.5 * (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets))
-    accuracy = (logits.argmax(dim=1) == targets).float().mean()
-    return loss, accuracy
-
-
-def attention_classification_loss(
-    attention: nn.Module, classifier: nn.Module, features: torch.Tensor, labels: torch.Tensor
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Cross-entropy of the classifier on attention-pooled features; also the batch accuracy.
-
-    Shape:
-        - features: (B, C, h, w) frozen block features
-        - labels: (B,) class indices
-        - output: (scalar loss, scalar accuracy)
-    """
-    logits = classifier(attention_pool(features, attention(features)))
-    loss = F.cross_entropy(logits, labels)
-    accuracy = (logits.argmax(dim=1) == labels).float().mean()
-    return loss, accuracy
 
 
 @DESCRIPTORS.register("delf")
@@ -457,112 +376,6 @@ class DELF(Descriptor):
         self._fitted.fill_(True)
         return self
 
-    # ---- training ---------------------------------------------------------------------------
-    def train_on(
-        self,
-        dataset,
-        out_dir,
-        *,
-        seed: int = 0,
-        progress: bool = True,
-        time_budget_s: Optional[float] = None,
-        epochs: Optional[int] = None,
-        batch_size: Optional[int] = None,
-        lr: Optional[float] = None,
-        loss: str = DEFAULT_LOSS,
-        weight_decay: float = 1e-4,
-        cache_batch_size: int = 32,
-    ) -> Path:
-        """Train the attention on the training pairs' product ids; return final.pt.
-
-        Both photos of a pair share the label of its product. Two image-level losses, both
-        attention-pooled features -> classifier over product ids -> cross-entropy:
-
-        - "paired" (default, `paired_attention_loss`): the classifier's weights are the batch's
-          product photos, pooled by the same attention.
-        - "classifier" (the paper's, `attention_classification_loss`): a free linear classifier
-          over all training product ids. Measured on the first 300 products of the VITON
-          validation split (VLAD, mAP@20): it peaked after 1-2 epochs (0.58-0.60) and then fell
-          to 0.27-0.35 as the classifier memorised the two images of each id (loss 8.2 -> 0.5 at
-          lr 1e-2), and wandered between 0.46 and 0.62 at lr 1e-3; "paired" stayed at 0.64-0.69
-          over 1-10 epochs. Untrained: 0.16.
-
-        ``batch_size`` counts pairs (both photos of each go into the batch). The frozen block features of every
-        training image (at scale 1) are cached once under ``out_dir/block-features/`` (float16,
-        about 43 KB per 256x192 image), in chunks of pairs in a seeded order, so an interrupted run
-        resumes its caching as well as its training. With a time budget, caching stops after
-        half of it and training uses the pairs cached so far (a warning says how many).
-
-        final.pt holds the attention only: use it as ``delf@OUT/final.pt``, which is then fitted
-        (PCA, codebook) like the untrained one.
-        """
-        from retrieval.training import TrainingRun
-
-        if dataset.train is None or dataset.train.empty:
-            raise ValueError(f"{dataset.name} has no training pairs to train {self.name} on")
-        pairs = dataset.train.sort_values("pair_id").reset_index(drop=True)
-        products = sorted(pairs["product_id"].astype(str).unique())
-        labels = pairs["product_id"].astype(str).map({p: i for i, p in enumerate(products)}).to_numpy()
-        if loss not in TRAINING_LOSSES:
-            raise ValueError(f"unknown DELF training loss {loss!r}; valid: {', '.join(TRAINING_LOSSES)}")
-        epochs = int(epochs if epochs is not None else DEFAULT_EPOCHS)
-        batch_size = int(batch_size if batch_size is not None else DEFAULT_BATCH_SIZE)
-        lr = float(lr if lr is not None else DEFAULT_LR)
-        modules: Dict[str, nn.Module] = {"attention": self.attention}
-        if loss == "classifier":
-            modules["classifier"] = nn.Linear(self.channels, len(products)).to(self.device)
-        parameters = [p for module in modules.values() for p in module.parameters()]
-        optimiser = torch.optim.Adam(parameters, lr=lr, weight_decay=weight_decay)
-        config = {
-            "descriptor": self.name,
-            "descriptor_config": self.config(),
-            "dataset": dataset.name,
-            "pairs": len(pairs),
-            "products": len(products),
-            "loss": loss,
-            "epochs": epochs,
-            "batch_size": batch_size,
-            "lr": lr,
-            "weight_decay": weight_decay,
-            "seed": seed,
-        }
-        run = TrainingRun(
-            out_dir,
-            modules,
-            {"adam": optimiser},
-            config,
-            seed=seed,
-            time_budget_s=time_budget_s,
-            progress=f"train {self.name}" if progress else None,
-        )
-        self.backbone.eval()
-        product_maps, person_maps, targets = self._cached_training_features(
-            pairs, labels, Path(out_dir) / "block-features", run, seed, cache_batch_size, progress
-        )
-        n_pairs = len(targets)
-        for epoch in run.epochs(epochs):
-            order = torch.randperm(n_pairs, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-            for batch in run.skip_done(order[i : i + batch_size] for i in range(0, n_pairs, batch_size)):
-                products_batch = product_maps[batch].to(self.device, torch.float32)
-                persons_batch = person_maps[batch].to(self.device, torch.float32)
-                if loss == "paired":
-                    value, accuracy = paired_attention_loss(self.attention, products_batch, persons_batch)
-                else:
-                    value, accuracy = attention_classification_loss(
-                        self.attention,
-                        modules["classifier"],
-                        torch.cat([products_batch, persons_batch]),
-                        targets[batch].repeat(2).to(self.device),
-                    )
-                optimiser.zero_grad(set_to_none=True)
-                value.backward()
-                optimiser.step()
-                run.log({"loss": value.item(), "accuracy": accuracy.item()})
-                if run.out_of_time:
-                    break
-        weights = {k: v.detach().cpu() for k, v in self.state_dict().items() if k.startswith(TRAINED_PREFIXES)}
-        return run.finish(weights=weights, extra={"descriptor": self.name})
-
     def load_trained(self, checkpoint) -> "DELF":
         """Load the attention of a final.pt written by `train_on` (strict for the attention's keys).
 
@@ -576,80 +389,3 @@ class DELF(Descriptor):
             self, checkpoint, kind="descriptor", name=self.name, conf=self.conf, shipped_prefixes=not_trained
         )
         return self
-
-    def _cached_training_features(
-        self, pairs, labels: np.ndarray, cache_dir: Path, run, seed: int, batch_size: int, progress: bool
-    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Block features (float16) of the training pairs' two photos, cached in chunks of pairs.
-
-        A chunk file holds the product photos of its pairs, then their person photos, in the same
-        order, and the labels likewise (twice).
-
-        Returns:
-            (product maps (P, C, h, w), person maps (P, C, h, w), labels (P,) int64) for the P
-            pairs cached so far; row i of all three is pair i.
-        """
-        from retrieval.batching import iter_batches
-
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        order = np.random.default_rng(seed).permutation(len(pairs))
-        chunks = [order[i : i + CACHE_PAIRS_PER_CHUNK] for i in range(0, len(order), CACHE_PAIRS_PER_CHUNK)]
-        size = tuple(self.conf["image_size"])
-        budget = run.time_budget_s
-        product_maps: List[np.ndarray] = []
-        person_maps: List[np.ndarray] = []
-        targets: List[np.ndarray] = []
-        bar = None
-        if progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=len(chunks), desc=f"cache {self.conf['endpoint']} features", unit="chunk", leave=False)
-
-        def compute(chunk) -> Tuple[np.ndarray, np.ndarray]:
-            """Block maps (2n, C, h, w) float16 of the chunk's products then persons, and their labels."""
-            paths = list(pairs["product_image"].iloc[chunk]) + list(pairs["person_image"].iloc[chunk])
-            maps = [
-                self.block_features(images.to(self.device)).cpu().half()
-                for images in iter_batches(paths, size, batch_size)
-            ]
-            return torch.cat(maps).numpy(), np.concatenate([labels[chunk], labels[chunk]])
-
-        for number, chunk in enumerate(chunks):
-            path = cache_dir / f"chunk-{number:05d}.npz"
-            maps = None
-            if path.exists():
-                try:
-                    with np.load(io.BytesIO(read_checked_bytes(path))) as stored:
-                        maps, chunk_labels = stored["features"], stored["labels"]
-                except (ValueError, OSError) as error:  # damaged, or written before checksums: recompute
-                    log.warning("training maps %s are unusable (%s): recomputing them", path, error)
-            elif targets and budget is not None and run.elapsed > CACHE_BUDGET_SHARE * budget:
-                log.warning(
-                    "time budget: training %s on the %d of %d pairs cached so far",
-                    self.name,
-                    sum(len(t) for t in targets),
-                    len(pairs),
-                )
-                break
-            if maps is None:
-                maps, chunk_labels = compute(chunk)
-                _save_npz_atomic(path, features=maps, labels=chunk_labels)
-            n = len(chunk_labels) // 2
-            product_maps.append(maps[:n])
-            person_maps.append(maps[n:])
-            targets.append(chunk_labels[:n])
-            if bar is not None:
-                bar.update(1)
-        if bar is not None:
-            bar.close()
-        return (
-            torch.from_numpy(np.concatenate(product_maps)),
-            torch.from_numpy(np.concatenate(person_maps)),
-            torch.from_numpy(np.concatenate(targets)).long(),
-        )
-
-
-def _save_npz_atomic(path: Path, **arrays: np.ndarray) -> None:
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
-    write_checked_bytes(path, buffer.getvalue())

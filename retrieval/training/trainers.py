@@ -40,7 +40,11 @@ from retrieval.registry import typed_options
 RUN_ARGUMENTS = ("seed", "progress", "time_budget_s")
 
 # Trainer modules of this layer, imported on first use (a new trainer file appends its module here).
-_TRAINER_MODULES: List[str] = ["retrieval.training.patch"]
+_TRAINER_MODULES: List[str] = [
+    "retrieval.training.delf",
+    "retrieval.training.patch",
+    "retrieval.training.tn",
+]
 
 
 @dataclass(frozen=True)
