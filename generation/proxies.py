@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from retrieval.registry import Registry, module_fingerprint, typed_options
+from retrieval.training.trainers import add_trainer_modules
 
 if TYPE_CHECKING:  # the annotation only: descriptors need not be imported to build a proxy
     from retrieval.descriptors import Descriptor
@@ -79,6 +80,9 @@ class IdentityProxy(Proxy):
 def _register_builtins() -> None:
     for module in BUILTIN_PROXY_MODULES:
         importlib.import_module(module)
+
+
+add_trainer_modules("generation.training.parsing", "generation.training.gan")
 
 
 def create_proxy(name: str, **conf: Any) -> Proxy:
