@@ -251,7 +251,7 @@ class DTGANProxy(GeneratorProxy):
 
     def __init__(self, **conf: Any):
         super().__init__(**conf)
-        self._check_size()
+        self.check_image_size()
         self.generator = build_seeded(
             lambda: init_gan_weights(
                 ResidualGenerator(

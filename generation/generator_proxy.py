@@ -63,7 +63,8 @@ class GeneratorProxy(Proxy):
 
     generator: nn.Module
 
-    def _check_size(self) -> int:
+    def check_image_size(self) -> int:
+        """conf["image_size"], refused unless one of SUPPORTED_SIZES (the generators' input side)."""
         size = int(self.conf["image_size"])
         if size not in SUPPORTED_SIZES:
             raise ValueError(f"{self.name}: image_size must be one of {SUPPORTED_SIZES}, got {size}")

@@ -198,7 +198,7 @@ class Pix2PixProxy(GeneratorProxy):
 
     def __init__(self, **conf: Any):
         super().__init__(**conf)
-        levels = int(math.log2(self._check_size()))
+        levels = int(math.log2(self.check_image_size()))
         self.generator = build_seeded(
             lambda: init_gan_weights(
                 UNetGenerator(levels=levels, width=int(self.conf["width"]), dropout=float(self.conf["dropout"]))

@@ -330,14 +330,16 @@ def identical_image_codes(images: torch.Tensor) -> torch.Tensor:
 # The GANs
 # --------------------------------------------------------------------------------------------------
 
-# (model, config, data, pairs) -> (modules, optimisers, step): the GAN of one kind of generator proxy.
-Setup = Callable[
-    [GeneratorProxy, GeneratorTrainConfig, Mapping[str, torch.Tensor], Optional[pd.DataFrame]],
-    Tuple[Dict[str, nn.Module], Dict[str, torch.optim.Optimizer], StepFn],
-]
+# {"person", "product"}: uint8 (N, 3, S, S) tensors; and the training-pairs table they came from (None: an archive).
+PairData = Mapping[str, torch.Tensor]
+PairTable = Optional[pd.DataFrame]
+# (modules, optimisers, step): a GAN ready to train, the discriminators beside the proxy's generator.
+GanParts = Tuple[Dict[str, nn.Module], Dict[str, torch.optim.Optimizer], StepFn]
+# (model, config, data, pairs) -> GanParts: the GAN of one kind of generator proxy.
+Setup = Callable[[GeneratorProxy, GeneratorTrainConfig, PairData, PairTable], GanParts]
 
 
-def pix2pix_setup(model, config: GeneratorTrainConfig, data, pairs):
+def pix2pix_setup(model: GeneratorProxy, config: GeneratorTrainConfig, data: PairData, pairs: PairTable) -> GanParts:
     """pix2pix's GAN: a PatchGAN on (photo, product) pairs, Adam for both networks, `pix2pix_step`."""
     discriminator = init_gan_weights(PatchDiscriminator(in_channels=6, width=int(config.d_width)))
     discriminator.to(next(model.generator.parameters()).device)
@@ -361,7 +363,7 @@ def pix2pix_setup(model, config: GeneratorTrainConfig, data, pairs):
     return {"generator": model.generator, "discriminator": discriminator}, {"g": optimizer_g, "d": optimizer_d}, step
 
 
-def dtgan_setup(model, config: GeneratorTrainConfig, data, pairs):
+def dtgan_setup(model: GeneratorProxy, config: GeneratorTrainConfig, data: PairData, pairs: PairTable) -> GanParts:
     """DTGAN's GAN: real/fake and association discriminators, Adam for all three networks, `dtgan_step`.
 
     Unassociated products are drawn among the pairs of another product: product ids of the pairs table,
@@ -425,14 +427,14 @@ def sample_columns(generator: nn.Module, batch: Mapping[str, torch.Tensor]) -> L
 
 def pair_tensors(
     model: GeneratorProxy, dataset, out_dir: Path, config: GeneratorTrainConfig, progress: bool
-) -> Tuple[Dict[str, torch.Tensor], Optional[pd.DataFrame]]:
+) -> Tuple[PairData, PairTable]:
     """({"person", "product"} uint8 tensors at image_size, the pairs table or None for an archive).
 
     The data set's training pairs (VITON's need their parse maps: the shared preparation also cuts the
     segmented textures PaintNet trains on), cached in ``out_dir/pairs_<size>.pt``; or `config.pairs`, a
     `street2shop export-pairs` archive, when given (`dataset` may then be None).
     """
-    side = model._check_size()
+    side = model.check_image_size()
     limit = None if config.max_pairs is None else int(config.max_pairs)
     if config.pairs is not None:  # a pair archive (`street2shop export-pairs`) instead of the photos
         pairs = None
@@ -490,7 +492,7 @@ def train_generator_proxy(
         },
         seed=seed,
         time_budget_s=time_budget_s,
-        checkpoint_every_s=config.checkpoint_every_s,
+        checkpoint_every_s=float(config.checkpoint_every_s),
         progress=f"train {model.name}" if progress else None,
         sample_every=int(config.sample_every),
     )
