@@ -22,7 +22,7 @@ also sees real but unassociated pairs as negatives: positives are (photo, its ow
 are (photo, generated product) and (photo, the product of another pair), and the three kinds weigh
 equally in its loss (an equal-probability draw of the three, as PaintNet's relevance discriminator).
 Unassociated products are drawn uniformly from every training pair with another product id
-(`draw_unassociated`).
+(`generation.training.gan.draw_unassociated`, with the losses, the step and `DTGANTrainConfig`).
 
 Deviations, for the 2-core CPU this project trains on (all configurable back to 003's sizes):
 channel widths and block counts are scaled down (default generator: stem 32 channels, one bottleneck
@@ -42,23 +42,14 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any, Dict, Sequence, Tuple
+from typing import Any, Dict, Sequence
 
-import numpy as np
-import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from generation.gan import (
-    adversarial_loss,
-    conv_block,
-    generator_loss,
-    init_gan_weights,
-    set_requires_grad,
-    uint8_to_gan,
-)
-from generation.pix2pix import GeneratorProxy, _build_seeded
+from generation.gan import conv_block, init_gan_weights
+from generation.generator_proxy import GeneratorProxy, build_seeded
 from generation.proxies import PROXIES
 
 # --------------------------------------------------------------------------------------------------
@@ -237,169 +228,6 @@ class DcganDiscriminator(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------------
-# Association pairs and losses
-# --------------------------------------------------------------------------------------------------
-
-
-def draw_unassociated(product_codes: torch.Tensor, anchors: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """For each anchor row, a uniformly drawn row whose product differs: the source of unassociated pairs.
-
-    Args:
-        product_codes: (N,) int64 product id of every training row (equal codes = the same product).
-        anchors: (B,) int64 rows of the batch.
-        generator: a CPU torch.Generator (the draw is reproducible, resumes exactly).
-
-    Returns:
-        (B,) int64 rows j with product_codes[j] != product_codes[anchors[i]].
-
-    Raises:
-        ValueError: an anchor's product is the only product of the data.
-
-    Example:
-        >>> draw_unassociated(torch.tensor([0, 0, 1]), torch.tensor([0, 2]), torch.Generator().manual_seed(0))
-        tensor([2, 1])
-    """
-    product_codes, anchors = product_codes.cpu(), anchors.cpu()
-    others = product_codes[None, :] != product_codes[anchors][:, None]  # (B, N)
-    counts = others.sum(dim=1)
-    if (counts == 0).any():
-        raise ValueError("every training pair shows the same product: there is no unassociated product to draw")
-    # The r-th (0-based) row of each anchor's candidates, r uniform in [0, count): the first column where
-    # the running count of candidates exceeds r.
-    rank = (torch.rand(len(anchors), generator=generator) * counts).long().clamp_max(counts - 1)
-    return (others.cumsum(dim=1) > rank[:, None]).long().argmax(dim=1)
-
-
-def association_pairs(
-    photo: torch.Tensor, product: torch.Tensor, generated: torch.Tensor, unassociated: torch.Tensor
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The association discriminator's batch: (photo, own product) positive; (photo, generated) and
-    (photo, another pair's product) negative.
-
-    Shape:
-        - photo, product, generated, unassociated: (B, 3, H, W).
-        - Output: pairs (3B, 6, H, W) and targets (3B,) float: B ones, then 2B zeros.
-    """
-    pairs = torch.cat(
-        [
-            torch.cat([photo, product], dim=1),
-            torch.cat([photo, generated], dim=1),
-            torch.cat([photo, unassociated], dim=1),
-        ]
-    )
-    targets = torch.cat([torch.ones(len(photo)), torch.zeros(2 * len(photo))]).to(photo.device)
-    return pairs, targets
-
-
-def association_discriminator_loss(
-    discriminator: nn.Module,
-    photo: torch.Tensor,
-    product: torch.Tensor,
-    generated: torch.Tensor,
-    unassociated: torch.Tensor,
-    mode: str = "bce",
-) -> torch.Tensor:
-    """Mean of the three kinds' losses (associated real, generated, unassociated real), weighted equally."""
-    pairs, _ = association_pairs(photo, product, generated.detach(), unassociated)
-    logits = discriminator(pairs).chunk(3)
-    return (
-        adversarial_loss(logits[0], True, mode)
-        + adversarial_loss(logits[1], False, mode)
-        + adversarial_loss(logits[2], False, mode)
-    ) / 3.0
-
-
-def realfake_discriminator_loss(
-    discriminator: nn.Module, product: torch.Tensor, generated: torch.Tensor, mode: str = "bce"
-) -> torch.Tensor:
-    """Real products true, generated ones false, averaged: 003's L(D_D)."""
-    real = discriminator(product)
-    fake = discriminator(generated.detach())
-    return 0.5 * (adversarial_loss(real, True, mode) + adversarial_loss(fake, False, mode))
-
-
-def dtgan_generator_loss(
-    realfake: nn.Module,
-    association: nn.Module,
-    photo: torch.Tensor,
-    generated: torch.Tensor,
-    mode: str = "bce",
-    realfake_weight: float = 0.5,
-    association_weight: float = 0.5,
-) -> Tuple[torch.Tensor, Dict[str, float]]:
-    """003's compound generator loss: 1/2 (fool D_rf) + 1/2 (fool D_A on (photo, generated)), non-saturating.
-
-    Returns:
-        (total, {"g_rf": ..., "g_assoc": ...}).
-    """
-    rf = generator_loss(realfake(generated), mode)
-    assoc = generator_loss(association(torch.cat([photo, generated], dim=1)), mode)
-    return realfake_weight * rf + association_weight * assoc, {"g_rf": rf.item(), "g_assoc": assoc.item()}
-
-
-def dtgan_step(
-    generator: nn.Module,
-    realfake: nn.Module,
-    association: nn.Module,
-    optimizers: Dict[str, torch.optim.Optimizer],
-    photo: torch.Tensor,
-    product: torch.Tensor,
-    unassociated: torch.Tensor,
-    mode: str = "bce",
-    l1_weight: float = 0.0,
-) -> Dict[str, float]:
-    """003's Algorithm 1 on one mini-batch: update D_rf, then D_A, then G.
-
-    Args:
-        optimizers: {"g", "d_rf", "d_assoc"}.
-        photo, product, unassociated: (B, 3, H, W) in [-1, 1]; `unassociated[i]` shows another product than photo i.
-        l1_weight: an optional pixel loss (0 in 003 and Yoo et al.; an option, not the baseline).
-
-    Returns:
-        the losses before the updates: "d_rf", "d_assoc", "g" and its parts.
-    """
-    generated = generator(photo)
-    set_requires_grad([realfake, association], True)
-    loss_rf = realfake_discriminator_loss(realfake, product, generated, mode)
-    optimizers["d_rf"].zero_grad(set_to_none=True)
-    loss_rf.backward()
-    optimizers["d_rf"].step()
-    loss_assoc = association_discriminator_loss(association, photo, product, generated, unassociated, mode)
-    optimizers["d_assoc"].zero_grad(set_to_none=True)
-    loss_assoc.backward()
-    optimizers["d_assoc"].step()
-
-    set_requires_grad([realfake, association], False)
-    loss_g, parts = dtgan_generator_loss(realfake, association, photo, generated, mode)
-    if l1_weight > 0:
-        l1 = (generated - product).abs().mean()
-        loss_g = loss_g + l1_weight * l1
-        parts["g_l1"] = l1.item()
-    optimizers["g"].zero_grad(set_to_none=True)
-    loss_g.backward()
-    optimizers["g"].step()
-    set_requires_grad([realfake, association], True)
-    return {"d_rf": loss_rf.item(), "d_assoc": loss_assoc.item(), "g": loss_g.item(), **parts}
-
-
-def product_codes_of(pairs: pd.DataFrame) -> torch.Tensor:
-    """(N,) int64 codes of the pairs' product ids (pair ids when the table has no product_id column)."""
-    column = pairs["product_id"] if "product_id" in pairs else pairs["pair_id"]
-    codes, _ = pd.factorize(column.astype(str))
-    return torch.from_numpy(np.asarray(codes, dtype=np.int64))
-
-
-def identical_image_codes(images: torch.Tensor) -> torch.Tensor:
-    """(N,) int64 codes of (N, C, H, W) images, equal exactly for identical images.
-
-    A pair archive carries no product ids: two pairs show the same product when their product photos
-    are the same pixels (one shop photo per product), so those are the codes it falls back on.
-    """
-    _, codes = torch.unique(images.reshape(images.shape[0], -1), dim=0, return_inverse=True)
-    return codes.to(torch.int64)
-
-
-# --------------------------------------------------------------------------------------------------
 # Proxy
 # --------------------------------------------------------------------------------------------------
 
@@ -420,24 +248,11 @@ class DTGANProxy(GeneratorProxy):
         "encoder_blocks": (1, 1, 1, 1),
         "decoder_blocks": (1, 1, 1, 1),
     }
-    train_defaults: Dict[str, Any] = {
-        "epochs": 3,
-        "batch_size": 16,
-        "lr": 2e-4,
-        "beta1": 0.5,
-        "beta2": 0.999,
-        "gan_mode": "bce",
-        "d_width": 32,  # discriminators' first layer (003: 128)
-        "l1_weight": 0.0,  # 003 and Yoo et al. train without a pixel loss
-        "sample_every": 100,
-        "max_pairs": None,
-        "pairs": None,  # a pair archive to train on instead of the data set's photos
-    }
 
     def __init__(self, **conf: Any):
         super().__init__(**conf)
-        self._check_size()
-        self.generator = _build_seeded(
+        self.check_image_size()
+        self.generator = build_seeded(
             lambda: init_gan_weights(
                 ResidualGenerator(
                     stem_width=int(self.conf["stem_width"]),
@@ -446,41 +261,3 @@ class DTGANProxy(GeneratorProxy):
                 )
             )
         )
-
-    def _training_setup(self, settings, data, pairs):
-        side, width = int(self.conf["image_size"]), int(settings["d_width"])
-        device = next(self.generator.parameters()).device
-        realfake = init_gan_weights(DcganDiscriminator(3, width, side)).to(device)
-        association = init_gan_weights(DcganDiscriminator(6, width, side)).to(device)
-        betas = (float(settings["beta1"]), float(settings["beta2"]))
-        lr = float(settings["lr"])
-        optimizers = {
-            "g": torch.optim.Adam(self.generator.parameters(), lr=lr, betas=betas),
-            "d_rf": torch.optim.Adam(realfake.parameters(), lr=lr, betas=betas),
-            "d_assoc": torch.optim.Adam(association.parameters(), lr=lr, betas=betas),
-        }
-        products = data["product"]
-        codes = product_codes_of(pairs) if pairs is not None else identical_image_codes(products)
-        mode, l1_weight = str(settings["gan_mode"]), float(settings["l1_weight"])
-
-        def step(batch: Dict[str, torch.Tensor], generator: torch.Generator) -> Dict[str, float]:
-            # The trainer's per-step generator lives on the training device; the draw is made on the CPU.
-            if generator.device.type != "cpu":
-                seed = int(torch.randint(2**62, (1,), generator=generator, device=generator.device))
-                generator = torch.Generator().manual_seed(seed)
-            others = draw_unassociated(codes, batch["index"].cpu(), generator)
-            unassociated = uint8_to_gan(products[others]).to(batch["person"].device)
-            return dtgan_step(
-                self.generator,
-                realfake,
-                association,
-                optimizers,
-                batch["person"],
-                batch["product"],
-                unassociated,
-                mode,
-                l1_weight,
-            )
-
-        modules = {"generator": self.generator, "realfake": realfake, "association": association}
-        return modules, optimizers, step

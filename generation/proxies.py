@@ -83,7 +83,8 @@ def _register_builtins() -> None:
         importlib.import_module(module)
 
 
-add_trainer_modules("generation.training.paintnet")  # the proxies' trainers, imported when first looked up
+# the proxies' trainers (generation/training/), imported when a trainer is first looked up
+add_trainer_modules("generation.training.gan", "generation.training.paintnet", "generation.training.parsing")
 
 
 def create_proxy(name: str, **conf: Any) -> Proxy:

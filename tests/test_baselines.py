@@ -6,29 +6,22 @@ import pandas as pd
 import pytest
 import torch
 
-from generation.dtgan import (
-    Bottleneck,
-    DcganDiscriminator,
-    ResidualGenerator,
+from generation.dtgan import Bottleneck, DcganDiscriminator, ResidualGenerator
+from generation.gan import init_gan_weights
+from generation.pix2pix import PatchDiscriminator, UNetGenerator, patch_receptive_field, unet_channels
+from generation.proxies import create_proxy, list_proxies
+from generation.training.gan import (
     association_discriminator_loss,
     association_pairs,
     draw_unassociated,
     dtgan_generator_loss,
     dtgan_step,
-    product_codes_of,
-    realfake_discriminator_loss,
-)
-from generation.gan import init_gan_weights
-from generation.pix2pix import (
-    PatchDiscriminator,
-    UNetGenerator,
-    patch_receptive_field,
     pix2pix_discriminator_loss,
     pix2pix_generator_loss,
     pix2pix_step,
-    unet_channels,
+    product_codes_of,
+    realfake_discriminator_loss,
 )
-from generation.proxies import create_proxy, list_proxies
 from retrieval.datasets import load_viton
 
 # Small but valid configs for anything that trains or runs on real tensors.
@@ -277,7 +270,7 @@ def test_train_on_checkpoint_round_trip(name, synthetic_root, tmp_path):
 
 @pytest.mark.parametrize("name", ["pix2pix", "dtgan"])
 def test_train_on_a_pair_archive_without_the_photos(name, synthetic_root, tmp_path):
-    from generation.gan import prepare_pair_tensors, save_pair_archive
+    from generation.training.pairs import prepare_pair_tensors, save_pair_archive
 
     dataset = load_viton(synthetic_root, split="val")
     archive = save_pair_archive(prepare_pair_tensors(dataset.train, None, (64, 64)), tmp_path / "pairs.npz")
@@ -288,7 +281,7 @@ def test_train_on_a_pair_archive_without_the_photos(name, synthetic_root, tmp_pa
 
 
 def test_identical_image_codes_group_equal_pixels():
-    from generation.dtgan import identical_image_codes
+    from generation.training.gan import identical_image_codes
 
     images = torch.zeros(4, 3, 2, 2, dtype=torch.uint8)
     images[1] = 7

@@ -10,17 +10,19 @@ import torch
 from generation.parsing import (
     ENCODER_ENDPOINTS,
     GarmentParser,
-    dice_loss,
     garment_masks,
-    garment_segmentation_loss,
     grabcut_garment_mask,
     load_garment_parser,
     remove_small_regions,
-    validation_parsing_pairs,
-    viton_parse_path,
 )
 from generation.proxies import create_proxy
 from generation.shape_maps import fill_holes, grabcut_shape_map, mask_iou, shape_map_agreement
+from generation.training.parsing import (
+    dice_loss,
+    garment_segmentation_loss,
+    validation_parsing_pairs,
+    viton_parse_path,
+)
 from retrieval.datasets import load_viton
 from retrieval.garments import GARMENT_LABELS, garment_mask_from_labels, mask_bounding_boxes, segmented_texture
 from retrieval.training import load_checkpoint
