@@ -381,11 +381,11 @@ def test_tuning_reaches_the_target_recall_on_fresh_queries(preset, mixture, mixt
 
 
 def test_tuning_grid_steps_by_1_5x():
-    from index.product_index import _TUNING_K_FACTORS, _nprobe_steps
+    from index.tuning import _TUNING_K_FACTORS, nprobe_steps
 
-    assert _nprobe_steps(1) == [1] and _nprobe_steps(3) == [1, 2, 3]
-    assert _nprobe_steps(100) == [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 100]
-    assert _nprobe_steps(2048)[-3:] == [1024, 1536, 2048]
+    assert nprobe_steps(1) == [1] and nprobe_steps(3) == [1, 2, 3]
+    assert nprobe_steps(100) == [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 100]
+    assert nprobe_steps(2048)[-3:] == [1024, 1536, 2048]
     assert _TUNING_K_FACTORS == (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 
 
