@@ -25,8 +25,9 @@ way in, so a descriptor that forgot to normalise still gets cosine scores. All-z
 Search parameters tune themselves. :meth:`ProductIndex.build` calls :meth:`ProductIndex.tune` for the
 approximate presets, the way autofaiss does: on a sample of queries it measures recall@k against exact
 search for a sweep of ``nprobe`` x re-rank depth (IVF) or ``efSearch`` (HNSW), and keeps the fastest
-setting whose recall reaches the target. The result lives in :attr:`ProductIndex.search_params` and the
-manifest, so a loaded index searches with it without tuning again.
+setting whose recall reaches the target (the measuring is ``index.tuning``; this class applies its report).
+The result lives in :attr:`ProductIndex.search_params` and the manifest, so a loaded index searches with it
+without tuning again.
 """
 
 from __future__ import annotations
@@ -191,7 +192,7 @@ class ProductIndex:
         cpu_index.add(vectors)
         built = cls(cpu_index, product_ids, preset, plan.factory_string, plan.search_params, metadata, device)
         added = time.perf_counter()
-        if target_recall is not None and built._kind != "flat" and built.ntotal >= 2:
+        if target_recall is not None and plan.sweep is not None and built.ntotal >= 2:
             built._tune(
                 target_recall, k=10, queries=tune_queries, n_queries=DEFAULT_TUNING_QUERIES, database=vectors, seed=seed
             )
