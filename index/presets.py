@@ -58,13 +58,19 @@ Search parameters (``nprobe`` and the re-rank depth ``k_factor`` for the IVF pre
 ``hnsw``) are not fixed here: ``ProductIndex.build`` tunes them for a target recall@k on a sample
 of perturbed catalog vectors (or the caller's queries), as autofaiss does (see ``ProductIndex.tune``).
 The values below are only the starting point used when tuning is switched off.
+
+Each preset is one entry, :class:`IndexPreset`: its name, description, plan function (how it is built)
+and the tuner sweep of its index type (``index.tuning.SWEEPS``). A new preset is one
+:func:`register_index_preset` decoration at the end of this module; one of a new index type also needs
+``ProductIndex`` to handle that type (add, remove, GPU copy, search parameters) and, if it is approximate,
+a sweep in ``index.tuning``.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 MIN_IVFPQ_TRAIN = 1000
 """Fewer training vectors than this and the IVF presets become ``Flat``."""
@@ -112,22 +118,6 @@ microseconds. A tuned index stores its own floor, ``min_candidates = k_factor * 
 DEFAULT_TARGET_RECALL = 0.95
 """Recall@k against exact search that ``ProductIndex.build`` tunes approximate presets for."""
 
-_PRESET_DESCRIPTIONS: Dict[str, str] = {
-    "flat": "exact inner-product search (Flat)",
-    "ivfpq": (
-        "IVF + 4-bit fast-scan PQ re-ranked from 8-bit scalar-quantised vectors "
-        "(IVF{nlist},PQ{m}x4fs,Refine(SQ8)); ~30% of flat's memory, CPU only"
-    ),
-    "ivfpq-rflat": (
-        "IVF + 8-bit PQ re-ranked from the exact vectors (IVF{nlist},PQ{m}x{bits}np,RFlat); "
-        "exact scores, memory above flat's, IVF-PQ part on GPU when there is one"
-    ),
-    "hnsw": "HNSW graph over exact vectors (HNSW32,Flat), CPU only",
-}
-
-APPROXIMATE_PRESETS = ("ivfpq", "ivfpq-rflat", "hnsw")
-"""Presets whose search parameters trade recall for speed (and so get tuned)."""
-
 
 @dataclass(frozen=True)
 class IndexPlan:
@@ -140,6 +130,9 @@ class IndexPlan:
             in the manifest and apply on load; tuning replaces them.
         fallback_reason: why the factory string is simpler than the preset's usual one, else None.
         train_size: how many of the build vectors to train on (a seeded subsample), or None for all.
+        sweep: which search parameters the tuner sweeps on the index this plan builds (a key of
+            ``index.tuning.SWEEPS``: ``"ivf"`` nprobe x k_factor, ``"hnsw"`` efSearch), None for an exact
+            index (nothing to tune, e.g. a fallback to ``Flat``).
     """
 
     preset: str
@@ -147,6 +140,64 @@ class IndexPlan:
     search_params: Dict[str, int] = field(default_factory=dict)
     fallback_reason: Optional[str] = None
     train_size: Optional[int] = None
+    sweep: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class IndexPreset:
+    """One named preset, the one place that defines it: registered with :func:`register_index_preset`.
+
+    Attributes:
+        name: the name given to ``ProductIndex.build(preset=...)`` and ``--preset``.
+        description: one line for :func:`describe_index_preset`.
+        plan: ``plan(preset, dim, n_train) -> IndexPlan``: how it is built for ``n_train`` vectors of
+            dimension ``dim`` (factory string, starting search parameters, training subsample, fallback).
+        sweep: which search parameters the tuner sweeps (a key of ``index.tuning.SWEEPS``), None for an
+            exact preset; ``plan`` copies it into the plans that build the preset's own index type.
+    """
+
+    name: str
+    description: str
+    plan: Callable[["IndexPreset", int, int], IndexPlan]
+    sweep: Optional[str] = None
+
+    @property
+    def approximate(self) -> bool:
+        """Whether its search parameters trade recall for speed (and so get tuned)."""
+        return self.sweep is not None
+
+
+_PRESETS: Dict[str, IndexPreset] = {}
+
+
+def register_index_preset(
+    name: str, description: str, sweep: Optional[str] = None
+) -> Callable[[Callable[[IndexPreset, int, int], IndexPlan]], Callable[[IndexPreset, int, int], IndexPlan]]:
+    """Register the decorated plan function as preset ``name``; a new preset is this one decoration.
+
+    Example::
+
+        @register_index_preset("hnsw16", "HNSW graph of 16 links per node (HNSW16,Flat)", sweep="hnsw")
+        def _plan_hnsw16(preset, dim, n_train):
+            return IndexPlan(preset.name, "HNSW16,Flat", {"efSearch": DEFAULT_EF_SEARCH}, sweep=preset.sweep)
+
+    Raises:
+        ValueError: ``name`` is already registered.
+    """
+
+    def decorator(plan: Callable[[IndexPreset, int, int], IndexPlan]) -> Callable[[IndexPreset, int, int], IndexPlan]:
+        if name in _PRESETS:
+            raise ValueError(f"index preset {name!r} is registered twice")
+        _PRESETS[name] = IndexPreset(name, description, plan, sweep)
+        return plan
+
+    return decorator
+
+
+def index_preset(preset: str) -> IndexPreset:
+    """The registered entry of ``preset``. Raises ValueError for an unknown name (listing the valid ones)."""
+    _check_preset(preset)
+    return _PRESETS[preset]
 
 
 def list_index_presets() -> List[str]:
@@ -156,13 +207,12 @@ def list_index_presets() -> List[str]:
         >>> list_index_presets()
         ['flat', 'hnsw', 'ivfpq', 'ivfpq-rflat']
     """
-    return sorted(_PRESET_DESCRIPTIONS)
+    return sorted(_PRESETS)
 
 
 def describe_index_preset(preset: str) -> str:
     """One line saying what ``preset`` builds. Raises ValueError for an unknown name."""
-    _check_preset(preset)
-    return _PRESET_DESCRIPTIONS[preset]
+    return index_preset(preset).description
 
 
 def index_factory_string(preset: str, dim: int, n_train: int) -> str:
@@ -193,64 +243,112 @@ def index_factory_string(preset: str, dim: int, n_train: int) -> str:
 
 def plan_index(preset: str, dim: int, n_train: int) -> IndexPlan:
     """Factory string, search parameters and fallback reason for one preset; see the module docstring."""
-    _check_preset(preset)
+    entry = index_preset(preset)
     if dim < 1:
         raise ValueError(f"dim must be >= 1, got {dim}")
     if n_train < 1:
         raise ValueError(f"n_train must be >= 1, got {n_train}")
-    if preset == "flat":
-        return IndexPlan(preset, "Flat")
-    if preset == "hnsw":
-        return IndexPlan(preset, "HNSW32,Flat", {"efSearch": DEFAULT_EF_SEARCH})
-    return _plan_ivf(preset, dim, n_train)
+    return entry.plan(entry, dim, n_train)
 
 
-def _plan_ivf(preset: str, dim: int, n_train: int) -> IndexPlan:
+# --------------------------------------------------------------------------------------------------
+# The presets
+# --------------------------------------------------------------------------------------------------
+
+
+@register_index_preset("flat", "exact inner-product search (Flat)")
+def _plan_flat(preset: IndexPreset, dim: int, n_train: int) -> IndexPlan:
+    return IndexPlan(preset.name, "Flat")
+
+
+@register_index_preset("hnsw", "HNSW graph over exact vectors (HNSW32,Flat), CPU only", sweep="hnsw")
+def _plan_hnsw(preset: IndexPreset, dim: int, n_train: int) -> IndexPlan:
+    return IndexPlan(preset.name, "HNSW32,Flat", {"efSearch": DEFAULT_EF_SEARCH}, sweep=preset.sweep)
+
+
+@register_index_preset(
+    "ivfpq",
+    "IVF + 4-bit fast-scan PQ re-ranked from 8-bit scalar-quantised vectors "
+    "(IVF{nlist},PQ{m}x4fs,Refine(SQ8)); ~30% of flat's memory, CPU only",
+    sweep="ivf",
+)
+def _plan_ivfpq(preset: IndexPreset, dim: int, n_train: int) -> IndexPlan:
     if n_train < MIN_IVFPQ_TRAIN:
-        return IndexPlan(
-            preset,
-            "Flat",
-            fallback_reason=(
-                f"preset {preset!r} needs >= {MIN_IVFPQ_TRAIN} vectors to train, got {n_train}: "
-                "using an exact Flat index instead"
-            ),
+        return _flat_fallback(preset, n_train)
+    nlist, wanted_nlist, train_size = _ivf_lists(n_train, IVFPQ_NLIST_PER_SQRT_N, IVFPQ_TRAIN_POINTS_PER_LIST)
+    m = _largest_divisor_at_most(dim, min(MAX_FASTSCAN_SUBQUANTIZERS, max(1, dim // 4)))
+    reason = None
+    if nlist < wanted_nlist:
+        reason = (
+            f"preset 'ivfpq' on {n_train} training vectors: nlist {nlist} (wanted {wanted_nlist}) "
+            f"so that there are >= {MIN_POINTS_PER_CENTROID} vectors per list"
         )
-    per_sqrt_n, points_per_list = (
-        (IVFPQ_NLIST_PER_SQRT_N, IVFPQ_TRAIN_POINTS_PER_LIST)
-        if preset == "ivfpq"
-        else (NLIST_PER_SQRT_N, TRAIN_POINTS_PER_LIST)
+    return IndexPlan(
+        preset.name,
+        f"IVF{nlist},PQ{m}x4fs,Refine(SQ8)",
+        _ivf_search_params(nlist),
+        fallback_reason=reason,
+        train_size=train_size,
+        sweep=preset.sweep,
     )
+
+
+@register_index_preset(
+    "ivfpq-rflat",
+    "IVF + 8-bit PQ re-ranked from the exact vectors (IVF{nlist},PQ{m}x{bits}np,RFlat); "
+    "exact scores, memory above flat's, IVF-PQ part on GPU when there is one",
+    sweep="ivf",
+)
+def _plan_ivfpq_rflat(preset: IndexPreset, dim: int, n_train: int) -> IndexPlan:
+    if n_train < MIN_IVFPQ_TRAIN:
+        return _flat_fallback(preset, n_train)
+    nlist, wanted_nlist, train_size = _ivf_lists(n_train, NLIST_PER_SQRT_N, TRAIN_POINTS_PER_LIST)
+    # b bits per sub-quantizer means 2**b centroids per PQ codebook, each wanting 39 points.
+    pq_bits = max(1, min(8, int(math.log2(train_size / MIN_POINTS_PER_CENTROID))))
+    m = _largest_divisor_at_most(dim, min(MAX_PQ_SUBQUANTIZERS, max(1, dim // 4)))
+    reason = None
+    if nlist < wanted_nlist or pq_bits < 8:
+        reason = (
+            f"preset {preset.name!r} on {n_train} training vectors: nlist {nlist} (wanted {wanted_nlist}) "
+            f"and {pq_bits}-bit PQ so that every centroid gets >= {MIN_POINTS_PER_CENTROID} "
+            "training points"
+        )
+    return IndexPlan(
+        preset.name,
+        f"IVF{nlist},PQ{m}x{pq_bits}np,RFlat",
+        _ivf_search_params(nlist),
+        fallback_reason=reason,
+        train_size=train_size,
+        sweep=preset.sweep,
+    )
+
+
+def _flat_fallback(preset: IndexPreset, n_train: int) -> IndexPlan:
+    return IndexPlan(
+        preset.name,
+        "Flat",
+        fallback_reason=(
+            f"preset {preset.name!r} needs >= {MIN_IVFPQ_TRAIN} vectors to train, got {n_train}: "
+            "using an exact Flat index instead"
+        ),
+    )
+
+
+def _ivf_lists(n_train: int, per_sqrt_n: int, points_per_list: int) -> Tuple[int, int, int]:
+    """(nlist, the nlist wanted before the >= 39 points per list rule, k-means training-sample size)."""
     wanted_nlist = int(round(per_sqrt_n * math.sqrt(n_train)))
     trainable_nlist = n_train // MIN_POINTS_PER_CENTROID
     nlist = max(1, min(wanted_nlist, trainable_nlist, MAX_NLIST))
-    train_size = min(n_train, points_per_list * nlist)
+    return nlist, wanted_nlist, min(n_train, points_per_list * nlist)
+
+
+def _ivf_search_params(nlist: int) -> Dict[str, int]:
     # Probing 1/8 of the lists (at least 8) keeps recall@10 high on clustered catalogs when untuned.
-    search_params = {
+    return {
         "nprobe": min(nlist, max(8, nlist // 8)),
         "k_factor": DEFAULT_REFINE_K_FACTOR,
         "min_candidates": MIN_REFINE_CANDIDATES,
     }
-    reason = None
-    if preset == "ivfpq":
-        m = _largest_divisor_at_most(dim, min(MAX_FASTSCAN_SUBQUANTIZERS, max(1, dim // 4)))
-        factory = f"IVF{nlist},PQ{m}x4fs,Refine(SQ8)"
-        if nlist < wanted_nlist:
-            reason = (
-                f"preset 'ivfpq' on {n_train} training vectors: nlist {nlist} (wanted {wanted_nlist}) "
-                f"so that there are >= {MIN_POINTS_PER_CENTROID} vectors per list"
-            )
-    else:
-        # b bits per sub-quantizer means 2**b centroids per PQ codebook, each wanting 39 points.
-        pq_bits = max(1, min(8, int(math.log2(train_size / MIN_POINTS_PER_CENTROID))))
-        m = _largest_divisor_at_most(dim, min(MAX_PQ_SUBQUANTIZERS, max(1, dim // 4)))
-        factory = f"IVF{nlist},PQ{m}x{pq_bits}np,RFlat"
-        if nlist < wanted_nlist or pq_bits < 8:
-            reason = (
-                f"preset {preset!r} on {n_train} training vectors: nlist {nlist} (wanted {wanted_nlist}) "
-                f"and {pq_bits}-bit PQ so that every centroid gets >= {MIN_POINTS_PER_CENTROID} "
-                "training points"
-            )
-    return IndexPlan(preset, factory, search_params, fallback_reason=reason, train_size=train_size)
 
 
 def _largest_divisor_at_most(n: int, limit: int) -> int:
@@ -258,5 +356,5 @@ def _largest_divisor_at_most(n: int, limit: int) -> int:
 
 
 def _check_preset(preset: str) -> None:
-    if preset not in _PRESET_DESCRIPTIONS:
+    if preset not in _PRESETS:
         raise ValueError(f"unknown index preset {preset!r}; valid names: {', '.join(list_index_presets())}")

@@ -25,8 +25,9 @@ way in, so a descriptor that forgot to normalise still gets cosine scores. All-z
 Search parameters tune themselves. :meth:`ProductIndex.build` calls :meth:`ProductIndex.tune` for the
 approximate presets, the way autofaiss does: on a sample of queries it measures recall@k against exact
 search for a sweep of ``nprobe`` x re-rank depth (IVF) or ``efSearch`` (HNSW), and keeps the fastest
-setting whose recall reaches the target. The result lives in :attr:`ProductIndex.search_params` and the
-manifest, so a loaded index searches with it without tuning again.
+setting whose recall reaches the target (the measuring is ``index.tuning``; this class applies its report).
+The result lives in :attr:`ProductIndex.search_params` and the manifest, so a loaded index searches with it
+without tuning again.
 """
 
 from __future__ import annotations
@@ -34,7 +35,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import time
 from collections import Counter
 from datetime import datetime, timezone
@@ -44,6 +44,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import faiss
 import numpy as np
 
+from .arrays import as_matrix
 from .device import clone_to_gpu, log_once, resolve_faiss_device
 from .errors import IndexCorruptError, IndexMismatchError
 from .presets import (
@@ -61,41 +62,18 @@ from .storage import (
     load_index_dir,
     write_index_dir,
 )
+from .tuning import (
+    DEFAULT_TUNING_QUERIES,
+    check_target_recall,
+    check_tuning_queries,
+    hnsw_search_params,
+    tune_search_params,
+)
 
 LOGGER = logging.getLogger("street2shop.index")
 
 _MAX_NAMED = 5  # how many offending ids an error message lists
 _DEFAULT_COMPAT_KEYS = ("descriptor", "fingerprint", "dim")
-
-DEFAULT_TUNING_QUERIES = 1000
-"""Held-out sample size for tuning: recall@10 near 0.95 is then known to about +-0.003 (one standard error)."""
-
-_CONFIDENCE_SE = 2.0
-"""A setting reaches the target when its sample recall minus this many standard errors does (about 97.5%
-one-sided confidence that the recall on fresh queries reaches it too; one s.e. let fresh recall fall
-just short of the target in one case out of six)."""
-
-_TUNING_K_FACTORS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
-"""Re-rank depths (candidates = k_factor * k) tried by :meth:`ProductIndex.tune` for IVF presets: steps
-of 1.33x-1.5x, since the cost of a setting grows with them about linearly (at 1M x 512, powers of two
-left the tuner choosing between settings 2x apart in cost)."""
-
-_MAX_TUNED_NPROBE = 2048
-"""Largest nprobe tried: GPU IVF searches accept no more, and beyond it flat is the better index."""
-
-_TUNING_EF_SEARCH = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
-"""efSearch values tried for HNSW, ascending (recall grows with it, so the first that reaches the
-target is also the fastest)."""
-
-_SATURATION_GAIN = 0.002
-"""Doubling nprobe (two steps of the sweep) gained less recall than this: at this re-rank depth more
-lists will not help."""
-
-_SLOWER_THAN_BEST = 1.5
-"""An nprobe sweep stops once a setting is this many times slower than the fastest one reaching the
-target so far: more lists only cost more."""
-
-_TIMING_REPEATS = 3
 
 
 class ProductIndex:
@@ -190,7 +168,7 @@ class ProductIndex:
                 target_recall outside (0, 1].
             TypeError: metadata is not JSON-able or ids are not strings.
         """
-        vectors = _as_matrix(vectors, "vectors")
+        vectors = as_matrix(vectors, "vectors")
         _check_new_ids(product_ids, len(vectors), existing={})
         metadata = dict(metadata or {})
         try:
@@ -202,8 +180,8 @@ class ProductIndex:
         if plan.fallback_reason:
             LOGGER.warning(plan.fallback_reason)
         if target_recall is not None:
-            _check_target_recall(target_recall)
-            tune_queries = _tuning_queries(tune_queries, dim)  # refused before minutes of training
+            check_target_recall(target_recall)
+            tune_queries = check_tuning_queries(tune_queries, dim)  # refused before minutes of training
         cpu_index = faiss.index_factory(dim, plan.factory_string, faiss.METRIC_INNER_PRODUCT)
         _encode_residuals(cpu_index)
         _expect_training_sample(cpu_index, plan.train_size)
@@ -214,7 +192,7 @@ class ProductIndex:
         cpu_index.add(vectors)
         built = cls(cpu_index, product_ids, preset, plan.factory_string, plan.search_params, metadata, device)
         added = time.perf_counter()
-        if target_recall is not None and built._kind != "flat" and built.ntotal >= 2:
+        if target_recall is not None and plan.sweep is not None and built.ntotal >= 2:
             built._tune(
                 target_recall, k=10, queries=tune_queries, n_queries=DEFAULT_TUNING_QUERIES, database=vectors, seed=seed
             )
@@ -349,7 +327,7 @@ class ProductIndex:
             ValueError: empty input, wrong dim (naming both), NaN/inf, ids duplicated within the call or
                 already in the index (naming some of them).
         """
-        vectors = _as_matrix(vectors, "vectors")
+        vectors = as_matrix(vectors, "vectors")
         if vectors.shape[1] != self.dim:
             raise ValueError(f"vectors have dim {vectors.shape[1]} but the index holds dim {self.dim}")
         _check_new_ids(product_ids, len(vectors), existing=self._positions)
@@ -412,7 +390,7 @@ class ProductIndex:
             raise ValueError("cannot search an empty index: add products first")
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
             raise ValueError(f"k must be a positive integer, got {k!r}")
-        queries = _as_matrix(queries, "queries", allow_empty=True)
+        queries = as_matrix(queries, "queries", allow_empty=True)
         if queries.shape[1] != self.dim:
             raise IndexMismatchError(
                 f"queries have dim {queries.shape[1]} but the index{self._where()} was built with dim "
@@ -510,7 +488,7 @@ class ProductIndex:
                 searches with a smaller k.
             queries: sample queries from the real query distribution, if there are some (best: e.g.
                 descriptors of real street photos); else ``n_queries`` catalog vectors, each moved
-                off itself to the typical nearest-neighbour cosine (see ``_catalog_tuning_queries``).
+                off itself to the typical nearest-neighbour cosine (see ``index.tuning.catalog_tuning_queries``).
             n_queries: size of the catalog sample when ``queries`` is None.
             vectors: the catalog vectors in product-id order, for the exact search. None reconstructs
                 them from the index: exact for ``hnsw``/``ivfpq-rflat``, SQ8-decoded for ``ivfpq``
@@ -531,13 +509,13 @@ class ProductIndex:
             ValueError: target_recall outside (0, 1], k < 1, an index of fewer than 2 products, bad
                 queries or vectors (wrong dim or count, NaN/inf).
         """
-        _check_target_recall(target_recall)
+        check_target_recall(target_recall)
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
             raise ValueError(f"k must be a positive integer, got {k!r}")
-        queries = _tuning_queries(queries, self.dim)
+        queries = check_tuning_queries(queries, self.dim)
         database = None
         if vectors is not None:
-            database = _as_matrix(vectors, "vectors")
+            database = as_matrix(vectors, "vectors")
             if database.shape != (self.ntotal, self.dim):
                 raise ValueError(
                     f"vectors must be the {self.ntotal} x {self.dim} catalog in product-id order, "
@@ -660,148 +638,32 @@ class ProductIndex:
         database: Optional[np.ndarray],
         seed: int,
     ) -> Dict[str, Any]:
-        """:meth:`tune` on validated, normalised inputs (``database`` may be the caller's build matrix)."""
+        """:meth:`tune` on validated, normalised inputs (``database`` may be the caller's build matrix):
+        ``index.tuning`` measures, this applies and stores its report."""
+        report = tune_search_params(self._cpu_index, self._kind, database, queries, target_recall, k, n_queries, seed)
         if self._kind == "flat":
-            return {
-                "target_recall": target_recall,
-                "k": k,
-                "met": True,
-                "recall": 1.0,
-                "search_params": {},
-                "note": "exact index: nothing to tune",
-            }
-        if self.ntotal < 2:
-            raise ValueError(f"cannot tune an index of {self.ntotal} products: it needs at least 2")
-        if database is None:
-            database = self._cpu_index.reconstruct_n(0, self.ntotal)
-        source = "caller's queries"
-        if queries is None:
-            queries, cosine = _catalog_tuning_queries(database, n_queries, seed)
-            source = f"catalog vectors moved off themselves to cosine {cosine:.3f} (their nearest-neighbour cosine)"
-        k = min(k, self.ntotal)
-        _, exact = faiss.knn(queries, database, k, faiss.METRIC_INNER_PRODUCT)
-
-        def measure(params: Any) -> Tuple[float, float, float]:
-            """Recall@k, its standard error over queries, and ms per query of one batched search."""
-            started = time.perf_counter()
-            _, found = self._cpu_index.search(queries, k, params=params)
-            ms_per_query = (time.perf_counter() - started) * 1e3 / len(queries)
-            per_query = _recall_per_query(found, exact)
-            se = float(per_query.std(ddof=1) / math.sqrt(len(per_query))) if len(per_query) > 1 else 0.0
-            return float(per_query.mean()), se, ms_per_query
-
-        if self._kind == "ivf":
-            sweep, reaching = self._sweep_ivf(measure, target_recall, k)
-        else:
-            sweep, reaching = self._sweep_hnsw(measure, target_recall, k)
-        chosen = _pick_fastest(sweep, reaching, measure)
-        sweep = [
-            {
-                key: round(value, 5) if isinstance(value, float) else value
-                for key, value in row.items()
-                if key != "params"
-            }
-            for row in sweep
-        ]
-        met = _reaches(chosen["recall"], chosen["recall_se"], target_recall)
-        params = {key: chosen[key] for key in ("nprobe", "k_factor", "efSearch") if key in chosen}
-        if "k_factor" in params:
-            # The sweep re-ranked k_factor * k candidates; keep that many for smaller k too.
-            params["min_candidates"] = params["k_factor"] * k
+            return report  # nothing tuned: search_params and tuning stay as they are
+        params = report["search_params"]
         self._search_params.update(params)
         self._apply_search_params(self._cpu_index)
         self._drop_gpu_copy()
-        self._tuning = {
-            "method": f"autofaiss-like sweep, fastest setting with recall - {_CONFIDENCE_SE:g} s.e. >= target",
-            "target_recall": float(target_recall),
-            "k": k,
-            "n_queries": int(len(queries)),
-            "queries": source,
-            "met": bool(met),
-            "recall": round(chosen["recall"], 5),
-            "recall_se": round(chosen["recall_se"], 5),
-            "ms_per_query": round(chosen["ms_per_query"], 5),
-            "search_params": params,
-            "faiss_threads": int(faiss.omp_get_max_threads()),
-            "sweep": sweep,
-        }
+        self._tuning = report
         settings = ", ".join(f"{key}={value}" for key, value in params.items())
-        if met:
+        if report["met"]:
             LOGGER.info(
-                f"tuned {self._preset}: {settings} gives recall@{k} {chosen['recall']:.3f} "
-                f"(target {target_recall}) on {len(queries)} queries"
+                f"tuned {self._preset}: {settings} gives recall@{report['k']} {report['recall']:.3f} "
+                f"(target {target_recall}) on {report['n_queries']} queries"
             )
         else:
             exact_rerank = self._kind == "hnsw" or isinstance(
                 faiss.downcast_index(self._cpu_index.refine_index), faiss.IndexFlat
             )
             LOGGER.warning(
-                f"{self._preset} ({self._factory_string}) cannot reach recall@{k} {target_recall} on this "
-                f"catalog: best is {chosen['recall']:.3f} with {settings}. For higher recall use "
+                f"{self._preset} ({self._factory_string}) cannot reach recall@{report['k']} {target_recall} on this "
+                f"catalog: best is {report['recall']:.3f} with {settings}. For higher recall use "
                 + ("preset 'flat'" if exact_rerank else "preset 'ivfpq-rflat' (exact re-rank) or 'flat'")
             )
         return self.tuning
-
-    def _sweep_ivf(self, measure: Any, target_recall: float, k: int) -> Tuple[List[Dict], List[Dict]]:
-        """nprobe x k_factor sweep (see :meth:`tune`); returns all rows measured and those reaching the target."""
-        nprobes = _nprobe_steps(min(int(faiss.extract_index_ivf(self._cpu_index).nlist), _MAX_TUNED_NPROBE))
-        # Beyond twice the catalog, deeper re-ranks re-score the same vectors.
-        k_factors = [kf for kf in _TUNING_K_FACTORS if kf == 1 or kf * k <= 2 * self.ntotal]
-        sweep: List[Dict[str, Any]] = []
-        reaching: List[Dict[str, Any]] = []
-        start = 0  # index in nprobes: shallower re-ranks need at least the lists the deeper one needed
-        for k_factor in sorted(k_factors, reverse=True):
-            rows: List[Dict[str, Any]] = []
-            fastest = min((row["ms_per_query"] for row in reaching), default=math.inf)
-            for position in range(start, len(nprobes)):
-                nprobe = nprobes[position]
-                params = faiss.IndexRefineSearchParameters(
-                    k_factor=float(k_factor), base_index_params=faiss.SearchParametersIVF(nprobe=nprobe)
-                )
-                recall, se, ms_per_query = measure(params)
-                row = {
-                    "nprobe": nprobe,
-                    "k_factor": k_factor,
-                    "recall": recall,
-                    "recall_se": se,
-                    "ms_per_query": ms_per_query,
-                    "params": params,
-                }
-                sweep.append(row)
-                rows.append(row)
-                if _reaches(recall, se, target_recall):
-                    reaching.append(row)
-                    start = position
-                    break
-                if ms_per_query > _SLOWER_THAN_BEST * fastest:
-                    start = position
-                    break
-                # Two steps back is about half the lists: saturated at this depth, and at shallower ones.
-                if len(rows) >= 3 and recall - rows[-3]["recall"] < _SATURATION_GAIN:
-                    return sweep, reaching
-            else:
-                return sweep, reaching  # every nprobe tried without reaching the target
-        return sweep, reaching
-
-    def _sweep_hnsw(self, measure: Any, target_recall: float, k: int) -> Tuple[List[Dict], List[Dict]]:
-        """efSearch sweep, ascending, stopping at the first value reaching the target."""
-        sweep: List[Dict[str, Any]] = []
-        # Searches at this k use efSearch >= 2k anyway (see _hnsw_params): smaller values are the same.
-        for ef_search in sorted({max(ef, 2 * k) for ef in _TUNING_EF_SEARCH}):
-            params = _hnsw_params(ef_search, k)
-            recall, se, ms_per_query = measure(params)
-            sweep.append(
-                {
-                    "efSearch": ef_search,
-                    "recall": recall,
-                    "recall_se": se,
-                    "ms_per_query": ms_per_query,
-                    "params": params,
-                }
-            )
-            if _reaches(recall, se, target_recall):
-                return sweep, [sweep[-1]]
-        return sweep, []
 
     def _refine_k_factor(self, k: int) -> float:
         k_factor = float(self._search_params.get("k_factor", DEFAULT_REFINE_K_FACTOR))
@@ -818,7 +680,7 @@ class ProductIndex:
     def _search_index(self, k: int) -> Tuple[Any, Optional[Any]]:
         if self._kind == "hnsw":
             ef_search = int(self._search_params.get("efSearch", DEFAULT_EF_SEARCH))
-            return self._cpu_index, _hnsw_params(ef_search, k)
+            return self._cpu_index, hnsw_search_params(ef_search, k)
         index = self._gpu_copy() if self._device == "cuda" else self._cpu_index
         if self._kind == "ivf":
             # No base_index_params: the IVF part uses the nprobe set on it (CPU or GPU copy).
@@ -862,89 +724,6 @@ def serialized_index_size(cpu_index: Any) -> int:
     return written[0]
 
 
-def _nprobe_steps(top: int) -> List[int]:
-    """1, 2, 3, 4, 6, 8, 12, 16, 24 ... (powers of two and 1.5x them), up to and including ``top``.
-
-    Example:
-        >>> _nprobe_steps(40)
-        [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 40]
-    """
-    steps = sorted(
-        {value for i in range(max(1, top).bit_length() + 1) for value in (1 << i, 3 << i >> 1) if 1 <= value < top}
-    )
-    return steps + [max(1, top)]
-
-
-def _pick_fastest(sweep: List[Dict[str, Any]], reaching: List[Dict[str, Any]], measure: Any) -> Dict[str, Any]:
-    """Among settings reaching the target, the fastest over a few more timed runs (the first timing of
-    each is noisy: caches, thread start); if none reaches it, the highest recall, then the fastest."""
-    if not reaching:
-        return max(sweep, key=lambda row: (row["recall"], -row["ms_per_query"]))
-    for row in reaching:
-        for _ in range(_TIMING_REPEATS - 1):
-            row["ms_per_query"] = min(row["ms_per_query"], measure(row["params"])[2])
-    return min(reaching, key=lambda row: row["ms_per_query"])
-
-
-def _tuning_queries(queries: Optional[np.ndarray], dim: int) -> Optional[np.ndarray]:
-    """Caller's tuning queries as a normalised float32 matrix of the index dim (None stays None)."""
-    if queries is None:
-        return None
-    queries = _as_matrix(queries, "tuning queries")
-    if queries.shape[1] != dim:
-        raise IndexMismatchError(f"tuning queries have dim {queries.shape[1]} but the index holds dim {dim}")
-    return queries
-
-
-def _reaches(recall: float, standard_error: float, target_recall: float) -> bool:
-    return recall - _CONFIDENCE_SE * standard_error >= target_recall
-
-
-def _catalog_tuning_queries(database: np.ndarray, n_queries: int, seed: int) -> Tuple[np.ndarray, float]:
-    """Stand-ins for real queries, made from catalog vectors, and the cosine they were moved to.
-
-    A catalog vector searched as is would be a poor stand-in: it finds itself at cosine 1, and in an
-    HNSW graph its own node's edges hand over its neighbours (leave-one-out overstated recall@10 by
-    ~0.02 against fresh queries in our measurements). So each sampled vector ``x`` is rotated by a
-    random orthogonal direction ``e`` to ``q = normalise(x + t e)`` with cosine(q, x) = c, where c is the
-    median cosine between a catalog vector and its nearest other catalog vector: ``x`` becomes one
-    close neighbour among others, as the nearest product is for a real query. On descriptor-like
-    data the recall measured this way matched fresh queries within ~0.006 for IVF and HNSW.
-
-    Shape:
-        - database: :math:`(N, D)` unit rows.
-        - Output: ``(min(n_queries, N), D)`` float32 unit rows.
-    """
-    rng = np.random.default_rng(seed)
-    rows = np.sort(rng.choice(len(database), size=min(max(1, n_queries), len(database)), replace=False))
-    sources = database[rows]
-    # Nearest other vector of a few hundred sources (the first hit is the source itself).
-    nearest, _ = faiss.knn(sources[:200], database, 2, faiss.METRIC_INNER_PRODUCT)
-    cosine = float(np.clip(np.median(nearest[:, 1]), 0.05, 0.9999))
-    directions = rng.standard_normal(sources.shape, dtype=np.float32)
-    directions -= np.sum(directions * sources, axis=1, keepdims=True) * sources
-    directions /= np.maximum(np.linalg.norm(directions, axis=1, keepdims=True), 1e-12)
-    queries = sources + np.float32(math.sqrt(1.0 / cosine**2 - 1.0)) * directions
-    queries /= np.maximum(np.linalg.norm(queries, axis=1, keepdims=True), 1e-12)
-    return np.ascontiguousarray(queries, dtype=np.float32), cosine
-
-
-def _recall_per_query(found: np.ndarray, exact: np.ndarray) -> np.ndarray:
-    """Share of each row of ``exact`` that appears in the same row of ``found`` (labels are unique per row).
-
-    Shape:
-        - found, exact: :math:`(Q, k)`.
-        - Output: :math:`(Q,)` float64.
-    """
-    hits = (found[:, :, None] == exact[:, None, :]) & (exact[:, None, :] >= 0)
-    return hits.any(axis=1).sum(axis=1) / exact.shape[1]
-
-
-def _hnsw_params(ef_search: int, k: int) -> Any:
-    # A beam narrower than 2k loses recall in deep result lists, whatever efSearch was tuned for k=10.
-    return faiss.SearchParametersHNSW(efSearch=max(int(ef_search), 2 * k))
-
-
 def _encode_residuals(cpu_index: Any) -> None:
     """Make a fast-scan IVF-PQ encode residuals to its list centroid, before training.
 
@@ -977,11 +756,6 @@ def _training_sample(vectors: np.ndarray, train_size: Optional[int], seed: int) 
         return vectors
     rows = np.sort(np.random.default_rng(seed).choice(len(vectors), size=train_size, replace=False))
     return vectors[rows]
-
-
-def _check_target_recall(target_recall: float) -> None:
-    if isinstance(target_recall, bool) or not isinstance(target_recall, (int, float)) or not 0 < target_recall <= 1:
-        raise ValueError(f"target_recall must be in (0, 1], got {target_recall!r}")
 
 
 def _has_gpu_version(cpu_index: Any, kind: str) -> bool:
@@ -1039,26 +813,6 @@ def _placement(kind: str, device: str, has_gpu_version: bool = True) -> str:
     else:
         log_once(logging.INFO, "faiss: searching on the CPU")
     return resolved
-
-
-def _as_matrix(array: np.ndarray, name: str, allow_empty: bool = False) -> np.ndarray:
-    array = np.asarray(array)
-    if array.ndim != 2:
-        raise ValueError(f"{name} must be a 2-D (N, D) array, got shape {array.shape}")
-    if array.shape[0] == 0 and not allow_empty:
-        raise ValueError(f"empty catalog: {name} has no rows")
-    if array.shape[1] == 0:
-        raise ValueError(f"{name} has zero columns")
-    if not np.issubdtype(array.dtype, np.number) or np.iscomplexobj(array):
-        raise ValueError(f"{name} must be real numbers, got dtype {array.dtype}")
-    # A private, contiguous float32 copy: normalising must never write into the caller's array.
-    matrix = np.array(array, dtype=np.float32, order="C", copy=True)
-    if not np.isfinite(matrix).all():
-        bad_rows = np.flatnonzero(~np.isfinite(matrix).all(axis=1))
-        raise ValueError(f"{name} contain NaN or inf in {len(bad_rows)} rows, e.g. row {bad_rows[0]}")
-    norms = np.linalg.norm(matrix, axis=1, keepdims=True)
-    matrix /= np.maximum(norms, 1e-12)
-    return matrix
 
 
 def _check_new_ids(product_ids: Sequence[str], n_rows: int, existing: Mapping[str, int]) -> None:

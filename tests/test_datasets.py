@@ -1,4 +1,5 @@
-"""Tests of retrieval.datasets and retrieval.synthetic on tiny trees built in tmp_path."""
+"""Tests of retrieval.datasets (its formats and their registry) and retrieval.synthetic on tiny trees built in
+tmp_path."""
 
 from __future__ import annotations
 
@@ -11,13 +12,18 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+import retrieval.datasets.base as datasets_base
 import retrieval.synthetic as synthetic
 from retrieval.datasets import (
+    DATASETS,
     RetrievalSet,
+    dataset_spec_forms,
     default_cache_dir,
+    list_dataset_formats,
     load_csv,
     load_dataset,
     load_viton,
+    register_dataset_format,
 )
 from retrieval.io import read_image, read_mask
 from retrieval.synthetic import LABEL_UPPER_CLOTHES, SYNTHETIC_MARKER, make_synthetic_dataset
@@ -284,10 +290,69 @@ def test_load_dataset_specs(tmp_path):
     catalog, queries = _write_csvs(tmp_path)
     assert len(load_dataset(f"csv:{catalog},{queries}").queries) == 2
     assert load_dataset(f"csv:{catalog}").queries.empty
-    with pytest.raises(ValueError, match="valid forms"):
+    with pytest.raises(ValueError, match="registered formats: csv, synthetic, viton; valid forms: csv:CATALOG.csv"):
         load_dataset("deepfashion:/x")
+    with pytest.raises(ValueError, match="expected viton:ROOT"):
+        load_dataset("viton:")
+    with pytest.raises(ValueError, match="expected csv:CATALOG.csv or"):
+        load_dataset(f"csv:{catalog},{queries},{queries}")
     with pytest.raises(ValueError, match="positive integer"):
         load_dataset("synthetic:zero", cache_dir=tmp_path)
+
+
+def _viton_example(root: Path) -> str:
+    _fake_viton(root, "train", _ids(6))
+    return f"viton:{root}"
+
+
+def _csv_example(root: Path) -> str:
+    catalog, queries = _write_csvs(root)
+    return f"csv:{catalog},{queries}"
+
+
+DATASET_EXAMPLES = {
+    "csv": _csv_example,
+    "synthetic": lambda root: "synthetic:4",  # generated into load_dataset's cache_dir
+    "viton": _viton_example,
+}
+"""Format -> a function that writes a tiny example under a directory and returns its spec."""
+
+
+@pytest.mark.parametrize("name", list_dataset_formats())
+def test_every_registered_format_loads_a_tiny_example(name, tmp_path):
+    """Contract over the dataset registry: each format loads a tiny set as a validated RetrievalSet of
+    absolute paths to files that exist, and is listed with its spec forms."""
+    assert name in DATASET_EXAMPLES, f"dataset format {name!r} has no tiny example: add one to DATASET_EXAMPLES"
+    (tmp_path / "data").mkdir()
+    spec = DATASET_EXAMPLES[name](tmp_path / "data")
+    data = load_dataset(spec, split="all", seed=0, cache_dir=tmp_path / "cache")
+    assert isinstance(data, RetrievalSet) and data.validate() is data
+    assert len(data.catalog) > 0 and data.name
+    for image in list(data.catalog["image"]) + list(data.queries["image"]):
+        assert Path(image).is_absolute() and Path(image).is_file()
+    assert [form for form in dataset_spec_forms() if form.split(":")[0] == name]
+    with pytest.raises(ValueError, match=f"registered formats: .*{name}"):
+        load_dataset("no-such-format:x")
+
+
+def test_a_new_format_is_one_registration(monkeypatch, tmp_path):
+    """A format that indexes a folder of product images (no queries): one decorated loader."""
+    monkeypatch.setattr(DATASETS, "_entries", dict(DATASETS._entries))  # forgotten after the test
+    monkeypatch.setattr(datasets_base, "_SPEC_FORMS", dict(datasets_base._SPEC_FORMS))
+
+    @register_dataset_format("folder", "folder:DIR")
+    def folder_spec(argument, *, spec, split, seed, cache_dir):
+        images = sorted(Path(argument).resolve().glob("*.jpg"))
+        catalog = pd.DataFrame({"product_id": [path.stem for path in images], "image": list(map(str, images))})
+        queries = pd.DataFrame({"query_id": [], "image": [], "product_id": []}, dtype=str)
+        return RetrievalSet(f"folder:{argument}", catalog, queries).validate()
+
+    _write_tiny(tmp_path / "a.jpg", 1)
+    _write_tiny(tmp_path / "b.jpg", 2)
+    assert "folder" in list_dataset_formats() and "folder:DIR" in dataset_spec_forms()
+    assert load_dataset(f"FOLDER:{tmp_path}").catalog["product_id"].tolist() == ["a", "b"]
+    with pytest.raises(ValueError, match="registered twice"):
+        register_dataset_format("folder")(folder_spec)
 
 
 def test_default_cache_dir_follows_the_environment(monkeypatch, tmp_path):

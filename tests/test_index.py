@@ -9,7 +9,6 @@ from pathlib import Path
 
 import faiss
 import numpy as np
-import pandas as pd
 import pytest
 
 import index
@@ -330,15 +329,6 @@ def test_interrupted_save_keeps_the_old_index(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["idx"]  # no staging directory left behind
 
 
-def test_search_speed_smoke():
-    from benchmarks.search_speed import flat_search_speed, format_speed_table
-
-    result = flat_search_speed(n=3000, dim=32, n_queries=40, k=5, n_single=5, bandwidth_bytes=1 << 22)
-    assert result["numpy_topk_agreement"] >= 0.99  # float rounding may swap near-ties
-    assert result["batched_qps"] > 0 and result["single_p99_ms"] >= result["single_p50_ms"]
-    assert "queries/s" in format_speed_table(result)
-
-
 def recall_at(found: np.ndarray, exact: np.ndarray) -> float:
     return float(np.mean([len(set(a) & set(e)) / len(e) for a, e in zip(found, exact)]))
 
@@ -378,15 +368,6 @@ def test_tuning_reaches_the_target_recall_on_fresh_queries(preset, mixture, mixt
         assert probes == sorted(probes) and probes[0] == 1
     # The queries tuned on were perturbed catalog vectors; these were never seen.
     assert recall_at(tuned.search(fresh, k=10)[1], mixture_exact_ids) >= 0.95
-
-
-def test_tuning_grid_steps_by_1_5x():
-    from index.product_index import _TUNING_K_FACTORS, _nprobe_steps
-
-    assert _nprobe_steps(1) == [1] and _nprobe_steps(3) == [1, 2, 3]
-    assert _nprobe_steps(100) == [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 100]
-    assert _nprobe_steps(2048)[-3:] == [1024, 1536, 2048]
-    assert _TUNING_K_FACTORS == (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 
 
 def test_tuning_follows_the_target(mixture, mixture_exact_ids):
@@ -451,43 +432,3 @@ def test_tune_refuses_bad_arguments():
     with pytest.raises(ValueError, match="200 x 8"):
         graph.tune(vectors=random_vectors(10, 8))
     assert graph.tuning is None  # refused calls changed nothing
-
-
-def test_descriptor_like_vectors_are_seeded_clustered_unit_vectors():
-    from benchmarks.speed_suite import descriptor_like_vectors
-
-    vectors, labels = descriptor_like_vectors(3000, 64, n_centres=30, seed=1)
-    again, _ = descriptor_like_vectors(3000, 64, n_centres=30, seed=1)
-    np.testing.assert_array_equal(vectors, again)
-    assert vectors.shape == (3000, 64) and vectors.dtype == np.float32
-    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
-    similarities = vectors[:300] @ vectors.T
-    same = labels[:300, None] == labels[None, :]
-    assert similarities[same].mean() > 0.5 > 0.1 > abs(similarities[~same].mean())
-    # Power-law spectrum: a handful of directions carry most of the variance, unlike uniform noise.
-    eigenvalues = np.linalg.eigvalsh(np.cov(vectors.T))[::-1]
-    assert eigenvalues[:8].sum() / eigenvalues.sum() > 0.5
-
-
-def test_index_speed_suite_smoke(tmp_path):
-    from benchmarks.speed_suite import BOUND_ROW, NUMPY_ROW, format_speed_suite, index_speed_suite, write_speed_suite
-
-    frame = index_speed_suite(
-        sizes=(3000,),
-        dim=32,
-        presets=("ivfpq", "hnsw"),
-        n_queries=100,
-        n_single=5,
-        bandwidth_bytes=1 << 22,
-        sgemm_size=128,
-    )
-    assert frame["preset"].tolist() == ["flat", BOUND_ROW, NUMPY_ROW, "ivfpq", "hnsw"]
-    rows = frame.set_index("preset")
-    assert rows.loc["flat", "recall_at_k"] == 1.0 and rows.loc[NUMPY_ROW, "recall_at_k"] >= 0.99
-    assert rows.loc["ivfpq", "memory_vs_flat"] < 0.5 and rows.loc["ivfpq", "recall_at_k"] >= 0.9
-    assert (rows.loc[["flat", "ivfpq", "hnsw"], "p99_ms"] >= rows.loc[["flat", "ivfpq", "hnsw"], "p50_ms"]).all()
-    assert rows["gpu_qps"].isna().all() or frame["gpus"].iloc[0] > 0
-    text = format_speed_suite(frame)
-    assert "QPS batched" in text and "ONE faiss thread" in text and "N = 3,000" in text
-    csv_path, md_path = write_speed_suite(frame, tmp_path)
-    assert len(pd.read_csv(csv_path)) == len(frame) and md_path.read_text().count("| ivfpq |") == 1

@@ -1,0 +1,69 @@
+"""Retrieval data sets: a catalog, queries with their ground truth, and optional training pairs.
+
+Every loader returns a `RetrievalSet` of plain pandas tables holding absolute image paths; images are
+read later, by `retrieval.io.read_image`, by whoever needs the pixels.
+
+Specs understood by `load_dataset`, one module of this package per format (`list_dataset_formats()`):
+
+- ``synthetic`` or ``synthetic:N`` (``synthetic.py``): the embedded synthetic set (N products, default
+  120), generated once into the cache directory.
+- ``viton:ROOT`` (``viton.py``): a VITON-layout root (``../shared/data/viton``, a full VITON download, or
+  a synthetic root).
+- ``csv:CATALOG.csv`` or ``csv:CATALOG.csv,QUERIES.csv`` (``csv.py``): plain tables.
+
+A new format is one module with one loader decorated by `register_dataset_format`, imported below.
+
+Example:
+    >>> from retrieval.datasets import load_dataset
+    >>> data = load_dataset("synthetic:60", split="val")  # doctest: +SKIP
+    >>> print(data.describe())  # doctest: +SKIP
+    viton:/home/me/.cache/street2shop/synthetic-60-seed0 [val]: 20 products, 20 queries, 40 training pairs
+"""
+
+from retrieval.datasets.base import (
+    CACHE_ENV_VARIABLE,
+    CATALOG_COLUMNS,
+    DATASETS,
+    ID_COLUMNS,
+    QUERY_COLUMNS,
+    TRAIN_COLUMNS,
+    PathLike,
+    RetrievalSet,
+    dataset_spec_forms,
+    default_cache_dir,
+    list_dataset_formats,
+    load_dataset,
+    register_dataset_format,
+    subset_products,
+)
+
+# The built-in formats: each module registers its loader when imported.
+from retrieval.datasets.csv import load_csv
+from retrieval.datasets.synthetic import DEFAULT_SYNTHETIC_PRODUCTS
+from retrieval.datasets.viton import VITON_HALVES, VITON_SPLITS, load_viton
+
+DATASET_SPEC_FORMS = tuple(dataset_spec_forms())
+"""The spec forms of the built-in formats (`dataset_spec_forms()` also lists formats registered later)."""
+
+__all__ = [
+    "CACHE_ENV_VARIABLE",
+    "CATALOG_COLUMNS",
+    "DATASETS",
+    "DATASET_SPEC_FORMS",
+    "DEFAULT_SYNTHETIC_PRODUCTS",
+    "ID_COLUMNS",
+    "QUERY_COLUMNS",
+    "TRAIN_COLUMNS",
+    "VITON_HALVES",
+    "VITON_SPLITS",
+    "PathLike",
+    "RetrievalSet",
+    "dataset_spec_forms",
+    "default_cache_dir",
+    "list_dataset_formats",
+    "load_csv",
+    "load_dataset",
+    "load_viton",
+    "register_dataset_format",
+    "subset_products",
+]
