@@ -269,3 +269,52 @@ class Searcher:
             np.concatenate([new_scores.numpy(), scores[:, top:]], axis=1),
             np.concatenate([catalog[reordered.numpy()], ids[:, top:]], axis=1),
         )
+
+
+def run_demo(
+    products: int = 120,
+    descriptors: Sequence[str] = ("colorhist", "sift", "rmac", "gem"),
+    device: str = "auto",
+    cache_dir: Optional[os.PathLike] = None,
+    echo=print,
+) -> None:
+    """`street2shop demo`: generate the synthetic set, index its catalog with gem, query three street photos,
+    then print every descriptor's mAP@k on all of its street photos. Lines go to `echo`.
+    """
+    from benchmarks.runner import fit_images, format_table, run_grid
+    from benchmarks.suite import resolve_cache_dir
+    from retrieval.datasets import load_dataset
+
+    cache = resolve_cache_dir(cache_dir)
+    spec = f"synthetic:{products}"
+    data = load_dataset(spec, split="val", cache_dir=cache)
+    echo(f"1. synthetic street-to-shop set ({spec}): {data.describe()}")
+    index_dir = cache / "demo-index"
+    torch_device = resolve_device(device)
+    build_index(
+        data.catalog,
+        create_descriptor("gem").to(torch_device).eval(),
+        index_dir,
+        fit_paths=fit_images(data, 1000),
+        cache_dir=cache / "features",
+        faiss_device=device,
+    )
+    echo(f"2. indexed its {len(data.catalog)} catalog products with gem -> {index_dir}")
+    sample = data.queries.head(3)
+    results = Searcher(index_dir, device=device).search(list(sample["image"]), k=5)
+    truth = dict(zip(sample["image"], sample["product_id"].astype(str)))
+    results["correct"] = [truth[q] == p for q, p in zip(results["query"], results["product_id"])]
+    results["query"] = results["query"].map(lambda p: Path(p).name)
+    echo("3. three street photos queried (top 5, correct = the product the person wears):")
+    echo(results.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    echo(f"4. mAP@k of every descriptor on all {len(data.queries)} street photos:")
+    grid = run_grid(
+        data,
+        list(descriptors),
+        ("none",),
+        device=torch_device,
+        faiss_device=device,
+        cache_dir=cache / "features",
+        progress=True,
+    )
+    echo(format_table(grid))

@@ -12,23 +12,12 @@ from benchmarks.features import FeatureCache
 from benchmarks.generation_eval import evaluate_generation, evaluation_pairs, sample_grid
 from benchmarks.runner import add_statistics, run_benchmark
 from retrieval.datasets import load_dataset
-from street2shop.cli import _expand, cli
+from street2shop.cli import cli
 
 
 @pytest.fixture
 def dataset(synthetic_root):
     return load_dataset(f"viton:{synthetic_root}", split="val")
-
-
-def test_expand_globs_keeps_order_and_checkpoints():
-    names = ["colorhist", "gem", "rmac", "sift", "surf"]
-    assert _expand("s*,gem", names, "descriptor") == ["sift", "surf", "gem"]
-    assert _expand("*", names, "descriptor") == names
-    assert _expand("gem@runs/x/final.pt,gem", names, "descriptor") == ["gem@runs/x/final.pt", "gem"]
-    with pytest.raises(Exception, match="matches no descriptor"):
-        _expand("vgg*", names, "descriptor")
-    with pytest.raises(Exception, match="matches no descriptor"):
-        _expand("vgg@x.pt", names, "descriptor")
 
 
 def test_statistics_against_hand_computed_values():
@@ -274,9 +263,9 @@ def test_each_proxy_runs_once_per_grid_and_is_cached(dataset, tmp_path, monkeypa
 
 
 def test_train_set_options_are_parsed_and_checked(synthetic_root, tmp_path):
-    from street2shop.cli import _parse_settings
+    from retrieval.registry import parse_settings
 
-    assert _parse_settings(["width=0.5", "use_perceptual=False", "gan_mode=lsgan", "sp_image_size=(64, 48)"]) == {
+    assert parse_settings(["width=0.5", "use_perceptual=False", "gan_mode=lsgan", "sp_image_size=(64, 48)"]) == {
         "width": 0.5,
         "use_perceptual": False,
         "gan_mode": "lsgan",
