@@ -125,6 +125,42 @@ def model_options(kind: str, name: str, options: Mapping[str, Any], source: str 
     return conf, {key: value for key, value in options.items() if key not in conf}
 
 
+def train_named(
+    kind: str,
+    name: str,
+    dataset,
+    out_dir: os.PathLike,
+    settings: Mapping[str, Any],
+    options: Optional[Mapping[str, Any]] = None,
+    *,
+    device: Union[str, torch.device] = "auto",
+    seed: int = 0,
+    progress: bool = True,
+    time_budget_s: Optional[float] = None,
+):
+    """Build descriptor or proxy NAME and train it into `out_dir` (what `street2shop train` does); its final.pt.
+
+    `settings` (`--set`, typed by `option_defaults`) are split by `model_options`: the model's config
+    builds it, the rest join `options` (epochs, lr, ...) as training options and override them. Everything
+    is seeded with `seed` before the model is built, so it also decides the initial weights. `dataset` is
+    a RetrievalSet with training pairs, or None where a pair archive (`pairs=`) stands in.
+    """
+    from retrieval.batching import resolve_device
+    from retrieval.training import seed_everything
+
+    model_conf, training = model_options(kind, name, settings)
+    seed_everything(seed)
+    model = _create_model(kind, name, model_conf).to(resolve_device(device) if isinstance(device, str) else device)
+    return model.train_on(
+        dataset,
+        Path(out_dir),
+        seed=seed,
+        progress=progress,
+        time_budget_s=time_budget_s,
+        **proxy_training_options({**(options or {}), **training}),  # proxy=hp@RUN: trainers take the object
+    )
+
+
 def ensure_trained(
     specs: Sequence[str],
     kind: str,
@@ -370,13 +406,17 @@ def _build_model(kind: str, name: str, conf: Mapping[str, Any], seed: int):
     """The untrained model, initialised under `seed` so that its fingerprint (part of the key) is stable."""
     with torch.random.fork_rng(devices=[]):  # leaves the caller's generator alone
         torch.manual_seed(seed)
-        if kind == "proxy":
-            from generation.proxies import create_proxy
+        return _create_model(kind, name, conf)
 
-            return create_proxy(name, **conf)
-        from retrieval.descriptors import create_descriptor
 
-        return create_descriptor(name, **conf)
+def _create_model(kind: str, name: str, conf: Mapping[str, Any]):
+    if kind == "proxy":
+        from generation.proxies import create_proxy
+
+        return create_proxy(name, **conf)
+    from retrieval.descriptors import create_descriptor
+
+    return create_descriptor(name, **conf)
 
 
 def _dataset_identity(dataset) -> Dict[str, Any]:

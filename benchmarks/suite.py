@@ -106,7 +106,7 @@ def run_bench_suite(config: BenchConfig, *, echo: Echo = print, progress: Progre
             without `train`, cut-offs below 1.
         OSError: an `out_dir` that cannot be made.
     """
-    from benchmarks.report import git_revision, package_versions
+    from benchmarks.report import git_revision
     from benchmarks.reproduce import ensure_trained
     from benchmarks.runner import format_table, remove_previous_bench_outputs, run_benchmark
     from index import list_index_presets
@@ -177,14 +177,8 @@ def run_bench_suite(config: BenchConfig, *, echo: Echo = print, progress: Progre
         _write_rank_pictures(data, result.per_query, proxy_specs, config.rank_pictures, config.seed, torch_device, out)
         files.append("rank/index.html")
     wall = time.perf_counter() - started
-    record = _config_record(config, data, descriptor_specs, proxy_specs, preset_names, k_list, torch_device)
-    record.update(
-        trainings=trainings,
-        wall_s=round(wall, 1),
-        finished=time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        versions=package_versions(),
-        git=revision,
-    )
+    resolved = {"descriptors": descriptor_specs, "proxies": proxy_specs, "indexes": preset_names, "ks": k_list}
+    record = _config_record(config, data, resolved, torch_device, trainings, wall, revision)
     files = _write_report(out, config.split, data, result, k_list, generation, generation_md, trainings, record, files)
     echo(format_table(result.summary, k_list))
     if trainings:
@@ -196,17 +190,16 @@ def run_bench_suite(config: BenchConfig, *, echo: Echo = print, progress: Progre
     return out
 
 
-def _config_record(config: BenchConfig, data, descriptor_specs, proxy_specs, preset_names, k_list, torch_device):
-    """What config.json says about the run; the caller fills in the last five (None here), keys in file order."""
+def _config_record(config: BenchConfig, data, resolved, torch_device, trainings, wall: float, revision) -> dict:
+    """What config.json says about the run: its options, resolved specs, trainings, wall time, versions, git."""
+    from benchmarks.report import package_versions
+
     return {
         "command": config.command or "python: benchmarks.suite.run_bench_suite",
         "dataset": config.dataset,
         "split": config.split,
         "described": data.describe(),
-        "descriptors": descriptor_specs,
-        "proxies": proxy_specs,
-        "indexes": preset_names,
-        "ks": k_list,
+        **resolved,  # descriptors, proxies, indexes, ks: what ran, checkpoints of --train included
         "device": str(torch_device),
         "batch_size": config.batch_size,
         "fit_max_images": config.fit_max_images,
@@ -219,11 +212,11 @@ def _config_record(config: BenchConfig, data, descriptor_specs, proxy_specs, pre
         "protocol_gallery": config.protocol_gallery,
         "bootstrap": config.bootstrap,
         "generation_samples": config.generation_samples,
-        "trainings": None,
-        "wall_s": None,
-        "finished": None,
-        "versions": None,
-        "git": None,
+        "trainings": trainings,
+        "wall_s": round(wall, 1),
+        "finished": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "versions": package_versions(),
+        "git": revision,
     }
 
 

@@ -44,9 +44,14 @@ def _counts(value: str) -> List[int]:
     return counts
 
 
+def _opt(*declarations, **attributes):
+    """click.option with its default shown in --help."""
+    return click.option(*declarations, show_default=True, **attributes)
+
+
 def _whole(flag: str, default: int, minimum: int, help: Optional[str] = None):
     """A whole-number option >= `minimum`, its default shown (click refuses anything else, naming it)."""
-    return click.option(flag, default=default, show_default=True, type=click.IntRange(min=minimum), help=help)
+    return _opt(flag, default=default, type=click.IntRange(min=minimum), help=help)
 
 
 def _cache_dir(value: Optional[str]) -> Path:
@@ -144,60 +149,34 @@ RERANK_MODEL_HELP = "Geometric model of the spatial verification (see retrieval/
 
 @cli.command("index")
 @click.option("--catalog", required=True, help=DATASET_HELP + " Its catalog (products) is indexed.")
-@click.option(
-    "--split", default="all", show_default=True, help="Which part of a dataset's catalog to index: all, train or val."
-)
-@click.option("--descriptor", default="gem", show_default=True, help="Descriptor name (see `street2shop list`).")
-@click.option("--preset", default="flat", show_default=True, help="Index preset: flat (exact), ivfpq, hnsw.")
+@_opt("--split", default="all", help="Which part of a dataset's catalog to index: all, train or val.")
+@_opt("--descriptor", default="gem", help="Descriptor name (see `street2shop list`).")
+@_opt("--preset", default="flat", help="Index preset: flat (exact), ivfpq, hnsw.")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Index directory to write.")
-@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
-@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
+@_opt("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]))
+@_opt("--batch-size", default=32, type=click.IntRange(min=1))
 @_whole("--fit-max-images", 1000, 1, "Images used to fit codebooks/whitening.")
 @click.option(
     "--cache-dir",
     default=None,
     help="Feature cache (an interrupted run resumes from it). Default: $STREET2SHOP_CACHE or ~/.cache/street2shop.",
 )
-@click.option("--seed", default=0, show_default=True)
+@_opt("--seed", default=0)
 @click.option(
     "--local-features",
     is_flag=True,
     help="Also store the catalog's local features (local descriptors), for `query --rerank`.",
 )
-def index_command(
-    catalog, split, descriptor, preset, out_dir, device, batch_size, fit_max_images, cache_dir, seed, local_features
-) -> None:
+def index_command(catalog, out_dir, **options) -> None:
     """Embed a catalog's product photos and save a FAISS index with its manifest.
 
     Descriptors that learn something (sift's codebook, rmac's whitening) are fitted on the dataset's
     training pairs when it has them, else on the catalog itself. Features are cached per chunk:
     run the same command again after an interruption and it resumes.
     """
-    from benchmarks.runner import fit_images
-    from index import check_index_destination
-    from retrieval.batching import resolve_device
-    from retrieval.datasets import load_dataset
-    from retrieval.descriptors import create_descriptor
-    from street2shop.engine import build_index
+    from street2shop.engine import index_catalog
 
-    check_index_destination(out_dir)  # before the data loads: a refused --out must not cost the whole extraction
-    cache = _cache_dir(cache_dir)
-    dataset = load_dataset(catalog, split=split, seed=seed, cache_dir=cache)
-    model = create_descriptor(descriptor).to(resolve_device(device)).eval()
-    click.echo(f"indexing {len(dataset.catalog)} products of {dataset.name} with {descriptor} ({preset})")
-    started = time.perf_counter()
-    built = build_index(
-        dataset.catalog,
-        model,
-        out_dir,
-        preset=preset,
-        fit_paths=fit_images(dataset, fit_max_images, seed),
-        batch_size=batch_size,
-        cache_dir=cache / "features",
-        faiss_device=device,
-        local_features=local_features,
-    )
-    click.echo(f"wrote {out_dir}: {built.ntotal} products, dim {built.dim}, {time.perf_counter() - started:.1f} s")
+    index_catalog(catalog, out_dir, echo=click.echo, **options)
 
 
 @cli.command("query")
@@ -210,37 +189,22 @@ def index_command(
 )
 @click.argument("photos", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
 @_whole("--k", 10, 1, "Products returned per photo (>= 1).")
-@click.option("--proxy", default="none", show_default=True, help="Proxy stage applied to the photos first.")
+@_opt("--proxy", default="none", help="Proxy stage applied to the photos first.")
 @click.option("--descriptor", default=None, help="Refuse to run unless the index was built with this descriptor.")
-@click.option("--format", "fmt", default="table", show_default=True, type=click.Choice(["table", "json"]))
-@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@_opt("--format", "fmt", default="table", type=click.Choice(["table", "json"]))
+@_opt("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]))
 @_whole("--rerank", 0, 0, "Re-rank the top N by spatial verification (index built with --local-features); 0: off.")
-@click.option(
-    "--rerank-model", default="similarity", show_default=True, type=click.Choice(RERANK_MODELS), help=RERANK_MODEL_HELP
-)
+@_opt("--rerank-model", default="similarity", type=click.Choice(RERANK_MODELS), help=RERANK_MODEL_HELP)
 def query_command(index_dir, photos, k, proxy, descriptor, fmt, device, rerank, rerank_model) -> None:
     """Find the top-k catalog products for street photos."""
-    from street2shop.engine import Searcher
+    from street2shop.engine import Searcher, results_per_photo
 
     searcher = Searcher(
         index_dir, device=device, proxy=proxy, descriptor=descriptor, rerank=rerank, rerank_conf={"model": rerank_model}
     )
     results = searcher.search(list(photos), k=k)
     if fmt == "json":
-        # One entry per photo argument, in order: search returns the same number of rows for each, so a
-        # photo given twice is two entries (grouping by path merged them into one with 2k results).
-        per_photo = len(results) // len(photos)
-        entries = [
-            {
-                "query": photo,
-                "results": [
-                    {"rank": int(r.rank), "product_id": r.product_id, "score": round(float(r.score), 6)}
-                    for r in results.iloc[i * per_photo : (i + 1) * per_photo].itertuples()
-                ],
-            }
-            for i, photo in enumerate(photos)
-        ]
-        click.echo(json.dumps(entries, indent=2))
+        click.echo(json.dumps(results_per_photo(results, photos), indent=2))
     else:
         click.echo(results.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
 
@@ -268,39 +232,21 @@ def _grid_specs(patterns: str, kind: str, flag: str) -> List[str]:
 
 
 @cli.command("bench")
-@click.option("--dataset", default="synthetic", show_default=True, help=DATASET_HELP)
-@click.option("--split", default="val", show_default=True, help="val (seeded third of the pairs), train, or all.")
-@click.option(
+@_opt("--dataset", default="synthetic", help=DATASET_HELP)
+@_opt("--split", default="val", help="val (seeded third of the pairs), train, or all.")
+@_opt(
     "--descriptors",
     default="colorhist,sift,rmac,gem",
-    show_default=True,
     help="Comma-separated names or globs ('*' = all), each optionally NAME@run/final.pt.",
 )
-@click.option(
-    "--proxies",
-    default="none",
-    show_default=True,
-    help="Names or globs, e.g. 'none,hp,paintnet@runs/paintnet/final.pt'.",
+@_opt("--proxies", default="none", help="Names or globs, e.g. 'none,hp,paintnet@runs/paintnet/final.pt'.")
+@_opt("--indexes", "--index", "presets", default="flat", help="Index presets or globs, e.g. 'flat,ivfpq'.")
+@_opt("--k", "ks", default="1,5,10,20", help="Cut-offs for mAP@k and recall@k.")
+@_opt(
+    "--out", "out_dir", default="results", type=click.Path(file_okay=False), help="Where the report goes (see below)."
 )
-@click.option(
-    "--indexes",
-    "--index",
-    "presets",
-    default="flat",
-    show_default=True,
-    help="Index presets or globs, e.g. 'flat,ivfpq'.",
-)
-@click.option("--k", "ks", default="1,5,10,20", show_default=True, help="Cut-offs for mAP@k and recall@k.")
-@click.option(
-    "--out",
-    "out_dir",
-    default="results",
-    show_default=True,
-    type=click.Path(file_okay=False),
-    help="Where the report goes (see below).",
-)
-@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
-@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
+@_opt("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]))
+@_opt("--batch-size", default=32, type=click.IntRange(min=1))
 @_whole("--fit-max-images", 1000, 1, "Training images used to fit codebooks/whitening.")
 @click.option(
     "--cache-dir",
@@ -308,16 +254,14 @@ def _grid_specs(patterns: str, kind: str, flag: str) -> List[str]:
     help="Feature and checkpoint cache; default $STREET2SHOP_CACHE or ~/.cache/street2shop.",
 )
 @click.option("--no-cache", is_flag=True, help="Recompute every feature.")
-@click.option("--seed", default=0, show_default=True)
+@_opt("--seed", default=0)
 @_whole(
     "--rerank",
     0,
     0,
     "Also score each local descriptor's top N re-ranked by spatial verification (rows NAME+sv); 0: off.",
 )
-@click.option(
-    "--rerank-model", default="similarity", show_default=True, type=click.Choice(RERANK_MODELS), help=RERANK_MODEL_HELP
-)
+@_opt("--rerank-model", default="similarity", type=click.Choice(RERANK_MODELS), help=RERANK_MODEL_HELP)
 @_whole("--limit", 0, 0, "Evaluate a seeded sample of N products and their queries (0: all); for slow descriptors.")
 @_whole("--distractors", 0, 0, "Extra gallery products drawn from the training split (nobody queries them).")
 @_whole("--protocol-draws", 10, 0, "The paper's protocol: seeded galleries drawn (0: off).")
@@ -337,10 +281,9 @@ def _grid_specs(patterns: str, kind: str, flag: str) -> List[str]:
     help="Train every trainable model named without a checkpoint (cached under CACHE/checkpoints by config; "
     "reused later). Ablations as NAME[KEY=VALUE;...], e.g. 'paintnet[use_perceptual=False]'.",
 )
-@click.option(
+@_opt(
     "--train-budget",
     default=10.0,
-    show_default=True,
     type=click.FloatRange(min=0, min_open=True),
     help="Minutes of training per model with --train.",
 )
@@ -382,18 +325,18 @@ def bench_command(ks, descriptors, proxies, presets, no_cache, train_missing, **
 
 
 @cli.command("bench-generation")
-@click.option("--dataset", default="viton:../shared/data/viton", show_default=True, help=DATASET_HELP)
-@click.option("--split", default="val", show_default=True)
+@_opt("--dataset", default="viton:../shared/data/viton", help=DATASET_HELP)
+@_opt("--split", default="val")
 @click.option(
     "--proxies", required=True, help="Proxies to score, e.g. 'hp@runs/parser/final.pt,paintnet@runs/paintnet/final.pt'."
 )
 @_whole("--samples", 500, 0, "Seeded sample of the split's person -> product pairs (0: all).")
 @_whole("--size", 64, 1, "Side the images are compared at (the paper: 64).")
 @click.option("--no-inception", is_flag=True, help="Skip the IS-style score (one classifier pass per image).")
-@click.option("--out", "out_dir", default="results/generation", show_default=True, type=click.Path(file_okay=False))
-@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@_opt("--out", "out_dir", default="results/generation", type=click.Path(file_okay=False))
+@_opt("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--cache-dir", default=None)
-@click.option("--seed", default=0, show_default=True)
+@_opt("--seed", default=0)
 def bench_generation_command(proxies, no_inception, **options) -> None:
     """Tables 2-3: each proxy's output against the true product photo (RMSE, SSIM, IS-style score).
 
@@ -411,8 +354,8 @@ def bench_generation_command(proxies, no_inception, **options) -> None:
 
 @cli.command("demo")
 @_whole("--products", 120, 1, "Size of the generated synthetic set.")
-@click.option("--descriptors", default="colorhist,sift,rmac,gem", show_default=True)
-@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@_opt("--descriptors", default="colorhist,sift,rmac,gem")
+@_opt("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--cache-dir", default=None, help="Where the synthetic set, indexes and features go.")
 def demo_command(products, descriptors, device, cache_dir) -> None:
     """Build the embedded synthetic street-to-shop set, index its catalog, query it, print mAP@k.
@@ -430,12 +373,7 @@ def train_group() -> None:
 
 
 TRAIN_OPTIONS = [
-    click.option(
-        "--dataset",
-        default="viton:../shared/data/viton",
-        show_default=True,
-        help=DATASET_HELP + " Its training pairs are used.",
-    ),
+    _opt("--dataset", default="viton:../shared/data/viton", help=DATASET_HELP + " Its training pairs are used."),
     click.option(
         "--out",
         "out_dir",
@@ -462,9 +400,9 @@ TRAIN_OPTIONS = [
         type=click.FloatRange(min=0, min_open=True),
         help="Stop cleanly (checkpointed) after this many minutes.",
     ),
-    click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"])),
+    _opt("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"])),
     click.option("--cache-dir", default=None, help="Default: $STREET2SHOP_CACHE or ~/.cache/street2shop."),
-    click.option("--seed", default=0, show_default=True),
+    _opt("--seed", default=0),
     click.option(
         "--set",
         "settings",
@@ -483,39 +421,16 @@ def _train_options(command):
     return command
 
 
-def _train(
-    kind: str,
-    name: str,
-    dataset,
-    out_dir,
-    epochs,
-    batch_size,
-    lr,
-    time_budget,
-    device,
-    cache_dir,
-    seed,
-    settings=(),
-    **extra,
-) -> None:
+def _train(kind: str, name: str, dataset, out_dir, time_budget, device, cache_dir, seed, settings=(), **flags) -> None:
     """Build the named descriptor or proxy, train it on the dataset's training pairs, say where it went."""
-    from benchmarks.reproduce import model_class, model_options, option_defaults
-    from generation.proxies import create_proxy, proxy_training_options
-    from retrieval.batching import resolve_device
+    from benchmarks.reproduce import model_class, option_defaults, train_named
     from retrieval.datasets import load_dataset
-    from retrieval.descriptors import create_descriptor
     from retrieval.registry import parse_settings
-    from retrieval.training import seed_everything
 
-    options = {k: v for k, v in {"epochs": epochs, "batch_size": batch_size, "lr": lr}.items() if v is not None}
-    options.update({k: v for k, v in extra.items() if v is not None})
     if not getattr(model_class(kind, name), "trainable", False):  # before any data loads
         raise ValueError(f"{kind} {name!r} has nothing to train")
     # Typed by the model's options and its trainer's: 'false' is False, not a truthy string.
     settings = parse_settings(settings, option_defaults(kind, name), source="--set")
-    # --set KEY=VALUE: the model's own options build it, the rest are training options.
-    model_conf, training = model_options(kind, name, settings)
-    options.update(training)
     if "pairs" in settings:  # a pair archive (export-pairs) stands in for the photos
         if kind == "descriptor":
             raise ValueError(
@@ -527,19 +442,10 @@ def _train(
         data = load_dataset(dataset, split="val", seed=seed, cache_dir=_cache_dir(cache_dir))
         if data.train is None or data.train.empty:
             raise ValueError(f"{data.name} has no training pairs to train {name} on")
-    seed_everything(seed)  # before the model is built: --seed also decides the initial weights
-    create = create_descriptor if kind == "descriptor" else create_proxy
-    model = create(name, **model_conf).to(resolve_device(device))
-    options = proxy_training_options(options)  # --set proxy=hp@RUN: trainers take the object
     started = time.perf_counter()
-    final = model.train_on(
-        data,
-        Path(out_dir),
-        seed=seed,
-        progress=True,
-        time_budget_s=None if time_budget is None else 60 * time_budget,
-        **options,
-    )
+    flags = {key: value for key, value in flags.items() if value is not None}  # epochs, batch_size, lr, parser
+    budget_s = None if time_budget is None else 60 * time_budget
+    final = train_named(kind, name, data, out_dir, settings, flags, device=device, seed=seed, time_budget_s=budget_s)
     budget = f" (stopped by the {time_budget:g}-minute budget if it came first)" if time_budget else ""
     source = (
         f"the pair archive {settings['pairs']}" if data is None else f"{data.name}'s {len(data.train)} training pairs"
@@ -601,21 +507,15 @@ def train_paintnet_command(parser, **options) -> None:
 
 
 @cli.command("export-pairs")
-@click.option(
-    "--dataset",
-    default="viton:../shared/data/viton",
-    show_default=True,
-    help=DATASET_HELP + " Its training pairs are exported.",
-)
+@_opt("--dataset", default="viton:../shared/data/viton", help=DATASET_HELP + " Its training pairs are exported.")
 @_whole("--size", 64, 1, "Side of the square tensors (PaintNet's image_size).")
-@click.option(
+@_opt(
     "--shape-maps",
     default="cloth_mask",
-    show_default=True,
     type=click.Choice(["cloth_mask", "grabcut"]),
     help="Product shape maps: the data set's masks, or GrabCut on the product photo (the paper).",
 )
-@click.option("--seed", default=0, show_default=True, help="Seed of the train/validation split.")
+@_opt("--seed", default=0, help="Seed of the train/validation split.")
 @click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False), help="Archive to write (.npz).")
 @click.option("--cache-dir", default=None)
 def export_pairs_command(dataset, size, shape_maps, seed, out_path, cache_dir) -> None:
@@ -650,35 +550,19 @@ def train_dtgan_command(**options) -> None:
 
 
 @cli.command("bench-speed")
-@click.option(
-    "--descriptors",
-    default="colorhist,sift,rmac,gem",
-    show_default=True,
-    help="Descriptors timed for extraction ('' to skip).",
-)
-@click.option(
-    "--proxies",
-    default="",
-    show_default=True,
-    help="Proxy stages timed alone, e.g. 'hp,paintnet@runs/paintnet/final.pt' ('' to skip).",
-)
+@_opt("--descriptors", default="colorhist,sift,rmac,gem", help="Descriptors timed for extraction ('' to skip).")
+@_opt("--proxies", default="", help="Proxy stages timed alone, e.g. 'hp,paintnet@runs/paintnet/final.pt' ('' to skip).")
 @_whole("--images", 64, 1, "Synthetic images per descriptor for the extraction timing.")
-@click.option(
+@_opt(
     "--sizes",
     default="10000,100000",
-    show_default=True,
     callback=lambda ctx, param, value: _counts(value),
     help="Catalog sizes for the index timings, e.g. 10000,100000,1000000.",
 )
-@click.option("--dim", default=512, show_default=True, type=click.IntRange(min=1))
-@click.option(
-    "--presets",
-    default="flat,ivfpq,hnsw",
-    show_default=True,
-    help="Index presets timed (flat always runs as the reference).",
-)
-@click.option("--out", "out_dir", default="results/speed", show_default=True, type=click.Path(file_okay=False))
-@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@_opt("--dim", default=512, type=click.IntRange(min=1))
+@_opt("--presets", default="flat,ivfpq,hnsw", help="Index presets timed (flat always runs as the reference).")
+@_opt("--out", "out_dir", default="results/speed", type=click.Path(file_okay=False))
+@_opt("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--cache-dir", default=None)
 def bench_speed_command(sizes, **options) -> None:
     """Extraction images/s per descriptor; index build time, memory, QPS, p50/p99 latency and recall@10.

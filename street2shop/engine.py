@@ -18,6 +18,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
 
@@ -157,6 +158,70 @@ def build_index(
         ).to_bytes()
     product_index.save(out_dir, attachments=attachments)
     return product_index
+
+
+def index_catalog(
+    catalog: str,
+    out_dir: os.PathLike,
+    *,
+    split: str = "all",
+    descriptor: str = "gem",
+    preset: str = "flat",
+    device: str = "auto",
+    batch_size: int = 32,
+    fit_max_images: int = 1000,
+    cache_dir: Optional[os.PathLike] = None,
+    seed: int = 0,
+    local_features: bool = False,
+    echo=print,
+) -> ProductIndex:
+    """`street2shop index`: the catalog of data set spec `catalog` -> an index directory (`build_index`).
+
+    The descriptor is fitted on up to `fit_max_images` of the data set's training images (else the
+    catalog's); `out_dir` is checked before the data loads, so a refused one costs nothing.
+    """
+    from benchmarks.runner import fit_images
+    from benchmarks.suite import resolve_cache_dir
+    from retrieval.datasets import load_dataset
+
+    check_index_destination(out_dir)  # before the data loads: a refused --out must not cost the whole extraction
+    cache = resolve_cache_dir(cache_dir)
+    dataset = load_dataset(catalog, split=split, seed=seed, cache_dir=cache)
+    model = create_descriptor(descriptor).to(resolve_device(device)).eval()
+    echo(f"indexing {len(dataset.catalog)} products of {dataset.name} with {descriptor} ({preset})")
+    started = time.perf_counter()
+    built = build_index(
+        dataset.catalog,
+        model,
+        out_dir,
+        preset=preset,
+        fit_paths=fit_images(dataset, fit_max_images, seed),
+        batch_size=batch_size,
+        cache_dir=cache / "features",
+        faiss_device=device,
+        local_features=local_features,
+    )
+    echo(f"wrote {out_dir}: {built.ntotal} products, dim {built.dim}, {time.perf_counter() - started:.1f} s")
+    return built
+
+
+def results_per_photo(results: pd.DataFrame, photos: Sequence[str]) -> list:
+    """`Searcher.search`'s table -> one {"query", "results": [{rank, product_id, score}]} per photo, in order.
+
+    One entry per photo given, so a photo given twice is two entries (grouping by path merged them into
+    one with 2k results): search returns the same number of rows for each.
+    """
+    per_photo = len(results) // len(photos)
+    return [
+        {
+            "query": photo,
+            "results": [
+                {"rank": int(r.rank), "product_id": r.product_id, "score": round(float(r.score), 6)}
+                for r in results.iloc[i * per_photo : (i + 1) * per_photo].itertuples()
+            ],
+        }
+        for i, photo in enumerate(photos)
+    ]
 
 
 class Searcher:
