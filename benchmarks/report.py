@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import html
 import io
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -200,6 +201,16 @@ def write_rank_pages(
 
 
 # ---- the files `street2shop bench` writes -------------------------------------------------------
+def table_of_rows(rows: Sequence[Dict]) -> pd.DataFrame:
+    """Rows of dicts -> DataFrame; nested values (training options) as JSON text, so Parquet can hold them."""
+    return pd.DataFrame(
+        [
+            {k: json.dumps(v, default=str) if isinstance(v, (dict, list, tuple)) else v for k, v in row.items()}
+            for row in rows
+        ]
+    )
+
+
 def write_table(frame: pd.DataFrame, stem: Path) -> List[Path]:
     """`stem`.csv and `stem`.parquet (when pyarrow is installed), each written atomically."""
     stem = Path(stem)

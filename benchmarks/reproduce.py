@@ -13,11 +13,12 @@ Specs:
     "gem", "none"                     not trainable: passed through unchanged.
     "tn@runs/tn/final.pt"             already trained: passed through unchanged.
     "paintnet"                        trained (or reused) -> "paintnet@<cache>/checkpoints/paintnet-<key>/final.pt"
-    "paintnet[use_perceptual=False]"  an ablation: the options in brackets (`;`-separated KEY=VALUE, values
-                                      as Python literals) go to the model, and the key differs.
+    "paintnet[use_perceptual=False]"  an ablation: the options in brackets (`;`-separated KEY=VALUE, read
+                                      by `retrieval.specs.parse_spec`) go to the model, and the key differs.
 
 Options whose key is in the model's `default_conf` build the model (`create_proxy(name, **conf)`); the
-others go to its `train_on` (epochs, max_pairs, lr, ...), as `street2shop train` passes them.
+others go to its `train_on` (epochs, max_pairs, lr, ...): `model_options` splits them, as for
+`street2shop train --set`. `grid_specs` turns what a user wrote (globs, text values) into such specs.
 
 Dependencies: a proxy with a `parser` option (PaintNet and its ablations) segments the garment with the
 hp proxy's trained parser. When such a proxy is trained and no parser is given, hp is trained (or
@@ -48,7 +49,7 @@ import torch
 
 from generation.proxies import proxy_training_options
 from retrieval.io import write_text_atomic
-from retrieval.registry import coerce_option
+from retrieval.specs import expand_specs, parse_spec, typed_specs
 
 log = logging.getLogger("street2shop.reproduce")
 
@@ -58,41 +59,106 @@ PARSER_OPTION = "parser"
 KEY_LENGTH = 12  # hex digits of the sha1: plenty for a handful of configs per model
 META_FILE = "reproduce.json"
 RESERVED_OPTIONS = frozenset({"seed", "progress", "time_budget_s"})  # train_on arguments ensure_trained sets
-_SPEC = re.compile(r"^(?P<name>[^\[\]@;=]+?)\s*(?:\[(?P<options>[^\]]*)\])?$")
 
 Progress = Union[bool, Callable[[str], None]]
 
 
-def parse_spec(spec: str) -> Tuple[str, Optional[str], Dict[str, Any]]:
-    """'NAME', 'NAME@path/final.pt' or 'NAME[k=v;k=v]' -> (name, checkpoint or None, options).
+def model_class(kind: str, name: str):
+    """The registered descriptor or proxy class of that name (unknown names: ValueError listing the valid ones)."""
+    if kind == "proxy":
+        from generation.proxies import PROXIES, list_proxies
 
-    Values are typed as `--set` types them without a default (`retrieval.registry.coerce_option`):
-    true/false in any case, numbers, `(64, 48)`, `None`; a bare word is a string. The model's
-    constructor then types each against its own default.
+        list_proxies()  # registers the built-in proxies
+        return PROXIES.get(name)
+    if kind != "descriptor":
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    from retrieval.descriptors import DESCRIPTORS, list_descriptors
 
-    Example:
-        >>> parse_spec("paintnet[use_perceptual=false;width=0.5]")
-        ('paintnet', None, {'use_perceptual': False, 'width': 0.5})
-        >>> parse_spec("tn@runs/tn/final.pt")
-        ('tn', 'runs/tn/final.pt', {})
+    list_descriptors()  # registers the built-in descriptors
+    return DESCRIPTORS.get(name)
+
+
+def registered_names(kind: str) -> List[str]:
+    """The registered descriptors or proxies, what a spec's NAME or glob is matched against."""
+    if kind == "proxy":
+        from generation.proxies import list_proxies
+
+        return list_proxies()
+    from retrieval.descriptors import list_descriptors
+
+    return list_descriptors()
+
+
+def option_defaults(kind: str, name: str) -> Dict[str, Any]:
+    """Every option a model of that name takes, with its default: its training options, then its config."""
+    from retrieval.training import training_defaults
+
+    cls = model_class(kind, name)
+    defaults = training_defaults(cls) if getattr(cls, "trainable", False) else {}
+    return {**defaults, **getattr(cls, "default_conf", {})}
+
+
+def grid_specs(patterns: Union[str, Sequence[str]], kind: str, source: str) -> List[str]:
+    """Names, globs, NAME@checkpoint and NAME[KEY=VALUE;...] of one kind -> the grid's specs: globs expanded
+    (`retrieval.specs.expand_specs`), bracketed options typed by the model's defaults (`typed_specs`).
 
     Raises:
-        ValueError: an option without `=`, or brackets that do not close the spec.
+        ValueError: a glob or name that matches nothing, an option of the wrong type or unknown; messages
+            start with `source` (e.g. '--proxies').
     """
-    name, _, checkpoint = spec.partition("@")
-    if checkpoint:
-        return name.strip(), checkpoint, {}
-    match = _SPEC.match(spec.strip())
-    if not match:
-        raise ValueError(f"bad spec {spec!r}: expected NAME, NAME@path/final.pt or NAME[KEY=VALUE;KEY=VALUE]")
-    options: Dict[str, Any] = {}
-    for item in filter(None, (part.strip() for part in (match["options"] or "").split(";"))):
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"bad option {item!r} in spec {spec!r}: expected KEY=VALUE")
-        # The same typing as --set: 'false' and False are one option (and one checkpoint key).
-        options[key.strip()] = coerce_option(key.strip(), value, None)
-    return match["name"], None, options
+    expanded = expand_specs(patterns, registered_names(kind), kind)
+    return typed_specs(expanded, lambda name: option_defaults(kind, name), source)
+
+
+def model_options(kind: str, name: str, options: Mapping[str, Any], source: str = "--set") -> Tuple[Dict, Dict]:
+    """Options of one model -> (its config, its training options), through `retrieval.training.split_options`.
+
+    A model whose trainer is not registered yet (its `train_on` still types its own options) gets the
+    plain split: keys of its `default_conf` build it, the others train it.
+    """
+    from retrieval.training import has_trainer, split_options
+
+    model_defaults = getattr(model_class(kind, name), "default_conf", {})
+    if has_trainer(name):
+        return split_options(name, model_defaults, options, source)
+    conf = {key: value for key, value in options.items() if key in model_defaults}
+    return conf, {key: value for key, value in options.items() if key not in conf}
+
+
+def train_named(
+    kind: str,
+    name: str,
+    dataset,
+    out_dir: os.PathLike,
+    settings: Mapping[str, Any],
+    options: Optional[Mapping[str, Any]] = None,
+    *,
+    device: Union[str, torch.device] = "auto",
+    seed: int = 0,
+    progress: bool = True,
+    time_budget_s: Optional[float] = None,
+):
+    """Build descriptor or proxy NAME and train it into `out_dir` (what `street2shop train` does); its final.pt.
+
+    `settings` (`--set`, typed by `option_defaults`) are split by `model_options`: the model's config
+    builds it, the rest join `options` (epochs, lr, ...) as training options and override them. Everything
+    is seeded with `seed` before the model is built, so it also decides the initial weights. `dataset` is
+    a RetrievalSet with training pairs, or None where a pair archive (`pairs=`) stands in.
+    """
+    from retrieval.batching import resolve_device
+    from retrieval.training import seed_everything
+
+    model_conf, training = model_options(kind, name, settings)
+    seed_everything(seed)
+    model = _create_model(kind, name, model_conf).to(resolve_device(device) if isinstance(device, str) else device)
+    return model.train_on(
+        dataset,
+        Path(out_dir),
+        seed=seed,
+        progress=progress,
+        time_budget_s=time_budget_s,
+        **proxy_training_options({**(options or {}), **training}),  # proxy=hp@RUN: trainers take the object
+    )
 
 
 def ensure_trained(
@@ -146,7 +212,7 @@ def ensure_trained(
         progress,
         say,
     )
-    parsed = [parse_spec(spec) for spec in specs]
+    parsed = [(p.name, p.checkpoint, dict(p.options)) for p in map(parse_spec, specs)]
     for spec, (name, checkpoint, spec_options) in zip(specs, parsed):
         if checkpoint is None and not planner.is_trainable(name) and spec_options:
             raise ValueError(
@@ -211,16 +277,7 @@ class _Planner:
 
     # ---- the registry ------------------------------------------------------------------------
     def model_class(self, name: str, kind: Optional[str] = None):
-        kind = kind or self.kind
-        if kind == "proxy":
-            from generation.proxies import PROXIES, list_proxies
-
-            list_proxies()  # registers the built-in proxies
-            return PROXIES.get(name)
-        import retrieval.descriptors  # noqa: F401  (registers the built-in descriptors)
-        from retrieval.descriptors import DESCRIPTORS
-
-        return DESCRIPTORS.get(name)
+        return model_class(kind or self.kind, name)
 
     def is_trainable(self, name: str, kind: Optional[str] = None) -> bool:
         return bool(getattr(self.model_class(name, kind), "trainable", False))
@@ -249,15 +306,13 @@ class _Planner:
     def ensure(self, name: str, options: Mapping[str, Any], spec: str, kind: Optional[str] = None) -> Dict[str, Any]:
         """Reuse `<checkpoints>/<name>-<key>/final.pt` or train it there; return its row."""
         kind = kind or self.kind
-        cls = self.model_class(name, kind)
         reserved = RESERVED_OPTIONS & set(options)
         if reserved:
             raise ValueError(
                 f"{sorted(reserved)} of {spec!r} are set by ensure_trained (seed=, progress=, "
                 "budget_minutes=), not per model"
             )
-        conf = {k: v for k, v in options.items() if k in getattr(cls, "default_conf", {})}
-        train_options = {k: v for k, v in options.items() if k not in conf}
+        conf, train_options = model_options(kind, name, options, source=spec)
         model = _build_model(kind, name, conf, self.seed)
         ingredients = {
             "kind": kind,
@@ -351,13 +406,17 @@ def _build_model(kind: str, name: str, conf: Mapping[str, Any], seed: int):
     """The untrained model, initialised under `seed` so that its fingerprint (part of the key) is stable."""
     with torch.random.fork_rng(devices=[]):  # leaves the caller's generator alone
         torch.manual_seed(seed)
-        if kind == "proxy":
-            from generation.proxies import create_proxy
+        return _create_model(kind, name, conf)
 
-            return create_proxy(name, **conf)
-        from retrieval.descriptors import create_descriptor
 
-        return create_descriptor(name, **conf)
+def _create_model(kind: str, name: str, conf: Mapping[str, Any]):
+    if kind == "proxy":
+        from generation.proxies import create_proxy
+
+        return create_proxy(name, **conf)
+    from retrieval.descriptors import create_descriptor
+
+    return create_descriptor(name, **conf)
 
 
 def _dataset_identity(dataset) -> Dict[str, Any]:

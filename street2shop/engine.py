@@ -18,6 +18,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
 
@@ -160,6 +161,70 @@ def build_index(
     return product_index
 
 
+def index_catalog(
+    catalog: str,
+    out_dir: os.PathLike,
+    *,
+    split: str = "all",
+    descriptor: str = "gem",
+    preset: str = "flat",
+    device: str = "auto",
+    batch_size: int = 32,
+    fit_max_images: int = 1000,
+    cache_dir: Optional[os.PathLike] = None,
+    seed: int = 0,
+    local_features: bool = False,
+    echo=print,
+) -> ProductIndex:
+    """`street2shop index`: the catalog of data set spec `catalog` -> an index directory (`build_index`).
+
+    The descriptor is fitted on up to `fit_max_images` of the data set's training images (else the
+    catalog's); `out_dir` is checked before the data loads, so a refused one costs nothing.
+    """
+    from benchmarks.runner import fit_images
+    from benchmarks.suite import resolve_cache_dir
+    from retrieval.datasets import load_dataset
+
+    check_index_destination(out_dir)  # before the data loads: a refused --out must not cost the whole extraction
+    cache = resolve_cache_dir(cache_dir)
+    dataset = load_dataset(catalog, split=split, seed=seed, cache_dir=cache)
+    model = create_descriptor(descriptor).to(resolve_device(device)).eval()
+    echo(f"indexing {len(dataset.catalog)} products of {dataset.name} with {descriptor} ({preset})")
+    started = time.perf_counter()
+    built = build_index(
+        dataset.catalog,
+        model,
+        out_dir,
+        preset=preset,
+        fit_paths=fit_images(dataset, fit_max_images, seed),
+        batch_size=batch_size,
+        cache_dir=cache / "features",
+        faiss_device=device,
+        local_features=local_features,
+    )
+    echo(f"wrote {out_dir}: {built.ntotal} products, dim {built.dim}, {time.perf_counter() - started:.1f} s")
+    return built
+
+
+def results_per_photo(results: pd.DataFrame, photos: Sequence[str]) -> list:
+    """`Searcher.search`'s table -> one {"query", "results": [{rank, product_id, score}]} per photo, in order.
+
+    One entry per photo given, so a photo given twice is two entries (grouping by path merged them into
+    one with 2k results): search returns the same number of rows for each.
+    """
+    per_photo = len(results) // len(photos)
+    return [
+        {
+            "query": photo,
+            "results": [
+                {"rank": int(r.rank), "product_id": r.product_id, "score": round(float(r.score), 6)}
+                for r in results.iloc[i * per_photo : (i + 1) * per_photo].itertuples()
+            ],
+        }
+        for i, photo in enumerate(photos)
+    ]
+
+
 class Searcher:
     """A loaded index plus the descriptor (and optional proxy) that queries it.
 
@@ -266,3 +331,52 @@ class Searcher:
             np.concatenate([new_scores.numpy(), scores[:, top:]], axis=1),
             np.concatenate([catalog[reordered.numpy()], ids[:, top:]], axis=1),
         )
+
+
+def run_demo(
+    products: int = 120,
+    descriptors: Sequence[str] = ("colorhist", "sift", "rmac", "gem"),
+    device: str = "auto",
+    cache_dir: Optional[os.PathLike] = None,
+    echo=print,
+) -> None:
+    """`street2shop demo`: generate the synthetic set, index its catalog with gem, query three street photos,
+    then print every descriptor's mAP@k on all of its street photos. Lines go to `echo`.
+    """
+    from benchmarks.runner import fit_images, format_table, run_grid
+    from benchmarks.suite import resolve_cache_dir
+    from retrieval.datasets import load_dataset
+
+    cache = resolve_cache_dir(cache_dir)
+    spec = f"synthetic:{products}"
+    data = load_dataset(spec, split="val", cache_dir=cache)
+    echo(f"1. synthetic street-to-shop set ({spec}): {data.describe()}")
+    index_dir = cache / "demo-index"
+    torch_device = resolve_device(device)
+    build_index(
+        data.catalog,
+        create_descriptor("gem").to(torch_device).eval(),
+        index_dir,
+        fit_paths=fit_images(data, 1000),
+        cache_dir=cache / "features",
+        faiss_device=device,
+    )
+    echo(f"2. indexed its {len(data.catalog)} catalog products with gem -> {index_dir}")
+    sample = data.queries.head(3)
+    results = Searcher(index_dir, device=device).search(list(sample["image"]), k=5)
+    truth = dict(zip(sample["image"], sample["product_id"].astype(str)))
+    results["correct"] = [truth[q] == p for q, p in zip(results["query"], results["product_id"])]
+    results["query"] = results["query"].map(lambda p: Path(p).name)
+    echo("3. three street photos queried (top 5, correct = the product the person wears):")
+    echo(results.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    echo(f"4. mAP@k of every descriptor on all {len(data.queries)} street photos:")
+    grid = run_grid(
+        data,
+        list(descriptors),
+        ("none",),
+        device=torch_device,
+        faiss_device=device,
+        cache_dir=cache / "features",
+        progress=True,
+    )
+    echo(format_table(grid))

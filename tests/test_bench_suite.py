@@ -1,5 +1,6 @@
 """The benchmark suite: grid statistics, protocols, distractors, resume, report files, generation metrics."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -12,23 +13,12 @@ from benchmarks.features import FeatureCache
 from benchmarks.generation_eval import evaluate_generation, evaluation_pairs, sample_grid
 from benchmarks.runner import add_statistics, run_benchmark
 from retrieval.datasets import load_dataset
-from street2shop.cli import _expand, cli
+from street2shop.cli import cli
 
 
 @pytest.fixture
 def dataset(synthetic_root):
     return load_dataset(f"viton:{synthetic_root}", split="val")
-
-
-def test_expand_globs_keeps_order_and_checkpoints():
-    names = ["colorhist", "gem", "rmac", "sift", "surf"]
-    assert _expand("s*,gem", names, "descriptor") == ["sift", "surf", "gem"]
-    assert _expand("*", names, "descriptor") == names
-    assert _expand("gem@runs/x/final.pt,gem", names, "descriptor") == ["gem@runs/x/final.pt", "gem"]
-    with pytest.raises(Exception, match="matches no descriptor"):
-        _expand("vgg*", names, "descriptor")
-    with pytest.raises(Exception, match="matches no descriptor"):
-        _expand("vgg@x.pt", names, "descriptor")
 
 
 def test_statistics_against_hand_computed_values():
@@ -274,9 +264,9 @@ def test_each_proxy_runs_once_per_grid_and_is_cached(dataset, tmp_path, monkeypa
 
 
 def test_train_set_options_are_parsed_and_checked(synthetic_root, tmp_path):
-    from street2shop.cli import _parse_settings
+    from retrieval.registry import parse_settings
 
-    assert _parse_settings(["width=0.5", "use_perceptual=False", "gan_mode=lsgan", "sp_image_size=(64, 48)"]) == {
+    assert parse_settings(["width=0.5", "use_perceptual=False", "gan_mode=lsgan", "sp_image_size=(64, 48)"]) == {
         "width": 0.5,
         "use_perceptual": False,
         "gan_mode": "lsgan",
@@ -286,3 +276,30 @@ def test_train_set_options_are_parsed_and_checked(synthetic_root, tmp_path):
         cli, ["train", "parsing", "--dataset", f"viton:{synthetic_root}", "--out", str(tmp_path), "--set", "nonsense"]
     )
     assert result.exit_code != 0 and "KEY=VALUE" in result.output
+
+
+def test_run_bench_suite_from_python(synthetic_root, tmp_path):
+    """The whole report without the CLI: globs and comma-separated text as on the command line."""
+    from benchmarks.suite import BenchConfig, run_bench_suite
+
+    lines = []
+    config = BenchConfig(
+        dataset=f"viton:{synthetic_root}",
+        descriptors="colorh*",
+        proxies=("none",),
+        ks=(5, 1),
+        out_dir=tmp_path / "out",
+        cache_dir=tmp_path / "cache",
+        protocol_draws=0,
+        bootstrap=0,
+        generation_samples=0,
+        rank_pictures=0,
+    )
+    out = run_bench_suite(config, echo=lines.append, progress=False)
+    assert out == tmp_path / "out" and (out / "report.md").exists() and (out / "results.parquet").exists()
+    record = json.loads((out / "config.json").read_text())
+    assert record["descriptors"] == ["colorhist"] and record["ks"] == [1, 5]
+    assert record["command"] == "python: benchmarks.suite.run_bench_suite"
+    assert lines[0].startswith("viton:") and lines[-1].endswith("config.json)")
+    with pytest.raises(ValueError, match="add --train"):
+        run_bench_suite(dataclasses.replace(config, proxies="paintnet[width=0.5]"), progress=False)

@@ -5,8 +5,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from benchmarks.reproduce import grid_specs, option_defaults
 from retrieval.registry import coerce_option, parse_settings, typed_options
-from street2shop.cli import _option_defaults, _parse_settings, _split_specs, _typed_specs, cli
+from retrieval.specs import parse_spec, split_specs
+from street2shop.cli import cli
 
 
 @pytest.mark.parametrize(
@@ -114,14 +116,14 @@ def test_parse_settings_types_by_defaults_and_refuses_unknown_names():
         parse_settings(["nonsense"], defaults)
 
 
-def test_cli_parse_settings_without_defaults_guesses_as_before():
-    assert _parse_settings(["width=0.5", "use_perceptual=False", "gan_mode=lsgan", "sp_image_size=(64, 48)"]) == {
+def test_parse_settings_without_defaults_guesses_as_before():
+    assert parse_settings(["width=0.5", "use_perceptual=False", "gan_mode=lsgan", "sp_image_size=(64, 48)"]) == {
         "width": 0.5,
         "use_perceptual": False,
         "gan_mode": "lsgan",
         "sp_image_size": (64, 48),
     }
-    assert _parse_settings(["use_perceptual=false"]) == {"use_perceptual": False}  # not the truthy 'false'
+    assert parse_settings(["use_perceptual=false"]) == {"use_perceptual": False}  # not the truthy 'false'
 
 
 def test_typed_options_names_the_owner():
@@ -175,12 +177,12 @@ def test_training_defaults_cover_tables_and_keyword_arguments():
 
 
 def test_bench_specs_are_split_at_top_level_commas_and_typed():
-    assert _split_specs("none,paintnet[sp_image_size=128,96;width=0.5],hp") == [
+    assert split_specs("none,paintnet[sp_image_size=128,96;width=0.5],hp") == [
         "none",
         "paintnet[sp_image_size=128,96;width=0.5]",
         "hp",
     ]
-    typed = _typed_specs(
+    typed = grid_specs(
         ["none", "paintnet[use_perceptual=false;width=0.5;sp_image_size=128,96;max_pairs=4]", "hp@runs/hp/final.pt"],
         "proxy",
         "--proxies",
@@ -190,9 +192,8 @@ def test_bench_specs_are_split_at_top_level_commas_and_typed():
         "paintnet[use_perceptual=False;width=0.5;sp_image_size=(128, 96);max_pairs=4]",
         "hp@runs/hp/final.pt",
     ]
-    from benchmarks.reproduce import parse_spec  # what ensure_trained reads: the typed values, exactly
-
-    assert parse_spec(typed[1])[2] == {
+    # what ensure_trained reads: the typed values, exactly
+    assert parse_spec(typed[1]).options == {
         "use_perceptual": False,
         "width": 0.5,
         "sp_image_size": (128, 96),
@@ -201,10 +202,10 @@ def test_bench_specs_are_split_at_top_level_commas_and_typed():
     with pytest.raises(
         ValueError, match=r"^--proxies paintnet\[width=0,5\]: width=0,5: expected a number \(float\), got '0,5'$"
     ):
-        _typed_specs(["paintnet[width=0,5]"], "proxy", "--proxies")
+        grid_specs(["paintnet[width=0,5]"], "proxy", "--proxies")
     with pytest.raises(ValueError, match="unknown option 'bogus'"):
-        _typed_specs(["paintnet[bogus=1]"], "proxy", "--proxies")
-    assert "use_perceptual" in _option_defaults("proxy", "paintnet") and "max_pairs" in _option_defaults(
+        grid_specs(["paintnet[bogus=1]"], "proxy", "--proxies")
+    assert "use_perceptual" in option_defaults("proxy", "paintnet") and "max_pairs" in option_defaults(
         "proxy", "paintnet"
     )
 
@@ -316,5 +317,5 @@ def test_every_registered_option_can_be_set_from_text(kind):
 
     names = list_descriptors() if kind == "descriptor" else list_proxies()
     for name in names:
-        for option, default in _option_defaults(kind, name).items():
+        for option, default in option_defaults(kind, name).items():
             assert coerce_option(option, _as_text(default), default) == default, (name, option, default)

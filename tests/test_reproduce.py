@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks.reproduce import checkpoint_key, ensure_trained, format_trainings, parse_spec
+from benchmarks.reproduce import checkpoint_key, ensure_trained, format_trainings
 from generation.paintnet import PaintNet
 from generation.parsing import HumanParsingProxy
 from generation.pix2pix import Pix2PixProxy
@@ -88,19 +88,6 @@ def stub_parser_loading(monkeypatch):
 
     monkeypatch.setattr("generation.paintnet._load_parser", load)
     return loaded
-
-
-def test_parse_spec():
-    assert parse_spec("gem") == ("gem", None, {})
-    assert parse_spec("tn@runs/tn/final.pt") == ("tn", "runs/tn/final.pt", {})
-    assert parse_spec("paintnet[use_perceptual=False; width=0.5;gan_mode=lsgan;sp_image_size=(64, 48)]") == (
-        "paintnet",
-        None,
-        {"use_perceptual": False, "width": 0.5, "gan_mode": "lsgan", "sp_image_size": (64, 48)},
-    )
-    for bad in ("paintnet[use_perceptual]", "paintnet[x=1", "[x=1]"):
-        with pytest.raises(ValueError):
-            parse_spec(bad)
 
 
 def test_untrainable_and_trained_specs_pass_through(data, tmp_path, monkeypatch):
