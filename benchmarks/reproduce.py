@@ -113,16 +113,11 @@ def grid_specs(patterns: Union[str, Sequence[str]], kind: str, source: str) -> L
 def model_options(kind: str, name: str, options: Mapping[str, Any], source: str = "--set") -> Tuple[Dict, Dict]:
     """Options of one model -> (its config, its training options), through `retrieval.training.split_options`.
 
-    A model whose trainer is not registered yet (its `train_on` still types its own options) gets the
-    plain split: keys of its `default_conf` build it, the others train it.
+    Keys of the model's `default_conf` build it, keys of its trainer's config train it; others are refused.
     """
-    from retrieval.training import has_trainer, split_options
+    from retrieval.training import split_options
 
-    model_defaults = getattr(model_class(kind, name), "default_conf", {})
-    if has_trainer(name):
-        return split_options(name, model_defaults, options, source)
-    conf = {key: value for key, value in options.items() if key in model_defaults}
-    return conf, {key: value for key, value in options.items() if key not in conf}
+    return split_options(name, getattr(model_class(kind, name), "default_conf", {}), options, source)
 
 
 def train_named(

@@ -11,13 +11,11 @@ Small on purpose; every generator in `generation/` builds on these and nothing e
   log-loss of the papers, computed on logits), "lsgan" and "hinge".
 
 The paired training data (`prepare_pair_tensors`, pair archives) and the loop over it (`GanTrainer`,
-`save_sample_grid`) are training only: they live in `generation.training.pairs`, and are still importable
-from here (loaded on first use, so an inference import does not load them).
+`save_sample_grid`) are training only: they live in `generation.training.pairs`.
 """
 
 from __future__ import annotations
 
-import importlib
 from typing import Any, Iterable, Optional
 
 import torch
@@ -25,30 +23,6 @@ import torch.nn.functional as F
 from torch import nn
 
 GAN_MODES = ("bce", "lsgan", "hinge")
-
-# Training-only names that moved to generation.training.pairs; `from generation.gan import GanTrainer` keeps
-# working (PEP 562), so callers move at their own pace.
-_MOVED_TO_TRAINING = frozenset(
-    {
-        "PAIR_ARCHIVE_VERSION",
-        "PAIR_CACHE_VERSION",
-        "PAIR_KEYS",
-        "GanTrainer",
-        "SampleFn",
-        "StepFn",
-        "load_pair_archive",
-        "prepare_pair_tensors",
-        "save_pair_archive",
-        "save_sample_grid",
-    }
-)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _MOVED_TO_TRAINING:
-        return getattr(importlib.import_module("generation.training.pairs"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
 
 # --------------------------------------------------------------------------------------------------
 # Layers

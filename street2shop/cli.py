@@ -524,7 +524,7 @@ def export_pairs_command(dataset, size, shape_maps, seed, out_path, cache_dir) -
 
     VITON's 3,639 training pairs at 64x64 make a ~37 MB archive (lossless WebP/PNG).
     """
-    from generation.gan import prepare_pair_tensors, save_pair_archive
+    from generation.training.pairs import prepare_pair_tensors, save_pair_archive
     from retrieval.datasets import load_dataset
 
     data = load_dataset(dataset, split="val", seed=seed, cache_dir=_cache_dir(cache_dir))

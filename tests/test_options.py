@@ -149,31 +149,30 @@ def test_model_constructors_type_text_options():
     assert tiny.conf == {"use_it": False, "size": (32, 24), "mode": "lsgan", "parser": "runs/hp/final.pt"}
 
 
-def test_train_options_types_text_overrides():
-    from retrieval.training import train_options
+def test_training_options_are_typed_against_the_trainer_config():
+    from retrieval.training import training_config
 
-    defaults = {"epochs": 2, "lr": 2e-4, "gan_mode": "bce", "max_pairs": None, "bfloat16": True}
-    *_, settings = train_options(
-        "pix2pix", {"epochs": "3", "lr": "1e-3", "max_pairs": "8", "bfloat16": "false"}, defaults
-    )
-    assert settings == {"epochs": 3, "lr": 1e-3, "gan_mode": "bce", "max_pairs": 8, "bfloat16": False}
-    with pytest.raises(ValueError, match=r"pix2pix.train_on option epochs=2.5: expected a whole number \(int\)"):
-        train_options("pix2pix", {"epochs": "2.5"}, defaults)
+    config = training_config("pix2pix", {"epochs": "3", "lr": "1e-3", "max_pairs": "8", "gan_mode": "lsgan"})
+    assert (config.epochs, config.lr, config.max_pairs, config.gan_mode) == (3, 1e-3, 8, "lsgan")
+    with pytest.raises(ValueError, match=r"pix2pix training option epochs=2.5: expected a whole number \(int\)"):
+        training_config("pix2pix", {"epochs": "2.5"})
     with pytest.raises(ValueError, match="unknown options"):
-        train_options("pix2pix", {"nope": "1"}, defaults)
+        training_config("pix2pix", {"nope": "1"})
 
 
-def test_training_defaults_cover_tables_and_keyword_arguments():
+def test_training_defaults_come_from_each_registered_trainer():
     from generation.proxies import PROXIES, list_proxies
     from retrieval.descriptors import DESCRIPTORS, list_descriptors
     from retrieval.training import training_defaults
 
     list_proxies(), list_descriptors()
-    paintnet = training_defaults(PROXIES.get("paintnet"))  # keyword arguments of train_on
+    paintnet = training_defaults(PROXIES.get("paintnet"))  # PaintNetTrainConfig
     assert paintnet["max_pairs"] is None and paintnet["sp_epochs"] == 5 and "seed" not in paintnet
-    assert training_defaults(PROXIES.get("pix2pix"))["l1_weight"] == 100.0  # train_defaults (+ checkpoint_every_s)
-    assert training_defaults(DESCRIPTORS.get("tn"))["miner"] == "batch_hard"  # default_train_conf
-    assert training_defaults(PROXIES.get("hp"))["image_size"] == (128, 96)  # default_training
+    assert training_defaults(PROXIES.get("pix2pix"))["l1_weight"] == 100.0  # Pix2PixTrainConfig
+    assert training_defaults(DESCRIPTORS.get("tn"))["miner"] == "batch_hard"  # TNTrainConfig
+    assert training_defaults(PROXIES.get("hp"))["image_size"] == (128, 96)  # ParserTrainConfig
+    assert training_defaults(DESCRIPTORS.get("l2net"))["garment_loss"] == "infonce"  # L2NetTrainConfig
+    assert training_defaults(DESCRIPTORS.get("gem")) == {}  # nothing to train
 
 
 def test_bench_specs_are_split_at_top_level_commas_and_typed():

@@ -12,12 +12,12 @@ from generation.gan import (
     discriminator_loss,
     from_gan_range,
     generator_loss,
-    save_sample_grid,
     to_gan_range,
     up_block,
 )
 from generation.paintnet_networks import RealFakeDiscriminator, RelevanceDiscriminator, ShapePredictor, TextureRenderer
 from generation.proxies import create_proxy, list_proxies
+from generation.training.pairs import save_sample_grid
 from retrieval.backbones import EfficientNetLite0
 
 # Small but valid settings for anything that runs (Table 1 widths are checked on the meta device).
@@ -113,7 +113,7 @@ def test_sample_grid_png(tmp_path):
 
 
 def test_pair_archive_round_trip_is_exact(tmp_path):
-    from generation.gan import load_pair_archive, save_pair_archive
+    from generation.training.pairs import load_pair_archive, save_pair_archive
 
     generator = torch.Generator().manual_seed(0)
     tensors = {

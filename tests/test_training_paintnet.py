@@ -199,7 +199,7 @@ def test_train_checkpoint_round_trip(synthetic_root, tmp_path):
 
 def test_renderer_trained_from_an_archive_joins_a_shape_predictor(synthetic_root, tmp_path):
     """The GPU-machine path: train the renderer on an archive alone, then join it with a trained shape predictor."""
-    from generation.gan import prepare_pair_tensors, save_pair_archive
+    from generation.training.pairs import prepare_pair_tensors, save_pair_archive
 
     data = load_viton(synthetic_root, split="val")
     options = dict(batch_size=4, seed=0, progress=False, sample_every=100, max_pairs=8)

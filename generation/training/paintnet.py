@@ -27,11 +27,12 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 from torch import nn
 
-from generation.gan import GanTrainer, from_gan_range, load_pair_archive, prepare_pair_tensors, uint8_to_gan
+from generation.gan import from_gan_range, uint8_to_gan
 from generation.paintnet import PaintNet, _jsonable
 from generation.paintnet_networks import RealFakeDiscriminator, RelevanceDiscriminator
 from generation.training.paintnet_losses import PerceptualLoss, RendererStep
 from generation.training.paintnet_shape_predictor import train_shape_predictor
+from generation.training.pairs import GanTrainer, load_pair_archive, prepare_pair_tensors
 from retrieval.backbones import EfficientNetLite0
 from retrieval.registry import typed_options
 from retrieval.training import load_checkpoint, register_trainer, seed_everything

@@ -13,7 +13,6 @@ from retrieval.training.run import (
     plot_losses,
     seed_everything,
     split_trained_spec,
-    train_options,
     training_defaults,
 )
 from retrieval.training.trainers import (
@@ -42,7 +41,6 @@ __all__ = [
     "split_options",
     "split_trained_spec",
     "train_model",
-    "train_options",
     "trainer_for",
     "training_config",
     "training_defaults",

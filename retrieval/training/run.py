@@ -36,7 +36,6 @@ import torch
 from torch import nn
 
 from retrieval.io import write_bytes_atomic, write_text_atomic
-from retrieval.registry import typed_options
 
 log = logging.getLogger("street2shop.training")
 CHECKPOINT_VERSION = 1
@@ -77,59 +76,15 @@ def split_trained_spec(spec: str) -> Tuple[str, Optional[str]]:
     return name, (checkpoint or None)
 
 
-def train_options(
-    name: str, options: Dict[str, Any], defaults: Mapping[str, Any], checkpoint_every_s: float = 120.0
-) -> Tuple[int, Any, Optional[float], float, Dict[str, Any]]:
-    """Split `train_on(**options)` into (seed, progress, time_budget_s, checkpoint_every_s, settings).
-
-    settings = `defaults` overridden by the remaining options; None values are ignored (the CLI passes
-    its unset flags), an option that is not in `defaults` is an error naming the valid ones.
-    """
-    options = dict(options)
-    seed = int(options.pop("seed", 0))
-    progress = options.pop("progress", True)
-    time_budget_s = options.pop("time_budget_s", None)
-    checkpoint_every_s = float(options.pop("checkpoint_every_s", checkpoint_every_s))
-    unknown = set(options) - set(defaults)
-    if unknown:
-        raise ValueError(f"{name}.train_on got unknown options {sorted(unknown)}; valid: {sorted(defaults)}")
-    options = typed_options(options, defaults, f"{name}.train_on")  # text ('false', '500') typed like its default
-    settings = {**defaults, **{k: v for k, v in options.items() if v is not None}}
-    return seed, progress, time_budget_s, checkpoint_every_s, settings
-
-
-# Arguments of every `train_on` that the caller sets itself, never a per-model option.
-TRAIN_ON_ARGUMENTS = frozenset({"self", "dataset", "out_dir", "seed", "progress", "time_budget_s"})
-# Where trainers keep their option defaults (l2net, pix2pix, dtgan / tn / hp); others use keyword arguments.
-_TRAIN_DEFAULT_TABLES = ("train_defaults", "default_train_conf", "default_training")
-
-
 def training_defaults(model) -> Dict[str, Any]:
-    """Options `model.train_on` accepts (a class or an instance), with their defaults: its table of
-    defaults and its keyword arguments, less those the caller always sets (seed, progress, time_budget_s).
+    """{option: default} of the trainer registered for `model` (a class or an instance); {} when it has none.
 
     Lets `--set KEY=VALUE` type a training option before the training starts.
     """
-    import inspect
-
     from retrieval.training.trainers import has_trainer, trainer_for
 
     name = getattr(model, "registry_name", None) or getattr(model, "name", None)
-    if isinstance(name, str) and has_trainer(name):  # the convention: a trainer's frozen config dataclass
-        return trainer_for(name).defaults()
-    defaults: Dict[str, Any] = {}
-    for table in _TRAIN_DEFAULT_TABLES:
-        defaults.update(getattr(model, table, None) or {})
-    if getattr(model, "train_defaults", None):
-        defaults.setdefault("checkpoint_every_s", 120.0)  # `train_options` takes it beside the table
-    for parameter in inspect.signature(model.train_on).parameters.values():
-        if (
-            parameter.kind in (parameter.POSITIONAL_OR_KEYWORD, parameter.KEYWORD_ONLY)
-            and parameter.default is not parameter.empty
-            and parameter.name not in TRAIN_ON_ARGUMENTS
-        ):
-            defaults.setdefault(parameter.name, parameter.default)
-    return defaults
+    return trainer_for(name).defaults() if isinstance(name, str) and has_trainer(name) else {}
 
 
 def load_trained_weights(
