@@ -2,7 +2,7 @@
 
 For each descriptor: fit it on the dataset's training images (never on the evaluation queries),
 embed the gallery once, then for each proxy embed the queries through proxy + descriptor and rank
-the gallery with a FAISS index. Features are cached (benchmarks.features.FeatureCache) by image
+the gallery with a FAISS index. Features are cached (retrieval.features.FeatureCache) by image
 content and by the fingerprints of the fitted descriptor and the proxy, so an interrupted grid
 resumes and a repeated one costs only the search.
 """
@@ -22,8 +22,6 @@ import numpy as np
 import pandas as pd
 import torch
 
-from benchmarks.features import DEFAULT_CHUNK, FeatureCache, extract_features, materialize_proxy_outputs
-from benchmarks.metrics import average_precision_at_k, count_relevant, ranking_metrics, relevance_matrix
 from benchmarks.protocols import sampled_gallery_protocol, summarise_draws
 from benchmarks.stats import bootstrap_ci, paired_bootstrap_test, relative_improvement
 from generation.proxies import create_proxy
@@ -31,7 +29,9 @@ from index import ProductIndex
 from retrieval.batching import fit_descriptor, sample_paths
 from retrieval.datasets import RetrievalSet
 from retrieval.descriptors import create_descriptor
+from retrieval.features import DEFAULT_CHUNK, FeatureCache, extract_features, materialize_proxy_outputs
 from retrieval.io import file_sha1, read_checked_bytes, write_checked_bytes
+from retrieval.metrics import average_precision_at_k, count_relevant, ranking_metrics, relevance_matrix
 from retrieval.rerank import LocalFeatureStore, SpatialVerifier
 
 log = logging.getLogger("street2shop.bench")

@@ -44,7 +44,7 @@ wavelet (`padded_integral_image`), so the frame invents no edge. Box corners fal
 bilinear interpolation of the integral image is the exact box sum of the piecewise-constant image
 there (the integral is bilinear inside each pixel).
 
-What the box filters are, measured (tests/test_surf.py, benchmarks/local_eval.py): det(H) of the
+What the box filters are, measured (tests/retrieval/test_surf.py, benchmarks/local_eval.py): det(H) of the
 box filters correlates with the Gaussian det(H) at 0.75-0.85 at the paper's sigma = 1.2 L / 9 but
 at 0.93-0.97 at sigma ~= 1.6 L / 9, and a Gaussian blob of sigma_b is detected at s ~= 0.74 sigma_b
 (the box lobes reach +-L/2, where a sigma = 1.2 L / 9 derivative has long decayed). We keep the

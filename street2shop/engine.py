@@ -26,11 +26,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from benchmarks.features import FeatureCache, extract_features
 from generation.proxies import create_proxy, query_embedder
 from index import IndexCorruptError, IndexMismatchError, ProductIndex, check_index_destination
 from retrieval.batching import fit_descriptor, resolve_device
 from retrieval.descriptors import Descriptor, create_descriptor
+from retrieval.features import FeatureCache, extract_features
 from retrieval.proxy_stage import behind_proxy
 from retrieval.rerank import LocalFeatureStore, SpatialVerifier
 

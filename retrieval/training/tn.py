@@ -48,6 +48,7 @@ from torch import nn
 
 from retrieval.batching import load_batch
 from retrieval.descriptors.tn import N_BLOCKS, TripletNet
+from retrieval.metrics import rank_of_truth, single_relevant_metrics
 from retrieval.training.map_cache import cache_chunks, float16_maps
 from retrieval.training.run import TrainingRun, atomic_torch_save, load_checkpoint
 from retrieval.training.trainers import register_trainer
@@ -99,31 +100,6 @@ def location_keep_mask(
     empty = ~keep.flatten(1).any(dim=1)
     keep[empty] = True
     return keep
-
-
-def rank_of_truth(similarity: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
-    """1-based rank of each query's single relevant item (ties count in the query's favour).
-
-    Shape:
-        - similarity: (Q, G) query-to-gallery similarities; truth: (Q,) gallery index of the relevant item.
-        - Output: (Q,) long.
-    """
-    true_score = similarity.gather(1, truth[:, None])
-    return (similarity > true_score).sum(dim=1) + 1
-
-
-def single_relevant_metrics(ranks: torch.Tensor, k: int = 20) -> Dict[str, float]:
-    """recall@1 and mAP@k when each query has exactly one relevant product: AP@k = 1/rank if rank <= k, else 0.
-
-    This is DESIGN.md's AP@k with R = 1 (benchmarks.metrics computes the general case).
-
-    Example:
-        >>> single_relevant_metrics(torch.tensor([1, 2, 40]), k=20)
-        {'recall@1': 0.3333333333333333, 'mAP@20': 0.5}
-    """
-    ranks = ranks.double()
-    ap = torch.where(ranks <= k, 1.0 / ranks, torch.zeros_like(ranks))
-    return {"recall@1": float((ranks == 1).double().mean()), f"mAP@{k}": float(ap.mean())}
 
 
 class _BestSnapshot(nn.Module):

@@ -15,7 +15,7 @@ from retrieval.descriptors import create_descriptor
 from street2shop.cli import cli
 from street2shop.engine import DESCRIPTOR_FILE, build_index
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,7 @@ from retrieval.datasets import (
 from retrieval.io import read_image, read_mask
 from retrieval.synthetic import LABEL_UPPER_CLOTHES, SYNTHETIC_MARKER, make_synthetic_dataset
 
-VITON_ROOT = Path(__file__).parents[2] / "shared" / "data" / "viton"
+VITON_ROOT = Path(__file__).parents[3] / "shared" / "data" / "viton"
 
 
 def _write_tiny(path: Path, value: int, mode: str = "RGB") -> None:

@@ -9,10 +9,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from benchmarks.features import FeatureCache
 from benchmarks.generation_eval import evaluate_generation, evaluation_pairs, sample_grid
 from benchmarks.runner import add_statistics, run_benchmark
 from retrieval.datasets import load_dataset
+from retrieval.features import FeatureCache
 from street2shop.cli import cli
 
 

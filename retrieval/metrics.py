@@ -17,6 +17,7 @@ from typing import Dict, Iterable, Sequence
 
 import numpy as np
 import pandas as pd
+import torch
 
 
 def relevance_matrix(ranked_ids: np.ndarray, query_ids: Sequence, ground_truth: pd.DataFrame) -> np.ndarray:
@@ -117,3 +118,37 @@ def _check(relevance: np.ndarray, n_relevant: np.ndarray, k: int) -> None:
         raise ValueError(f"k must be >= 1, got {k}")
     if np.any(np.asarray(n_relevant) < 1):
         raise ValueError("every query needs at least one relevant product (n_relevant >= 1)")
+
+
+def rank_of_truth(similarity: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
+    """1-based rank of each query's single relevant item, ties counted against the query.
+
+    The project's tie rule for scores it ranks itself (training validation): a gallery item scoring
+    exactly as high as the true one ranks before it, so a tie never flatters a model. The benchmark
+    scores the order its FAISS index returned, and FAISS orders equal scores arbitrarily (heap order),
+    so this rank is the worst that order can give: validation never reports more than the bench would.
+
+    Shape:
+        - similarity: (Q, G) query-to-gallery similarities; truth: (Q,) gallery index of the relevant item.
+        - Output: (Q,) long.
+
+    Example:
+        >>> rank_of_truth(torch.tensor([[0.5, 0.5, 0.1], [0.9, 0.5, 0.1]]), torch.tensor([0, 1])).tolist()
+        [2, 2]
+    """
+    true_score = similarity.gather(1, truth[:, None])
+    return (similarity >= true_score).sum(dim=1)
+
+
+def single_relevant_metrics(ranks: torch.Tensor, k: int = 20) -> Dict[str, float]:
+    """recall@1 and mAP@k when each query has exactly one relevant product: AP@k = 1/rank if rank <= k, else 0.
+
+    DESIGN.md's AP@k with R = 1 (`average_precision_at_k` computes the general case).
+
+    Example:
+        >>> single_relevant_metrics(torch.tensor([1, 2, 40]), k=20)
+        {'recall@1': 0.3333333333333333, 'mAP@20': 0.5}
+    """
+    ranks = ranks.double()
+    ap = torch.where(ranks <= k, 1.0 / ranks, torch.zeros_like(ranks))
+    return {"recall@1": float((ranks == 1).double().mean()), f"mAP@{k}": float(ap.mean())}

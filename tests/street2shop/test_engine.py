@@ -7,12 +7,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from benchmarks.features import FeatureCache, extract_features
 from benchmarks.runner import run_grid
 from index import IndexCorruptError, IndexMismatchError
 from index.storage import manifest_checksum
 from retrieval.datasets import load_viton
 from retrieval.descriptors import create_descriptor
+from retrieval.features import FeatureCache, extract_features
 from retrieval.io import ImageReadError
 from street2shop.cli import cli
 from street2shop.engine import Searcher, build_index
@@ -215,4 +215,4 @@ def test_generic_top_level_names_are_ours(package):
     from pathlib import Path
 
     module = importlib.import_module(package)
-    assert Path(module.__file__).resolve().parents[1] == Path(__file__).resolve().parents[1]
+    assert Path(module.__file__).resolve().parents[1] == Path(__file__).resolve().parents[2]

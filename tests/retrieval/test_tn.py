@@ -13,8 +13,9 @@ from retrieval.datasets import load_viton
 from retrieval.descriptors import create_descriptor
 from retrieval.descriptors.gem import gem_pool
 from retrieval.descriptors.tn import attention_gem_pool, orthogonal_rows
+from retrieval.metrics import rank_of_truth, single_relevant_metrics
 from retrieval.training import TrainingRun, load_checkpoint
-from retrieval.training.tn import location_keep_mask, rank_of_truth, single_relevant_metrics, triplet_loss
+from retrieval.training.tn import location_keep_mask, triplet_loss
 from retrieval.triplet import (
     BatchHardMiner,
     SemiHardMiner,
@@ -145,6 +146,9 @@ def test_location_mask_rank_and_metrics():
     similarity = torch.tensor([[0.9, 0.5, 0.1], [0.9, 0.5, 0.1], [0.9, 0.5, 0.1]])
     ranks = rank_of_truth(similarity, torch.tensor([0, 1, 2]))
     assert ranks.tolist() == [1, 2, 3]
+    # ties count against the query: a gallery item as close as the true one ranks before it
+    tied = torch.tensor([[0.5, 0.5, 0.5], [0.9, 0.5, 0.5]])
+    assert rank_of_truth(tied, torch.tensor([0, 1])).tolist() == [3, 3]
     assert single_relevant_metrics(ranks, k=2) == pytest.approx({"recall@1": 1 / 3, "mAP@2": 0.5})
 
 

@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from benchmarks.metrics import (
+from retrieval.metrics import (
     average_precision_at_k,
     count_relevant,
     ranking_metrics,

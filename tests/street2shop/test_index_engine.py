@@ -30,7 +30,7 @@ def test_engine_reads_attachments_through_the_stable_links(dataset, tmp_path):
 
 
 def test_edited_manifest_is_refused_and_a_resealed_one_still_fails_the_fingerprint(dataset, tmp_path):
-    """What tests/test_engine.py::test_query_with_other_descriptor_is_refused should expect now."""
+    """What tests/street2shop/test_engine.py::test_query_with_other_descriptor_is_refused should expect now."""
     build_index(dataset.catalog, create_descriptor("colorhist"), tmp_path / "idx", progress=False)
     manifest_path = tmp_path / "idx" / "manifest.json"
     manifest = json.loads(manifest_path.read_text())

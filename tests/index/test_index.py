@@ -23,7 +23,7 @@ from index import (
 from index.presets import plan_index
 from index.storage import FORMAT_VERSION, live_version_dir, manifest_checksum
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 PRESETS = list_index_presets()
 
 

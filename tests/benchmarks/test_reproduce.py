@@ -17,7 +17,7 @@ from generation.pix2pix import Pix2PixProxy
 from retrieval.datasets import load_viton
 from retrieval.descriptors.tn import TripletNet
 
-# Small settings (as tests/test_proxies.py's TINY and TINY_TRAINING) so models build and train in seconds.
+# Small settings (as tests/generation/test_proxies.py's TINY and TINY_TRAINING) so models build and train in seconds.
 TINY_HP = {"epochs": 1, "batch_size": 16, "image_size": (32, 32), "val_images": 0}
 TINY_PAINTNET = {
     "width": 0.125,

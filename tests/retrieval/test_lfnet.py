@@ -7,7 +7,6 @@ import math
 
 import pytest
 import torch
-from test_l2net import textured_grey  # pytest puts tests/ on sys.path (it has no __init__.py)
 
 from retrieval.datasets import load_viton
 from retrieval.descriptors import create_descriptor
@@ -23,6 +22,7 @@ from retrieval.training.patch import (
     step_generator,
     top_peaks,
 )
+from tests.retrieval.test_l2net import textured_grey
 
 TINY = dict(image_size=(96, 64), n_clusters=4, pca_dim=None, max_keypoints=48, s_mult=8.0)
 

@@ -19,7 +19,7 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from benchmarks.features import FeatureCache, decode_feature_chunk, extract_features
+from retrieval.features import FeatureCache, decode_feature_chunk, extract_features
 from retrieval.io import DamagedCacheError, ImageReadError, read_checked_bytes, write_checked_bytes
 
 SIZE = (16, 12)
@@ -344,7 +344,7 @@ class _Inverting(torch.nn.Module):
 
 
 def test_damaged_proxy_outputs_are_generated_again_with_one_warning(photos, tmp_path, caplog):
-    from benchmarks.features import materialize_proxy_outputs
+    from retrieval.features import materialize_proxy_outputs
     from retrieval.io import read_image
 
     proxy = _Inverting()
