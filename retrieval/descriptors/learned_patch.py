@@ -80,6 +80,9 @@ class LearnedPatchDescriptor(VLADDescriptor):
     trainable = True
     local_dim = PATCH_DESCRIPTOR_DIM
     shipped_state_prefixes = ()
+    # Training does not fit, and checkpoints written before final.pt left fit state out carry unfitted
+    # codebook and whitening buffers of their own pca_dim: dropped on load, so they load under any fit config.
+    fit_state_prefixes = FIT_STATE_PREFIXES
     default_conf: Dict[str, Any] = PATCH_DESCRIPTOR_CONF
 
     def __init__(self, **conf: Any):
@@ -172,23 +175,3 @@ class LearnedPatchDescriptor(VLADDescriptor):
             orientations=torch.remainder(-kornia_degrees, 360.0).masked_fill(~mask, 0.0),
             image_size=(int(images.shape[2]), int(images.shape[3])),
         )
-
-    def load_trained(self, checkpoint) -> "LearnedPatchDescriptor":
-        """Load the networks of a final.pt written by `train_on` (strict for them).
-
-        Fit state is never taken from a checkpoint: training does not fit, and checkpoints written
-        before final.pt left it out carry unfitted codebook and whitening buffers of their own
-        ``pca_dim``, which are dropped here so that they load under any fit config.
-        """
-        from retrieval.training import load_trained_weights
-
-        load_trained_weights(
-            self,
-            checkpoint,
-            kind="descriptor",
-            name=self.name,
-            conf=self.conf,
-            shipped_prefixes=FIT_STATE_PREFIXES,
-            ignored_prefixes=FIT_STATE_PREFIXES,
-        )
-        return self
