@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 import retrieval.datasets.base as datasets_base
-import retrieval.synthetic as synthetic
+import retrieval.synthetic.dataset as synthetic_dataset
 from retrieval.datasets import (
     DATASETS,
     RetrievalSet,
@@ -396,14 +396,14 @@ def test_synthetic_street_image_differs_from_its_product(tmp_path):
 
 
 def test_synthetic_interrupted_generation_never_looks_complete(tmp_path, monkeypatch):
-    real_draw = synthetic.make_synthetic_product
+    real_draw = synthetic_dataset.make_synthetic_product
 
     def failing_draw(index, **kwargs):
         if index == 3:
             raise RuntimeError("interrupted")
         return real_draw(index, **kwargs)
 
-    monkeypatch.setattr(synthetic, "make_synthetic_product", failing_draw)
+    monkeypatch.setattr(synthetic_dataset, "make_synthetic_product", failing_draw)
     with pytest.raises(RuntimeError, match="interrupted"):
         make_synthetic_dataset(tmp_path / "set", n_products=4, size=(64, 48))
     assert list(tmp_path.iterdir()) == []  # neither the target nor the staging directory is left
