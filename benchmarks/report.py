@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from benchmarks.stats import paired_bootstrap_test
-from retrieval.io import write_bytes_atomic, write_text_atomic
+from retrieval.files import write_bytes_atomic, write_text_atomic
 
 # PaintNet (Lin et al., 2020), Table 4: mAP@1, @5, @10, @20 on their Lookbook split (250-product gallery).
 PAPER_TABLE4: Dict[tuple, tuple] = {
@@ -497,7 +497,8 @@ def write_bench_rank_pictures(
         proxy_outputs: proxy label -> {query_id: (H, W, 3) uint8 proxy output}; `none` shows the photo.
         query_ids: the queries to picture (a seeded sample, the same for every combination).
     """
-    from retrieval.io import read_image, write_image_atomic
+    from retrieval.files import write_image_atomic
+    from retrieval.io import read_image
 
     wanted = per_query[per_query["query_id"].isin(set(query_ids))]
     first_index = per_query["index"].iloc[0]

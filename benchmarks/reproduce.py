@@ -48,7 +48,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 
 from generation.proxies import proxy_training_options
-from retrieval.io import write_text_atomic
+from retrieval.files import write_text_atomic
 from retrieval.specs import expand_specs, parse_spec, typed_specs
 
 log = logging.getLogger("street2shop.reproduce")

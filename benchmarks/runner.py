@@ -30,7 +30,7 @@ from retrieval.batching import fit_descriptor, sample_paths
 from retrieval.datasets import RetrievalSet
 from retrieval.descriptors import create_descriptor
 from retrieval.features import DEFAULT_CHUNK, FeatureCache, extract_features, materialize_proxy_outputs
-from retrieval.io import file_sha1, read_checked_bytes, write_checked_bytes
+from retrieval.files import file_sha1, read_checked_bytes, write_checked_bytes
 from retrieval.metrics import average_precision_at_k, count_relevant, ranking_metrics, relevance_matrix
 from retrieval.rerank import LocalFeatureStore, SpatialVerifier
 

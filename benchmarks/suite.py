@@ -250,7 +250,7 @@ def _write_report(out: Path, split, data, result, k_list, generation, generation
         table_of_rows,
         write_table,
     )
-    from retrieval.io import write_text_atomic
+    from retrieval.files import write_text_atomic
 
     files = list(files)
     write_table(result.summary, out / "results")
@@ -328,7 +328,7 @@ def run_generation_bench(config: GenerationBenchConfig, *, echo: Echo = print) -
     from generation.proxies import create_proxy, list_proxies
     from retrieval.batching import resolve_device
     from retrieval.datasets import load_dataset
-    from retrieval.io import write_image_atomic, write_text_atomic
+    from retrieval.files import write_image_atomic, write_text_atomic
     from retrieval.specs import expand_specs
 
     specs = expand_specs(config.proxies, list_proxies(), "proxy")

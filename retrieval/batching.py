@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from retrieval.io import file_sha1, images_to_tensor, read_checked_bytes, read_image, resize_image, write_checked_bytes
+from retrieval.files import file_sha1, read_checked_bytes, write_checked_bytes
+from retrieval.io import images_to_tensor, read_image, resize_image
 
 if TYPE_CHECKING:  # descriptors import this module; a runtime import would be circular
     from retrieval.descriptors.base import Descriptor

@@ -25,7 +25,8 @@ import torch
 from tqdm.auto import tqdm
 
 from retrieval.batching import iter_batches
-from retrieval.io import ImageReadError, file_sha1, read_checked_bytes, read_image, write_checked_bytes
+from retrieval.files import file_sha1, read_checked_bytes, write_checked_bytes
+from retrieval.io import ImageReadError, read_image
 from retrieval.proxy_stage import to_descriptor_input
 
 DEFAULT_CHUNK = 256
@@ -54,7 +55,7 @@ def decode_feature_chunk(payload: bytes, rows: Optional[int] = None, dim: Option
 class FeatureCache:
     """Chunks of features on disk: `<root>/<stage key>/<chunk key>.npy`, written atomically.
 
-    Each file is an .npy array followed by a SHA-256 footer (`retrieval.io.write_checked_bytes`);
+    Each file is an .npy array followed by a SHA-256 footer (`retrieval.files.write_checked_bytes`);
     `get` verifies footer, shape, dtype and finiteness, and records what it refused in `damaged`.
     """
 
@@ -237,7 +238,7 @@ def materialize_proxy_outputs(
     Returns:
         paths of the outputs, aligned with `paths`.
     """
-    from retrieval.io import write_image_atomic
+    from retrieval.files import write_image_atomic
 
     directory = Path(root) / f"{proxy.name}-{proxy.fingerprint()}-{size[0]}x{size[1]}"
     directory.mkdir(parents=True, exist_ok=True)

@@ -34,8 +34,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from generation.gan import uint8_to_gan
+from retrieval.files import write_bytes_atomic, write_image_atomic
 from retrieval.garments import GARMENT_LABELS, segmented_texture
-from retrieval.io import read_image, read_mask, write_bytes_atomic, write_image_atomic
+from retrieval.io import read_image, read_mask
 from retrieval.training import TrainingRun, atomic_torch_save, load_checkpoint
 
 log = logging.getLogger("street2shop.gan")

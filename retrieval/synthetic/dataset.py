@@ -18,7 +18,7 @@ from typing import Dict, Tuple, Union
 
 import numpy as np
 
-from retrieval.io import write_image_atomic
+from retrieval.files import write_image_atomic
 from retrieval.synthetic.drawing import _draw_product
 from retrieval.synthetic.street import LIP_PALETTE, _street_photo
 

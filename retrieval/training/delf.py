@@ -23,7 +23,7 @@ from torch import nn
 
 from retrieval.batching import iter_batches
 from retrieval.descriptors.delf import DELF, TRAINED_PREFIXES
-from retrieval.io import read_checked_bytes, write_checked_bytes
+from retrieval.files import read_checked_bytes, write_checked_bytes
 from retrieval.training.map_cache import cache_chunks, float16_maps
 from retrieval.training.run import TrainingRun
 from retrieval.training.trainers import register_trainer

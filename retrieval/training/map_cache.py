@@ -5,7 +5,7 @@ per step; at full scale that is most of the run's cost. `cache_chunks` computes 
 into the run folder, so that an interrupted run resumes its caching as well as its training, and
 starts no new chunk once a share of the time budget is spent, so that the training gets the rest.
 Each trainer keeps its own chunk format (its `save` and `load`): tn writes torch files, delf sealed
-npz files (`retrieval.io.write_checked_bytes`).
+npz files (`retrieval.files.write_checked_bytes`).
 
 Example:
     >>> chunks = cache_chunks(                                                  # doctest: +SKIP

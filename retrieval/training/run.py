@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from retrieval.io import write_bytes_atomic, write_text_atomic
+from retrieval.files import write_bytes_atomic, write_text_atomic
 
 log = logging.getLogger("street2shop.training")
 CHECKPOINT_VERSION = 1

@@ -27,7 +27,7 @@ def test_a_damaged_fitted_state_is_refitted_not_used(synthetic_root, tmp_path, c
     else:  # a well-formed file whose codebook holds NaN: sealed, but not a usable state
         import io
 
-        from retrieval.io import write_checked_bytes
+        from retrieval.files import write_checked_bytes
 
         buffer = io.BytesIO()
         torch.save(

@@ -20,7 +20,8 @@ from click.testing import CliRunner
 from PIL import Image
 
 from retrieval.features import FeatureCache, decode_feature_chunk, extract_features
-from retrieval.io import DamagedCacheError, ImageReadError, read_checked_bytes, write_checked_bytes
+from retrieval.files import DamagedCacheError, read_checked_bytes, write_checked_bytes
+from retrieval.io import ImageReadError
 
 SIZE = (16, 12)
 N_IMAGES, CHUNK = 10, 4  # chunks of 4, 4 and 2 images
@@ -68,7 +69,7 @@ def _chunk_files(cache):
 
 def _chunk_of(cache, paths, first):
     """The cache file of the chunk that starts at image `first`."""
-    from retrieval.io import file_sha1
+    from retrieval.files import file_sha1
 
     return cache.path(FeatureCache.chunk_key([file_sha1(p) for p in paths[first : first + CHUNK]]))
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import socket
 import struct
@@ -16,17 +15,16 @@ import torch
 from PIL import Image
 
 import retrieval.io as rio
+from retrieval.files import file_sha1
 from retrieval.io import (
     MAX_PIXELS_ENV_VARIABLE,
     ImageReadError,
-    file_sha1,
     get_max_pixels,
     images_to_tensor,
     read_image,
     read_mask,
     resize_image,
     set_max_pixels,
-    write_image_atomic,
 )
 
 
@@ -377,30 +375,3 @@ def test_images_to_tensor_rejects_mixed_sizes_and_empty():
         images_to_tensor([np.zeros((4, 5, 3), np.uint8), np.zeros((5, 4, 3), np.uint8)])
     with pytest.raises(ValueError):
         images_to_tensor([])
-
-
-def test_file_sha1_matches_hashlib(tmp_path):
-    path = tmp_path / "bytes.bin"
-    payload = os.urandom(3 * (1 << 20) + 17)  # several chunks
-    path.write_bytes(payload)
-    assert file_sha1(path) == hashlib.sha1(payload).hexdigest()
-
-
-def test_write_image_atomic_roundtrips_and_leaves_no_temporary(tmp_path):
-    image = _noise_image(10, 7)
-    target = tmp_path / "sub" / "out.png"
-    write_image_atomic(target, image)
-    np.testing.assert_array_equal(read_image(target), image)
-    grey = image[..., 0]
-    write_image_atomic(tmp_path / "grey.png", grey)
-    np.testing.assert_array_equal(read_mask(tmp_path / "grey.png"), grey)
-    labels = np.array([[0, 5], [13, 2]], np.uint8)
-    write_image_atomic(tmp_path / "parse.png", labels, palette=[0] * 3 + [255, 0, 0] * 19)
-    assert Image.open(tmp_path / "parse.png").mode == "P"
-    np.testing.assert_array_equal(read_mask(tmp_path / "parse.png"), labels)
-    assert sorted(path.name for path in tmp_path.rglob("*") if path.is_file()) == ["grey.png", "out.png", "parse.png"]
-
-
-def test_write_image_atomic_rejects_unknown_extension(tmp_path):
-    with pytest.raises(ValueError, match="format"):
-        write_image_atomic(tmp_path / "out.unknown", _noise_image(4, 4))
