@@ -144,7 +144,7 @@ def list_plugins() -> None:
 
 
 RERANK_MODELS = ("similarity", "affine", "homography")
-RERANK_MODEL_HELP = "Geometric model of the spatial verification (see retrieval/rerank.py)."
+RERANK_MODEL_HELP = "Geometric model of the spatial verification (see retrieval/rerank/)."
 
 
 @cli.command("index")

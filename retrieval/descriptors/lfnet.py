@@ -14,7 +14,7 @@ architecture kornia provides, trained in this project the way LF-Net trains:
 - Orientation: kornia's `LAFOrienter` with its dominant-gradient histogram (no weights), or upright.
 - Descriptor: kornia's `HardNet(pretrained=False)` (the L2-Net architecture) on 32x32 patches, the
   network `l2net` uses.
-- Training (`retrieval.training.patch.lfnet_homography_loss`), on a product photo A and its random
+- Training (`retrieval.training.patch_losses.lfnet_homography_loss`), on a product photo A and its random
   homography B (`retrieval.patches`):
   (1) LF-Net's image-level loss: each view's score map must reproduce the other view's score map
   warped by the known homography, made sparse by non-maxima suppression and top-k, and blurred by a

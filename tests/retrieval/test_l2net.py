@@ -22,12 +22,11 @@ from retrieval.patches import (
     same_place_mask,
     warp_images,
 )
-from retrieval.training.patch import (
-    L2NetTrainConfig,
+from retrieval.training.patch import L2NetTrainConfig, step_generator
+from retrieval.training.patch_losses import (
     choose_random_subset,
     initial_vlad_head,
     l2net_homography_loss,
-    step_generator,
     vlad_anchor_images,
     vlad_loss,
 )
@@ -314,7 +313,7 @@ def test_train_on_with_garment_pairs(garment_loss, synthetic_root, tmp_path):
 def test_vlad_objective_step_lowers_the_loss(synthetic_root):
     """Through the soft VLAD: one Adam step on a batch of pairs lowers that batch's InfoNCE."""
     from retrieval.patches import load_garment_pair_batch
-    from retrieval.training.patch import SoftVLADHead
+    from retrieval.training.patch_losses import SoftVLADHead
 
     data = load_viton(synthetic_root, split="val")
     rows = list(data.train.itertuples(index=False))[:4]

@@ -12,14 +12,12 @@ from retrieval.datasets import load_viton
 from retrieval.descriptors import create_descriptor
 from retrieval.descriptors.lfnet import LFNet, keynet_logits
 from retrieval.patches import photometric_jitter, random_homographies, warp_images
-from retrieval.training.patch import (
-    MODEL_TRAINING,
-    LFNetTrainConfig,
+from retrieval.training.patch import MODEL_TRAINING, LFNetTrainConfig, step_generator
+from retrieval.training.patch_losses import (
     balanced_mse,
     lfnet_homography_loss,
     peak_target,
     soft_refine,
-    step_generator,
     top_peaks,
 )
 from tests.retrieval.test_l2net import textured_grey

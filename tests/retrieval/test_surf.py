@@ -1,4 +1,4 @@
-"""SURF (retrieval/surf.py) and the `surf` descriptor, on tiny hand-made and seeded synthetic images."""
+"""SURF (retrieval/surf/) and the `surf` descriptor, on tiny hand-made and seeded synthetic images."""
 
 from __future__ import annotations
 
