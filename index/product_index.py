@@ -47,6 +47,8 @@ import numpy as np
 from .arrays import as_matrix
 from .device import clone_to_gpu, log_once, resolve_faiss_device
 from .errors import IndexCorruptError, IndexMismatchError
+from .layout import KNOWN_ATTACHMENTS
+from .manifest import FORMAT_VERSION
 from .presets import (
     DEFAULT_EF_SEARCH,
     DEFAULT_REFINE_K_FACTOR,
@@ -54,14 +56,7 @@ from .presets import (
     MIN_REFINE_CANDIDATES,
     plan_index,
 )
-from .storage import (
-    DEFAULT_LOCK_TIMEOUT_S,
-    FORMAT_VERSION,
-    KNOWN_ATTACHMENTS,
-    check_index_destination,
-    load_index_dir,
-    write_index_dir,
-)
+from .storage import DEFAULT_LOCK_TIMEOUT_S, check_index_destination, load_index_dir, write_index_dir
 from .tuning import (
     DEFAULT_TUNING_QUERIES,
     check_target_recall,

@@ -20,8 +20,9 @@ from index import (
     list_index_presets,
     resolve_faiss_device,
 )
+from index.manifest import FORMAT_VERSION, manifest_checksum
 from index.presets import plan_index
-from index.storage import FORMAT_VERSION, live_version_dir, manifest_checksum
+from index.storage import live_version_dir
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PRESETS = list_index_presets()
