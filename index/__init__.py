@@ -15,9 +15,10 @@ Example::
 
 from .device import resolve_faiss_device
 from .errors import IndexCorruptError, IndexLockedError, IndexMismatchError
+from .layout import KNOWN_ATTACHMENTS
 from .presets import describe_index_preset, index_factory_string, list_index_presets
 from .product_index import ProductIndex
-from .storage import KNOWN_ATTACHMENTS, check_index_destination
+from .storage import check_index_destination
 
 PACKAGE_ID = "street2shop.index"
 """Lets tests prove that `import index` found this package and not another top-level `index`."""

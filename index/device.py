@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Any, Optional, Set
+from typing import Any, List, Mapping, Optional, Set, Tuple
 
 import faiss
+
+from .presets import DEFAULT_REFINE_K_FACTOR
 
 LOGGER = logging.getLogger("street2shop.index")
 
@@ -91,3 +93,48 @@ def clone_to_gpu(cpu_index: Any) -> Any:
     # sub-quantizers (shared-memory limit).
     options.useFloat16 = isinstance(cpu_index, faiss.IndexIVFPQ) and cpu_index.pq.M > 48
     return faiss.index_cpu_to_gpu(_gpu_resources(), 0, cpu_index, options)
+
+
+def has_gpu_version(cpu_index: Any, kind: str) -> bool:
+    """Whether faiss can clone this index (its IVF part, for IVF presets) to a GPU."""
+    if kind == "flat":
+        return True
+    if kind == "ivf":
+        # Fast-scan PQ (4-bit codes in SIMD-register layout) has no GPU implementation.
+        return not isinstance(faiss.downcast_index(cpu_index.base_index), faiss.IndexIVFFastScan)
+    return False
+
+
+def index_placement(kind: str, device: str, has_gpu_version: bool = True) -> str:
+    """Where an index of ``kind`` asked to run on ``device`` searches: ``"cpu"`` or ``"cuda"`` (logged once)."""
+    resolved = resolve_faiss_device(device)
+    if resolved == "cuda" and kind == "hnsw":
+        log_once(logging.INFO, "faiss: HNSW has no GPU version, HNSW indexes search on the CPU")
+        return "cpu"
+    if resolved == "cuda" and not has_gpu_version:
+        log_once(
+            logging.INFO,
+            "faiss: fast-scan IVF-PQ (preset 'ivfpq') has no GPU version, it searches on "
+            "the CPU; preset 'ivfpq-rflat' searches on the GPU",
+        )
+        return "cpu"
+    if resolved == "cuda":
+        log_once(logging.INFO, f"faiss: {kind} indexes search on the GPU ({faiss.get_num_gpus()} visible)")
+    else:
+        log_once(logging.INFO, "faiss: searching on the CPU")
+    return resolved
+
+
+def gpu_search_copy(cpu_index: Any, kind: str, search_params: Mapping[str, Any]) -> Tuple[Any, List[Any]]:
+    """The GPU copy of a ProductIndex's ``cpu_index`` (kind ``"flat"`` or ``"ivf"``) that searches run on,
+    and every faiss object it needs kept alive, with ``search_params`` (``nprobe``, ``k_factor``) set on it."""
+    if kind == "flat":
+        gpu_index = clone_to_gpu(cpu_index)
+        return gpu_index, [gpu_index]
+    # faiss has no GPU IndexRefine: the IVFPQ part goes to the GPU and the exact re-ranking
+    # stays on the CPU vectors, which the wrapper only references (we keep them alive).
+    base_gpu = clone_to_gpu(faiss.downcast_index(cpu_index.base_index))
+    faiss.GpuParameterSpace().set_index_parameter(base_gpu, "nprobe", int(search_params.get("nprobe", 8)))
+    refine = faiss.IndexRefine(base_gpu, cpu_index.refine_index)
+    refine.k_factor = float(search_params.get("k_factor", DEFAULT_REFINE_K_FACTOR))
+    return refine, [base_gpu, refine]

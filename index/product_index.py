@@ -1,22 +1,6 @@
 """ProductIndex: a FAISS index of product vectors addressed by string product ids.
 
-Id mapping. FAISS labels are int64; we keep the invariant that the label of a product is its position
-in :attr:`ProductIndex.product_ids` (0 .. ntotal-1, no holes). Every preset adds sequential labels
-natively, so no ``IndexIDMap`` is needed, and the manifest stores the ids as one list in label order.
-Holes would break this, which decides how :meth:`ProductIndex.remove` works per index type:
-
-- ``Flat``: ``remove_ids`` compacts the storage and shifts later labels down, keeping the order.
-- ``IVF...,RFlat`` / ``IVF...,Refine(SQ8)``: IVF ``remove_ids`` leaves holes in the labels (inverted
-  lists store explicit ids), and ``IndexRefine`` has no ``remove_ids``. We reconstruct the kept vectors
-  from the re-rank copy, ``reset()`` (which keeps the trained coarse quantizer, PQ codebooks and SQ
-  ranges) and re-add them. With ``RFlat`` that copy is exact; with ``SQ8`` it is the decoded 8-bit
-  vectors, which encode back to the same SQ8 codes, so re-ranking is unchanged (only the PQ codes of
-  the kept vectors are recomputed from the decoded vectors).
-- ``HNSW``: faiss cannot remove nodes from an HNSW graph (``remove_ids`` raises), because unlinking a
-  node would leave neighbours with broken or missing edges. We rebuild the graph from the exact vectors
-  kept in its ``Flat`` storage, the same way.
-
-All three cost O(ntotal) per call, so remove many ids in one call rather than one call per id.
+Product ids map to FAISS labels by position (``index.ids`` says how, and how each index type removes).
 
 Scores are inner products of L2-normalised vectors (cosine similarity): vectors are normalised on the
 way in, so a descriptor that forgot to normalise still gets cosine scores. All-zero vectors stay zero.
@@ -36,7 +20,6 @@ import hashlib
 import json
 import logging
 import time
-from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
@@ -45,35 +28,33 @@ import faiss
 import numpy as np
 
 from .arrays import as_matrix
-from .device import clone_to_gpu, log_once, resolve_faiss_device
+from .device import gpu_search_copy, has_gpu_version, index_placement
 from .errors import IndexCorruptError, IndexMismatchError
-from .presets import (
-    DEFAULT_EF_SEARCH,
-    DEFAULT_REFINE_K_FACTOR,
-    DEFAULT_TARGET_RECALL,
-    MIN_REFINE_CANDIDATES,
-    plan_index,
+from .faiss_index import (
+    downcast_owned,
+    encode_residuals,
+    expect_training_sample,
+    index_kind,
+    serialized_index_size,
+    training_sample,
 )
-from .storage import (
-    DEFAULT_LOCK_TIMEOUT_S,
-    FORMAT_VERSION,
-    KNOWN_ATTACHMENTS,
-    check_index_destination,
-    load_index_dir,
-    write_index_dir,
-)
+from .ids import check_new_ids, name_some, remove_labels
+from .layout import KNOWN_ATTACHMENTS
+from .manifest import FORMAT_VERSION
+from .mismatch import DEFAULT_COMPAT_KEYS, check_index_matches
+from .presets import DEFAULT_TARGET_RECALL, plan_index
+from .storage import DEFAULT_LOCK_TIMEOUT_S, check_index_destination, load_index_dir, write_index_dir
 from .tuning import (
     DEFAULT_TUNING_QUERIES,
+    apply_search_params,
     check_target_recall,
     check_tuning_queries,
-    hnsw_search_params,
+    log_tuning,
+    search_time_params,
     tune_search_params,
 )
 
 LOGGER = logging.getLogger("street2shop.index")
-
-_MAX_NAMED = 5  # how many offending ids an error message lists
-_DEFAULT_COMPAT_KEYS = ("descriptor", "fingerprint", "dim")
 
 
 class ProductIndex:
@@ -109,7 +90,7 @@ class ProductIndex:
         version_dir: Optional[Path] = None,
         attachment_checksums: Optional[Mapping[str, str]] = None,
     ):
-        self._cpu_index = _downcast_owned(cpu_index)
+        self._cpu_index = downcast_owned(cpu_index)
         self._ids = np.array(list(product_ids), dtype=object)
         self._positions = {pid: position for position, pid in enumerate(self._ids)}
         self._preset = preset
@@ -120,10 +101,10 @@ class ProductIndex:
         # The version folder this index was loaded from and its attachments' sha256 (see attachment_path).
         self._version_dir = version_dir
         self._attachment_checksums = dict(attachment_checksums or {})
-        self._kind = _index_kind(self._cpu_index)
+        self._kind = index_kind(self._cpu_index)
         self._tuning = dict(tuning) if tuning else None
         self._build_timings: Optional[Dict[str, float]] = None
-        self._device = _placement(self._kind, device, _has_gpu_version(self._cpu_index, self._kind))
+        self._device = index_placement(self._kind, device, has_gpu_version(self._cpu_index, self._kind))
         self._apply_search_params(self._cpu_index)
         # GPU copy used for searching; dropped on every add/remove and re-cloned on the next search.
         self._gpu_index: Optional[Any] = None
@@ -169,7 +150,7 @@ class ProductIndex:
             TypeError: metadata is not JSON-able or ids are not strings.
         """
         vectors = as_matrix(vectors, "vectors")
-        _check_new_ids(product_ids, len(vectors), existing={})
+        check_new_ids(product_ids, len(vectors), existing={})
         metadata = dict(metadata or {})
         try:
             json.dumps(metadata)
@@ -183,11 +164,11 @@ class ProductIndex:
             check_target_recall(target_recall)
             tune_queries = check_tuning_queries(tune_queries, dim)  # refused before minutes of training
         cpu_index = faiss.index_factory(dim, plan.factory_string, faiss.METRIC_INNER_PRODUCT)
-        _encode_residuals(cpu_index)
-        _expect_training_sample(cpu_index, plan.train_size)
+        encode_residuals(cpu_index)
+        expect_training_sample(cpu_index, plan.train_size)
         started = time.perf_counter()
         if not cpu_index.is_trained:
-            cpu_index.train(_training_sample(vectors, plan.train_size, seed))
+            cpu_index.train(training_sample(vectors, plan.train_size, seed))
         trained = time.perf_counter()
         cpu_index.add(vectors)
         built = cls(cpu_index, product_ids, preset, plan.factory_string, plan.search_params, metadata, device)
@@ -330,7 +311,7 @@ class ProductIndex:
         vectors = as_matrix(vectors, "vectors")
         if vectors.shape[1] != self.dim:
             raise ValueError(f"vectors have dim {vectors.shape[1]} but the index holds dim {self.dim}")
-        _check_new_ids(product_ids, len(vectors), existing=self._positions)
+        check_new_ids(product_ids, len(vectors), existing=self._positions)
         self._cpu_index.add(vectors)
         start = len(self._ids)
         self._ids = np.concatenate([self._ids, np.array(list(product_ids), dtype=object)])
@@ -339,7 +320,7 @@ class ProductIndex:
         self._drop_gpu_copy()
 
     def remove(self, product_ids: Sequence[str]) -> None:
-        """Remove products by id (see the module docstring for how each index type does it).
+        """Remove products by id (see ``index.ids`` for how each index type does it).
 
         Raises:
             KeyError: some ids are not in the index (naming them); nothing is removed then.
@@ -348,19 +329,11 @@ class ProductIndex:
             product_ids = [product_ids]
         unknown = [pid for pid in product_ids if pid not in self._positions]
         if unknown:
-            raise KeyError(f"{len(unknown)} product ids are not in the index: {_name_some(unknown)}")
+            raise KeyError(f"{len(unknown)} product ids are not in the index: {name_some(unknown)}")
         if len(product_ids) == 0:
             return
         doomed = np.fromiter((self._positions[pid] for pid in set(product_ids)), dtype=np.int64)
-        keep = np.ones(self.ntotal, dtype=bool)
-        keep[doomed] = False
-        if self._kind == "flat":
-            self._cpu_index.remove_ids(np.sort(doomed))
-        else:
-            kept_vectors = self._cpu_index.reconstruct_n(0, self.ntotal)[keep]
-            self._cpu_index.reset()
-            if len(kept_vectors):
-                self._cpu_index.add(kept_vectors)
+        keep = remove_labels(self._cpu_index, self._kind, doomed)
         self._ids = self._ids[keep]
         self._positions = {pid: position for position, pid in enumerate(self._ids)}
         self._drop_gpu_copy()
@@ -408,7 +381,7 @@ class ProductIndex:
         scores = np.where(found, scores, -np.inf).astype(np.float32, copy=False)
         return scores, ids
 
-    def check_compatible(self, expected: Mapping[str, Any], keys: Sequence[str] = _DEFAULT_COMPAT_KEYS) -> None:
+    def check_compatible(self, expected: Mapping[str, Any], keys: Sequence[str] = DEFAULT_COMPAT_KEYS) -> None:
         """Raise if this index was built for other vectors than the caller is about to query with.
 
         Each key of ``keys`` present in ``expected`` must equal the index's metadata value (``dim`` is
@@ -421,29 +394,7 @@ class ProductIndex:
                 (fingerprint def, dim 4096): rebuild the index with `street2shop index --descriptor
                 sift` or query with --descriptor gem".
         """
-        built = dict(self._metadata)
-        built.setdefault("dim", self.dim)
-        compared = [key for key in keys if key in expected]
-        differing = [key for key in compared if built.get(key) != expected[key]]
-        if "dim" in expected and expected["dim"] != self.dim and "dim" not in differing:
-            differing.append("dim")
-        if not differing:
-            return
-        ours = _describe_side(built, compared)
-        theirs = _describe_side(expected, compared)
-        wanted, have = expected.get("descriptor"), built.get("descriptor")
-        if wanted is None:
-            fix = "rebuild the index with `street2shop index` from the vectors you query with"
-        elif wanted == have:
-            fix = (
-                f"descriptor {wanted!r} changed since the index was built (differs in "
-                f"{', '.join(differing)}): rebuild the index with `street2shop index --descriptor {wanted}`"
-            )
-        else:
-            fix = f"rebuild the index with `street2shop index --descriptor {wanted}`"
-            if have is not None:
-                fix += f" or query with --descriptor {have}"
-        raise IndexMismatchError(f"index{self._where()} was built with {ours} but the query uses {theirs}: {fix}")
+        check_index_matches(self._metadata, self.dim, expected, keys, self._where())
 
     # ----------------------------------------------------------------------------- tuning
     def tune(
@@ -457,26 +408,9 @@ class ProductIndex:
     ) -> Dict[str, Any]:
         """Pick the fastest search parameters whose recall@k against exact search reaches the target.
 
-        The approach of autofaiss: rather than leaving nprobe / re-rank depth / efSearch to the user,
-        measure them. On a sample of queries, exact top-k come from a brute-force scan
-        (``faiss.knn``, inner product) of the catalog vectors; then
-
-        - IVF presets: re-rank depths ``k_factor`` go down from 64 through 48, 32, 24 ... 1, and for
-          each, nprobe grows in steps of 1.33x-1.5x (1, 2, 3, 4, 6, 8, 12 ...) until the recall
-          reaches the target; every (nprobe, k_factor) that reaches it is timed again and the fastest
-          wins. Recall grows with both parameters, so a shallower re-rank needs at least the nprobe
-          the deeper one needed: each depth starts there, which walks the frontier of cheapest
-          settings in a few dozen searches. A depth stops early when doubling nprobe gains < 0.002
-          recall (it cannot reach the target, nor can shallower ones: the walk ends) or once it is
-          1.5x slower than the fastest setting found.
-        - HNSW: efSearch grows through 16, 24, 32 ... 1024 and the first value that reaches the target
-          wins (recall and cost both grow with it).
-
-        "Reaches the target" means the sample recall minus two standard errors (over queries) is at
-        least ``target_recall``, so that fresh queries meet it too. If no setting does (e.g. the
-        ``ivfpq`` SQ8 re-rank caps recall below a target of 0.999), the setting with the highest
-        recall is kept and a warning says so. Timings are batched searches on the CPU index with the
-        current faiss thread count; on a GPU the same parameters are used.
+        The approach of autofaiss, measured on a sample of queries against exact search: a sweep per
+        index kind (nprobe x re-rank depth for IVF, efSearch for HNSW); ``index.tuning`` says how it walks,
+        when a setting "reaches the target", and what happens when none does.
 
         The chosen values replace :attr:`search_params` (and so go into the manifest on :meth:`save`);
         the full report is kept in :attr:`tuning`. Exact (``Flat``) indexes have nothing to tune.
@@ -529,7 +463,7 @@ class ProductIndex:
         The CPU index stays the source of truth; a GPU copy is made on the next search. Index types
         without a GPU version stay on the CPU (said once in the log).
         """
-        self._device = _placement(self._kind, device, _has_gpu_version(self._cpu_index, self._kind))
+        self._device = index_placement(self._kind, device, has_gpu_version(self._cpu_index, self._kind))
         self._drop_gpu_copy()
         return self._device
 
@@ -648,200 +582,23 @@ class ProductIndex:
         self._apply_search_params(self._cpu_index)
         self._drop_gpu_copy()
         self._tuning = report
-        settings = ", ".join(f"{key}={value}" for key, value in params.items())
-        if report["met"]:
-            LOGGER.info(
-                f"tuned {self._preset}: {settings} gives recall@{report['k']} {report['recall']:.3f} "
-                f"(target {target_recall}) on {report['n_queries']} queries"
-            )
-        else:
-            exact_rerank = self._kind == "hnsw" or isinstance(
-                faiss.downcast_index(self._cpu_index.refine_index), faiss.IndexFlat
-            )
-            LOGGER.warning(
-                f"{self._preset} ({self._factory_string}) cannot reach recall@{report['k']} {target_recall} on this "
-                f"catalog: best is {report['recall']:.3f} with {settings}. For higher recall use "
-                + ("preset 'flat'" if exact_rerank else "preset 'ivfpq-rflat' (exact re-rank) or 'flat'")
-            )
+        log_tuning(report, target_recall, self._preset, self._factory_string, self._cpu_index, self._kind)
         return self.tuning
 
-    def _refine_k_factor(self, k: int) -> float:
-        k_factor = float(self._search_params.get("k_factor", DEFAULT_REFINE_K_FACTOR))
-        min_candidates = int(self._search_params.get("min_candidates", MIN_REFINE_CANDIDATES))
-        # faiss takes int(k * k_factor) candidates; the +0.5 makes that exactly min_candidates, where
-        # rounding k_factor up to an integer would re-rank up to k - 1 more than the tuning measured.
-        return max(k_factor, (min_candidates + 0.5) / k)
-
     def _apply_search_params(self, index: Any) -> None:
-        if self._kind == "ivf":
-            faiss.extract_index_ivf(index).nprobe = int(self._search_params.get("nprobe", 8))
-            index.k_factor = float(self._search_params.get("k_factor", DEFAULT_REFINE_K_FACTOR))
+        apply_search_params(index, self._kind, self._search_params)
 
     def _search_index(self, k: int) -> Tuple[Any, Optional[Any]]:
+        params = search_time_params(self._kind, self._search_params, k)
         if self._kind == "hnsw":
-            ef_search = int(self._search_params.get("efSearch", DEFAULT_EF_SEARCH))
-            return self._cpu_index, hnsw_search_params(ef_search, k)
-        index = self._gpu_copy() if self._device == "cuda" else self._cpu_index
-        if self._kind == "ivf":
-            # No base_index_params: the IVF part uses the nprobe set on it (CPU or GPU copy).
-            return index, faiss.IndexRefineSearchParameters(k_factor=self._refine_k_factor(k))
-        return index, None
+            return self._cpu_index, params
+        return (self._gpu_copy() if self._device == "cuda" else self._cpu_index), params
 
     def _gpu_copy(self) -> Any:
         if self._gpu_index is None:
-            if self._kind == "flat":
-                self._gpu_index = clone_to_gpu(self._cpu_index)
-                self._gpu_parts = [self._gpu_index]
-            else:
-                # faiss has no GPU IndexRefine: the IVFPQ part goes to the GPU and the exact re-ranking
-                # stays on the CPU vectors, which the wrapper only references (we keep them alive).
-                base_gpu = clone_to_gpu(faiss.downcast_index(self._cpu_index.base_index))
-                faiss.GpuParameterSpace().set_index_parameter(
-                    base_gpu, "nprobe", int(self._search_params.get("nprobe", 8))
-                )
-                refine = faiss.IndexRefine(base_gpu, self._cpu_index.refine_index)
-                refine.k_factor = float(self._search_params.get("k_factor", DEFAULT_REFINE_K_FACTOR))
-                self._gpu_index = refine
-                self._gpu_parts = [base_gpu, refine]
+            self._gpu_index, self._gpu_parts = gpu_search_copy(self._cpu_index, self._kind, self._search_params)
         return self._gpu_index
 
     def _drop_gpu_copy(self) -> None:
         self._gpu_index = None
         self._gpu_parts = []
-
-
-def serialized_index_size(cpu_index: Any) -> int:
-    """Bytes ``faiss.write_index`` writes for ``cpu_index``, counted as they stream (no copy in memory)."""
-    written = [0]
-
-    def count(chunk: bytes) -> int:
-        written[0] += len(chunk)
-        return len(chunk)
-
-    writer = faiss.PyCallbackIOWriter(count)
-    faiss.write_index(cpu_index, writer)
-    del writer  # flushes its last buffered block into the count
-    return written[0]
-
-
-def _encode_residuals(cpu_index: Any) -> None:
-    """Make a fast-scan IVF-PQ encode residuals to its list centroid, before training.
-
-    faiss's factory leaves ``by_residual`` off for inner product. But with inner product
-    ``<q, c + r> = <q, c> + <q, r>`` and one PQ codebook for all lists, the lookup table of ``<q, r>`` is
-    the same for every list probed, so residual codes cost nothing at search time; their smaller
-    spread makes them more precise (recall@10 0.926 -> 0.939 at nprobe 8, k_factor 4 on 100k x 512
-    descriptor-like vectors, at equal speed).
-    """
-    if isinstance(cpu_index, faiss.IndexRefine):
-        base = faiss.downcast_index(cpu_index.base_index)
-        if isinstance(base, faiss.IndexIVFFastScan) and not base.is_trained:
-            base.by_residual = True
-
-
-def _expect_training_sample(cpu_index: Any, train_size: Optional[int]) -> None:
-    """Tell an IVF index's k-means how many points per centroid the plan gives it (``train_size / nlist``),
-    so that FAISS does not print a warning for a sample smaller than its rule of thumb (39 per centroid)
-    on purpose (see ``presets.IVFPQ_TRAIN_POINTS_PER_LIST``)."""
-    if train_size is None or isinstance(cpu_index, (faiss.IndexFlat, faiss.IndexHNSW)):
-        return
-    ivf = faiss.extract_index_ivf(cpu_index)
-    per_list = max(1, train_size // max(1, ivf.nlist))
-    ivf.cp.min_points_per_centroid = min(int(ivf.cp.min_points_per_centroid), per_list)
-
-
-def _training_sample(vectors: np.ndarray, train_size: Optional[int], seed: int) -> np.ndarray:
-    """A seeded subsample of ``train_size`` rows (in catalog order), or all rows."""
-    if train_size is None or train_size >= len(vectors):
-        return vectors
-    rows = np.sort(np.random.default_rng(seed).choice(len(vectors), size=train_size, replace=False))
-    return vectors[rows]
-
-
-def _has_gpu_version(cpu_index: Any, kind: str) -> bool:
-    """Whether faiss can clone this index (its IVF part, for IVF presets) to a GPU."""
-    if kind == "flat":
-        return True
-    if kind == "ivf":
-        # Fast-scan PQ (4-bit codes in SIMD-register layout) has no GPU implementation.
-        return not isinstance(faiss.downcast_index(cpu_index.base_index), faiss.IndexIVFFastScan)
-    return False
-
-
-def _downcast_owned(index: Any) -> Any:
-    """The concrete faiss class of ``index`` (e.g. IndexHNSWFlat), taking over ownership of the C++ object.
-
-    ``faiss.downcast_index`` returns a second, non-owning wrapper: if the caller's owning wrapper were
-    garbage-collected, the index would be freed under us. Ownership moves to the typed wrapper.
-    """
-    typed = faiss.downcast_index(index)
-    if typed is not index and getattr(index, "thisown", False):
-        index.thisown = False
-        typed.thisown = True
-    return typed
-
-
-def _index_kind(cpu_index: Any) -> str:
-    if isinstance(cpu_index, faiss.IndexFlat):
-        return "flat"
-    if isinstance(cpu_index, faiss.IndexHNSW):
-        return "hnsw"
-    if isinstance(cpu_index, faiss.IndexRefine) and isinstance(
-        faiss.downcast_index(cpu_index.base_index), faiss.IndexIVF
-    ):
-        return "ivf"
-    raise ValueError(
-        f"unsupported index type {type(cpu_index).__name__}: ProductIndex handles Flat, "
-        "IVF...,RFlat / IVF...,Refine(...) and HNSW...,Flat (the presets)"
-    )
-
-
-def _placement(kind: str, device: str, has_gpu_version: bool = True) -> str:
-    resolved = resolve_faiss_device(device)
-    if resolved == "cuda" and kind == "hnsw":
-        log_once(logging.INFO, "faiss: HNSW has no GPU version, HNSW indexes search on the CPU")
-        return "cpu"
-    if resolved == "cuda" and not has_gpu_version:
-        log_once(
-            logging.INFO,
-            "faiss: fast-scan IVF-PQ (preset 'ivfpq') has no GPU version, it searches on "
-            "the CPU; preset 'ivfpq-rflat' searches on the GPU",
-        )
-        return "cpu"
-    if resolved == "cuda":
-        log_once(logging.INFO, f"faiss: {kind} indexes search on the GPU ({faiss.get_num_gpus()} visible)")
-    else:
-        log_once(logging.INFO, "faiss: searching on the CPU")
-    return resolved
-
-
-def _check_new_ids(product_ids: Sequence[str], n_rows: int, existing: Mapping[str, int]) -> None:
-    if isinstance(product_ids, str):
-        raise TypeError("product_ids must be a sequence of strings, not one string")
-    if len(product_ids) != n_rows:
-        raise ValueError(f"got {n_rows} vectors but {len(product_ids)} product ids")
-    not_str = [pid for pid in product_ids if not isinstance(pid, str)]
-    if not_str:
-        raise TypeError(f"product ids must be str, got e.g. {not_str[0]!r} ({type(not_str[0]).__name__})")
-    repeated = [pid for pid, count in Counter(product_ids).items() if count > 1]
-    if repeated:
-        raise ValueError(f"{len(repeated)} product ids occur more than once: {_name_some(repeated)}")
-    clashing = [pid for pid in product_ids if pid in existing]
-    if clashing:
-        raise ValueError(f"{len(clashing)} product ids are already in the index: {_name_some(clashing)}")
-
-
-def _name_some(ids: Sequence[str]) -> str:
-    named = ", ".join(repr(pid) for pid in list(ids)[:_MAX_NAMED])
-    return named + (", ..." if len(ids) > _MAX_NAMED else "")
-
-
-def _describe_side(values: Mapping[str, Any], keys: Sequence[str]) -> str:
-    """'descriptor 'gem' (fingerprint abc, dim 1280)' from the compared keys."""
-    if "descriptor" in keys:
-        head = f"descriptor {values.get('descriptor')!r}"
-        rest = [key for key in keys if key != "descriptor"]
-    else:
-        head, rest = "vectors", list(keys)
-    details = ", ".join(f"{key} {values.get(key, 'unknown')}" for key in rest)
-    return f"{head} ({details})" if details else head

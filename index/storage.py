@@ -23,6 +23,11 @@ it, reads the pointer again. Every name is relative, so ``cp -r`` / ``rsync -a``
 The flat layout of format 1 (``index.faiss`` and ``manifest.json`` as plain files in ``<dir>``)
 still loads. A save over it first adopts those files, unchanged, as a version folder (hard links),
 then proceeds as over any versioned index; it touches only the files that manifest lists.
+
+This module holds the protocol: the lock, a save (write a version, publish it), reads that pin one
+version, and tidying what crashed saves left. The names and the primitive steps (pointer swap, links,
+the ``_crash_point`` hook between steps) are in ``index.layout``, the manifest and the checks a load
+runs in ``index.manifest``, format 1 in ``index.format1``.
 """
 
 from __future__ import annotations
@@ -33,8 +38,6 @@ import hashlib
 import json
 import logging
 import os
-import re
-import secrets
 import shutil
 import time
 from contextlib import contextmanager
@@ -44,69 +47,38 @@ from typing import Any, Dict, Iterator, Mapping, Optional, Set, Tuple
 import faiss
 
 from .errors import IndexCorruptError, IndexLockedError
+from .format1 import adopt_flat, flat_files, legacy_siblings, recover_legacy, remove_legacy_siblings
+from .layout import (
+    CURRENT,
+    INDEX_FILE,
+    LINKED,
+    LOCK_FILE,
+    MANIFEST_FILE,
+    TMP_PREFIX,
+    VERSION_NAME,
+    VERSION_PREFIX,
+    crash_point,
+    ensure_link,
+    fsync_path,
+    is_our_link,
+    new_version_dir,
+    swap_pointer,
+)
+from .manifest import (
+    check_metadata,
+    checked_attachments,
+    checksummed_manifest,
+    manifest_checksum,  # noqa: F401  tests/street2shop/test_engine.py imports it from here; to go
+    read_version,
+    sha256_file,
+)
 
 LOGGER = logging.getLogger("street2shop.index")
 
-FORMAT_VERSION = 2
-"""2: versioned layout and a manifest checksum. 1: flat layout, only index.faiss checksummed."""
-
-INDEX_FILE = "index.faiss"
-MANIFEST_FILE = "manifest.json"
-KNOWN_ATTACHMENTS = frozenset({"descriptor.pt", "local_features.npz"})
-"""The files the engine keeps beside an index; no other name is written, read or deleted, so a
-manifest cannot make us touch arbitrary files."""
-
-CURRENT = "current"
-LOCK_FILE = ".lock"
-VERSION_PREFIX = ".v-"
-_TMP_PREFIX = ".tmp-"  # pointer symlinks being staged
-_MANIFEST_CHECKSUM = "manifest_checksum"
-_REQUIRED_KEYS = ("format_version", "factory_string", "dim", "ntotal", "product_ids", "checksum")
-_LINKED = (INDEX_FILE, MANIFEST_FILE) + tuple(sorted(KNOWN_ATTACHMENTS))
-_VERSION_NAME = re.compile(r"^\.v-[0-9a-f]+-[0-9a-f]+$")
 _READ_ATTEMPTS = 50  # a reader racing a writer that saves in a tight loop re-reads the pointer this often
 
 DEFAULT_LOCK_TIMEOUT_S = 300.0
 """How long a save waits for another save of the same directory before giving up."""
-
-SAVE_STEPS = (
-    "locked",
-    "cleaned",
-    "flat-adopted",
-    "flat-pointed",
-    "flat-replaced",
-    "index-written",
-    "attachments-written",
-    "manifest-written",
-    "version-synced",
-    "links-added",
-    "pointer-staged",
-    "pointer-swapped",
-    "links-pruned",
-    "done",
-)
-"""Names passed to :func:`_crash_point` during a save, in order. The ``flat-*`` steps happen only when
-saving over a format-1 flat index (``flat-replaced`` once per file of it)."""
-
-
-def _crash_point(step: str) -> None:
-    """No-op hook between the steps of a save; tests replace it to kill the process at ``step``."""
-
-
-def sha256_file(path: Path, chunk_bytes: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in chunks so multi-GB indexes do not need to fit in memory twice."""
-    with open(path, "rb") as handle:
-        return _sha256_handle(handle, chunk_bytes)
-
-
-def manifest_checksum(manifest: Mapping[str, Any]) -> str:
-    """sha256 of the manifest's canonical JSON, without its own ``manifest_checksum`` field.
-
-    Canonical (sorted keys, no spaces, ASCII) so that it does not depend on how the file was indented.
-    """
-    body = {key: value for key, value in manifest.items() if key != _MANIFEST_CHECKSUM}
-    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
-    return hashlib.sha256(text.encode("ascii")).hexdigest()
 
 
 def check_index_destination(directory: str | os.PathLike) -> Path:
@@ -163,18 +135,18 @@ def write_index_dir(
         FileExistsError: see :func:`check_index_destination`.
         IndexLockedError: another save of ``directory`` held its lock for ``lock_timeout`` seconds.
     """
-    payloads = _checked_attachments(attachments)
-    _check_metadata(manifest.get("metadata"), ValueError, "the index metadata")
-    _recover_legacy(Path(os.path.realpath(directory)))
+    payloads = checked_attachments(attachments)
+    check_metadata(manifest.get("metadata"), ValueError, "the index metadata")
+    recover_legacy(Path(os.path.realpath(directory)))
     target = check_index_destination(directory)
     _make_directory(target)
     with _exclusive_lock(target, lock_timeout):
-        _crash_point("locked")
+        crash_point("locked")
         check_index_destination(target)  # again: files may have appeared while we waited
         _remove_leftovers(target)
-        _crash_point("cleaned")
-        _adopt_flat(target)
-        version = _new_version_dir(target)
+        crash_point("cleaned")
+        adopt_flat(target)
+        version = new_version_dir(target)
         try:
             attached = _write_version(version, cpu_index, manifest, payloads)
         except BaseException:
@@ -182,7 +154,7 @@ def write_index_dir(
             raise
         _publish(target, version.name, {INDEX_FILE, MANIFEST_FILE} | set(attached))
         _remove_leftovers(target)
-        _crash_point("done")
+        crash_point("done")
     return target
 
 
@@ -208,11 +180,11 @@ def load_index_dir(directory: str | os.PathLike) -> Tuple[Any, Dict[str, Any], P
     """
     directory = Path(directory)
     if not directory.exists():
-        _recover_legacy(Path(os.path.realpath(directory)))
+        recover_legacy(Path(os.path.realpath(directory)))
     for attempt in range(_READ_ATTEMPTS):
         token, version_dir = _live_version(directory)
         try:
-            cpu_index, manifest = _read_version(version_dir)
+            cpu_index, manifest = read_version(version_dir)
         except (FileNotFoundError, IndexCorruptError):
             # A writer swapped versions (and deleted ours) while we read: read the new one instead.
             if attempt + 1 < _READ_ATTEMPTS and _pointer_or_none(directory) != token:
@@ -231,133 +203,41 @@ def live_version_dir(directory: str | os.PathLike) -> Path:
 
 
 # ------------------------------------------------------------------------------------ writing
-def _checked_attachments(attachments: Optional[Mapping[str, bytes]]) -> Dict[str, bytes]:
-    payloads: Dict[str, bytes] = {}
-    for name, payload in (attachments or {}).items():
-        if name not in KNOWN_ATTACHMENTS:
-            raise ValueError(
-                f"attachment name {name!r} is not one of {sorted(KNOWN_ATTACHMENTS)}: an index keeps only "
-                "those files beside it (add a name to index.storage.KNOWN_ATTACHMENTS to keep another)"
-            )
-        if not isinstance(payload, (bytes, bytearray, memoryview)):
-            raise TypeError(f"attachment {name!r} must be bytes, got {type(payload).__name__}")
-        payloads[name] = bytes(payload)
-    return payloads
-
-
 def _write_version(
     version: Path, cpu_index: Any, manifest: Dict[str, Any], payloads: Mapping[str, bytes]
 ) -> Dict[str, str]:
     """Write and fsync every file of a version folder; returns the attachments' sha256 by name."""
     index_path = version / INDEX_FILE
     faiss.write_index(cpu_index, str(index_path))
-    _fsync_path(index_path)
-    _crash_point("index-written")
+    fsync_path(index_path)
+    crash_point("index-written")
     attached = {}
     for name, payload in sorted(payloads.items()):
         _write_file(version / name, payload)
         attached[name] = hashlib.sha256(payload).hexdigest()
-    _crash_point("attachments-written")
-    manifest = dict(manifest, format_version=FORMAT_VERSION, checksum=sha256_file(index_path), attachments=attached)
-    manifest.pop(_MANIFEST_CHECKSUM, None)
-    # Checksum what a reader will parse (e.g. int dict keys become strings), not the caller's objects.
-    manifest = json.loads(json.dumps(manifest))
-    manifest[_MANIFEST_CHECKSUM] = manifest_checksum(manifest)
+    crash_point("attachments-written")
+    manifest = checksummed_manifest(manifest, sha256_file(index_path), attached)
     _write_file(version / MANIFEST_FILE, json.dumps(manifest, indent=1).encode("utf-8"))
-    _crash_point("manifest-written")
-    _fsync_path(version)
-    _fsync_path(version.parent)  # the version folder's own entry
-    _crash_point("version-synced")
+    crash_point("manifest-written")
+    fsync_path(version)
+    fsync_path(version.parent)  # the version folder's own entry
+    crash_point("version-synced")
     return attached
-
-
-def _adopt_flat(target: Path) -> None:
-    """Turn a format-1 flat index in ``target`` into a version folder, unchanged, before a save.
-
-    Its files are hard-linked (copied where links fail) into a new version folder, ``current`` is
-    pointed at it, then each top-level file is replaced by our link, the manifest last (while it is a
-    plain file it names which other plain files are ours). Every top-level name keeps the same bytes
-    throughout, so a crash at any step leaves the old index loadable, whichever layout a reader sees.
-    A dereferencing copy (``current`` a folder, top-level files plain copies of it) is adopted the same
-    way, with that folder as the version.
-    """
-    flat = _flat_files(target)
-    current = target / CURRENT
-    if not current.is_symlink():
-        if current.is_dir():
-            version = target / _new_version_name()
-            os.rename(current, version)  # readers meanwhile read the identical top-level copies
-        elif flat:
-            version = _new_version_dir(target)
-            for name in sorted(flat):
-                _link_or_copy(target / name, version / name)
-            _fsync_path(version)
-        else:
-            return
-        _fsync_path(target)
-        _crash_point("flat-adopted")
-        _swap_pointer(target, version.name)
-        _crash_point("flat-pointed")
-    # A pointer already there with plain files left: a crash interrupted this loop last time.
-    for name in sorted(flat, key=lambda name: name == MANIFEST_FILE):
-        _ensure_link(target, name)
-        _fsync_path(target)
-        _crash_point("flat-replaced")
 
 
 def _publish(target: Path, version_name: str, names: Set[str]) -> None:
     """Make ``version_name`` live: top-level links, then the pointer swap, then prune unused links."""
     for name in sorted(names):
-        _ensure_link(target, name)  # dangling until the swap if the old version lacks that file
-    _fsync_path(target)
-    _crash_point("links-added")
-    _swap_pointer(target, version_name)
-    _crash_point("pointer-swapped")
-    for name in _LINKED:
-        if name not in names and _is_our_link(target, name):
+        ensure_link(target, name)  # dangling until the swap if the old version lacks that file
+    fsync_path(target)
+    crash_point("links-added")
+    swap_pointer(target, version_name)
+    crash_point("pointer-swapped")
+    for name in LINKED:
+        if name not in names and is_our_link(target, name):
             os.unlink(target / name)
-    _fsync_path(target)
-    _crash_point("links-pruned")
-
-
-def _swap_pointer(target: Path, version_name: str) -> None:
-    """Rename a fresh ``current -> version_name`` symlink over the old one: THE atomic step."""
-    staged = target / f"{_TMP_PREFIX}{secrets.token_hex(8)}"
-    os.symlink(version_name, staged)
-    _crash_point("pointer-staged")
-    os.replace(staged, target / CURRENT)
-    _fsync_path(target)
-
-
-def _link_or_copy(source: Path, destination: Path) -> None:
-    try:
-        os.link(source, destination)  # no copy of a multi-GB index
-    except OSError:
-        shutil.copyfile(source, destination)
-        _fsync_path(destination)
-
-
-def _ensure_link(target: Path, name: str) -> None:
-    """``<target>/<name> -> current/<name>``, replacing a plain file of ours in one rename."""
-    if _is_our_link(target, name):
-        return
-    staged = target / f"{_TMP_PREFIX}{secrets.token_hex(8)}"
-    os.symlink(f"{CURRENT}/{name}", staged)
-    os.replace(staged, target / name)
-
-
-def _new_version_name() -> str:
-    return f"{VERSION_PREFIX}{time.time_ns():x}-{secrets.token_hex(4)}"
-
-
-def _new_version_dir(target: Path) -> Path:
-    while True:
-        version = target / _new_version_name()
-        try:
-            version.mkdir(mode=0o777)  # the umask applies, unlike tempfile.mkdtemp's 0700
-            return version
-        except FileExistsError:
-            continue
+    fsync_path(target)
+    crash_point("links-pruned")
 
 
 def _make_directory(target: Path) -> None:
@@ -372,7 +252,7 @@ def _make_directory(target: Path) -> None:
             path.mkdir(mode=0o777)
         except FileExistsError:
             continue
-        _fsync_path(path.parent)
+        fsync_path(path.parent)
 
 
 def _write_file(path: Path, payload: bytes) -> None:
@@ -414,10 +294,10 @@ def _remove_leftovers(target: Path) -> None:
             continue
         if entry.name.startswith(VERSION_PREFIX) and entry.is_dir(follow_symlinks=False):
             shutil.rmtree(entry.path, ignore_errors=True)
-        elif entry.name.startswith(_TMP_PREFIX) and entry.is_symlink():
+        elif entry.name.startswith(TMP_PREFIX) and entry.is_symlink():
             os.unlink(entry.path)
-    _remove_legacy_siblings(target)
-    _fsync_path(target)
+    remove_legacy_siblings(target)
+    fsync_path(target)
 
 
 def _tidy_after_load(directory: Path, live: Optional[str]) -> None:
@@ -429,9 +309,9 @@ def _tidy_after_load(directory: Path, live: Optional[str]) -> None:
         stale = [
             name
             for name in os.listdir(target)
-            if (name.startswith(VERSION_PREFIX) and name != live) or name.startswith(_TMP_PREFIX)
+            if (name.startswith(VERSION_PREFIX) and name != live) or name.startswith(TMP_PREFIX)
         ]
-        if not stale and not any(_legacy_siblings(target).values()):
+        if not stale and not any(legacy_siblings(target).values()):
             return
         descriptor = os.open(target / LOCK_FILE, os.O_RDWR)
     except OSError:
@@ -443,49 +323,6 @@ def _tidy_after_load(directory: Path, live: Optional[str]) -> None:
         pass  # a save holds the lock (it tidies up itself), or we may not write here
     finally:
         os.close(descriptor)
-
-
-def _legacy_siblings(target: Path) -> Dict[str, list]:
-    """Hidden siblings left by the format-1 writer: ``.<name>.old-*`` (the previous index, set aside
-    by an overwrite) and ``.<name>.tmp-*`` (staging), as made by tempfile.mkdtemp."""
-    pattern = re.compile(rf"^\.{re.escape(target.name)}\.(old|tmp)-[a-z0-9_]{{8}}$")
-    found: Dict[str, list] = {"old": [], "tmp": []}
-    try:
-        entries = list(os.scandir(target.parent))
-    except OSError:
-        return found
-    for entry in entries:
-        match = pattern.match(entry.name)
-        if match and entry.is_dir(follow_symlinks=False):
-            found[match.group(1)].append(Path(entry.path))
-    return found
-
-
-def _recover_legacy(target: Path) -> None:
-    """The format-1 writer, killed between its two renames, left no index but the old one aside as
-    ``.<name>.old-*``: put it back (the newest, if several), so it loads."""
-    if os.path.lexists(target):
-        return
-    olds = [
-        path
-        for path in _legacy_siblings(target)["old"]
-        if (path / MANIFEST_FILE).is_file() and (path / INDEX_FILE).is_file()
-    ]
-    if not olds:
-        return
-    newest = max(olds, key=lambda path: path.stat().st_mtime)
-    try:
-        os.rename(newest, target)
-    except OSError:
-        return  # someone else restored or created it first
-    _fsync_path(target.parent)
-    LOGGER.warning("restored the index at %s that an interrupted save had left aside as %s", target, newest.name)
-
-
-def _remove_legacy_siblings(target: Path) -> None:
-    for paths in _legacy_siblings(target).values():
-        for path in paths:
-            shutil.rmtree(path, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------------ reading
@@ -514,7 +351,7 @@ def _live_version(directory: Path) -> Tuple[Optional[str], Path]:
             f"no saved index at {directory} ({directory / CURRENT} and {manifest} are missing): "
             "build one with `street2shop index`"
         )
-    if (live != CURRENT and not _VERSION_NAME.match(live)) or (directory / live).is_symlink():
+    if (live != CURRENT and not VERSION_NAME.match(live)) or (directory / live).is_symlink():
         raise IndexCorruptError(
             f"{directory / CURRENT} points to {live!r}, not to a version folder of this index: rebuild the "
             "index with `street2shop index`"
@@ -522,145 +359,10 @@ def _live_version(directory: Path) -> Tuple[Optional[str], Path]:
     return live, directory / live
 
 
-def _read_version(folder: Path) -> Tuple[Any, Dict[str, Any]]:
-    """Read and verify one version folder; each file is hashed and parsed from the same open handle,
-    so a file replaced meanwhile cannot pair one version's checksum with another's content."""
-    manifest_path = folder / MANIFEST_FILE
-    index_path = folder / INDEX_FILE
-    for path in (manifest_path, index_path):
-        if not path.exists():
-            raise FileNotFoundError(f"{path} is missing: rebuild the index with `street2shop index`")
-    manifest = _read_manifest(manifest_path)
-    with open(index_path, "rb") as handle:
-        checksum = _sha256_handle(handle)
-        if checksum != manifest["checksum"]:
-            raise IndexCorruptError(
-                f"{index_path} does not match the checksum in {manifest_path} (sha256 {checksum[:12]}... "
-                f"vs {str(manifest['checksum'])[:12]}...): the file is corrupt or was replaced; rebuild the "
-                "index with `street2shop index`"
-            )
-        handle.seek(0)
-        try:
-            cpu_index = faiss.read_index(faiss.PyCallbackIOReader(handle.read))
-        except RuntimeError as error:
-            raise IndexCorruptError(f"faiss cannot read {index_path}: {error}") from None
-    _check_against_index(manifest, manifest_path, cpu_index)
-    for name, expected in manifest["attachments"].items():
-        path = folder / name
-        if not path.exists():
-            raise FileNotFoundError(f"{path} is missing from the saved index: rebuild it with `street2shop index`")
-        if sha256_file(path) != expected:
-            raise IndexCorruptError(f"{path} does not match its checksum in {manifest_path}: rebuild the index")
-    return cpu_index, manifest
-
-
-def _read_manifest(path: Path) -> Dict[str, Any]:
-    """Parse and check a manifest before anything in it is trusted."""
-    rebuild = "rebuild the index with `street2shop index`"
-    try:
-        with open(path, "rb") as handle:
-            manifest = json.loads(handle.read().decode("utf-8"))
-    except (ValueError, RecursionError) as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise IndexCorruptError(f"{path} is not valid JSON ({type(error).__name__}): {rebuild}") from None
-    if not isinstance(manifest, dict):
-        raise IndexCorruptError(f"{path} does not hold a JSON object: {rebuild}")
-    version = manifest.get("format_version")
-    if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
-        raise ValueError(
-            f"index at {path.parent} has format_version {version!r} but this street2shop reads up to "
-            f"{FORMAT_VERSION}: upgrade street2shop or rebuild the index with `street2shop index`"
-        )
-    if version == FORMAT_VERSION:
-        stored = manifest.get(_MANIFEST_CHECKSUM)
-        if stored != manifest_checksum(manifest):
-            raise IndexCorruptError(
-                f"{path} does not match its own manifest_checksum: it was edited or damaged; {rebuild}"
-            )
-    elif version == 1:
-        # Format 1 manifests carry no checksum of their own: they load, but re-saving protects them.
-        LOGGER.warning("%s is format 1 (its product ids are not checksummed): save the index again to upgrade it", path)
-    else:
-        raise IndexCorruptError(f"{path} has format_version {version!r}, which no street2shop writes here: {rebuild}")
-    missing = [key for key in _REQUIRED_KEYS if key not in manifest]
-    if missing:
-        raise IndexCorruptError(f"{path} lacks {', '.join(missing)}: {rebuild}")
-    product_ids = manifest["product_ids"]
-    if not isinstance(product_ids, list) or not all(isinstance(pid, str) for pid in product_ids):
-        raise IndexCorruptError(f"{path}: product_ids is not a list of strings: {rebuild}")
-    if len(set(product_ids)) != len(product_ids):
-        raise IndexCorruptError(f"{path}: product_ids contains duplicates: {rebuild}")
-    attachments = manifest.setdefault("attachments", {})
-    if not isinstance(attachments, dict) or not all(isinstance(value, str) for value in attachments.values()):
-        raise IndexCorruptError(f"{path}: attachments is not a map of file names to sha256: {rebuild}")
-    unknown = sorted(set(attachments) - KNOWN_ATTACHMENTS)
-    if unknown:
-        raise IndexCorruptError(
-            f"{path} lists attachments {unknown[:5]} outside {sorted(KNOWN_ATTACHMENTS)}: {rebuild}"
-        )
-    for key in ("search_params", "metadata"):
-        if not isinstance(manifest.get(key, {}), dict):
-            raise IndexCorruptError(f"{path}: {key} is not a JSON object: {rebuild}")
-    _check_metadata(manifest.get("metadata", {}), IndexCorruptError, str(path))
-    return manifest
-
-
-def _check_against_index(manifest: Dict[str, Any], manifest_path: Path, cpu_index: Any) -> None:
-    product_ids = manifest["product_ids"]
-    if not (len(product_ids) == manifest["ntotal"] == cpu_index.ntotal):
-        raise IndexCorruptError(
-            f"{manifest_path}: manifest lists {len(product_ids)} product ids and ntotal "
-            f"{manifest['ntotal']}, but {INDEX_FILE} holds {cpu_index.ntotal} vectors"
-        )
-    if manifest["dim"] != cpu_index.d:
-        raise IndexCorruptError(
-            f"{manifest_path}: manifest says dim {manifest['dim']} but {INDEX_FILE} has dim {cpu_index.d}"
-        )
-
-
-def _check_metadata(metadata: Any, error: type, where: str) -> None:
-    """A descriptor name may not name a checkpoint (``name@path``): a manifest could otherwise point a
-    query at any checkpoint on disk."""
-    if metadata is None:
-        return
-    descriptor = metadata.get("descriptor") if isinstance(metadata, dict) else None
-    if descriptor is not None and (not isinstance(descriptor, str) or "@" in descriptor):
-        raise error(
-            f"{where}: descriptor {descriptor!r} must be a plain descriptor name, not a checkpoint "
-            "reference (name@path); index with the descriptor's registered name"
-        )
-
-
 # ------------------------------------------------------------------------------------ ownership
-def _is_our_link(target: Path, name: str) -> bool:
-    try:
-        return os.readlink(target / name) == f"{CURRENT}/{name}"
-    except OSError:
-        return False
-
-
-def _flat_files(target: Path) -> Set[str]:
-    """Plain files of a format-1 index in ``target``: index.faiss, manifest.json and the attachments
-    that manifest lists. Empty once manifest.json is one of our links."""
-    manifest_path = target / MANIFEST_FILE
-    if manifest_path.is_symlink() or not manifest_path.is_file():
-        return set()
-    listed: Set[str] = set()
-    try:
-        with open(manifest_path, encoding="utf-8") as handle:
-            attachments = json.load(handle).get("attachments", {})
-        listed = {name for name in attachments if name in KNOWN_ATTACHMENTS}
-    except (OSError, ValueError, AttributeError, TypeError):
-        pass  # unreadable: only index.faiss and manifest.json count as ours
-    return {
-        name
-        for name in {INDEX_FILE, MANIFEST_FILE} | listed
-        if (target / name).is_file() and not (target / name).is_symlink()
-    }
-
-
 def _foreign_entries(target: Path) -> list:
     """Names in ``target`` that no save of ours made, sorted."""
-    flat = _flat_files(target)
+    flat = flat_files(target)
     foreign = []
     for entry in os.scandir(target):
         name = entry.name
@@ -670,26 +372,9 @@ def _foreign_entries(target: Path) -> list:
             continue
         if name.startswith(VERSION_PREFIX) and entry.is_dir(follow_symlinks=False):
             continue
-        if name.startswith(_TMP_PREFIX) and entry.is_symlink():
+        if name.startswith(TMP_PREFIX) and entry.is_symlink():
             continue
-        if name in flat or (name in _LINKED and _is_our_link(target, name)):
+        if name in flat or (name in LINKED and is_our_link(target, name)):
             continue
         foreign.append(name)
     return sorted(foreign)
-
-
-# ------------------------------------------------------------------------------------ fsync
-def _sha256_handle(handle: Any, chunk_bytes: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    for chunk in iter(lambda: handle.read(chunk_bytes), b""):
-        digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _fsync_path(path: Path) -> None:
-    """fsync a file or a directory (a directory's fsync makes its renames and new entries durable)."""
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)

@@ -1,11 +1,32 @@
 """The search-parameter tuner, as autofaiss does it: measure recall@k against exact search, keep the fastest.
 
-Pure functions: a faiss index, arrays and a target in, a report dict out. Nothing here changes the index
-(every measured search passes its parameters per call); :meth:`index.ProductIndex.tune` applies the
-report's ``search_params`` and stores the report in the manifest.
+Functions: a faiss index, arrays and a target in, a report dict out (:func:`log_tuning` says what it found).
+Nothing here changes the index (every measured search passes its parameters per call);
+:meth:`index.ProductIndex.tune` applies the report's ``search_params`` and stores the report in the manifest.
 
 Which parameters are swept depends on the index kind (``"ivf"`` or ``"hnsw"``, see :data:`SWEEPS`); each
 preset of :mod:`index.presets` names its sweep in its entry. An exact (``"flat"``) index has nothing to tune.
+
+How, the approach of autofaiss: rather than leaving nprobe / re-rank depth / efSearch to the user,
+measure them. On a sample of queries, exact top-k come from a brute-force scan
+(``faiss.knn``, inner product) of the catalog vectors; then
+
+- IVF presets: re-rank depths ``k_factor`` go down from 64 through 48, 32, 24 ... 1, and for
+  each, nprobe grows in steps of 1.33x-1.5x (1, 2, 3, 4, 6, 8, 12 ...) until the recall
+  reaches the target; every (nprobe, k_factor) that reaches it is timed again and the fastest
+  wins. Recall grows with both parameters, so a shallower re-rank needs at least the nprobe
+  the deeper one needed: each depth starts there, which walks the frontier of cheapest
+  settings in a few dozen searches. A depth stops early when doubling nprobe gains < 0.002
+  recall (it cannot reach the target, nor can shallower ones: the walk ends) or once it is
+  1.5x slower than the fastest setting found.
+- HNSW: efSearch grows through 16, 24, 32 ... 1024 and the first value that reaches the target
+  wins (recall and cost both grow with it).
+
+"Reaches the target" means the sample recall minus two standard errors (over queries) is at
+least ``target_recall``, so that fresh queries meet it too. If no setting does (e.g. the
+``ivfpq`` SQ8 re-rank caps recall below a target of 0.999), the setting with the highest
+recall is kept and a warning says so. Timings are batched searches on the CPU index with the
+current faiss thread count; on a GPU the same parameters are used.
 
 Example:
     >>> rng = np.random.default_rng(0)
@@ -20,16 +41,20 @@ Example:
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from functools import partial
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import faiss
 import numpy as np
 
 from .arrays import as_matrix
 from .errors import IndexMismatchError
+from .presets import DEFAULT_EF_SEARCH, DEFAULT_REFINE_K_FACTOR, MIN_REFINE_CANDIDATES
+
+LOGGER = logging.getLogger("street2shop.index")
 
 DEFAULT_TUNING_QUERIES = 1000
 """Held-out sample size for tuning: recall@10 near 0.95 is then known to about +-0.003 (one standard error)."""
@@ -159,6 +184,27 @@ def tune_search_params(
     }
 
 
+def log_tuning(
+    report: Dict[str, Any], target_recall: float, preset: str, factory_string: str, cpu_index: Any, kind: str
+) -> None:
+    """Log the outcome of :func:`tune_search_params` for ``preset``: the setting kept, or why the target is out of
+    reach and which preset reaches higher."""
+    params = report["search_params"]
+    settings = ", ".join(f"{key}={value}" for key, value in params.items())
+    if report["met"]:
+        LOGGER.info(
+            f"tuned {preset}: {settings} gives recall@{report['k']} {report['recall']:.3f} "
+            f"(target {target_recall}) on {report['n_queries']} queries"
+        )
+    else:
+        exact_rerank = kind == "hnsw" or isinstance(faiss.downcast_index(cpu_index.refine_index), faiss.IndexFlat)
+        LOGGER.warning(
+            f"{preset} ({factory_string}) cannot reach recall@{report['k']} {target_recall} on this "
+            f"catalog: best is {report['recall']:.3f} with {settings}. For higher recall use "
+            + ("preset 'flat'" if exact_rerank else "preset 'ivfpq-rflat' (exact re-rank) or 'flat'")
+        )
+
+
 def measure_setting(cpu_index: Any, queries: np.ndarray, exact: np.ndarray, params: Any) -> Tuple[float, float, float]:
     """Recall@k, its standard error over queries, and ms per query of one batched search with ``params``.
 
@@ -266,6 +312,35 @@ def hnsw_search_params(ef_search: int, k: int) -> Any:
     """HNSW search parameters for a search of depth k."""
     # A beam narrower than 2k loses recall in deep result lists, whatever efSearch was tuned for k=10.
     return faiss.SearchParametersHNSW(efSearch=max(int(ef_search), 2 * k))
+
+
+def apply_search_params(index: Any, kind: str, search_params: Mapping[str, Any]) -> None:
+    """Set the ``nprobe`` and ``k_factor`` of a ProductIndex's ``search_params`` on its IVF ``index``, where
+    every search reads them (HNSW searches take theirs per call, see :func:`search_time_params`)."""
+    if kind == "ivf":
+        faiss.extract_index_ivf(index).nprobe = int(search_params.get("nprobe", 8))
+        index.k_factor = float(search_params.get("k_factor", DEFAULT_REFINE_K_FACTOR))
+
+
+def search_time_params(kind: str, search_params: Mapping[str, Any], k: int) -> Optional[Any]:
+    """faiss per-call parameters of a ProductIndex search of depth ``k`` (None for an exact index)."""
+    if kind == "hnsw":
+        ef_search = int(search_params.get("efSearch", DEFAULT_EF_SEARCH))
+        return hnsw_search_params(ef_search, k)
+    if kind == "ivf":
+        # No base_index_params: the IVF part uses the nprobe set on it (CPU or GPU copy).
+        return faiss.IndexRefineSearchParameters(k_factor=refine_k_factor(search_params, k))
+    return None
+
+
+def refine_k_factor(search_params: Mapping[str, Any], k: int) -> float:
+    """The re-rank depth of a search of depth ``k``: the tuned ``k_factor``, raised so that at least
+    ``min_candidates`` candidates are re-ranked."""
+    k_factor = float(search_params.get("k_factor", DEFAULT_REFINE_K_FACTOR))
+    min_candidates = int(search_params.get("min_candidates", MIN_REFINE_CANDIDATES))
+    # faiss takes int(k * k_factor) candidates; the +0.5 makes that exactly min_candidates, where
+    # rounding k_factor up to an integer would re-rank up to k - 1 more than the tuning measured.
+    return max(k_factor, (min_candidates + 0.5) / k)
 
 
 def nprobe_steps(top: int) -> List[int]:

@@ -20,8 +20,9 @@ from index import (
     list_index_presets,
     resolve_faiss_device,
 )
+from index.manifest import FORMAT_VERSION, manifest_checksum
 from index.presets import plan_index
-from index.storage import FORMAT_VERSION, live_version_dir, manifest_checksum
+from index.storage import live_version_dir
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PRESETS = list_index_presets()
@@ -404,7 +405,7 @@ def test_ivfpq_memory_is_at_most_35_percent_of_flat():
         built = ProductIndex.build(database, ids_for(20_000), preset=preset, device="cpu", target_recall=None)
         sizes[preset] = len(faiss.serialize_index(built._cpu_index))
         assert built.serialized_size() == sizes[preset]
-        assert index.product_index._has_gpu_version(built._cpu_index, built._kind) == (preset == "flat")
+        assert index.device.has_gpu_version(built._cpu_index, built._kind) == (preset == "flat")
     assert sizes["ivfpq"] <= 0.35 * sizes["flat"]
     # ivfpq-rflat keeps the exact vectors beside its codes (k-means and 8-bit PQ are slow to train: small N).
     small = database[:2000]
@@ -412,7 +413,7 @@ def test_ivfpq_memory_is_at_most_35_percent_of_flat():
         built = ProductIndex.build(small, ids_for(2000), preset=preset, device="cpu", target_recall=None)
         sizes[preset] = built.serialized_size()
         # The 8-bit PQ of ivfpq-rflat has a GPU version (fast-scan PQ has none).
-        assert index.product_index._has_gpu_version(built._cpu_index, built._kind)
+        assert index.device.has_gpu_version(built._cpu_index, built._kind)
     assert sizes["ivfpq-rflat"] > sizes["flat"]
 
 

@@ -26,9 +26,11 @@ from index import (
     IndexLockedError,
     ProductIndex,
     check_index_destination,
-    storage,
+    layout,
 )
-from index.storage import SAVE_STEPS, live_version_dir, manifest_checksum
+from index.layout import LINKED, SAVE_STEPS
+from index.manifest import manifest_checksum, sha256_file
+from index.storage import live_version_dir
 
 DIM = 8
 QUERIES = np.random.default_rng(99).standard_normal((6, DIM)).astype(np.float32)
@@ -92,7 +94,7 @@ def write_format1(directory: Path, catalog: ProductIndex, attachments: Dict[str,
         "created": "2024-01-01T00:00:00+00:00",
         "metadata": catalog.metadata,
         "product_ids": catalog.product_ids,
-        "checksum": storage.sha256_file(directory / "index.faiss"),
+        "checksum": sha256_file(directory / "index.faiss"),
         "attachments": {name: hashlib.sha256(payload).hexdigest() for name, payload in attachments.items()},
     }
     (directory / "manifest.json").write_text(json.dumps(manifest, indent=1))
@@ -139,7 +141,7 @@ def assert_clean(directory: Path, attachments) -> None:
 def assert_links_follow_the_live_version(directory: Path) -> None:
     """``<dir>/<name>`` (what the engine opens) has the bytes of the live version's file, or is absent."""
     live = live_version_dir(directory)
-    for name in storage._LINKED:
+    for name in LINKED:
         if os.path.exists(directory / name):
             assert (directory / name).read_bytes() == (live / name).read_bytes(), name
 
@@ -286,7 +288,7 @@ def test_kill_at_every_step_of_a_save_leaves_old_or_new(tmp_path, scenario, monk
     # A dry run lists the crash points this save passes through, in order.
     steps: List[str] = []
     prepare(scenario, tmp_path / "dry" / "idx", old)
-    monkeypatch.setattr(storage, "_crash_point", steps.append)
+    monkeypatch.setattr(layout, "_crash_point", steps.append)
     new.save(tmp_path / "dry" / "idx", attachments=new_attachments)
     monkeypatch.undo()
     expected_steps = [s for s in SAVE_STEPS if scenario == "flat" or not s.startswith("flat-")]
@@ -311,7 +313,7 @@ def test_kill_at_every_step_of_a_save_leaves_old_or_new(tmp_path, scenario, monk
                 if name == step and passed[name] == occurrence:
                     os._exit(137)  # as abrupt as kill -9: no cleanup, no finally blocks
 
-            storage._crash_point = crash_at
+            layout._crash_point = crash_at
             new.save(target, attachments=new_attachments)
 
         assert run_in_child(child) == 137, f"the save never reached {step} #{occurrence}"
@@ -332,7 +334,7 @@ def test_load_removes_what_a_killed_save_left(tmp_path):
     target = make_catalog(1).save(tmp_path / "idx", attachments=make_attachments(1))
 
     def child() -> None:
-        storage._crash_point = lambda name: os._exit(137) if name == "version-synced" else None
+        layout._crash_point = lambda name: os._exit(137) if name == "version-synced" else None
         make_catalog(2).save(target, attachments=make_attachments(2))
 
     assert run_in_child(child) == 137

@@ -6,7 +6,8 @@ import json
 import pytest
 
 from index import IndexCorruptError, IndexMismatchError
-from index.storage import live_version_dir, manifest_checksum
+from index.manifest import manifest_checksum
+from index.storage import live_version_dir
 from retrieval.datasets import load_viton
 from retrieval.descriptors import create_descriptor
 from street2shop.engine import Searcher, build_index
