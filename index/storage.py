@@ -68,7 +68,6 @@ from .manifest import (
     check_metadata,
     checked_attachments,
     checksummed_manifest,
-    manifest_checksum,  # noqa: F401  tests/street2shop/test_engine.py imports it from here; to go
     read_version,
     sha256_file,
 )

@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 from benchmarks.runner import run_grid
 from index import IndexCorruptError, IndexMismatchError
-from index.storage import manifest_checksum
+from index.manifest import manifest_checksum
 from retrieval.datasets import load_viton
 from retrieval.descriptors import create_descriptor
 from retrieval.features import FeatureCache, extract_features
