@@ -15,7 +15,8 @@ import click
 
 DATASET_HELP = (
     "Dataset spec: 'synthetic' or 'synthetic:N' (the embedded generated set, N products), "
-    "'viton:ROOT' (VITON layout, e.g. viton:../shared/data/viton), or 'csv:CATALOG.csv[,QUERIES.csv]'."
+    "'viton:ROOT' (VITON layout, e.g. viton:../shared/data/viton), 'viton-street:ROOT' (the same with "
+    "street-condition query photos, generated once into the cache), or 'csv:CATALOG.csv[,QUERIES.csv]'."
 )
 
 

@@ -9,6 +9,9 @@ Specs understood by `load_dataset`, one module of this package per format (`list
   120), generated once into the cache directory.
 - ``viton:ROOT`` (``viton.py``): a VITON-layout root (``../shared/data/viton``, a full VITON download, or
   a synthetic root).
+- ``viton-street:ROOT`` (``viton_street.py``): the same set with street-condition query photos (people
+  composited onto procedural clutter, scaled, cropped, re-lit, blurred, JPEG), generated once into the
+  cache directory.
 - ``csv:CATALOG.csv`` or ``csv:CATALOG.csv,QUERIES.csv`` (``csv.py``): plain tables.
 
 A new format is one module with one loader decorated by `register_dataset_format`, imported below.
@@ -41,6 +44,7 @@ from retrieval.datasets.base import (
 from retrieval.datasets.csv import load_csv
 from retrieval.datasets.synthetic import DEFAULT_SYNTHETIC_PRODUCTS
 from retrieval.datasets.viton import VITON_HALVES, VITON_SPLITS, load_viton
+from retrieval.datasets.viton_street import load_viton_street
 
 DATASET_SPEC_FORMS = tuple(dataset_spec_forms())
 """The spec forms of the built-in formats (`dataset_spec_forms()` also lists formats registered later)."""
@@ -64,6 +68,7 @@ __all__ = [
     "load_csv",
     "load_dataset",
     "load_viton",
+    "load_viton_street",
     "register_dataset_format",
     "subset_products",
 ]

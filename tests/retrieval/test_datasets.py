@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 import retrieval.datasets.base as datasets_base
+import retrieval.datasets.viton_street as viton_street
 import retrieval.synthetic.dataset as synthetic_dataset
 from retrieval.datasets import (
     DATASETS,
@@ -23,6 +24,7 @@ from retrieval.datasets import (
     load_csv,
     load_dataset,
     load_viton,
+    load_viton_street,
     register_dataset_format,
 )
 from retrieval.io import read_image, read_mask
@@ -290,10 +292,14 @@ def test_load_dataset_specs(tmp_path):
     catalog, queries = _write_csvs(tmp_path)
     assert len(load_dataset(f"csv:{catalog},{queries}").queries) == 2
     assert load_dataset(f"csv:{catalog}").queries.empty
-    with pytest.raises(ValueError, match="registered formats: csv, synthetic, viton; valid forms: csv:CATALOG.csv"):
+    with pytest.raises(
+        ValueError, match="registered formats: csv, synthetic, viton, viton-street; valid forms: csv:CATALOG.csv"
+    ):
         load_dataset("deepfashion:/x")
     with pytest.raises(ValueError, match="expected viton:ROOT"):
         load_dataset("viton:")
+    with pytest.raises(ValueError, match="expected viton-street:ROOT"):
+        load_dataset("viton-street:")
     with pytest.raises(ValueError, match="expected csv:CATALOG.csv or"):
         load_dataset(f"csv:{catalog},{queries},{queries}")
     with pytest.raises(ValueError, match="positive integer"):
@@ -314,6 +320,7 @@ DATASET_EXAMPLES = {
     "csv": _csv_example,
     "synthetic": lambda root: "synthetic:4",  # generated into load_dataset's cache_dir
     "viton": _viton_example,
+    "viton-street": lambda root: "viton-street:" + _viton_example(root).partition(":")[2],  # queries into cache_dir
 }
 """Format -> a function that writes a tiny example under a directory and returns its spec."""
 
@@ -425,6 +432,80 @@ def test_synthetic_refuses_a_foreign_directory(tmp_path):
     (tmp_path / "busy" / "notes.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="busy"):
         make_synthetic_dataset(tmp_path / "busy", n_products=2, size=(64, 48))
+
+
+def test_viton_street_is_viton_with_street_queries(tmp_path):
+    root = make_synthetic_dataset(tmp_path / "viton", n_products=9, seed=0, size=(64, 48))
+    studio = load_viton(root, split="val", seed=2)
+    street = load_viton_street(root, split="val", seed=2, cache_dir=tmp_path / "cache")
+    assert street.name.startswith("viton-street:") and street.root == studio.root
+    pd.testing.assert_frame_equal(street.catalog, studio.catalog)
+    pd.testing.assert_frame_equal(street.train, studio.train)  # training pairs stay studio photos
+    pd.testing.assert_frame_equal(street.queries.drop(columns="image"), studio.queries.drop(columns="image"))
+    for image, original in zip(street.queries["image"], studio.queries["image"]):
+        assert image.startswith(str((tmp_path / "cache" / "viton-street").resolve())) and image.endswith(".jpg")
+        assert read_image(image).shape == read_image(original).shape
+        parse = Path(image).parent.parent / "image-parse" / f"{Path(image).stem}.png"  # beside it, VITON-style
+        assert set(np.unique(read_mask(parse))) <= set(
+            np.unique(read_mask(original.replace("/image/", "/image-parse/")))
+        )
+    # The street photo of a query depends on (seed, query id): the "all" split makes the same bytes.
+    everything = load_viton_street(root, split="all", seed=2, cache_dir=tmp_path / "cache")
+    by_id = dict(zip(everything.queries["query_id"], everything.queries["image"]))
+    assert all(by_id[query] == image for query, image in zip(street.queries["query_id"], street.queries["image"]))
+    other_seed = load_viton_street(root, split="all", seed=3, cache_dir=tmp_path / "cache")
+    assert Path(other_seed.queries["image"][0]).read_bytes() != Path(everything.queries["image"][0]).read_bytes()
+
+
+def test_viton_street_generates_once_then_reuses(tmp_path, monkeypatch):
+    _fake_viton(tmp_path / "viton", "train", _ids(4))
+    first = load_viton_street(tmp_path / "viton", split="all", cache_dir=tmp_path / "cache")
+    stamps = [Path(image).stat().st_mtime_ns for image in first.queries["image"]]
+
+    def no_drawing(*args, **kwargs):
+        raise AssertionError("a complete variant must not be drawn again")
+
+    monkeypatch.setattr(viton_street, "_make_street_photo", no_drawing)
+    again = load_viton_street(tmp_path / "viton", split="all", cache_dir=tmp_path / "cache")
+    assert list(again.queries["image"]) == list(first.queries["image"])
+    assert [Path(image).stat().st_mtime_ns for image in again.queries["image"]] == stamps
+    # Other root contents are another variant (the folder is keyed by the names and sizes of the photos).
+    noisy = np.random.default_rng(0).integers(0, 256, size=(8, 6, 3), dtype=np.uint8)
+    Image.fromarray(noisy).save(tmp_path / "viton" / "train" / "image" / "000001_0.jpg")
+    with pytest.raises(AssertionError, match="drawn again"):
+        load_viton_street(tmp_path / "viton", split="all", cache_dir=tmp_path / "cache")
+    assert len(list((tmp_path / "cache" / "viton-street").iterdir())) == 2
+
+
+def test_viton_street_interrupted_generation_is_redone(tmp_path, monkeypatch):
+    _fake_viton(tmp_path / "viton", "train", _ids(6))
+    real_make = viton_street._make_street_photo
+    made = []
+
+    def failing_make(seed, query_id, *args):
+        if query_id == "000004_0":
+            raise RuntimeError("interrupted")
+        made.append(query_id)
+        return real_make(seed, query_id, *args)
+
+    monkeypatch.setattr(viton_street, "_make_street_photo", failing_make)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        load_viton_street(tmp_path / "viton", split="all", cache_dir=tmp_path / "cache")
+    (variant,) = (tmp_path / "cache" / "viton-street").iterdir()
+    assert not list(variant.glob("COMPLETE-*"))  # an interrupted generation never looks complete
+    assert not list(variant.rglob("*.tmp"))
+    done_before = set(made)
+    assert "000004_0" not in done_before
+
+    monkeypatch.setattr(viton_street, "_make_street_photo", real_make)
+    data = load_viton_street(tmp_path / "viton", split="all", cache_dir=tmp_path / "cache")
+    assert (variant / "COMPLETE-all.json").is_file() and len(data.queries) == 6
+    assert all(Path(image).is_file() for image in data.queries["image"])
+    # What was redone is byte for byte what an uninterrupted generation makes.
+    fresh = load_viton_street(tmp_path / "viton", split="all", cache_dir=tmp_path / "fresh")
+    assert [Path(image).read_bytes() for image in data.queries["image"]] == [
+        Path(image).read_bytes() for image in fresh.queries["image"]
+    ]
 
 
 @pytest.mark.viton

@@ -1,0 +1,200 @@
+"""The street-condition VITON variant: ``viton-street:ROOT``, the `viton:ROOT` set with street queries.
+
+Every VITON person photo is a studio shot; this variant puts each query's person onto procedural clutter
+under street conditions (`retrieval.street_conditions`: random scale down to a third of the frame, random
+position with partial crops, colour cast, blur, JPEG quality 30-90), using the parse map as the matte.
+The catalog (product photos) and the train/validation split are exactly `viton:ROOT`'s (same seed), so
+the two specs score the same products and queries and differ only in the query photos. Training pairs
+are left as they are (studio photos): training for the street is another step.
+
+The street photos are generated once into the cache directory, in the VITON layout, beside their parse
+maps carried through the same geometry (so parser evaluations that look for ``image-parse/`` beside a
+query work on them too)::
+
+    <cache_dir>/viton-street/<root name>-<root fingerprint>-seed<seed>-v<version>/
+        <half>/image/NNNNNN_0.jpg          the street photo (the encoder's bytes, JPEG quality 30-90)
+        <half>/image-parse/NNNNNN_0.png    its LIP labels (grey PNG; 0 off the person)
+        COMPLETE-<split>.json              written last: the split's photos are all there
+
+The folder is keyed by the root's contents (names and sizes of its person photos and parse maps), the
+seed (which is also the generation seed) and `STREET_FORMAT_VERSION`. Each photo depends only on (seed,
+query id, its source files) and is written atomically, so an interrupted generation leaves no marker and
+the next load makes only the photos still missing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+from retrieval.datasets.base import PathLike, RetrievalSet, default_cache_dir, logger, register_dataset_format
+from retrieval.datasets.viton import VITON_HALVES, _listing, load_viton
+
+STREET_FOLDER = "viton-street"
+
+
+def _root_fingerprint(root: Path) -> str:
+    """SHA-1 of the names and sizes of the person photos and parse maps of `root` (both halves)."""
+    digest = hashlib.sha1()
+    for half in VITON_HALVES:
+        for folder in ("image", "image-parse"):
+            for stem, path in _listing(root / half / folder).items():
+                digest.update(f"{half}/{folder}/{path.name} {path.stat().st_size}\n".encode("utf-8"))
+    return digest.hexdigest()
+
+
+def _marker_content(root: Path, fingerprint: str, split: str, seed: int, query_ids: List[str]) -> Dict[str, object]:
+    from retrieval.street_conditions import STREET_FORMAT_VERSION
+
+    return {
+        "format_version": STREET_FORMAT_VERSION,
+        "generator": "retrieval.datasets.viton_street.load_viton_street",
+        "root": str(root),
+        "root_fingerprint": fingerprint,
+        "split": split,
+        "seed": int(seed),
+        "queries": len(query_ids),
+        "query_ids_sha1": hashlib.sha1("\n".join(query_ids).encode("utf-8")).hexdigest(),
+    }
+
+
+def _street_paths(target: Path, root: Path, person_image: str) -> Tuple[Path, Path]:
+    """(street photo, its parse map) of a studio photo <root>/<half>/image/<stem>.<ext>."""
+    relative = Path(person_image).relative_to(root)
+    half, stem = relative.parts[0], relative.stem
+    return target / half / "image" / f"{stem}.jpg", target / half / "image-parse" / f"{stem}.png"
+
+
+def _source_parse(root: Path, person_image: str, listings: Dict[str, Dict[str, Path]]) -> Optional[Path]:
+    """The parse map beside a studio photo (<root>/<half>/image-parse/<stem>.*), or None."""
+    relative = Path(person_image).relative_to(root)
+    half = relative.parts[0]
+    if half not in listings:
+        listings[half] = _listing(root / half / "image-parse")
+    return listings[half].get(relative.stem)
+
+
+def _make_street_photo(seed: int, query_id: str, person_image: str, parse: Optional[Path], out_image, out_parse):
+    """Generate and write one street photo and its parse map (parse map first: the photo marks it done)."""
+    from retrieval.files import write_bytes_atomic, write_image_atomic
+    from retrieval.io import read_image, read_mask
+    from retrieval.street_conditions import street_version
+
+    photo = street_version(read_image(person_image), None if parse is None else read_mask(parse), seed, query_id)
+    if photo.labels is not None:
+        write_image_atomic(out_parse, photo.labels, compress_level=1)
+    write_bytes_atomic(out_image, photo.jpeg)
+
+
+def make_street_queries(
+    root: PathLike,
+    queries,
+    target: PathLike,
+    seed: int = 0,
+    workers: Optional[int] = None,
+) -> List[str]:
+    """Write the street version of every query photo of a VITON root into `target`; return their paths.
+
+    Photos already there are kept (each was written atomically, so a file that exists is whole): an
+    interrupted run resumes. Query photos without a parse map get `studio_matte` (a warning says how many).
+
+    Args:
+        root: the VITON root the query photos are under.
+        queries: a queries table (query_id, image); repeated query ids are made once.
+        target: the variant's folder.
+        seed: the generation seed.
+        workers: threads (default min(8, CPUs)); numpy, OpenCV and the codecs release the GIL.
+
+    Returns:
+        The street photo of each row of `queries`, as absolute path strings, in row order.
+    """
+    root, target = Path(root).resolve(), Path(target).resolve()
+    listings: Dict[str, Dict[str, Path]] = {}
+    jobs = {}
+    for query_id, image in zip(queries["query_id"], queries["image"]):
+        if query_id not in jobs:
+            jobs[query_id] = (image, _source_parse(root, image, listings), *_street_paths(target, root, image))
+    no_parse = sum(parse is None for _, parse, _, _ in jobs.values())
+    if no_parse:
+        logger.warning(
+            "%s: %d of %d query photos have no parse map; matted by their white background", root, no_parse, len(jobs)
+        )
+    missing = [(query_id, job) for query_id, job in jobs.items() if not job[2].is_file()]
+    if missing:
+        logger.info("generating %d street photos (of %d) into %s", len(missing), len(jobs), target)
+        for folder in {job[2].parent for _, job in missing} | {job[3].parent for _, job in missing}:
+            folder.mkdir(parents=True, exist_ok=True)
+
+        def make(item) -> None:
+            query_id, (image, parse, out_image, out_parse) = item
+            _make_street_photo(seed, str(query_id), image, parse, out_image, out_parse)
+
+        pool = ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1))
+        try:
+            for _ in pool.map(make, missing):
+                pass
+        finally:
+            # On failure, drop the photos not started yet and let the running ones finish their atomic writes.
+            pool.shutdown(wait=True, cancel_futures=True)
+    return [str(jobs[query_id][2]) for query_id in queries["query_id"]]
+
+
+def load_viton_street(
+    root: PathLike, split: str = "val", seed: int = 0, cache_dir: Optional[PathLike] = None
+) -> RetrievalSet:
+    """`load_viton` of `root` with every query photo replaced by its street version (generated once).
+
+    Args:
+        root: the VITON root.
+        split: "val", "train" or "all", as `load_viton` (the same seeded split).
+        seed: seed of the split and of the street conditions.
+        cache_dir: where the variant is generated; default `default_cache_dir()`.
+
+    Returns:
+        A validated RetrievalSet: `load_viton`'s catalog and training pairs (studio photos), queries pointing
+        at the street photos; `root` is the VITON root.
+
+    Raises:
+        As `load_viton`.
+    """
+    studio = load_viton(root, split=split, seed=seed)
+    root = studio.root
+    # Imported here: the drawing pulls in OpenCV, and the codecs torch, which loading a table never needs.
+    from retrieval.files import write_text_atomic
+    from retrieval.street_conditions import STREET_FORMAT_VERSION
+
+    cache = (Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()).resolve()
+
+    fingerprint = _root_fingerprint(root)
+    target = cache / STREET_FOLDER / f"{root.name}-{fingerprint[:12]}-seed{seed}-v{STREET_FORMAT_VERSION}"
+    query_ids = [str(query_id) for query_id in dict.fromkeys(studio.queries["query_id"])]
+    expected = _marker_content(root, fingerprint, split, seed, query_ids)
+    marker = target / f"COMPLETE-{split}.json"
+    queries = studio.queries.copy()
+    if marker.is_file() and json.loads(marker.read_text()) == expected:
+        queries["image"] = [str(_street_paths(target, root, image)[0]) for image in queries["image"]]
+    else:
+        queries["image"] = make_street_queries(root, studio.queries, target, seed=seed)
+        write_text_atomic(marker, json.dumps(expected, indent=2, sort_keys=True) + "\n")
+    data = RetrievalSet(
+        name=f"viton-street:{root} [{split}]",
+        catalog=studio.catalog,
+        queries=queries,
+        train=studio.train,
+        root=root,
+    )
+    return data.validate()
+
+
+@register_dataset_format("viton-street", "viton-street:ROOT")
+def viton_street_spec(
+    argument: str, *, spec: str, split: str, seed: int, cache_dir: Optional[PathLike]
+) -> RetrievalSet:
+    """``viton-street:ROOT``: `load_viton_street` of ROOT, generated into ``cache_dir`` with the load seed."""
+    if not argument:
+        raise ValueError(f"bad dataset spec {spec!r}: expected viton-street:ROOT, the directory of a VITON-layout set")
+    return load_viton_street(argument, split=split, seed=seed, cache_dir=cache_dir)
