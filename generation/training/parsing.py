@@ -35,7 +35,12 @@ from generation.metrics import GarmentIoU
 from generation.parsing import GarmentParser, HumanParsingProxy, garment_masks
 from retrieval.garments import garment_mask_from_labels
 from retrieval.io import read_image, read_mask, resize_image
+from retrieval.street_conditions import street_version
 from retrieval.training import TrainingRun, register_trainer
+
+# Street copies for training are drawn from seeds 1000+ (plus the run's seed); `viton-street:` validation
+# photos use the load seed (0 by default), so training never sees the evaluated draws.
+STREET_TRAINING_SEED = 1000
 
 log = logging.getLogger("street2shop.parsing")
 
@@ -52,6 +57,9 @@ class ParserTrainConfig:
         weight_decay: AdamW's.
         val_images: validation photos scored after training (0: none).
         checkpoint_every_s: seconds between two writes of last.pt.
+        street_copies: street-condition versions of each training photo added to the training set
+            (`retrieval.street_conditions`; drawn with seeds 1000+, apart from the `viton-street:`
+            validation variant's).
     """
 
     epochs: int = 6
@@ -64,6 +72,7 @@ class ParserTrainConfig:
     weight_decay: float = 1e-4
     val_images: int = 500
     checkpoint_every_s: float = 120.0
+    street_copies: int = 0
 
 
 # --------------------------------------------------------------------------------------------------
@@ -121,28 +130,48 @@ def viton_parse_path(person_image: str) -> Optional[Path]:
     return candidate if candidate.is_file() else None
 
 
-def _read_pair(person_image: str, parse: str, size: Tuple[int, int]) -> Tuple[np.ndarray, np.ndarray]:
-    image = resize_image(read_image(person_image), size)
-    garment = garment_mask_from_labels(read_mask(parse)).astype(np.uint8) * 255
+def _read_pair(
+    person_image: str, parse: str, size: Tuple[int, int], street_seed: Optional[int] = None
+) -> Tuple[np.ndarray, np.ndarray]:
+    """(photo (h, w, 3) uint8, garment mask (h, w) uint8) at `size`; with `street_seed`, the photo's street
+    version (`retrieval.street_conditions.street_version`) and its parse map moved along with the person."""
+    photo, labels = read_image(person_image), read_mask(parse)
+    if street_seed is not None:
+        street = street_version(photo, labels, street_seed, Path(person_image).stem)
+        photo, labels = street.image, street.labels
+    image = resize_image(photo, size)
+    garment = garment_mask_from_labels(labels).astype(np.uint8) * 255
     # Area-averaged, the mask keeps its boundary as soft targets instead of a jagged nearest-neighbour edge.
     garment = cv2.resize(garment, (size[1], size[0]), interpolation=cv2.INTER_AREA)
     return image, garment
 
 
 def load_parsing_pairs(
-    person_images: Sequence[str], parses: Sequence[str], size: Tuple[int, int], workers: int = 2
+    person_images: Sequence[str],
+    parses: Sequence[str],
+    size: Tuple[int, int],
+    workers: int = 2,
+    street_copies: int = 0,
+    street_seed: int = 0,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Read person photos and their garment masks at `size`, as compact uint8 tensors (kept in memory).
 
+    `street_copies` > 0 appends that many street-condition versions of every pair (copy c drawn with seed
+    `street_seed + c`), so the parser also learns people on clutter, small and off-centre.
+
     Returns:
-        images (N, 3, h, w) uint8 and masks (N, 1, h, w) uint8 (255 = garment, soft at the edges).
+        images (N * (1 + street_copies), 3, h, w) uint8 and masks (same N, 1, h, w) uint8 (255 = garment,
+        soft at the edges); the studio pairs first.
     """
     if len(person_images) != len(parses) or not len(parses):
         raise ValueError(
             f"need as many parse maps as photos, and at least one: got {len(person_images)} and {len(parses)}"
         )
+    jobs = [(photo, parse, None) for photo, parse in zip(person_images, parses)]
+    for copy in range(int(street_copies)):
+        jobs += [(photo, parse, int(street_seed) + copy) for photo, parse in zip(person_images, parses)]
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        pairs = list(pool.map(lambda args: _read_pair(*args, size), zip(person_images, parses)))
+        pairs = list(pool.map(lambda job: _read_pair(job[0], job[1], size, job[2]), jobs))
     images = torch.from_numpy(np.stack([p[0] for p in pairs])).permute(0, 3, 1, 2).contiguous()
     masks = torch.from_numpy(np.stack([p[1] for p in pairs]))[:, None].contiguous()
     return images, masks
@@ -243,6 +272,7 @@ def train_garment_parser(
     checkpoint_every_s: float = 120.0,
     validation: Optional[Tuple[Sequence[str], Sequence[str]]] = None,
     run_config: Optional[Dict[str, Any]] = None,
+    street_copies: int = 0,
 ) -> Path:
     """Train `parser` on (photo, LIP parse map) pairs through `TrainingRun`; return final.pt.
 
@@ -262,7 +292,7 @@ def train_garment_parser(
         lr=lr,
         weight_decay=weight_decay,
     )
-    steps_per_epoch = -(-len(person_images) // batch_size)
+    steps_per_epoch = -(-len(person_images) * (1 + int(street_copies)) // batch_size)
     config = {
         "proxy": "hp",
         **parser.config(),
@@ -275,6 +305,8 @@ def train_garment_parser(
         "train_pairs": len(person_images),
         **dict(run_config or {}),
     }
+    if street_copies:  # only then: a studio run's config (and so its resume) stays what it was
+        config["street_copies"] = int(street_copies)
     run = TrainingRun(
         out_dir,
         {"parser": parser},
@@ -288,7 +320,9 @@ def train_garment_parser(
     )
     if run.epoch < epochs and not run.out_of_time:
         log.info("reading %d training pairs at %s", len(person_images), size)
-        images, masks = load_parsing_pairs(person_images, parses, size)
+        images, masks = load_parsing_pairs(
+            person_images, parses, size, street_copies=street_copies, street_seed=STREET_TRAINING_SEED + seed
+        )
         device = next(parser.parameters()).device
         total_steps = epochs * steps_per_epoch
         parser.train()
@@ -372,6 +406,7 @@ def train_hp(
         checkpoint_every_s=float(config.checkpoint_every_s),
         validation=validation,
         run_config={"dataset": dataset.name},
+        street_copies=int(config.street_copies),
     )
     model.parser = parser.eval()
     return final

@@ -199,3 +199,32 @@ def test_shape_maps_agree_with_viton_cloth_masks(viton_root):
     data = load_viton(viton_root, split="val")
     result = shape_map_agreement(list(data.train["product_image"]), list(data.train["mask"]), limit=3, iterations=3)
     assert result["images"] == 3 and result["mean_iou"] > 0.7
+
+
+def test_street_copies_add_street_versions_of_each_pair(synthetic_root, tmp_path):
+    """street_copies=1 doubles the training set with street-condition versions whose masks moved with the person."""
+    from generation.training.parsing import load_parsing_pairs, parsing_pairs
+
+    data = load_viton(synthetic_root, split="val")
+    photos, parses = parsing_pairs(data.train)
+    studio_images, studio_masks = load_parsing_pairs(photos[:4], parses[:4], (64, 48))
+    images, masks = load_parsing_pairs(photos[:4], parses[:4], (64, 48), street_copies=1, street_seed=1000)
+    assert images.shape == (8, 3, 64, 48) and masks.shape == (8, 1, 64, 48)
+    assert torch.equal(images[:4], studio_images) and torch.equal(masks[:4], studio_masks)
+    assert not torch.equal(images[4:], studio_images)  # other backgrounds, scales, positions
+    street_area, studio_area = masks[4:].float().mean(dim=(1, 2, 3)), studio_masks.float().mean(dim=(1, 2, 3))
+    assert (street_area <= studio_area * 1.05 + 1).all()  # the person is scaled down (or cropped), never up
+    again, _ = load_parsing_pairs(photos[:4], parses[:4], (64, 48), street_copies=1, street_seed=1000)
+    assert torch.equal(again, images)  # seeded per image
+    proxy = create_proxy("hp")
+    final = proxy.train_on(
+        data,
+        tmp_path / "run",
+        epochs=1,
+        batch_size=16,
+        image_size=(32, 32),
+        val_images=0,
+        street_copies=1,
+        progress=False,
+    )
+    assert load_checkpoint(final)["steps"] == 2  # 16 pairs + 16 street copies, batch 16
