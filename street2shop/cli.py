@@ -267,7 +267,7 @@ def _grid_specs(patterns: str, kind: str, flag: str) -> List[str]:
 @_whole("--distractors", 0, 0, "Extra gallery products drawn from the training split (nobody queries them).")
 @_whole("--protocol-draws", 10, 0, "The paper's protocol: seeded galleries drawn (0: off).")
 @_whole("--protocol-gallery", 250, 1, "Products per drawn gallery (the paper: 250).")
-@_whole("--bootstrap", 1000, 0, "Bootstrap resamples for the 95%% intervals and paired tests (0: off).")
+@_whole("--bootstrap", 1000, 0, "Bootstrap resamples for the 95% intervals and paired tests (0: off).")
 @_whole(
     "--generation-samples",
     200,
