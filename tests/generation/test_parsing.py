@@ -228,3 +228,33 @@ def test_street_copies_add_street_versions_of_each_pair(synthetic_root, tmp_path
         progress=False,
     )
     assert load_checkpoint(final)["steps"] == 2  # 16 pairs + 16 street copies, batch 16
+
+
+class _BlobParser(torch.nn.Module):
+    """A stand-in parser: 'garment' wherever red dominates; records the crops it was shown."""
+
+    image_size = (32, 24)
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def predict(self, images):
+        self.seen.append(tuple(images.shape[-2:]))
+        return (images[:, :1] - images[:, 1:2] > 0.3).float()
+
+
+def test_localised_masks_parse_the_garment_box_again_at_the_parsers_size():
+    from generation.parsing import localised_garment_masks
+
+    images = torch.ones(2, 3, 128, 96)
+    images[0, 1:, 90:106, 60:72] = 0.0  # a small red garment, off-centre
+    parser = _BlobParser()
+    masks = localised_garment_masks(images, parser, min_region_fraction=0.0)
+    assert masks.shape == (2, 1, 128, 96)
+    assert parser.seen == [(128, 96), (32, 24)]  # the whole batch once, then the one non-empty box at 32 x 24
+    garment = torch.zeros(128, 96, dtype=torch.bool)
+    garment[90:106, 60:72] = True
+    iou = (masks[0, 0].bool() & garment).sum() / (masks[0, 0].bool() | garment).sum()
+    assert iou > 0.85 and not masks[0, 0, :80].any()  # nothing outside the context box
+    assert not masks[1].any()  # no garment found: the empty first mask is kept, no second pass
