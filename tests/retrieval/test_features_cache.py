@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import logging
 import os
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +21,7 @@ from PIL import Image
 from retrieval.features import FeatureCache, decode_feature_chunk, extract_features
 from retrieval.files import DamagedCacheError, read_checked_bytes, write_checked_bytes
 from retrieval.io import ImageReadError
+from tests.deadline import within
 
 SIZE = (16, 12)
 N_IMAGES, CHUNK = 10, 4  # chunks of 4, 4 and 2 images
@@ -201,7 +201,7 @@ def test_a_fifo_in_place_of_a_chunk_is_recomputed_not_waited_on(filled, photos):
     target = _chunk_of(cache, photos, 4)
     target.unlink()
     os.mkfifo(target)
-    vectors, computed = _within(20, _run, photos, FeatureCache(cache.directory.parent, "stage"))
+    vectors, computed = within(20, _run, photos, FeatureCache(cache.directory.parent, "stage"))
     assert computed == CHUNK
     np.testing.assert_array_equal(vectors, fresh)
 
@@ -231,25 +231,6 @@ def test_read_checked_bytes_refuses_damage(tmp_path):
         read_checked_bytes(path)
     with pytest.raises(ImageReadError, match="not a regular file"):
         read_checked_bytes(tmp_path)
-
-
-def _within(seconds, function, *args):
-    """function(*args) in a daemon thread: a hang fails the test instead of freezing the suite."""
-    outcome = {}
-
-    def target():
-        try:
-            outcome["value"] = function(*args)
-        except BaseException as error:  # re-raised in the test's thread
-            outcome["error"] = error
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    thread.join(seconds)
-    assert not thread.is_alive(), f"{getattr(function, '__name__', function)} blocked for more than {seconds} s"
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome.get("value")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -321,7 +302,7 @@ def test_index_refuses_a_directory_fifo_or_device_in_the_catalog_in_one_line(syn
         "--device",
         "cpu",
     ]
-    result = _within(60, CliRunner().invoke, cli, arguments)
+    result = within(60, CliRunner().invoke, cli, arguments)
     assert result.exit_code == 2, result.output
     assert "Traceback" not in result.output and f"error: {odd} is not a regular file" in result.output
     assert not (tmp_path / "idx").exists()
@@ -360,7 +341,7 @@ def test_damaged_proxy_outputs_are_generated_again_with_one_warning(photos, tmp_
     if hasattr(os, "mkfifo"):
         os.mkfifo(outputs[2])
     with caplog.at_level(logging.WARNING):
-        again = _within(30, lambda: materialize_proxy_outputs(proxy, photos, tmp_path / "outputs", size=SIZE))
+        again = within(30, lambda: materialize_proxy_outputs(proxy, photos, tmp_path / "outputs", size=SIZE))
     assert again == outputs and proxy.images == N_IMAGES + 3
     for out, image in zip(outputs, first):
         np.testing.assert_array_equal(read_image(out), image)

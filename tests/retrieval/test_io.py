@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import socket
 import struct
-import threading
 import time
 import zlib
 
@@ -26,6 +25,7 @@ from retrieval.io import (
     resize_image,
     set_max_pixels,
 )
+from tests.deadline import within
 
 
 def _noise_image(height: int, width: int, seed: int = 0) -> np.ndarray:
@@ -188,25 +188,6 @@ def test_too_many_pixels_raises_before_decoding(tmp_path):
     assert read_image(path, max_pixels=600).shape == (20, 30, 3)
 
 
-def _within(seconds, function, *args):
-    """function(*args) in a daemon thread: a read that blocks fails the test instead of freezing the suite."""
-    outcome = {}
-
-    def target():
-        try:
-            outcome["value"] = function(*args)
-        except BaseException as error:  # re-raised in the test's thread
-            outcome["error"] = error
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    thread.join(seconds)
-    assert not thread.is_alive(), f"{function.__name__}{args} blocked for more than {seconds} s"
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome.get("value")
-
-
 @pytest.mark.parametrize("reader", [read_image, read_mask, file_sha1])
 def test_fifo_is_refused_without_blocking(tmp_path, reader):
     if not hasattr(os, "mkfifo"):
@@ -214,7 +195,7 @@ def test_fifo_is_refused_without_blocking(tmp_path, reader):
     fifo = tmp_path / "pipe.jpg"
     os.mkfifo(fifo)  # nobody writes: opening it for reading without O_NONBLOCK would wait forever
     with pytest.raises(ImageReadError, match=r"pipe\.jpg is not a regular file \(a FIFO"):
-        _within(10, reader, fifo)
+        within(10, reader, fifo)
 
 
 @pytest.mark.parametrize("reader", [read_image, file_sha1])
@@ -222,7 +203,7 @@ def test_dev_zero_is_refused_without_reading(reader):
     if not os.path.exists("/dev/zero"):
         pytest.skip("no /dev/zero on this platform")
     with pytest.raises(ImageReadError, match=r"/dev/zero is not a regular file \(a character device"):
-        _within(10, reader, "/dev/zero")
+        within(10, reader, "/dev/zero")
 
 
 def test_socket_and_directory_are_refused_by_file_sha1(tmp_path):
@@ -235,7 +216,7 @@ def test_socket_and_directory_are_refused_by_file_sha1(tmp_path):
     try:
         server.bind(str(path))
         with pytest.raises(ImageReadError, match="s.sock is not a regular file \\(a socket"):
-            _within(10, read_image, path)
+            within(10, read_image, path)
     finally:
         server.close()
     with pytest.raises(FileNotFoundError, match="absent.jpg"):
