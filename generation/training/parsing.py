@@ -33,14 +33,11 @@ import torch.nn.functional as F
 
 from generation.metrics import GarmentIoU
 from generation.parsing import GarmentParser, HumanParsingProxy, garment_masks
+from retrieval.datasets.viton_street import STREET_TRAINING_SEED
 from retrieval.garments import garment_mask_from_labels
 from retrieval.io import read_image, read_mask, resize_image
 from retrieval.street_conditions import street_version
 from retrieval.training import TrainingRun, register_trainer
-
-# Street copies for training are drawn from seeds 1000+ (plus the run's seed); `viton-street:` validation
-# photos use the load seed (0 by default), so training never sees the evaluated draws.
-STREET_TRAINING_SEED = 1000
 
 log = logging.getLogger("street2shop.parsing")
 

@@ -31,10 +31,15 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
+import pandas as pd
+
 from retrieval.datasets.base import PathLike, RetrievalSet, default_cache_dir, logger, register_dataset_format
 from retrieval.datasets.viton import VITON_HALVES, _listing, load_viton
 
 STREET_FOLDER = "viton-street"
+# Street copies of training pairs are drawn from seeds 1000+ (plus the run's seed); the validation variant uses
+# the load seed (0 by default), so training never sees the evaluated draws.
+STREET_TRAINING_SEED = 1000
 
 
 def _root_fingerprint(root: Path) -> str:
@@ -188,6 +193,44 @@ def load_viton_street(
         root=root,
     )
     return data.validate()
+
+
+def street_training_pairs(
+    dataset: RetrievalSet, copies: int, seed: int = 0, cache_dir: Optional[PathLike] = None
+) -> pd.DataFrame:
+    """`dataset.train` followed by `copies` street versions of every pair (person photo and parse map replaced).
+
+    For training descriptors and proxies for the street: copy c is drawn with seed
+    `STREET_TRAINING_SEED + seed + c`, apart from the validation variant's draws (seeded by the load seed),
+    and generated once into the cache like the variant.
+
+    Raises:
+        ValueError: the dataset has no training pairs, or no VITON root to find them under.
+    """
+    from retrieval.street_conditions import STREET_FORMAT_VERSION
+
+    if dataset.train is None or dataset.train.empty:
+        raise ValueError(f"{dataset.name} has no training pairs to make street copies of")
+    if dataset.root is None:
+        raise ValueError(f"{dataset.name} has no VITON root: street copies need the parse maps of its layout")
+    root = Path(dataset.root).resolve()
+    cache = (Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()).resolve()
+    fingerprint = _root_fingerprint(root)
+    train = dataset.train.reset_index(drop=True)
+    tables = [train]
+    for copy in range(int(copies)):
+        copy_seed = STREET_TRAINING_SEED + int(seed) + copy
+        target = (
+            cache / STREET_FOLDER / f"{root.name}-{fingerprint[:12]}-train-seed{copy_seed}-v{STREET_FORMAT_VERSION}"
+        )
+        stems = [Path(str(image)).stem for image in train["person_image"]]  # the per-image draw's id
+        rows = pd.DataFrame({"query_id": stems, "image": train["person_image"]})
+        street = train.copy()
+        street["person_image"] = make_street_queries(root, rows, target, seed=copy_seed)
+        if "parse" in street.columns:
+            street["parse"] = [str(_street_paths(target, root, image)[1]) for image in train["person_image"]]
+        tables.append(street)
+    return pd.concat(tables, ignore_index=True)
 
 
 @register_dataset_format("viton-street", "viton-street:ROOT")

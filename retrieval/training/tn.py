@@ -47,6 +47,7 @@ import torch
 from torch import nn
 
 from retrieval.batching import load_batch
+from retrieval.datasets.viton_street import street_training_pairs
 from retrieval.descriptors.tn import N_BLOCKS, TripletNet
 from retrieval.metrics import rank_of_truth, single_relevant_metrics
 from retrieval.training.map_cache import cache_chunks, float16_maps
@@ -65,7 +66,8 @@ class TNTrainConfig:
     blocks' learning rate); margin (cosine distance); miner ("batch_hard", "semi_hard", "all");
     symmetric (also shop -> street triplets); location_dropout; val_fraction; proxy ("none" or a
     Proxy object); chunk_pairs and extract_batch_size (the map cache); extract_budget_share (the
-    share of the time budget the map cache may use; see the module docstring).
+    share of the time budget the map cache may use; see the module docstring); street_copies (street-condition
+    versions of every training pair added to the pairs, `retrieval.datasets.viton_street.street_training_pairs`).
     """
 
     epochs: int = 40
@@ -82,6 +84,7 @@ class TNTrainConfig:
     chunk_pairs: int = 64
     extract_batch_size: int = 32
     extract_budget_share: float = 0.5
+    street_copies: int = 0
 
 
 # ---- pure functions ----------------------------------------------------------------------------------
@@ -252,6 +255,8 @@ def train_tn(
     # Not dataclasses.asdict: that would deep-copy a proxy network.
     tconf = {field.name: getattr(config, field.name) for field in dataclasses.fields(config)}
     pairs = _training_pairs(dataset)
+    if tconf["street_copies"]:
+        pairs = street_training_pairs(dataset, int(tconf["street_copies"]), seed=seed)
     proxy, proxy_label = _resolve_proxy(tconf["proxy"])
     if isinstance(proxy, nn.Module):
         proxy.to(tn.device)
@@ -274,7 +279,8 @@ def train_tn(
     run_config = {
         "descriptor": tn.name,
         "descriptor_conf": tn.config(),
-        "train": {k: v for k, v in tconf.items() if k != "epochs"},  # more epochs may extend a run
+        # more epochs may extend a run; street_copies only when used, so older runs' configs still match
+        "train": {k: v for k, v in tconf.items() if k != "epochs" and not (k == "street_copies" and not v)},
         "proxy": proxy_label,
         "dataset": dataset.name,
         "pairs": len(pairs),

@@ -520,3 +520,20 @@ def test_real_viton_counts_and_split():
     assert not set(data.catalog["product_id"]) & set(data.train["pair_id"])
     assert read_image(data.queries.loc[0, "image"]).shape == (256, 192, 3)
     assert LABEL_UPPER_CLOTHES in np.unique(read_mask(data.train.loc[0, "parse"]))
+
+
+def test_street_training_pairs_append_street_copies_of_every_pair(synthetic_root, tmp_path):
+    from retrieval.datasets.viton_street import street_training_pairs
+
+    data = load_viton(synthetic_root, split="val")
+    pairs = street_training_pairs(data, copies=1, seed=0, cache_dir=tmp_path)
+    n = len(data.train)
+    assert len(pairs) == 2 * n
+    assert list(pairs["person_image"][:n]) == list(data.train["person_image"])  # the studio pairs first
+    street = pairs.iloc[n:]
+    assert (street["product_image"].to_numpy() == data.train["product_image"].to_numpy()).all()
+    assert all(str(tmp_path) in p and Path(p).is_file() for p in street["person_image"])
+    assert all(Path(p).is_file() for p in street["parse"])  # the parse map moved with the person
+    again = street_training_pairs(data, copies=1, seed=0, cache_dir=tmp_path)
+    assert list(again["person_image"]) == list(pairs["person_image"])  # generated once, reused
+    assert "seed1000" in street["person_image"].iloc[0]  # apart from the validation variant's draws
