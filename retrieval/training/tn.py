@@ -39,7 +39,7 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import numpy as np
 import pandas as pd
@@ -50,6 +50,7 @@ from retrieval.batching import load_batch
 from retrieval.datasets.viton_street import street_training_pairs
 from retrieval.descriptors.tn import N_BLOCKS, TripletNet
 from retrieval.metrics import rank_of_truth, single_relevant_metrics
+from retrieval.proxy_stage import to_descriptor_input
 from retrieval.training.map_cache import cache_chunks, float16_maps
 from retrieval.training.run import TrainingRun, atomic_torch_save, load_checkpoint
 from retrieval.training.trainers import register_trainer
@@ -421,7 +422,7 @@ def _cached_maps(
     def compute(c: int, inputs: Tuple[torch.Tensor, torch.Tensor]) -> Dict[str, torch.Tensor]:
         street_images, shop_images = inputs
         if proxy is not None:
-            street_images = _apply_proxy(proxy, street_images.to(tn.device), image_size)
+            street_images = to_descriptor_input(proxy(street_images.to(tn.device)), image_size)
 
         def batches(images: torch.Tensor):
             return (images[i : i + extract_batch_size] for i in range(0, len(images), extract_batch_size))
@@ -518,14 +519,6 @@ def _resolve_proxy(proxy: Any) -> Tuple[Optional[Callable], Dict[str, str]]:
     name = getattr(proxy, "name", type(proxy).__name__)
     fingerprint = proxy.fingerprint() if hasattr(proxy, "fingerprint") else ""
     return proxy, {"name": str(name), "fingerprint": str(fingerprint)}
-
-
-def _apply_proxy(proxy: Callable, images: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    """The proxy, then back to the descriptor's input size, clamped to [0, 1] (as `query_embedder` does)."""
-    generated = proxy(images)
-    if tuple(generated.shape[-2:]) != tuple(size):
-        generated = nn.functional.interpolate(generated, size=tuple(size), mode="bilinear", align_corners=False)
-    return generated.clamp(0, 1)
 
 
 def _log_validation(epoch: int, best: _BestSnapshot) -> None:
