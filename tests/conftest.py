@@ -32,3 +32,16 @@ def device(request):
     if request.param == "cuda" and not torch.cuda.is_available():
         pytest.skip("no CUDA device: the GPU path is checked on a machine with one (pytest -m gpu)")
     return torch.device(request.param)
+
+
+@pytest.fixture(scope="module")
+def one_faiss_thread():
+    """One OpenMP thread for faiss, restored after the module. These tests check results, not speed: two spinning
+    threads on an oversubscribed CPU made k-means ~10x slower here; HNSW's graph depends on the threads'
+    interleaving; and forked children must not inherit a thread pool."""
+    import faiss
+
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(threads)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import faiss
 import numpy as np
 import pandas as pd
 import pytest
@@ -97,17 +96,7 @@ def test_engine_results_unchanged(grid_set, tmp_path, descriptor_name):
     check_against_golden(f"engine_top5_{descriptor_name}.csv", pd.DataFrame(rows), score_columns=("scores",))
 
 
-@pytest.fixture
-def one_faiss_thread():
-    """HNSW inserts in parallel and its graph depends on the threads' interleaving: one thread makes
-    the approximate presets' results a function of the code alone."""
-    threads = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(threads)
-
-
-def test_index_presets_unchanged(one_faiss_thread):
+def test_index_presets_unchanged(one_faiss_thread):  # HNSW's graph depends on thread interleaving
     rng = np.random.default_rng(0)
     centres = rng.standard_normal((30, 32))
     vectors = (centres[rng.integers(0, 30, 3000)] + 0.35 * rng.standard_normal((3000, 32))).astype(np.float32)

@@ -3,7 +3,6 @@ test vectors and smoke runs of the speed tables."""
 
 from __future__ import annotations
 
-import faiss
 import numpy as np
 import pandas as pd
 import pytest
@@ -18,14 +17,7 @@ from benchmarks.speed_suite import (
     write_speed_suite,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_faiss_thread():
-    """Results, not speed, are checked: one OpenMP thread keeps these fast on a shared, loaded machine."""
-    threads = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_faiss_thread")  # tests/conftest.py
 
 
 def test_search_speed_smoke():

@@ -60,14 +60,7 @@ def rewrite_manifest(directory: Path, manifest: dict, reseal: bool) -> None:
     live_manifest(directory).write_text(json.dumps(manifest))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_faiss_thread():
-    """These tests check results, not speed: one OpenMP thread keeps them fast on a shared, loaded
-    machine (two spinning threads on an oversubscribed CPU made k-means ~10x slower here)."""
-    threads = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_faiss_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

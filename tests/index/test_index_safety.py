@@ -36,13 +36,7 @@ DIM = 8
 QUERIES = np.random.default_rng(99).standard_normal((6, DIM)).astype(np.float32)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_faiss_thread():
-    """One OpenMP thread: nothing here is about speed, and forked children must not inherit a pool."""
-    threads = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_faiss_thread")  # tests/conftest.py
 
 
 def make_catalog(seed: int, n: int = 20, prefix: str = "p") -> ProductIndex:

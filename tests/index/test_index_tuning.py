@@ -22,14 +22,7 @@ from index.tuning import (
     tune_search_params,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_faiss_thread():
-    """Results, not speed, are checked: one OpenMP thread keeps these fast on a shared, loaded machine."""
-    threads = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_faiss_thread")  # tests/conftest.py
 
 
 def unit_rows(x: np.ndarray) -> np.ndarray:
