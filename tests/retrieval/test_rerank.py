@@ -245,3 +245,26 @@ def test_searcher_reranks_with_the_catalog_local_features(synthetic_root, tmp_pa
     firsts = results[results["rank"] == 1]
     assert list(firsts["product_id"]) == list(data.catalog["product_id"].astype(str)[:2])
     assert (firsts["score"] >= 1.0 + np.log1p(7) - 1e-4).all()
+
+
+def test_a_damaged_local_feature_cache_is_extracted_again(synthetic_root, tmp_path, caplog):
+    """The bench's re-ranking cache is sealed: a flipped byte is noticed and the features extracted again."""
+    import logging
+
+    import torch
+
+    from benchmarks.runner import _local_features
+    from retrieval.datasets import load_dataset
+    from retrieval.descriptors.sift import SIFT
+
+    sift = SIFT(n_clusters=4, pca_dim=None, image_size=(96, 64), max_keypoints=50)
+    paths = list(load_dataset(f"viton:{synthetic_root}", split="val").catalog["image"][:3])
+    first = _local_features(sift, paths, tmp_path, "sift", 4, torch.device("cpu"), None)
+    (stored,) = list((tmp_path / "sift").glob("local-*.npz"))
+    payload = bytearray(stored.read_bytes())
+    payload[len(payload) // 2] ^= 0x01
+    stored.write_bytes(bytes(payload))
+    with caplog.at_level(logging.WARNING):
+        again = _local_features(sift, paths, tmp_path, "sift", 4, torch.device("cpu"), None)
+    assert "unreadable" in caplog.text
+    assert torch.equal(again.desc, first.desc) and torch.equal(again.mask, first.mask)
