@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from retrieval.proxy_stage import behind_proxy
-from retrieval.registry import Registry, module_fingerprint, typed_options
+from retrieval.registry import Registry, module_fingerprint, plugin_conf
 from retrieval.training.trainers import add_trainer_modules
 
 if TYPE_CHECKING:  # the annotation only: descriptors need not be imported to build a proxy
@@ -34,14 +34,8 @@ class Proxy(nn.Module):
 
     def __init__(self, **conf: Any):
         super().__init__()
-        unknown = set(conf) - set(self.default_conf)
-        if unknown:
-            raise ValueError(
-                f"{type(self).__name__} got unknown options {sorted(unknown)}; valid: {sorted(self.default_conf)}"
-            )
         self.name = getattr(type(self), "registry_name", type(self).__name__)
-        # Text from any route ('false', '0.5') typed like the default: 'false' is truthy as a string.
-        self.conf = {**self.default_conf, **typed_options(conf, self.default_conf, self.name)}
+        self.conf = plugin_conf(self, self.name, conf)
 
     def fingerprint(self) -> str:
         """Hash of name, config and weights: part of every feature-cache key downstream."""

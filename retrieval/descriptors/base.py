@@ -18,7 +18,7 @@ from typing import Any, Dict, Iterable, Union
 import torch
 from torch import nn
 
-from retrieval.registry import Registry, module_fingerprint, typed_options
+from retrieval.registry import Registry, module_fingerprint, plugin_conf
 from retrieval.types import GlobalFeatures, InputSpec, LocalFeatures
 
 DESCRIPTORS = Registry("descriptor")
@@ -44,15 +44,8 @@ class Descriptor(nn.Module):
 
     def __init__(self, **conf: Any):
         super().__init__()
-        unknown = set(conf) - set(self.default_conf)
-        if unknown:
-            raise ValueError(
-                f"{type(self).__name__} got unknown options {sorted(unknown)}; "
-                f"valid options: {sorted(self.default_conf)}"
-            )
         self.name = getattr(type(self), "registry_name", self.name)
-        # Text from any route ('false', '0.5') typed like the default: 'false' is truthy as a string.
-        self.conf: Dict[str, Any] = {**self.default_conf, **typed_options(conf, self.default_conf, self.name)}
+        self.conf: Dict[str, Any] = plugin_conf(self, self.name, conf)
         # A buffer so that `fitted` travels with state_dict and checkpoints.
         self.register_buffer("_fitted", torch.tensor(not self.needs_fit))
 

@@ -39,7 +39,7 @@ from retrieval.backbones import LITE0_STAGES, LITE_MEAN, LITE_STD, EfficientNetL
 from retrieval.descriptors.base import DESCRIPTORS, Descriptor, NotFittedError, check_images
 from retrieval.types import InputSpec, LocalFeatures
 from retrieval.vlad_fitting import pad_features
-from retrieval.whitening import apply_pca_whitening, fit_pca_whitening
+from retrieval.whitening import apply_pca_whitening, fit_pca_whitening, whitened_vlad
 
 # softplus(SOFTPLUS_ONE) == 1: the untrained attention weighs every location 1 (plain mean pooling).
 SOFTPLUS_ONE = math.log(math.expm1(1.0))
@@ -300,10 +300,8 @@ class DELF(Descriptor):
         return raw
 
     def _vlad(self, desc: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        vectors = vlad(desc.float(), mask, self.centroids)
-        if self.conf["whiten_dim"] is not None:
-            vectors = apply_pca_whitening(vectors, self.vlad_mean, self.vlad_projection)
-        return vectors
+        whitening = (self.vlad_mean, self.vlad_projection) if self.conf["whiten_dim"] is not None else None
+        return whitened_vlad(desc, mask, self.centroids, whitening)
 
     @torch.no_grad()
     def aggregate(self, features: LocalFeatures) -> torch.Tensor:
