@@ -65,10 +65,6 @@ class VLADDescriptor(Descriptor):
         pca_dim = self.conf["pca_dim"]
         return int(pca_dim) if pca_dim is not None else int(self.conf["n_clusters"]) * self.local_dim
 
-    def _aggregate_descriptors(self, desc: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        whitening = (self.pca_mean, self.pca_projection) if self.conf["pca_dim"] is not None else None
-        return whitened_vlad(desc, mask, self.centroids, whitening)
-
     @torch.no_grad()
     def aggregate(self, features: LocalFeatures) -> torch.Tensor:
         """VLAD (intra-norm, signed sqrt, L2), then PCA-whitening + signed sqrt + L2 when configured.
@@ -79,7 +75,8 @@ class VLADDescriptor(Descriptor):
             - features.desc: (B, N, local_dim)
             - output: (B, dim)
         """
-        return self._aggregate_descriptors(features.desc, features.mask)
+        whitening = (self.pca_mean, self.pca_projection) if self.conf["pca_dim"] is not None else None
+        return whitened_vlad(features.desc, features.mask, self.centroids, whitening)
 
     @torch.no_grad()
     def fit(self, batches: Iterable[torch.Tensor]) -> "VLADDescriptor":
