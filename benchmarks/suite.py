@@ -130,7 +130,8 @@ def run_bench_suite(config: BenchConfig, *, echo: Echo = print, progress: Progre
         load_dataset(config.dataset, split=config.split, seed=config.seed, cache_dir=cache), config.limit, config.seed
     )
     echo(data.describe())
-    with_options = [spec for spec in proxy_specs + descriptor_specs if "[" in spec.split("@")[0]]
+    # 'NAME[k=v]' asks for a training; 'NAME[k=v]@final.pt' is a trained model built with those options.
+    with_options = [spec for spec in proxy_specs + descriptor_specs if "[" in spec and "@" not in spec]
     if with_options and not config.train:
         raise ValueError(
             f"{', '.join(with_options)}: options in brackets name a model to train; add --train, "
