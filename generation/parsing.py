@@ -408,10 +408,13 @@ class HumanParsingProxy(Proxy):
         min_region_fraction: mask regions smaller than this fraction of the largest are dropped.
         localise: parse twice, the second time on the first garment box cropped and rescaled to the parser's
             input (`localised_garment_masks`; trained parser only), for small, off-centre people.
+        input_scale: read photos at this multiple of the descriptor's input size before parsing and cutting
+            out (`retrieval.proxy_stage.proxy_input_size`): the garment's box is then cut from the larger photo,
+            so a small person's garment keeps the photo's detail. 1 reads them at the descriptor's size.
 
     Shape:
         - Input: (B, 3, H, W) in [0, 1].
-        - Output: (B, 3, H', W') in [0, 1], (H', W') = output_size or (H, W).
+        - Output: (B, 3, H', W') in [0, 1], (H', W') = output_size or (H, W) / input_scale.
     """
 
     trainable = True
@@ -422,6 +425,7 @@ class HumanParsingProxy(Proxy):
         "grabcut_iterations": 5,
         "min_region_fraction": 0.05,
         "localise": False,
+        "input_scale": 1.0,
     }
 
     def __init__(self, **conf: Any):
@@ -447,7 +451,9 @@ class HumanParsingProxy(Proxy):
                 self.conf["grabcut_iterations"],
                 self.conf["min_region_fraction"],
             )
-        size = tuple(self.conf["output_size"] or images.shape[-2:])
+        # Read larger by input_scale, the cut-out still comes out at the descriptor's size (one antialiased resize).
+        scale = self.input_scale
+        size = tuple(self.conf["output_size"] or (round(images.shape[-2] / scale), round(images.shape[-1] / scale)))
         return segmented_texture(images, masks, size=size, margin=self.conf["margin"])
 
     def load_trained(self, checkpoint) -> "HumanParsingProxy":

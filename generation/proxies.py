@@ -37,6 +37,12 @@ class Proxy(nn.Module):
         self.name = getattr(type(self), "registry_name", type(self).__name__)
         self.conf = plugin_conf(self, self.name, conf)
 
+    @property
+    def input_scale(self) -> float:
+        """How much larger than the descriptor's input the photos are read (`proxy_input_size`); 1 unless the
+        proxy's config has an ``input_scale``."""
+        return float(self.conf.get("input_scale", 1.0))
+
     def fingerprint(self) -> str:
         """Hash of name, config and weights: part of every feature-cache key downstream."""
         return module_fingerprint(self.name, self.conf, self)
@@ -82,14 +88,14 @@ add_trainer_modules("generation.training.gan", "generation.training.paintnet", "
 
 
 def create_proxy(name: str, **conf: Any) -> Proxy:
-    """Build a registered proxy; `name` may be 'NAME@path/to/final.pt' to load trained weights."""
-    from retrieval.training import split_trained_spec
+    """Build a registered proxy from a spec: NAME, NAME@final.pt, NAME[k=v;...] or NAME[k=v;...]@final.pt."""
+    from retrieval.specs import parse_spec
 
     _register_builtins()
-    name, checkpoint = split_trained_spec(name)
-    proxy = PROXIES.create(name, **conf)
-    if checkpoint:
-        proxy.load_trained(checkpoint)
+    spec = parse_spec(name)  # NAME, NAME@ckpt, NAME[k=v], NAME[k=v]@ckpt; keyword options win over bracketed ones
+    proxy = PROXIES.create(spec.name, **{**spec.options, **conf})
+    if spec.checkpoint:
+        proxy.load_trained(spec.checkpoint)
     return proxy
 
 

@@ -141,14 +141,14 @@ def check_images(images: torch.Tensor) -> None:
 
 
 def create_descriptor(name: str, **conf: Any) -> Descriptor:
-    """Build a registered descriptor; `name` may be 'NAME@path/to/final.pt' to load trained weights."""
+    """Build a registered descriptor from a spec: NAME, NAME@final.pt, NAME[k=v;...] or NAME[k=v;...]@final.pt."""
     import retrieval.descriptors  # noqa: F401  (registers the built-ins)
-    from retrieval.training import split_trained_spec
+    from retrieval.specs import parse_spec
 
-    name, checkpoint = split_trained_spec(name)
-    descriptor = DESCRIPTORS.create(name, **conf)
-    if checkpoint:
-        descriptor.load_trained(checkpoint)
+    spec = parse_spec(name)  # NAME, NAME@ckpt, NAME[k=v], NAME[k=v]@ckpt; keyword options win over bracketed ones
+    descriptor = DESCRIPTORS.create(spec.name, **{**spec.options, **conf})
+    if spec.checkpoint:
+        descriptor.load_trained(spec.checkpoint)
     return descriptor
 
 
