@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, Optional
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -22,6 +22,7 @@ if TYPE_CHECKING:  # the annotation only: descriptors need not be imported to bu
     from retrieval.descriptors import Descriptor
 
 PROXIES = Registry("proxy")
+Box = Tuple[int, int, int, int]  # (x0, y0, x1, y1), end-exclusive pixels
 # Modules whose import registers the built-in proxies (a new proxy file appends its module here).
 BUILTIN_PROXY_MODULES = ("generation.parsing", "generation.paintnet", "generation.pix2pix", "generation.dtgan")
 
@@ -42,6 +43,12 @@ class Proxy(nn.Module):
         """How much larger than the descriptor's input the photos are read (`proxy_input_size`); 1 unless the
         proxy's config has an ``input_scale``."""
         return float(self.conf.get("input_scale", 1.0))
+
+    def forward_with_boxes(self, images: torch.Tensor) -> Tuple[torch.Tensor, List[Optional[Box]]]:
+        """`forward`'s output and, per image, the (x0, y0, x1, y1) box of the input it was cut from, end-exclusive,
+        in the input's pixels; None where the proxy kept (or redrew) the whole image. Proxies that crop
+        override this, so that a person sees where the crop was (rank pictures, the web page)."""
+        return self(images), [None] * images.shape[0]
 
     def fingerprint(self) -> str:
         """Hash of name, config and weights: part of every feature-cache key downstream."""

@@ -141,3 +141,21 @@ def test_hp_reads_larger_and_cuts_out_at_the_descriptor_size(tiny_checkpoints):
     with torch.no_grad():
         out = proxy(large)
     assert out.shape == (2, 3, 64, 48) and out.min() >= 0 and out.max() <= 1
+
+
+def test_hp_reports_the_box_it_cut_the_garment_from(tiny_checkpoints):
+    """forward_with_boxes: the output is forward's, and each box is the tight box of the garment mask (x0, y0, x1,
+    y1); a proxy that does not crop reports None for every image."""
+    from generation.parsing import garment_masks
+    from retrieval.garments import mask_bounding_boxes
+
+    proxy = create_proxy(f"hp@{tiny_checkpoints('hp')}").eval()
+    images = person_like_images(3, seed=2)
+    with torch.no_grad():
+        out, boxes = proxy.forward_with_boxes(images)
+        assert torch.equal(out, proxy(images))
+        masks = garment_masks(images, proxy.parser, 0.5, 5, 0.05)
+    tight, nonempty = mask_bounding_boxes(masks > 0.5)
+    for box, (top, left, bottom, right), found in zip(boxes, tight.tolist(), nonempty.tolist()):
+        assert box == ((left, top, right, bottom) if found else None)
+    assert create_proxy("none").forward_with_boxes(images)[1] == [None, None, None]
