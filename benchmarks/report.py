@@ -13,8 +13,9 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+import cv2
 import numpy as np
 import pandas as pd
 
@@ -157,17 +158,41 @@ def _thumbnail(image: np.ndarray, height: int, width: int, border: Optional[tupl
     return tile
 
 
+def draw_crop_box(image: np.ndarray, box: Optional[Tuple[int, int, int, int]], colour=(60, 60, 200)) -> np.ndarray:
+    """A copy of an (H, W, 3) uint8 photo with the proxy's crop box (x0, y0, x1, y1) drawn in the proxy's colour.
+
+    Example:
+        >>> drawn = draw_crop_box(np.zeros((20, 20, 3), np.uint8), (5, 5, 15, 15))
+        >>> drawn[5, 10].tolist(), drawn[10, 10].tolist()
+        ([60, 60, 200], [0, 0, 0])
+    """
+    if box is None:
+        return image
+    drawn = np.ascontiguousarray(image).copy()
+    thickness = max(1, round(max(image.shape[:2]) / 150))
+    x0, y0, x1, y1 = box
+    cv2.rectangle(drawn, (int(x0), int(y0)), (int(x1) - 1, int(y1) - 1), colour, thickness)
+    return drawn
+
+
 def rank_picture(
     query_image: np.ndarray,
     proxy_image: np.ndarray,
     top_images: List[np.ndarray],
     correct: List[bool],
     tile: tuple = (128, 96),
+    crop_box: Optional[Tuple[int, int, int, int]] = None,
 ) -> np.ndarray:
-    """One row: query | proxy output | top-k, the true product framed green, others grey. (H, W, 3) uint8."""
+    """One row: query (with the proxy's crop box, if any) | proxy output | top-k, the true product framed green,
+    others grey. (H, W, 3) uint8."""
     height, width = tile
     gap = np.full((height, 8, 3), 255, np.uint8)
-    parts = [_thumbnail(query_image, height, width), gap, _thumbnail(proxy_image, height, width, (60, 60, 200)), gap]
+    parts = [
+        _thumbnail(draw_crop_box(query_image, crop_box), height, width),
+        gap,
+        _thumbnail(proxy_image, height, width, (60, 60, 200)),
+        gap,
+    ]
     for image, hit in zip(top_images, correct):
         parts += [_thumbnail(image, height, width, (0, 170, 0) if hit else (190, 190, 190)), gap[:, :3]]
     return np.concatenate(parts, axis=1)
@@ -194,8 +219,8 @@ def write_rank_pages(
         "<!doctype html><meta charset='utf-8'><title>" + html.escape(title) + "</title>"
         "<style>body{font-family:sans-serif;margin:2em}figure{margin:0 0 1.5em}img{max-width:100%}"
         "figcaption{color:#444}</style><h1>" + html.escape(title) + "</h1>"
-        "<p>Each row: street photo | proxy output (blue) | top 5 products, the true product framed green.</p>"
-        + "\n".join(items)
+        "<p>Each row: street photo (where the proxy cropped, boxed in blue) | proxy output (blue) | top 5 products, "
+        "the true product framed green.</p>" + "\n".join(items)
     )
     return write_text_atomic(out_dir / "index.html", page)
 
@@ -488,6 +513,7 @@ def write_bench_rank_pictures(
     query_ids: Sequence[str],
     out_dir: Path,
     title: str,
+    crop_boxes: Optional[Dict[str, Dict[str, Tuple[int, int, int, int]]]] = None,
 ) -> Path:
     """Rank pictures (PNG + one HTML page) for the same queries under every proxy x descriptor.
 
@@ -496,6 +522,7 @@ def write_bench_rank_pictures(
         query_images, product_images: id -> image path.
         proxy_outputs: proxy label -> {query_id: (H, W, 3) uint8 proxy output}; `none` shows the photo.
         query_ids: the queries to picture (a seeded sample, the same for every combination).
+        crop_boxes: proxy label -> {query_id: (x0, y0, x1, y1)} where the proxy cut from the photo, drawn on it.
     """
     from retrieval.files import write_image_atomic
     from retrieval.io import read_image
@@ -521,6 +548,7 @@ def write_bench_rank_pictures(
             image(query_path) if shown is None else shown,
             tops,
             [p == str(record["product_id"]) for p in top],
+            crop_box=(crop_boxes or {}).get(record["proxy"], {}).get(record["query_id"]),
         )
         rows.append(
             {

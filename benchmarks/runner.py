@@ -32,6 +32,7 @@ from retrieval.descriptors import create_descriptor
 from retrieval.features import DEFAULT_CHUNK, FeatureCache, extract_features, materialize_proxy_outputs
 from retrieval.files import file_sha1, read_checked_bytes, write_checked_bytes
 from retrieval.metrics import average_precision_at_k, count_relevant, ranking_metrics, relevance_matrix
+from retrieval.proxy_stage import box_in_photo, proxy_input_size, to_descriptor_input
 from retrieval.rerank import LocalFeatureStore, SpatialVerifier
 
 log = logging.getLogger("street2shop.bench")
@@ -549,16 +550,28 @@ def proxy_previews(
     ids: Sequence[str],
     size: Tuple[int, int] = (256, 192),
     device: torch.device = torch.device("cpu"),
-) -> Dict[str, Dict[str, np.ndarray]]:
-    """What each proxy makes of a few query photos: label -> {id: (H, W, 3) uint8}, for rank pictures."""
+) -> Tuple[Dict[str, Dict[str, np.ndarray]], Dict[str, Dict[str, Tuple[int, int, int, int]]]]:
+    """What each proxy makes of a few query photos, for rank pictures: (label -> {id: (H, W, 3) uint8 output},
+    label -> {id: (x0, y0, x1, y1) crop box in the photo's own pixels}, for the photos the proxy cropped)."""
     from retrieval.batching import load_batch
+    from retrieval.io import read_image
 
-    batch = load_batch(list(paths), size).to(device)
     previews: Dict[str, Dict[str, np.ndarray]] = {}
+    boxes: Dict[str, Dict[str, Tuple[int, int, int, int]]] = {}
+    photo_sizes = [read_image(path).shape[:2] for path in paths]
     for spec in proxy_specs:
         proxy = create_proxy(spec).to(device).eval()
         if proxy.name == "none":
             continue
-        images = proxy(batch).clamp(0, 1).mul(255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
-        previews[descriptor_label(spec)] = dict(zip(ids, images))
-    return previews
+        read = proxy_input_size(proxy, size)
+        with torch.no_grad():
+            generated, found = proxy.forward_with_boxes(load_batch(list(paths), read).to(device))
+        images = to_descriptor_input(generated, size).mul(255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+        label = descriptor_label(spec)
+        previews[label] = dict(zip(ids, images))
+        boxes[label] = {
+            query_id: box_in_photo(box, read, photo)
+            for query_id, box, photo in zip(ids, found, photo_sizes)
+            if box is not None
+        }
+    return previews, boxes

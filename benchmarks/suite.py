@@ -243,14 +243,14 @@ def _write_rank_pictures(data, per_query, proxy_specs, count: int, seed: int, de
     queries = data.queries.drop_duplicates("query_id")
     chosen = sample_paths(list(queries["query_id"]), count, seed)
     paths = dict(zip(queries["query_id"], queries["image"]))
-    previews = proxy_previews(proxy_specs, [paths[q] for q in chosen], chosen, device=device)
+    previews, crop_boxes = proxy_previews(proxy_specs, [paths[q] for q in chosen], chosen, device=device)
     catalog = dict(zip(data.catalog["product_id"].astype(str), data.catalog["image"]))
     if data.train is not None:  # distractors shown in a top 5 come from the training products
         catalog.update(
             {f"distractor:{p}": i for p, i in zip(data.train["product_id"].astype(str), data.train["product_image"])}
         )
     write_bench_rank_pictures(
-        per_query, paths, catalog, previews, chosen, out / "rank", f"street2shop bench: {data.name}"
+        per_query, paths, catalog, previews, chosen, out / "rank", f"street2shop bench: {data.name}", crop_boxes
     )
 
 

@@ -49,6 +49,22 @@ def proxy_input_size(proxy: Optional[object], size: Sequence[int]) -> Tuple[int,
     return (max(1, round(int(size[0]) * scale)), max(1, round(int(size[1]) * scale)))
 
 
+def box_in_photo(
+    box: Optional[Tuple[int, int, int, int]], read: Sequence[int], photo: Sequence[int]
+) -> Optional[Tuple[int, int, int, int]]:
+    """A proxy's crop box (x0, y0, x1, y1) in the pixels of the (H, W) it read, scaled to the photo's (H, W).
+
+    Example:
+        >>> box_in_photo((10, 20, 30, 40), (256, 192), (512, 384)), box_in_photo(None, (8, 8), (8, 8))
+        ((20, 40, 60, 80), None)
+    """
+    if box is None:
+        return None
+    sy, sx = photo[0] / read[0], photo[1] / read[1]
+    x0, y0, x1, y1 = box
+    return (int(round(x0 * sx)), int(round(y0 * sy)), int(round(x1 * sx)), int(round(y1 * sy)))
+
+
 def behind_proxy(
     read: Callable[[torch.Tensor], Output],
     proxy: Optional[Callable[[torch.Tensor], torch.Tensor]],

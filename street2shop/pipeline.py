@@ -47,7 +47,7 @@ from retrieval.io import (
     read_image,
     resize_image,
 )
-from retrieval.proxy_stage import proxy_input_size, to_descriptor_input
+from retrieval.proxy_stage import box_in_photo, proxy_input_size, to_descriptor_input
 from retrieval.rerank import LocalFeatureStore, SpatialVerifier
 
 log = logging.getLogger("street2shop")
@@ -440,7 +440,7 @@ class Pipeline:
                     if pid is not None
                 ],
                 descriptor_input=np.ascontiguousarray(pixels[i]),
-                crop_box=_photo_box(boxes[i], (read_h, read_w), photos[i].shape[:2]),
+                crop_box=box_in_photo(boxes[i], (read_h, read_w), photos[i].shape[:2]),
                 timings_ms=dict(timings),
             )
             for i in range(len(items))
@@ -556,20 +556,6 @@ class Pipeline:
     def __repr__(self) -> str:
         described = self.describe()
         return f"Pipeline({self.index_dir}, " + ", ".join(f"{k}={v!r}" for k, v in described.items()) + ")"
-
-
-def _photo_box(box: Optional[Box], read: Tuple[int, int], photo: Tuple[int, int]) -> Optional[Box]:
-    """A box in the pixels the proxy read, (x0, y0, x1, y1), scaled to the photo's own pixels.
-
-    Example:
-        >>> _photo_box((10, 20, 30, 40), (256, 192), (512, 384)), _photo_box(None, (8, 8), (8, 8))
-        ((20, 40, 60, 80), None)
-    """
-    if box is None:
-        return None
-    sy, sx = photo[0] / read[0], photo[1] / read[1]
-    x0, y0, x1, y1 = box
-    return (int(round(x0 * sx)), int(round(y0 * sy)), int(round(x1 * sx)), int(round(y1 * sy)))
 
 
 def _refuse_other_proxy(spec: str, recorded, recorded_spec: str, index_dir: Path) -> None:

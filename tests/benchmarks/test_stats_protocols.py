@@ -127,6 +127,9 @@ def test_rank_pages(tmp_path):
     assert picture.shape[0] == 32 and picture.dtype == np.uint8
     # the second product is framed green
     assert (picture[0, :, 1] == 170).any()
+    # the proxy's crop box is drawn on the query photo (first tile), in the proxy's blue, and nowhere without one
+    boxed = rank_picture(image, image, [image] * 5, [False] * 5, tile=(64, 48), crop_box=(10, 10, 40, 50))
+    assert (boxed[:, :48] == (60, 60, 200)).all(axis=-1).any() and not (picture[:, :24] == (60, 60, 200)).all(-1).any()
     written = []
     page = write_rank_pages(
         [{"label": "none+gem", "query_id": "q<1>", "picture": picture, "rank": 2}],
