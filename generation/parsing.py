@@ -321,17 +321,22 @@ def remove_small_regions(mask: np.ndarray, min_fraction: float = 0.05) -> np.nda
     return np.isin(labels, keep)
 
 
+#: The second parse of `localised_garment_masks` sees the first garment box grown by this share of its side on
+#: each edge: enough context for the parser to tell garment from background at the box's border.
+LOCALISE_CONTEXT = 0.25
+
+
 def localised_garment_masks(
     images: torch.Tensor,
     parser: GarmentParser,
+    *,
     threshold: float = 0.5,
     min_region_fraction: float = 0.05,
-    context: float = 0.25,
 ) -> torch.Tensor:
     """Garment masks parsed twice: the whole photo to find the garment, then its box, cropped and rescaled to
     the parser's input, so that a small, off-centre person is parsed at the parser's full resolution.
 
-    The box of the first mask (small regions dropped) grows by `context` of its side on each edge and to
+    The box of the first mask (small regions dropped) grows by `LOCALISE_CONTEXT` of its side on each edge and to
     the parser's aspect ratio; an image whose first mask is empty keeps its first (empty) mask.
 
     Shape:
@@ -346,7 +351,7 @@ def localised_garment_masks(
     for i in torch.nonzero(nonempty).flatten().tolist():  # one crop per image: each box has its own size
         top, left, bottom, right = boxes[i].tolist()
         centre_y, centre_x = (top + bottom) / 2, (left + right) / 2
-        box_h, box_w = (bottom - top) * (1 + 2 * context), (right - left) * (1 + 2 * context)
+        box_h, box_w = (bottom - top) * (1 + 2 * LOCALISE_CONTEXT), (right - left) * (1 + 2 * LOCALISE_CONTEXT)
         box_h, box_w = max(box_h, box_w * out_h / out_w), max(box_w, box_h * out_w / out_h)  # parser's aspect
         y0, y1 = max(0, int(centre_y - box_h / 2)), min(height, int(round(centre_y + box_h / 2)))
         x0, x1 = max(0, int(centre_x - box_w / 2)), min(width, int(round(centre_x + box_w / 2)))
@@ -446,7 +451,10 @@ class HumanParsingProxy(Proxy):
             raise ValueError(f"expected float images of shape (B, 3, H, W), got {tuple(images.shape)} {images.dtype}")
         if self.conf["localise"] and self.parser is not None:
             masks = localised_garment_masks(
-                images, self.parser, self.conf["threshold"], self.conf["min_region_fraction"]
+                images,
+                self.parser,
+                threshold=self.conf["threshold"],
+                min_region_fraction=self.conf["min_region_fraction"],
             )
         else:
             masks = garment_masks(

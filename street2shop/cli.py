@@ -55,6 +55,23 @@ def _whole(flag: str, default: int, minimum: int, help: Optional[str] = None):
     return _opt(flag, default=default, type=click.IntRange(min=minimum), help=help)
 
 
+def _embedding_options(fit_help: str, cache_help: str):
+    """--device, --batch-size, --fit-max-images and --cache-dir: what a command that embeds photos takes."""
+    options = (
+        _opt("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"])),
+        _opt("--batch-size", default=32, type=click.IntRange(min=1)),
+        _whole("--fit-max-images", 1000, 1, fit_help),
+        click.option("--cache-dir", default=None, help=cache_help),
+    )
+
+    def apply(command):
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return apply
+
+
 def _cache_dir(value: Optional[str]) -> Path:
     from benchmarks.suite import resolve_cache_dir
 
@@ -178,13 +195,9 @@ SPEC_HELP = "a spec: NAME, NAME@RUN/final.pt (trained weights) or NAME[KEY=VALUE
     "--runs", default=None, help="Where a recipe's trained checkpoints are (`build --runs`). Default: runs/RECIPE."
 )
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Index directory to write.")
-@_opt("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]))
-@_opt("--batch-size", default=32, type=click.IntRange(min=1))
-@_whole("--fit-max-images", 1000, 1, "Images used to fit codebooks/whitening.")
-@click.option(
-    "--cache-dir",
-    default=None,
-    help="Feature cache (an interrupted run resumes from it). Default: $STREET2SHOP_CACHE or ~/.cache/street2shop.",
+@_embedding_options(
+    "Images used to fit codebooks/whitening.",
+    "Feature cache (an interrupted run resumes from it). Default: $STREET2SHOP_CACHE or ~/.cache/street2shop.",
 )
 @_opt("--seed", default=0)
 @click.option(
@@ -223,12 +236,7 @@ def index_command(catalog, out_dir, recipe, proxy, descriptor, preset, rerank, r
 )
 @click.argument("photos", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
 @_whole("--k", 10, 1, "Products returned per photo (>= 1).")
-@click.option(
-    "--proxy",
-    default=None,
-    help="Refuse to run unless the index's pipeline has this proxy (for an index made before pipelines "
-    "recorded their proxy: the proxy to use).",
-)
+@click.option("--proxy", default=None, help="Refuse unless the index has this proxy (old indexes: the proxy to use).")
 @click.option("--descriptor", default=None, help="Refuse to run unless the index was built with this descriptor.")
 @_opt("--format", "fmt", default="table", type=click.Choice(["table", "json"]))
 @_opt("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]))
@@ -240,7 +248,12 @@ def index_command(catalog, out_dir, recipe, proxy, descriptor, preset, rerank, r
 )
 @_opt("--rerank-model", default="similarity", type=click.Choice(RERANK_MODELS), help=RERANK_MODEL_HELP)
 def query_command(index_dir, photos, k, proxy, descriptor, fmt, device, rerank, rerank_model) -> None:
-    """Find the top-k catalog products for street photos."""
+    """Find the top-k catalog products for street photos.
+
+    The index directory holds the whole pipeline (proxy, descriptor, index, re-ranking): nothing else is
+    needed. --proxy/--descriptor only check it; for an index made before pipelines recorded their proxy,
+    --proxy names the proxy to query with.
+    """
     from street2shop.engine import Searcher, results_per_photo
 
     searcher = Searcher(
@@ -387,13 +400,9 @@ def _grid_specs(patterns: str, kind: str, flag: str) -> List[str]:
 @_opt(
     "--out", "out_dir", default="results", type=click.Path(file_okay=False), help="Where the report goes (see below)."
 )
-@_opt("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]))
-@_opt("--batch-size", default=32, type=click.IntRange(min=1))
-@_whole("--fit-max-images", 1000, 1, "Training images used to fit codebooks/whitening.")
-@click.option(
-    "--cache-dir",
-    default=None,
-    help="Feature and checkpoint cache; default $STREET2SHOP_CACHE or ~/.cache/street2shop.",
+@_embedding_options(
+    "Training images used to fit codebooks/whitening.",
+    "Feature and checkpoint cache; default $STREET2SHOP_CACHE or ~/.cache/street2shop.",
 )
 @click.option("--no-cache", is_flag=True, help="Recompute every feature.")
 @_opt("--seed", default=0)

@@ -382,27 +382,15 @@ def results_per_photo(results: pd.DataFrame, photos: Sequence[str]) -> list:
 class Searcher:
     """File paths in, a table out: `street2shop.pipeline.Pipeline` for the CLI and scripts that want pandas.
 
-    ``proxy``/``descriptor`` are what the caller expects: a pipeline that records another is refused
-    (an index made before pipelines recorded their proxy takes ``proxy`` as given). ``rerank=N``
-    re-ranks each query's top N by spatial verification (default: what the index records);
-    ``rerank_conf`` configures the `SpatialVerifier`.
+    ``load_options`` are `Pipeline.load`'s (device, proxy, descriptor, rerank, rerank_conf): ``proxy`` and
+    ``descriptor`` are what the caller expects (a pipeline that records another is refused); ``rerank=N``
+    re-ranks each query's top N by spatial verification (default: what the index records).
     """
 
-    def __init__(
-        self,
-        index_dir: os.PathLike,
-        *,
-        device: str = "auto",
-        proxy: Optional[str] = None,
-        descriptor: Optional[str] = None,
-        rerank: Optional[int] = None,
-        rerank_conf: Optional[Dict[str, Any]] = None,
-    ):
+    def __init__(self, index_dir: os.PathLike, **load_options: Any):
         from street2shop.pipeline import Pipeline
 
-        self.pipeline = Pipeline.load(
-            index_dir, device=device, proxy=proxy, descriptor=descriptor, rerank=rerank, rerank_conf=rerank_conf
-        )
+        self.pipeline = Pipeline.load(index_dir, **load_options)
         self.index_dir = self.pipeline.index_dir
         self.index = self.pipeline.index
         self.descriptor = self.pipeline.descriptor

@@ -301,12 +301,7 @@ class DELF(Descriptor):
 
     @torch.no_grad()
     def aggregate(self, features: LocalFeatures) -> torch.Tensor:
-        """VLAD of the reduced descriptors (intra-norm, signed sqrt, L2), then the whitening if configured.
-
-        Shape:
-            - features.desc: (B, N, pca_dim)
-            - output: (B, dim)
-        """
+        """(B, N, pca_dim) reduced descriptors -> (B, dim): VLAD, then the whitening if configured (as sift's)."""
         whitening = (self.vlad_mean, self.vlad_projection) if self.conf["whiten_dim"] is not None else None
         return whitened_vlad(features.desc, features.mask, self.centroids, whitening)
 

@@ -84,14 +84,14 @@ class SIFT(VLADDescriptor):
 
     trainable = False
     default_conf: Dict[str, Any] = {
-        "image_size": (256, 192),
+        **VLAD_CONF,  # the aggregation's settings, shared by every VLAD descriptor; then SIFT's own
         "max_keypoints": 1000,
         "root_sift": True,
-        **VLAD_CONF,
         "n_octave_layers": 3,
         "contrast_threshold": 0.02,
         "edge_threshold": 10.0,
         "sigma": 1.6,
+        "image_size": (256, 192),
     }
 
     local_dim = SIFT_DIM

@@ -192,7 +192,6 @@ class TripletNet(Descriptor):
     trainable = True
     needs_fit = False
     default_conf = {
-        "image_size": (256, 192),
         "pooling": "attention",
         "attention_hidden": 64,
         "gem_p": 3.0,
@@ -200,6 +199,7 @@ class TripletNet(Descriptor):
         "finetune_last_blocks": 0,
         "projection_seed": 0,
         "pretrained": True,
+        "image_size": (256, 192),
     }
 
     def __init__(self, **conf: Any):
