@@ -397,6 +397,33 @@ def trained_vs_untrained(
     return pd.DataFrame(rows, columns=columns)
 
 
+def best_per_descriptor(summary: pd.DataFrame, k: int) -> pd.DataFrame:
+    """The row of each descriptor (its spec, trained weights included) with the highest mAP@k over proxies and
+    indexes, best descriptor first.
+
+    Example:
+        >>> rows = pd.DataFrame({"proxy": ["none", "hp", "none"], "descriptor": ["gem", "gem", "sift"],
+        ...                      "index": ["flat"] * 3, "mAP@20": [0.2, 0.5, 0.3]})
+        >>> best_per_descriptor(rows, 20)[["descriptor", "proxy", "mAP@20"]].values.tolist()
+        [['gem', 'hp', 0.5], ['sift', 'none', 0.3]]
+    """
+    column = f"mAP@{k}"
+    best = summary.loc[summary.groupby("descriptor", sort=False)[column].idxmax()]
+    return best.sort_values(column, ascending=False, kind="stable").reset_index(drop=True)
+
+
+def best_markdown(best: pd.DataFrame, k: int) -> str:
+    """`best_per_descriptor` as a markdown table (with the bootstrap interval where the summary has one)."""
+    column = f"mAP@{k}"
+    lines = [f"| descriptor | best proxy | index | mAP@{k} |", "|---|---|---|---:|"]
+    for row in best.to_dict("records"):
+        interval = ""
+        if f"{column}_ci_low" in row and pd.notna(row[f"{column}_ci_low"]):
+            interval = f" [{row[f'{column}_ci_low']:.3f}, {row[f'{column}_ci_high']:.3f}]"
+        lines.append(f"| {row['descriptor']} | {row['proxy']} | {row['index']} | {row[column]:.3f}{interval} |")
+    return "\n".join(lines)
+
+
 def bench_markdown(
     result,
     ks: Sequence[int],
@@ -430,6 +457,14 @@ def bench_markdown(
         "",
         table4_markdown(summary, ks),
     ]
+    best = best_per_descriptor(summary, top)
+    if len(best) > 1 or (len(best) == 1 and len(summary) > 1):
+        parts += [
+            "",
+            f"## The best pipeline of each descriptor (mAP@{top}, full gallery)",
+            "",
+            best_markdown(best, top),
+        ]
     protocol = _protocol_markdown(summary, ks)
     if protocol:
         parts += ["", "## The paper's protocol", "", protocol]

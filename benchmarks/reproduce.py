@@ -20,6 +20,10 @@ Options whose key is in the model's `default_conf` build the model (`create_prox
 others go to its `train_on` (epochs, max_pairs, lr, ...): `model_options` splits them, as for
 `street2shop train --set`. `grid_specs` turns what a user wrote (globs, text values) into such specs.
 
+A descriptor trained behind a proxy names it in its `proxy` option: `tn[proxy=hp]` trains (or reuses) hp
+first, with the settings of a bare "hp" of the proxy grid (one training serves both), and trains tn behind
+that parser; `tn[proxy=hp@runs/parser/final.pt]` uses the given one.
+
 Dependencies: a proxy with a `parser` option (PaintNet and its ablations) segments the garment with the
 hp proxy's trained parser. When such a proxy is trained and no parser is given, hp is trained (or
 reused) first and its final.pt becomes the `parser` option; an "hp@path" spec in the same list is used
@@ -56,6 +60,7 @@ log = logging.getLogger("street2shop.reproduce")
 KINDS = ("descriptor", "proxy")
 PARSER_PROXY = "hp"  # the proxy whose final.pt is the `parser` option of the others
 PARSER_OPTION = "parser"
+PROXY_OPTION = "proxy"  # the training option naming the proxy a descriptor trains behind (`tn[proxy=hp]`)
 KEY_LENGTH = 12  # hex digits of the sha1: plenty for a handful of configs per model
 META_FILE = "reproduce.json"
 RESERVED_OPTIONS = frozenset({"seed", "progress", "time_budget_s"})  # train_on arguments ensure_trained sets
@@ -232,6 +237,8 @@ def ensure_trained(
             resolved.append(spec)
             continue
         merged = planner.merged_options(name, spec_options)
+        if kind == "descriptor":
+            merged = planner.with_trained_proxy(merged)
         if parser_checkpoint is not None and planner.takes_parser(name) and PARSER_OPTION not in merged:
             merged[PARSER_OPTION] = str(parser_checkpoint)
         row = planner.ensure(name, merged, spec)
@@ -296,6 +303,20 @@ class _Planner:
         # Same options as a bare "hp" of the specs, so that one training serves both.
         row = self.ensure(PARSER_PROXY, dict(self.options.get(PARSER_PROXY, {})), PARSER_PROXY, kind="proxy")
         return Path(row["checkpoint"])
+
+    # ---- the proxy a descriptor trains behind ---------------------------------------------------
+    def with_trained_proxy(self, options: Mapping[str, Any]) -> Dict[str, Any]:
+        """`options` with a bare trainable proxy name in its `proxy` (`tn[proxy=hp]`) replaced by that proxy's
+        final.pt, trained (or reused) first: a descriptor trains behind the proxy it will serve with, and the
+        key is the one of the grid's own bare proxy, so one training serves both."""
+        proxy = options.get(PROXY_OPTION)
+        if not isinstance(proxy, str) or any(mark in proxy for mark in "@[") or proxy == "none":
+            return dict(options)
+        if not self.is_trainable(proxy, "proxy"):
+            return dict(options)
+        self.say(f"{PROXY_OPTION}={proxy}: trained (or reused) first, so that the descriptor trains behind it")
+        row = self.ensure(proxy, dict(self.options.get(proxy, {})), proxy, kind="proxy")
+        return {**options, PROXY_OPTION: f"{proxy}@{row['checkpoint']}"}
 
     # ---- one training ------------------------------------------------------------------------
     def ensure(self, name: str, options: Mapping[str, Any], spec: str, kind: Optional[str] = None) -> Dict[str, Any]:

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 from benchmarks.reproduce import grid_specs
+from retrieval.specs import names_a_checkpoint
 
 Progress = Union[bool, Callable[[str], None]]
 Echo = Callable[[str], None]
@@ -137,7 +138,7 @@ def run_bench_suite(config: BenchConfig, *, echo: Echo = print, progress: Progre
         fit_set = load_dataset(config.fit_data, split="val", seed=config.seed, cache_dir=cache)
     echo(f"descriptors that need fitting are fitted on {describe_fit_images(fit_set or data, config.fit_max_images)}")
     # 'NAME[k=v]' asks for a training; 'NAME[k=v]@final.pt' is a trained model built with those options.
-    with_options = [spec for spec in proxy_specs + descriptor_specs if "[" in spec and "@" not in spec]
+    with_options = [spec for spec in proxy_specs + descriptor_specs if "[" in spec and not names_a_checkpoint(spec)]
     if with_options and not config.train:
         raise ValueError(
             f"{', '.join(with_options)}: options in brackets name a model to train; add --train, "
@@ -151,7 +152,8 @@ def run_bench_suite(config: BenchConfig, *, echo: Echo = print, progress: Progre
         descriptor_specs, descriptor_rows = ensure_trained(
             descriptor_specs, "descriptor", data, cache, budget, torch_device, seed, progress=progress
         )
-        trainings = proxy_rows + descriptor_rows
+        # A proxy a descriptor trains behind (`tn[proxy=hp]`) is also a row of the descriptors' call: once here.
+        trainings = list({str(row["checkpoint"]): row for row in proxy_rows + descriptor_rows}.values())
     if config.combinations is not None:
         say(f"grid: {len(config.combinations)} proxy + descriptor pairs x {len(preset_names)} indexes")
     else:

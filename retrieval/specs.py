@@ -26,7 +26,7 @@ from __future__ import annotations
 import fnmatch
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, List, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, List, Mapping, Optional, Sequence, Tuple, Union
 
 from retrieval.registry import parse_settings
 
@@ -57,6 +57,17 @@ class Spec:
         return f"{head}@{self.checkpoint}" if self.checkpoint is not None else head
 
 
+def names_a_checkpoint(spec: str) -> bool:
+    """Whether a spec loads trained weights ('NAME@final.pt', 'NAME[k=v]@final.pt'), as opposed to naming a model
+    to build or to train ('NAME', 'NAME[k=v]', 'tn[proxy=hp@runs/parser/final.pt]').
+
+    Example:
+        >>> [names_a_checkpoint(s) for s in ("tn@a.pt", "tn[proxy=hp@a.pt]", "hp[k=1]@a.pt", "gem")]
+        [True, False, True, False]
+    """
+    return bool(_split_checkpoint(spec)[1])
+
+
 def split_specs(text: str) -> List[str]:
     """Comma-separated specs; a comma inside brackets stays: 'paintnet[sp_image_size=128,96],none'."""
     items, depth, start = [], 0, 0
@@ -72,6 +83,17 @@ def split_specs(text: str) -> List[str]:
     return [item.strip() for item in items if item.strip()]
 
 
+def _split_checkpoint(text: str) -> Tuple[str, str]:
+    """'NAME[k=v]@path' -> ('NAME[k=v]', 'path') at the first '@' outside brackets: an option's value may name a
+    checkpoint itself (`tn[proxy=hp@runs/parser/final.pt]`), and a path may hold brackets."""
+    depth = 0
+    for i, char in enumerate(text):
+        depth += (char == "[") - (char == "]")
+        if char == "@" and depth == 0:
+            return text[:i], text[i + 1 :]
+    return text, ""
+
+
 def parse_spec(text: str, defaults: Optional[Mapping[str, Any]] = None, source: Optional[str] = None) -> Spec:
     """'NAME', 'NAME@path/final.pt', 'NAME[k=v;k=v]' or 'NAME[k=v;k=v]@path/final.pt' -> Spec.
 
@@ -85,7 +107,7 @@ def parse_spec(text: str, defaults: Optional[Mapping[str, Any]] = None, source: 
         ValueError: an option without `=`, a value of the wrong type, an unknown option; the message
             starts with `source` (default "spec 'TEXT':").
     """
-    head, _, checkpoint = text.partition("@")  # a checkpoint path may hold brackets: only the head is parsed
+    head, checkpoint = _split_checkpoint(text)
     match = _SPEC.match(head.strip())
     if not match:
         raise SpecSyntaxError(f"bad spec {text!r}: expected {SPEC_FORMS}")
@@ -106,7 +128,7 @@ def typed_specs(
     """
     typed = []
     for spec in specs:
-        if "[" not in spec or "@" in spec:
+        if "[" not in spec or _split_checkpoint(spec)[1]:
             typed.append(spec)
             continue
         name = spec.partition("[")[0].strip()

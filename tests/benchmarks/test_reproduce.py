@@ -5,6 +5,7 @@ fake `train_on` that writes a placeholder final.pt and records its call, so the 
 """
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from benchmarks.reproduce import checkpoint_key, ensure_trained, format_training
 from generation.paintnet import PaintNet
 from generation.parsing import HumanParsingProxy
 from generation.pix2pix import Pix2PixProxy
+from generation.proxies import create_proxy
 from retrieval.datasets import load_viton
 from retrieval.descriptors.tn import TripletNet
 
@@ -211,6 +213,24 @@ def test_paintnet_with_a_real_parser_reuses_the_cached_hp(data, trained_hp, monk
     assert [(r["name"], r["trained"]) for r in rows] == [("hp", False), ("paintnet", True)]
     assert fake.calls[0][2]["parser"] == hp_rows[0]["checkpoint"]
     assert resolved[0].startswith("paintnet@" + str(cache / "checkpoints" / "paintnet-"))
+
+
+def test_a_descriptor_trains_behind_the_proxy_the_grid_trains(data, trained_hp, monkeypatch, tmp_path):
+    """tn[proxy=hp]: hp is trained (here: reused, the same key as the grid's bare "hp") and tn trains behind its
+    final.pt, the same training as naming that final.pt; another parser is another training."""
+    cache, _, hp_rows = trained_hp
+    hp_final = hp_rows[0]["checkpoint"]
+    other = tmp_path / "other-parser.pt"
+    shutil.copy(hp_final, other)
+    fake = FakeTraining().install(monkeypatch, TripletNet)
+    specs = ["tn[proxy=hp]", f"tn[proxy=hp@{hp_final}]", f"tn[proxy=hp@{other}]"]
+    resolved, rows = ensure_trained(specs, "descriptor", data, cache, options={"hp": TINY_HP}, progress=False)
+    assert hp_rows[0]["name"] == "hp"
+    assert [(r["name"], r["trained"]) for r in rows] == [("hp", False), ("tn", True), ("tn", True)]
+    behind = [call[3]["proxy"] for call in fake.calls]  # the Proxy objects tn trained behind
+    assert all(proxy.uses_parser for proxy in behind)
+    assert behind[0].fingerprint() == create_proxy(f"hp@{hp_final}").fingerprint()
+    assert resolved[0] == resolved[1] != resolved[2] and all(spec.startswith("tn@") for spec in resolved)
 
 
 def test_an_interrupted_training_resumes_in_its_folder(data, tmp_path, monkeypatch):
