@@ -579,6 +579,61 @@ def bench_speed_command(sizes, **options) -> None:
     run_speed_bench(config, echo=click.echo, progress=lambda message: click.echo(message, err=True))
 
 
+def _service():
+    """street2shop.service, or a one-line error naming the install command when the `serve` extra is missing."""
+    import street2shop.service as service  # raises MissingServeExtraError (a RuntimeError) saying what to install
+
+    return service
+
+
+@cli.command("serve")
+@click.argument("index_dir", type=click.Path(exists=True, file_okay=False))
+@_opt("--host", default="127.0.0.1", help="Address to listen on (0.0.0.0: every interface; then set --token).")
+@_opt("--port", default=8000, type=click.IntRange(1, 65535))
+@click.option(
+    "--token",
+    default=None,
+    envvar="STREET2SHOP_TOKEN",
+    help="Writes (add, remove, reload) need 'Authorization: Bearer TOKEN'. Also from $STREET2SHOP_TOKEN.",
+)
+@_opt("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]))
+@_opt("--max-upload-mb", default=20.0, type=click.FloatRange(min=0, min_open=True), help="Cap on one photo.")
+@_whole("--max-pixels", 64_000_000, 1, "Cap on a photo's width x height, checked before decoding it.")
+@_opt("--timeout", default=30.0, type=click.FloatRange(min=0, min_open=True), help="Seconds a request may take.")
+@_opt(
+    "--batch-wait-ms",
+    default=2.0,
+    type=click.FloatRange(min=0),
+    help="How long a search waits for others to batch with.",
+)
+@_whole("--max-batch", 32, 1, "Most photos searched together.")
+def serve_command(index_dir, host, port, token, device, max_upload_mb, max_pixels, timeout, batch_wait_ms, max_batch):
+    """Serve an index over HTTP: a search page at /, the JSON API (docs at /docs).
+
+    \b
+    Needs the serve extra: pip install -e ".[serve]"
+    Endpoints: POST /search (multipart image, k), GET /products/ID/image, POST /products (product_id + image),
+    DELETE /products/ID, POST /admin/reload, GET /health, GET /metrics.
+    \b
+    Example:
+      street2shop serve shop-index --port 8000
+      curl -F image=@photo.jpg -F k=5 http://127.0.0.1:8000/search
+    """
+    service = _service()
+    from street2shop.service.server import serve
+
+    settings = service.ServiceSettings(
+        token=token,
+        device=device,
+        max_upload_bytes=int(max_upload_mb * 1024 * 1024),
+        max_pixels=max_pixels,
+        request_timeout_s=timeout,
+        batch_wait_ms=batch_wait_ms,
+        max_batch=max_batch,
+    )
+    serve(Path(index_dir), host=host, port=port, settings=settings, echo=click.echo)
+
+
 def main() -> None:
     cli(prog_name="street2shop")
 
