@@ -82,6 +82,16 @@ def fit_images(dataset: RetrievalSet, max_images: int, seed: int = 0) -> List[st
     return sample_paths(list(dataset.catalog["image"]), max_images, seed)
 
 
+def describe_fit_images(dataset: RetrievalSet, max_images: int) -> str:
+    """Which images `fit_images` takes from `dataset`, in words, for the log and the index manifest."""
+    if dataset.train is not None and len(dataset.train):
+        half = max(1, max_images // 2)
+        products = min(half, len(dataset.train))
+        people = min(half, len(dataset.train))
+        return f"{dataset.name} training pairs ({products} product + {people} person photos)"
+    return f"{dataset.name} catalog ({min(max_images, len(dataset.catalog))} product photos; no training pairs)"
+
+
 @dataclass
 class BenchResult:
     """Everything one grid run measured.

@@ -18,7 +18,7 @@ from .errors import IndexCorruptError, IndexLockedError, IndexMismatchError
 from .layout import KNOWN_ATTACHMENTS
 from .presets import describe_index_preset, index_factory_string, list_index_presets
 from .product_index import ProductIndex
-from .storage import check_index_destination
+from .storage import check_index_destination, object_path, read_object, store_object
 
 PACKAGE_ID = "street2shop.index"
 """Lets tests prove that `import index` found this package and not another top-level `index`."""
@@ -30,6 +30,9 @@ __all__ = [
     "IndexLockedError",
     "KNOWN_ATTACHMENTS",
     "check_index_destination",
+    "store_object",
+    "read_object",
+    "object_path",
     "list_index_presets",
     "index_factory_string",
     "describe_index_preset",

@@ -15,9 +15,16 @@ from pathlib import Path
 
 INDEX_FILE = "index.faiss"
 MANIFEST_FILE = "manifest.json"
-KNOWN_ATTACHMENTS = frozenset({"descriptor.pt", "local_features.npz"})
+KNOWN_ATTACHMENTS = frozenset({"descriptor.pt", "local_features.npz", "proxy.pt", "catalog.csv"})
 """The files the engine keeps beside an index; no other name is written, read or deleted, so a
-manifest cannot make us touch arbitrary files."""
+manifest cannot make us touch arbitrary files. (descriptor.pt: the descriptor's weights and fitted state;
+local_features.npz: the catalog's local features for re-ranking; proxy.pt: the proxy's trained weights;
+catalog.csv: product id -> image of every product.)"""
+
+OBJECTS_DIR = "images"
+"""A content-addressed store beside the versions: ``<dir>/images/<sha256>.<ext>``, files named by the
+sha256 of their bytes, written once and never changed, so every version may refer to them (see
+``index.storage.store_object``). It holds product photos that were handed over as bytes or arrays."""
 
 CURRENT = "current"
 LOCK_FILE = ".lock"

@@ -13,6 +13,8 @@ A saved index is a real, stable directory::
     <dir>/index.faiss -> current/index.faiss      stable relative links, so that ``<dir>/<name>``
     <dir>/manifest.json -> current/manifest.json  keeps naming the live file for callers that
     <dir>/descriptor.pt -> current/descriptor.pt  open it by path (the engine does)
+    <dir>/images/<sha256>.<ext>      content-addressed files (``store_object``): written once, shared by
+                                     every version, named by the sha256 of their bytes
 
 A save writes and fsyncs a complete ``.v-<id>`` folder, then renames a fresh symlink over
 ``current`` (rename(2) is atomic), then deletes older versions. At every instant ``current`` names a
@@ -38,6 +40,8 @@ import hashlib
 import json
 import logging
 import os
+import re
+import secrets
 import shutil
 import time
 from contextlib import contextmanager
@@ -54,6 +58,7 @@ from .layout import (
     LINKED,
     LOCK_FILE,
     MANIFEST_FILE,
+    OBJECTS_DIR,
     TMP_PREFIX,
     VERSION_NAME,
     VERSION_PREFIX,
@@ -193,6 +198,64 @@ def load_index_dir(directory: str | os.PathLike) -> Tuple[Any, Dict[str, Any], P
         _tidy_after_load(directory, token)
         return cpu_index, manifest, version_dir
     raise AssertionError("unreachable")  # the last attempt returns or raises
+
+
+_OBJECT_SUFFIX = re.compile(r"^\.[a-z0-9]{1,8}$")
+
+
+def store_object(directory: str | os.PathLike, payload: bytes, suffix: str) -> str:
+    """Keep ``payload`` in the content-addressed store of an index directory; return its name relative to
+    ``directory`` (``images/<sha256><suffix>``), what a manifest or attachment refers to it by.
+
+    Written atomically (a temporary file renamed into place) and only once: the same bytes stored twice
+    are one file. Objects outlive versions (an old version may still refer to them), so a save never
+    deletes them; a load can check one with :func:`read_object`.
+
+    Raises:
+        ValueError: a suffix that is not a short lowercase extension such as ``.png``.
+        FileExistsError: see :func:`check_index_destination`.
+    """
+    if not _OBJECT_SUFFIX.match(suffix):
+        raise ValueError(f"object suffix must look like '.png' (lowercase letters or digits), got {suffix!r}")
+    target = check_index_destination(directory)
+    store = target / OBJECTS_DIR
+    _make_directory(store)
+    name = hashlib.sha256(payload).hexdigest() + suffix
+    path = store / name
+    if not path.exists():
+        staged = store / f"{TMP_PREFIX}{secrets.token_hex(8)}"
+        try:
+            _write_file(staged, payload)
+            os.replace(staged, path)
+        finally:
+            if staged.exists():
+                staged.unlink()
+        fsync_path(store)
+    return f"{OBJECTS_DIR}/{name}"
+
+
+def read_object(directory: str | os.PathLike, name: str) -> bytes:
+    """The bytes of object ``name`` (as :func:`store_object` returned it), checked against its sha256 name.
+
+    Raises:
+        ValueError: a name that is not ``images/<sha256><suffix>`` (no other path is ever read).
+        FileNotFoundError: no such object.
+        IndexCorruptError: the file no longer has the content its name says.
+    """
+    path = object_path(directory, name)
+    payload = path.read_bytes()
+    if hashlib.sha256(payload).hexdigest() != path.name.split(".")[0]:
+        raise IndexCorruptError(f"{path} does not match the sha256 in its name: the file was damaged or replaced")
+    return payload
+
+
+def object_path(directory: str | os.PathLike, name: str) -> Path:
+    """Path of object ``name`` inside ``directory``; refuses any name but ``images/<sha256><suffix>``."""
+    folder, _, file_name = str(name).partition("/")
+    stem, dot, suffix = file_name.partition(".")
+    if folder != OBJECTS_DIR or not re.fullmatch(r"[0-9a-f]{64}", stem) or not _OBJECT_SUFFIX.match(dot + suffix):
+        raise ValueError(f"{name!r} is not an object name of an index (images/<sha256>.<ext>)")
+    return Path(directory) / OBJECTS_DIR / file_name
 
 
 def live_version_dir(directory: str | os.PathLike) -> Path:
@@ -368,6 +431,8 @@ def _foreign_entries(target: Path) -> list:
         if name == LOCK_FILE and entry.is_file(follow_symlinks=False):
             continue
         if name == CURRENT and (entry.is_symlink() or entry.is_dir()):
+            continue
+        if name == OBJECTS_DIR and entry.is_dir(follow_symlinks=False):
             continue
         if name.startswith(VERSION_PREFIX) and entry.is_dir(follow_symlinks=False):
             continue

@@ -21,6 +21,7 @@ Example:
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import stat
@@ -233,46 +234,51 @@ def _open_and_decode(path: Path, max_pixels: Optional[int], min_size: Optional[T
         FileNotFoundError: `path` does not exist.
         ImageReadError: anything else that stops the file from becoming an image.
     """
-    limit = get_max_pixels() if max_pixels is None else int(max_pixels)
     with open_regular_file(path) as handle:
         if os.fstat(handle.fileno()).st_size == 0:
             raise ImageReadError(f"{path} is empty (0 bytes); re-download or re-export the image.")
-        _check_truncated_loading_is_off()
-        image = _open_pillow(handle, path)
-        try:
-            width, height = image.size
-            if width == 0 or height == 0:
-                raise ImageReadError(f"{path} has zero size ({width}x{height}); replace the file.")
-            request = _draft_request(image, limit, min_size)
-            if request is not None:
-                image.draft(image.mode, request)  # header only: picks the DCT scale the decoder will use
-            if image.size[0] * image.size[1] > limit:
-                note = (
-                    f" (still {image.size[0]}x{image.size[1]} at 1/8 JPEG scale)"
-                    if image.size != (width, height)
-                    else ""
-                )
-                raise _too_large(path, width, height, limit, note)
-            image.load()
-            # exif_transpose returns a rotated copy (a plain copy when there is no tag), so the file
-            # handle opened above can be closed right after.
-            oriented = ImageOps.exif_transpose(image)
-        except ImageReadError:
-            raise
-        except Image.DecompressionBombError as error:
-            # Raised while decoding by some formats (TIFF tiles, GIF frames) against Pillow's own limit.
-            raise ImageReadError(
-                f"{path} is refused by Pillow's decompression-bomb guard ({error}). If the file is genuine, "
-                "raise PIL.Image.MAX_IMAGE_PIXELS (and max_pixels, see retrieval.io.set_max_pixels)."
-            ) from error
-        except _PILLOW_FAILURES as error:
-            # Pillow reports truncation as OSError("image file is truncated") and corrupt data as
-            # SyntaxError, ValueError, struct.error, ...
-            raise ImageReadError(
-                f"{path} is corrupt or truncated ({type(error).__name__}: {error}); re-download or re-export the image."
-            ) from error
-        finally:
-            image.close()
+        return _decode_handle(handle, path, max_pixels, min_size)
+
+
+def _decode_handle(
+    handle: BinaryIO, path: Path, max_pixels: Optional[int], min_size: Optional[Tuple[int, int]] = None
+) -> Image.Image:
+    """`_open_and_decode` on an open binary handle; `path` only names it in messages."""
+    limit = get_max_pixels() if max_pixels is None else int(max_pixels)
+    _check_truncated_loading_is_off()
+    image = _open_pillow(handle, path)
+    try:
+        width, height = image.size
+        if width == 0 or height == 0:
+            raise ImageReadError(f"{path} has zero size ({width}x{height}); replace the file.")
+        request = _draft_request(image, limit, min_size)
+        if request is not None:
+            image.draft(image.mode, request)  # header only: picks the DCT scale the decoder will use
+        if image.size[0] * image.size[1] > limit:
+            note = (
+                f" (still {image.size[0]}x{image.size[1]} at 1/8 JPEG scale)" if image.size != (width, height) else ""
+            )
+            raise _too_large(path, width, height, limit, note)
+        image.load()
+        # exif_transpose returns a rotated copy (a plain copy when there is no tag), so the file
+        # handle opened above can be closed right after.
+        oriented = ImageOps.exif_transpose(image)
+    except ImageReadError:
+        raise
+    except Image.DecompressionBombError as error:
+        # Raised while decoding by some formats (TIFF tiles, GIF frames) against Pillow's own limit.
+        raise ImageReadError(
+            f"{path} is refused by Pillow's decompression-bomb guard ({error}). If the file is genuine, "
+            "raise PIL.Image.MAX_IMAGE_PIXELS (and max_pixels, see retrieval.io.set_max_pixels)."
+        ) from error
+    except _PILLOW_FAILURES as error:
+        # Pillow reports truncation as OSError("image file is truncated") and corrupt data as
+        # SyntaxError, ValueError, struct.error, ...
+        raise ImageReadError(
+            f"{path} is corrupt or truncated ({type(error).__name__}: {error}); re-download or re-export the image."
+        ) from error
+    finally:
+        image.close()
     return oriented
 
 
@@ -380,7 +386,101 @@ def read_image(
         (256, 192, 3)
     """
     path = Path(path)
-    image = _open_and_decode(path, max_pixels, min_size)
+    return _rgb_of(_open_and_decode(path, max_pixels, min_size), path)
+
+
+def decode_image_bytes(data: bytes, name: str = "<bytes>", max_pixels: Optional[int] = None) -> np.ndarray:
+    """`read_image` of an encoded file's content (an upload, a blob): the same guards, conversions and errors.
+
+    Args:
+        data: the file's bytes (JPEG, PNG, WebP, ...).
+        name: how messages name the image (e.g. "upload 'photo.jpg'").
+
+    Returns:
+        (H, W, 3) uint8 RGB array.
+
+    Raises:
+        ImageReadError: empty, not an image, corrupt, truncated, zero-size or too large.
+    """
+    label = Path(name)
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise ImageReadError(f"{name} must be bytes, got {type(data).__name__}")
+    if len(data) == 0:
+        raise ImageReadError(f"{name} is empty (0 bytes); send the image file's content.")
+    image = _decode_handle(io.BytesIO(bytes(data)), label, max_pixels)
+    return _rgb_of(image, label)
+
+
+def pil_to_rgb(image: Image.Image, name: str = "<PIL image>", max_pixels: Optional[int] = None) -> np.ndarray:
+    """An in-memory Pillow image -> (H, W, 3) uint8 RGB, converted as `read_image` converts a file's pixels.
+
+    The EXIF orientation is applied when the image carries one; the pixel limit applies (raises ImageReadError).
+    """
+    label = Path(name)
+    limit = get_max_pixels() if max_pixels is None else int(max_pixels)
+    width, height = image.size
+    if width == 0 or height == 0:
+        raise ImageReadError(f"{name} has zero size ({width}x{height}).")
+    if width * height > limit:
+        raise _too_large(label, width, height, limit)
+    try:
+        oriented = ImageOps.exif_transpose(image)
+    except _PILLOW_FAILURES as error:
+        raise ImageReadError(f"{name} cannot be read ({type(error).__name__}: {error}).") from error
+    return _rgb_of(oriented if oriented is not None else image, label)
+
+
+def array_to_rgb(pixels: np.ndarray, name: str = "<array>", max_pixels: Optional[int] = None) -> np.ndarray:
+    """An image array -> (H, W, 3) uint8 RGB, with the conversions `read_image` applies to files.
+
+    Accepted: (H, W) or (H, W, 1) grey, (H, W, 3) RGB, (H, W, 2) grey + alpha, (H, W, 4) RGBA (composited
+    over white); uint8, uint16 (scaled by 65535), bool (0/255), other integers and floats (floats in [0, 1]
+    scaled by 255, in [0, 255] kept, else stretched by their range: `_wide_range_to_uint8`).
+
+    Shape:
+        - pixels: (H, W), (H, W, 1), (H, W, 2), (H, W, 3) or (H, W, 4).
+        - Output: (H, W, 3) uint8, C-contiguous.
+
+    Raises:
+        ImageReadError: another shape, zero size, too many pixels, a dtype that is not numeric.
+
+    Example:
+        >>> array_to_rgb(np.full((2, 2), 65535, np.uint16))[0, 0].tolist()
+        [255, 255, 255]
+    """
+    if not isinstance(pixels, np.ndarray):
+        raise ImageReadError(f"{name} must be a numpy array, got {type(pixels).__name__}")
+    if pixels.ndim == 3 and pixels.shape[2] == 1:
+        pixels = pixels[..., 0]
+    if not (pixels.ndim == 2 or (pixels.ndim == 3 and pixels.shape[2] in (2, 3, 4))):
+        raise ImageReadError(f"{name} has shape {pixels.shape}: expected (H, W) grey, (H, W, 3) RGB or (H, W, 4) RGBA")
+    height, width = pixels.shape[:2]
+    if height == 0 or width == 0:
+        raise ImageReadError(f"{name} has zero size ({width}x{height}).")
+    limit = get_max_pixels() if max_pixels is None else int(max_pixels)
+    if width * height > limit:
+        raise _too_large(Path(name), width, height, limit)
+    if pixels.dtype == np.bool_:
+        values = pixels.astype(np.uint8) * 255
+    elif pixels.dtype == np.uint8:
+        values = pixels
+    elif pixels.dtype == np.uint16:
+        values = _sixteen_bit_to_uint8(pixels)
+    elif np.issubdtype(pixels.dtype, np.integer) or np.issubdtype(pixels.dtype, np.floating):
+        values = _wide_range_to_uint8(pixels)
+    else:
+        raise ImageReadError(f"{name} has dtype {pixels.dtype}: expected uint8, uint16, another integer or a float")
+    if values.ndim == 2:
+        return np.ascontiguousarray(np.repeat(values[..., None], 3, axis=2))
+    if values.shape[2] == 2:
+        grey = np.repeat(values[..., :1], 3, axis=2)
+        return np.ascontiguousarray(_composite_over_white(grey, values[..., 1]))
+    if values.shape[2] == 4:
+        return np.ascontiguousarray(_composite_over_white(values[..., :3], values[..., 3]))
+    return np.ascontiguousarray(values)
+
+
+def _rgb_of(image: Image.Image, path: Path) -> np.ndarray:
     try:
         return np.ascontiguousarray(_to_rgb_array(image, path))
     except ImageReadError:

@@ -148,11 +148,35 @@ RERANK_MODELS = ("similarity", "affine", "homography")
 RERANK_MODEL_HELP = "Geometric model of the spatial verification (see retrieval/rerank/)."
 
 
+SPEC_HELP = "a spec: NAME, NAME@RUN/final.pt (trained weights) or NAME[KEY=VALUE;...] (options)"
+
+
 @cli.command("index")
 @click.option("--catalog", required=True, help=DATASET_HELP + " Its catalog (products) is indexed.")
 @_opt("--split", default="all", help="Which part of a dataset's catalog to index: all, train or val.")
-@_opt("--descriptor", default="gem", help="Descriptor name (see `street2shop list`).")
-@_opt("--preset", default="flat", help="Index preset: flat (exact), ivfpq, hnsw.")
+@click.option(
+    "--recipe",
+    default=None,
+    help="A named pipeline (see `street2shop recipes`): sets --proxy, --descriptor, --preset and --rerank.",
+)
+@click.option("--proxy", default=None, help=f"Proxy stage applied to query photos, {SPEC_HELP}. Default: none.")
+@click.option("--descriptor", default=None, help=f"Descriptor, {SPEC_HELP} (see `street2shop list`). Default: gem.")
+@click.option("--preset", default=None, help="Index preset: flat (exact), ivfpq, hnsw. Default: flat.")
+@click.option(
+    "--rerank",
+    default=None,
+    type=click.IntRange(min=0),
+    help="Re-rank each query's top N by spatial verification (local descriptors; stores their features). Default 0.",
+)
+@click.option(
+    "--fit-data",
+    default=None,
+    help="Data set whose training images fit codebooks/whitening (e.g. viton:../shared/data/viton). "
+    "Default: the catalog's data set (its training pairs, else its catalog).",
+)
+@click.option(
+    "--runs", default=None, help="Where a recipe's trained checkpoints are (`build --runs`). Default: runs/RECIPE."
+)
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Index directory to write.")
 @_opt("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]))
 @_opt("--batch-size", default=32, type=click.IntRange(min=1))
@@ -168,16 +192,25 @@ RERANK_MODEL_HELP = "Geometric model of the spatial verification (see retrieval/
     is_flag=True,
     help="Also store the catalog's local features (local descriptors), for `query --rerank`.",
 )
-def index_command(catalog, out_dir, **options) -> None:
-    """Embed a catalog's product photos and save a FAISS index with its manifest.
+def index_command(catalog, out_dir, recipe, proxy, descriptor, preset, rerank, runs, **options) -> None:
+    """Save a pipeline: embed a catalog's product photos into a FAISS index, with everything a query needs.
 
-    Descriptors that learn something (sift's codebook, rmac's whitening) are fitted on the dataset's
-    training pairs when it has them, else on the catalog itself. Features are cached per chunk:
-    run the same command again after an interruption and it resumes.
+    The directory records the proxy (and its weights), the descriptor (weights and fitted state), the
+    index preset and the re-ranking, so `street2shop query --index DIR photo.jpg` needs nothing else.
+    Descriptors that learn something (sift's codebook, rmac's whitening) are fitted on --fit-data.
+    Features are cached per image: run the same command again after an interruption and it resumes.
+
+    \b
+    Examples:
+      street2shop index --catalog viton:../shared/data/viton --recipe fast --out shop-index
+      street2shop index --catalog csv:shop.csv --proxy hp@runs/parser/final.pt \\
+          --descriptor tn@runs/tn/final.pt --out shop-index
     """
     from street2shop.engine import index_catalog
+    from street2shop.recipes import resolve_recipe
 
-    index_catalog(catalog, out_dir, echo=click.echo, **options)
+    parts = resolve_recipe(recipe, proxy=proxy, descriptor=descriptor, preset=preset, rerank=rerank, runs=runs)
+    index_catalog(catalog, out_dir, echo=click.echo, **parts, **options)
 
 
 @cli.command("query")
@@ -186,15 +219,25 @@ def index_command(catalog, out_dir, **options) -> None:
     "index_dir",
     required=True,
     type=click.Path(exists=True, file_okay=False),
-    help="Directory written by `street2shop index`.",
+    help="Directory written by `street2shop index` (it records its proxy and descriptor).",
 )
 @click.argument("photos", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
 @_whole("--k", 10, 1, "Products returned per photo (>= 1).")
-@_opt("--proxy", default="none", help="Proxy stage applied to the photos first.")
+@click.option(
+    "--proxy",
+    default=None,
+    help="Refuse to run unless the index's pipeline has this proxy (for an index made before pipelines "
+    "recorded their proxy: the proxy to use).",
+)
 @click.option("--descriptor", default=None, help="Refuse to run unless the index was built with this descriptor.")
 @_opt("--format", "fmt", default="table", type=click.Choice(["table", "json"]))
 @_opt("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]))
-@_whole("--rerank", 0, 0, "Re-rank the top N by spatial verification (index built with --local-features); 0: off.")
+@click.option(
+    "--rerank",
+    default=None,
+    type=click.IntRange(min=0),
+    help="Re-rank the top N by spatial verification (index with local features); 0: off. Default: the index's.",
+)
 @_opt("--rerank-model", default="similarity", type=click.Choice(RERANK_MODELS), help=RERANK_MODEL_HELP)
 def query_command(index_dir, photos, k, proxy, descriptor, fmt, device, rerank, rerank_model) -> None:
     """Find the top-k catalog products for street photos."""

@@ -8,9 +8,13 @@ folder, see `index.storage`):
                                              written in the same atomic step, checksummed
     <dir>/local_features.npz                 optional (`build_index(local_features=True)`): the
                                              catalog's local features, for spatial re-ranking
+    <dir>/proxy.pt                           the proxy's trained weights, when it has some
+    <dir>/catalog.csv                        product_id -> image, for `Pipeline.product_image_path`
 
 The manifest's metadata names the descriptor, its config and fingerprint, so a query rebuilds
-exactly the descriptor the catalog was indexed with, and refuses any other.
+exactly the descriptor the catalog was indexed with, and refuses any other; its "pipeline" entry
+records the proxy, preset, re-ranking and fit data (`street2shop.pipeline`), so a query needs nothing
+but the directory.
 """
 
 from __future__ import annotations
@@ -22,17 +26,16 @@ import time
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
 
-import numpy as np
 import pandas as pd
 import torch
 
-from generation.proxies import create_proxy, query_embedder
+from generation.proxies import Proxy, create_proxy
 from index import IndexCorruptError, IndexMismatchError, ProductIndex, check_index_destination
 from retrieval.batching import fit_descriptor, resolve_device
 from retrieval.descriptors import Descriptor, create_descriptor
 from retrieval.features import FeatureCache, extract_features
-from retrieval.proxy_stage import behind_proxy
-from retrieval.rerank import LocalFeatureStore, SpatialVerifier
+from retrieval.rerank import LocalFeatureStore
+from street2shop.pipeline import CATALOG_FILE, PIPELINE_KEY, PROXY_FILE, catalog_table_bytes, pipeline_record
 
 log = logging.getLogger("street2shop")
 DESCRIPTOR_FILE = "descriptor.pt"
@@ -107,11 +110,18 @@ def build_index(
     faiss_device: str = "auto",
     progress: bool = True,
     local_features: bool = False,
+    proxy: Optional[Proxy] = None,
+    proxy_state: Optional[bytes] = None,
+    pipeline: Optional[Dict[str, Any]] = None,
 ) -> ProductIndex:
     """Catalog table (product_id, image) -> saved index directory. Resumes from the feature cache.
 
     ``local_features=True`` (local descriptors only) also stores the catalog's local features, so
     that `Searcher(..., rerank=N)` can re-rank by spatial verification.
+
+    The directory records its pipeline: ``pipeline`` (`street2shop.pipeline.pipeline_record`) with
+    ``proxy_state`` (the proxy's checkpoint bytes, stored as proxy.pt), or, without it, ``proxy``
+    (default: none) with the descriptor given and ``preset``. The catalog never goes through the proxy.
     """
     check_index_destination(out_dir)  # before the fit and the extraction, not after them
     if local_features and descriptor.kind != "local":
@@ -140,14 +150,23 @@ def build_index(
         cache=cache,
         progress=f"index {descriptor.name}" if progress else None,
     )
+    if pipeline is None:
+        proxy = proxy if proxy is not None else create_proxy("none")
+        pipeline = pipeline_record(proxy, proxy.name, descriptor.name, preset, 0, None, None, None)
+    product_ids = [str(p) for p in catalog["product_id"]]
     product_index = ProductIndex.build(
         vectors,
-        [str(p) for p in catalog["product_id"]],
+        product_ids,
         preset=preset,
-        metadata=descriptor_metadata(descriptor),
+        metadata={**descriptor_metadata(descriptor), PIPELINE_KEY: pipeline},
         device=faiss_device,
     )
-    attachments = {DESCRIPTOR_FILE: descriptor_state_bytes(descriptor)}
+    attachments = {
+        DESCRIPTOR_FILE: descriptor_state_bytes(descriptor),
+        CATALOG_FILE: catalog_table_bytes(product_ids, [str(Path(p).resolve()) for p in catalog["image"]]),
+    }
+    if proxy_state is not None:
+        attachments[PROXY_FILE] = proxy_state
     if local_features:
         attachments[LOCAL_FEATURES_FILE] = LocalFeatureStore.build(
             descriptor.extract,
@@ -166,8 +185,13 @@ def index_catalog(
     out_dir: os.PathLike,
     *,
     split: str = "all",
+    proxy: str = "none",
     descriptor: str = "gem",
     preset: str = "flat",
+    rerank: int = 0,
+    rerank_conf: Optional[Dict[str, Any]] = None,
+    recipe: Optional[str] = None,
+    fit_data: Optional[str] = None,
     device: str = "auto",
     batch_size: int = 32,
     fit_max_images: int = 1000,
@@ -176,31 +200,56 @@ def index_catalog(
     local_features: bool = False,
     echo=print,
 ) -> ProductIndex:
-    """`street2shop index`: the catalog of data set spec `catalog` -> an index directory (`build_index`).
+    """`street2shop index`: the catalog of data set spec `catalog` -> a saved pipeline (`build_index`).
 
-    The descriptor is fitted on up to `fit_max_images` of the data set's training images (else the
-    catalog's); `out_dir` is checked before the data loads, so a refused one costs nothing.
+    `proxy` and `descriptor` are specs (NAME, NAME@final.pt, NAME[KEY=VALUE;...]); the proxy's weights
+    and the descriptor's (trained and fitted) state are stored in the directory, so `query` needs
+    nothing else. A descriptor that must be fitted is fitted on up to `fit_max_images` training images
+    of `fit_data` (a data set spec; default: the catalog's own data set, whose training pairs or, without
+    any, its catalog are used), and the index records which. `rerank` N > 0 stores the catalog's local
+    features and re-ranks each query's top N at query time. `out_dir` is checked before the data loads,
+    so a refused one costs nothing.
     """
-    from benchmarks.runner import fit_images
+    from benchmarks.runner import describe_fit_images, fit_images
     from benchmarks.suite import resolve_cache_dir
     from retrieval.datasets import load_dataset
+    from street2shop.pipeline import model_from_spec
 
     check_index_destination(out_dir)  # before the data loads: a refused --out must not cost the whole extraction
+    if int(rerank) < 0:
+        raise ValueError(f"rerank must be >= 0 (0: off), got {rerank}")
     cache = resolve_cache_dir(cache_dir)
     dataset = load_dataset(catalog, split=split, seed=seed, cache_dir=cache)
-    model = create_descriptor(descriptor).to(resolve_device(device)).eval()
-    echo(f"indexing {len(dataset.catalog)} products of {dataset.name} with {descriptor} ({preset})")
+    torch_device = resolve_device(device)
+    proxy_model, proxy_checkpoint = model_from_spec("proxy", proxy)
+    model, _ = model_from_spec("descriptor", descriptor)
+    model = model.to(torch_device).eval()
+    if rerank and model.kind != "local":
+        raise ValueError(
+            f"--rerank needs a local descriptor (sift, delf, ...), but {descriptor!r} is global: drop --rerank"
+        )
+    fit_paths, fit_note = None, None
+    if model.needs_fit:
+        fit_set = dataset if fit_data is None else load_dataset(fit_data, split="val", seed=seed, cache_dir=cache)
+        fit_paths = fit_images(fit_set, fit_max_images, seed)
+        fit_note = describe_fit_images(fit_set, fit_max_images)
+        echo(f"fitting {descriptor} on {fit_note}")
+    label = f"recipe {recipe}: " if recipe else ""
+    echo(f"indexing {len(dataset.catalog)} products of {dataset.name}: {label}proxy {proxy}, {descriptor}, {preset}")
+    record = pipeline_record(proxy_model, proxy, descriptor, preset, rerank, rerank_conf, recipe, fit_note)
     started = time.perf_counter()
     built = build_index(
         dataset.catalog,
         model,
         out_dir,
         preset=preset,
-        fit_paths=fit_images(dataset, fit_max_images, seed),
+        fit_paths=fit_paths,
         batch_size=batch_size,
         cache_dir=cache / "features",
         faiss_device=device,
-        local_features=local_features,
+        local_features=local_features or bool(rerank),
+        pipeline=record,
+        proxy_state=Path(proxy_checkpoint).read_bytes() if proxy_checkpoint else None,
     )
     echo(f"wrote {out_dir}: {built.ntotal} products, dim {built.dim}, {time.perf_counter() - started:.1f} s")
     return built
@@ -226,10 +275,11 @@ def results_per_photo(results: pd.DataFrame, photos: Sequence[str]) -> list:
 
 
 class Searcher:
-    """A loaded index plus the descriptor (and optional proxy) that queries it.
+    """File paths in, a table out: `street2shop.pipeline.Pipeline` for the CLI and scripts that want pandas.
 
-    ``rerank=N`` re-ranks each query's top N by spatial verification (`retrieval.rerank`) against
-    the catalog's local features, which the index must hold (`street2shop index --local-features`);
+    ``proxy``/``descriptor`` are what the caller expects: a pipeline that records another is refused
+    (an index made before pipelines recorded their proxy takes ``proxy`` as given). ``rerank=N``
+    re-ranks each query's top N by spatial verification (default: what the index records);
     ``rerank_conf`` configures the `SpatialVerifier`.
     """
 
@@ -238,98 +288,36 @@ class Searcher:
         index_dir: os.PathLike,
         *,
         device: str = "auto",
-        proxy: str = "none",
+        proxy: Optional[str] = None,
         descriptor: Optional[str] = None,
         rerank: Optional[int] = None,
         rerank_conf: Optional[Dict[str, Any]] = None,
     ):
-        self.index_dir = Path(index_dir)
-        torch_device = resolve_device(device)
-        self.index = ProductIndex.load(self.index_dir, device=device)
-        metadata = self.index.metadata
-        if descriptor is not None and descriptor != metadata.get("descriptor"):
-            raise IndexMismatchError(
-                f"index at {self.index_dir} was built with descriptor {metadata.get('descriptor')!r}, "
-                f"but the query asks for {descriptor!r}: rebuild the index with "
-                f"`street2shop index --descriptor {descriptor}` or drop --descriptor"
-            )
-        # The files of the version that was loaded, not the live links: a concurrent save may switch those.
-        version_dir = self.index.attachment_path(DESCRIPTOR_FILE).parent
-        self.descriptor = load_descriptor_state(metadata, version_dir, torch_device).eval()
-        self.index.check_compatible(descriptor_metadata(self.descriptor))
-        self.proxy = create_proxy(proxy).to(torch_device).eval()
-        self.embed = query_embedder(self.descriptor, self.proxy)
-        self.rerank = int(rerank or 0)
-        if self.rerank < 0:
-            raise ValueError(f"rerank must be >= 0 (0: off), got {rerank}")
-        if self.rerank:
-            path = self.index_dir / LOCAL_FEATURES_FILE
-            try:
-                payload = self.index.read_attachment(LOCAL_FEATURES_FILE)  # the loaded version's, checksummed
-            except FileNotFoundError:
-                raise FileNotFoundError(
-                    f"--rerank needs the catalog's local features, but {self.index_dir} has no {LOCAL_FEATURES_FILE}: "
-                    f"rebuild it with `street2shop index --local-features` (a local descriptor such as sift or delf)"
-                ) from None
-            self.gallery_local = LocalFeatureStore.from_bytes(payload)
-            if len(self.gallery_local) != self.index.ntotal:
-                raise IndexMismatchError(
-                    f"{path} holds {len(self.gallery_local)} products but the index {self.index.ntotal}: "
-                    "rebuild the index"
-                )
-            self.verifier = SpatialVerifier(**(rerank_conf or {}))
-            self.extract_local = behind_proxy(self.descriptor.extract, self.proxy, self.descriptor.input_spec.size)
+        from street2shop.pipeline import Pipeline
+
+        self.pipeline = Pipeline.load(
+            index_dir, device=device, proxy=proxy, descriptor=descriptor, rerank=rerank, rerank_conf=rerank_conf
+        )
+        self.index_dir = self.pipeline.index_dir
+        self.index = self.pipeline.index
+        self.descriptor = self.pipeline.descriptor
+        self.proxy = self.pipeline.proxy
+        self.rerank = self.pipeline.rerank
 
     def search(
         self, image_paths: Sequence[str], k: int = 10, batch_size: int = 32, progress: bool = False
     ) -> pd.DataFrame:
         """Photos -> long table (query, rank, product_id, score), best first; k rows per photo, in order."""
-        if int(k) < 1:
+        if isinstance(k, bool) or int(k) < 1:
             raise ValueError(f"k must be >= 1, got {k}")
-        vectors = extract_features(
-            self.embed,
-            list(image_paths),
-            self.descriptor.input_spec.size,
-            batch_size=batch_size,
-            device=self.descriptor.device,
-            progress="query" if progress else None,
-        )
-        scores, ids = self.index.search(vectors, max(k, self.rerank))
-        if self.rerank:
-            scores, ids = self._reranked(image_paths, scores, ids, batch_size)
-        scores, ids = scores[:, :k], ids[:, :k]
-        n, kk = ids.shape
+        results = self.pipeline.search([str(p) for p in image_paths], k=int(k))
         return pd.DataFrame(
-            {
-                "query": np.repeat(np.asarray([str(p) for p in image_paths], dtype=object), kk),
-                "rank": np.tile(np.arange(1, kk + 1), n),
-                "product_id": ids.ravel(),
-                "score": scores.ravel(),
-            }
-        )
-
-    def _reranked(self, image_paths: Sequence[str], scores: np.ndarray, ids: np.ndarray, batch_size: int):
-        """Top `rerank` re-sorted by inliers + global similarity (the new score); the rest as they were."""
-        top = min(self.rerank, ids.shape[1])
-        query_local = LocalFeatureStore.build(
-            self.extract_local,
-            list(image_paths),
-            self.descriptor.input_spec.size,
-            batch_size=batch_size,
-            device=self.descriptor.device,
-        )
-        product_ids = list(self.index.product_ids)
-        positions = pd.Index(product_ids).get_indexer(ids[:, :top].ravel()).reshape(len(ids), top)  # -1: none
-        new_scores, reordered, _ = self.verifier.rerank(
-            query_local,
-            torch.from_numpy(positions.astype(np.int64)),
-            torch.from_numpy(scores[:, :top].astype(np.float32)),
-            self.gallery_local,
-        )
-        catalog = np.asarray(product_ids + [None], dtype=object)  # position -1 -> None
-        return (
-            np.concatenate([new_scores.numpy(), scores[:, top:]], axis=1),
-            np.concatenate([catalog[reordered.numpy()], ids[:, top:]], axis=1),
+            [
+                {"query": str(path), "rank": hit.rank, "product_id": hit.product_id, "score": hit.score}
+                for path, result in zip(image_paths, results)
+                for hit in result.hits
+            ],
+            columns=["query", "rank", "product_id", "score"],
         )
 
 

@@ -52,8 +52,8 @@ def make_catalog(seed: int, n: int = 20, prefix: str = "p") -> ProductIndex:
 
 def make_attachments(seed: int) -> Dict[str, bytes]:
     return {
-        "descriptor.pt": f"descriptor state {seed}".encode() * 3,
-        "local_features.npz": bytes((seed + i) % 256 for i in range(64)),
+        name: f"{name} state {seed}".encode() * 3 + bytes((seed + i) % 256 for i in range(64))
+        for name in sorted(KNOWN_ATTACHMENTS)
     }
 
 

@@ -1,0 +1,591 @@
+"""A saved pipeline: proxy -> descriptor -> index -> optional re-ranker, loaded from one index directory.
+
+The unit a shop deploys. `build_pipeline` (behind `street2shop index`) writes it; `Pipeline.load` reads it
+back with nothing else given: the directory records every part (see `street2shop.engine` for its files)::
+
+    manifest.json  metadata["pipeline"]: recipe, proxy {spec, name, config, fingerprint}, descriptor spec,
+                   preset, rerank (N, verifier settings), fit_data (what codebooks/whitening were fitted on)
+    proxy.pt       the proxy's trained weights (a copy of the checkpoint it was built from), if any
+    descriptor.pt  the descriptor's weights (trained heads included) and fitted state
+    local_features.npz   the catalog's local features, when the pipeline re-ranks
+    catalog.csv    product_id -> image: a file path, or images/<sha256>.<ext> inside the directory for
+                   images added as bytes or arrays (`index.store_object`)
+
+All are checksummed in the manifest and change together in one atomic save (`index.storage`).
+
+Example:
+    >>> from street2shop import Pipeline                                            # doctest: +SKIP
+    >>> shop = Pipeline.load("shop-index")                                          # doctest: +SKIP
+    >>> [hit.product_id for hit in shop.search("street.jpg", k=3)[0].hits]          # doctest: +SKIP
+    ['000123_1', '004567_1', '000042_1']
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+import pandas as pd
+import torch
+
+from index import IndexMismatchError, ProductIndex, object_path, store_object
+from retrieval.batching import resolve_device
+from retrieval.io import (
+    ImageReadError,
+    array_to_rgb,
+    decode_image_bytes,
+    images_to_tensor,
+    pil_to_rgb,
+    read_image,
+    resize_image,
+)
+from retrieval.proxy_stage import to_descriptor_input
+from retrieval.rerank import LocalFeatureStore, SpatialVerifier
+
+log = logging.getLogger("street2shop")
+
+PIPELINE_KEY = "pipeline"  # the manifest metadata entry this module writes
+PROXY_FILE = "proxy.pt"
+CATALOG_FILE = "catalog.csv"
+SEARCH_BATCH = 32  # images embedded together by `search` and `add`
+
+
+class BadImageError(ValueError):
+    """An image given to `Pipeline.search` or `Pipeline.add` that cannot be decoded; the message says which."""
+
+
+@dataclass(frozen=True)
+class SearchHit:
+    rank: int  # 1-based
+    product_id: str
+    score: float
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    """One query's answer.
+
+    Attributes:
+        hits: best first, ``min(k, catalog size)`` of them.
+        descriptor_input: (H, W, 3) uint8 RGB, what the descriptor saw after the proxy (hp's cut-out
+            garment, PaintNet's drawing, or the resized photo).
+        crop_box: (x0, y0, x1, y1) in the query photo's pixels where the proxy localised, else None.
+        timings_ms: decode, proxy, describe, search, rerank: the batch's milliseconds divided by its size.
+    """
+
+    hits: List[SearchHit]
+    descriptor_input: np.ndarray
+    crop_box: Optional[Tuple[int, int, int, int]]
+    timings_ms: Dict[str, float]
+
+
+# ------------------------------------------------------------------------------------ images in
+def image_to_rgb(image: Any, name: str) -> np.ndarray:
+    """One image of any kind `Pipeline.search` takes -> (H, W, 3) uint8 RGB.
+
+    Kinds: str/Path (a file), bytes (a file's content), PIL.Image, np.ndarray (H, W[, C]) uint8/uint16/
+    bool/float, torch.Tensor (C, H, W) or (H, W) float in [0, 1] (or uint8).
+
+    Raises:
+        BadImageError: naming `name`, the kind and what is wrong.
+    """
+    try:
+        if isinstance(image, (str, os.PathLike)):
+            return read_image(image)
+        if isinstance(image, (bytes, bytearray, memoryview)):
+            return decode_image_bytes(bytes(image), name)
+        if isinstance(image, np.ndarray):
+            return array_to_rgb(image, name)
+        if isinstance(image, torch.Tensor):
+            return array_to_rgb(_tensor_to_hwc(image, name), name)
+        try:
+            from PIL import Image
+        except ImportError:  # pragma: no cover - Pillow is a dependency
+            Image = None
+        if Image is not None and isinstance(image, Image.Image):
+            return pil_to_rgb(image, name)
+    except (ImageReadError, FileNotFoundError) as error:
+        raise BadImageError(str(error)) from error
+    raise BadImageError(
+        f"{name} is a {type(image).__name__}: give a file path, the file's bytes, a PIL image, a numpy array "
+        "(H, W[, C]) or a tensor (C, H, W)"
+    )
+
+
+def _tensor_to_hwc(tensor: torch.Tensor, name: str) -> np.ndarray:
+    """(C, H, W) with C in 1..4, or (H, W) -> a numpy (H, W[, C]) array (floats stay floats in [0, 1])."""
+    data = tensor.detach().cpu()
+    if data.ndim == 3 and data.shape[0] in (1, 2, 3, 4):
+        data = data.permute(1, 2, 0)
+    elif data.ndim != 2:
+        raise ImageReadError(f"{name} is a tensor of shape {tuple(tensor.shape)}: expected (C, H, W) or (H, W)")
+    if data.is_floating_point():
+        values = data.float().numpy()
+        if np.isfinite(values).all() and (values.min() < 0 or values.max() > 1):
+            raise ImageReadError(f"{name} is a float tensor with values outside [0, 1]: scale it to [0, 1]")
+        return values
+    return data.numpy()
+
+
+def as_image_list(images: Any) -> List[Any]:
+    """`search`'s argument -> a list of single images: one image, a list/tuple of them, or a 4-D batch
+    (numpy (B, H, W, C) or tensor (B, C, H, W))."""
+    if isinstance(images, (list, tuple)):
+        return list(images)
+    if isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 4:
+        return list(images)
+    return [images]
+
+
+def _encoded_suffix(data: bytes) -> str:
+    """The file suffix of encoded image bytes, from their content (never from a name)."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as image:
+        kind = (image.format or "").lower()
+    return {"jpeg": ".jpg", "png": ".png", "webp": ".webp", "gif": ".gif", "bmp": ".bmp", "tiff": ".tif"}.get(
+        kind, ".img"
+    )
+
+
+def _png_bytes(rgb: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(rgb).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+# ------------------------------------------------------------------------------------ models from specs
+def model_from_spec(kind: str, spec: str):
+    """'NAME', 'NAME@final.pt' or 'NAME[KEY=VALUE;...]' -> (built descriptor or proxy, checkpoint or None)."""
+    from benchmarks.reproduce import model_class
+    from retrieval.specs import parse_spec
+
+    name = spec.split("@")[0].split("[")[0].strip()
+    parsed = parse_spec(spec, getattr(model_class(kind, name), "default_conf", {}), source=f"{kind} {spec!r}:")
+    if kind == "proxy":
+        from generation.proxies import create_proxy
+
+        model = create_proxy(parsed.name, **parsed.options)
+    else:
+        from retrieval.descriptors import create_descriptor
+
+        model = create_descriptor(parsed.name, **parsed.options)
+    if parsed.checkpoint:
+        model.load_trained(parsed.checkpoint)
+    return model, parsed.checkpoint
+
+
+def _json_config(conf: Mapping[str, Any]) -> Dict[str, Any]:
+    import json
+
+    return json.loads(json.dumps(dict(conf), default=list))
+
+
+def _from_json_config(conf: Mapping[str, Any]) -> Dict[str, Any]:
+    return {key: tuple(value) if isinstance(value, list) else value for key, value in conf.items()}
+
+
+def pipeline_record(
+    proxy,
+    proxy_spec: str,
+    descriptor_spec: str,
+    preset: str,
+    rerank: int,
+    rerank_conf: Optional[Mapping[str, Any]],
+    recipe: Optional[str],
+    fit_data: Optional[str],
+) -> Dict[str, Any]:
+    """What the manifest's metadata["pipeline"] says: enough, with proxy.pt, to rebuild the proxy exactly."""
+    return {
+        "recipe": recipe,
+        "proxy": {
+            "spec": proxy_spec,
+            "name": proxy.name,
+            "config": _json_config(proxy.conf),
+            "fingerprint": proxy.fingerprint(),
+        },
+        "descriptor_spec": descriptor_spec,
+        "preset": preset,
+        "rerank": int(rerank),
+        "rerank_conf": dict(rerank_conf or {}),
+        "fit_data": fit_data,
+    }
+
+
+def catalog_table_bytes(product_ids: Sequence[str], images: Sequence[str]) -> bytes:
+    """catalog.csv: product_id,image (a path, or images/<sha256>.<ext> inside the index directory)."""
+    table = pd.DataFrame({"product_id": [str(p) for p in product_ids], "image": [str(i) for i in images]})
+    return table.to_csv(index=False).encode("utf-8")
+
+
+# ------------------------------------------------------------------------------------ the pipeline
+class Pipeline:
+    """A loaded index directory: the proxy, descriptor, index and re-ranker it records, ready to search.
+
+    `search` may run in several threads at once; `add`, `remove` and `save` may not run alongside each
+    other or alongside `search` (a caller serialises them, e.g. with a readers-writer lock).
+    """
+
+    def __init__(
+        self,
+        index_dir: Path,
+        index: ProductIndex,
+        descriptor,
+        proxy,
+        record: Optional[Dict[str, Any]],
+        catalog: Optional[Dict[str, str]],
+        proxy_state: Optional[bytes],
+        gallery_local: Optional[LocalFeatureStore],
+        verifier: Optional[SpatialVerifier],
+        rerank: int,
+        device: torch.device,
+    ):
+        self.index_dir = Path(index_dir)
+        self.index = index
+        self.descriptor = descriptor
+        self.proxy = proxy
+        self.record = record
+        self._catalog = catalog
+        self._proxy_state = proxy_state
+        self.gallery_local = gallery_local
+        self.verifier = verifier
+        self.rerank = int(rerank)
+        self.device = device
+        self._proxy_lock = threading.Lock()  # GrabCut and some proxies keep per-call state: one batch at a time
+
+    # ---------------------------------------------------------------------------- loading
+    @classmethod
+    def load(
+        cls,
+        index_dir: os.PathLike,
+        *,
+        device: str = "auto",
+        proxy: Optional[str] = None,
+        descriptor: Optional[str] = None,
+        rerank: Optional[int] = None,
+        rerank_conf: Optional[Mapping[str, Any]] = None,
+    ) -> "Pipeline":
+        """Load the pipeline saved in `index_dir`; nothing else is needed.
+
+        Args:
+            device: "auto", "cpu" or "cuda", for the models and the FAISS index.
+            proxy, descriptor: what the caller expects (the CLI's --proxy/--descriptor). A pipeline that
+                records another is refused with the fix; an index made before pipelines recorded their
+                proxy (proxy `none` assumed) takes `proxy` as given.
+            rerank: re-rank the top N (overrides the recorded N; needs the catalog's local features).
+            rerank_conf: `SpatialVerifier` settings, over the recorded ones.
+
+        Raises:
+            FileNotFoundError, IndexCorruptError: no index, missing or damaged files.
+            IndexMismatchError: a conflicting proxy or descriptor, weights that no longer reproduce the
+                recorded fingerprints.
+        """
+        from generation.proxies import create_proxy
+        from street2shop.engine import DESCRIPTOR_FILE, LOCAL_FEATURES_FILE, load_descriptor_state
+
+        index_dir = Path(index_dir)
+        torch_device = resolve_device(device)
+        index = ProductIndex.load(index_dir, device=device)
+        metadata = index.metadata
+        recorded_descriptor = metadata.get("descriptor")
+        if descriptor is not None and descriptor.split("@")[0].split("[")[0] != recorded_descriptor:
+            raise IndexMismatchError(
+                f"index at {index_dir} was built with descriptor {recorded_descriptor!r}, but the query asks for "
+                f"{descriptor!r}: drop --descriptor (the index records its own), or rebuild the index with "
+                f"`street2shop index --descriptor {descriptor} ...`"
+            )
+        # The files of the version that was loaded, not the live links: a concurrent save may switch those.
+        version_dir = index.attachment_path(DESCRIPTOR_FILE).parent
+        model = load_descriptor_state(metadata, version_dir, torch_device).eval()
+        record = metadata.get(PIPELINE_KEY)
+        proxy_state = None
+        if record is None:
+            log.warning(
+                "index at %s records no proxy (built before pipelines were saved): querying with proxy %r",
+                index_dir,
+                proxy or "none",
+            )
+            proxy_model = create_proxy(proxy or "none")
+            recorded_rerank, recorded_conf = 0, {}
+        else:
+            entry = record["proxy"]
+            proxy_model = create_proxy(entry["name"], **_from_json_config(entry["config"]))
+            if PROXY_FILE in index._attachment_checksums:
+                proxy_state = index.read_attachment(PROXY_FILE)
+                proxy_model.load_trained(index.attachment_path(PROXY_FILE))
+            if proxy_model.fingerprint() != entry["fingerprint"]:
+                raise IndexMismatchError(
+                    f"proxy {entry['spec']!r} rebuilt from {index_dir} has fingerprint {proxy_model.fingerprint()} "
+                    f"but the pipeline was saved with {entry['fingerprint']}: the code or the shipped weights "
+                    "changed since; rebuild the index with `street2shop index`"
+                )
+            if proxy is not None:
+                _refuse_other_proxy(proxy, proxy_model, entry["spec"], index_dir)
+            recorded_rerank, recorded_conf = int(record.get("rerank", 0)), dict(record.get("rerank_conf") or {})
+        proxy_model = proxy_model.to(torch_device).eval()
+        n_rerank = recorded_rerank if rerank is None else int(rerank)
+        if n_rerank < 0:
+            raise ValueError(f"rerank must be >= 0 (0: off), got {rerank}")
+        gallery_local = verifier = None
+        if LOCAL_FEATURES_FILE in index._attachment_checksums:
+            gallery_local = LocalFeatureStore.from_bytes(index.read_attachment(LOCAL_FEATURES_FILE))
+            if len(gallery_local) != index.ntotal:
+                raise IndexMismatchError(
+                    f"{index_dir / LOCAL_FEATURES_FILE} holds {len(gallery_local)} products but the index "
+                    f"{index.ntotal}: rebuild the index"
+                )
+        if n_rerank:
+            if gallery_local is None:
+                raise FileNotFoundError(
+                    f"re-ranking needs the catalog's local features, but {index_dir} has no {LOCAL_FEATURES_FILE}: "
+                    "rebuild it with `street2shop index --rerank N` or `--local-features` "
+                    "(a local descriptor such as sift or delf)"
+                )
+            verifier = SpatialVerifier(**{**recorded_conf, **dict(rerank_conf or {})})
+        catalog = None
+        if CATALOG_FILE in index._attachment_checksums:
+            table = pd.read_csv(io.BytesIO(index.read_attachment(CATALOG_FILE)), dtype=str, keep_default_na=False)
+            catalog = dict(zip(table["product_id"], table["image"]))
+        return cls(
+            index_dir, index, model, proxy_model, record, catalog, proxy_state, gallery_local, verifier, n_rerank,
+            torch_device,
+        )  # fmt: skip
+
+    # ---------------------------------------------------------------------------- properties
+    @property
+    def ntotal(self) -> int:
+        return self.index.ntotal
+
+    def describe(self) -> Dict[str, Any]:
+        """{"recipe", "proxy", "descriptor", "preset", "products", "dim", "rerank", "device"}."""
+        record = self.record or {}
+        return {
+            "recipe": record.get("recipe"),
+            "proxy": (record.get("proxy") or {}).get("spec", self.proxy.name),
+            "descriptor": record.get("descriptor_spec", self.descriptor.name),
+            "preset": self.index.preset,
+            "products": self.ntotal,
+            "dim": self.index.dim,
+            "rerank": self.rerank,
+            "device": str(self.device),
+        }
+
+    def product_image_path(self, product_id: str) -> Path:
+        """The catalog photo of `product_id`. Raises KeyError when the product is not in the index."""
+        if product_id not in self.index:
+            raise KeyError(f"product {product_id!r} is not in the index at {self.index_dir}")
+        if self._catalog is None or product_id not in self._catalog:
+            raise KeyError(
+                f"the index at {self.index_dir} keeps no image for {product_id!r} (built before indexes kept their "
+                "catalog table): rebuild it with `street2shop index`"
+            )
+        image = self._catalog[product_id]
+        if image.startswith("images/"):
+            return object_path(self.index_dir, image)
+        return Path(image)
+
+    # ---------------------------------------------------------------------------- search
+    def search(self, images: Any, k: int = 10) -> List[SearchResult]:
+        """Top-k products for each image, in order (see `image_to_rgb` for the kinds of image taken).
+
+        Raises:
+            BadImageError: an image that cannot be read, naming its position.
+            ValueError: k < 1, no images.
+        """
+        if isinstance(k, bool) or int(k) != k or int(k) < 1:
+            raise ValueError(f"k must be a whole number >= 1, got {k!r}")
+        items = as_image_list(images)
+        if not items:
+            raise ValueError("no images to search with")
+        results: List[SearchResult] = []
+        for start in range(0, len(items), SEARCH_BATCH):
+            results += self._search_batch(items[start : start + SEARCH_BATCH], int(k), start)
+        return results
+
+    @torch.no_grad()
+    def _search_batch(self, items: Sequence[Any], k: int, offset: int) -> List[SearchResult]:
+        size = self.descriptor.input_spec.size
+        clock = _Clock()
+        photos = [image_to_rgb(image, _image_name(image, offset + i)) for i, image in enumerate(items)]
+        batch = images_to_tensor([resize_image(photo, size) for photo in photos]).to(self.device)
+        clock.lap("decode")
+        seen = self._proxied(batch, size)
+        clock.lap("proxy")
+        vectors = self.descriptor.embed(seen).float().cpu().numpy()
+        clock.lap("describe")
+        scores, ids = self.index.search(vectors, max(k, self.rerank))
+        clock.lap("search")
+        if self.rerank:
+            scores, ids = self._reranked(seen, scores, ids)
+            clock.lap("rerank")
+        scores, ids = scores[:, :k], ids[:, :k]
+        timings = clock.per_image(len(items))
+        pixels = seen.mul(255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+        return [
+            SearchResult(
+                hits=[
+                    SearchHit(rank=r + 1, product_id=str(pid), score=float(score))
+                    for r, (pid, score) in enumerate(zip(ids[i], scores[i]))
+                    if pid is not None
+                ],
+                descriptor_input=np.ascontiguousarray(pixels[i]),
+                crop_box=None,
+                timings_ms=dict(timings),
+            )
+            for i in range(len(items))
+        ]
+
+    def _proxied(self, batch: torch.Tensor, size) -> torch.Tensor:
+        """What the descriptor reads: the proxy's output at its input size (`retrieval.proxy_stage`)."""
+        if self.proxy.name == "none":
+            return batch
+        with self._proxy_lock:
+            return to_descriptor_input(self.proxy(batch), size)
+
+    def _reranked(self, seen: torch.Tensor, scores: np.ndarray, ids: np.ndarray):
+        """Top `rerank` re-sorted by inliers + global similarity (the new score); the rest as they were."""
+        top = min(self.rerank, ids.shape[1])
+        query_local = LocalFeatureStore.from_features([self.descriptor.extract(seen)])
+        product_ids = self.index.product_ids
+        positions = pd.Index(product_ids).get_indexer(ids[:, :top].ravel()).reshape(len(ids), top)  # -1: none
+        new_scores, reordered, _ = self.verifier.rerank(
+            query_local,
+            torch.from_numpy(positions.astype(np.int64)),
+            torch.from_numpy(scores[:, :top].astype(np.float32)),
+            self.gallery_local,
+        )
+        catalog = np.asarray(product_ids + [None], dtype=object)  # position -1 -> None
+        return (
+            np.concatenate([new_scores.numpy(), scores[:, top:]], axis=1),
+            np.concatenate([catalog[reordered.numpy()], ids[:, top:]], axis=1),
+        )
+
+    # ---------------------------------------------------------------------------- catalog updates
+    def add(self, product_ids: Sequence[str], images: Sequence[Any]) -> None:
+        """Add products: their photos (any kind `search` takes) are embedded without the proxy, as at indexing.
+
+        File paths are remembered as paths; bytes, arrays, PIL images and tensors are written into the
+        index directory, content-addressed (`index.store_object`). Call `save` to make it permanent.
+
+        Raises:
+            ValueError: lengths differ, a duplicate or already indexed id (nothing is added then).
+            BadImageError: an image that cannot be read (nothing is added then).
+        """
+        product_ids = [str(p) for p in ([product_ids] if isinstance(product_ids, str) else product_ids)]
+        images = as_image_list(images)
+        if len(product_ids) != len(images):
+            raise ValueError(f"{len(product_ids)} product ids but {len(images)} images: give one image per id")
+        if not product_ids:
+            return
+        seen, repeated = set(), []
+        for pid in product_ids:
+            (repeated.append(pid) if pid in seen or pid in self.index else seen.add(pid))
+        if repeated:
+            raise ValueError(f"product ids already in the index or given twice: {repeated[:5]}; remove them first")
+        photos = [image_to_rgb(image, _image_name(image, i)) for i, image in enumerate(images)]
+        vectors, local = self._embed_catalog(photos)
+        stored = [self._remember_image(image, photo) for image, photo in zip(images, photos)]
+        self.index.add(vectors, product_ids)
+        if self.gallery_local is not None:
+            self.gallery_local = LocalFeatureStore.from_features([self.gallery_local, local])
+        if self._catalog is not None:
+            self._catalog.update(zip(product_ids, stored))
+
+    @torch.no_grad()
+    def _embed_catalog(self, photos: Sequence[np.ndarray]):
+        """Catalog photos (no proxy: the proxy brings queries to the catalog's domain) -> vectors, local store."""
+        size = self.descriptor.input_spec.size
+        vectors, local = [], []
+        for start in range(0, len(photos), SEARCH_BATCH):
+            batch = images_to_tensor([resize_image(p, size) for p in photos[start : start + SEARCH_BATCH]])
+            batch = batch.to(self.device)
+            vectors.append(self.descriptor.embed(batch).float().cpu().numpy())
+            if self.gallery_local is not None:
+                local.append(self.descriptor.extract(batch))
+        return np.concatenate(vectors), (LocalFeatureStore.from_features(local) if local else None)
+
+    def _remember_image(self, image: Any, photo: np.ndarray) -> str:
+        """What catalog.csv keeps for an added image: its absolute path, or the stored object's name."""
+        if isinstance(image, (str, os.PathLike)):
+            return str(Path(image).resolve())
+        if isinstance(image, (bytes, bytearray, memoryview)):
+            data = bytes(image)
+            return store_object(self.index_dir, data, _encoded_suffix(data))
+        return store_object(self.index_dir, _png_bytes(photo), ".png")
+
+    def remove(self, product_ids: Sequence[str]) -> None:
+        """Remove products by id. Raises KeyError listing the unknown ids (nothing is removed then)."""
+        product_ids = [str(p) for p in ([product_ids] if isinstance(product_ids, str) else product_ids)]
+        before = {pid: position for position, pid in enumerate(self.index.product_ids)}
+        self.index.remove(product_ids)  # KeyError naming the unknown ones, before any change
+        if self.gallery_local is not None:
+            keep = torch.as_tensor([before[pid] for pid in self.index.product_ids], dtype=torch.long)
+            store = self.gallery_local
+            self.gallery_local = LocalFeatureStore(store.keypoints[keep], store.desc[keep], store.mask[keep])
+        if self._catalog is not None:
+            for pid in product_ids:
+                self._catalog.pop(pid, None)
+
+    def save(self) -> None:
+        """Write the pipeline as the new live version of `index_dir`, in one atomic step (`ProductIndex.save`)."""
+        from street2shop.engine import DESCRIPTOR_FILE, LOCAL_FEATURES_FILE, descriptor_state_bytes
+
+        attachments = {DESCRIPTOR_FILE: descriptor_state_bytes(self.descriptor)}
+        if self._proxy_state is not None:
+            attachments[PROXY_FILE] = self._proxy_state
+        if self.gallery_local is not None:
+            attachments[LOCAL_FEATURES_FILE] = self.gallery_local.to_bytes()
+        if self._catalog is not None:
+            ids = self.index.product_ids
+            attachments[CATALOG_FILE] = catalog_table_bytes(ids, [self._catalog[p] for p in ids])
+        self.index.save(self.index_dir, attachments=attachments)
+
+    def __repr__(self) -> str:
+        described = self.describe()
+        return f"Pipeline({self.index_dir}, " + ", ".join(f"{k}={v!r}" for k, v in described.items()) + ")"
+
+
+def _refuse_other_proxy(spec: str, recorded, recorded_spec: str, index_dir: Path) -> None:
+    """A --proxy at query time must be the recorded one (by name, and by weights when it names a checkpoint)."""
+    name = spec.split("@")[0].split("[")[0].strip()
+    same = name == recorded.name
+    if same and ("@" in spec or "[" in spec):
+        asked, _ = model_from_spec("proxy", spec)
+        same = asked.fingerprint() == recorded.fingerprint()
+    if not same:
+        raise IndexMismatchError(
+            f"index at {index_dir} is a pipeline with proxy {recorded_spec!r}, but the query asks for {spec!r}: "
+            f"drop --proxy (the index records its own), or build another index with `street2shop index --proxy "
+            f"{spec} ...`"
+        )
+
+
+def _image_name(image: Any, position: int) -> str:
+    if isinstance(image, (str, os.PathLike)):
+        return str(image)
+    return f"image {position} ({type(image).__name__})"
+
+
+class _Clock:
+    """Milliseconds per named stage of one batch."""
+
+    def __init__(self):
+        self.last = time.perf_counter()
+        self.stages: Dict[str, float] = {}
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.stages[stage] = self.stages.get(stage, 0.0) + 1000 * (now - self.last)
+        self.last = now
+
+    def per_image(self, count: int) -> Dict[str, float]:
+        return {stage: round(ms / max(1, count), 3) for stage, ms in self.stages.items()}

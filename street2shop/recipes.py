@@ -1,0 +1,152 @@
+"""Named pipelines (recipes), defined here and nowhere else.
+
+A recipe names a proxy, a descriptor, an index preset, the re-ranking depth, and the trainings it needs
+(in dependency order: a parser, then a descriptor trained behind that parser). `street2shop index
+--recipe NAME` indexes with it; `street2shop build --recipe NAME` trains what it needs first.
+
+Trained parts are spelled with a run placeholder, ``hp@{parser}``: ``{parser}`` becomes
+``RUNS/parser/final.pt`` (RUNS: `--runs`, default ``runs/NAME``), where `build` trains it.
+
+Measured numbers (mAP@20 on VITON's validation split, studio photos; speed = query images per second
+through proxy + descriptor on this project's 2-core CPU; see each recipe's ``measured``) are filled in
+from `street2shop bench --recipes ...` runs and quoted in the README.
+
+Example:
+    >>> get_recipe("fast").descriptor
+    'colorhist'
+    >>> resolve_recipe("best", runs="runs/best")["proxy"]
+    'hp@runs/best/parser/final.pt'
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Mapping, Optional, Tuple
+
+DEFAULT_PROXY = "none"
+DEFAULT_DESCRIPTOR = "gem"
+DEFAULT_PRESET = "flat"
+
+
+@dataclass(frozen=True)
+class Training:
+    """One training a recipe needs: `street2shop train` of `kind` `name` into RUNS/`run`.
+
+    `behind`: the run of a proxy this descriptor is trained behind (tn learns the parser's cut-outs);
+    its final.pt goes in as the training option ``proxy=<proxy name>@RUNS/<behind>/final.pt``.
+    """
+
+    kind: str  # "proxy" or "descriptor"
+    name: str
+    run: str
+    settings: Mapping[str, Any] = field(default_factory=dict)
+    behind: Optional[Tuple[str, str]] = None  # (proxy name, run), e.g. ("hp", "parser")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    summary: str
+    proxy: str
+    descriptor: str
+    preset: str = DEFAULT_PRESET
+    rerank: int = 0
+    trainings: Tuple[Training, ...] = ()
+    measured: str = "not measured yet"
+
+    def specs(self, runs: os.PathLike) -> Dict[str, Any]:
+        """proxy, descriptor, preset, rerank with every ``{run}`` placeholder made RUNS/run/final.pt."""
+        paths = {t.run: str(Path(runs) / t.run / "final.pt") for t in self.trainings}
+        return {
+            "proxy": self.proxy.format(**paths),
+            "descriptor": self.descriptor.format(**paths),
+            "preset": self.preset,
+            "rerank": self.rerank,
+        }
+
+
+RECIPES: Dict[str, Recipe] = {
+    recipe.name: recipe
+    for recipe in (
+        Recipe(
+            name="no-training",
+            summary="hp with its untrained GrabCut fallback, then gem (ImageNet EfficientNet-Lite0): no checkpoint",
+            proxy="hp",
+            descriptor="gem",
+            measured="mAP@20 0.540 on 300 VITON validation products (studio photos); speed: see README",
+        ),
+        Recipe(
+            name="fast",
+            summary="no proxy, colorhist (256-d HSV histogram): the cheapest good one, nothing to train",
+            proxy="none",
+            descriptor="colorhist",
+            measured="mAP@20 0.349 on 300 VITON validation products (studio photos); speed: see README",
+        ),
+        Recipe(
+            name="best",
+            summary="hp with a trained garment parser, then tn trained behind that parser",
+            proxy="hp@{parser}",
+            descriptor="tn@{tn}",
+            trainings=(
+                Training("proxy", "hp", "parser"),
+                Training("descriptor", "tn", "tn", behind=("hp", "parser")),
+            ),
+            measured="mAP@20 0.630 [0.611, 0.649] on all 1,820 VITON validation products (studio photos); 0.833 on 300",
+        ),
+    )
+}
+
+
+def list_recipes() -> list:
+    return sorted(RECIPES)
+
+
+def get_recipe(name: str) -> Recipe:
+    """The recipe of that name; ValueError listing the valid names otherwise."""
+    if name not in RECIPES:
+        raise ValueError(f"unknown recipe {name!r}; recipes: {', '.join(list_recipes())}")
+    return RECIPES[name]
+
+
+def default_runs(recipe: str) -> Path:
+    """Where `build --recipe NAME` trains and `index --recipe NAME` looks: runs/NAME."""
+    return Path("runs") / recipe
+
+
+def resolve_recipe(
+    recipe: Optional[str],
+    *,
+    proxy: Optional[str] = None,
+    descriptor: Optional[str] = None,
+    preset: Optional[str] = None,
+    rerank: Optional[int] = None,
+    runs: Optional[os.PathLike] = None,
+) -> Dict[str, Any]:
+    """`index`'s pipeline parts: the recipe's (or the defaults), each overridden by an option given.
+
+    Returns:
+        {"recipe", "proxy", "descriptor", "preset", "rerank"}.
+
+    Raises:
+        ValueError: an unknown recipe.
+        FileNotFoundError: a checkpoint the recipe needs is missing (with the command that trains it).
+    """
+    given = {"proxy": proxy, "descriptor": descriptor, "preset": preset, "rerank": rerank}
+    if recipe is None:
+        defaults = {"proxy": DEFAULT_PROXY, "descriptor": DEFAULT_DESCRIPTOR, "preset": DEFAULT_PRESET, "rerank": 0}
+        return {"recipe": None, **{key: given[key] if given[key] is not None else defaults[key] for key in defaults}}
+    chosen = get_recipe(recipe)
+    runs = Path(runs) if runs is not None else default_runs(recipe)
+    parts = chosen.specs(runs)
+    for training in chosen.trainings:
+        part = "proxy" if training.kind == "proxy" else "descriptor"
+        checkpoint = runs / training.run / "final.pt"
+        if given[part] is None and not checkpoint.exists():
+            raise FileNotFoundError(
+                f"recipe {recipe!r} needs {checkpoint} ({training.kind} {training.name}): train it with "
+                f"`street2shop build --recipe {recipe} --train-data DATA --catalog CATALOG --out DIR --runs {runs}`, "
+                f"or give --{part} {training.name}@YOUR/final.pt"
+            )
+    return {"recipe": recipe, **{key: given[key] if given[key] is not None else parts[key] for key in parts}}
