@@ -1,5 +1,6 @@
 """The HTTP service (street2shop.service) through FastAPI's TestClient: endpoints, refusals, writes, batching."""
 
+import base64
 import io
 import json
 import struct
@@ -17,9 +18,10 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 from retrieval.datasets import load_viton  # noqa: E402
 from retrieval.descriptors import create_descriptor  # noqa: E402
+from street2shop import Pipeline  # noqa: E402
+from street2shop.engine import build_index  # noqa: E402
 from street2shop.service import ServiceSettings, create_app  # noqa: E402
 from street2shop.service.app import STATIC_DIR  # noqa: E402
-from tests.street2shop.searcher_pipeline import SearcherPipeline, build_searcher_pipeline  # noqa: E402
 
 TOKEN = "s3cret"
 
@@ -31,14 +33,14 @@ def dataset(synthetic_root):
 
 @pytest.fixture(scope="module")
 def index_dir(dataset, tmp_path_factory):
-    return build_searcher_pipeline(
-        dataset.catalog, create_descriptor("colorhist"), tmp_path_factory.mktemp("service") / "idx"
-    )
+    index_dir = tmp_path_factory.mktemp("service") / "idx"
+    build_index(dataset.catalog, create_descriptor("colorhist"), index_dir, progress=False, faiss_device="cpu")
+    return index_dir
 
 
 def make_client(index_dir, **settings) -> TestClient:
     settings = {"device": "cpu", "token": TOKEN, **settings}
-    return TestClient(create_app(index_dir, ServiceSettings(**settings), loader=SearcherPipeline.load))
+    return TestClient(create_app(index_dir, ServiceSettings(**settings)))
 
 
 @pytest.fixture(scope="module")
@@ -73,26 +75,26 @@ def test_search_returns_exactly_what_pipeline_search_returns(client, dataset, in
     response = search(client, query, k=5)
     assert response.status_code == 200, response.text
     body = response.json()
-    expected = SearcherPipeline.load(index_dir).search([query], k=5)[0]
+    expected = Pipeline.load(index_dir, device="cpu").search(query, k=5)[0]
     assert [(r["rank"], r["product_id"], r["score"]) for r in body["results"]] == [
         (h.rank, h.product_id, h.score) for h in expected.hits
     ]
     assert all(r["image_url"] == f"/products/{r['product_id']}/image" for r in body["results"])
-    assert {"search", "queue", "total"} <= set(body["timings_ms"]) and body["batch_size"] >= 1
+    assert {"decode", "describe", "search", "queue", "total"} <= set(body["timings_ms"]) and body["batch_size"] >= 1
     assert body["crop_box"] is None and "proxy_image" not in body
 
 
-def test_search_finds_a_catalog_photo_and_returns_the_proxy_output(client, dataset):
+def test_search_finds_a_catalog_photo_and_returns_the_proxy_output(client, dataset, index_dir):
     product = dataset.catalog.iloc[3]
-    body = search(client, photo_bytes(product["image"]), k=3, proxy_image="true").json()
+    photo = photo_bytes(product["image"])
+    body = search(client, photo, k=3, proxy_image="true").json()
     assert body["results"][0]["product_id"] == str(product["product_id"])
     assert body["results"][0]["score"] == pytest.approx(1.0, abs=1e-5)
     header, encoded = body["proxy_image"].split(",", 1)
     assert header == "data:image/png;base64"
-    import base64
-
     shown = np.asarray(Image.open(io.BytesIO(base64.b64decode(encoded))))
-    assert shown.shape[2] == 3 and shown.shape[:2] == Image.open(product["image"]).size[::-1]
+    expected = Pipeline.load(index_dir, device="cpu").search(photo, k=3)[0].descriptor_input
+    np.testing.assert_array_equal(shown, expected)  # PNG: lossless
 
 
 def _truncated_jpeg(dataset) -> bytes:
@@ -212,7 +214,6 @@ def test_concurrent_searches_are_batched_and_stay_consistent_with_writes(index_d
     extra = photo_bytes(dataset.queries["image"].iloc[-1])
     auth = {"Authorization": f"Bearer {TOKEN}"}
     with make_client(index_dir, batch_wait_ms=20) as client:
-        SearcherPipeline.calls = 0
         stop = threading.Event()
 
         def writer():
@@ -240,6 +241,6 @@ def test_concurrent_searches_are_batched_and_stay_consistent_with_writes(index_d
             stop.set()
             thread.join()
         assert max(sizes) > 1, "concurrent searches never shared a batch"
-        assert SearcherPipeline.calls < 48
+        assert client.get("/metrics").json()["batching"]["batches"] < 48
         assert client.get("/health").json()["pipeline"]["products"] == len(catalog_ids)
         assert json.loads(client.get("/metrics").text)["routes"]["POST /search"]["by_status"] == {"200": 48}
