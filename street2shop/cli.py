@@ -677,6 +677,88 @@ def serve_command(index_dir, host, port, token, device, max_upload_mb, max_pixel
     serve(Path(index_dir), host=host, port=port, settings=settings, echo=click.echo)
 
 
+def _loadtest_photos(sources, cache_dir) -> List[Path]:
+    """--queries values -> photo files: files, directories, or a data set spec (its validation queries)."""
+    from street2shop.service.loadtest import MAX_QUERY_PHOTOS, query_photos
+
+    paths = []
+    for source in sources:
+        if ":" in source and not Path(source).exists():
+            from retrieval.datasets import load_dataset
+
+            data = load_dataset(source, split="val", cache_dir=_cache_dir(cache_dir))
+            paths += list(dict.fromkeys(data.queries["image"]))[:MAX_QUERY_PHOTOS]
+        else:
+            paths.append(source)
+    return query_photos([Path(p) for p in paths])
+
+
+@cli.command("loadtest")
+@click.argument("index_dir", type=click.Path(exists=True, file_okay=False))
+@click.option(
+    "--queries",
+    "sources",
+    multiple=True,
+    required=True,
+    help="Query photos: files, directories, or a data set spec (its validation queries), e.g. "
+    "viton:../shared/data/viton. Repeatable; at most 200 photos are used.",
+)
+@_opt("--concurrency", default="1,8,32", callback=lambda ctx, param, value: _counts(value), help="Client counts.")
+@_opt("--duration", default=10.0, type=click.FloatRange(0, 600, min_open=True), help="Seconds per concurrency.")
+@click.option("--reload-during", is_flag=True, help="POST /admin/reload 3 times per level while under load.")
+@_whole("--products", 0, 0, "Pad a temporary copy of the index to N products with random vectors (0: as is).")
+@_whole("--k", 10, 1, "Products asked per search.")
+@_opt("--host", default="127.0.0.1", help="Loopback address to serve on (anything else is refused).")
+@_opt("--device", default="cpu", type=click.Choice(["auto", "cpu", "cuda"]))
+@_whole("--max-requests", 20000, 1, "Bound on the requests of one concurrency level.")
+@click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False), help="Also write the numbers.")
+@click.option("--cache-dir", default=None)
+def loadtest_command(index_dir, sources, concurrency, duration, reload_during, products, k, host, device, **rest):
+    """Load-test `street2shop serve` on this machine: p50/p99 latency, throughput, failures, load average.
+
+    Starts the service itself on a free loopback port, runs each concurrency for --duration seconds
+    (bounded by --max-requests), stops the service. With --products N it serves a temporary copy of
+    INDEX_DIR padded to N products with seeded random vectors (INDEX_DIR is not changed).
+
+    \b
+    Example (the `fast` recipe on 100k products, VITON validation photos as queries):
+      street2shop index --catalog viton:../shared/data/viton --split val --recipe fast --out fast-index
+      street2shop loadtest fast-index --products 100000 --queries viton:../shared/data/viton --reload-during
+    """
+    import tempfile
+
+    _service()
+    from street2shop.service.loadtest import pad_catalog, reports_json, run_loadtest
+
+    photos = _loadtest_photos(sources, rest["cache_dir"])
+    with tempfile.TemporaryDirectory(prefix="street2shop-loadtest-") as scratch:
+        served = Path(index_dir)
+        if products:
+            started = time.perf_counter()
+            served = Path(scratch) / "index"
+            total = pad_catalog(Path(index_dir), served, products)
+            click.echo(f"padded a copy of {index_dir} to {total} products in {time.perf_counter() - started:.1f} s")
+        reports = run_loadtest(
+            served,
+            photos,
+            concurrencies=concurrency,
+            duration_s=duration,
+            reload_during=reload_during,
+            k=k,
+            host=host,
+            device=device,
+            max_requests=rest["max_requests"],
+            log_path=Path(scratch) / "server.log",
+            echo=click.echo,
+        )
+    if rest["json_path"]:
+        Path(rest["json_path"]).write_text(reports_json(reports))
+    failed = sum(r.failed + r.reload_failures for r in reports)
+    click.echo(f"{failed} failed requests in all" + (" (reloads included)" if reload_during else ""))
+    if failed:
+        raise click.exceptions.Exit(1)
+
+
 def main() -> None:
     cli(prog_name="street2shop")
 
