@@ -144,6 +144,8 @@ def run_benchmark(
     bootstrap: int = 1000,
     chunk_size: int = DEFAULT_CHUNK,
     proxy_output_dir: Optional[Path] = None,
+    fit_dataset: Optional[RetrievalSet] = None,
+    combinations: Optional[Sequence[Tuple[str, str]]] = None,
 ) -> BenchResult:
     """Score every proxy x descriptor x index preset on `dataset`.
 
@@ -162,6 +164,10 @@ def run_benchmark(
     Each proxy runs once over the queries (`materialize_proxy_outputs`; stored under
     ``proxy_output_dir``, default ``cache_dir/../proxy-outputs``, a temporary folder without a cache),
     and every descriptor reads its outputs.
+
+    Descriptors are fitted on ``fit_dataset``'s training images (default: ``dataset``'s; `fit_images`).
+    ``combinations``: (proxy spec, descriptor spec) pairs to score, e.g. named recipes; None scores the
+    whole proxy x descriptor grid.
     """
     dataset.validate()
     catalog = _with_distractors(dataset, distractors, seed)
@@ -192,16 +198,18 @@ def run_benchmark(
         proxied = [
             _run_proxy(spec, list(queries["image"]), output_root, batch_size, device, progress) for spec in proxies
         ]
+        wanted = None if combinations is None else {(str(p), str(d)) for p, d in combinations}
         for descriptor_spec in descriptors:
             descriptor = create_descriptor(descriptor_spec).to(device).eval()
             descriptor_name = descriptor_label(descriptor_spec)
             size = descriptor.input_spec.size
             started = time.perf_counter()
             if descriptor.needs_fit:
-                _stage(progress, f"{descriptor_name}: fitting on {fit_max_images} training images")
+                fit_set = fit_dataset if fit_dataset is not None else dataset
+                _stage(progress, f"{descriptor_name}: fitting on {describe_fit_images(fit_set, fit_max_images)}")
                 fit_descriptor(
                     descriptor,
-                    fit_images(dataset, fit_max_images, seed),
+                    fit_images(fit_set, fit_max_images, seed),
                     batch_size=batch_size,
                     progress=progress,
                     cache_dir=cache_dir,
@@ -241,7 +249,9 @@ def run_benchmark(
                     progress=f"{descriptor_name}: gallery local features" if progress else None,
                 )
                 gallery_local_seconds = time.perf_counter() - started
-            for proxy_label, paper_proxy, proxy_key, query_paths, proxy_seconds in proxied:
+            for proxy_spec, (proxy_label, paper_proxy, proxy_key, query_paths, proxy_seconds) in zip(proxies, proxied):
+                if wanted is not None and (str(proxy_spec), str(descriptor_spec)) not in wanted:
+                    continue
                 started = time.perf_counter()
                 query_vectors = extract_features(
                     descriptor.embed,

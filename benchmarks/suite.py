@@ -69,6 +69,8 @@ class BenchConfig:
     train: bool = False
     train_budget: float = 10.0
     command: Optional[str] = None
+    fit_data: Optional[str] = None  # data set spec whose training images fit codebooks/whitening (None: dataset)
+    combinations: Optional[Sequence[Tuple[str, str]]] = None  # (proxy, descriptor) pairs only, e.g. recipes
 
 
 def check_ks(ks: Sequence[int]) -> List[int]:
@@ -108,7 +110,7 @@ def run_bench_suite(config: BenchConfig, *, echo: Echo = print, progress: Progre
     """
     from benchmarks.report import git_revision
     from benchmarks.reproduce import ensure_trained
-    from benchmarks.runner import format_table, remove_previous_bench_outputs, run_benchmark
+    from benchmarks.runner import describe_fit_images, format_table, remove_previous_bench_outputs, run_benchmark
     from index import list_index_presets
     from retrieval.batching import resolve_device
     from retrieval.datasets import load_dataset, subset_products
@@ -130,6 +132,10 @@ def run_bench_suite(config: BenchConfig, *, echo: Echo = print, progress: Progre
         load_dataset(config.dataset, split=config.split, seed=config.seed, cache_dir=cache), config.limit, config.seed
     )
     echo(data.describe())
+    fit_set = None
+    if config.fit_data is not None:
+        fit_set = load_dataset(config.fit_data, split="val", seed=config.seed, cache_dir=cache)
+    echo(f"descriptors that need fitting are fitted on {describe_fit_images(fit_set or data, config.fit_max_images)}")
     with_options = [spec for spec in proxy_specs + descriptor_specs if "[" in spec.split("@")[0]]
     if with_options and not config.train:
         raise ValueError(
@@ -145,7 +151,10 @@ def run_bench_suite(config: BenchConfig, *, echo: Echo = print, progress: Progre
             descriptor_specs, "descriptor", data, cache, budget, torch_device, seed, progress=progress
         )
         trainings = proxy_rows + descriptor_rows
-    say(f"grid: {len(proxy_specs)} proxies x {len(descriptor_specs)} descriptors x {len(preset_names)} indexes")
+    if config.combinations is not None:
+        say(f"grid: {len(config.combinations)} proxy + descriptor pairs x {len(preset_names)} indexes")
+    else:
+        say(f"grid: {len(proxy_specs)} proxies x {len(descriptor_specs)} descriptors x {len(preset_names)} indexes")
     result = run_benchmark(
         data,
         descriptor_specs,
@@ -165,6 +174,8 @@ def run_bench_suite(config: BenchConfig, *, echo: Echo = print, progress: Progre
         protocol_gallery=config.protocol_gallery,
         protocol_draws=config.protocol_draws,
         bootstrap=config.bootstrap,
+        fit_dataset=fit_set,
+        combinations=config.combinations,
     )
     generation, generation_md = _generation_scores(
         data, proxy_specs, config.generation_samples, torch_device, config.seed
@@ -203,6 +214,8 @@ def _config_record(config: BenchConfig, data, resolved, torch_device, trainings,
         "device": str(torch_device),
         "batch_size": config.batch_size,
         "fit_max_images": config.fit_max_images,
+        "fit_data": config.fit_data or config.dataset,
+        "combinations": [list(c) for c in config.combinations] if config.combinations is not None else None,
         "seed": config.seed,
         "limit": config.limit,
         "rerank": config.rerank,

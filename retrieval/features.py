@@ -2,12 +2,13 @@
 
 The expensive part of indexing and benchmarking is running a descriptor over thousands of images.
 `extract_features` reads and decodes images on a thread pool (Pillow and OpenCV release the GIL)
-while the descriptor works on the previous batch, and stores each chunk of results in a
-`FeatureCache` keyed by the images' content hashes and the fingerprints of proxy and descriptor.
-An interrupted run therefore resumes from its last finished chunk, and a changed image, a refit
-codebook or another proxy never reuses stale features. Every chunk is verified when read (SHA-256
-footer, shape (images in the chunk, D), float32, finite): a damaged or edited one is recomputed,
-never built into an index.
+while the descriptor works on the previous batch, and stores each image's features in a
+`FeatureCache` keyed by the image's content hash, under a stage key holding the fingerprints of proxy
+and descriptor. An entry depends on nothing but its image and the models, never on where the image
+stands in a list: inserting one product into an indexed catalog embeds that one image, an interrupted
+run resumes from the images it finished, and a changed image, a refit codebook or another proxy never
+reuses stale features. Every entry is verified when read (SHA-256 footer, shape (1, D), float32,
+finite): a damaged or edited one is recomputed, never built into an index.
 """
 
 from __future__ import annotations
@@ -53,7 +54,8 @@ def decode_feature_chunk(payload: bytes, rows: Optional[int] = None, dim: Option
 
 
 class FeatureCache:
-    """Chunks of features on disk: `<root>/<stage key>/<chunk key>.npy`, written atomically.
+    """Features on disk: `<root>/<stage key>/<key>.npy`, written atomically; `extract_features` keys
+    each image by its content hash (`retrieval.files.file_sha1`), one (1, D) entry per image.
 
     Each file is an .npy array followed by a SHA-256 footer (`retrieval.files.write_checked_bytes`);
     `get` verifies footer, shape, dtype and finiteness, and records what it refused in `damaged`.
@@ -66,6 +68,7 @@ class FeatureCache:
 
     @staticmethod
     def chunk_key(content_hashes: Sequence[str]) -> str:
+        """One key for a list of images (for callers that cache a whole list, e.g. local features)."""
         return hashlib.sha1("\n".join(content_hashes).encode()).hexdigest()
 
     def path(self, key: str) -> Path:
@@ -109,18 +112,21 @@ def extract_features(
     progress: Optional[str] = None,
     dim: Optional[int] = None,
 ) -> np.ndarray:
-    """Run `embed` (e.g. descriptor(proxy(x))) over image files.
+    """Run `embed` (e.g. descriptor(proxy(x))) over image files, reusing the cached features of each image.
 
-    Cached chunks are verified (checksum, shape (chunk images, D), float32, finite); failures are
-    recomputed, with one warning naming the cache directory.
+    Only images without a valid cache entry are embedded (an image listed twice, once), `chunk_size` at
+    a time; each finished chunk's entries are written before the next starts, so an interrupted run
+    loses at most one chunk. Cached entries are verified (checksum, shape (1, D), float32, finite);
+    failures are recomputed, with one warning naming the cache directory.
 
     Args:
         embed: (B, 3, H, W) on `device` -> (B, D) features.
         paths: image files; unreadable ones raise `ImageReadError` naming the file.
         size: (H, W) every image is resized to.
-        cache: where finished chunks go; None disables caching.
+        cache: where features go, one entry per image content; None disables caching.
+        chunk_size: images embedded between two cache writes.
         progress: a label for the progress bar, or None for no bar.
-        dim: D, when the caller knows it (descriptor.dim); else taken from a freshly computed chunk.
+        dim: D, when the caller knows it (descriptor.dim); else taken from a freshly computed image.
 
     Returns:
         (N, D) float32, row i for paths[i].
@@ -128,64 +134,66 @@ def extract_features(
     paths = [str(p) for p in paths]
     if not paths:
         raise ValueError("no images to extract features from")
-    chunks = [paths[i : i + chunk_size] for i in range(0, len(paths), chunk_size)]
-    results: List[Optional[np.ndarray]] = [None] * len(chunks)
-    keys: List[Optional[str]] = [None] * len(chunks)
+    # Without a cache every position is its own entry; with one, an image's content is its key.
+    keys = [file_sha1(p) for p in paths] if cache is not None else [str(i) for i in range(len(paths))]
+    unique = list(dict.fromkeys(keys))
+    source = dict(zip(keys, paths))  # key -> one path holding that content
     damaged_before = len(cache.damaged) if cache is not None else 0
-    if cache is not None:
-        for i, chunk in enumerate(chunks):
-            keys[i] = FeatureCache.chunk_key([file_sha1(p) for p in chunk])
-            results[i] = cache.get(keys[i], rows=len(chunk), dim=dim)
-    todo = [i for i, r in enumerate(results) if r is None]
-    bar = tqdm(total=len(paths), desc=progress, unit="img", disable=progress is None, leave=False)
+    found = {key: (cache.get(key, rows=1, dim=dim) if cache is not None else None) for key in unique}
+    bar = tqdm(total=len(unique), desc=progress, unit="img", disable=progress is None, leave=False)
 
-    def compute(i: int) -> None:
-        parts = []
-        for batch in iter_batches(chunks[i], size, batch_size):
-            parts.append(embed(batch.to(device)).float().cpu().numpy())
-            bar.update(len(batch))
-        results[i] = np.concatenate(parts).astype(np.float32)
-        # A non-finite chunk would be refused by every later read: it is returned, never cached.
-        if cache is not None and np.isfinite(results[i]).all():
-            cache.put(keys[i], results[i])
+    def compute(todo: List[str]) -> None:
+        for start in range(0, len(todo), chunk_size):
+            chunk = todo[start : start + chunk_size]
+            parts = []
+            for batch in iter_batches([source[key] for key in chunk], size, batch_size):
+                parts.append(embed(batch.to(device)).float().cpu().numpy())
+                bar.update(len(batch))
+            rows = np.concatenate(parts).astype(np.float32)
+            for key, row in zip(chunk, rows):
+                found[key] = row[None]
+                # A non-finite entry would be refused by every later read: it is returned, never cached.
+                if cache is not None and np.isfinite(row).all():
+                    cache.put(key, row[None])
 
     try:
-        if cache is not None and dim is None and len(todo) < len(chunks):
-            # Without `dim` the width D is only known from `embed` itself: a fresh chunk sets it, and a
-            # cached chunk of another width is recomputed. When every chunk is cached and their widths
-            # disagree, the first chunk is recomputed to tell which is right.
-            widths = Counter(r.shape[1] for r in results if r is not None)
+        todo = [key for key in unique if found[key] is None]
+        if cache is not None and dim is None and len(todo) < len(unique):
+            # Without `dim` the width D is only known from `embed` itself: a fresh image sets it, and a
+            # cached entry of another width is recomputed. When every image is cached and their widths
+            # disagree, the first image is recomputed to tell which is right.
+            widths = Counter(f.shape[1] for f in found.values() if f is not None)
+            first = unique[0]
             first_width = None
             if not todo and len(widths) > 1:
-                todo, first_width = [0], results[0].shape[1]
-            computed = set(todo[:1])
+                todo, first_width = [first], found[first].shape[1]
             if todo:
-                compute(todo[0])
-            width = results[todo[0]].shape[1] if todo else next(iter(widths))
+                compute(todo[:1])
+            reference = todo[0] if todo else first
+            width = found[reference].shape[1]
             if first_width is not None and first_width != width:
-                cache.damaged.append(f"{keys[0]}.npy: width {first_width}, expected {width}")
-            for i, features in enumerate(results):
-                if i not in computed and features is not None and features.shape[1] != width:
-                    cache.discard(keys[i], f"width {features.shape[1]}, expected {width}")
-                    results[i] = None
-                    todo.append(i)
-            todo = sorted(set(todo) - computed)
-        bar.update(sum(len(chunks[i]) for i, r in enumerate(results) if r is not None) - bar.n)
+                cache.damaged.append(f"{first}.npy: width {first_width}, expected {width}")
+            for key in unique:
+                features = found[key]
+                if key != reference and key not in todo and features is not None and features.shape[1] != width:
+                    cache.discard(key, f"width {features.shape[1]}, expected {width}")
+                    found[key] = None
+            todo = [key for key in unique if found[key] is None]
+        bar.update(sum(found[key] is not None for key in unique) - bar.n)
         if cache is not None and len(cache.damaged) > damaged_before:
             refused = cache.damaged[damaged_before:]
-            # One warning per run, not one per chunk: a damaged cache usually has many bad chunks.
+            # One warning per run, not one per image: a damaged cache usually has many bad entries.
             log.warning(
-                "feature cache %s: %d of %d chunks failed verification and are recomputed (e.g. %s)",
+                "feature cache %s: %d of %d cached features failed verification and are recomputed (e.g. %s)",
                 cache.directory,
                 len(refused),
-                len(chunks),
+                len(unique),
                 refused[0],
             )
-        for i in todo:
-            compute(i)
+        compute(todo)
     finally:
         bar.close()
-    return np.concatenate(results)  # type: ignore[arg-type]
+    return np.concatenate([found[key] for key in keys])
 
 
 def _stored_output_problem(path: str, size: Tuple[int, int]) -> Optional[str]:

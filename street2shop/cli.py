@@ -253,6 +253,104 @@ def query_command(index_dir, photos, k, proxy, descriptor, fmt, device, rerank, 
         click.echo(results.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
 
 
+@cli.command("add")
+@click.argument("index_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--catalog", required=True, help=DATASET_HELP + " Its products not yet in the index are added.")
+@_opt("--split", default="all", help="Which part of a dataset's catalog: all, train or val.")
+@_opt("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--cache-dir", default=None, help="Where synthetic sets are generated. Default: $STREET2SHOP_CACHE.")
+@_opt("--seed", default=0)
+def add_command(index_dir, catalog, split, device, cache_dir, seed) -> None:
+    """Add a catalog's new products to a saved index (products already in it are left as they are).
+
+    Only the new products' photos are embedded; the index is saved as a new version in one atomic step,
+    so a running `query` or service sees the old or the new catalog, never a mix.
+    """
+    from street2shop.engine import add_catalog
+
+    add_catalog(
+        index_dir, catalog, split=split, device=device, cache_dir=_cache_dir(cache_dir), seed=seed, echo=click.echo
+    )
+
+
+@cli.command("remove")
+@click.argument("index_dir", type=click.Path(exists=True, file_okay=False))
+@click.argument("product_ids", nargs=-1, required=True)
+def remove_command(index_dir, product_ids) -> None:
+    """Remove products by id from a saved index (an unknown id refuses the whole command)."""
+    from street2shop.pipeline import Pipeline
+
+    pipeline = Pipeline.load(index_dir, device="cpu")
+    pipeline.remove(list(product_ids))
+    pipeline.save()
+    click.echo(f"removed {len(set(product_ids))} products from {index_dir}: {pipeline.ntotal} left")
+
+
+@cli.command("recipes")
+def recipes_command() -> None:
+    """List the named pipelines (`index --recipe`, `build --recipe`) with what they need and measured."""
+    from street2shop.recipes import RECIPES
+
+    for recipe in RECIPES.values():
+        needs = ", ".join(f"train {t.kind} {t.name}" for t in recipe.trainings) or "no training"
+        click.echo(f"{recipe.name}: {recipe.summary}")
+        click.echo(
+            f"    proxy {recipe.proxy}, descriptor {recipe.descriptor}, preset {recipe.preset}, rerank {recipe.rerank}"
+        )
+        click.echo(f"    needs: {needs}; measured: {recipe.measured}")
+
+
+@cli.command("build")
+@click.option("--recipe", required=True, help="Recipe to train and index (see `street2shop recipes`).")
+@click.option("--train-data", required=True, help=DATASET_HELP + " Its training pairs train the recipe's models.")
+@click.option("--catalog", required=True, help=DATASET_HELP + " Its catalog is indexed.")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Index directory to write.")
+@click.option("--runs", default=None, help="Where the trainings go (RUNS/<run>/final.pt). Default: runs/RECIPE.")
+@_opt("--split", default="all", help="Which part of the catalog's data set to index: all, train or val.")
+@click.option("--fit-data", default=None, help="Data set fitting codebooks/whitening. Default: --train-data.")
+@click.option(
+    "--time-budget",
+    default=None,
+    type=click.FloatRange(min=0, min_open=True),
+    help="Minutes per training (stops cleanly, checkpointed). Default: each model's own.",
+)
+@click.option("--epochs", default=None, type=click.IntRange(min=0), help="Epochs per training (default: the model's).")
+@_opt("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--cache-dir", default=None, help="Default: $STREET2SHOP_CACHE or ~/.cache/street2shop.")
+@_opt("--seed", default=0)
+def build_command(
+    recipe, train_data, catalog, out_dir, runs, split, fit_data, time_budget, epochs, device, cache_dir, seed
+):
+    """Train what a recipe needs, in dependency order, then index a catalog with it.
+
+    Trainings run in order (the parser, then tn trained behind that parser) into RUNS/<run>/; one whose
+    final.pt exists is skipped, so an interrupted build resumes (a training itself resumes from its
+    last.pt). Wall times are printed.
+
+    \b
+    Example:
+      street2shop build --recipe best --train-data viton:../shared/data/viton \\
+          --catalog viton:../shared/data/viton --out shop-index
+    """
+    from street2shop.engine import build_recipe
+
+    build_recipe(
+        recipe,
+        train_data,
+        catalog,
+        out_dir,
+        runs=runs,
+        split=split,
+        fit_data=fit_data,
+        time_budget_minutes=time_budget,
+        epochs=epochs,
+        device=device,
+        cache_dir=cache_dir,
+        seed=seed,
+        echo=click.echo,
+    )
+
+
 def _expand(patterns: str, names: List[str], what: str) -> List[str]:
     """retrieval.specs.expand_specs, an entry that matches nothing a usage error listing what exists."""
     from retrieval.specs import expand_specs
@@ -331,7 +429,19 @@ def _grid_specs(patterns: str, kind: str, flag: str) -> List[str]:
     type=click.FloatRange(min=0, min_open=True),
     help="Minutes of training per model with --train.",
 )
-def bench_command(ks, descriptors, proxies, presets, no_cache, train_missing, **options) -> None:
+@click.option(
+    "--fit-data",
+    default=None,
+    help="Data set whose training images fit codebooks/whitening. Default: --dataset's training pairs.",
+)
+@click.option(
+    "--recipes",
+    default=None,
+    help="Score named pipelines (see `street2shop recipes`), one row each, e.g. 'best,fast'; "
+    "alone unless --descriptors/--proxies are given too.",
+)
+@click.option("--runs", default=None, help="With --recipes: where their checkpoints are. Default: runs/RECIPE.")
+def bench_command(ks, descriptors, proxies, presets, no_cache, train_missing, recipes, runs, **options) -> None:
     """Score the proxy x descriptor x index grid with mAP@k (DESIGN.md), recall@k and MRR.
 
     Query = person/street photo; gallery = every product of the split (plus --distractors). Features
@@ -355,11 +465,31 @@ def bench_command(ks, descriptors, proxies, presets, no_cache, train_missing, **
     from benchmarks.suite import BenchConfig, run_bench_suite
     from index import list_index_presets
 
+    descriptor_specs = _grid_specs(descriptors, "descriptor", "--descriptors")
+    proxy_specs = _grid_specs(proxies, "proxy", "--proxies")
+    preset_names = _expand(presets, list_index_presets(), "index preset")
+    combinations = None
+    if recipes:
+        from street2shop.recipes import recipe_combinations
+
+        ctx = click.get_current_context()
+        grid_given = any(
+            ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE
+            for name in ("descriptors", "proxies")
+        )
+        if train_missing:
+            raise click.UsageError("--recipes and --train do not mix: train a recipe with `street2shop build`")
+        pairs = recipe_combinations(_split_list(recipes), runs)
+        grid = [(p, d) for p in proxy_specs for d in descriptor_specs] if grid_given else []
+        combinations = grid + [pair for pair in pairs if pair not in grid]
+        proxy_specs = list(dict.fromkeys(p for p, _ in combinations))
+        descriptor_specs = list(dict.fromkeys(d for _, d in combinations))
     config = BenchConfig(
         ks=tuple(_ks(ks)),
-        descriptors=tuple(_grid_specs(descriptors, "descriptor", "--descriptors")),
-        proxies=tuple(_grid_specs(proxies, "proxy", "--proxies")),
-        presets=tuple(_expand(presets, list_index_presets(), "index preset")),
+        descriptors=tuple(descriptor_specs),
+        proxies=tuple(proxy_specs),
+        presets=tuple(preset_names),
+        combinations=combinations,
         cache_features=not no_cache,
         train=train_missing,
         command="street2shop " + " ".join(sys.argv[1:]),

@@ -255,6 +255,111 @@ def index_catalog(
     return built
 
 
+def add_catalog(
+    index_dir: os.PathLike,
+    catalog: str,
+    *,
+    split: str = "all",
+    device: str = "auto",
+    cache_dir: Optional[os.PathLike] = None,
+    seed: int = 0,
+    echo=print,
+) -> int:
+    """`street2shop add`: add the products of data set spec `catalog` that the index lacks; returns how many.
+
+    Only their photos are embedded (`Pipeline.add`); the index is saved as a new version atomically.
+    """
+    from retrieval.datasets import load_dataset
+    from street2shop.pipeline import Pipeline
+
+    pipeline = Pipeline.load(index_dir, device=device)
+    table = load_dataset(catalog, split=split, seed=seed, cache_dir=cache_dir).catalog
+    ids = table["product_id"].astype(str)
+    new = table[~ids.isin(set(pipeline.index.product_ids))]
+    if new.empty:
+        echo(f"nothing to add: all {len(table)} products of {catalog} are in {index_dir}")
+        return 0
+    started = time.perf_counter()
+    pipeline.add(list(new["product_id"].astype(str)), list(new["image"]))
+    pipeline.save()
+    echo(
+        f"added {len(new)} products to {index_dir} ({len(table) - len(new)} already there), "
+        f"{pipeline.ntotal} in all, {time.perf_counter() - started:.1f} s"
+    )
+    return len(new)
+
+
+def build_recipe(
+    recipe: str,
+    train_data: str,
+    catalog: str,
+    out_dir: os.PathLike,
+    *,
+    runs: Optional[os.PathLike] = None,
+    split: str = "all",
+    fit_data: Optional[str] = None,
+    time_budget_minutes: Optional[float] = None,
+    epochs: Optional[int] = None,
+    device: str = "auto",
+    cache_dir: Optional[os.PathLike] = None,
+    seed: int = 0,
+    echo=print,
+) -> ProductIndex:
+    """`street2shop build`: train what `recipe` needs in dependency order (skipping a training whose final.pt
+    exists), then index `catalog` with it (`index_catalog`). Trainings go through the same function as
+    `street2shop train` (`benchmarks.reproduce.train_named`).
+    """
+    from benchmarks.reproduce import train_named
+    from benchmarks.suite import resolve_cache_dir
+    from retrieval.datasets import load_dataset
+    from street2shop.recipes import default_runs, get_recipe, resolve_recipe
+
+    chosen = get_recipe(recipe)
+    check_index_destination(out_dir)  # before hours of training
+    runs = Path(runs) if runs is not None else default_runs(recipe)
+    cache = resolve_cache_dir(cache_dir)
+    data = None
+    for training in chosen.trainings:
+        final = runs / training.run / "final.pt"
+        if final.exists():
+            echo(f"{training.kind} {training.name}: {final} exists, skipped")
+            continue
+        if data is None:
+            data = load_dataset(train_data, split="val", seed=seed, cache_dir=cache)
+            if data.train is None or data.train.empty:
+                raise ValueError(f"{data.name} has no training pairs to train recipe {recipe!r} on")
+        settings = dict(training.settings)
+        if training.behind is not None:
+            proxy_name, proxy_run = training.behind
+            settings["proxy"] = f"{proxy_name}@{runs / proxy_run / 'final.pt'}"
+        echo(f"training {training.kind} {training.name} on {data.name}'s {len(data.train)} pairs -> {final.parent}")
+        started = time.perf_counter()
+        train_named(
+            training.kind,
+            training.name,
+            data,
+            final.parent,
+            settings,
+            {"epochs": epochs} if epochs is not None else {},
+            device=device,
+            seed=seed,
+            time_budget_s=None if time_budget_minutes is None else 60 * time_budget_minutes,
+        )
+        echo(f"trained {training.kind} {training.name} in {time.perf_counter() - started:.0f} s")
+    parts = resolve_recipe(recipe, runs=runs)
+    return index_catalog(
+        catalog,
+        out_dir,
+        split=split,
+        fit_data=fit_data if fit_data is not None else train_data,
+        device=device,
+        cache_dir=cache,
+        seed=seed,
+        echo=echo,
+        **parts,
+    )
+
+
 def results_per_photo(results: pd.DataFrame, photos: Sequence[str]) -> list:
     """`Searcher.search`'s table -> one {"query", "results": [{rank, product_id, score}]} per photo, in order.
 

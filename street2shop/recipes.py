@@ -150,3 +150,15 @@ def resolve_recipe(
                 f"or give --{part} {training.name}@YOUR/final.pt"
             )
     return {"recipe": recipe, **{key: given[key] if given[key] is not None else parts[key] for key in parts}}
+
+
+def recipe_combinations(names, runs: Optional[os.PathLike] = None) -> list:
+    """(proxy spec, descriptor spec) of each named recipe, for `bench --recipes` (one grid row each).
+
+    `runs` (one folder for all, else runs/NAME each) holds the checkpoints of recipes that need training.
+    """
+    pairs = []
+    for name in names:
+        parts = resolve_recipe(name, runs=runs)
+        pairs.append((parts["proxy"], parts["descriptor"]))
+    return pairs

@@ -1,8 +1,9 @@
-"""The feature cache under damage and tampering: every chunk is verified on read, a bad one is recomputed.
+"""The feature cache under damage and tampering: every entry is verified on read, a bad one is recomputed.
 
-Each test builds a cache, damages it the way a hostile tester did (a flipped byte, a chunk of the wrong
-shape, NaN, a FIFO in place of a chunk), reruns, and checks that the vectors equal a fresh computation,
-that only the bad chunks were recomputed, and that the run said so in exactly one warning.
+Each test builds a cache (one entry per image content), damages it the way a hostile tester did (a
+flipped byte, an entry of the wrong shape, NaN, a FIFO in place of an entry), reruns, and checks that the
+vectors equal a fresh computation, that only the bad entries were recomputed, and that the run said so in
+exactly one warning.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from retrieval.io import ImageReadError
 from tests.deadline import within
 
 SIZE = (16, 12)
-N_IMAGES, CHUNK = 10, 4  # chunks of 4, 4 and 2 images
+N_IMAGES, CHUNK = 10, 4  # embedded 4, 4 and 2 images at a time, one cache entry per image
 DIM = 6
 
 
@@ -67,11 +68,11 @@ def _chunk_files(cache):
     return sorted(cache.directory.glob("*.npy"))
 
 
-def _chunk_of(cache, paths, first):
-    """The cache file of the chunk that starts at image `first`."""
+def _entry_of(cache, paths, position):
+    """The cache file of image `position` (keyed by its content, not by its position)."""
     from retrieval.files import file_sha1
 
-    return cache.path(FeatureCache.chunk_key([file_sha1(p) for p in paths[first : first + CHUNK]]))
+    return cache.path(file_sha1(paths[position]))
 
 
 def _warnings(caplog):
@@ -84,7 +85,7 @@ def filled(photos, tmp_path):
     cache = FeatureCache(tmp_path / "cache", "stage")
     fresh = extract_features(_embed, photos, SIZE, batch_size=3, chunk_size=CHUNK)
     vectors, computed = _run(photos, cache)
-    assert computed == N_IMAGES and len(_chunk_files(cache)) == 3
+    assert computed == N_IMAGES and len(_chunk_files(cache)) == N_IMAGES
     np.testing.assert_array_equal(vectors, fresh)
     return cache, fresh
 
@@ -105,53 +106,53 @@ def test_intact_cache_is_read_without_recomputing_or_warning(filled, photos, cap
     np.testing.assert_array_equal(vectors, fresh)
 
 
-def test_one_flipped_byte_is_detected_and_only_that_chunk_recomputed(filled, photos, caplog):
+def test_one_flipped_byte_is_detected_and_only_that_entry_recomputed(filled, photos, caplog):
     cache, fresh = filled
-    path = _chunk_of(cache, photos, 4)
+    path = _entry_of(cache, photos, 4)
     data = bytearray(path.read_bytes())
-    data[200] ^= 0x01  # inside the float data: np.load alone reads a slightly different, plausible vector
+    data[140] ^= 0x01  # inside the float data: np.load alone reads a slightly different, plausible vector
     path.write_bytes(bytes(data))
-    assert not np.array_equal(np.load(path), fresh[4:8]), "the flip really changes the stored vectors"
+    assert not np.array_equal(np.load(path), fresh[4:5]), "the flip really changes the stored vector"
     with caplog.at_level(logging.WARNING):
         vectors, computed = _run(photos, FeatureCache(cache.directory.parent, "stage"))
-    assert computed == CHUNK
+    assert computed == 1
     np.testing.assert_array_equal(vectors, fresh)
     assert len(_warnings(caplog)) == 1 and str(cache.directory) in _warnings(caplog)[0].getMessage()
     _, computed = _run(photos, FeatureCache(cache.directory.parent, "stage"))
-    assert computed == 0, "the recomputed chunk was written back"
+    assert computed == 0, "the recomputed entry was written back"
 
 
 @pytest.mark.parametrize(
     "payload",
     [
-        np.zeros((CHUNK, DIM + 1), np.float32),  # another width
-        np.zeros((CHUNK - 1, DIM), np.float32),  # another number of images
-        np.zeros((CHUNK, DIM), np.float64),  # another dtype
-        np.zeros((CHUNK * DIM,), np.float32),  # not 2-D
-        np.full((CHUNK, DIM), np.nan, np.float32),  # NaN
-        np.full((CHUNK, DIM), np.inf, np.float32),  # inf
+        np.zeros((1, DIM + 1), np.float32),  # another width
+        np.zeros((2, DIM), np.float32),  # another number of images
+        np.zeros((1, DIM), np.float64),  # another dtype
+        np.zeros((DIM,), np.float32),  # not 2-D
+        np.full((1, DIM), np.nan, np.float32),  # NaN
+        np.full((1, DIM), np.inf, np.float32),  # inf
     ],
     ids=["width", "rows", "float64", "1d", "nan", "inf"],
 )
 @pytest.mark.parametrize("with_checksum", [True, False], ids=["checksummed", "plain-npy"])
-def test_a_chunk_of_the_wrong_kind_is_recomputed(filled, photos, caplog, payload, with_checksum):
+def test_an_entry_of_the_wrong_kind_is_recomputed(filled, photos, caplog, payload, with_checksum):
     """With a valid checksum (what a buggy writer or a careful tamperer makes) and without (np.save)."""
     cache, fresh = filled
     buffer = io.BytesIO()
     np.save(buffer, payload)
-    target = _chunk_of(cache, photos, 0)
+    target = _entry_of(cache, photos, 0)
     if with_checksum:
         write_checked_bytes(target, buffer.getvalue())
     else:
         target.write_bytes(buffer.getvalue())
     with caplog.at_level(logging.WARNING):
         vectors, computed = _run(photos, FeatureCache(cache.directory.parent, "stage"))
-    assert computed == CHUNK
+    assert computed == 1
     np.testing.assert_array_equal(vectors, fresh)
     assert len(_warnings(caplog)) == 1
 
 
-def test_many_damaged_chunks_give_one_warning(filled, photos, caplog):
+def test_many_damaged_entries_give_one_warning(filled, photos, caplog):
     cache, fresh = filled
     for path in _chunk_files(cache):
         path.write_bytes(path.read_bytes()[:-10])  # truncated: the footer is gone
@@ -160,49 +161,51 @@ def test_many_damaged_chunks_give_one_warning(filled, photos, caplog):
     assert computed == N_IMAGES
     np.testing.assert_array_equal(vectors, fresh)
     messages = [r.getMessage() for r in _warnings(caplog)]
-    assert len(messages) == 1 and "3 of 3 chunks" in messages[0] and str(cache.directory) in messages[0]
+    assert (
+        len(messages) == 1 and f"{N_IMAGES} of {N_IMAGES} cached" in messages[0] and str(cache.directory) in messages[0]
+    )
 
 
-def test_cached_chunks_of_another_width_are_recomputed_without_dim(filled, photos, caplog):
-    """No `dim` given: a freshly computed chunk tells the width, and a checksummed chunk of another width loses."""
+def test_cached_entries_of_another_width_are_recomputed_without_dim(filled, photos, caplog):
+    """No `dim` given: a freshly computed image tells the width, and a checksummed entry of another width loses."""
     cache, fresh = filled
-    _chunk_of(cache, photos, 8).unlink()  # the last chunk must be computed: it sets the width
+    _entry_of(cache, photos, 8).unlink()  # this image must be computed: it sets the width
     buffer = io.BytesIO()
-    np.save(buffer, np.zeros((CHUNK, DIM + 2), np.float32))
-    write_checked_bytes(_chunk_of(cache, photos, 0), buffer.getvalue())
+    np.save(buffer, np.zeros((1, DIM + 2), np.float32))
+    write_checked_bytes(_entry_of(cache, photos, 0), buffer.getvalue())
     with caplog.at_level(logging.WARNING):
         vectors, computed = _run(photos, FeatureCache(cache.directory.parent, "stage"))
-    assert computed == 2 + CHUNK
+    assert computed == 2
     np.testing.assert_array_equal(vectors, fresh)
     assert len(_warnings(caplog)) == 1
 
 
-def test_cached_chunks_disagreeing_on_width_are_settled_by_recomputing_the_first(filled, photos, caplog):
+def test_cached_entries_disagreeing_on_width_are_settled_by_recomputing_the_first(filled, photos, caplog):
     cache, fresh = filled
     buffer = io.BytesIO()
-    np.save(buffer, np.zeros((CHUNK, DIM + 2), np.float32))
-    write_checked_bytes(_chunk_of(cache, photos, 4), buffer.getvalue())
+    np.save(buffer, np.zeros((1, DIM + 2), np.float32))
+    write_checked_bytes(_entry_of(cache, photos, 4), buffer.getvalue())
     with caplog.at_level(logging.WARNING):
         vectors, computed = _run(photos, FeatureCache(cache.directory.parent, "stage"))
-    assert computed == 2 * CHUNK, "the first chunk tells the width, then the odd one is recomputed"
+    assert computed == 2, "the first image tells the width, then the odd one is recomputed"
     np.testing.assert_array_equal(vectors, fresh)
     assert len(_warnings(caplog)) == 1 and "width 8, expected 6" in _warnings(caplog)[0].getMessage()
-    # With the width known, only the odd chunk is recomputed.
-    write_checked_bytes(_chunk_of(cache, photos, 4), buffer.getvalue())
+    # With the width known, only the odd entry is recomputed.
+    write_checked_bytes(_entry_of(cache, photos, 4), buffer.getvalue())
     vectors, computed = _run(photos, FeatureCache(cache.directory.parent, "stage"), dim=DIM)
-    assert computed == CHUNK
+    assert computed == 1
     np.testing.assert_array_equal(vectors, fresh)
 
 
-def test_a_fifo_in_place_of_a_chunk_is_recomputed_not_waited_on(filled, photos):
+def test_a_fifo_in_place_of_an_entry_is_recomputed_not_waited_on(filled, photos):
     if not hasattr(os, "mkfifo"):
         pytest.skip("no FIFOs on this platform")
     cache, fresh = filled
-    target = _chunk_of(cache, photos, 4)
+    target = _entry_of(cache, photos, 4)
     target.unlink()
     os.mkfifo(target)
     vectors, computed = within(20, _run, photos, FeatureCache(cache.directory.parent, "stage"))
-    assert computed == CHUNK
+    assert computed == 1
     np.testing.assert_array_equal(vectors, fresh)
 
 
@@ -215,8 +218,10 @@ def test_non_finite_features_are_returned_but_never_cached(photos, tmp_path):
         return out
 
     vectors = extract_features(broken, photos, SIZE, batch_size=3, chunk_size=CHUNK, cache=cache)
-    assert np.isnan(vectors).any()
-    assert _chunk_files(cache) == [], "a chunk that every later read would refuse is not written"
+    finite = np.isfinite(vectors).all(axis=1)
+    assert not finite.all() and finite.any()
+    # an entry that every later read would refuse is not written; the finite ones are
+    assert _chunk_files(cache) == sorted(_entry_of(cache, photos, i) for i in np.flatnonzero(finite))
 
 
 def test_read_checked_bytes_refuses_damage(tmp_path):
@@ -242,12 +247,13 @@ def test_a_tampered_chunk_never_reaches_the_index(synthetic_root, tmp_path, capl
     """The hostile tester's case: a flipped byte made a product unfindable by its own photo."""
     from retrieval.datasets import load_viton
     from retrieval.descriptors import create_descriptor
+    from retrieval.files import file_sha1
     from street2shop.engine import Searcher, build_index
 
     catalog = load_viton(synthetic_root, split="val").catalog
     descriptor = create_descriptor("colorhist")
     build_index(catalog, descriptor, tmp_path / "first", progress=False, cache_dir=tmp_path / "cache")
-    (chunk,) = (tmp_path / "cache").rglob("*.npy")
+    (chunk,) = (tmp_path / "cache").rglob(f"{file_sha1(catalog['image'].iloc[0])}.npy")
     data = bytearray(chunk.read_bytes())
     stream = io.BytesIO(bytes(data))
     np.lib.format.read_array_header_1_0(stream) if np.lib.format.read_magic(stream) == (1, 0) else None

@@ -127,7 +127,7 @@ def test_interrupted_extraction_resumes_from_the_cache(dataset, tmp_path):
     cache = FeatureCache(tmp_path / "cache", "colorhist-test")
     with pytest.raises(KeyboardInterrupt):
         extract_features(crashing_embed, paths, size, batch_size=2, chunk_size=4, cache=cache)
-    assert len(list(cache.directory.glob("*.npy"))) == 1, "the first finished chunk is on disk"
+    assert len(list(cache.directory.glob("*.npy"))) == 4, "the first finished chunk's 4 images are on disk"
 
     def counting_embed(images):
         calls["resumed"] = calls.get("resumed", 0) + len(images)

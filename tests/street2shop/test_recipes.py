@@ -1,0 +1,116 @@
+"""Named recipes: one definition each, index --recipe, build (trainings in dependency order, resumable),
+bench --recipes (one grid row each), and the fit data that index and bench say they used."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+
+from street2shop import Pipeline
+from street2shop.cli import cli
+from street2shop.recipes import RECIPES, Recipe, Training, get_recipe, recipe_combinations, resolve_recipe
+
+
+def _invoke(*arguments):
+    return CliRunner().invoke(cli, [str(a) for a in arguments])
+
+
+def test_recipes_name_their_parts_and_trainings():
+    assert {"no-training", "fast", "best"} <= set(RECIPES)
+    assert not get_recipe("no-training").trainings and not get_recipe("fast").trainings
+    best = get_recipe("best")
+    assert [(t.kind, t.name) for t in best.trainings] == [("proxy", "hp"), ("descriptor", "tn")]
+    assert best.trainings[1].behind == ("hp", "parser")
+    assert best.specs("r") == {
+        "proxy": "hp@r/parser/final.pt",
+        "descriptor": "tn@r/tn/final.pt",
+        "preset": "flat",
+        "rerank": 0,
+    }
+    with pytest.raises(ValueError, match="recipes: best, fast, no-training"):
+        get_recipe("nope")
+
+
+def test_a_recipe_whose_checkpoints_are_missing_says_how_to_train_them(tmp_path):
+    with pytest.raises(FileNotFoundError, match="street2shop build --recipe best"):
+        resolve_recipe("best", runs=tmp_path)
+    for run in ("parser", "tn"):
+        (tmp_path / run).mkdir()
+        (tmp_path / run / "final.pt").write_bytes(b"x")
+    assert resolve_recipe("best", runs=tmp_path)["descriptor"] == f"tn@{tmp_path}/tn/final.pt"
+    # an option given wins over the recipe's part
+    assert resolve_recipe("fast", descriptor="gem")["descriptor"] == "gem"
+    assert resolve_recipe(None) == {"recipe": None, "proxy": "none", "descriptor": "gem", "preset": "flat", "rerank": 0}
+    assert recipe_combinations(["fast", "no-training"]) == [("none", "colorhist"), ("hp", "gem")]
+
+
+def test_index_with_a_recipe_records_it(synthetic_root, tmp_path):
+    out = tmp_path / "idx"
+    result = _invoke(
+        "index", "--catalog", f"viton:{synthetic_root}", "--recipe", "fast", "--out", out, "--device", "cpu",
+        "--cache-dir", tmp_path / "cache",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert Pipeline.load(out, device="cpu").describe()["recipe"] == "fast"
+    assert _invoke("recipes").output.count("measured:") == len(RECIPES)
+
+
+def test_index_and_bench_say_what_they_fitted_on(synthetic_root, tmp_path):
+    out = tmp_path / "idx"
+    result = _invoke(
+        "index", "--catalog", f"viton:{synthetic_root}", "--split", "val", "--descriptor", "rmac", "--out", out,
+        "--fit-data", f"viton:{synthetic_root}", "--fit-max-images", "8", "--device", "cpu",
+        "--cache-dir", tmp_path / "cache",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "fitting rmac on" in result.output and "training pairs (4 product + 4 person photos)" in result.output
+    record = Pipeline.load(out, device="cpu").record
+    assert record["fit_data"].endswith("training pairs (4 product + 4 person photos)")
+    bench = _invoke(
+        "bench", "--dataset", f"viton:{synthetic_root}", "--recipes", "fast", "--fit-data", f"viton:{synthetic_root}",
+        "--out", tmp_path / "bench", "--protocol-draws", "0", "--generation-samples", "0", "--rank-pictures", "0",
+        "--bootstrap", "0", "--device", "cpu", "--cache-dir", tmp_path / "cache",
+    )  # fmt: skip
+    assert bench.exit_code == 0, bench.output
+    assert "fitted on" in bench.output
+    rows = pd.read_csv(tmp_path / "bench" / "results.csv")
+    assert list(zip(rows["proxy"], rows["descriptor"])) == [("none", "colorhist")]
+
+
+def test_build_trains_in_dependency_order_skips_finished_runs_then_indexes(synthetic_root, tmp_path, monkeypatch):
+    import benchmarks.reproduce
+
+    calls = []
+
+    def fake_train(kind, name, data, out_dir, settings, options=None, **kwargs):
+        calls.append((kind, name, Path(out_dir).name, dict(settings)))
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        (Path(out_dir) / "final.pt").write_bytes(b"trained")
+        return Path(out_dir) / "final.pt"
+
+    recipe = Recipe(
+        name="test-chain",
+        summary="two trainings, the second behind the first",
+        proxy="none",
+        descriptor="colorhist",
+        trainings=(Training("proxy", "hp", "parser"), Training("descriptor", "tn", "tn", behind=("hp", "parser"))),
+    )
+    monkeypatch.setitem(RECIPES, recipe.name, recipe)
+    monkeypatch.setattr(benchmarks.reproduce, "train_named", fake_train)
+    runs = tmp_path / "runs"
+    arguments = [
+        "build", "--recipe", "test-chain", "--train-data", f"viton:{synthetic_root}", "--catalog",
+        f"viton:{synthetic_root}", "--runs", runs, "--device", "cpu", "--cache-dir", tmp_path / "cache",
+    ]  # fmt: skip
+    result = _invoke(*arguments, "--out", tmp_path / "a")
+    assert result.exit_code == 0, result.output
+    parser_final = runs / "parser" / "final.pt"
+    assert calls == [("proxy", "hp", "parser", {}), ("descriptor", "tn", "tn", {"proxy": f"hp@{parser_final}"})]
+    assert result.output.count("trained ") == 2 and "wrote" in result.output
+    calls.clear()
+    result = _invoke(*arguments, "--out", tmp_path / "b")
+    assert result.exit_code == 0, result.output
+    assert calls == [] and result.output.count("exists, skipped") == 2
