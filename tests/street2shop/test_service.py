@@ -244,3 +244,55 @@ def test_concurrent_searches_are_batched_and_stay_consistent_with_writes(index_d
         assert client.get("/metrics").json()["batching"]["batches"] < 48
         assert client.get("/health").json()["pipeline"]["products"] == len(catalog_ids)
         assert json.loads(client.get("/metrics").text)["routes"]["POST /search"]["by_status"] == {"200": 48}
+
+
+class _SlowPipeline:
+    """Pipeline.load's result with a search that sleeps: for the request deadline."""
+
+    def __init__(self, pipeline, delay_s: float):
+        self._pipeline, self._delay_s = pipeline, delay_s
+
+    def search(self, images, k=10):
+        import time
+
+        time.sleep(self._delay_s)
+        return self._pipeline.search(images, k=k)
+
+    def __getattr__(self, name):
+        return getattr(self._pipeline, name)
+
+
+def test_a_request_past_the_deadline_gets_504_and_the_server_keeps_serving(index_dir, dataset):
+    def slow_loader(directory, device="cpu"):
+        return _SlowPipeline(Pipeline.load(directory, device=device), delay_s=1.0)
+
+    settings = ServiceSettings(device="cpu", request_timeout_s=0.3)
+    with TestClient(create_app(index_dir, settings, loader=slow_loader)) as slow:
+        response = search(slow, photo_bytes(dataset.catalog["image"].iloc[0]))
+        assert response.status_code == 504 and "0.3-second limit" in response.json()["error"]
+        assert slow.get("/health").status_code == 200
+
+
+def test_a_failing_batch_is_retried_photo_by_photo():
+    import time
+
+    from street2shop.service.batcher import MicroBatcher
+
+    calls = []
+
+    def search_fn(images, k):
+        calls.append(list(images))
+        time.sleep(0.05)  # the other submissions queue meanwhile
+        if "bad" in images:
+            raise ValueError("cannot decode 'bad'")
+        return [f"{image}@{k}" for image in images]
+
+    batcher = MicroBatcher(search_fn, trim=lambda result, k: result, max_wait_ms=50)
+    try:
+        futures = [batcher.submit(image, k) for image, k in (("a", 1), ("bad", 2), ("c", 3))]
+        assert futures[0].result(5)[0] == "a@1" and futures[2].result(5)[0] == "c@3"  # each with its own k
+        with pytest.raises(ValueError, match="cannot decode 'bad'"):
+            futures[1].result(5)
+        assert calls[0] == ["a", "bad", "c"] and ["bad"] in calls  # one batch, then one by one
+    finally:
+        batcher.close()
