@@ -353,22 +353,22 @@ def extraction_speed(
 
 # ---- the whole evaluation ------------------------------------------------------------------------
 def run_local_eval(
-    n_synthetic: int = 6,
-    seed: int = 0,
     size: Tuple[int, int] = DEFAULT_SIZE,
-    viton_root: Optional[Path] = None,
-    n_viton: int = 6,
+    seed: int = 0,
     max_keypoints: int = 500,
     n_homographies: int = 3,
     speed_repeats: int = 3,
+    **image_sources: Any,
 ) -> Dict[str, Any]:
     """Repeatability, matching precision, Hessian agreement and speed (see the module docstring).
+
+    ``image_sources`` (n_synthetic, viton_root, n_viton) choose the base images, as `evaluation_images`.
 
     Returns:
         {"repeatability": rows, "matching": rows, "hessian": rows, "speed": dict, "settings": dict},
         rows being dicts (source, transform, detector, ...) for `format_local_eval`.
     """
-    sources = evaluation_images(n_synthetic, seed, size, viton_root, n_viton)
+    sources = evaluation_images(seed=seed, size=size, **image_sources)
     transforms = known_transforms(size, seed, n_homographies)
     extractors = {
         "SURF (ours)": lambda ims: surf_features(ims, max_keypoints),

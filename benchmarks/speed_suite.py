@@ -444,15 +444,12 @@ def _recall_per_query(found: np.ndarray, exact: np.ndarray) -> np.ndarray:
 _DISPLAY = [
     # column, header, format
     ("preset", "preset", "{}"),
-    ("build_s", "build s", "{:.1f}"),
-    ("train_s", "train s", "{:.1f}"),
-    ("tune_s", "tune s", "{:.1f}"),
+    *((f"{step}_s", f"{step} s", "{:.1f}") for step in ("build", "train", "tune")),
     ("memory_bytes", "memory MiB", "{:.1f}"),
     ("memory_vs_flat", "mem/flat", "{:.0%}"),
     ("qps", "QPS batched", "{:,.0f}"),
     ("speedup_vs_flat", "x flat", "{:.1f}"),
-    ("p50_ms", "p50 ms 1thr", "{:.3f}"),
-    ("p99_ms", "p99 ms 1thr", "{:.3f}"),
+    *((f"{quantile}_ms", f"{quantile} ms 1thr", "{:.3f}") for quantile in ("p50", "p99")),
     ("recall_at_k", "recall@k", "{:.4f}"),
     ("search_params", "tuned params", "{}"),
 ]

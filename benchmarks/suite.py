@@ -136,7 +136,8 @@ def run_bench_suite(config: BenchConfig, *, echo: Echo = print, progress: Progre
     if config.fit_data is not None:
         fit_set = load_dataset(config.fit_data, split="val", seed=config.seed, cache_dir=cache)
     echo(f"descriptors that need fitting are fitted on {describe_fit_images(fit_set or data, config.fit_max_images)}")
-    with_options = [spec for spec in proxy_specs + descriptor_specs if "[" in spec.split("@")[0]]
+    # 'NAME[k=v]' asks for a training; 'NAME[k=v]@final.pt' is a trained model built with those options.
+    with_options = [spec for spec in proxy_specs + descriptor_specs if "[" in spec and "@" not in spec]
     if with_options and not config.train:
         raise ValueError(
             f"{', '.join(with_options)}: options in brackets name a model to train; add --train, "

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from generation.proxies import PROXIES, Proxy
+from generation.proxies import PROXIES, Box, Proxy
 from retrieval.backbones import EfficientNetLite0
 from retrieval.garments import mask_bounding_boxes, segmented_texture
 
@@ -408,10 +408,13 @@ class HumanParsingProxy(Proxy):
         min_region_fraction: mask regions smaller than this fraction of the largest are dropped.
         localise: parse twice, the second time on the first garment box cropped and rescaled to the parser's
             input (`localised_garment_masks`; trained parser only), for small, off-centre people.
+        input_scale: read photos at this multiple of the descriptor's input size before parsing and cutting
+            out (`retrieval.proxy_stage.proxy_input_size`): the garment's box is then cut from the larger photo,
+            so a small person's garment keeps the photo's detail. 1 reads them at the descriptor's size.
 
     Shape:
         - Input: (B, 3, H, W) in [0, 1].
-        - Output: (B, 3, H', W') in [0, 1], (H', W') = output_size or (H, W).
+        - Output: (B, 3, H', W') in [0, 1], (H', W') = output_size or (H, W) / input_scale.
     """
 
     trainable = True
@@ -422,6 +425,7 @@ class HumanParsingProxy(Proxy):
         "grabcut_iterations": 5,
         "min_region_fraction": 0.05,
         "localise": False,
+        "input_scale": 1.0,
     }
 
     def __init__(self, **conf: Any):
@@ -433,6 +437,11 @@ class HumanParsingProxy(Proxy):
         return self.parser is not None
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.forward_with_boxes(images)[0]
+
+    def forward_with_boxes(self, images: torch.Tensor) -> Tuple[torch.Tensor, List[Optional[Box]]]:
+        """The cut-out garments and, per photo, the garment's box (x0, y0, x1, y1) in the input's pixels (None
+        when no garment was found and the whole photo was kept)."""
         if images.ndim != 4 or images.shape[1] != 3 or not images.is_floating_point():
             raise ValueError(f"expected float images of shape (B, 3, H, W), got {tuple(images.shape)} {images.dtype}")
         if self.conf["localise"] and self.parser is not None:
@@ -447,8 +456,15 @@ class HumanParsingProxy(Proxy):
                 self.conf["grabcut_iterations"],
                 self.conf["min_region_fraction"],
             )
-        size = tuple(self.conf["output_size"] or images.shape[-2:])
-        return segmented_texture(images, masks, size=size, margin=self.conf["margin"])
+        # Read larger by input_scale, the cut-out still comes out at the descriptor's size (one antialiased resize).
+        scale = self.input_scale
+        size = tuple(self.conf["output_size"] or (round(images.shape[-2] / scale), round(images.shape[-1] / scale)))
+        boxes, nonempty = mask_bounding_boxes(masks > 0.5)  # the box segmented_texture cuts out
+        found = [
+            (left, top, right, bottom) if keep else None
+            for (top, left, bottom, right), keep in zip(boxes.tolist(), nonempty.tolist())
+        ]
+        return segmented_texture(images, masks, size=size, margin=self.conf["margin"]), found
 
     def load_trained(self, checkpoint) -> "HumanParsingProxy":
         """Build the parser the checkpoint describes, then load its weights (strict)."""

@@ -9,19 +9,20 @@ from __future__ import annotations
 
 import importlib
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, Optional
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 
 from retrieval.proxy_stage import behind_proxy
-from retrieval.registry import Registry, module_fingerprint, typed_options
+from retrieval.registry import Registry, module_fingerprint, plugin_conf
 from retrieval.training.trainers import add_trainer_modules
 
 if TYPE_CHECKING:  # the annotation only: descriptors need not be imported to build a proxy
     from retrieval.descriptors import Descriptor
 
 PROXIES = Registry("proxy")
+Box = Tuple[int, int, int, int]  # (x0, y0, x1, y1), end-exclusive pixels
 # Modules whose import registers the built-in proxies (a new proxy file appends its module here).
 BUILTIN_PROXY_MODULES = ("generation.parsing", "generation.paintnet", "generation.pix2pix", "generation.dtgan")
 
@@ -34,14 +35,20 @@ class Proxy(nn.Module):
 
     def __init__(self, **conf: Any):
         super().__init__()
-        unknown = set(conf) - set(self.default_conf)
-        if unknown:
-            raise ValueError(
-                f"{type(self).__name__} got unknown options {sorted(unknown)}; valid: {sorted(self.default_conf)}"
-            )
         self.name = getattr(type(self), "registry_name", type(self).__name__)
-        # Text from any route ('false', '0.5') typed like the default: 'false' is truthy as a string.
-        self.conf = {**self.default_conf, **typed_options(conf, self.default_conf, self.name)}
+        self.conf = plugin_conf(self, self.name, conf)
+
+    @property
+    def input_scale(self) -> float:
+        """How much larger than the descriptor's input the photos are read (`proxy_input_size`); 1 unless the
+        proxy's config has an ``input_scale``."""
+        return float(self.conf.get("input_scale", 1.0))
+
+    def forward_with_boxes(self, images: torch.Tensor) -> Tuple[torch.Tensor, List[Optional[Box]]]:
+        """`forward`'s output and, per image, the (x0, y0, x1, y1) box of the input it was cut from, end-exclusive,
+        in the input's pixels; None where the proxy kept (or redrew) the whole image. Proxies that crop
+        override this, so that a person sees where the crop was (rank pictures, the web page)."""
+        return self(images), [None] * images.shape[0]
 
     def fingerprint(self) -> str:
         """Hash of name, config and weights: part of every feature-cache key downstream."""
@@ -88,14 +95,14 @@ add_trainer_modules("generation.training.gan", "generation.training.paintnet", "
 
 
 def create_proxy(name: str, **conf: Any) -> Proxy:
-    """Build a registered proxy; `name` may be 'NAME@path/to/final.pt' to load trained weights."""
-    from retrieval.training import split_trained_spec
+    """Build a registered proxy from a spec: NAME, NAME@final.pt, NAME[k=v;...] or NAME[k=v;...]@final.pt."""
+    from retrieval.specs import parse_spec
 
     _register_builtins()
-    name, checkpoint = split_trained_spec(name)
-    proxy = PROXIES.create(name, **conf)
-    if checkpoint:
-        proxy.load_trained(checkpoint)
+    spec = parse_spec(name)  # NAME, NAME@ckpt, NAME[k=v], NAME[k=v]@ckpt; keyword options win over bracketed ones
+    proxy = PROXIES.create(spec.name, **{**spec.options, **conf})
+    if spec.checkpoint:
+        proxy.load_trained(spec.checkpoint)
     return proxy
 
 

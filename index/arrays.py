@@ -33,3 +33,10 @@ def as_matrix(array: np.ndarray, name: str, allow_empty: bool = False) -> np.nda
     norms = np.linalg.norm(matrix, axis=1, keepdims=True)
     matrix /= np.maximum(norms, 1e-12)
     return matrix
+
+
+def check_k(k: object) -> int:
+    """``k`` (results per query) as an int, refused unless a positive whole number (a bool is not one)."""
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"k must be a positive integer, got {k!r}")
+    return int(k)

@@ -138,3 +138,35 @@ def gpu_search_copy(cpu_index: Any, kind: str, search_params: Mapping[str, Any])
     refine = faiss.IndexRefine(base_gpu, cpu_index.refine_index)
     refine.k_factor = float(search_params.get("k_factor", DEFAULT_REFINE_K_FACTOR))
     return refine, [base_gpu, refine]
+
+
+class SearchPlacement:
+    """Where one ProductIndex searches, and the GPU copy it searches on there.
+
+    The CPU index stays the source of truth: the copy is made from it on the first search on the GPU
+    and dropped (:meth:`invalidate`) whenever the CPU index or its search parameters change.
+
+    Args:
+        cpu_index: the index to place (its type decides whether a GPU copy is possible).
+        kind: ``index_kind(cpu_index)``.
+        device: ``"auto"``, ``"cpu"`` or ``"cuda"`` (see `index_placement`).
+    """
+
+    def __init__(self, cpu_index: Any, kind: str, device: str):
+        self.kind = kind
+        self.device = index_placement(kind, device, has_gpu_version(cpu_index, kind))
+        self._gpu_index: Optional[Any] = None
+        self._gpu_parts: List[Any] = []  # faiss objects the GPU copy references, kept alive with it
+
+    def search_index(self, cpu_index: Any, search_params: Mapping[str, Any]) -> Any:
+        """The index a search runs on: ``cpu_index`` on the CPU (HNSW always), else its GPU copy."""
+        if self.device != "cuda" or self.kind == "hnsw":
+            return cpu_index
+        if self._gpu_index is None:
+            self._gpu_index, self._gpu_parts = gpu_search_copy(cpu_index, self.kind, search_params)
+        return self._gpu_index
+
+    def invalidate(self) -> None:
+        """Drop the GPU copy: the CPU index changed; the next search on the GPU makes a new one."""
+        self._gpu_index = None
+        self._gpu_parts = []

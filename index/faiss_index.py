@@ -72,6 +72,22 @@ def training_sample(vectors: np.ndarray, train_size: Optional[int], seed: int) -
     return vectors[rows]
 
 
+def trained_index(factory_string: str, vectors: np.ndarray, train_size: Optional[int], seed: int) -> Any:
+    """A new inner-product index of ``factory_string`` over ``vectors``' dim, prepared (`encode_residuals`,
+    `expect_training_sample`) and, when its type needs it, trained on a seeded sample of ``train_size`` rows
+    of ``vectors``; nothing added yet.
+
+    Shape:
+        - vectors: :math:`(N, D)` float32, normalised.
+    """
+    cpu_index = faiss.index_factory(vectors.shape[1], factory_string, faiss.METRIC_INNER_PRODUCT)
+    encode_residuals(cpu_index)
+    expect_training_sample(cpu_index, train_size)
+    if not cpu_index.is_trained:
+        cpu_index.train(training_sample(vectors, train_size, seed))
+    return cpu_index
+
+
 def serialized_index_size(cpu_index: Any) -> int:
     """Bytes ``faiss.write_index`` writes for ``cpu_index``, counted as they stream (no copy in memory)."""
     written = [0]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Tuple
 
@@ -42,6 +43,37 @@ def manifest_checksum(manifest: Mapping[str, Any]) -> str:
     body = {key: value for key, value in manifest.items() if key != _MANIFEST_CHECKSUM}
     text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     return hashlib.sha256(text.encode("ascii")).hexdigest()
+
+
+def jsonable_metadata(metadata: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
+    """A copy of the caller's metadata, refused now (TypeError) when the manifest could not store it."""
+    metadata = dict(metadata or {})
+    try:
+        json.dumps(metadata)
+    except (TypeError, ValueError) as error:
+        raise TypeError(f"metadata must be JSON-able, it is stored in the manifest: {error}") from None
+    return metadata
+
+
+def index_manifest(
+    cpu_index: Any, preset: str, factory_string: str, search_params: Any, tuning: Any, metadata: Any, product_ids: Any
+) -> Dict[str, Any]:
+    """The manifest of a ProductIndex before `checksummed_manifest` seals it: its own fields, and what the
+    index file (dim, ntotal) and this process (faiss version, time) tell."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "preset": preset,
+        "factory_string": factory_string,
+        "metric": "inner_product",
+        "dim": int(cpu_index.d),
+        "ntotal": int(cpu_index.ntotal),
+        "search_params": search_params,
+        "tuning": tuning,
+        "faiss_version": faiss.__version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "metadata": metadata,
+        "product_ids": product_ids,
+    }
 
 
 def checksummed_manifest(

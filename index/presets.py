@@ -171,9 +171,11 @@ _PRESETS: Dict[str, IndexPreset] = {}
 
 
 def register_index_preset(
-    name: str, description: str, sweep: Optional[str] = None
+    name: str, description: Optional[str] = None, sweep: Optional[str] = None
 ) -> Callable[[Callable[[IndexPreset, int, int], IndexPlan]], Callable[[IndexPreset, int, int], IndexPlan]]:
     """Register the decorated plan function as preset ``name``; a new preset is this one decoration.
+
+    ``description`` None: the plan function's docstring, on one line, describes the preset.
 
     Example::
 
@@ -188,7 +190,8 @@ def register_index_preset(
     def decorator(plan: Callable[[IndexPreset, int, int], IndexPlan]) -> Callable[[IndexPreset, int, int], IndexPlan]:
         if name in _PRESETS:
             raise ValueError(f"index preset {name!r} is registered twice")
-        _PRESETS[name] = IndexPreset(name, description, plan, sweep)
+        text = description if description is not None else " ".join((plan.__doc__ or "").split())
+        _PRESETS[name] = IndexPreset(name, text, plan, sweep)
         return plan
 
     return decorator
@@ -266,13 +269,10 @@ def _plan_hnsw(preset: IndexPreset, dim: int, n_train: int) -> IndexPlan:
     return IndexPlan(preset.name, "HNSW32,Flat", {"efSearch": DEFAULT_EF_SEARCH}, sweep=preset.sweep)
 
 
-@register_index_preset(
-    "ivfpq",
-    "IVF + 4-bit fast-scan PQ re-ranked from 8-bit scalar-quantised vectors "
-    "(IVF{nlist},PQ{m}x4fs,Refine(SQ8)); ~30% of flat's memory, CPU only",
-    sweep="ivf",
-)
+@register_index_preset("ivfpq", sweep="ivf")
 def _plan_ivfpq(preset: IndexPreset, dim: int, n_train: int) -> IndexPlan:
+    """IVF + 4-bit fast-scan PQ re-ranked from 8-bit scalar-quantised vectors
+    (IVF{nlist},PQ{m}x4fs,Refine(SQ8)); ~30% of flat's memory, CPU only"""
     if n_train < MIN_IVFPQ_TRAIN:
         return _flat_fallback(preset, n_train)
     nlist, wanted_nlist, train_size = _ivf_lists(n_train, IVFPQ_NLIST_PER_SQRT_N, IVFPQ_TRAIN_POINTS_PER_LIST)
@@ -283,23 +283,13 @@ def _plan_ivfpq(preset: IndexPreset, dim: int, n_train: int) -> IndexPlan:
             f"preset 'ivfpq' on {n_train} training vectors: nlist {nlist} (wanted {wanted_nlist}) "
             f"so that there are >= {MIN_POINTS_PER_CENTROID} vectors per list"
         )
-    return IndexPlan(
-        preset.name,
-        f"IVF{nlist},PQ{m}x4fs,Refine(SQ8)",
-        _ivf_search_params(nlist),
-        fallback_reason=reason,
-        train_size=train_size,
-        sweep=preset.sweep,
-    )
+    return _ivf_plan(preset, f"IVF{nlist},PQ{m}x4fs,Refine(SQ8)", nlist, train_size, reason)
 
 
-@register_index_preset(
-    "ivfpq-rflat",
-    "IVF + 8-bit PQ re-ranked from the exact vectors (IVF{nlist},PQ{m}x{bits}np,RFlat); "
-    "exact scores, memory above flat's, IVF-PQ part on GPU when there is one",
-    sweep="ivf",
-)
+@register_index_preset("ivfpq-rflat", sweep="ivf")
 def _plan_ivfpq_rflat(preset: IndexPreset, dim: int, n_train: int) -> IndexPlan:
+    """IVF + 8-bit PQ re-ranked from the exact vectors (IVF{nlist},PQ{m}x{bits}np,RFlat);
+    exact scores, memory above flat's, IVF-PQ part on GPU when there is one"""
     if n_train < MIN_IVFPQ_TRAIN:
         return _flat_fallback(preset, n_train)
     nlist, wanted_nlist, train_size = _ivf_lists(n_train, NLIST_PER_SQRT_N, TRAIN_POINTS_PER_LIST)
@@ -313,9 +303,16 @@ def _plan_ivfpq_rflat(preset: IndexPreset, dim: int, n_train: int) -> IndexPlan:
             f"and {pq_bits}-bit PQ so that every centroid gets >= {MIN_POINTS_PER_CENTROID} "
             "training points"
         )
+    return _ivf_plan(preset, f"IVF{nlist},PQ{m}x{pq_bits}np,RFlat", nlist, train_size, reason)
+
+
+def _ivf_plan(
+    preset: IndexPreset, factory_string: str, nlist: int, train_size: int, reason: Optional[str]
+) -> IndexPlan:
+    """The plan of an IVF preset's own index: its starting search parameters, k-means sample and sweep."""
     return IndexPlan(
         preset.name,
-        f"IVF{nlist},PQ{m}x{pq_bits}np,RFlat",
+        factory_string,
         _ivf_search_params(nlist),
         fallback_reason=reason,
         train_size=train_size,

@@ -20,27 +20,18 @@ import hashlib
 import json
 import logging
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
-import faiss
 import numpy as np
 
-from .arrays import as_matrix
-from .device import gpu_search_copy, has_gpu_version, index_placement
+from .arrays import as_matrix, check_k
+from .device import SearchPlacement
 from .errors import IndexCorruptError, IndexMismatchError
-from .faiss_index import (
-    downcast_owned,
-    encode_residuals,
-    expect_training_sample,
-    index_kind,
-    serialized_index_size,
-    training_sample,
-)
+from .faiss_index import downcast_owned, index_kind, serialized_index_size, trained_index
 from .ids import check_new_ids, name_some, remove_labels
 from .layout import KNOWN_ATTACHMENTS
-from .manifest import FORMAT_VERSION
+from .manifest import index_manifest, jsonable_metadata
 from .mismatch import DEFAULT_COMPAT_KEYS, check_index_matches
 from .presets import DEFAULT_TARGET_RECALL, plan_index
 from .storage import DEFAULT_LOCK_TIMEOUT_S, check_index_destination, load_index_dir, write_index_dir
@@ -49,6 +40,7 @@ from .tuning import (
     apply_search_params,
     check_target_recall,
     check_tuning_queries,
+    check_tuning_vectors,
     log_tuning,
     search_time_params,
     tune_search_params,
@@ -104,11 +96,9 @@ class ProductIndex:
         self._kind = index_kind(self._cpu_index)
         self._tuning = dict(tuning) if tuning else None
         self._build_timings: Optional[Dict[str, float]] = None
-        self._device = index_placement(self._kind, device, has_gpu_version(self._cpu_index, self._kind))
         self._apply_search_params(self._cpu_index)
-        # GPU copy used for searching; dropped on every add/remove and re-cloned on the next search.
-        self._gpu_index: Optional[Any] = None
-        self._gpu_parts: List[Any] = []
+        # Where searches run; its GPU copy is dropped on every add/remove/tune and re-cloned on the next search.
+        self._placement = SearchPlacement(self._cpu_index, self._kind, device)
 
     # ----------------------------------------------------------------------------- construction
     @classmethod
@@ -151,11 +141,7 @@ class ProductIndex:
         """
         vectors = as_matrix(vectors, "vectors")
         check_new_ids(product_ids, len(vectors), existing={})
-        metadata = dict(metadata or {})
-        try:
-            json.dumps(metadata)
-        except (TypeError, ValueError) as error:
-            raise TypeError(f"metadata must be JSON-able, it is stored in the manifest: {error}") from None
+        metadata = jsonable_metadata(metadata)
         dim = vectors.shape[1]
         plan = plan_index(preset, dim, len(vectors))
         if plan.fallback_reason:
@@ -163,12 +149,8 @@ class ProductIndex:
         if target_recall is not None:
             check_target_recall(target_recall)
             tune_queries = check_tuning_queries(tune_queries, dim)  # refused before minutes of training
-        cpu_index = faiss.index_factory(dim, plan.factory_string, faiss.METRIC_INNER_PRODUCT)
-        encode_residuals(cpu_index)
-        expect_training_sample(cpu_index, plan.train_size)
         started = time.perf_counter()
-        if not cpu_index.is_trained:
-            cpu_index.train(training_sample(vectors, plan.train_size, seed))
+        cpu_index = trained_index(plan.factory_string, vectors, plan.train_size, seed)
         trained = time.perf_counter()
         cpu_index.add(vectors)
         built = cls(cpu_index, product_ids, preset, plan.factory_string, plan.search_params, metadata, device)
@@ -278,7 +260,7 @@ class ProductIndex:
     @property
     def device(self) -> str:
         """Where searches run: ``"cpu"`` or ``"cuda"``."""
-        return self._device
+        return self._placement.device
 
     @property
     def directory(self) -> Optional[Path]:
@@ -294,7 +276,7 @@ class ProductIndex:
     def __repr__(self) -> str:
         return (
             f"ProductIndex(preset={self._preset!r}, factory_string={self._factory_string!r}, "
-            f"dim={self.dim}, ntotal={self.ntotal}, device={self._device!r})"
+            f"dim={self.dim}, ntotal={self.ntotal}, device={self.device!r})"
         )
 
     # ----------------------------------------------------------------------------- mutation
@@ -317,7 +299,7 @@ class ProductIndex:
         self._ids = np.concatenate([self._ids, np.array(list(product_ids), dtype=object)])
         for offset, pid in enumerate(product_ids):
             self._positions[pid] = start + offset
-        self._drop_gpu_copy()
+        self._placement.invalidate()
 
     def remove(self, product_ids: Sequence[str]) -> None:
         """Remove products by id (see ``index.ids`` for how each index type does it).
@@ -336,7 +318,7 @@ class ProductIndex:
         keep = remove_labels(self._cpu_index, self._kind, doomed)
         self._ids = self._ids[keep]
         self._positions = {pid: position for position, pid in enumerate(self._ids)}
-        self._drop_gpu_copy()
+        self._placement.invalidate()
 
     # ----------------------------------------------------------------------------- search
     def search(self, queries: np.ndarray, k: int) -> Tuple[np.ndarray, np.ndarray]:
@@ -361,16 +343,16 @@ class ProductIndex:
         """
         if self.ntotal == 0:
             raise ValueError("cannot search an empty index: add products first")
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-            raise ValueError(f"k must be a positive integer, got {k!r}")
+        k = check_k(k)
         queries = as_matrix(queries, "queries", allow_empty=True)
         if queries.shape[1] != self.dim:
             raise IndexMismatchError(
                 f"queries have dim {queries.shape[1]} but the index{self._where()} was built with dim "
                 f"{self.dim}: query with the descriptor the index was built with, or rebuild it"
             )
-        k = min(int(k), self.ntotal)
-        index, params = self._search_index(k)
+        k = min(k, self.ntotal)
+        params = search_time_params(self._kind, self._search_params, k)
+        index = self._placement.search_index(self._cpu_index, self._search_params)
         if params is None:
             scores, labels = index.search(queries, k)
         else:
@@ -444,18 +426,10 @@ class ProductIndex:
                 queries or vectors (wrong dim or count, NaN/inf).
         """
         check_target_recall(target_recall)
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-            raise ValueError(f"k must be a positive integer, got {k!r}")
+        k = check_k(k)
         queries = check_tuning_queries(queries, self.dim)
-        database = None
-        if vectors is not None:
-            database = as_matrix(vectors, "vectors")
-            if database.shape != (self.ntotal, self.dim):
-                raise ValueError(
-                    f"vectors must be the {self.ntotal} x {self.dim} catalog in product-id order, "
-                    f"got shape {database.shape}"
-                )
-        return self._tune(target_recall, int(k), queries, int(n_queries), database, seed)
+        database = check_tuning_vectors(vectors, self.ntotal, self.dim)
+        return self._tune(target_recall, k, queries, int(n_queries), database, seed)
 
     def use_device(self, device: str) -> str:
         """Move searching to ``device`` (``"auto"``, ``"cpu"`` or ``"cuda"``); returns where it now runs.
@@ -463,9 +437,8 @@ class ProductIndex:
         The CPU index stays the source of truth; a GPU copy is made on the next search. Index types
         without a GPU version stay on the CPU (said once in the log).
         """
-        self._device = index_placement(self._kind, device, has_gpu_version(self._cpu_index, self._kind))
-        self._drop_gpu_copy()
-        return self._device
+        self._placement = SearchPlacement(self._cpu_index, self._kind, device)
+        return self._placement.device
 
     def serialized_size(self) -> int:
         """Bytes of the index as :meth:`save` writes it (``index.faiss``), counted without a copy.
@@ -502,20 +475,15 @@ class ProductIndex:
             IndexLockedError: another save held the directory for longer than ``lock_timeout``.
         """
         directory = Path(directory)
-        manifest = {
-            "format_version": FORMAT_VERSION,
-            "preset": self._preset,
-            "factory_string": self._factory_string,
-            "metric": "inner_product",
-            "dim": self.dim,
-            "ntotal": self.ntotal,
-            "search_params": self._search_params,
-            "tuning": self._tuning,
-            "faiss_version": faiss.__version__,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "metadata": self._metadata,
-            "product_ids": self.product_ids,
-        }
+        manifest = index_manifest(
+            self._cpu_index,
+            self._preset,
+            self._factory_string,
+            self._search_params,
+            self._tuning,
+            self._metadata,
+            self.product_ids,
+        )
         # The source of truth is already the CPU index; a GPU copy, if any, is only a search replica.
         write_index_dir(directory, self._cpu_index, manifest, attachments, lock_timeout=lock_timeout)
         self._directory = directory
@@ -580,25 +548,10 @@ class ProductIndex:
         params = report["search_params"]
         self._search_params.update(params)
         self._apply_search_params(self._cpu_index)
-        self._drop_gpu_copy()
+        self._placement.invalidate()
         self._tuning = report
         log_tuning(report, target_recall, self._preset, self._factory_string, self._cpu_index, self._kind)
         return self.tuning
 
     def _apply_search_params(self, index: Any) -> None:
         apply_search_params(index, self._kind, self._search_params)
-
-    def _search_index(self, k: int) -> Tuple[Any, Optional[Any]]:
-        params = search_time_params(self._kind, self._search_params, k)
-        if self._kind == "hnsw":
-            return self._cpu_index, params
-        return (self._gpu_copy() if self._device == "cuda" else self._cpu_index), params
-
-    def _gpu_copy(self) -> Any:
-        if self._gpu_index is None:
-            self._gpu_index, self._gpu_parts = gpu_search_copy(self._cpu_index, self._kind, self._search_params)
-        return self._gpu_index
-
-    def _drop_gpu_copy(self) -> None:
-        self._gpu_index = None
-        self._gpu_parts = []

@@ -431,3 +431,19 @@ def check_tuning_queries(queries: Optional[np.ndarray], dim: int) -> Optional[np
     if queries.shape[1] != dim:
         raise IndexMismatchError(f"tuning queries have dim {queries.shape[1]} but the index holds dim {dim}")
     return queries
+
+
+def check_tuning_vectors(vectors: Optional[np.ndarray], ntotal: int, dim: int) -> Optional[np.ndarray]:
+    """Caller's catalog vectors for exact search while tuning, normalised (None stays None).
+
+    Raises:
+        ValueError: not the ``ntotal`` x ``dim`` catalog of finite real numbers.
+    """
+    if vectors is None:
+        return None
+    database = as_matrix(vectors, "vectors")
+    if database.shape != (ntotal, dim):
+        raise ValueError(
+            f"vectors must be the {ntotal} x {dim} catalog in product-id order, got shape {database.shape}"
+        )
+    return database

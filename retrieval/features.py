@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from retrieval.batching import iter_batches
 from retrieval.files import file_sha1, read_checked_bytes, write_checked_bytes
 from retrieval.io import ImageReadError, read_image
-from retrieval.proxy_stage import to_descriptor_input
+from retrieval.proxy_stage import proxy_input_size, to_descriptor_input
 
 DEFAULT_CHUNK = 256
 
@@ -238,7 +238,7 @@ def materialize_proxy_outputs(
     Args:
         proxy: (B, 3, H, W) in [0, 1] -> (B, 3, H, W) in [0, 1], with `name` and `fingerprint()`.
         paths: the input photos.
-        size: (H, W) the photos are read at and the outputs stored at.
+        size: (H, W) the outputs are stored at; the photos are read at `proxy_input_size(proxy, size)`.
 
     A stored output is reused only if it decodes (PNG's chunk CRCs catch a flipped byte) at `size`;
     anything else is generated again, with one warning naming the directory.
@@ -272,7 +272,7 @@ def materialize_proxy_outputs(
     try:
         todo_paths = [str(paths[i]) for i in todo]
         position = 0
-        for batch in iter_batches(todo_paths, size, batch_size):
+        for batch in iter_batches(todo_paths, proxy_input_size(proxy, size), batch_size):
             generated = to_descriptor_input(proxy(batch.to(device)), size)  # as at query time
             images = generated.mul(255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
             for image in images:

@@ -79,17 +79,10 @@ def _unquoted(text: str) -> str:
     return text
 
 
-def _is_int(text: str) -> bool:
+def _parses_as(kind: type, text: str) -> bool:
+    """Whether ``kind(text)`` (int or float) accepts ``text``."""
     try:
-        int(text)
-    except ValueError:
-        return False
-    return True
-
-
-def _is_float(text: str) -> bool:
-    try:
-        float(text)
+        kind(text)
     except ValueError:
         return False
     return True
@@ -117,9 +110,9 @@ def _guess(text: str) -> Any:
         return None
     if text.lower() in ("true", "false"):
         return text.lower() == "true"
-    if _is_int(text):
+    if _parses_as(int, text):
         return int(text)
-    if _is_float(text):
+    if _parses_as(float, text):
         return float(text)
     if len(text) >= 2 and (text[0], text[-1]) in (("(", ")"), ("[", "]")):
         items = [_guess(part.strip()) for part in text[1:-1].split(",") if part.strip()]
@@ -157,11 +150,11 @@ def coerce_option(name: str, text: Any, default: Any) -> Any:
             return lowered in _TRUE
         raise refuse()
     if isinstance(default, int):
-        if _is_int(value):
+        if _parses_as(int, value):
             return int(value)
         raise refuse()
     if isinstance(default, float):
-        if _is_float(value):
+        if _parses_as(float, value):
             return float(value)
         raise refuse()
     if isinstance(default, (tuple, list)):
@@ -199,6 +192,23 @@ def typed_options(options: Dict[str, Any], defaults: Dict[str, Any], owner: str)
             except ValueError as exc:
                 raise ValueError(f"{owner} option {exc}") from None
     return typed
+
+
+def plugin_conf(plugin: Any, name: str, conf: Dict[str, Any]) -> Dict[str, Any]:
+    """The config of a plugin being built: its class's ``default_conf`` updated with ``conf``, typed like
+    the defaults (`typed_options`, errors naming ``name``). Descriptors and proxies alike.
+
+    Raises:
+        ValueError: an option ``default_conf`` lacks (naming the valid ones).
+    """
+    defaults = plugin.default_conf
+    unknown = set(conf) - set(defaults)
+    if unknown:
+        raise ValueError(
+            f"{type(plugin).__name__} got unknown options {sorted(unknown)}; valid options: {sorted(defaults)}"
+        )
+    # Text from any route ('false', '0.5') typed like the default: 'false' is truthy as a string.
+    return {**defaults, **typed_options(conf, defaults, name)}
 
 
 def parse_settings(items, defaults=None, source: str = "--set") -> Dict[str, Any]:

@@ -2,6 +2,7 @@
 
     gem                                   a registered descriptor or proxy, as built
     tn@runs/tn/final.pt                   with the weights of a training run
+    hp[input_scale=3]@runs/hp/final.pt    with options and the weights of a training run
     paintnet[use_perceptual=false;width=0.5]
                                           with options (`;`-separated KEY=VALUE): an ablation to train
     s*, paintnet*, *                      a shell glob over the registered names (`expand_specs`)
@@ -30,11 +31,11 @@ from typing import Any, Callable, List, Mapping, Optional, Sequence, Union
 from retrieval.registry import parse_settings
 
 _SPEC = re.compile(r"^(?P<name>[^\[\]@;=]+?)\s*(?:\[(?P<options>[^\]]*)\])?$")
-SPEC_FORMS = "NAME, NAME@path/final.pt or NAME[KEY=VALUE;KEY=VALUE]"
+SPEC_FORMS = "NAME, NAME@path/final.pt, NAME[KEY=VALUE;KEY=VALUE] or NAME[KEY=VALUE;...]@path/final.pt"
 
 
 class SpecSyntaxError(ValueError):
-    """A spec that is none of NAME, NAME@checkpoint, NAME[KEY=VALUE;...] (a usage error, not a bad value)."""
+    """A spec that is none of the `SPEC_FORMS` (a usage error, not a bad value)."""
 
 
 @dataclass(frozen=True)
@@ -52,9 +53,8 @@ class Spec:
         return ";".join(f"{key}={value!r}" for key, value in self.options.items())
 
     def __str__(self) -> str:
-        if self.checkpoint is not None:
-            return f"{self.name}@{self.checkpoint}"
-        return f"{self.name}[{self.options_text}]" if self.options else self.name
+        head = f"{self.name}[{self.options_text}]" if self.options else self.name
+        return f"{head}@{self.checkpoint}" if self.checkpoint is not None else head
 
 
 def split_specs(text: str) -> List[str]:
@@ -73,27 +73,26 @@ def split_specs(text: str) -> List[str]:
 
 
 def parse_spec(text: str, defaults: Optional[Mapping[str, Any]] = None, source: Optional[str] = None) -> Spec:
-    """'NAME', 'NAME@path/final.pt' or 'NAME[k=v;k=v]' -> Spec.
+    """'NAME', 'NAME@path/final.pt', 'NAME[k=v;k=v]' or 'NAME[k=v;k=v]@path/final.pt' -> Spec.
 
     With `defaults` (option -> default, e.g. a model's config and training options) each value is typed
     by its default and an unknown option is refused naming the valid ones; without, each value is
-    guessed (`retrieval.registry.coerce_option` with no default). A checkpoint spec keeps no options.
+    guessed (`retrieval.registry.coerce_option` with no default). 'NAME[k=v]@path/final.pt' is a checkpoint
+    loaded into the plugin built with those options (e.g. `hp[localise=true]@runs/parser/final.pt`).
 
     Raises:
         SpecSyntaxError: brackets that do not close the spec, or no name.
         ValueError: an option without `=`, a value of the wrong type, an unknown option; the message
             starts with `source` (default "spec 'TEXT':").
     """
-    name, _, checkpoint = text.partition("@")
-    if checkpoint:
-        return Spec(name.strip(), checkpoint, {})
-    match = _SPEC.match(text.strip())
+    head, _, checkpoint = text.partition("@")  # a checkpoint path may hold brackets: only the head is parsed
+    match = _SPEC.match(head.strip())
     if not match:
         raise SpecSyntaxError(f"bad spec {text!r}: expected {SPEC_FORMS}")
     items = [item.strip() for item in (match["options"] or "").split(";") if item.strip()]
     # The same typing as --set: 'false' and False are one option (and one checkpoint key).
     options = parse_settings(items, None if defaults is None else dict(defaults), source=source or f"spec {text!r}:")
-    return Spec(match["name"], None, options)
+    return Spec(match["name"], checkpoint.strip() or None, options)
 
 
 def typed_specs(

@@ -479,22 +479,29 @@ def street_version(
     seed: int,
     image_id: str,
     ranges: StreetRanges = STREET_RANGES,
+    frame_scale: float = 1.0,
 ) -> StreetPhoto:
-    """The street version of one studio photo, a function of (photo, parse map, seed, image id) only.
+    """The street version of one studio photo, a function of (photo, parse map, seed, image id, frame scale) only.
 
-    The frame has the photo's size; the matte comes from the parse map (resized to the photo when it
-    differs), or from `studio_matte` when there is none.
+    The frame is the photo's size times `frame_scale`; the matte comes from the parse map (resized to the photo
+    when it differs), or from `studio_matte` when there is none. With `frame_scale` 1 a person scaled to a third
+    of the frame keeps a third of the studio photo's pixels (a low-resolution photo); with 3 the same person
+    keeps the studio photo's own resolution, as in a phone photo where the person is small in a large frame.
 
     Shape:
-        - person_rgb: (H, W, 3) uint8; parse_labels: (h, w) uint8 or None; output image (H, W, 3).
+        - person_rgb: (H, W, 3) uint8; parse_labels: (h, w) uint8 or None; output image
+          (round(H * frame_scale), round(W * frame_scale), 3).
     """
+    if not frame_scale > 0:
+        raise ValueError(f"frame_scale must be > 0, got {frame_scale}")
     rng = street_rng(seed, image_id)
     size = person_rgb.shape[:2]
+    frame = (max(1, round(size[0] * frame_scale)), max(1, round(size[1] * frame_scale)))
     if parse_labels is not None:
         labels = _resize(np.asarray(parse_labels, np.uint8), size, nearest=True)
         alpha = person_matte(labels, ranges.feather)
     else:
         labels = None
         alpha = studio_matte(person_rgb, feather=ranges.feather)
-    background = procedural_background(rng, size)
+    background = procedural_background(rng, frame)
     return street_photo(person_rgb, alpha, background, rng, labels=labels, ranges=ranges)

@@ -8,7 +8,7 @@ training VLADs. `pad_features` stacks variable-length per-image sets into a padd
 from __future__ import annotations
 
 import logging
-from typing import Callable, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -117,15 +117,19 @@ def fit_vlad_buffers(descriptor, batches: Iterable[torch.Tensor]) -> None:
     per_image = sample_local_descriptors(descriptor.extract, batches, int(conf["fit_descriptors_per_image"]), rng)
     if not per_image:
         raise ValueError(f"{descriptor.name}.fit got no training images")
-    centroids, mean, projection = fit_vlad_and_whitening(
-        per_image,
-        n_clusters=int(conf["n_clusters"]),
-        pca_dim=conf["pca_dim"],
-        seed=int(conf["seed"]),
-        max_points=int(conf["max_fit_descriptors"]),
-        n_iterations=int(conf["kmeans_iterations"]),
-    )
+    centroids, mean, projection = fit_vlad_and_whitening(per_image, pca_dim=conf["pca_dim"], **kmeans_options(conf))
     descriptor.centroids.copy_(torch.from_numpy(centroids))
     if mean is not None:
         descriptor.pca_mean.copy_(torch.from_numpy(mean))
         descriptor.pca_projection.copy_(torch.from_numpy(projection))
+
+
+def kmeans_options(conf: Mapping[str, Any]) -> Dict[str, int]:
+    """The codebook k-means settings of a VLAD config (n_clusters, seed, max_fit_descriptors,
+    kmeans_iterations) under the names `fit_codebook` takes them."""
+    return {
+        "n_clusters": int(conf["n_clusters"]),
+        "seed": int(conf["seed"]),
+        "max_points": int(conf["max_fit_descriptors"]),
+        "n_iterations": int(conf["kmeans_iterations"]),
+    }

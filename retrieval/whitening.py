@@ -7,14 +7,14 @@
 from __future__ import annotations
 
 import logging
-from typing import Tuple
+from typing import Optional, Tuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from retrieval.aggregation import signed_sqrt
+from retrieval.aggregation import signed_sqrt, vlad
 
 logger = logging.getLogger("street2shop.retrieval")
 
@@ -141,3 +141,17 @@ class PCAWhitening(nn.Module):
         flat = vectors.reshape(-1, vectors.shape[-1])
         out = apply_pca_whitening(flat, self.mean, self.projection, power_norm=False)
         return out.reshape(*vectors.shape[:-1], -1)
+
+
+def whitened_vlad(
+    desc: torch.Tensor, mask: torch.Tensor, centroids: torch.Tensor, whitening: Optional[Tuple[torch.Tensor, ...]]
+) -> torch.Tensor:
+    """`vlad` of the descriptors (as float32), then `apply_pca_whitening` with ``whitening`` = (mean,
+    projection) when there is one: the global vector of every VLAD descriptor.
+
+    Shape:
+        - desc: (B, N, D); mask: (B, N) bool; centroids: (K, D)
+        - output: (B, K * D), or (B, projection's columns) whitened
+    """
+    vectors = vlad(desc.float(), mask, centroids)
+    return vectors if whitening is None else apply_pca_whitening(vectors, *whitening)

@@ -35,6 +35,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from generation.proxies import Box
 from index import IndexMismatchError, ProductIndex, object_path, store_object
 from retrieval.batching import resolve_device
 from retrieval.io import (
@@ -46,7 +47,7 @@ from retrieval.io import (
     read_image,
     resize_image,
 )
-from retrieval.proxy_stage import to_descriptor_input
+from retrieval.proxy_stage import proxy_input_size, to_descriptor_input
 from retrieval.rerank import LocalFeatureStore, SpatialVerifier
 
 log = logging.getLogger("street2shop")
@@ -414,11 +415,12 @@ class Pipeline:
     @torch.no_grad()
     def _search_batch(self, items: Sequence[Any], k: int, offset: int) -> List[SearchResult]:
         size = self.descriptor.input_spec.size
+        read_h, read_w = proxy_input_size(self.proxy, size)  # a cropping proxy may read the photo larger
         clock = _Clock()
         photos = [image_to_rgb(image, _image_name(image, offset + i)) for i, image in enumerate(items)]
-        batch = images_to_tensor([resize_image(photo, size) for photo in photos]).to(self.device)
+        batch = images_to_tensor([resize_image(photo, (read_h, read_w)) for photo in photos]).to(self.device)
         clock.lap("decode")
-        seen = self._proxied(batch, size)
+        seen, boxes = self._proxied(batch, size)
         clock.lap("proxy")
         vectors = self.descriptor.embed(seen).float().cpu().numpy()
         clock.lap("describe")
@@ -438,18 +440,20 @@ class Pipeline:
                     if pid is not None
                 ],
                 descriptor_input=np.ascontiguousarray(pixels[i]),
-                crop_box=None,
+                crop_box=_photo_box(boxes[i], (read_h, read_w), photos[i].shape[:2]),
                 timings_ms=dict(timings),
             )
             for i in range(len(items))
         ]
 
-    def _proxied(self, batch: torch.Tensor, size) -> torch.Tensor:
-        """What the descriptor reads: the proxy's output at its input size (`retrieval.proxy_stage`)."""
+    def _proxied(self, batch: torch.Tensor, size) -> Tuple[torch.Tensor, List[Optional[Box]]]:
+        """What the descriptor reads (the proxy's output at its input size, `retrieval.proxy_stage`) and, per
+        image, the box the proxy cut it from (in `batch`'s pixels) or None."""
         if self.proxy.name == "none":
-            return batch
+            return batch, [None] * len(batch)
         with self._proxy_lock:
-            return to_descriptor_input(self.proxy(batch), size)
+            generated, boxes = self.proxy.forward_with_boxes(batch)
+        return to_descriptor_input(generated, size), boxes
 
     def _reranked(self, seen: torch.Tensor, scores: np.ndarray, ids: np.ndarray):
         """Top `rerank` re-sorted by inliers + global similarity (the new score); the rest as they were."""
@@ -552,6 +556,20 @@ class Pipeline:
     def __repr__(self) -> str:
         described = self.describe()
         return f"Pipeline({self.index_dir}, " + ", ".join(f"{k}={v!r}" for k, v in described.items()) + ")"
+
+
+def _photo_box(box: Optional[Box], read: Tuple[int, int], photo: Tuple[int, int]) -> Optional[Box]:
+    """A box in the pixels the proxy read, (x0, y0, x1, y1), scaled to the photo's own pixels.
+
+    Example:
+        >>> _photo_box((10, 20, 30, 40), (256, 192), (512, 384)), _photo_box(None, (8, 8), (8, 8))
+        ((20, 40, 60, 80), None)
+    """
+    if box is None:
+        return None
+    sy, sx = photo[0] / read[0], photo[1] / read[1]
+    x0, y0, x1, y1 = box
+    return (int(round(x0 * sx)), int(round(y0 * sy)), int(round(x1 * sx)), int(round(y1 * sy)))
 
 
 def _refuse_other_proxy(spec: str, recorded, recorded_spec: str, index_dir: Path) -> None:

@@ -40,7 +40,7 @@ from generation.gan import (
 from generation.generator_proxy import GeneratorProxy
 from generation.pix2pix import PatchDiscriminator
 from generation.training.pairs import GanTrainer, StepFn, load_pair_archive, prepare_pair_tensors
-from retrieval.training import register_trainer
+from retrieval.training import TrainingJob, register_trainer
 
 # --------------------------------------------------------------------------------------------------
 # Options
@@ -455,23 +455,13 @@ def pair_tensors(
     return {"person": tensors["person"], "product": tensors["product"]}, pairs
 
 
-def train_generator_proxy(
-    model: GeneratorProxy,
-    dataset,
-    out_dir: Path,
-    config: GeneratorTrainConfig,
-    setup: Setup,
-    *,
-    seed: int = 0,
-    progress: bool = True,
-    time_budget_s: Optional[float] = None,
-) -> Path:
-    """Train `model.generator` on `dataset.train`'s (person photo, product photo) pairs with the GAN of
+def train_generator_proxy(model: GeneratorProxy, job: TrainingJob, config: GeneratorTrainConfig, setup: Setup) -> Path:
+    """Train `model.generator` on `job.dataset.train`'s (person photo, product photo) pairs with the GAN of
     `setup`; return final.pt. Afterwards `model` holds the trained generator (in eval mode).
     """
-    out_dir = Path(out_dir)
+    out_dir, seed = Path(job.out_dir), job.seed
     out_dir.mkdir(parents=True, exist_ok=True)
-    data, pairs = pair_tensors(model, dataset, out_dir, config, progress)
+    data, pairs = pair_tensors(model, job.dataset, out_dir, config, job.progress)
     device = next(model.generator.parameters()).device
     settings = {k: v for k, v in dataclasses.asdict(config).items() if k != "checkpoint_every_s"}
 
@@ -490,11 +480,9 @@ def train_generator_proxy(
             "seed": seed,
             **settings,
         },
-        seed=seed,
-        time_budget_s=time_budget_s,
         checkpoint_every_s=float(config.checkpoint_every_s),
-        progress=f"train {model.name}" if progress else None,
         sample_every=int(config.sample_every),
+        **job.run_options(f"train {model.name}"),
     )
     trainer.train(
         data,
@@ -508,14 +496,12 @@ def train_generator_proxy(
 
 
 @register_trainer("pix2pix", config=Pix2PixTrainConfig)
-def train_pix2pix(model, dataset, out_dir, config, *, seed=0, progress=True, time_budget_s=None) -> Path:
+def train_pix2pix(model: GeneratorProxy, job: TrainingJob, config: Pix2PixTrainConfig) -> Path:
     """Train a `Pix2PixProxy` (U-Net + PatchGAN + L1) with `train_generator_proxy`; final.pt."""
-    run = dict(seed=seed, progress=progress, time_budget_s=time_budget_s)
-    return train_generator_proxy(model, dataset, out_dir, config, pix2pix_setup, **run)
+    return train_generator_proxy(model, job, config, pix2pix_setup)
 
 
 @register_trainer("dtgan", config=DTGANTrainConfig)
-def train_dtgan(model, dataset, out_dir, config, *, seed=0, progress=True, time_budget_s=None) -> Path:
+def train_dtgan(model: GeneratorProxy, job: TrainingJob, config: DTGANTrainConfig) -> Path:
     """Train a `DTGANProxy` (residual generator, real/fake + association discriminators); final.pt."""
-    run = dict(seed=seed, progress=progress, time_budget_s=time_budget_s)
-    return train_generator_proxy(model, dataset, out_dir, config, dtgan_setup, **run)
+    return train_generator_proxy(model, job, config, dtgan_setup)

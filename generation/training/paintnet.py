@@ -18,6 +18,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -35,7 +36,7 @@ from generation.training.paintnet_shape_predictor import train_shape_predictor
 from generation.training.pairs import GanTrainer, load_pair_archive, prepare_pair_tensors
 from retrieval.backbones import EfficientNetLite0
 from retrieval.registry import typed_options
-from retrieval.training import load_checkpoint, register_trainer, seed_everything
+from retrieval.training import TrainingJob, load_checkpoint, register_trainer, seed_everything
 
 log = logging.getLogger("street2shop.paintnet")
 
@@ -118,27 +119,18 @@ class PaintNetTrainConfig:
 
 
 @register_trainer("paintnet", "paintnet-wo-sp", config=PaintNetTrainConfig)
-def train_paintnet(
-    model: PaintNet,
-    dataset,
-    out_dir: Path,
-    config: PaintNetTrainConfig,
-    *,
-    seed: int = 0,
-    progress: bool = True,
-    time_budget_s: Optional[float] = None,
-) -> Path:
-    """Train the shape predictor, then the texture renderer, on `dataset.train`; return out_dir/final.pt.
+def train_paintnet(model: PaintNet, job: TrainingJob, config: PaintNetTrainConfig) -> Path:
+    """Train the shape predictor, then the texture renderer, on `job.dataset.train`; return final.pt.
 
     Args:
-        model: the PaintNet to train in place (its networks are rebuilt from `seed` first; a resumed run
-            reloads last.pt).
-        dataset: a RetrievalSet with training pairs (person_image, product_image, parse, mask), or None
-            with `config.pairs`.
-        out_dir: the run directory (see the module docstring).
+        model: the PaintNet to train in place (its networks are rebuilt from the job's seed first; a
+            resumed run reloads last.pt).
+        job: its dataset is a RetrievalSet with training pairs (person_image, product_image, parse, mask),
+            or None with `config.pairs`; its out_dir the run directory (see the module docstring); its
+            time budget covers both stages.
         config: the options (`PaintNetTrainConfig`).
-        seed, time_budget_s, progress: as `TrainingRun`; the budget covers both stages.
     """
+    dataset, seed, progress, time_budget_s = job.dataset, job.seed, job.progress, job.time_budget_s
     overrides = {key: getattr(config, key) for key in model.default_conf if getattr(config, key) is not None}
     if overrides:
         # typed like --set: a text 'false' must not train the full model under an ablation's name
@@ -162,7 +154,7 @@ def train_paintnet(
     elif epochs is None:  # a time budget alone: train until it is spent
         epochs = UNTIL_BUDGET_EPOCHS
     epochs = int(epochs)
-    out_dir = Path(out_dir)
+    out_dir = Path(job.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     seed_everything(seed)
@@ -243,22 +235,8 @@ def train_paintnet(
             sp_summary.pop("loo_index")
 
     remaining = None if time_budget_s is None else max(1.0, time_budget_s - (time.perf_counter() - started))
-    final = _train_renderer(
-        model,
-        data,
-        out_dir,
-        epochs,
-        config.batch_size,
-        config.lr,
-        seed,
-        remaining,
-        progress,
-        config.sample_every,
-        config.checkpoint_every_s,
-        sp_summary,
-        device,
-        joined,
-    )
+    renderer_job = dataclasses.replace(job, out_dir=out_dir, time_budget_s=remaining)
+    final = _train_renderer(model, data, renderer_job, epochs, config, sp_summary, device, joined)
     log.info("%s: trained in %.0f s -> %s", model.name, time.perf_counter() - started, final)
     return final
 
@@ -309,20 +287,18 @@ def _load_part(model: PaintNet, checkpoint, prefix: str) -> Dict[str, Any]:
 def _train_renderer(
     model: PaintNet,
     data,
-    out_dir,
-    epochs,
-    batch_size,
-    lr,
-    seed,
-    time_budget_s,
-    progress,
-    sample_every,
-    checkpoint_every_s,
+    job: TrainingJob,
+    epochs: int,
+    config: PaintNetTrainConfig,
     sp_summary,
     device,
     joined=None,
 ) -> Path:
-    """Stage 2: the texture renderer and its discriminators on the pair tensors `data`; final.pt."""
+    """Stage 2: the texture renderer and its discriminators on the pair tensors `data`; final.pt.
+
+    ``job`` holds the renderer's share of the time budget; ``epochs`` the resolved epoch count.
+    """
+    batch_size, lr = config.batch_size, config.lr
     c = model.conf
     size = c["image_size"]
     rf = RealFakeDiscriminator(size, c["width"], c["norm"]).to(device) if c["use_rf_discriminator"] else None
@@ -345,25 +321,23 @@ def _train_renderer(
             modules[name] = d
             optimizers[name] = torch.optim.Adam(d.parameters(), lr=lr, betas=betas, fused=True)
     step = RendererStep(model.renderer, rf, rv, perceptual, optimizers, c)
-    config = {
+    run_config = {
         "proxy": model.name,
         "conf": _jsonable(c),
         "epochs": epochs,
         "batch_size": batch_size,
         "lr": lr,
-        "seed": seed,
+        "seed": job.seed,
         "n_pairs": int(data["product"].shape[0]),
     }
     trainer = GanTrainer(
-        out_dir,
+        job.out_dir,
         modules,
         optimizers,
-        config,
-        seed=seed,
-        time_budget_s=time_budget_s,
-        progress=f"train {model.name}" if progress else None,
-        checkpoint_every_s=checkpoint_every_s,
-        sample_every=sample_every,
+        run_config,
+        checkpoint_every_s=config.checkpoint_every_s,
+        sample_every=config.sample_every,
+        **job.run_options(f"train {model.name}"),
     )
     # The fixed sample rows also get the shape the predictor gives them (leave-one-out), as at inference.
     loo_shapes = None

@@ -37,7 +37,7 @@ from retrieval.datasets.viton_street import STREET_TRAINING_SEED
 from retrieval.garments import garment_mask_from_labels
 from retrieval.io import read_image, read_mask, resize_image
 from retrieval.street_conditions import street_version
-from retrieval.training import TrainingRun, register_trainer
+from retrieval.training import TrainingJob, TrainingRun, register_trainer
 
 log = logging.getLogger("street2shop.parsing")
 
@@ -360,21 +360,13 @@ def train_garment_parser(
 
 
 @register_trainer("hp", config=ParserTrainConfig)
-def train_hp(
-    model: HumanParsingProxy,
-    dataset,
-    out_dir: Path,
-    config: ParserTrainConfig,
-    *,
-    seed: int = 0,
-    progress: bool = True,
-    time_budget_s: Optional[float] = None,
-) -> Path:
-    """Train the garment parser on `dataset.train`'s (photo, parse map) pairs; evaluate on its queries.
+def train_hp(model: HumanParsingProxy, job: TrainingJob, config: ParserTrainConfig) -> Path:
+    """Train the garment parser on `job.dataset.train`'s (photo, parse map) pairs; evaluate on its queries.
 
     `config.val_images` validation photos are scored at the end (0 for none). Afterwards `model` uses
     the trained parser. Returns final.pt.
     """
+    dataset, seed = job.dataset, job.seed
     if dataset.train is None or dataset.train.empty:
         raise ValueError(f"{dataset.name} has no training pairs to train the parser on")
     photos, parses = parsing_pairs(dataset.train)
@@ -391,15 +383,15 @@ def train_hp(
         parser,
         photos,
         parses,
-        out_dir,
+        job.out_dir,
         epochs=int(config.epochs),
         batch_size=int(config.batch_size),
         lr=float(config.lr),
         encoder_lr_scale=float(config.encoder_lr_scale),
         weight_decay=float(config.weight_decay),
         seed=seed,
-        progress=progress,
-        time_budget_s=time_budget_s,
+        progress=job.progress,
+        time_budget_s=job.time_budget_s,
         checkpoint_every_s=float(config.checkpoint_every_s),
         validation=validation,
         run_config={"dataset": dataset.name},

@@ -40,6 +40,9 @@ STREET_FOLDER = "viton-street"
 # Street copies of training pairs are drawn from seeds 1000+ (plus the run's seed); the validation variant uses
 # the load seed (0 by default), so training never sees the evaluated draws.
 STREET_TRAINING_SEED = 1000
+#: The frame scale of ``viton-street-hr:ROOT``: the frame is 3x the studio photo (768 x 576 for VITON's 256 x 192),
+#: so a person at the smallest scale (a third of the frame height) keeps the studio photo's resolution.
+HIGH_RESOLUTION_FRAME_SCALE = 3.0
 
 
 def _root_fingerprint(root: Path) -> str:
@@ -52,10 +55,20 @@ def _root_fingerprint(root: Path) -> str:
     return digest.hexdigest()
 
 
-def _marker_content(root: Path, fingerprint: str, split: str, seed: int, query_ids: List[str]) -> Dict[str, object]:
+def _variant_folder(root: Path, fingerprint: str, seed_part: str, frame_scale: float) -> str:
+    """The cache folder name of one variant; frame scale 1 keeps the name it had before frame scales existed."""
     from retrieval.street_conditions import STREET_FORMAT_VERSION
 
-    return {
+    scale = "" if frame_scale == 1.0 else f"-frame{frame_scale:g}x"
+    return f"{root.name}-{fingerprint[:12]}-{seed_part}{scale}-v{STREET_FORMAT_VERSION}"
+
+
+def _marker_content(
+    root: Path, fingerprint: str, split: str, seed: int, query_ids: List[str], frame_scale: float
+) -> Dict[str, object]:
+    from retrieval.street_conditions import STREET_FORMAT_VERSION
+
+    content = {
         "format_version": STREET_FORMAT_VERSION,
         "generator": "retrieval.datasets.viton_street.load_viton_street",
         "root": str(root),
@@ -65,6 +78,9 @@ def _marker_content(root: Path, fingerprint: str, split: str, seed: int, query_i
         "queries": len(query_ids),
         "query_ids_sha1": hashlib.sha1("\n".join(query_ids).encode("utf-8")).hexdigest(),
     }
+    if frame_scale != 1.0:
+        content["frame_scale"] = float(frame_scale)
+    return content
 
 
 def _street_paths(target: Path, root: Path, person_image: str) -> Tuple[Path, Path]:
@@ -83,13 +99,16 @@ def _source_parse(root: Path, person_image: str, listings: Dict[str, Dict[str, P
     return listings[half].get(relative.stem)
 
 
-def _make_street_photo(seed: int, query_id: str, person_image: str, parse: Optional[Path], out_image, out_parse):
+def _make_street_photo(
+    seed: int, query_id: str, person_image: str, parse: Optional[Path], out_image, out_parse, frame_scale: float
+):
     """Generate and write one street photo and its parse map (parse map first: the photo marks it done)."""
     from retrieval.files import write_bytes_atomic, write_image_atomic
     from retrieval.io import read_image, read_mask
     from retrieval.street_conditions import street_version
 
-    photo = street_version(read_image(person_image), None if parse is None else read_mask(parse), seed, query_id)
+    labels = None if parse is None else read_mask(parse)
+    photo = street_version(read_image(person_image), labels, seed, query_id, frame_scale=frame_scale)
     if photo.labels is not None:
         write_image_atomic(out_parse, photo.labels, compress_level=1)
     write_bytes_atomic(out_image, photo.jpeg)
@@ -101,6 +120,7 @@ def make_street_queries(
     target: PathLike,
     seed: int = 0,
     workers: Optional[int] = None,
+    frame_scale: float = 1.0,
 ) -> List[str]:
     """Write the street version of every query photo of a VITON root into `target`; return their paths.
 
@@ -113,6 +133,7 @@ def make_street_queries(
         target: the variant's folder.
         seed: the generation seed.
         workers: threads (default min(8, CPUs)); numpy, OpenCV and the codecs release the GIL.
+        frame_scale: the frame's size over the studio photo's (`street_version`).
 
     Returns:
         The street photo of each row of `queries`, as absolute path strings, in row order.
@@ -136,7 +157,7 @@ def make_street_queries(
 
         def make(item) -> None:
             query_id, (image, parse, out_image, out_parse) = item
-            _make_street_photo(seed, str(query_id), image, parse, out_image, out_parse)
+            _make_street_photo(seed, str(query_id), image, parse, out_image, out_parse, frame_scale)
 
         pool = ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1))
         try:
@@ -149,7 +170,11 @@ def make_street_queries(
 
 
 def load_viton_street(
-    root: PathLike, split: str = "val", seed: int = 0, cache_dir: Optional[PathLike] = None
+    root: PathLike,
+    split: str = "val",
+    seed: int = 0,
+    cache_dir: Optional[PathLike] = None,
+    frame_scale: float = 1.0,
 ) -> RetrievalSet:
     """`load_viton` of `root` with every query photo replaced by its street version (generated once).
 
@@ -158,6 +183,8 @@ def load_viton_street(
         split: "val", "train" or "all", as `load_viton` (the same seeded split).
         seed: seed of the split and of the street conditions.
         cache_dir: where the variant is generated; default `default_cache_dir()`.
+        frame_scale: the street frame's size over the studio photo's (`street_version`); 1 for
+            ``viton-street:``, `HIGH_RESOLUTION_FRAME_SCALE` for ``viton-street-hr:``.
 
     Returns:
         A validated RetrievalSet: `load_viton`'s catalog and training pairs (studio photos), queries pointing
@@ -170,23 +197,22 @@ def load_viton_street(
     root = studio.root
     # Imported here: the drawing pulls in OpenCV, and the codecs torch, which loading a table never needs.
     from retrieval.files import write_text_atomic
-    from retrieval.street_conditions import STREET_FORMAT_VERSION
 
     cache = (Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()).resolve()
 
     fingerprint = _root_fingerprint(root)
-    target = cache / STREET_FOLDER / f"{root.name}-{fingerprint[:12]}-seed{seed}-v{STREET_FORMAT_VERSION}"
+    target = cache / STREET_FOLDER / _variant_folder(root, fingerprint, f"seed{seed}", frame_scale)
     query_ids = [str(query_id) for query_id in dict.fromkeys(studio.queries["query_id"])]
-    expected = _marker_content(root, fingerprint, split, seed, query_ids)
+    expected = _marker_content(root, fingerprint, split, seed, query_ids, frame_scale)
     marker = target / f"COMPLETE-{split}.json"
     queries = studio.queries.copy()
     if marker.is_file() and json.loads(marker.read_text()) == expected:
         queries["image"] = [str(_street_paths(target, root, image)[0]) for image in queries["image"]]
     else:
-        queries["image"] = make_street_queries(root, studio.queries, target, seed=seed)
+        queries["image"] = make_street_queries(root, studio.queries, target, seed=seed, frame_scale=frame_scale)
         write_text_atomic(marker, json.dumps(expected, indent=2, sort_keys=True) + "\n")
     data = RetrievalSet(
-        name=f"viton-street:{root} [{split}]",
+        name=f"{'viton-street' if frame_scale == 1.0 else 'viton-street-hr'}:{root} [{split}]",
         catalog=studio.catalog,
         queries=queries,
         train=studio.train,
@@ -207,8 +233,6 @@ def street_training_pairs(
     Raises:
         ValueError: the dataset has no training pairs, or no VITON root to find them under.
     """
-    from retrieval.street_conditions import STREET_FORMAT_VERSION
-
     if dataset.train is None or dataset.train.empty:
         raise ValueError(f"{dataset.name} has no training pairs to make street copies of")
     if dataset.root is None:
@@ -220,9 +244,7 @@ def street_training_pairs(
     tables = [train]
     for copy in range(int(copies)):
         copy_seed = STREET_TRAINING_SEED + int(seed) + copy
-        target = (
-            cache / STREET_FOLDER / f"{root.name}-{fingerprint[:12]}-train-seed{copy_seed}-v{STREET_FORMAT_VERSION}"
-        )
+        target = cache / STREET_FOLDER / _variant_folder(root, fingerprint, f"train-seed{copy_seed}", 1.0)
         stems = [Path(str(image)).stem for image in train["person_image"]]  # the per-image draw's id
         rows = pd.DataFrame({"query_id": stems, "image": train["person_image"]})
         street = train.copy()
@@ -241,3 +263,18 @@ def viton_street_spec(
     if not argument:
         raise ValueError(f"bad dataset spec {spec!r}: expected viton-street:ROOT, the directory of a VITON-layout set")
     return load_viton_street(argument, split=split, seed=seed, cache_dir=cache_dir)
+
+
+@register_dataset_format("viton-street-hr", "viton-street-hr:ROOT")
+def viton_street_hr_spec(
+    argument: str, *, spec: str, split: str, seed: int, cache_dir: Optional[PathLike]
+) -> RetrievalSet:
+    """``viton-street-hr:ROOT``: the street variant in a frame 3x the studio photo (768 x 576 for VITON), so the
+    person keeps the studio photo's resolution at the smallest scale: what a phone photo of a passer-by holds."""
+    if not argument:
+        raise ValueError(
+            f"bad dataset spec {spec!r}: expected viton-street-hr:ROOT, the directory of a VITON-layout set"
+        )
+    return load_viton_street(
+        argument, split=split, seed=seed, cache_dir=cache_dir, frame_scale=HIGH_RESOLUTION_FRAME_SCALE
+    )

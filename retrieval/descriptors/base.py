@@ -18,7 +18,7 @@ from typing import Any, Dict, Iterable, Union
 import torch
 from torch import nn
 
-from retrieval.registry import Registry, module_fingerprint, typed_options
+from retrieval.registry import Registry, module_fingerprint, plugin_conf
 from retrieval.types import GlobalFeatures, InputSpec, LocalFeatures
 
 DESCRIPTORS = Registry("descriptor")
@@ -44,15 +44,8 @@ class Descriptor(nn.Module):
 
     def __init__(self, **conf: Any):
         super().__init__()
-        unknown = set(conf) - set(self.default_conf)
-        if unknown:
-            raise ValueError(
-                f"{type(self).__name__} got unknown options {sorted(unknown)}; "
-                f"valid options: {sorted(self.default_conf)}"
-            )
         self.name = getattr(type(self), "registry_name", self.name)
-        # Text from any route ('false', '0.5') typed like the default: 'false' is truthy as a string.
-        self.conf: Dict[str, Any] = {**self.default_conf, **typed_options(conf, self.default_conf, self.name)}
+        self.conf: Dict[str, Any] = plugin_conf(self, self.name, conf)
         # A buffer so that `fitted` travels with state_dict and checkpoints.
         self.register_buffer("_fitted", torch.tensor(not self.needs_fit))
 
@@ -148,14 +141,14 @@ def check_images(images: torch.Tensor) -> None:
 
 
 def create_descriptor(name: str, **conf: Any) -> Descriptor:
-    """Build a registered descriptor; `name` may be 'NAME@path/to/final.pt' to load trained weights."""
+    """Build a registered descriptor from a spec: NAME, NAME@final.pt, NAME[k=v;...] or NAME[k=v;...]@final.pt."""
     import retrieval.descriptors  # noqa: F401  (registers the built-ins)
-    from retrieval.training import split_trained_spec
+    from retrieval.specs import parse_spec
 
-    name, checkpoint = split_trained_spec(name)
-    descriptor = DESCRIPTORS.create(name, **conf)
-    if checkpoint:
-        descriptor.load_trained(checkpoint)
+    spec = parse_spec(name)  # NAME, NAME@ckpt, NAME[k=v], NAME[k=v]@ckpt; keyword options win over bracketed ones
+    descriptor = DESCRIPTORS.create(spec.name, **{**spec.options, **conf})
+    if spec.checkpoint:
+        descriptor.load_trained(spec.checkpoint)
     return descriptor
 
 

@@ -38,8 +38,8 @@ from retrieval.aggregation import fit_codebook, vlad
 from retrieval.backbones import LITE0_STAGES, LITE_MEAN, LITE_STD, EfficientNetLite0
 from retrieval.descriptors.base import DESCRIPTORS, Descriptor, NotFittedError, check_images
 from retrieval.types import InputSpec, LocalFeatures
-from retrieval.vlad_fitting import pad_features
-from retrieval.whitening import apply_pca_whitening, fit_pca_whitening
+from retrieval.vlad_fitting import kmeans_options, pad_features
+from retrieval.whitening import apply_pca_whitening, fit_pca_whitening, whitened_vlad
 
 # softplus(SOFTPLUS_ONE) == 1: the untrained attention weighs every location 1 (plain mean pooling).
 SOFTPLUS_ONE = math.log(math.expm1(1.0))
@@ -299,12 +299,6 @@ class DELF(Descriptor):
         raw.desc = self.reduce(raw.desc)
         return raw
 
-    def _vlad(self, desc: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        vectors = vlad(desc.float(), mask, self.centroids)
-        if self.conf["whiten_dim"] is not None:
-            vectors = apply_pca_whitening(vectors, self.vlad_mean, self.vlad_projection)
-        return vectors
-
     @torch.no_grad()
     def aggregate(self, features: LocalFeatures) -> torch.Tensor:
         """VLAD of the reduced descriptors (intra-norm, signed sqrt, L2), then the whitening if configured.
@@ -313,7 +307,8 @@ class DELF(Descriptor):
             - features.desc: (B, N, pca_dim)
             - output: (B, dim)
         """
-        return self._vlad(features.desc, features.mask)
+        whitening = (self.vlad_mean, self.vlad_projection) if self.conf["whiten_dim"] is not None else None
+        return whitened_vlad(features.desc, features.mask, self.centroids, whitening)
 
     @torch.no_grad()
     def fit(self, batches: Iterable[torch.Tensor]) -> "DELF":
@@ -354,13 +349,7 @@ class DELF(Descriptor):
         self.pca_mean.copy_(torch.from_numpy(mean))
         self.pca_projection.copy_(torch.from_numpy(projection))
         reduced = self.reduce(torch.from_numpy(training).to(self.pca_mean)).cpu().numpy()
-        centroids = fit_codebook(
-            reduced,
-            n_clusters=int(self.conf["n_clusters"]),
-            seed=int(self.conf["seed"]),
-            max_points=int(self.conf["max_fit_descriptors"]),
-            n_iterations=int(self.conf["kmeans_iterations"]),
-        )
+        centroids = fit_codebook(reduced, **kmeans_options(self.conf))
         self.centroids.copy_(torch.from_numpy(centroids))
         if whiten:
             vectors = []

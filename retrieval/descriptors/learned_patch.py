@@ -23,7 +23,7 @@ from kornia.feature import (
 )
 
 from retrieval.descriptors.base import check_images
-from retrieval.descriptors.vlad_base import VLADDescriptor
+from retrieval.descriptors.vlad_base import VLAD_CONF, VLADDescriptor
 from retrieval.patches import PATCH_SIZE
 from retrieval.types import InputSpec, LocalFeatures
 
@@ -36,19 +36,14 @@ PATCH_DESCRIPTOR_CONF: Dict[str, Any] = {
     "image_size": (256, 192),
     "max_keypoints": 300,
     "upright": False,
-    "n_clusters": 64,
+    "describe_chunk": 1024,
+    "min_patch_contrast": 0.01,
     # Raw VLAD by default, as `sift`: PCA-whitening the 8192-d VLAD from ~1,000 training images
     # amplifies noise, and more so for trained networks. 300-product VITON val subset, mAP@20
     # none/hp: untrained 0.105/0.195 whitened to 256-d vs 0.201/0.299 raw; trained (homographies,
     # 255k pairs) 0.076/0.114 vs 0.198/0.230; trained on garment pairs (InfoNCE) 0.131/0.209 vs
     # 0.249/0.319. `pca_dim` still turns it on.
-    "pca_dim": None,
-    "fit_descriptors_per_image": 300,
-    "max_fit_descriptors": 200_000,
-    "kmeans_iterations": 20,
-    "describe_chunk": 1024,
-    "min_patch_contrast": 0.01,
-    "seed": 0,
+    **VLAD_CONF,
 }
 
 

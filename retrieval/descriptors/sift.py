@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from retrieval.descriptors.base import DESCRIPTORS, check_images
-from retrieval.descriptors.vlad_base import VLADDescriptor
+from retrieval.descriptors.vlad_base import VLAD_CONF, VLADDescriptor
 from retrieval.types import InputSpec, LocalFeatures
 from retrieval.vlad_fitting import pad_features
 
@@ -54,7 +54,8 @@ class SIFT(VLADDescriptor):
     """OpenCV SIFT keypoints + (Root)SIFT descriptors, VLAD-aggregated for indexing.
 
     `fit` learns the VLAD codebook (and, when ``pca_dim`` is set, a PCA-whitening of the VLAD
-    vectors) from training images; both are buffers, so they travel in ``state_dict``.
+    vectors) from training images; both are buffers, so they travel in ``state_dict``. The VLAD
+    settings and their defaults are `VLAD_CONF`'s.
 
     Config (``default_conf``):
         image_size: (H, W) the loader resizes to; extraction itself works at any size.
@@ -86,14 +87,7 @@ class SIFT(VLADDescriptor):
         "image_size": (256, 192),
         "max_keypoints": 1000,
         "root_sift": True,
-        "n_clusters": 64,
-        # Raw VLAD by default: a PCA-whitening of 8192-d VLAD learned from ~1,000 training images is
-        # rank-deficient and amplifies noise (VITON val subset of 600: mAP@20 0.089 with it, 0.184 without).
-        "pca_dim": None,
-        "fit_descriptors_per_image": 300,
-        "max_fit_descriptors": 200_000,
-        "kmeans_iterations": 20,
-        "seed": 0,
+        **VLAD_CONF,
         "n_octave_layers": 3,
         "contrast_threshold": 0.02,
         "edge_threshold": 10.0,

@@ -14,7 +14,7 @@ import torch
 from kornia.color import rgb_to_grayscale
 
 from retrieval.descriptors.base import DESCRIPTORS, check_images
-from retrieval.descriptors.vlad_base import VLADDescriptor
+from retrieval.descriptors.vlad_base import VLAD_CONF, VLADDescriptor
 from retrieval.surf import DEFAULT_HESSIAN_THRESHOLD, surf
 from retrieval.types import InputSpec, LocalFeatures
 
@@ -24,8 +24,7 @@ from retrieval.types import InputSpec, LocalFeatures
 class SURF(VLADDescriptor):
     """SURF keypoints and descriptors (torch, batched), VLAD-aggregated and PCA-whitened for indexing.
 
-    `fit` learns the VLAD codebook (and, when ``pca_dim`` is set, a PCA-whitening of the VLAD
-    vectors) from training images; both are buffers, so they travel in ``state_dict``.
+    Fitted like `sift`: the codebook and the optional whitening are buffers learned by `fit`.
 
     Config (``default_conf``):
         image_size: (H, W) the loader resizes to; extraction itself works at any size.
@@ -62,12 +61,7 @@ class SURF(VLADDescriptor):
         "extended": False,
         "upright": False,
         "max_keypoints": 1000,
-        "n_clusters": 64,
-        "pca_dim": None,  # raw VLAD, as for sift: whitening 4096-d VLAD from ~1k images is rank-deficient
-        "fit_descriptors_per_image": 300,
-        "max_fit_descriptors": 200_000,
-        "kmeans_iterations": 20,
-        "seed": 0,
+        **VLAD_CONF,  # raw VLAD, as for sift: whitening 4096-d VLAD from ~1k images is rank-deficient
     }
 
     def __init__(self, **conf: Any):

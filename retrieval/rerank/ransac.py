@@ -1,9 +1,9 @@
 """Step 2 of spatial verification (`retrieval.rerank`): geometric models and RANSAC, batched torch or OpenCV.
 
 The models (similarity, affine, homography) as linear systems of their parameters, the batched solver
-and transfer error, then the two back-ends with one contract: `ransac` (torch, every candidate's
-hypotheses at once) and `ransac_opencv` (one OpenCV call per candidate); the package docstring says
-which to use when.
+and transfer error, then the two back-ends behind one contract, `ransac` (``backend="torch"``: every candidate's
+hypotheses at once; ``"opencv"``, also `ransac_opencv`: one OpenCV call per candidate); the package
+docstring says which to use when.
 """
 
 from __future__ import annotations
@@ -155,12 +155,15 @@ def ransac(
     valid: torch.Tensor,
     model: str = "similarity",
     threshold: float = 20.0,
-    iterations: int = 256,
+    iterations: Optional[int] = None,
     max_scale_change: Optional[float] = 4.0,
     generator: Optional[torch.Generator] = None,
+    backend: str = "torch",
+    confidence: float = 0.999,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """RANSAC for C independent point sets at once: best transform src -> dst and its inliers.
+    """RANSAC for C independent point sets: best transform src -> dst and its inliers.
 
+    backend "torch": every set's hypotheses at once.
     Each set gets ``iterations`` hypotheses from minimal samples of its valid matches (drawn with
     replacement; a sample with a repeated match is singular and discarded); a hypothesis whose
     linear part changes area by more than ``max_scale_change`` squared, or mirrors, is discarded
@@ -169,15 +172,24 @@ def ransac(
     normalised per set (Hartley) before solving; errors are measured in pixels of ``dst``.
     A set with fewer valid matches than the minimal sample gets no inlier at all.
 
+    backend "opencv": one OpenCV call per set, the fast choice on a CPU (see the package doc).
+    similarity: ``cv2.estimateAffinePartial2D``, affine: ``cv2.estimateAffine2D`` (both RANSAC plus a
+    Levenberg-Marquardt refinement), homography: ``cv2.findHomography`` with RANSAC. OpenCV adapts
+    the number of hypotheses to the inlier ratio it finds (``iterations`` is the cap), which is why
+    it beats the fixed-size batch on a CPU. The scale bound is checked on the final model only:
+    an implausible model counts no inlier. Seed OpenCV with ``cv2.setRNGSeed`` for repeatability.
+
     Args:
         src: points in the first image (the query).
         dst: matched points in the second image (the candidate).
         valid: True for real matches.
         model: "similarity" (4 dof), "affine" (6) or "homography" (8).
         threshold: inlier distance in pixels of the second image.
-        iterations: hypotheses per set.
+        iterations: hypotheses per set (torch; default 256), or OpenCV's cap on them (default 2000).
         max_scale_change: bound on the scale change of a hypothesis, or None for no bound.
-        generator: seeds the minimal samples (deterministic re-ranking).
+        generator: seeds the minimal samples (torch; deterministic re-ranking).
+        backend: "torch" or "opencv".
+        confidence: OpenCV's stopping confidence.
 
     Returns:
         (matrices, inliers): 3x3 transforms src -> dst in pixels (identity where nothing was
@@ -202,6 +214,22 @@ def ransac(
             f"expected src/dst (C, M, 2) and valid (C, M), "
             f"got {tuple(src.shape)}, {tuple(dst.shape)}, {tuple(valid.shape)}"
         )
+    if backend == "opencv":
+        cap = 2000 if iterations is None else iterations
+        return _opencv_ransac(src, dst, valid, model, threshold, cap, max_scale_change, confidence)
+    if backend != "torch":
+        raise ValueError(f"unknown RANSAC backend {backend!r}; valid: torch, opencv")
+    hypotheses = 256 if iterations is None else iterations
+    return _torch_ransac(src, dst, valid, model, threshold, hypotheses, max_scale_change, generator)
+
+
+def ransac_opencv(src: torch.Tensor, dst: torch.Tensor, valid: torch.Tensor, **options) -> Tuple[torch.Tensor, ...]:
+    """`ransac` with ``backend="opencv"`` (one OpenCV call per set); the same contract and options."""
+    return ransac(src, dst, valid, backend="opencv", **options)
+
+
+def _torch_ransac(src, dst, valid, model, threshold, iterations, max_scale_change, generator):
+    """`ransac`'s torch back-end on checked inputs: all sets' hypotheses in one batch."""
     _, sample_size = MODELS[model]
     n_sets, n_matches = valid.shape
     device = src.device
@@ -262,38 +290,10 @@ def ransac(
     return torch.where(solvable[:, None, None], pixel_matrices, identity), inliers
 
 
-def ransac_opencv(
-    src: torch.Tensor,
-    dst: torch.Tensor,
-    valid: torch.Tensor,
-    model: str = "similarity",
-    threshold: float = 20.0,
-    iterations: int = 2000,
-    max_scale_change: Optional[float] = 4.0,
-    confidence: float = 0.999,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """`ransac` by OpenCV, one call per set: the fast choice on a CPU (see the package doc).
-
-    similarity: ``cv2.estimateAffinePartial2D``, affine: ``cv2.estimateAffine2D`` (both RANSAC plus a
-    Levenberg-Marquardt refinement), homography: ``cv2.findHomography`` with RANSAC. OpenCV adapts
-    the number of hypotheses to the inlier ratio it finds (``iterations`` is the cap), which is why
-    it beats the fixed-size batch on a CPU. The scale bound is checked on the final model only:
-    an implausible model counts no inlier. Seed OpenCV with ``cv2.setRNGSeed`` for repeatability.
-
-    Shape:
-        - src, dst: (C, M, 2)
-        - valid: (C, M) bool
-        - output: ((C, 3, 3), (C, M) bool)
-    """
+def _opencv_ransac(src, dst, valid, model, threshold, iterations, max_scale_change, confidence):
+    """`ransac`'s OpenCV back-end on checked inputs: one call per set."""
     import cv2
 
-    if model not in MODELS:
-        raise ValueError(f"unknown geometric model {model!r}; valid models: {', '.join(MODELS)}")
-    if src.ndim != 3 or src.shape[-1] != 2 or dst.shape != src.shape or valid.shape != src.shape[:2]:
-        raise ValueError(
-            f"expected src/dst (C, M, 2) and valid (C, M), "
-            f"got {tuple(src.shape)}, {tuple(dst.shape)}, {tuple(valid.shape)}"
-        )
     _, sample_size = MODELS[model]
     src_np, dst_np = src.detach().cpu().double().numpy(), dst.detach().cpu().double().numpy()
     valid_np = valid.detach().cpu().numpy().astype(bool)

@@ -8,7 +8,7 @@ from typing import Any, Dict, Iterable, Optional, Tuple
 import torch
 
 from retrieval.rerank.matching import mutual_nearest_neighbours
-from retrieval.rerank.ransac import MODELS, ransac, ransac_opencv
+from retrieval.rerank.ransac import MODELS, ransac
 from retrieval.rerank.store import LocalFeatureStore
 
 log = logging.getLogger("street2shop.rerank")
@@ -89,27 +89,18 @@ class SpatialVerifier:
         matched_kp = cand_kp.gather(1, match[..., None].expand(-1, -1, 2))
         query_kp = query_kp[None].expand(len(cand_kp), -1, -1)
         backend = self.conf["backend"]
-        if backend == "torch" or (backend == "auto" and query_desc.is_cuda):
-            _, inliers = ransac(
-                query_kp,
-                matched_kp,
-                valid,
-                model=self.conf["model"],
-                threshold=float(self.conf["threshold"]),
-                iterations=int(self.conf["torch_hypotheses"]),
-                max_scale_change=self.conf["max_scale_change"],
-                generator=generator,
-            )
-        else:
-            _, inliers = ransac_opencv(
-                query_kp,
-                matched_kp,
-                valid,
-                model=self.conf["model"],
-                threshold=float(self.conf["threshold"]),
-                iterations=int(self.conf["max_iterations"]),
-                max_scale_change=self.conf["max_scale_change"],
-            )
+        on_torch = backend == "torch" or (backend == "auto" and query_desc.is_cuda)
+        _, inliers = ransac(
+            query_kp,
+            matched_kp,
+            valid,
+            model=self.conf["model"],
+            threshold=float(self.conf["threshold"]),
+            iterations=int(self.conf["torch_hypotheses" if on_torch else "max_iterations"]),
+            max_scale_change=self.conf["max_scale_change"],
+            generator=generator,
+            backend="torch" if on_torch else "opencv",
+        )
         return inliers.sum(dim=1)
 
     @torch.no_grad()

@@ -65,6 +65,8 @@ Example:
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from retrieval.surf.descriptor import surf_descriptor
@@ -111,21 +113,20 @@ __all__ = [
 def surf(
     grey: torch.Tensor,
     hessian_threshold: float = DEFAULT_HESSIAN_THRESHOLD,
-    n_octaves: int = 4,
-    initial_step: int = 1,
-    max_keypoints: int = 1000,
+    *,
     extended: bool = False,
     upright: bool = False,
-    hessian_weight: float = HESSIAN_WEIGHT,
+    **detector_options: Any,
 ) -> SURFFeatures:
     """Detect and describe SURF features in a batch of grey images.
 
     Args:
         grey: images in [0, 1].
-        hessian_threshold, n_octaves, initial_step, max_keypoints, hessian_weight: see
-            `detect_surf_keypoints`.
+        hessian_threshold: see `detect_surf_keypoints`.
         extended: 128-d descriptors (SURF-128) instead of 64-d.
         upright: U-SURF: no orientation assignment (all 0), faster, not rotation-invariant.
+        detector_options: n_octaves, initial_step, max_keypoints, hessian_weight of
+            `detect_surf_keypoints` (its defaults otherwise).
 
     Returns:
         `SURFFeatures` with descriptors; padding rows are all zero.
@@ -134,7 +135,7 @@ def surf(
         - grey: (B, H, W)
         - descriptors: (B, N, 64 or 128)
     """
-    features = detect_surf_keypoints(grey, hessian_threshold, n_octaves, initial_step, max_keypoints, hessian_weight)
+    features = detect_surf_keypoints(grey, hessian_threshold, **detector_options)
     max_scale = float(features.scales.max()) if features.scales.numel() else 0.0
     integral = padded_integral_image(grey, haar_margin(max_scale))
     if not upright:

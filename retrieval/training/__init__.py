@@ -1,7 +1,7 @@
 """Training, apart from the models: the shared run scaffolding (`run`), the trainer convention
 (`trainers`) and one module per trainer of this layer (tn, the learned patch descriptors, delf).
 
-`from retrieval.training import TrainingRun, train_model, ...` is the public surface.
+`from retrieval.training import TrainingRun, TrainingJob, train_model, ...` is the public surface.
 """
 
 from retrieval.training.run import (
@@ -17,6 +17,7 @@ from retrieval.training.run import (
 )
 from retrieval.training.trainers import (
     Trainer,
+    TrainingJob,
     add_trainer_modules,
     has_trainer,
     register_trainer,
@@ -29,6 +30,7 @@ from retrieval.training.trainers import (
 __all__ = [
     "CHECKPOINT_VERSION",
     "Trainer",
+    "TrainingJob",
     "TrainingRun",
     "add_trainer_modules",
     "atomic_torch_save",

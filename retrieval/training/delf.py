@@ -14,7 +14,7 @@ import io
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Dict, Tuple
 
 import numpy as np
 import torch
@@ -26,7 +26,7 @@ from retrieval.descriptors.delf import DELF, TRAINED_PREFIXES
 from retrieval.files import read_checked_bytes, write_checked_bytes
 from retrieval.training.map_cache import cache_chunks, float16_maps
 from retrieval.training.run import TrainingRun
-from retrieval.training.trainers import register_trainer
+from retrieval.training.trainers import TrainingJob, register_trainer
 
 log = logging.getLogger("street2shop.retrieval")
 
@@ -117,17 +117,8 @@ def attention_classification_loss(
 
 
 @register_trainer("delf", config=DELFTrainConfig)
-def train_delf(
-    delf: DELF,
-    dataset,
-    out_dir: Path,
-    config: DELFTrainConfig,
-    *,
-    seed: int = 0,
-    progress: bool = True,
-    time_budget_s: Optional[float] = None,
-) -> Path:
-    """Train the attention on the training pairs' product ids; return final.pt.
+def train_delf(delf: DELF, job: TrainingJob, config: DELFTrainConfig) -> Path:
+    """Train the attention on the training pairs' product ids (``job.dataset.train``); return final.pt.
 
     Both photos of a pair share the label of its product. Two image-level losses, both
     attention-pooled features -> classifier over product ids -> cross-entropy:
@@ -142,7 +133,7 @@ def train_delf(
       over 1-10 epochs. Untrained: 0.16.
 
     ``batch_size`` counts pairs (both photos of each go into the batch). The frozen block features of every
-    training image (at scale 1) are cached once under ``out_dir/block-features/`` (float16,
+    training image (at scale 1) are cached once under ``job.out_dir/block-features/`` (float16,
     about 43 KB per 256x192 image), in chunks of pairs in a seeded order, so an interrupted run
     resumes its caching as well as its training. With a time budget, caching stops after
     half of it and training uses the pairs cached so far (a warning says how many).
@@ -150,6 +141,7 @@ def train_delf(
     final.pt holds the attention only: use it as ``delf@OUT/final.pt``, which is then fitted
     (PCA, codebook) like the untrained one.
     """
+    dataset, out_dir, seed = job.dataset, job.out_dir, job.seed
     if dataset.train is None or dataset.train.empty:
         raise ValueError(f"{dataset.name} has no training pairs to train {delf.name} on")
     pairs = dataset.train.sort_values("pair_id").reset_index(drop=True)
@@ -183,13 +175,11 @@ def train_delf(
         modules,
         {"adam": optimiser},
         run_config,
-        seed=seed,
-        time_budget_s=time_budget_s,
-        progress=f"train {delf.name}" if progress else None,
+        **job.run_options(f"train {delf.name}"),
     )
     delf.backbone.eval()
     product_maps, person_maps, targets = _cached_training_features(
-        delf, pairs, labels, Path(out_dir) / "block-features", run, seed, int(config.cache_batch_size), progress
+        delf, pairs, labels, out_dir / "block-features", run, seed, int(config.cache_batch_size), job.progress
     )
     n_pairs = len(targets)
     for epoch in run.epochs(epochs):

@@ -48,7 +48,7 @@ from retrieval.training.patch_losses import (
     vlad_loss,
 )
 from retrieval.training.run import TrainingRun
-from retrieval.training.trainers import register_trainer
+from retrieval.training.trainers import TrainingJob, register_trainer
 
 
 @dataclass(frozen=True)
@@ -182,29 +182,22 @@ MODEL_TRAINING: Dict[str, Tuple[Tuple[str, ...], HomographyLoss]] = {
 
 @register_trainer("l2net", config=L2NetTrainConfig)
 @register_trainer("lfnet", config=LFNetTrainConfig)
-def train_patch_descriptor(
-    model: LearnedPatchDescriptor,
-    dataset,
-    out_dir: Path,
-    config: L2NetTrainConfig,
-    *,
-    seed: int = 0,
-    progress: bool = True,
-    time_budget_s: Optional[float] = None,
-) -> Path:
+def train_patch_descriptor(model: LearnedPatchDescriptor, job: TrainingJob, config: L2NetTrainConfig) -> Path:
     """Train a learned patch descriptor's networks (`MODEL_TRAINING`) with the three objectives; return final.pt.
 
     Each step reads ``batch_size`` training pairs (grey, ``image_size``) and optimises the weighted
     sum (Adam). An epoch is one pass over at most ``max_images`` pairs in a seeded order; every random
     draw comes from (seed, epoch, step), so a resumed run repeats exactly what it would have done.
-    Writes ``out_dir``/{last.pt, final.pt, losses.csv, losses.png, config.json} via `TrainingRun`.
-    The codebook and whitening are not learned here: `fit` after training (the engine does).
+    Writes ``job.out_dir``/{last.pt, final.pt, losses.csv, losses.png, config.json} via `TrainingRun`
+    (it resumes from its last.pt). The codebook and whitening are not learned here: `fit` after training
+    (the engine does).
 
     Args:
-        dataset: a RetrievalSet with training pairs (and parse maps for the garment and VLAD objectives).
-        out_dir: run directory (resumes from its last.pt).
+        job: its dataset is a RetrievalSet with training pairs (and parse maps for the garment and VLAD
+            objectives).
         config: `L2NetTrainConfig`, or `LFNetTrainConfig` for lfnet.
     """
+    dataset, seed = job.dataset, job.seed
     module_names, homography_loss = MODEL_TRAINING[model.name]
     if dataset.train is None or dataset.train.empty:
         raise ValueError(f"{dataset.name} has no training pairs to train {model.name} on")
@@ -245,15 +238,13 @@ def train_patch_descriptor(
     # The run's config (a resume must match it) holds the options, as it always has, but not how often it checkpoints.
     settings = {k: v for k, v in dataclasses.asdict(config).items() if k != "checkpoint_every_s"}
     run = TrainingRun(
-        out_dir,
+        job.out_dir,
         modules,
         {"adam": optimizer},
         config={"descriptor": model.name, "conf": model.config(), "n_images": len(paths), **settings},
-        seed=seed,
-        time_budget_s=time_budget_s,
         checkpoint_every_s=float(config.checkpoint_every_s),
-        progress=f"train {model.name}" if progress else None,
         steps_per_epoch=steps_per_epoch,
+        **job.run_options(f"train {model.name}"),
     )
     model._bfloat16_training = bool(config.bfloat16)
     try:

@@ -17,10 +17,10 @@
       and mAP@20 of person -> product retrieval among the held-out products are logged per epoch in
       losses.csv (columns val_recall@1 and val_mAP@20, the latest evaluation on every row; the first
       is the untrained form) and the best epoch by val mAP@20 is what final.pt holds.
-    - time budget: `time_budget_s` is wall-clock for the whole call. Caching the maps is most of the
-      cost, so at most `extract_budget_share` of the budget goes to it: when that share runs out the run
-      trains on the pairs cached so far (a seeded sample of whole chunks), says so, and keeps to that
-      set when resumed.
+    - time budget: the job's `time_budget_s` is wall-clock for the whole call. Caching the maps is most
+      of the cost, so at most `extract_budget_share` of the budget goes to it: when that share runs out
+      the run trains on the pairs cached so far (a seeded sample of whole chunks), says so, and keeps to
+      that set when resumed.
 
 Example:
     >>> tn = create_descriptor("tn")                                   # doctest: +SKIP
@@ -53,7 +53,7 @@ from retrieval.metrics import rank_of_truth, single_relevant_metrics
 from retrieval.proxy_stage import to_descriptor_input
 from retrieval.training.map_cache import cache_chunks, float16_maps
 from retrieval.training.run import TrainingRun, atomic_torch_save, load_checkpoint
-from retrieval.training.trainers import register_trainer
+from retrieval.training.trainers import TrainingJob, register_trainer
 from retrieval.triplet import TripletMarginLoss, create_miner, seeded_batches
 
 log = logging.getLogger("street2shop.tn")
@@ -232,27 +232,18 @@ def validate(
 
 
 @register_trainer("tn", config=TNTrainConfig)
-def train_tn(
-    tn: TripletNet,
-    dataset,
-    out_dir: Path,
-    config: TNTrainConfig,
-    *,
-    seed: int = 0,
-    progress: bool = True,
-    time_budget_s: Optional[float] = None,
-) -> Path:
-    """Train on `dataset.train`'s pairs (see the module docstring); return `<out_dir>/final.pt`.
+def train_tn(tn: TripletNet, job: TrainingJob, config: TNTrainConfig) -> Path:
+    """Train on `job.dataset.train`'s pairs (see the module docstring); return `<job.out_dir>/final.pt`.
 
     Args:
         tn: the descriptor, trained in place; it then holds the weights of the best epoch.
-        dataset: a RetrievalSet with training pairs (pair_id, person_image, product_image, product_id).
-        out_dir: run directory (last.pt resumes; features/ holds the map cache).
+        job: the data set (a RetrievalSet with training pairs: pair_id, person_image, product_image,
+            product_id), the run directory (last.pt resumes; features/ holds the map cache), the seed (the
+            held-out slice, the batch order and the augmentation), the time budget (wall-clock seconds for
+            the whole call; stops cleanly, checkpointed, when spent) and progress bars.
         config: the training options.
-        seed: seeds the held-out slice, the batch order and the augmentation.
-        time_budget_s: wall-clock seconds for the whole call; stops cleanly (checkpointed) when spent.
-        progress: progress bars.
     """
+    dataset, out_dir, seed, progress = job.dataset, job.out_dir, job.seed, job.progress
     # Not dataclasses.asdict: that would deep-copy a proxy network.
     tconf = {field.name: getattr(config, field.name) for field in dataclasses.fields(config)}
     pairs = _training_pairs(dataset)
@@ -267,7 +258,6 @@ def train_tn(
     if tconf["miner"] not in ("batch_hard", "semi_hard", "all"):
         raise ValueError(f"miner must be batch_hard, semi_hard or all, got {tconf['miner']!r}")
     tn.eval()  # BatchNorm statistics stay frozen, also in fine-tuned blocks
-    out_dir = Path(out_dir)
     order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed)).numpy()
     trainable = trainable_modules(tn)
     best = _BestSnapshot(trainable)
@@ -293,9 +283,7 @@ def train_tn(
         {"trainable": trainable, "best": best},
         {"adamw": optimizer},
         run_config,
-        seed=seed,
-        time_budget_s=time_budget_s,
-        progress=f"train {tn.name}" if progress else None,
+        **job.run_options(f"train {tn.name}"),
     )
     cached = _cached_maps(tn, pairs, order, proxy, out_dir / "features", run, tconf, progress)
     positions = cached["positions"]

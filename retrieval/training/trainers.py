@@ -5,8 +5,9 @@ inference only. Its training lives in a trainer module (`retrieval/training/tn.p
 `generation/training/paintnet.py`, ...), which holds:
 
 - a frozen dataclass of the training options with their defaults (the one place they are spelled);
-- a function ``train(model, dataset, out_dir, config, *, seed, progress, time_budget_s) -> Path`` that
-  trains ``model`` in place through `retrieval.training.run.TrainingRun` and returns final.pt;
+- a function ``train(model, job, config) -> Path`` that trains ``model`` in place on ``job`` (a `TrainingJob`:
+  the data set, the run directory, seed, progress and time budget) through `retrieval.training.run.TrainingRun`
+  and returns final.pt;
 
 registered for the model's registry name(s)::
 
@@ -16,14 +17,14 @@ registered for the model's registry name(s)::
         lr: float = 1e-3
 
     @register_trainer("tn", config=TNTrainConfig)
-    def train_tn(model, dataset, out_dir, config, *, seed=0, progress=True, time_budget_s=None) -> Path:
-        ...
+    def train_tn(model: TripletNet, job: TrainingJob, config: TNTrainConfig) -> Path:
+        ...  # job.dataset, job.out_dir; TrainingRun(job.out_dir, ..., **job.run_options("train tn"))
 
 `Descriptor.train_on` and `Proxy.train_on` call `train_model`, which finds the trainer, types and checks
-the options (`training_config`) and runs it. `split_options` is the one place that splits `--set`
-options into the model's and the trainer's. Trainer modules are imported when first needed: the model
-modules never import them (a trainer imports its model, not the other way round); a higher layer adds
-its own with `add_trainer_modules` (generation/ does, for its proxies).
+the options (`training_config`), builds the `TrainingJob` and runs it. `split_options` is the one place
+that splits `--set` options into the model's and the trainer's. Trainer modules are imported when first
+needed: the model modules never import them (a trainer imports its model, not the other way round); a
+higher layer adds its own with `add_trainer_modules` (generation/ does, for its proxies).
 """
 
 from __future__ import annotations
@@ -36,8 +37,32 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Type
 
 from retrieval.registry import typed_options
 
-# Arguments every trainer gets from the caller; never a training option of a model.
-RUN_ARGUMENTS = ("seed", "progress", "time_budget_s")
+
+@dataclass(frozen=True)
+class TrainingJob:
+    """What every trainer gets from its caller besides the model and its options (never a training option).
+
+    Attributes:
+        dataset: the RetrievalSet to train on (its ``train`` pairs), or None where an option names the data.
+        out_dir: the run directory (last.pt resumes; final.pt is the result).
+        seed: seeds the run: batch order, augmentation, held-out slices.
+        progress: whether to show progress bars.
+        time_budget_s: wall-clock seconds for the whole call, or None; the trainer stops cleanly when spent.
+    """
+
+    dataset: Any
+    out_dir: Path
+    seed: int = 0
+    progress: bool = True
+    time_budget_s: Optional[float] = None
+
+    def run_options(self, label: str) -> Dict[str, Any]:
+        """``seed``, ``time_budget_s`` and ``progress`` as `TrainingRun` takes them, the bar named ``label``."""
+        return {"seed": self.seed, "time_budget_s": self.time_budget_s, "progress": label if self.progress else None}
+
+
+# Arguments every trainer gets from the caller (in its `TrainingJob`); never a training option of a model.
+RUN_ARGUMENTS = tuple(field.name for field in dataclasses.fields(TrainingJob))[2:]
 
 # Trainer modules of this layer, imported on first use (a new trainer file appends its module here).
 _TRAINER_MODULES: List[str] = [
@@ -138,10 +163,8 @@ def train_model(
 ) -> Path:
     """Train ``model`` (a descriptor or proxy, by its registry name) with its registered trainer; final.pt."""
     config = training_config(model.name, options)
-    trainer = trainer_for(model.name)
-    return Path(
-        trainer.train(model, dataset, Path(out_dir), config, seed=seed, progress=progress, time_budget_s=time_budget_s)
-    )
+    job = TrainingJob(dataset, Path(out_dir), seed=seed, progress=progress, time_budget_s=time_budget_s)
+    return Path(trainer_for(model.name).train(model, job, config))
 
 
 def split_options(

@@ -118,3 +118,44 @@ def test_checkpoint_of_another_proxy_is_refused(tmp_path):
     )
     with pytest.raises(ValueError, match="does not fit proxy 'none'"):
         create_proxy(f"none@{path}")
+
+
+def test_a_spec_carries_options_with_a_checkpoint(tiny_checkpoints):
+    """`NAME[k=v]@final.pt`: the options build the proxy, the checkpoint fills it; keyword options win."""
+    checkpoint = tiny_checkpoints("hp")
+    proxy = create_proxy(f"hp[localise=true;margin=0.1]@{checkpoint}", margin=0.2)
+    assert proxy.uses_parser and proxy.conf["localise"] is True and proxy.conf["margin"] == 0.2
+    assert create_proxy("hp[grabcut_iterations=2]").conf["grabcut_iterations"] == 2
+
+
+def test_hp_reads_larger_and_cuts_out_at_the_descriptor_size(tiny_checkpoints):
+    """input_scale 3: photos are read 3x larger (proxy_input_size) and the cut-out comes back at 1/3 of that."""
+    from retrieval.proxy_stage import proxy_input_size
+
+    proxy = create_proxy(f"hp[input_scale=3]@{tiny_checkpoints('hp')}").eval()
+    assert proxy_input_size(proxy, (64, 48)) == (192, 144) and proxy_input_size(create_proxy("none"), (64, 48)) == (
+        64,
+        48,
+    )
+    large = person_like_images(2, seed=4, size=(192, 144))
+    with torch.no_grad():
+        out = proxy(large)
+    assert out.shape == (2, 3, 64, 48) and out.min() >= 0 and out.max() <= 1
+
+
+def test_hp_reports_the_box_it_cut_the_garment_from(tiny_checkpoints):
+    """forward_with_boxes: the output is forward's, and each box is the tight box of the garment mask (x0, y0, x1,
+    y1); a proxy that does not crop reports None for every image."""
+    from generation.parsing import garment_masks
+    from retrieval.garments import mask_bounding_boxes
+
+    proxy = create_proxy(f"hp@{tiny_checkpoints('hp')}").eval()
+    images = person_like_images(3, seed=2)
+    with torch.no_grad():
+        out, boxes = proxy.forward_with_boxes(images)
+        assert torch.equal(out, proxy(images))
+        masks = garment_masks(images, proxy.parser, 0.5, 5, 0.05)
+    tight, nonempty = mask_bounding_boxes(masks > 0.5)
+    for box, (top, left, bottom, right), found in zip(boxes, tight.tolist(), nonempty.tolist()):
+        assert box == ((left, top, right, bottom) if found else None)
+    assert create_proxy("none").forward_with_boxes(images)[1] == [None, None, None]

@@ -293,13 +293,16 @@ def test_load_dataset_specs(tmp_path):
     assert len(load_dataset(f"csv:{catalog},{queries}").queries) == 2
     assert load_dataset(f"csv:{catalog}").queries.empty
     with pytest.raises(
-        ValueError, match="registered formats: csv, synthetic, viton, viton-street; valid forms: csv:CATALOG.csv"
+        ValueError,
+        match="registered formats: csv, synthetic, viton, viton-street, viton-street-hr; valid forms: csv:CATALOG.csv",
     ):
         load_dataset("deepfashion:/x")
     with pytest.raises(ValueError, match="expected viton:ROOT"):
         load_dataset("viton:")
     with pytest.raises(ValueError, match="expected viton-street:ROOT"):
         load_dataset("viton-street:")
+    with pytest.raises(ValueError, match="expected viton-street-hr:ROOT"):
+        load_dataset("viton-street-hr:")
     with pytest.raises(ValueError, match="expected csv:CATALOG.csv or"):
         load_dataset(f"csv:{catalog},{queries},{queries}")
     with pytest.raises(ValueError, match="positive integer"):
@@ -321,6 +324,7 @@ DATASET_EXAMPLES = {
     "synthetic": lambda root: "synthetic:4",  # generated into load_dataset's cache_dir
     "viton": _viton_example,
     "viton-street": lambda root: "viton-street:" + _viton_example(root).partition(":")[2],  # queries into cache_dir
+    "viton-street-hr": lambda root: "viton-street-hr:" + _viton_example(root).partition(":")[2],
 }
 """Format -> a function that writes a tiny example under a directory and returns its spec."""
 
@@ -455,6 +459,21 @@ def test_viton_street_is_viton_with_street_queries(tmp_path):
     assert all(by_id[query] == image for query, image in zip(street.queries["query_id"], street.queries["image"]))
     other_seed = load_viton_street(root, split="all", seed=3, cache_dir=tmp_path / "cache")
     assert Path(other_seed.queries["image"][0]).read_bytes() != Path(everything.queries["image"][0]).read_bytes()
+
+
+def test_viton_street_hr_keeps_the_person_at_the_studio_resolution_in_a_larger_frame(tmp_path):
+    root = make_synthetic_dataset(tmp_path / "viton", n_products=6, seed=0, size=(64, 48))
+    low = load_viton_street(root, split="all", seed=2, cache_dir=tmp_path / "cache")
+    high = load_dataset(f"viton-street-hr:{root}", split="all", seed=2, cache_dir=tmp_path / "cache")
+    assert high.name.startswith("viton-street-hr:")
+    pd.testing.assert_frame_equal(high.queries.drop(columns="image"), low.queries.drop(columns="image"))
+    for small, large in zip(low.queries["image"], high.queries["image"]):
+        assert read_image(small).shape == (64, 48, 3) and read_image(large).shape == (192, 144, 3)
+        parse = Path(large).parent.parent / "image-parse" / f"{Path(large).stem}.png"
+        assert read_mask(parse).shape == (192, 144)
+    # Another variant beside the frame-1 one, whose folder keeps its old name (its cached photos stay valid).
+    folders = sorted(path.name for path in (tmp_path / "cache" / "viton-street").iterdir())
+    assert len(folders) == 2 and sum("-frame3x-" in name for name in folders) == 1
 
 
 def test_viton_street_generates_once_then_reuses(tmp_path, monkeypatch):

@@ -31,6 +31,14 @@ def test_parse_spec_types_by_defaults():
     assert str(parse_spec("tn@runs/tn/final.pt")) == "tn@runs/tn/final.pt" and str(parse_spec("gem")) == "gem"
 
 
+def test_options_and_a_checkpoint_together():
+    spec = parse_spec("hp[localise=true;input_scale=3]@runs/hp [2]/final.pt")
+    assert spec == Spec("hp", "runs/hp [2]/final.pt", {"localise": True, "input_scale": 3})  # brackets in the path
+    assert str(spec) == "hp[localise=True;input_scale=3]@runs/hp [2]/final.pt" and parse_spec(str(spec)) == spec
+    with pytest.raises(SpecSyntaxError):
+        parse_spec("hp[localise=true@runs/final.pt")
+
+
 def test_split_specs_keeps_commas_inside_brackets():
     assert split_specs("none,paintnet[sp_image_size=128,96;width=0.5], hp,") == [
         "none",

@@ -71,6 +71,20 @@ def test_outputs_have_the_frame_shape_and_types(size):
     assert composite_street(photo, alpha, background, np.random.default_rng(0)).shape == (*size, 3)
 
 
+def test_a_larger_frame_keeps_the_person_at_its_own_resolution():
+    photo, labels = _studio_person()
+    made = street_version(photo, labels, seed=1, image_id="x", frame_scale=3.0)
+    assert made.image.shape == (3 * HEIGHT, 3 * WIDTH, 3) and made.labels.shape == (3 * HEIGHT, 3 * WIDTH)
+    # The person spans `scale` of the (3x taller) frame: at least the studio photo's own height at scale 1/3.
+    rows = np.flatnonzero(made.labels.any(axis=1))
+    person_rows = np.flatnonzero(labels.any(axis=1))
+    expected = made.conditions["scale"] * 3 * HEIGHT * len(person_rows) / HEIGHT
+    if not made.conditions["cropped"]:
+        assert abs(len(rows) - expected) <= 2
+    with pytest.raises(ValueError, match="frame_scale must be > 0"):
+        street_version(photo, labels, seed=1, image_id="x", frame_scale=0)
+
+
 def test_person_matte_takes_every_non_background_label_with_a_soft_inner_edge():
     labels = np.zeros((20, 20), np.uint8)
     labels[4:16, 4:10] = 13  # face

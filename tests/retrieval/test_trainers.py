@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from retrieval.training import register_trainer, split_options, train_model, trainer_for, training_config
+from retrieval.training import TrainingJob, register_trainer, split_options, train_model, trainer_for, training_config
 
 
 @dataclass(frozen=True)
@@ -20,9 +20,9 @@ calls = []
 
 
 @register_trainer("toy-model", config=ToyConfig)
-def train_toy(model, dataset, out_dir, config, *, seed=0, progress=True, time_budget_s=None) -> Path:
-    calls.append((model.name, dataset, config, seed, time_budget_s))
-    return out_dir / "final.pt"
+def train_toy(model, job: TrainingJob, config) -> Path:
+    calls.append((model.name, job.dataset, config, job.seed, job.time_budget_s))
+    return job.out_dir / "final.pt"
 
 
 class ToyModel:
@@ -43,6 +43,16 @@ def test_train_model_runs_the_registered_trainer(tmp_path):
     assert final == tmp_path / "final.pt"
     assert calls[-1] == ("toy-model", "data", ToyConfig(epochs=1), 4, 60.0)
     assert trainer_for("toy-model").defaults() == {"epochs": 3, "lr": 1e-3, "use_bias": True, "image_size": (64, 48)}
+
+
+def test_the_job_hands_a_training_run_its_arguments(tmp_path):
+    job = TrainingJob("data", tmp_path, seed=2, progress=False, time_budget_s=5.0)
+    assert job.run_options("train toy") == {"seed": 2, "time_budget_s": 5.0, "progress": None}
+    assert TrainingJob("data", tmp_path).run_options("train toy") == {
+        "seed": 0,
+        "time_budget_s": None,
+        "progress": "train toy",
+    }
 
 
 def test_split_options_sends_each_key_to_its_owner():

@@ -247,6 +247,17 @@ def test_the_index_records_its_proxy_weights_and_refuses_another_proxy(dataset, 
         batch = images_to_tensor([resize_image(read_image(photo), (128, 96))])
         manual = to_descriptor_input(expected(batch), (128, 96)).mul(255).round().byte()[0].permute(1, 2, 0).numpy()
     np.testing.assert_array_equal(seen, manual)
+    # the crop is reported in the photo's own pixels: the box hp cut the garment from, scaled back
+    _, boxes = expected.forward_with_boxes(batch)
+    photo_h, photo_w = read_image(photo).shape[:2]
+    box = pipeline.search(photo, k=1)[0].crop_box
+    if boxes[0] is None:
+        assert box is None
+    else:
+        x0, y0, x1, y1 = boxes[0]
+        sx, sy = photo_w / 96, photo_h / 128
+        assert box == (round(x0 * sx), round(y0 * sy), round(x1 * sx), round(y1 * sy))
+        assert 0 <= box[0] < box[2] <= photo_w and 0 <= box[1] < box[3] <= photo_h
     # query needs nothing else; a conflicting --proxy is refused with the fix
     plain = _invoke("query", "--index", out, photo, "--k", "2", "--format", "json", "--device", "cpu")
     assert plain.exit_code == 0, plain.output
