@@ -1,0 +1,79 @@
+"""Option parsers and decorators shared by the command modules (the CLI's own vocabulary)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import click
+
+DATASET_HELP = (
+    "Dataset spec: 'synthetic' or 'synthetic:N' (the embedded generated set, N products), "
+    "'viton:ROOT' (VITON layout, e.g. viton:../shared/data/viton), 'viton-street:ROOT' (the same with "
+    "street-condition query photos, generated once into the cache), or 'csv:CATALOG.csv[,QUERIES.csv]'."
+)
+
+
+def split_list(value: str) -> List[str]:
+    return [item.strip() for item in value.split(",") if item.strip()]
+
+
+def parse_ks(value: str) -> List[int]:
+    try:
+        ks = sorted({int(k) for k in split_list(value)})
+    except ValueError:
+        raise click.BadParameter(f"--k takes comma-separated whole numbers, e.g. 1,5,10,20; got {value!r}")
+    if not ks or ks[0] < 1:
+        raise click.BadParameter(f"every k must be >= 1, got {value!r}")
+    return ks
+
+
+def parse_counts(value: str) -> List[int]:
+    """'10000,100000' -> [10000, 100000]; anything but whole numbers >= 1 is a usage error naming the value."""
+    try:
+        counts = [int(n) for n in split_list(value)]
+    except ValueError:
+        counts = [0]
+    if any(n < 1 for n in counts):
+        raise click.BadParameter(f"expected comma-separated whole numbers >= 1, e.g. 10000,100000; got {value!r}")
+    return counts
+
+
+def opt(*declarations, **attributes):
+    """click.option with its default shown in --help."""
+    return click.option(*declarations, show_default=True, **attributes)
+
+
+def whole(flag: str, default: int, minimum: int, help: Optional[str] = None):
+    """A whole-number option >= `minimum`, its default shown (click refuses anything else, naming it)."""
+    return opt(flag, default=default, type=click.IntRange(min=minimum), help=help)
+
+
+def embedding_options(fit_help: str, cache_help: str):
+    """--device, --batch-size, --fit-max-images and --cache-dir: what a command that embeds photos takes."""
+    options = (
+        opt("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"])),
+        opt("--batch-size", default=32, type=click.IntRange(min=1)),
+        whole("--fit-max-images", 1000, 1, fit_help),
+        click.option("--cache-dir", default=None, help=cache_help),
+    )
+
+    def apply(command):
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return apply
+
+
+def cache_dir_path(value: Optional[str]) -> Path:
+    from benchmarks.suite import resolve_cache_dir
+
+    return resolve_cache_dir(value)
+
+
+RERANK_MODELS = ("similarity", "affine", "homography")
+RERANK_MODEL_HELP = "Geometric model of the spatial verification (see retrieval/rerank/)."
+
+
+SPEC_HELP = "a spec: NAME, NAME@RUN/final.pt (trained weights) or NAME[KEY=VALUE;...] (options)"
