@@ -173,6 +173,7 @@ def recipes_command() -> None:
 @click.option("--fit-data", default=None, help="Data set fitting codebooks/whitening. Default: --train-data.")
 @click.option(
     "--time-budget",
+    "time_budget_minutes",
     default=None,
     type=click.FloatRange(min=0, min_open=True),
     help="Minutes per training (stops cleanly, checkpointed). Default: each model's own.",
@@ -181,9 +182,7 @@ def recipes_command() -> None:
 @opt("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--cache-dir", default=None, help="Default: $STREET2SHOP_CACHE or ~/.cache/street2shop.")
 @opt("--seed", default=0)
-def build_command(
-    recipe, train_data, catalog, out_dir, runs, split, fit_data, time_budget, epochs, device, cache_dir, seed
-):
+def build_command(recipe, train_data, catalog, out_dir, **options):
     """Train what a recipe needs, in dependency order, then index a catalog with it.
 
     Trainings run in order (the parser, then tn trained behind that parser) into RUNS/<run>/; one whose
@@ -197,21 +196,7 @@ def build_command(
     """
     from street2shop.engine import build_recipe
 
-    build_recipe(
-        recipe,
-        train_data,
-        catalog,
-        out_dir,
-        runs=runs,
-        split=split,
-        fit_data=fit_data,
-        time_budget_minutes=time_budget,
-        epochs=epochs,
-        device=device,
-        cache_dir=cache_dir,
-        seed=seed,
-        echo=click.echo,
-    )
+    build_recipe(recipe, train_data, catalog, out_dir, echo=click.echo, **options)  # the options keep their names
 
 
 COMMANDS = (
