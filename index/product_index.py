@@ -491,6 +491,10 @@ class ProductIndex:
         self._attachment_checksums = {}
         return directory
 
+    def has_attachment(self, name: str) -> bool:
+        """Whether the loaded version holds the checksummed attachment `name`."""
+        return name in self._attachment_checksums
+
     def attachment_path(self, name: str) -> Path:
         """Path of attachment ``name`` of exactly the version this index was loaded from.
 

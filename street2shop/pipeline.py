@@ -320,7 +320,7 @@ class Pipeline:
         else:
             entry = record["proxy"]
             proxy_model = create_proxy(entry["name"], **_from_json_config(entry["config"]))
-            if PROXY_FILE in index._attachment_checksums:
+            if index.has_attachment(PROXY_FILE):
                 proxy_state = index.read_attachment(PROXY_FILE)
                 proxy_model.load_trained(index.attachment_path(PROXY_FILE))
             if proxy_model.fingerprint() != entry["fingerprint"]:
@@ -337,7 +337,7 @@ class Pipeline:
         if n_rerank < 0:
             raise ValueError(f"rerank must be >= 0 (0: off), got {rerank}")
         gallery_local = verifier = None
-        if LOCAL_FEATURES_FILE in index._attachment_checksums:
+        if index.has_attachment(LOCAL_FEATURES_FILE):
             gallery_local = LocalFeatureStore.from_bytes(index.read_attachment(LOCAL_FEATURES_FILE))
             if len(gallery_local) != index.ntotal:
                 raise IndexMismatchError(
@@ -353,7 +353,7 @@ class Pipeline:
                 )
             verifier = SpatialVerifier(**{**recorded_conf, **dict(rerank_conf or {})})
         catalog = None
-        if CATALOG_FILE in index._attachment_checksums:
+        if index.has_attachment(CATALOG_FILE):
             table = pd.read_csv(io.BytesIO(index.read_attachment(CATALOG_FILE)), dtype=str, keep_default_na=False)
             catalog = dict(zip(table["product_id"], table["image"]))
         return cls(
