@@ -41,7 +41,10 @@ from retrieval.datasets.base import (
 )
 
 # The built-in formats: each module registers its loader when imported.
+from retrieval.datasets.crops import crop_images
 from retrieval.datasets.csv import load_csv
+from retrieval.datasets.deepfashion2 import load_deepfashion2
+from retrieval.datasets.layout import EXPECTED_LAYOUTS
 from retrieval.datasets.synthetic import DEFAULT_SYNTHETIC_PRODUCTS
 from retrieval.datasets.viton import VITON_HALVES, VITON_SPLITS, load_viton
 from retrieval.datasets.viton_street import load_viton_street
@@ -55,6 +58,7 @@ __all__ = [
     "DATASETS",
     "DATASET_SPEC_FORMS",
     "DEFAULT_SYNTHETIC_PRODUCTS",
+    "EXPECTED_LAYOUTS",
     "ID_COLUMNS",
     "QUERY_COLUMNS",
     "TRAIN_COLUMNS",
@@ -63,10 +67,12 @@ __all__ = [
     "PathLike",
     "RetrievalSet",
     "dataset_spec_forms",
+    "crop_images",
     "default_cache_dir",
     "list_dataset_formats",
     "load_csv",
     "load_dataset",
+    "load_deepfashion2",
     "load_viton",
     "load_viton_street",
     "register_dataset_format",

@@ -29,6 +29,7 @@ from retrieval.datasets import (
 )
 from retrieval.io import read_image, read_mask
 from retrieval.synthetic import LABEL_UPPER_CLOTHES, SYNTHETIC_MARKER, make_synthetic_dataset
+from tests.retrieval.official_layouts import write_deepfashion2
 
 VITON_ROOT = Path(__file__).parents[3] / "shared" / "data" / "viton"
 
@@ -294,7 +295,8 @@ def test_load_dataset_specs(tmp_path):
     assert load_dataset(f"csv:{catalog}").queries.empty
     with pytest.raises(
         ValueError,
-        match="registered formats: csv, synthetic, viton, viton-street, viton-street-hr; valid forms: csv:CATALOG.csv",
+        match="registered formats: csv, deepfashion2, synthetic, viton, viton-street, viton-street-hr; "
+        "valid forms: csv:CATALOG.csv",
     ):
         load_dataset("deepfashion:/x")
     with pytest.raises(ValueError, match="expected viton:ROOT"):
@@ -321,6 +323,7 @@ def _csv_example(root: Path) -> str:
 
 DATASET_EXAMPLES = {
     "csv": _csv_example,
+    "deepfashion2": lambda root: f"deepfashion2:{write_deepfashion2(root)}",
     "synthetic": lambda root: "synthetic:4",  # generated into load_dataset's cache_dir
     "viton": _viton_example,
     "viton-street": lambda root: "viton-street:" + _viton_example(root).partition(":")[2],  # queries into cache_dir
