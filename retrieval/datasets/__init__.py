@@ -44,7 +44,10 @@ from retrieval.datasets.base import (
 from retrieval.datasets.crops import crop_images
 from retrieval.datasets.csv import load_csv
 from retrieval.datasets.deepfashion2 import load_deepfashion2
+from retrieval.datasets.deepfashion_c2s import load_deepfashion_c2s
 from retrieval.datasets.layout import EXPECTED_LAYOUTS
+from retrieval.datasets.lookbook import load_lookbook
+from retrieval.datasets.street2shop import STREET2SHOP_CATEGORIES, load_street2shop
 from retrieval.datasets.synthetic import DEFAULT_SYNTHETIC_PRODUCTS
 from retrieval.datasets.viton import VITON_HALVES, VITON_SPLITS, load_viton
 from retrieval.datasets.viton_street import load_viton_street
@@ -62,6 +65,7 @@ __all__ = [
     "ID_COLUMNS",
     "QUERY_COLUMNS",
     "TRAIN_COLUMNS",
+    "STREET2SHOP_CATEGORIES",
     "VITON_HALVES",
     "VITON_SPLITS",
     "PathLike",
@@ -72,7 +76,10 @@ __all__ = [
     "list_dataset_formats",
     "load_csv",
     "load_dataset",
+    "load_lookbook",
     "load_deepfashion2",
+    "load_deepfashion_c2s",
+    "load_street2shop",
     "load_viton",
     "load_viton_street",
     "register_dataset_format",

@@ -26,20 +26,12 @@ from typing import List, Optional
 import numpy as np
 import pandas as pd
 
-from retrieval.datasets.base import PathLike, RetrievalSet, default_cache_dir, register_dataset_format
-from retrieval.datasets.layout import (
-    check_split,
-    expected_layout,
-    layout_error,
-    one_image_per_product,
-    shop_set,
-    training_pairs,
-    with_crops,
-)
+from retrieval.datasets import layout
+from retrieval.datasets.base import PathLike, RetrievalSet, default_cache_dir
 
 NAME = "deepfashion2"
 DEEPFASHION2_SPLITS = ("val", "train", "all")
-DEEPFASHION2_LAYOUT = expected_layout(
+DEEPFASHION2_LAYOUT = layout.expected_layout(
     NAME,
     """
 ROOT/
@@ -67,7 +59,7 @@ def _read_partition(root: Path, partition: str) -> pd.DataFrame:
     annos = root / partition / "annos"
     images = root / partition / "image"
     if not annos.is_dir():
-        raise layout_error(NAME, annos, f"the {partition} annotation folder")
+        raise layout.layout_error(NAME, annos, f"the {partition} annotation folder")
     image_files = {path.stem: path for path in images.iterdir() if path.is_file()} if images.is_dir() else {}
     rows = []
     for anno in sorted(annos.glob("*.json")):
@@ -87,7 +79,7 @@ def _read_partition(root: Path, partition: str) -> pd.DataFrame:
                 f"layout:\n{DEEPFASHION2_LAYOUT}"
             ) from None
         if anno.stem not in image_files:
-            raise layout_error(NAME, images / f"{anno.stem}.jpg", f"the image of {anno}")
+            raise layout.layout_error(NAME, images / f"{anno.stem}.jpg", f"the image of {anno}")
         for key, style, category, box in parsed:
             if len(box) != 4:
                 raise ValueError(f"{anno}: {key}.bounding_box must be [x1, y1, x2, y2], got {box}")
@@ -111,7 +103,7 @@ def _with_ids(items: pd.DataFrame, prefix: bool) -> pd.DataFrame:
 
 def _gallery_and_queries(items: pd.DataFrame, name: str):
     """(shop items one per product, user items of style > 0 as queries)."""
-    shop = one_image_per_product(items[items["source"] == "shop"], name)
+    shop = layout.one_image_per_product(items[items["source"] == "shop"], name)
     users = items[(items["source"] == "user") & (items["style"] > 0)].reset_index(drop=True)
     return shop, users.rename(columns={"item_id": "query_id"})
 
@@ -134,17 +126,15 @@ def load_deepfashion2(root: PathLike, split: str = "val", cache_dir: Optional[Pa
             (the message shows the expected tree).
         ValueError: an unknown split, or a malformed annotation file (named).
     """
-    check_split(NAME, split, DEEPFASHION2_SPLITS)
-    root = Path(root).expanduser().resolve()
-    if not root.is_dir():
-        raise layout_error(NAME, root, "the root directory")
+    layout.check_split(NAME, split, DEEPFASHION2_SPLITS)
+    root = layout.existing_root(NAME, root)
     cache_dir = cache_dir if cache_dir is not None else default_cache_dir()
     name = f"{NAME}:{root} [{split}]"
     pooled = split == "all"
     items = pd.concat([_read_partition(root, part) for part in _PARTITIONS[split]], ignore_index=True)
     shop, users = _gallery_and_queries(_with_ids(items, pooled), name)
-    catalog = with_crops(shop, cache_dir)
-    queries = with_crops(users, cache_dir)
+    catalog = layout.with_crops(shop, cache_dir)
+    queries = layout.with_crops(users, cache_dir)
 
     train = None
     if split == "train" or (split == "val" and (root / "train" / "annos").is_dir()):
@@ -152,16 +142,11 @@ def load_deepfashion2(root: PathLike, split: str = "val", cache_dir: Optional[Pa
             shop, users = _gallery_and_queries(_with_ids(_read_partition(root, "train"), False), f"{name} train")
         users = users[users["product_id"].isin(set(shop["product_id"]))].reset_index(drop=True)
         products = shop.set_index("product_id").loc[users["product_id"]].reset_index()
-        train = training_pairs(with_crops(users, cache_dir), with_crops(products, cache_dir), users["query_id"])
+        train = layout.training_pairs(
+            layout.with_crops(users, cache_dir), layout.with_crops(products, cache_dir), users["query_id"]
+        )
     keep = ["product_id", "image", "source_image", "x0", "y0", "x1", "y1", "category_id"]
-    return shop_set(name, root, catalog[keep], queries[["query_id"] + keep], train)
+    return layout.shop_set(name, root, catalog[keep], queries[["query_id"] + keep], train)
 
 
-@register_dataset_format(NAME, "deepfashion2:ROOT")
-def deepfashion2_spec(
-    argument: str, *, spec: str, split: str, seed: int, cache_dir: Optional[PathLike]
-) -> RetrievalSet:
-    """``deepfashion2:ROOT``: `load_deepfashion2` of ROOT (the split is the official partitions'; no seed)."""
-    if not argument:
-        raise ValueError(f"bad dataset spec {spec!r}: expected deepfashion2:ROOT, the DeepFashion2 directory")
-    return load_deepfashion2(argument, split=split, cache_dir=cache_dir)
+deepfashion2_spec = layout.register_root_format(NAME, load_deepfashion2, "the DeepFashion2 directory")

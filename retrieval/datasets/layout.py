@@ -10,12 +10,12 @@ descriptor reads (the crop, or the source itself when there is no box).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence
 
 import numpy as np
 import pandas as pd
 
-from retrieval.datasets.base import TRAIN_COLUMNS, PathLike, RetrievalSet, logger
+from retrieval.datasets.base import TRAIN_COLUMNS, PathLike, RetrievalSet, logger, register_dataset_format
 
 BOX_COLUMNS = ("x0", "y0", "x1", "y1")
 
@@ -34,6 +34,33 @@ def layout_error(name: str, missing: PathLike, what: str) -> FileNotFoundError:
     return FileNotFoundError(
         f"{name}: {what} not found: {missing}; expected the {name} layout:\n{EXPECTED_LAYOUTS[name]}"
     )
+
+
+def register_root_format(
+    name: str, load: Callable[..., RetrievalSet], what: str, *, uses_seed: bool = False, uses_cache: bool = True
+) -> Callable:
+    """Register ``NAME:ROOT`` for ``load(root, split=..., [seed=...], [cache_dir=...])``; `what` says what ROOT is
+    in the error for an empty argument. Returns the registered spec loader."""
+
+    @register_dataset_format(name, f"{name}:ROOT")
+    def spec_loader(argument: str, *, spec: str, split: str, seed: int, cache_dir: Optional[PathLike]) -> RetrievalSet:
+        if not argument:
+            raise ValueError(f"bad dataset spec {spec!r}: expected {name}:ROOT, {what}")
+        options = {"seed": seed} if uses_seed else {}
+        if uses_cache:
+            options["cache_dir"] = cache_dir
+        return load(argument, split=split, **options)
+
+    spec_loader.__doc__ = f"``{name}:ROOT``: `{load.__name__}` of ROOT ({what})."
+    return spec_loader
+
+
+def existing_root(name: str, root: PathLike) -> Path:
+    """`root` resolved; a FileNotFoundError showing the expected tree when it is not a directory."""
+    root = Path(root).expanduser().resolve()
+    if not root.is_dir():
+        raise layout_error(name, root, "the root directory")
+    return root
 
 
 def check_split(name: str, split: str, splits: Sequence[str]) -> None:

@@ -51,6 +51,15 @@ def scene(
     Image.fromarray(pixels).save(path, quality=95)
 
 
+def check_crops(table) -> None:
+    """Every row's image holds exactly its box's pixels (x0, y0, x1, y1) of its source image."""
+    from retrieval.io import read_image
+
+    for row in table.itertuples():
+        x0, y0, x1, y1 = (int(v) for v in (row.x0, row.y0, row.x1, row.y1))
+        assert np.array_equal(read_image(row.image), read_image(row.source_image)[y0:y1, x0:x1]), row
+
+
 # --------------------------------------------------------------------------------------------------
 # DeepFashion2: <part>/image/NNNNNN.jpg and <part>/annos/NNNNNN.json
 # --------------------------------------------------------------------------------------------------
@@ -104,4 +113,122 @@ def write_deepfashion2(root: Path) -> Path:
                 annotation[f"item{number}"] = _deepfashion2_item(category, style, box)
             (root / partition / "annos").mkdir(parents=True, exist_ok=True)
             (root / partition / "annos" / f"{stem}.json").write_text(json.dumps(annotation))
+    return root
+
+
+# --------------------------------------------------------------------------------------------------
+# DeepFashion Consumer-to-shop: Eval/list_eval_partition.txt, Anno/list_bbox_consumer2shop.txt, img/...
+# --------------------------------------------------------------------------------------------------
+
+# (image name, letter, clothes_type, source_type (1 shop, 2 consumer), box); "comsumer" as the set spells it.
+C2S_IMAGES = [
+    ("img/TOPS/Summer_Wear/id_00000001/comsumer_01.jpg", "A", 1, 2, (10, 10, 60, 70)),
+    ("img/TOPS/Summer_Wear/id_00000001/shop_01.jpg", "A", 1, 1, (20, 5, 80, 75)),
+    ("img/TOPS/Summer_Wear/id_00000001/shop_02.jpg", "A", 1, 1, (5, 5, 50, 60)),
+    ("img/TROUSERS/Pants/id_00000002/comsumer_01.jpg", "B", 2, 2, (30, 12, 90, 76)),
+    ("img/TROUSERS/Pants/id_00000002/comsumer_02.jpg", "B", 2, 2, (0, 0, 40, 50)),
+    ("img/TROUSERS/Pants/id_00000002/shop_01.jpg", "B", 2, 1, (15, 15, 65, 70)),
+    ("img/DRESSES/Dress/id_00000003/comsumer_01.jpg", "C", 3, 2, (40, 20, 95, 78)),
+    ("img/DRESSES/Dress/id_00000003/shop_01.jpg", "C", 3, 1, (10, 8, 70, 72)),
+    ("img/TOPS/Blouse/id_00000004/comsumer_01.jpg", "D", 1, 2, (12, 14, 62, 64)),
+    ("img/TOPS/Blouse/id_00000004/shop_01.jpg", "D", 1, 1, (8, 8, 58, 68)),
+]
+C2S_PAIRS = [
+    ("img/TOPS/Summer_Wear/id_00000001/comsumer_01.jpg", "img/TOPS/Summer_Wear/id_00000001/shop_01.jpg", "val"),
+    ("img/TOPS/Summer_Wear/id_00000001/comsumer_01.jpg", "img/TOPS/Summer_Wear/id_00000001/shop_02.jpg", "val"),
+    ("img/TROUSERS/Pants/id_00000002/comsumer_01.jpg", "img/TROUSERS/Pants/id_00000002/shop_01.jpg", "val"),
+    ("img/TROUSERS/Pants/id_00000002/comsumer_02.jpg", "img/TROUSERS/Pants/id_00000002/shop_01.jpg", "val"),
+    ("img/DRESSES/Dress/id_00000003/comsumer_01.jpg", "img/DRESSES/Dress/id_00000003/shop_01.jpg", "test"),
+    ("img/TOPS/Blouse/id_00000004/comsumer_01.jpg", "img/TOPS/Blouse/id_00000004/shop_01.jpg", "train"),
+]
+
+
+def _deepfashion_list(path: Path, header: str, rows: Sequence[Sequence[object]]) -> None:
+    """A DeepFashion list file: the count, the header, then the rows, left-aligned columns as published."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = [str(len(rows)), header] + ["  ".join(f"{field!s:<8}" for field in row).rstrip() for row in rows]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def write_deepfashion_c2s(root: Path) -> Path:
+    for name, letter, _, source, box in C2S_IMAGES:
+        scene(root / name, (80, 100), [(letter, box)], street=source == 2)
+    _deepfashion_list(
+        root / "Eval" / "list_eval_partition.txt",
+        "image_pair_name_1 image_pair_name_2 item_id evaluation_status",
+        [(consumer, shop, shop.split("/")[3], status) for consumer, shop, status in C2S_PAIRS],
+    )
+    _deepfashion_list(
+        root / "Anno" / "list_bbox_consumer2shop.txt",
+        "image_name clothes_type source_type x_1 y_1 x_2 y_2",
+        [(name, clothes, source, *box) for name, _, clothes, source, box in C2S_IMAGES],
+    )
+    return root
+
+
+# --------------------------------------------------------------------------------------------------
+# Exact Street2Shop: meta/json/{retrieval,train_pairs,test_pairs}_<category>.json, images/<photo>.jpg
+# --------------------------------------------------------------------------------------------------
+
+# photo id -> (letters, boxes as (left, top, width, height)); shop photos (one garment on white) have no boxes.
+STREET2SHOP_SHOP_PHOTOS = {11: "A", 12: "A", 13: "B", 14: "C", 15: "D", 16: "E"}
+STREET2SHOP_STREET_PHOTOS = {
+    1: [("A", (10, 12, 40, 50))],
+    2: [("B", (40, 5, 50, 60)), ("C", (5, 20, 30, 50))],
+    3: [("D", (20, 10, 55, 60))],
+    4: [("E", (15, 15, 45, 55))],
+}
+STREET2SHOP_LISTS = {
+    "retrieval_dresses.json": [
+        {"product": 101, "photo": 11},
+        {"product": 101, "photo": 12},
+        {"product": 102, "photo": 13},
+        {"product": 105, "photo": 16},
+    ],
+    "retrieval_skirts.json": [{"product": 103, "photo": 14}, {"product": 104, "photo": 15}],
+    "test_pairs_dresses.json": [
+        {"photo": 1, "product": 101, "bbox": {"width": 40, "top": 12, "height": 50, "left": 10}},
+        {"photo": 2, "product": 102, "bbox": {"width": 50, "top": 5, "height": 60, "left": 40}},
+        {"photo": 9, "product": 102, "bbox": {"width": 50, "top": 5, "height": 60, "left": 40}},  # a dead URL
+    ],
+    "test_pairs_skirts.json": [{"photo": 2, "product": 103, "bbox": {"width": 30, "top": 20, "height": 50, "left": 5}}],
+    "train_pairs_dresses.json": [
+        {"photo": 4, "product": 105, "bbox": {"width": 45, "top": 15, "height": 55, "left": 15}}
+    ],
+    "train_pairs_skirts.json": [
+        {"photo": 3, "product": 104, "bbox": {"width": 55, "top": 10, "height": 60, "left": 20}}
+    ],
+}
+
+
+def write_street2shop(root: Path) -> Path:
+    for photo, letter in STREET2SHOP_SHOP_PHOTOS.items():
+        scene(root / "images" / f"{photo}.jpg", (90, 70), [(letter, (10, 10, 60, 80))], street=False)
+    for photo, items in STREET2SHOP_STREET_PHOTOS.items():
+        boxes = [(letter, (x, y, x + w, y + h)) for letter, (x, y, w, h) in items]
+        scene(root / "images" / f"{photo}.jpg", (80, 100), boxes, street=True)
+    (root / "meta" / "json").mkdir(parents=True, exist_ok=True)
+    for name, entries in STREET2SHOP_LISTS.items():
+        (root / "meta" / "json" / name).write_text(json.dumps(entries))
+    return root
+
+
+# --------------------------------------------------------------------------------------------------
+# LookBook (PaintNet): one folder of PID<product>_CLEAN<0|1>_IID<image>.jpg
+# --------------------------------------------------------------------------------------------------
+
+LOOKBOOK_PRODUCTS = {"000000": "A", "000001": "B", "000002": "C", "000003": "D", "000004": "E", "000005": "F"}
+
+
+def write_lookbook(root: Path) -> Path:
+    """Each product: one CLEAN1 product photo and two CLEAN0 photos of a person wearing it; product 000002 has a
+    second CLEAN1 photo, product 000009 only a CLEAN0 photo."""
+    image = 0
+    for product, letter in LOOKBOOK_PRODUCTS.items():
+        files = [(1, False)] + ([(1, False)] if product == "000002" else []) + [(0, True), (0, True)]
+        for clean, street in files:
+            box = (30, 20, 70, 75) if street else (10, 5, 90, 75)
+            scene(root / f"PID{product}_CLEAN{clean}_IID{image:06d}.jpg", (80, 100), [(letter, box)], street=street)
+            image += 1
+    scene(root / f"PID000009_CLEAN0_IID{image:06d}.jpg", (80, 100), [("A", (0, 0, 20, 20))], street=True)
     return root

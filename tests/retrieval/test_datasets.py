@@ -29,7 +29,12 @@ from retrieval.datasets import (
 )
 from retrieval.io import read_image, read_mask
 from retrieval.synthetic import LABEL_UPPER_CLOTHES, SYNTHETIC_MARKER, make_synthetic_dataset
-from tests.retrieval.official_layouts import write_deepfashion2
+from tests.retrieval.official_layouts import (
+    write_deepfashion2,
+    write_deepfashion_c2s,
+    write_lookbook,
+    write_street2shop,
+)
 
 VITON_ROOT = Path(__file__).parents[3] / "shared" / "data" / "viton"
 
@@ -295,7 +300,8 @@ def test_load_dataset_specs(tmp_path):
     assert load_dataset(f"csv:{catalog}").queries.empty
     with pytest.raises(
         ValueError,
-        match="registered formats: csv, deepfashion2, synthetic, viton, viton-street, viton-street-hr; "
+        match="registered formats: csv, deepfashion-c2s, deepfashion2, lookbook, street2shop, synthetic, viton, "
+        "viton-street, viton-street-hr; "
         "valid forms: csv:CATALOG.csv",
     ):
         load_dataset("deepfashion:/x")
@@ -323,7 +329,10 @@ def _csv_example(root: Path) -> str:
 
 DATASET_EXAMPLES = {
     "csv": _csv_example,
+    "deepfashion-c2s": lambda root: f"deepfashion-c2s:{write_deepfashion_c2s(root)}",
     "deepfashion2": lambda root: f"deepfashion2:{write_deepfashion2(root)}",
+    "lookbook": lambda root: f"lookbook:{write_lookbook(root)}",
+    "street2shop": lambda root: f"street2shop:{write_street2shop(root)}",
     "synthetic": lambda root: "synthetic:4",  # generated into load_dataset's cache_dir
     "viton": _viton_example,
     "viton-street": lambda root: "viton-street:" + _viton_example(root).partition(":")[2],  # queries into cache_dir

@@ -5,19 +5,11 @@ from __future__ import annotations
 import json
 import logging
 
-import numpy as np
 import pytest
 
 from retrieval.datasets import load_dataset
 from retrieval.io import read_image
-from tests.retrieval.official_layouts import DEEPFASHION2_IMAGES, write_deepfashion2
-
-
-def check_crops(table, sources=None):
-    """Every row's image holds exactly its box's pixels of its source image."""
-    for row in table.itertuples():
-        x0, y0, x1, y1 = (int(v) for v in (row.x0, row.y0, row.x1, row.y1))
-        assert np.array_equal(read_image(row.image), read_image(row.source_image)[y0:y1, x0:x1]), row
+from tests.retrieval.official_layouts import DEEPFASHION2_IMAGES, check_crops, write_deepfashion2
 
 
 def test_validation_partition_gallery_queries_boxes_and_training_pairs(tmp_path, caplog):
