@@ -13,6 +13,11 @@ Specs understood by `load_dataset`, one module of this package per format (`list
   composited onto procedural clutter, scaled, cropped, re-lit, blurred, JPEG), generated once into the
   cache directory.
 - ``csv:CATALOG.csv`` or ``csv:CATALOG.csv,QUERIES.csv`` (``csv.py``): plain tables.
+- ``deepfashion2:ROOT`` (``deepfashion2.py``), ``deepfashion-c2s:ROOT`` (``deepfashion_c2s.py``),
+  ``street2shop:ROOT[,CATEGORY]`` (``street2shop.py``), ``lookbook:ROOT`` (``lookbook.py``): published shop
+  sets in their own layouts, garments cropped by their boxes into the cache (``crops.py``); one shop image
+  per product (multi-image products are not scored yet). ``layout.py`` holds what they share, and
+  ``EXPECTED_LAYOUTS`` every format's expected tree (``street2shop datasets`` prints them).
 
 A new format is one module with one loader decorated by `register_dataset_format`, imported below.
 

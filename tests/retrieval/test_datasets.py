@@ -17,6 +17,7 @@ import retrieval.datasets.viton_street as viton_street
 import retrieval.synthetic.dataset as synthetic_dataset
 from retrieval.datasets import (
     DATASETS,
+    EXPECTED_LAYOUTS,
     RetrievalSet,
     dataset_spec_forms,
     default_cache_dir,
@@ -354,6 +355,7 @@ def test_every_registered_format_loads_a_tiny_example(name, tmp_path):
     for image in list(data.catalog["image"]) + list(data.queries["image"]):
         assert Path(image).is_absolute() and Path(image).is_file()
     assert [form for form in dataset_spec_forms() if form.split(":")[0] == name]
+    assert EXPECTED_LAYOUTS[name], f"dataset format {name!r} records no expected layout (layout.expected_layout)"
     with pytest.raises(ValueError, match=f"registered formats: .*{name}"):
         load_dataset("no-such-format:x")
 
