@@ -9,7 +9,7 @@ import traceback
 
 import click
 
-from street2shop.commands import bench, pipeline, serve, train
+from street2shop.commands import bench, datasets, pipeline, serve, train
 from street2shop.commands.options import cache_dir_path, opt, split_list, whole
 
 # Errors with a message written for the user (a bad option, a missing or damaged file): "error: MESSAGE",
@@ -74,6 +74,7 @@ def cli(verbose: int) -> None:
       street2shop query --index shop-index photo1.jpg photo2.jpg --k 5
       street2shop bench --dataset viton:../shared/data/viton --descriptors sift,rmac,gem
       street2shop list                                   # descriptors, proxies, index presets
+      street2shop datasets                               # dataset formats and their layouts
     """
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
@@ -110,7 +111,7 @@ def demo_command(products, descriptors, device, cache_dir) -> None:
     run_demo(products, split_list(descriptors), device, cache_dir_path(cache_dir), echo=click.echo)
 
 
-for _module in (pipeline, bench, train, serve):
+for _module in (pipeline, bench, train, serve, datasets):
     for _command in _module.COMMANDS:
         cli.add_command(_command)
 

@@ -13,6 +13,11 @@ Specs understood by `load_dataset`, one module of this package per format (`list
   composited onto procedural clutter, scaled, cropped, re-lit, blurred, JPEG), generated once into the
   cache directory.
 - ``csv:CATALOG.csv`` or ``csv:CATALOG.csv,QUERIES.csv`` (``csv.py``): plain tables.
+- ``deepfashion2:ROOT`` (``deepfashion2.py``), ``deepfashion-c2s:ROOT`` (``deepfashion_c2s.py``),
+  ``street2shop:ROOT[,CATEGORY]`` (``street2shop.py``), ``lookbook:ROOT`` (``lookbook.py``): published shop
+  sets in their own layouts, garments cropped by their boxes into the cache (``crops.py``); one shop image
+  per product (multi-image products are not scored yet). ``layout.py`` holds what they share, and
+  ``EXPECTED_LAYOUTS`` every format's expected tree (``street2shop datasets`` prints them).
 
 A new format is one module with one loader decorated by `register_dataset_format`, imported below.
 
@@ -41,7 +46,13 @@ from retrieval.datasets.base import (
 )
 
 # The built-in formats: each module registers its loader when imported.
+from retrieval.datasets.crops import crop_images
 from retrieval.datasets.csv import load_csv
+from retrieval.datasets.deepfashion2 import load_deepfashion2
+from retrieval.datasets.deepfashion_c2s import load_deepfashion_c2s
+from retrieval.datasets.layout import EXPECTED_LAYOUTS
+from retrieval.datasets.lookbook import load_lookbook
+from retrieval.datasets.street2shop import STREET2SHOP_CATEGORIES, load_street2shop
 from retrieval.datasets.synthetic import DEFAULT_SYNTHETIC_PRODUCTS
 from retrieval.datasets.viton import VITON_HALVES, VITON_SPLITS, load_viton
 from retrieval.datasets.viton_street import load_viton_street
@@ -55,18 +66,25 @@ __all__ = [
     "DATASETS",
     "DATASET_SPEC_FORMS",
     "DEFAULT_SYNTHETIC_PRODUCTS",
+    "EXPECTED_LAYOUTS",
     "ID_COLUMNS",
     "QUERY_COLUMNS",
     "TRAIN_COLUMNS",
+    "STREET2SHOP_CATEGORIES",
     "VITON_HALVES",
     "VITON_SPLITS",
     "PathLike",
     "RetrievalSet",
     "dataset_spec_forms",
+    "crop_images",
     "default_cache_dir",
     "list_dataset_formats",
     "load_csv",
     "load_dataset",
+    "load_lookbook",
+    "load_deepfashion2",
+    "load_deepfashion_c2s",
+    "load_street2shop",
     "load_viton",
     "load_viton_street",
     "register_dataset_format",

@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Union
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Union
 
 import numpy as np
 import pandas as pd
@@ -140,6 +141,21 @@ def default_cache_dir() -> Path:
     """Where generated data and caches go: $STREET2SHOP_CACHE, else ~/.cache/street2shop."""
     configured = os.environ.get(CACHE_ENV_VARIABLE)
     return Path(configured).expanduser() if configured else Path.home() / ".cache" / "street2shop"
+
+
+def run_in_threads(function: Callable[[object], None], items: Iterable, workers: Optional[int] = None) -> None:
+    """Call `function` on every item in a thread pool (default min(8, CPUs) threads: numpy, OpenCV and the
+    codecs release the GIL), for loaders that materialise derived images (street photos, crops).
+
+    The first exception is raised; the items not started yet are dropped and the running ones finish
+    (their atomic writes complete), so an interrupted run leaves only whole files to resume from.
+    """
+    pool = ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1))
+    try:
+        for _ in pool.map(function, items):
+            pass
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 # --------------------------------------------------------------------------------------------------

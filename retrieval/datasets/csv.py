@@ -19,7 +19,16 @@ from retrieval.datasets.base import (
     _require_columns,
     register_dataset_format,
 )
+from retrieval.datasets.layout import expected_layout
 from retrieval.io import open_regular_file
+
+CSV_LAYOUT = expected_layout(
+    "csv",
+    """
+CATALOG.csv    product_id,image[,...]          one row per product; image paths absolute or relative to the CSV
+QUERIES.csv    query_id,image,product_id[,...]  one row per relevant product of a query (optional file)
+""",
+)
 
 
 def _read_table(csv_path: Path, columns: Sequence[str], what: str) -> pd.DataFrame:

@@ -7,9 +7,11 @@ from pathlib import Path
 from typing import Optional
 
 from retrieval.datasets.base import PathLike, RetrievalSet, default_cache_dir, logger, register_dataset_format
+from retrieval.datasets.layout import expected_layout
 from retrieval.datasets.viton import load_viton
 
 DEFAULT_SYNTHETIC_PRODUCTS = 120
+expected_layout("synthetic", "(nothing to provide: N products are generated into the cache, in the viton layout)")
 
 
 @register_dataset_format("synthetic", "synthetic", "synthetic:N")

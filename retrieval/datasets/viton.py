@@ -12,12 +12,26 @@ import numpy as np
 import pandas as pd
 
 from retrieval.datasets.base import TRAIN_COLUMNS, PathLike, RetrievalSet, register_dataset_format
+from retrieval.datasets.layout import expected_layout
 
 logger = logging.getLogger("retrieval.datasets")
 
 VITON_SPLITS = ("train", "val", "all")
 VITON_HALVES = ("train", "test")
 
+VITON_LAYOUT = expected_layout(
+    "viton",
+    """
+ROOT/
+  train_pairs.txt                lines 'NNNNNN_0.jpg NNNNNN_1.jpg' (the person column is used)
+  train/image/NNNNNN_0.jpg       the person photos
+  train/cloth/NNNNNN_1.jpg       the product photos
+  train/image-parse/NNNNNN_0.png train/cloth-mask/NNNNNN_1.jpg   optional
+  test_pairs.txt, test/...       the same (either half may be absent)
+""",
+)
+expected_layout("viton-street", VITON_LAYOUT + "\n(the street query photos are generated into the cache)")
+expected_layout("viton-street-hr", VITON_LAYOUT + "\n(the street query photos are generated into the cache)")
 _VITON_LAYOUT_HELP = (
     "expected the VITON layout: <root>/train_pairs.txt with lines 'NNNNNN_0.jpg NNNNNN_1.jpg' and "
     "<root>/train/{image,cloth,image-parse,cloth-mask}/ (and/or the same with 'test')"

@@ -26,14 +26,19 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import pandas as pd
 
-from retrieval.datasets.base import PathLike, RetrievalSet, default_cache_dir, logger, register_dataset_format
+from retrieval.datasets.base import (
+    PathLike,
+    RetrievalSet,
+    default_cache_dir,
+    logger,
+    register_dataset_format,
+    run_in_threads,
+)
 from retrieval.datasets.viton import VITON_HALVES, _listing, load_viton
 
 STREET_FOLDER = "viton-street"
@@ -159,13 +164,7 @@ def make_street_queries(
             query_id, (image, parse, out_image, out_parse) = item
             _make_street_photo(seed, str(query_id), image, parse, out_image, out_parse, frame_scale)
 
-        pool = ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1))
-        try:
-            for _ in pool.map(make, missing):
-                pass
-        finally:
-            # On failure, drop the photos not started yet and let the running ones finish their atomic writes.
-            pool.shutdown(wait=True, cancel_futures=True)
+        run_in_threads(make, missing, workers)
     return [str(jobs[query_id][2]) for query_id in queries["query_id"]]
 
 

@@ -44,7 +44,12 @@ def _grid_specs(patterns: str, kind: str, flag: str) -> List[str]:
 
 @click.command("bench")
 @opt("--dataset", default="synthetic", help=DATASET_HELP)
-@opt("--split", default="val", help="val (seeded third of the pairs), train, or all.")
+@opt(
+    "--split",
+    default="val",
+    help="val, train or all (deepfashion-c2s also test): a seeded third of the pairs or products for viton, "
+    "synthetic and lookbook, the official partitions for the published sets.",
+)
 @opt(
     "--descriptors",
     default="colorhist,sift,rmac,gem",

@@ -17,6 +17,7 @@ import retrieval.datasets.viton_street as viton_street
 import retrieval.synthetic.dataset as synthetic_dataset
 from retrieval.datasets import (
     DATASETS,
+    EXPECTED_LAYOUTS,
     RetrievalSet,
     dataset_spec_forms,
     default_cache_dir,
@@ -29,6 +30,12 @@ from retrieval.datasets import (
 )
 from retrieval.io import read_image, read_mask
 from retrieval.synthetic import LABEL_UPPER_CLOTHES, SYNTHETIC_MARKER, make_synthetic_dataset
+from tests.retrieval.official_layouts import (
+    write_deepfashion2,
+    write_deepfashion_c2s,
+    write_lookbook,
+    write_street2shop,
+)
 
 VITON_ROOT = Path(__file__).parents[3] / "shared" / "data" / "viton"
 
@@ -294,7 +301,9 @@ def test_load_dataset_specs(tmp_path):
     assert load_dataset(f"csv:{catalog}").queries.empty
     with pytest.raises(
         ValueError,
-        match="registered formats: csv, synthetic, viton, viton-street, viton-street-hr; valid forms: csv:CATALOG.csv",
+        match="registered formats: csv, deepfashion-c2s, deepfashion2, lookbook, street2shop, synthetic, viton, "
+        "viton-street, viton-street-hr; "
+        "valid forms: csv:CATALOG.csv",
     ):
         load_dataset("deepfashion:/x")
     with pytest.raises(ValueError, match="expected viton:ROOT"):
@@ -321,6 +330,10 @@ def _csv_example(root: Path) -> str:
 
 DATASET_EXAMPLES = {
     "csv": _csv_example,
+    "deepfashion-c2s": lambda root: f"deepfashion-c2s:{write_deepfashion_c2s(root)}",
+    "deepfashion2": lambda root: f"deepfashion2:{write_deepfashion2(root)}",
+    "lookbook": lambda root: f"lookbook:{write_lookbook(root)}",
+    "street2shop": lambda root: f"street2shop:{write_street2shop(root)}",
     "synthetic": lambda root: "synthetic:4",  # generated into load_dataset's cache_dir
     "viton": _viton_example,
     "viton-street": lambda root: "viton-street:" + _viton_example(root).partition(":")[2],  # queries into cache_dir
@@ -342,6 +355,7 @@ def test_every_registered_format_loads_a_tiny_example(name, tmp_path):
     for image in list(data.catalog["image"]) + list(data.queries["image"]):
         assert Path(image).is_absolute() and Path(image).is_file()
     assert [form for form in dataset_spec_forms() if form.split(":")[0] == name]
+    assert EXPECTED_LAYOUTS[name], f"dataset format {name!r} records no expected layout (layout.expected_layout)"
     with pytest.raises(ValueError, match=f"registered formats: .*{name}"):
         load_dataset("no-such-format:x")
 
