@@ -31,6 +31,7 @@ from retrieval.datasets import RetrievalSet
 from retrieval.descriptors import create_descriptor
 from retrieval.features import DEFAULT_CHUNK, FeatureCache, extract_features, materialize_proxy_outputs
 from retrieval.files import file_sha1, read_checked_bytes, write_checked_bytes
+from retrieval.gallery import ProductImages
 from retrieval.metrics import average_precision_at_k, count_relevant, ranking_metrics, relevance_matrix
 from retrieval.proxy_stage import box_in_photo, proxy_input_size, to_descriptor_input
 from retrieval.rerank import LocalFeatureStore, SpatialVerifier
@@ -173,7 +174,9 @@ def run_benchmark(
     dataset.validate()
     catalog = _with_distractors(dataset, distractors, seed)
     queries = dataset.queries.drop_duplicates("query_id").reset_index(drop=True)
-    gallery_ids = [str(p) for p in catalog["product_id"]]
+    # one vector per catalog image; a product with several images is scored by its best one (retrieval.gallery)
+    gallery = ProductImages.of_catalog(catalog["product_id"].astype(str))
+    image_ids, gallery_ids = gallery.image_ids, gallery.product_ids  # (I,) each: the image, its product
     truth = dataset.queries.assign(product_id=dataset.queries["product_id"].astype(str))
     query_ids = list(queries["query_id"])
     query_products = [str(p) for p in queries["product_id"]]
@@ -217,7 +220,7 @@ def run_benchmark(
                 )
             fit_seconds = time.perf_counter() - started
             started = time.perf_counter()
-            gallery = extract_features(
+            gallery_vectors = extract_features(
                 descriptor.embed,
                 list(catalog["image"]),
                 size,
@@ -232,7 +235,7 @@ def run_benchmark(
             for preset in presets:
                 started = time.perf_counter()
                 indexes[preset] = (
-                    ProductIndex.build(gallery, gallery_ids, preset=preset, device=faiss_device),
+                    ProductIndex.build(gallery_vectors, image_ids, preset=preset, device=faiss_device),
                     time.perf_counter() - started,
                 )
             verify = bool(rerank) and descriptor.kind == "local"
@@ -266,14 +269,21 @@ def run_benchmark(
                 )
                 query_seconds = time.perf_counter() - started
                 protocol = _paper_protocol(
-                    query_vectors, gallery, query_products, gallery_ids, protocol_gallery, protocol_draws, ks, seed
+                    query_vectors,
+                    gallery_vectors,
+                    query_products,
+                    gallery_ids,
+                    protocol_gallery,
+                    protocol_draws,
+                    ks,
+                    seed,
                 )
                 if protocol is not None:
                     draws.append(protocol[1].assign(proxy=proxy_label, descriptor=descriptor_name))
                 for preset, (product_index, build_seconds) in indexes.items():
                     started = time.perf_counter()
-                    scores, ranked = product_index.search(
-                        query_vectors, max(depth, int(rerank or 0)) if verify else depth
+                    scores, ranked_images = product_index.search(
+                        query_vectors, gallery.search_depth(max(depth, int(rerank or 0)) if verify else depth)
                     )
                     row = {
                         "dataset": dataset.name,
@@ -282,7 +292,8 @@ def run_benchmark(
                         "descriptor": descriptor_name,
                         "index": preset,
                         "queries": len(queries),
-                        "gallery": len(gallery_ids),
+                        "gallery": gallery.n_products,
+                        "gallery_images": gallery.n_images,
                         **(protocol[0] if protocol is not None else {}),
                         "fit_s": round(fit_seconds, 1),
                         "gallery_s": round(gallery_seconds, 1),
@@ -291,16 +302,16 @@ def run_benchmark(
                         "index_build_s": round(build_seconds, 2),
                         "search_s": round(time.perf_counter() - started, 3),
                     }
-                    record(row, ranked)
+                    record(row, gallery.collapse(scores, ranked_images, depth)[1])
                     if verify:
                         started = time.perf_counter()
                         reranked = _spatially_reranked(
                             descriptor,
                             query_paths,
                             scores,
-                            ranked,
-                            int(rerank),
-                            gallery_ids,
+                            ranked_images,
+                            int(rerank) * max(1, gallery.max_images),  # N products' worth of images
+                            image_ids,
                             gallery_local,
                             rerank_conf or {},
                             batch_size,
@@ -317,7 +328,7 @@ def run_benchmark(
                                 "gallery_s": round(gallery_seconds + gallery_local_seconds, 1),
                                 "rerank_s": round(time.perf_counter() - started, 1),
                             },
-                            reranked,
+                            gallery.collapse(scores, reranked, depth)[1],
                         )
     finally:
         if temporary is not None:

@@ -9,7 +9,9 @@ folder, see `index.storage`):
     <dir>/local_features.npz                 optional (`build_index(local_features=True)`): the
                                              catalog's local features, for spatial re-ranking
     <dir>/proxy.pt                           the proxy's trained weights, when it has some
-    <dir>/catalog.csv                        product_id -> image, for `Pipeline.product_image_path`
+    <dir>/catalog.csv                        product_id -> image, one row per indexed image (with the
+                                             image's index id when a product has several), for
+                                             `Pipeline.product_image_path` and the image -> product map
 
 The manifest's metadata names the descriptor, its config and fingerprint, so a query rebuilds
 exactly the descriptor the catalog was indexed with, and refuses any other; its "pipeline" entry
@@ -34,6 +36,7 @@ from index import IndexCorruptError, IndexMismatchError, ProductIndex, check_ind
 from retrieval.batching import fit_descriptor, resolve_device
 from retrieval.descriptors import Descriptor, create_descriptor
 from retrieval.features import FeatureCache, extract_features
+from retrieval.gallery import ProductImages, products_and_images
 from retrieval.rerank import LocalFeatureStore
 from street2shop.pipeline import CATALOG_FILE, PIPELINE_KEY, PROXY_FILE, catalog_table_bytes, pipeline_record
 
@@ -116,6 +119,9 @@ def build_index(
 ) -> ProductIndex:
     """Catalog table (product_id, image) -> saved index directory. Resumes from the feature cache.
 
+    A product may have several rows (images): each image is indexed under an internal image id
+    (`retrieval.gallery.ProductImages`) and the pipeline scores the product by its best-matching image.
+
     ``local_features=True`` (local descriptors only) also stores the catalog's local features, so
     that `Searcher(..., rerank=N)` can re-rank by spatial verification.
 
@@ -128,9 +134,12 @@ def build_index(
         raise ValueError(f"descriptor {descriptor.name!r} is global: it has no local features to store for re-ranking")
     if catalog.empty:
         raise ValueError("the catalog is empty: nothing to index")
-    duplicated = catalog["product_id"][catalog["product_id"].duplicated()].unique()
-    if len(duplicated):
-        raise ValueError(f"the catalog has duplicate product ids, e.g. {list(duplicated[:5])}: ids must be unique")
+    repeated = catalog[catalog[["product_id", "image"]].astype(str).duplicated()]
+    if len(repeated):
+        raise ValueError(
+            f"the catalog repeats {len(repeated)} (product_id, image) rows, e.g. {list(repeated['product_id'][:5])}: "
+            "an image counts once per product; drop the repeated rows"
+        )
     out_dir = Path(out_dir)
     if descriptor.needs_fit and not descriptor.fitted:
         fit_descriptor(
@@ -154,16 +163,17 @@ def build_index(
         proxy = proxy if proxy is not None else create_proxy("none")
         pipeline = pipeline_record(proxy, proxy.name, descriptor.name, preset, 0, None, None, None)
     product_ids = [str(p) for p in catalog["product_id"]]
+    image_ids = ProductImages.of_catalog(product_ids).image_ids  # = product_ids when each product has one image
     product_index = ProductIndex.build(
         vectors,
-        product_ids,
+        image_ids,
         preset=preset,
         metadata={**descriptor_metadata(descriptor), PIPELINE_KEY: pipeline},
         device=faiss_device,
     )
     attachments = {
         DESCRIPTOR_FILE: descriptor_state_bytes(descriptor),
-        CATALOG_FILE: catalog_table_bytes(product_ids, [str(Path(p).resolve()) for p in catalog["image"]]),
+        CATALOG_FILE: catalog_table_bytes(product_ids, [str(Path(p).resolve()) for p in catalog["image"]], image_ids),
     }
     if proxy_state is not None:
         attachments[PROXY_FILE] = proxy_state
@@ -235,7 +245,8 @@ def index_catalog(
         fit_note = describe_fit_images(fit_set, fit_max_images)
         echo(f"fitting {descriptor} on {fit_note}")
     label = f"recipe {recipe}: " if recipe else ""
-    echo(f"indexing {len(dataset.catalog)} products of {dataset.name}: {label}proxy {proxy}, {descriptor}, {preset}")
+    sizes = products_and_images(dataset.catalog["product_id"].nunique(), len(dataset.catalog))
+    echo(f"indexing {sizes} of {dataset.name}: {label}proxy {proxy}, {descriptor}, {preset}")
     record = pipeline_record(proxy_model, proxy, descriptor, preset, rerank, rerank_conf, recipe, fit_note)
     started = time.perf_counter()
     built = build_index(
@@ -251,7 +262,7 @@ def index_catalog(
         pipeline=record,
         proxy_state=Path(proxy_checkpoint).read_bytes() if proxy_checkpoint else None,
     )
-    echo(f"wrote {out_dir}: {built.ntotal} products, dim {built.dim}, {time.perf_counter() - started:.1f} s")
+    echo(f"wrote {out_dir}: {sizes}, dim {built.dim}, {time.perf_counter() - started:.1f} s")
     return built
 
 
@@ -275,18 +286,20 @@ def add_catalog(
     pipeline = Pipeline.load(index_dir, device=device)
     table = load_dataset(catalog, split=split, seed=seed, cache_dir=cache_dir).catalog
     ids = table["product_id"].astype(str)
-    new = table[~ids.isin(set(pipeline.index.product_ids))]
+    new = table[~ids.isin(set(pipeline.images.product_ids))]
     if new.empty:
-        echo(f"nothing to add: all {len(table)} products of {catalog} are in {index_dir}")
+        echo(f"nothing to add: all {ids.nunique()} products of {catalog} are in {index_dir}")
         return 0
     started = time.perf_counter()
-    pipeline.add(list(new["product_id"].astype(str)), list(new["image"]))
+    # a new product's several rows are its several images (existing products are left as they are)
+    pipeline.add(list(new["product_id"].astype(str)), list(new["image"]), more_images=True)
     pipeline.save()
+    added = new["product_id"].nunique()
     echo(
-        f"added {len(new)} products to {index_dir} ({len(table) - len(new)} already there), "
-        f"{pipeline.ntotal} in all, {time.perf_counter() - started:.1f} s"
+        f"added {products_and_images(added, len(new))} to {index_dir} ({ids.nunique() - added} already there), "
+        f"{pipeline.images.sizes()} in all, {time.perf_counter() - started:.1f} s"
     )
-    return len(new)
+    return added
 
 
 def build_recipe(

@@ -9,7 +9,8 @@ back with nothing else given: the directory records every part (see `street2shop
     descriptor.pt  the descriptor's weights (trained heads included) and fitted state
     local_features.npz   the catalog's local features, when the pipeline re-ranks
     catalog.csv    product_id -> image: a file path, or images/<sha256>.<ext> inside the directory for
-                   images added as bytes or arrays (`index.store_object`)
+                   images added as bytes or arrays (`index.store_object`); one row per indexed image, and
+                   an image_id column (the index's internal id of each image) when a product has several
 
 All are checksummed in the manifest and change together in one atomic save (`index.storage`).
 
@@ -38,6 +39,7 @@ import torch
 from generation.proxies import Box
 from index import IndexMismatchError, ProductIndex, object_path, store_object
 from retrieval.batching import resolve_device
+from retrieval.gallery import ProductImages
 from retrieval.io import (
     ImageReadError,
     array_to_rgb,
@@ -222,10 +224,25 @@ def pipeline_record(
     }
 
 
-def catalog_table_bytes(product_ids: Sequence[str], images: Sequence[str]) -> bytes:
-    """catalog.csv: product_id,image (a path, or images/<sha256>.<ext> inside the index directory)."""
+def catalog_table_bytes(
+    product_ids: Sequence[str], images: Sequence[str], image_ids: Optional[Sequence[str]] = None
+) -> bytes:
+    """catalog.csv: product_id,image (a path, or images/<sha256>.<ext> inside the index directory), one row
+    per indexed image in index order, plus image_id (the index's id of each image) when any differs from its
+    product id (`retrieval.gallery.ProductImages`: a product with several images)."""
     table = pd.DataFrame({"product_id": [str(p) for p in product_ids], "image": [str(i) for i in images]})
+    if image_ids is not None and list(map(str, image_ids)) != list(table["product_id"]):
+        table.insert(0, "image_id", [str(i) for i in image_ids])
     return table.to_csv(index=False).encode("utf-8")
+
+
+def product_images_of(index_ids: Sequence[str], table: Optional[pd.DataFrame]) -> ProductImages:
+    """Which product each image of a loaded index shows: catalog.csv's image_id -> product_id, and an id the
+    table does not name (an index saved before catalogs had several images per product) is its own product."""
+    recorded = {}
+    if table is not None and "image_id" in table.columns:
+        recorded = dict(zip(table["image_id"], table["product_id"]))
+    return ProductImages.from_pairs(index_ids, [recorded.get(i, i) for i in index_ids])
 
 
 # ------------------------------------------------------------------------------------ the pipeline
@@ -249,13 +266,16 @@ class Pipeline:
         verifier: Optional[SpatialVerifier],
         rerank: int,
         device: torch.device,
+        images: Optional[ProductImages] = None,
     ):
         self.index_dir = Path(index_dir)
         self.index = index
         self.descriptor = descriptor
         self.proxy = proxy
         self.record = record
-        self._catalog = catalog
+        self._catalog = catalog  # image id -> catalog.csv's image (path or stored object name)
+        # which product each indexed image shows: the index holds images, results are products
+        self.images = images if images is not None else ProductImages.from_pairs(index.product_ids, index.product_ids)
         self._proxy_state = proxy_state
         self.gallery_local = gallery_local
         self.verifier = verifier
@@ -352,44 +372,54 @@ class Pipeline:
                     "(a local descriptor such as sift or delf)"
                 )
             verifier = SpatialVerifier(**{**recorded_conf, **dict(rerank_conf or {})})
-        catalog = None
+        catalog = table = None
         if index.has_attachment(CATALOG_FILE):
             table = pd.read_csv(io.BytesIO(index.read_attachment(CATALOG_FILE)), dtype=str, keep_default_na=False)
-            catalog = dict(zip(table["product_id"], table["image"]))
+            image_ids = table["image_id"] if "image_id" in table.columns else table["product_id"]
+            catalog = dict(zip(image_ids, table["image"]))
         return cls(
             index_dir, index, model, proxy_model, record, catalog, proxy_state, gallery_local, verifier, n_rerank,
-            torch_device,
+            torch_device, product_images_of(index.product_ids, table),
         )  # fmt: skip
 
     # ---------------------------------------------------------------------------- properties
     @property
     def ntotal(self) -> int:
+        """Images in the index (= products when each has one image; `n_products` counts products)."""
         return self.index.ntotal
 
+    @property
+    def n_products(self) -> int:
+        return self.images.n_products
+
     def describe(self) -> Dict[str, Any]:
-        """{"recipe", "proxy", "descriptor", "preset", "products", "dim", "rerank", "device"}."""
+        """{"recipe", "proxy", "descriptor", "preset", "products", "dim", "rerank", "device"}, and "images"
+        when a product has several."""
         record = self.record or {}
+        images = {} if self.images.one_per_product else {"images": self.images.n_images}
         return {
             "recipe": record.get("recipe"),
             "proxy": (record.get("proxy") or {}).get("spec", self.proxy.name),
             "descriptor": record.get("descriptor_spec", self.descriptor.name),
             "preset": self.index.preset,
-            "products": self.ntotal,
+            "products": self.n_products,
+            **images,
             "dim": self.index.dim,
             "rerank": self.rerank,
             "device": str(self.device),
         }
 
     def product_image_path(self, product_id: str) -> Path:
-        """The catalog photo of `product_id`. Raises KeyError when the product is not in the index."""
-        if product_id not in self.index:
+        """The (first) catalog photo of `product_id`. Raises KeyError when the product is not in the index."""
+        if product_id not in self.images:
             raise KeyError(f"product {product_id!r} is not in the index at {self.index_dir}")
-        if self._catalog is None or product_id not in self._catalog:
+        first = self.images.images_of(product_id)[0]
+        if self._catalog is None or first not in self._catalog:
             raise KeyError(
                 f"the index at {self.index_dir} keeps no image for {product_id!r} (built before indexes kept their "
                 "catalog table): rebuild it with `street2shop index`"
             )
-        image = self._catalog[product_id]
+        image = self._catalog[first]
         if image.startswith("images/"):
             return object_path(self.index_dir, image)
         return Path(image)
@@ -424,12 +454,13 @@ class Pipeline:
         clock.lap("proxy")
         vectors = self.descriptor.embed(seen).float().cpu().numpy()
         clock.lap("describe")
-        scores, ids = self.index.search(vectors, max(k, self.rerank))
+        # images searched deep enough for the top products (`ProductImages.search_depth`), then collapsed
+        scores, ids = self.index.search(vectors, self.images.search_depth(max(k, self.rerank)))
         clock.lap("search")
         if self.rerank:
             scores, ids = self._reranked(seen, scores, ids)
             clock.lap("rerank")
-        scores, ids = scores[:, :k], ids[:, :k]
+        scores, ids = self.images.collapse(scores, ids, k)
         timings = clock.per_image(len(items))
         pixels = seen.mul(255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
         return [
@@ -456,8 +487,9 @@ class Pipeline:
         return to_descriptor_input(generated, size), boxes
 
     def _reranked(self, seen: torch.Tensor, scores: np.ndarray, ids: np.ndarray):
-        """Top `rerank` re-sorted by inliers + global similarity (the new score); the rest as they were."""
-        top = min(self.rerank, ids.shape[1])
+        """Top `rerank` products' worth of images re-sorted by inliers + global similarity (the new score); the
+        rest as they were."""
+        top = min(self.rerank * max(1, self.images.max_images), ids.shape[1])
         query_local = LocalFeatureStore.from_features([self.descriptor.extract(seen)])
         product_ids = self.index.product_ids
         positions = pd.Index(product_ids).get_indexer(ids[:, :top].ravel()).reshape(len(ids), top)  # -1: none
@@ -474,14 +506,19 @@ class Pipeline:
         )
 
     # ---------------------------------------------------------------------------- catalog updates
-    def add(self, product_ids: Sequence[str], images: Sequence[Any]) -> None:
+    def add(self, product_ids: Sequence[str], images: Sequence[Any], *, more_images: bool = False) -> None:
         """Add products: their photos (any kind `search` takes) are embedded without the proxy, as at indexing.
 
         File paths are remembered as paths; bytes, arrays, PIL images and tensors are written into the
         index directory, content-addressed (`index.store_object`). Call `save` to make it permanent.
 
+        With ``more_images=True`` an id may repeat and may name a product already in the index: each photo
+        becomes one more image of its product, which is then scored by its best-matching image.
+
         Raises:
-            ValueError: lengths differ, a duplicate or already indexed id (nothing is added then).
+            ValueError: lengths differ; without ``more_images``, a duplicate or already indexed id; with it,
+                an index that keeps no catalog table (it could not save which product an image shows).
+                Nothing is added then.
             BadImageError: an image that cannot be read (nothing is added then).
         """
         product_ids = [str(p) for p in ([product_ids] if isinstance(product_ids, str) else product_ids)]
@@ -492,17 +529,30 @@ class Pipeline:
             return
         seen, repeated = set(), []
         for pid in product_ids:
-            (repeated.append(pid) if pid in seen or pid in self.index else seen.add(pid))
-        if repeated:
-            raise ValueError(f"product ids already in the index or given twice: {repeated[:5]}; remove them first")
+            (repeated.append(pid) if pid in seen or pid in self.images else seen.add(pid))
+        if repeated and not more_images:
+            raise ValueError(
+                f"product ids already in the index or given twice: {repeated[:5]}; remove them first, or add "
+                "them as further images of their products with more_images=True"
+            )
+        if repeated and self._catalog is None:
+            raise ValueError(
+                f"the index at {self.index_dir} keeps no catalog table (built before indexes kept one), so it "
+                f"cannot record further images of {repeated[:5]}: rebuild it with `street2shop index`"
+            )
         photos = [image_to_rgb(image, _image_name(image, i)) for i, image in enumerate(images)]
         vectors, local = self._embed_catalog(photos)
         stored = [self._remember_image(image, photo) for image, photo in zip(images, photos)]
-        self.index.add(vectors, product_ids)
+        image_ids = self.images.add(product_ids)
+        try:
+            self.index.add(vectors, image_ids)
+        except BaseException:
+            self.images.discard(image_ids)
+            raise
         if self.gallery_local is not None:
             self.gallery_local = LocalFeatureStore.from_features([self.gallery_local, local])
         if self._catalog is not None:
-            self._catalog.update(zip(product_ids, stored))
+            self._catalog.update(zip(image_ids, stored))
 
     @torch.no_grad()
     def _embed_catalog(self, photos: Sequence[np.ndarray]):
@@ -527,17 +577,23 @@ class Pipeline:
         return store_object(self.index_dir, _png_bytes(photo), ".png")
 
     def remove(self, product_ids: Sequence[str]) -> None:
-        """Remove products by id. Raises KeyError listing the unknown ids (nothing is removed then)."""
+        """Remove products by id, with all their images. Raises KeyError listing the unknown ids (nothing is
+        removed then)."""
         product_ids = [str(p) for p in ([product_ids] if isinstance(product_ids, str) else product_ids)]
+        unknown = [pid for pid in product_ids if pid not in self.images]
+        if unknown:
+            raise KeyError(f"{len(unknown)} product ids are not in the index: {unknown[:5]}")
         before = {pid: position for position, pid in enumerate(self.index.product_ids)}
-        self.index.remove(product_ids)  # KeyError naming the unknown ones, before any change
+        image_ids = [image_id for pid in dict.fromkeys(product_ids) for image_id in self.images.images_of(pid)]
+        self.index.remove(image_ids)
+        self.images.remove(product_ids)
         if self.gallery_local is not None:
             keep = torch.as_tensor([before[pid] for pid in self.index.product_ids], dtype=torch.long)
             store = self.gallery_local
             self.gallery_local = LocalFeatureStore(store.keypoints[keep], store.desc[keep], store.mask[keep])
         if self._catalog is not None:
-            for pid in product_ids:
-                self._catalog.pop(pid, None)
+            for image_id in image_ids:
+                self._catalog.pop(image_id, None)
 
     def save(self) -> None:
         """Write the pipeline as the new live version of `index_dir`, in one atomic step (`ProductIndex.save`)."""
@@ -549,8 +605,10 @@ class Pipeline:
         if self.gallery_local is not None:
             attachments[LOCAL_FEATURES_FILE] = self.gallery_local.to_bytes()
         if self._catalog is not None:
-            ids = self.index.product_ids
-            attachments[CATALOG_FILE] = catalog_table_bytes(ids, [self._catalog[p] for p in ids])
+            ids = self.index.product_ids  # image ids, in index order
+            attachments[CATALOG_FILE] = catalog_table_bytes(
+                [self.images.product_of(i) for i in ids], [self._catalog[i] for i in ids], ids
+            )
         self.index.save(self.index_dir, attachments=attachments)
 
     def __repr__(self) -> str:

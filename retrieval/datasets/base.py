@@ -27,6 +27,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Union
 import numpy as np
 import pandas as pd
 
+from retrieval.gallery import products_and_images
 from retrieval.registry import Registry
 
 logger = logging.getLogger("retrieval.datasets")
@@ -46,7 +47,9 @@ class RetrievalSet:
 
     Attributes:
         name: where the set came from, for logs and reports (e.g. "viton:/data/viton [val]").
-        catalog: one row per product: product_id (str), image (absolute path str).
+        catalog: one row per product image: product_id (str), image (absolute path str); a product with
+            several images has several rows (the gallery scores it by its best-matching image,
+            `retrieval.gallery`).
         queries: query_id (str), image (absolute path str), product_id (str, a relevant product); a query
             with several relevant products has several rows. May be empty (index-only sets).
         train: pairs for fitting descriptors and training proxies: pair_id, person_image, product_image,
@@ -61,19 +64,22 @@ class RetrievalSet:
     root: Optional[Path] = None
 
     def describe(self) -> str:
-        """One line with the sizes, e.g. "csv:shop.csv: 500 products, 120 queries (130 rows), no training pairs"."""
+        """One line with the sizes, e.g. "csv:shop.csv: 500 products (1400 images), 120 queries (130 rows), no
+        training pairs" (the images only when a product has several)."""
         n_queries = self.queries["query_id"].nunique() if "query_id" in self.queries else len(self.queries)
         rows = f" ({len(self.queries)} rows)" if len(self.queries) != n_queries else ""
         train = f"{len(self.train)} training pairs" if self.train is not None else "no training pairs"
-        return f"{self.name}: {len(self.catalog)} products, {n_queries} queries{rows}, {train}"
+        products = products_and_images(self.catalog["product_id"].nunique(), len(self.catalog))
+        return f"{self.name}: {products}, {n_queries} queries{rows}, {train}"
 
     def validate(self) -> "RetrievalSet":
         """Check the tables; return self so loaders can `return data.validate()`.
 
         Raises:
-            ValueError: a missing column, an empty catalog, an empty or whitespace-padded id, duplicate
-                product ids in the catalog, or queries whose product_id is not in the catalog (a query
-                with no relevant product cannot be scored; see DESIGN.md, "mAP@k, stated once").
+            ValueError: a missing column, an empty catalog, an empty or whitespace-padded id, a catalog row
+                repeated (same product_id and image; several images of a product are fine), or queries whose
+                product_id is not in the catalog (a query with no relevant product cannot be scored; see
+                DESIGN.md, "mAP@k, stated once").
         """
         _require_columns(self.catalog, CATALOG_COLUMNS, f"{self.name}: catalog")
         _require_columns(self.queries, QUERY_COLUMNS, f"{self.name}: queries")
@@ -85,12 +91,12 @@ class RetrievalSet:
             for column in ID_COLUMNS:
                 if column in table.columns:
                     _check_ids(table[column], f"{self.name}: {what}", lambda row: f"row {row}")
-        duplicated = self.catalog["product_id"][self.catalog["product_id"].duplicated()]
-        if not duplicated.empty:
-            examples = ", ".join(map(repr, duplicated.unique()[:5]))
+        repeated = self.catalog[self.catalog.duplicated(list(CATALOG_COLUMNS))]
+        if not repeated.empty:
+            examples = ", ".join(f"({p!r}, {i!r})" for p, i in zip(repeated["product_id"][:3], repeated["image"][:3]))
             raise ValueError(
-                f"{self.name}: {duplicated.nunique()} product ids appear more than once in the catalog "
-                f"(e.g. {examples}); product ids must be unique"
+                f"{self.name}: {len(repeated)} catalog rows repeat a (product_id, image) pair (e.g. {examples}); "
+                "an image counts once per product: drop the repeated rows"
             )
         unknown = ~self.queries["product_id"].isin(self.catalog["product_id"])
         if unknown.any():
@@ -169,13 +175,14 @@ def subset_products(data: RetrievalSet, limit: Optional[int], seed: int = 0) -> 
     For quick benchmarks of slow descriptors; the name says "[N products]" so a report cannot pass
     it off as the full split.
     """
-    if not limit or limit >= len(data.catalog):
+    products = data.catalog.drop_duplicates("product_id")  # a product's images stay together
+    if not limit or limit >= len(products):
         return data
-    keep = data.catalog.sample(int(limit), random_state=seed).sort_index()
-    ids = set(keep["product_id"].astype(str))
+    ids = set(products.sample(int(limit), random_state=seed)["product_id"].astype(str))
+    keep = data.catalog[data.catalog["product_id"].astype(str).isin(ids)]
     queries = data.queries[data.queries["product_id"].astype(str).isin(ids)]
     return RetrievalSet(
-        f"{data.name} [{len(keep)} products]",
+        f"{data.name} [{len(ids)} products]",
         keep.reset_index(drop=True),
         queries.reset_index(drop=True),
         data.train,

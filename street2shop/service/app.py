@@ -278,7 +278,7 @@ def create_app(
             raise HTTPException(409, str(error)) from None
         except ValueError as error:  # the pipeline's BadImageError
             raise HTTPException(400, f"product {product_id!r} was not added: {error}") from None
-        return {"added": product_id, "products": host.pipeline.ntotal, "generation": host.generation}
+        return {"added": product_id, "products": host.pipeline.n_products, "generation": host.generation}
 
     @app.delete("/products/{product_id:path}", dependencies=[Depends(require_token)], summary="Remove a product")
     async def remove_product(product_id: str) -> dict:
@@ -287,7 +287,7 @@ def create_app(
             await run_in_threadpool(host.remove, product_id)
         except KeyError:
             raise HTTPException(404, f"no product {product_id!r} in the catalog") from None
-        return {"removed": product_id, "products": host.pipeline.ntotal, "generation": host.generation}
+        return {"removed": product_id, "products": host.pipeline.n_products, "generation": host.generation}
 
     @app.post("/admin/reload", dependencies=[Depends(require_token)], summary="Reload the index from disk")
     async def reload() -> dict:
@@ -296,7 +296,7 @@ def create_app(
         return {
             "reloaded": str(host.index_dir),
             **timing,
-            "products": host.pipeline.ntotal,
+            "products": host.pipeline.n_products,
             "generation": host.generation,
         }
 

@@ -64,7 +64,7 @@ class PipelineHost:
 
     def describe(self) -> dict:
         with self._lock.read():
-            return {**self._pipeline.describe(), "products": self._pipeline.ntotal, "generation": self.generation}
+            return {**self._pipeline.describe(), "products": self._pipeline.n_products, "generation": self.generation}
 
     def add(self, product_id: str, image: Any) -> None:
         def change(pipeline: Any) -> None:

@@ -265,10 +265,16 @@ def test_validate_errors():
     empty = RetrievalSet("empty", _table(product_id=[], image=[]), _table(query_id=[], image=[], product_id=[]))
     with pytest.raises(ValueError, match="empty"):
         empty.validate()
-    duplicated = RetrievalSet(
-        "dup", _table(product_id=["a", "a", "b"], image=["x", "y", "z"]), _table(query_id=[], image=[], product_id=[])
+    several = RetrievalSet(
+        "several",
+        _table(product_id=["a", "a", "b"], image=["x", "y", "z"]),
+        _table(query_id=[], image=[], product_id=[]),
     )
-    with pytest.raises(ValueError, match="'a'"):
+    assert several.validate().describe() == "several: 2 products (3 images), 0 queries, no training pairs"
+    duplicated = RetrievalSet(
+        "dup", _table(product_id=["a", "a", "b"], image=["x", "x", "z"]), _table(query_id=[], image=[], product_id=[])
+    )
+    with pytest.raises(ValueError, match=r"1 catalog rows repeat a \(product_id, image\) pair \(e.g. \('a', 'x'\)\)"):
         duplicated.validate()
     unknown = RetrievalSet(
         "unknown", _table(product_id=["a"], image=["x"]), _table(query_id=["q"], image=["y"], product_id=["zz"])
