@@ -246,7 +246,8 @@ def _write_rank_pictures(data, per_query, proxy_specs, count: int, seed: int, de
     chosen = sample_paths(list(queries["query_id"]), count, seed)
     paths = dict(zip(queries["query_id"], queries["image"]))
     previews, crop_boxes = proxy_previews(proxy_specs, [paths[q] for q in chosen], chosen, device=device)
-    catalog = dict(zip(data.catalog["product_id"].astype(str), data.catalog["image"]))
+    first = data.catalog.drop_duplicates("product_id")  # a product with several images shows its first
+    catalog = dict(zip(first["product_id"].astype(str), first["image"]))
     if data.train is not None:  # distractors shown in a top 5 come from the training products
         catalog.update(
             {f"distractor:{p}": i for p, i in zip(data.train["product_id"].astype(str), data.train["product_image"])}

@@ -12,8 +12,8 @@ same pair_id and style; the gallery is the shop items. Items are cropped by thei
   each partition numbers its pairs on its own). Training pairs (``val`` and ``train``) come from the
   ``train`` partition: each user item of style > 0 with the first shop crop of its product; no parse maps
   (``parse`` and ``mask`` None), so only proxies that need none can be trained on them.
-- Limitation: a product (pair_id + style) with several shop images keeps ONE, the first in file order;
-  a warning says how many were left out. Multi-image products are not scored yet.
+- A product (pair_id + style) with several shop images keeps them all (several catalog rows): the gallery
+  scores it by its best-matching crop (`retrieval.gallery`).
 - The first load crops every item of the partitions it reads into ``<cache>/crops/`` (once).
 """
 
@@ -102,8 +102,8 @@ def _with_ids(items: pd.DataFrame, prefix: bool) -> pd.DataFrame:
 
 
 def _gallery_and_queries(items: pd.DataFrame, name: str):
-    """(shop items one per product, user items of style > 0 as queries)."""
-    shop = layout.one_image_per_product(items[items["source"] == "shop"], name)
+    """(shop items, several per product where it has several, user items of style > 0 as queries)."""
+    shop = items[items["source"] == "shop"].reset_index(drop=True)
     users = items[(items["source"] == "user") & (items["style"] > 0)].reset_index(drop=True)
     return shop, users.rename(columns={"item_id": "query_id"})
 
@@ -141,7 +141,8 @@ def load_deepfashion2(root: PathLike, split: str = "val", cache_dir: Optional[Pa
         if split == "val":  # the training pairs come from the train partition, read here
             shop, users = _gallery_and_queries(_with_ids(_read_partition(root, "train"), False), f"{name} train")
         users = users[users["product_id"].isin(set(shop["product_id"]))].reset_index(drop=True)
-        products = shop.set_index("product_id").loc[users["product_id"]].reset_index()
+        products = layout.first_image_of_each_product(shop).set_index("product_id").loc[users["product_id"]]
+        products = products.reset_index()
         train = layout.training_pairs(
             layout.with_crops(users, cache_dir), layout.with_crops(products, cache_dir), users["query_id"]
         )

@@ -14,8 +14,8 @@ cropped by its box, and it matches its item id; the gallery is the partition's s
 - Splits: ``val``, ``test`` and ``train`` evaluate the pairs of that evaluation_status, ``all`` every pair.
   Training pairs (``val``, ``test`` and ``train``) are the ``train`` pairs: consumer crop and shop crop of one
   item; no parse maps (``parse`` and ``mask`` None).
-- Limitation: an item with several shop images keeps ONE, the first in the partition list's order; a warning
-  says how many were left out. Multi-image products are not scored yet.
+- An item with several shop images keeps them all (several catalog rows): the gallery scores it by its
+  best-matching crop (`retrieval.gallery`).
 """
 
 from __future__ import annotations
@@ -130,7 +130,7 @@ def load_deepfashion_c2s(root: PathLike, split: str = "val", cache_dir: Optional
     evaluated = pairs if split == "all" else pairs[pairs["evaluation_status"] == split]
     shop = _items(root, evaluated["image_pair_name_2"], boxes, SHOP, evaluated["item_id"])
     shop = shop.drop_duplicates("name")  # one shop image is listed in a pair with each consumer image
-    catalog = layout.with_crops(layout.one_image_per_product(shop, name), cache_dir)
+    catalog = layout.with_crops(shop.reset_index(drop=True), cache_dir)
     consumers = evaluated.drop_duplicates(["image_pair_name_1", "item_id"])
     queries = _items(root, consumers["image_pair_name_1"], boxes, CONSUMER, consumers["item_id"])
     queries = layout.with_crops(queries.rename(columns={"name": "query_id"}), cache_dir)

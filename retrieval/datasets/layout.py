@@ -89,24 +89,13 @@ def with_crops(items: pd.DataFrame, cache_dir: Optional[PathLike]) -> pd.DataFra
     return items
 
 
-def one_image_per_product(shop: pd.DataFrame, name: str) -> pd.DataFrame:
-    """The first image (in the given, official, order) of each product; a warning says how many were left out.
+def first_image_of_each_product(shop: pd.DataFrame) -> pd.DataFrame:
+    """The first image (in the given, official, order) of each product: the shop side of a training pair.
 
-    The index and the ranking hold one image per product (product ids are unique), so a product's other shop
-    images are not scored yet.
+    The gallery keeps every shop image of a product (several catalog rows; the bench and the pipeline score
+    the product by its best-matching image, `retrieval.gallery`); a training pair needs one.
     """
-    kept = shop.drop_duplicates("product_id", keep="first").reset_index(drop=True)
-    extra = len(shop) - len(kept)
-    if extra:
-        several = int((shop.groupby("product_id", sort=False).size() > 1).sum())
-        logger.warning(
-            "%s: %d products have several shop images; kept the first of each and left out %d extra shop images "
-            "(multi-image products are not scored yet: one image per product)",
-            name,
-            several,
-            extra,
-        )
-    return kept
+    return shop.drop_duplicates("product_id", keep="first").reset_index(drop=True)
 
 
 def drop_queries_without_product(queries: pd.DataFrame, catalog: pd.DataFrame, name: str) -> pd.DataFrame:

@@ -11,8 +11,8 @@ product; the gallery is the CLEAN1 photos.
   a training product with its product photo; no parse maps (``parse`` and ``mask`` None). The paper's
   protocol (galleries of 250 products) is the bench's ``protocol_gallery=250``.
 - Products without a CLEAN1 photo are left out with a warning (nothing to index).
-- Limitation: a product with several CLEAN1 photos keeps ONE, the first by image id; a warning says how many
-  were left out. Multi-image products are not scored yet.
+- A product with several CLEAN1 photos keeps them all (several catalog rows): the gallery scores it by its
+  best-matching photo (`retrieval.gallery`); a training pair takes the first by image id.
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ def load_lookbook(
     name = f"{NAME}:{root} [{split}]"
     photos = _read_folder(root)
     photos["image"] = photos["source_image"]
-    shop = layout.one_image_per_product(photos[photos["clean"] == 1], name)
+    shop = photos[photos["clean"] == 1].reset_index(drop=True)
     people = photos[photos["clean"] == 0]
     orphans = sorted(set(people["product_id"]) - set(shop["product_id"]))
     if orphans:
@@ -84,7 +84,7 @@ def load_lookbook(
             "%s: left out %d products that have no CLEAN1 product photo (e.g. PID%s)", name, len(orphans), orphans[0]
         )
         people = people[people["product_id"].isin(set(shop["product_id"]))]
-    products = sorted(shop["product_id"])
+    products = sorted(shop["product_id"].unique())
     in_val = dict(zip(products, layout.validation_mask(len(products), seed, val_fraction)))
     wanted = {"val": {True}, "train": {False}, "all": {True, False}}[split]
     catalog = shop[[in_val[product] in wanted for product in shop["product_id"]]]
@@ -96,7 +96,8 @@ def load_lookbook(
     train = None
     if split != "all":
         pairs = people[[not in_val[product] for product in people["product_id"]]].reset_index(drop=True)
-        product_rows = shop.set_index("product_id").loc[pairs["product_id"]].reset_index()
+        first = layout.first_image_of_each_product(shop)
+        product_rows = first.set_index("product_id").loc[pairs["product_id"]].reset_index()
         train = layout.training_pairs(pairs, product_rows, pairs["stem"])
     return layout.shop_set(
         name, root, catalog[["product_id", "image", "image_id"]], queries[["query_id", "image", "product_id"]], train

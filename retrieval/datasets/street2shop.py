@@ -20,8 +20,8 @@ several relevant products (several query rows). Shop photos are product shots an
   crop and its product's shop photo; no parse maps (``parse`` and ``mask`` None).
 - The set is distributed as URLs and many have died: photos missing under ``images/`` are left out with a
   warning (counted), and queries whose product lost every shop photo with them.
-- Limitation: a product with several shop photos keeps ONE, the first in ``retrieval_<category>.json``; a
-  warning says how many were left out. Multi-image products are not scored yet.
+- A product with several shop photos keeps them all (several catalog rows): the gallery scores it by its
+  best-matching photo (`retrieval.gallery`); a training pair takes the first in ``retrieval_<category>.json``.
 """
 
 from __future__ import annotations
@@ -111,7 +111,7 @@ def _gallery(json_dir: Path, categories: Sequence[str], photos: Dict[int, str], 
     shop = _drop_missing_photos(shop, photos, name, "shop")
     shop = shop.drop_duplicates(["product_id", "photo"])  # a product listed in two categories
     shop["source_image"] = [photos[photo] for photo in shop["photo"]]
-    return layout.one_image_per_product(shop, name)
+    return shop.reset_index(drop=True)
 
 
 def _street_items(json_dir: Path, categories, halves, photos: Dict[int, str], name: str) -> pd.DataFrame:
@@ -195,7 +195,8 @@ def load_street2shop(
         people = queries if split == "train" else _street_items(json_dir, categories, ("train",), photos, name)
         people = people[people["product_id"].isin(set(catalog["product_id"]))]
         people = layout.with_crops(people, cache_dir)
-        products = catalog.set_index("product_id").loc[people["product_id"]].reset_index()
+        products = layout.first_image_of_each_product(catalog).set_index("product_id").loc[people["product_id"]]
+        products = products.reset_index()
         train = layout.training_pairs(people, products, people["query_id"] + "/" + people["product_id"])
     return layout.shop_set(
         name,

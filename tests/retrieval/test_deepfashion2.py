@@ -18,20 +18,30 @@ def test_validation_partition_gallery_queries_boxes_and_training_pairs(tmp_path,
         data = load_dataset(f"deepfashion2:{root}", split="val", cache_dir=tmp_path / "cache")
     assert data.name == f"deepfashion2:{root.resolve()} [val]"
     catalog = data.catalog
-    assert list(catalog["product_id"]) == ["pair1-style1", "pair1-style2", "pair2-style1", "pair2-style0-000005-item2"]
+    # pair 1 style 1 has two shop images (000002 and 000003): both are gallery rows of one product
+    assert list(catalog["product_id"]) == [
+        "pair1-style1",
+        "pair1-style2",
+        "pair1-style1",
+        "pair2-style1",
+        "pair2-style0-000005-item2",
+    ]
     assert [name.rsplit("/", 3)[-3:] for name in catalog["source_image"]] == [
         ["validation", "image", "000002.jpg"],
         ["validation", "image", "000002.jpg"],
+        ["validation", "image", "000003.jpg"],
         ["validation", "image", "000005.jpg"],
         ["validation", "image", "000005.jpg"],
     ]
     assert catalog[["x0", "y0", "x1", "y1"]].to_numpy().tolist() == [
         [5, 5, 45, 55],
         [50, 10, 95, 75],
+        [20, 20, 60, 70],
         [8, 8, 56, 70],
         [60, 30, 96, 78],
     ]
-    assert list(catalog["category_id"]) == [1, 10, 10, 7]
+    assert list(catalog["category_id"]) == [1, 10, 1, 10, 7]
+    assert "4 products (5 images), 3 queries" in data.describe()
     queries = data.queries
     assert list(queries["query_id"]) == ["000001-item1", "000004-item1", "000006-item1"]
     assert list(queries["product_id"]) == ["pair1-style1", "pair2-style1", "pair1-style2"]
@@ -42,10 +52,8 @@ def test_validation_partition_gallery_queries_boxes_and_training_pairs(tmp_path,
     ]
     check_crops(catalog)
     check_crops(queries)
-    # The second shop image of pair 1 style 1 (000003) is left out, with a warning; the user item of pair 3
-    # (no shop item) is dropped, with a warning.
-    assert "left out 1 extra shop images" in caplog.text and "not scored yet" in caplog.text
-    assert "dropped 1 query rows" in caplog.text
+    # The user item of pair 3 (no shop item) is dropped, with a warning; no shop image is left out.
+    assert "dropped 1 query rows" in caplog.text and "left out" not in caplog.text
     train = data.train
     assert list(train["pair_id"]) == ["000001-item1"] and list(train["product_id"]) == ["pair1-style1"]
     assert train["parse"].tolist() == [None] and train["mask"].tolist() == [None]

@@ -16,15 +16,23 @@ def test_all_categories_gallery_queries_boxes_and_training_pairs(tmp_path, caplo
     with caplog.at_level(logging.WARNING, logger="retrieval.datasets"):
         data = load_dataset(f"street2shop:{root}", split="val", cache_dir=tmp_path / "cache")
     catalog, queries = data.catalog, data.queries
-    assert list(catalog["product_id"]) == ["101", "102", "105", "103", "104"]
-    assert list(catalog["category"]) == ["dresses", "dresses", "dresses", "skirts", "skirts"]
-    assert [path.rsplit("/", 1)[1] for path in catalog["image"]] == ["11.jpg", "13.jpg", "16.jpg", "14.jpg", "15.jpg"]
+    assert list(catalog["product_id"]) == ["101", "101", "102", "105", "103", "104"]  # 101 has two shop photos
+    assert list(catalog["category"]) == ["dresses", "dresses", "dresses", "dresses", "skirts", "skirts"]
+    assert [path.rsplit("/", 1)[1] for path in catalog["image"]] == [
+        "11.jpg",
+        "12.jpg",
+        "13.jpg",
+        "16.jpg",
+        "14.jpg",
+        "15.jpg",
+    ]
+    assert "5 products (6 images), 3 queries" in data.describe()
     assert list(catalog["image"]) == list(catalog["source_image"])  # shop photos are not cropped
     assert list(queries["query_id"]) == ["1@10,12,40,50", "2@40,5,50,60", "2@5,20,30,50"]
     assert list(queries["product_id"]) == ["101", "102", "103"]
     assert queries[["x0", "y0", "x1", "y1"]].to_numpy().tolist() == [[10, 12, 50, 62], [40, 5, 90, 65], [5, 20, 35, 70]]
     check_crops(queries)
-    assert "left out 1 extra shop images" in caplog.text  # photo 12 of product 101
+    assert "extra shop images" not in caplog.text  # photo 12 of product 101 is kept
     assert "left out 1 street rows whose photo is not under images/ (e.g. photo 9)" in caplog.text
     train = data.train
     assert list(train["pair_id"]) == ["4@15,15,45,55/105", "3@20,10,55,60/104"]
