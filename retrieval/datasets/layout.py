@@ -1,6 +1,6 @@
 """What the loaders of published shop sets share (DeepFashion2, DeepFashion Consumer-to-shop, Exact Street2Shop,
-Lookbook): layout errors that show the expected tree, boxed items cropped into the cache, one image per product,
-queries whose product is not in the gallery, and the seeded split by product.
+Lookbook): layout errors that show the expected tree, boxed items cropped into the cache, a product's first image
+for training pairs, queries whose product is not in the gallery, and the seeded split by product.
 
 Item tables here are pandas frames with ``source_image`` (absolute path) and, for boxed items, the box columns
 ``x0, y0, x1, y1`` (pixels, x1/y1 exclusive; NaN for an unboxed item); `with_crops` adds ``image``, the path a

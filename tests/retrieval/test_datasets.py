@@ -318,8 +318,10 @@ def test_load_dataset_specs(tmp_path):
         load_dataset("viton-street:")
     with pytest.raises(ValueError, match="expected viton-street-hr:ROOT"):
         load_dataset("viton-street-hr:")
-    with pytest.raises(ValueError, match="expected csv:CATALOG.csv or"):
-        load_dataset(f"csv:{catalog},{queries},{queries}")
+    with pytest.raises(ValueError, match="expected csv:CATALOG.csv, csv:CATALOG.csv,QUERIES.csv or"):
+        load_dataset(f"csv:{catalog},{queries},{queries},{queries}")  # a third file is PAIRS.csv; a fourth is none
+    with pytest.raises(ValueError, match=r"pairs CSV .*queries\.csv lacks column\(s\) 'person_image'"):
+        load_dataset(f"csv:{catalog},{queries},{queries}", cache_dir=tmp_path)
     with pytest.raises(ValueError, match="positive integer"):
         load_dataset("synthetic:zero", cache_dir=tmp_path)
 
