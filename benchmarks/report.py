@@ -84,6 +84,18 @@ def table4_markdown(summary: pd.DataFrame, ks: Sequence[int] = PAPER_KS) -> str:
     return "\n".join(lines)
 
 
+def accuracy_markdown(summary: pd.DataFrame, ks: Sequence[int]) -> str:
+    """proxy | descriptor | index | acc@k for each k, 4 decimals; "" when the summary has no acc@k columns."""
+    columns = [f"acc@{k}" for k in ks if f"acc@{k}" in summary.columns]
+    if not columns:
+        return ""
+    lines = ["| proxy | descriptor | index | " + " | ".join(columns) + " |", "|---|---|---|" + "---:|" * len(columns)]
+    for row in summary.to_dict("records"):
+        values = " | ".join(f"{row[c]:.4f}" for c in columns)
+        lines.append(f"| {row['proxy']} | {row['descriptor']} | {row.get('index', '')} | {values} |")
+    return "\n".join(lines)
+
+
 def _p_text(p_value) -> str:
     """'p=0.042'; at the resolution floor of the permutation test (1/(n+1)), 'p<=0.001' rather than a fake 0.000999."""
     if p_value is None or pd.isna(p_value):
@@ -457,6 +469,17 @@ def bench_markdown(
         "",
         table4_markdown(summary, ks),
     ]
+    accuracy = accuracy_markdown(summary, ks)
+    if accuracy:
+        parts += [
+            "",
+            "## Top-k accuracy (the DeepFashion, DeepFashion2 and Street2Shop headline)",
+            "",
+            "acc@k: the share of queries with ANY relevant product in their top k (= recall@k when each query has "
+            "one); a product with several images counts once, at its best image.",
+            "",
+            accuracy,
+        ]
     best = best_per_descriptor(summary, top)
     if len(best) > 1 or (len(best) == 1 and len(summary) > 1):
         parts += [

@@ -99,7 +99,8 @@ class BenchResult:
     """Everything one grid run measured.
 
     Attributes:
-        summary: one row per proxy x descriptor x index: mAP@k and recall@k for each k, MRR, their
+        summary: one row per proxy x descriptor x index: gallery (products) and gallery_images, mAP@k,
+            recall@k and acc@k (top-k accuracy: any relevant product in the top k) for each k, MRR, their
             bootstrap 95% intervals, the paired test against `none` (same descriptor and index), the
             paper's improvement column, the paper-protocol means and spreads, timings.
         per_query: one row per query and combination: query_id, product_id, rank of the first relevant
@@ -538,13 +539,13 @@ def descriptor_label(spec: str) -> str:
 
 
 def format_table(results: pd.DataFrame, ks: Sequence[int] = DEFAULT_KS, markdown: bool = False) -> str:
-    """The Table-4-shaped view: one line per proxy+descriptor, mAP@k then recall@k, 4 decimals."""
-    columns = (
-        ["proxy", "descriptor", "index", "queries", "gallery"] + [f"mAP@{k}" for k in ks] + [f"recall@{k}" for k in ks]
-    )
+    """The Table-4-shaped view: one line per proxy+descriptor, mAP@k, recall@k then acc@k (top-k accuracy),
+    4 decimals."""
+    columns = ["proxy", "descriptor", "index", "queries", "gallery"]
+    columns += [f"{metric}@{k}" for metric in ("mAP", "recall", "acc") for k in ks]
     view = results[[c for c in columns if c in results.columns]].copy()
     for column in view.columns:
-        if column.startswith(("mAP@", "recall@")):
+        if column.startswith(("mAP@", "recall@", "acc@")):
             view[column] = view[column].map(lambda v: f"{v:.4f}")
     if markdown:
         header = "| " + " | ".join(view.columns) + " |"

@@ -89,6 +89,21 @@ def recall_at_k(relevance: np.ndarray, n_relevant: np.ndarray, k: int) -> np.nda
     return relevance[:, :k].sum(axis=1) / n_relevant
 
 
+def top_k_accuracy(relevance: np.ndarray, k: int) -> np.ndarray:
+    """Top-k accuracy per query: 1 when ANY relevant product is in the top k, else 0 (Q,).
+
+    The headline of DeepFashion consumer-to-shop, DeepFashion2 retrieval and Exact Street2Shop (per
+    category), as their papers report it; equal to recall@k when every query has one relevant product.
+
+    Example:
+        >>> top_k_accuracy(np.array([[False, True, True], [False, False, False]]), k=2)
+        array([1., 0.])
+    """
+    if relevance.ndim != 2 or k < 1:
+        raise ValueError(f"relevance must be (Q, K) and k >= 1; got {relevance.shape} and k={k}")
+    return relevance[:, :k].any(axis=1).astype(np.float64)
+
+
 def reciprocal_rank(relevance: np.ndarray) -> np.ndarray:
     """1 / rank of the first relevant product within the ranked list, 0 when none is there. (Q,)."""
     first = relevance.argmax(axis=1)
@@ -99,12 +114,15 @@ def reciprocal_rank(relevance: np.ndarray) -> np.ndarray:
 def ranking_metrics(
     relevance: np.ndarray, n_relevant: np.ndarray, ks: Sequence[int] = (1, 5, 10, 20)
 ) -> Dict[str, float]:
-    """mAP@k and recall@k for each k, and MRR (within the ranked list), as a flat dict of means."""
+    """mAP@k, recall@k and acc@k (top-k accuracy) for each k, and MRR (within the ranked list), as a flat dict
+    of means."""
     out: Dict[str, float] = {}
     for k in ks:
         out[f"mAP@{k}"] = float(average_precision_at_k(relevance, n_relevant, k).mean())
     for k in ks:
         out[f"recall@{k}"] = float(recall_at_k(relevance, n_relevant, k).mean())
+    for k in ks:
+        out[f"acc@{k}"] = float(top_k_accuracy(relevance, k).mean())
     out[f"MRR@{relevance.shape[1]}"] = float(reciprocal_rank(relevance).mean())
     return out
 

@@ -131,4 +131,10 @@ def test_train_tn_and_bench_it_on_the_users_csv(user_set, tmp_path, monkeypatch)
     summary = pd.read_csv(out / "results.csv")
     assert summary["gallery"].tolist() == [8, 8] and summary["gallery_images"].tolist() == [24, 24]
     assert (summary["mAP@20"] > 0).all()
-    assert "8 products (24 images)" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert "8 products (24 images)" in report and "## Top-k accuracy" in report and "| acc@1 |" in report
+    # acc@k from per_query ranks, in a plain loop: the query with two relevant products counts once
+    per_query = pd.read_csv(out / "per_query.csv")
+    for descriptor, rows in per_query.groupby("descriptor"):
+        hits = [1.0 if 0 < rank <= 5 else 0.0 for rank in rows["rank"]]
+        assert summary.set_index("descriptor").loc[descriptor, "acc@5"] == pytest.approx(sum(hits) / len(hits))

@@ -11,6 +11,7 @@ from retrieval.metrics import (
     recall_at_k,
     reciprocal_rank,
     relevance_matrix,
+    top_k_accuracy,
 )
 
 
@@ -71,6 +72,17 @@ def test_matches_plain_loop_reference_on_random_rankings():
     for cut in (1, 5, 10, 20):
         expected = [ap_at_k_loop(list(ranked[q]), relevant_sets[q], cut) for q in range(n_queries)]
         assert average_precision_at_k(relevance, n_relevant, cut) == pytest.approx(expected)
+        # top-k accuracy: a query counts when any of its relevant products is in its top k
+        hits = []
+        for q in range(n_queries):
+            found = 0.0
+            for product in ranked[q][:cut]:
+                if product in relevant_sets[q]:
+                    found = 1.0
+                    break
+            hits.append(found)
+        assert top_k_accuracy(relevance, cut).tolist() == hits
+        assert ranking_metrics(relevance, n_relevant, (cut,))[f"acc@{cut}"] == pytest.approx(np.mean(hits))
 
 
 def test_query_without_relevant_product_in_gallery_is_an_error():

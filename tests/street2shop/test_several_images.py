@@ -89,6 +89,8 @@ def test_bench_ranks_products_by_their_best_image(several):
             expected.append(1.0 / rank if rank <= k else 0.0)
         assert per_query[f"AP@{k}"].tolist() == pytest.approx(expected)
         assert result.summary[f"mAP@{k}"].iloc[0] == pytest.approx(np.mean(expected))
+        accuracy = [float(order.index(truth) < k) for order, truth in zip(ranked, several.queries["product_id"])]
+        assert result.summary[f"acc@{k}"].iloc[0] == pytest.approx(np.mean(accuracy))
     row = result.summary.iloc[0]
     assert (row["gallery"], row["gallery_images"]) == (12, 24)
     # the paper protocol with every product drawn is the full exact ranking, products at their best image
