@@ -39,7 +39,7 @@ from generation.gan import (
 )
 from generation.generator_proxy import GeneratorProxy
 from generation.pix2pix import PatchDiscriminator
-from generation.training.pairs import GanTrainer, StepFn, load_pair_archive, prepare_pair_tensors
+from generation.training.pairs import GanTrainer, StepFn, load_pair_archive, prepare_pair_tensors, require_parse_maps
 from retrieval.training import TrainingJob, register_trainer
 
 # --------------------------------------------------------------------------------------------------
@@ -450,6 +450,7 @@ def pair_tensors(
         if dataset is None or dataset.train is None or dataset.train.empty:
             name = "no data set" if dataset is None else dataset.name
             raise ValueError(f"{name} has no training pairs to train {model.name} on (or give pairs=ARCHIVE)")
+        require_parse_maps(dataset, model.name)
         pairs = dataset.train if limit is None else dataset.train.iloc[:limit]
         tensors = prepare_pair_tensors(pairs, out_dir / f"pairs_{side}.pt", size=(side, side), progress=bool(progress))
     return {"person": tensors["person"], "product": tensors["product"]}, pairs

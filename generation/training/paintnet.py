@@ -33,7 +33,7 @@ from generation.paintnet import PaintNet, _jsonable
 from generation.paintnet_networks import RealFakeDiscriminator, RelevanceDiscriminator
 from generation.training.paintnet_losses import PerceptualLoss, RendererStep
 from generation.training.paintnet_shape_predictor import train_shape_predictor
-from generation.training.pairs import GanTrainer, load_pair_archive, prepare_pair_tensors
+from generation.training.pairs import GanTrainer, load_pair_archive, prepare_pair_tensors, require_parse_maps
 from retrieval.backbones import EfficientNetLite0
 from retrieval.registry import typed_options
 from retrieval.training import TrainingJob, load_checkpoint, register_trainer, seed_everything
@@ -163,6 +163,7 @@ def train_paintnet(model: PaintNet, job: TrainingJob, config: PaintNetTrainConfi
         train = None
         data = _pairs_from_archive(model, config.pairs, size, config.max_pairs, seed)
     else:
+        require_parse_maps(dataset, model.name)
         train = dataset.train.reset_index(drop=True)
         if config.max_pairs is not None and len(train) > int(config.max_pairs):
             train = train.sample(int(config.max_pairs), random_state=seed).reset_index(drop=True)

@@ -56,6 +56,42 @@ def _resize(image: np.ndarray, size: Tuple[int, int], nearest: bool = False) -> 
     return cv2.resize(image, (int(size[1]), int(size[0])), interpolation=interpolation)
 
 
+def count_parse_maps(train_pairs) -> int:
+    """How many training pairs name a parse map (a non-empty ``parse`` path)."""
+    if train_pairs is None or "parse" not in train_pairs:
+        return 0
+    return int(train_pairs["parse"].map(lambda p: isinstance(p, str) and bool(p.strip())).sum())
+
+
+def require_parse_maps(dataset, model_name: str) -> None:
+    """Refuse, clearly, to train `model_name` on a data set whose training pairs have no parse map.
+
+    The published shop sets (DeepFashion2, DeepFashion Consumer-to-shop, Street2Shop, Lookbook) and a CSV
+    without a ``parse`` column give none. The message names what can still be trained there: the trainable
+    descriptors (their trainers read photo pairs only) and no proxy (every trainable proxy learns from the
+    garment masks of parse maps), and how to bring a proxy trained elsewhere.
+
+    Raises:
+        ValueError: no training pair of `dataset` has a parse map.
+    """
+    if count_parse_maps(dataset.train) > 0:
+        return
+    from generation.proxies import PROXIES, list_proxies
+    from retrieval.descriptors import DESCRIPTORS, list_descriptors
+
+    proxies = [name for name in list_proxies() if getattr(PROXIES.get(name), "trainable", False)]
+    descriptors = [name for name in list_descriptors() if getattr(DESCRIPTORS.get(name), "trainable", False)]
+    pairs = 0 if dataset.train is None else len(dataset.train)
+    raise ValueError(
+        f"{dataset.name}: {model_name} learns from parse maps (the training pairs' 'parse' column: LIP labels of "
+        f"each person photo), and none of its {pairs} training pairs has one. No proxy can be trained on this set "
+        f"(every trainable proxy, {', '.join(proxies)}, needs them); the descriptors can ({', '.join(descriptors)}; "
+        "l2net and lfnet on homographies only: --set garment_pairs_weight=0). Train "
+        f"{model_name} on a set with parse maps (viton:ROOT, or a csv: PAIRS.csv with a parse column) and use it "
+        f"here as {model_name}@RUN/final.pt"
+    )
+
+
 def _garment_mask(parse_path: Optional[str], shape: Tuple[int, int]) -> np.ndarray:
 
     if parse_path is None:

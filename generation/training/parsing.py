@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from generation.metrics import GarmentIoU
 from generation.parsing import GarmentParser, HumanParsingProxy, garment_masks
+from generation.training.pairs import require_parse_maps
 from retrieval.datasets.viton_street import STREET_TRAINING_SEED
 from retrieval.garments import garment_mask_from_labels
 from retrieval.io import read_image, read_mask, resize_image
@@ -369,9 +370,8 @@ def train_hp(model: HumanParsingProxy, job: TrainingJob, config: ParserTrainConf
     dataset, seed = job.dataset, job.seed
     if dataset.train is None or dataset.train.empty:
         raise ValueError(f"{dataset.name} has no training pairs to train the parser on")
+    require_parse_maps(dataset, "hp")
     photos, parses = parsing_pairs(dataset.train)
-    if not photos:
-        raise ValueError(f"{dataset.name}: no training pair has a parse map (column 'parse'); the parser needs them")
     validation = (
         validation_parsing_pairs(dataset, limit=int(config.val_images), seed=seed) if config.val_images else None
     )

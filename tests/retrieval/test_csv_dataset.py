@@ -138,3 +138,17 @@ def test_train_tn_and_bench_it_on_the_users_csv(user_set, tmp_path, monkeypatch)
     for descriptor, rows in per_query.groupby("descriptor"):
         hits = [1.0 if 0 < rank <= 5 else 0.0 for rank in rows["rank"]]
         assert summary.set_index("descriptor").loc[descriptor, "acc@5"] == pytest.approx(sum(hits) / len(hits))
+
+
+@pytest.mark.parametrize("command", [["train", "parsing"], ["train", "paintnet"]])
+def test_proxies_refuse_a_set_without_parse_maps_and_say_what_can_train(user_set, tmp_path, monkeypatch, command):
+    monkeypatch.setenv("STREET2SHOP_CACHE", str(tmp_path / "cache"))
+    result = CliRunner().invoke(
+        cli, command + ["--dataset", _spec(user_set), "--out", str(tmp_path / "run"), "--epochs", "1"]
+    )
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    name = "hp" if command[1] == "parsing" else "paintnet"
+    assert f"{name} learns from parse maps" in result.output and "none of its 8 training pairs has one" in result.output
+    assert "the descriptors can (delf, l2net, lfnet, tn" in result.output and "dtgan, hp, paintnet" in result.output
+    assert f"use it here as {name}@RUN/final.pt" in result.output
+    assert not (tmp_path / "run" / "final.pt").exists()
