@@ -10,7 +10,7 @@ import click
 DATASET_HELP = (
     "Dataset spec: 'synthetic' or 'synthetic:N' (the embedded generated set, N products), "
     "'viton:ROOT' (VITON layout, e.g. viton:../shared/data/viton), 'viton-street:ROOT' (the same with "
-    "street-condition query photos, generated once into the cache), 'csv:CATALOG.csv[,QUERIES.csv]', "
+    "street-condition query photos, generated once into the cache), 'csv:CATALOG.csv[,QUERIES.csv[,PAIRS.csv]]', "
     "'deepfashion2:ROOT', 'deepfashion-c2s:ROOT', 'street2shop:ROOT[,CATEGORY]' or 'lookbook:ROOT' "
     "(`street2shop datasets` shows every format's layout)."
 )
