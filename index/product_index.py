@@ -477,6 +477,24 @@ class ProductIndex:
         database = check_tuning_vectors(vectors, self.ntotal, self.dim)
         return self._tune(target_recall, k, queries, int(n_queries), database, seed)
 
+    def use_search_params(self, search_params: Mapping[str, int]) -> None:
+        """Search with ``search_params`` from now on (e.g. those another index of the same preset was tuned
+        to, to compare the two at equal settings); they replace :attr:`search_params` and go into the
+        manifest on :meth:`save`.
+
+        Raises:
+            ValueError: a key this index type does not use, or a value that is not a positive integer.
+        """
+        known = {"ivf": ("nprobe", "k_factor", "min_candidates"), "hnsw": ("efSearch",)}.get(self._kind, ())
+        for key, value in search_params.items():
+            if key not in known:
+                raise ValueError(f"{key!r} is not a search parameter of a {self._kind} index; valid: {list(known)}")
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(f"search parameter {key} must be a positive integer, got {value!r}")
+        self._search_params.update({key: int(value) for key, value in search_params.items()})
+        self._apply_search_params(self._cpu_index)
+        self._placement.invalidate()
+
     def use_device(self, device: str) -> str:
         """Move searching to ``device`` (``"auto"``, ``"cpu"`` or ``"cuda"``); returns where it now runs.
 

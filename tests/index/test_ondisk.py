@@ -170,3 +170,17 @@ def test_kill_at_every_step_of_an_on_disk_save_leaves_old_or_new(single, merged,
         scores, _ = loaded.search(QUERIES, 10)
         expected = expected_new if loaded.layout["kind"] == "ondisk" else expected_old
         np.testing.assert_allclose(scores, expected, rtol=0, atol=1e-6, err_msg=f"killed at {step}")
+
+
+def test_search_params_taken_from_another_index(single, merged, tmp_path):
+    copy = build(shards=2, work_dir=tmp_path)
+    copy.use_search_params({"nprobe": 3, "k_factor": 2})
+    assert copy.search_params["nprobe"] == 3
+    reference = build()
+    reference.use_search_params({"nprobe": 3, "k_factor": 2})
+    assert_same_results(copy, reference)
+    assert ProductIndex.load(copy.save(tmp_path / "idx"), device="cpu").search_params == copy.search_params
+    with pytest.raises(ValueError, match="efSearch.*not a search parameter"):
+        copy.use_search_params({"efSearch": 64})
+    with pytest.raises(ValueError, match="positive integer"):
+        copy.use_search_params({"nprobe": 0})
