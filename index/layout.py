@@ -15,6 +15,11 @@ from pathlib import Path
 
 INDEX_FILE = "index.faiss"
 MANIFEST_FILE = "manifest.json"
+IVF_DATA_FILE = "index.ivfdata"
+REFINE_FILE = "refine.faiss"
+INDEX_DATA_FILES = (IVF_DATA_FILE, REFINE_FILE)
+"""The files an index of the on-disk layout (``index.ondisk``) keeps beside ``index.faiss``: the merged
+inverted lists and the re-rank vectors, both memory-mapped on load. No other index file is written."""
 KNOWN_ATTACHMENTS = frozenset({"descriptor.pt", "local_features.npz", "proxy.pt", "catalog.csv"})
 """The files the engine keeps beside an index; no other name is written, read or deleted, so a
 manifest cannot make us touch arbitrary files. (descriptor.pt: the descriptor's weights and fitted state;
@@ -30,7 +35,7 @@ CURRENT = "current"
 LOCK_FILE = ".lock"
 VERSION_PREFIX = ".v-"
 TMP_PREFIX = ".tmp-"  # pointer symlinks being staged
-LINKED = (INDEX_FILE, MANIFEST_FILE) + tuple(sorted(KNOWN_ATTACHMENTS))
+LINKED = (INDEX_FILE, MANIFEST_FILE) + INDEX_DATA_FILES + tuple(sorted(KNOWN_ATTACHMENTS))
 VERSION_NAME = re.compile(r"^\.v-[0-9a-f]+-[0-9a-f]+$")
 
 SAVE_STEPS = (

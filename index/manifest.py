@@ -18,7 +18,8 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 import faiss
 
 from .errors import IndexCorruptError
-from .layout import INDEX_FILE, KNOWN_ATTACHMENTS, MANIFEST_FILE
+from .layout import INDEX_DATA_FILES, INDEX_FILE, KNOWN_ATTACHMENTS, MANIFEST_FILE
+from .ondisk import ONDISK_LAYOUT, READ_FLAGS, attach_ondisk_files
 
 LOGGER = logging.getLogger("street2shop.index")
 
@@ -56,12 +57,21 @@ def jsonable_metadata(metadata: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
 
 
 def index_manifest(
-    cpu_index: Any, preset: str, factory_string: str, search_params: Any, tuning: Any, metadata: Any, product_ids: Any
+    cpu_index: Any,
+    preset: str,
+    factory_string: str,
+    search_params: Any,
+    tuning: Any,
+    metadata: Any,
+    product_ids: Any,
+    layout: Optional[Mapping[str, Any]] = None,
 ) -> Dict[str, Any]:
     """The manifest of a ProductIndex before `checksummed_manifest` seals it: its own fields, and what the
-    index file (dim, ntotal) and this process (faiss version, time) tell."""
+    index file (dim, ntotal) and this process (faiss version, time) tell. ``layout``: how the index is kept
+    (None: ``{"kind": "single"}``, one index file; ``index.ondisk`` records shards merged on disk)."""
     return {
         "format_version": FORMAT_VERSION,
+        "layout": dict(layout or {"kind": "single"}),
         "preset": preset,
         "factory_string": factory_string,
         "metric": "inner_product",
@@ -77,11 +87,17 @@ def index_manifest(
 
 
 def checksummed_manifest(
-    manifest: Mapping[str, Any], index_checksum: str, attachments: Dict[str, str]
+    manifest: Mapping[str, Any],
+    index_checksum: str,
+    attachments: Dict[str, str],
+    index_files: Optional[Dict[str, str]] = None,
 ) -> Dict[str, Any]:
-    """``manifest`` as a save writes it: this format version, the sha256 of ``index.faiss`` and of each
-    attachment, and its own checksum."""
+    """``manifest`` as a save writes it: this format version, the sha256 of ``index.faiss``, of each
+    attachment and of each other file of the index (``index_files``, the on-disk layout's), and its own
+    checksum."""
     manifest = dict(manifest, format_version=FORMAT_VERSION, checksum=index_checksum, attachments=attachments)
+    if index_files:
+        manifest["index_files"] = index_files
     manifest.pop(_MANIFEST_CHECKSUM, None)
     # Checksum what a reader will parse (e.g. int dict keys become strings), not the caller's objects.
     manifest = json.loads(json.dumps(manifest))
@@ -121,17 +137,24 @@ def read_version(folder: Path) -> Tuple[Any, Dict[str, Any]]:
                 "index with `street2shop index`"
             )
         handle.seek(0)
+        ondisk = manifest["layout"]["kind"] == ONDISK_LAYOUT
         try:
-            cpu_index = faiss.read_index(faiss.PyCallbackIOReader(handle.read))
+            cpu_index = faiss.read_index(faiss.PyCallbackIOReader(handle.read), READ_FLAGS if ondisk else 0)
         except RuntimeError as error:
             raise IndexCorruptError(f"faiss cannot read {index_path}: {error}") from None
-    _check_against_index(manifest, manifest_path, cpu_index)
-    for name, expected in manifest["attachments"].items():
+    # The files beside index.faiss are checked first: they are memory-mapped as they are.
+    for name, expected in sorted({**manifest["index_files"], **manifest["attachments"]}.items()):
         path = folder / name
         if not path.exists():
             raise FileNotFoundError(f"{path} is missing from the saved index: rebuild it with `street2shop index`")
         if sha256_file(path) != expected:
             raise IndexCorruptError(f"{path} does not match its checksum in {manifest_path}: rebuild the index")
+    if ondisk:
+        try:
+            cpu_index = attach_ondisk_files(cpu_index, folder)
+        except (RuntimeError, ValueError) as error:
+            raise IndexCorruptError(f"faiss cannot map the on-disk index in {folder}: {error}") from None
+    _check_against_index(manifest, manifest_path, cpu_index)
     return cpu_index, manifest
 
 
@@ -178,11 +201,29 @@ def _read_manifest(path: Path) -> Dict[str, Any]:
         raise IndexCorruptError(
             f"{path} lists attachments {unknown[:5]} outside {sorted(KNOWN_ATTACHMENTS)}: {rebuild}"
         )
+    _check_layout(manifest, path, rebuild)
     for key in ("search_params", "metadata"):
         if not isinstance(manifest.get(key, {}), dict):
             raise IndexCorruptError(f"{path}: {key} is not a JSON object: {rebuild}")
     check_metadata(manifest.get("metadata", {}), IndexCorruptError, str(path))
     return manifest
+
+
+def _check_layout(manifest: Dict[str, Any], path: Path, rebuild: str) -> None:
+    """The layout record (absent: one in-memory index, as every index before layouts) and the files it
+    needs, whose names must be the on-disk layout's own: a manifest cannot make us map arbitrary files."""
+    layout = manifest.setdefault("layout", {"kind": "single"})
+    index_files = manifest.setdefault("index_files", {})
+    if not isinstance(layout, dict) or layout.get("kind") not in ("single", ONDISK_LAYOUT):
+        raise IndexCorruptError(f"{path}: layout {layout!r} is not 'single' or {ONDISK_LAYOUT!r}: {rebuild}")
+    if not isinstance(index_files, dict) or not all(isinstance(value, str) for value in index_files.values()):
+        raise IndexCorruptError(f"{path}: index_files is not a map of file names to sha256: {rebuild}")
+    expected = set(INDEX_DATA_FILES) if layout["kind"] == ONDISK_LAYOUT else set()
+    if set(index_files) != expected:
+        raise IndexCorruptError(
+            f"{path}: a {layout['kind']} index keeps {sorted(expected) or 'no files'} beside {INDEX_FILE}, but the "
+            f"manifest lists {sorted(index_files)}: {rebuild}"
+        )
 
 
 def _check_against_index(manifest: Dict[str, Any], manifest_path: Path, cpu_index: Any) -> None:

@@ -19,10 +19,15 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import shutil
+import tempfile
 import time
+import weakref
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
+import faiss
 import numpy as np
 
 from .arrays import as_matrix, check_k
@@ -33,6 +38,7 @@ from .ids import check_new_ids, name_some, remove_labels
 from .layout import KNOWN_ATTACHMENTS
 from .manifest import index_manifest, jsonable_metadata
 from .mismatch import DEFAULT_COMPAT_KEYS, check_index_matches
+from .ondisk import ONDISK_LAYOUT, build_ondisk, check_shardable, ondisk_bytes, shard_bounds
 from .presets import DEFAULT_TARGET_RECALL, plan_index
 from .storage import DEFAULT_LOCK_TIMEOUT_S, check_index_destination, load_index_dir, write_index_dir
 from .tuning import (
@@ -81,6 +87,7 @@ class ProductIndex:
         tuning: Optional[Mapping[str, Any]] = None,
         version_dir: Optional[Path] = None,
         attachment_checksums: Optional[Mapping[str, str]] = None,
+        layout: Optional[Mapping[str, Any]] = None,
     ):
         self._cpu_index = downcast_owned(cpu_index)
         self._ids = np.array(list(product_ids), dtype=object)
@@ -94,6 +101,9 @@ class ProductIndex:
         self._version_dir = version_dir
         self._attachment_checksums = dict(attachment_checksums or {})
         self._kind = index_kind(self._cpu_index)
+        # How the index is kept: {"kind": "single"} (one index file, all in memory) or the on-disk layout
+        # of shards merged into memory-mapped files (index.ondisk), which is read-only.
+        self._layout = dict(layout or {"kind": "single"})
         self._tuning = dict(tuning) if tuning else None
         self._build_timings: Optional[Dict[str, float]] = None
         self._apply_search_params(self._cpu_index)
@@ -112,6 +122,8 @@ class ProductIndex:
         target_recall: Optional[float] = DEFAULT_TARGET_RECALL,
         tune_queries: Optional[np.ndarray] = None,
         seed: int = 0,
+        shards: Optional[int] = None,
+        work_dir: Optional[str | os.PathLike] = None,
     ) -> "ProductIndex":
         """Build an index of ``preset`` over a catalog, training it on ``vectors`` when it needs it.
 
@@ -129,6 +141,14 @@ class ProductIndex:
             tune_queries: sample queries to tune on (e.g. descriptors of real street photos); None
                 tunes on perturbed catalog vectors (see :meth:`tune`).
             seed: seeds the training subsample and the tuning sample.
+            shards: None builds one in-memory index. A number N builds it the sharded way
+                (``index.ondisk``): the IVF trained once, N shards filled in parallel with it, their lists
+                merged into one memory-mapped file; the result searches exactly like the in-memory index of
+                the same preset and seed, keeps its lists and re-rank vectors on disk, and is read-only
+                (no :meth:`add` / :meth:`remove`). Needs an IVF preset without fast-scan: ``ivfpq-rflat``.
+            work_dir: where a sharded build writes its shards and merged lists (a new folder inside it,
+                removed with this object; a save hard-links the lists when on the same file system);
+                None: the system's temporary folder.
 
         Shape:
             - vectors: :math:`(N, D)`, float32 (other float dtypes are converted).
@@ -136,7 +156,8 @@ class ProductIndex:
 
         Raises:
             ValueError: empty catalog, wrong shapes, NaN/inf values, duplicate ids, unknown preset,
-                target_recall outside (0, 1].
+                target_recall outside (0, 1], shards for a preset (or a catalog too small) that cannot be
+                sharded.
             TypeError: metadata is not JSON-able or ids are not strings.
         """
         vectors = as_matrix(vectors, "vectors")
@@ -144,6 +165,11 @@ class ProductIndex:
         metadata = jsonable_metadata(metadata)
         dim = vectors.shape[1]
         plan = plan_index(preset, dim, len(vectors))
+        if shards is not None:  # refused before minutes of training
+            if plan.sweep is None:  # the IVF presets' fallback to Flat on a small catalog
+                raise ValueError(f"cannot build {shards} shards: {plan.fallback_reason or 'an exact index'}")
+            shard_bounds(len(vectors), shards)
+            check_shardable(faiss.index_factory(dim, plan.factory_string, faiss.METRIC_INNER_PRODUCT), preset)
         if plan.fallback_reason:
             LOGGER.warning(plan.fallback_reason)
         if target_recall is not None:
@@ -152,8 +178,18 @@ class ProductIndex:
         started = time.perf_counter()
         cpu_index = trained_index(plan.factory_string, vectors, plan.train_size, seed)
         trained = time.perf_counter()
-        cpu_index.add(vectors)
-        built = cls(cpu_index, product_ids, preset, plan.factory_string, plan.search_params, metadata, device)
+        layout, staging, shard_timings = None, None, {}
+        if shards is None:
+            cpu_index.add(vectors)
+        else:
+            staging = Path(tempfile.mkdtemp(prefix="street2shop-shards-", dir=work_dir))
+            layout, shard_timings = build_ondisk(cpu_index, vectors, int(shards), staging)
+        built = cls(
+            cpu_index, product_ids, preset, plan.factory_string, plan.search_params, metadata, device, layout=layout
+        )
+        if staging is not None:
+            # The merged lists stay mapped from the staging folder until this index is gone.
+            weakref.finalize(built, shutil.rmtree, str(staging), True)
         added = time.perf_counter()
         if target_recall is not None and plan.sweep is not None and built.ntotal >= 2:
             built._tune(
@@ -163,6 +199,7 @@ class ProductIndex:
             "train_s": trained - started,
             "add_s": added - trained,
             "tune_s": time.perf_counter() - added,
+            **shard_timings,
         }
         return built
 
@@ -193,6 +230,7 @@ class ProductIndex:
             tuning=manifest.get("tuning"),
             version_dir=version_dir,
             attachment_checksums=manifest.get("attachments", {}),
+            layout=manifest.get("layout"),
         )
 
     @staticmethod
@@ -247,6 +285,12 @@ class ProductIndex:
         return dict(self._search_params)
 
     @property
+    def layout(self) -> Dict[str, Any]:
+        """How the index is kept: ``{"kind": "single"}``, or ``{"kind": "ondisk", "shards": N,
+        "shard_sizes": [...]}`` for shards merged into memory-mapped files (see ``index.ondisk``)."""
+        return json.loads(json.dumps(self._layout))
+
+    @property
     def tuning(self) -> Optional[Dict[str, Any]]:
         """The report of the last :meth:`tune` (target, measured recall, sweep), or None if never tuned."""
         return json.loads(json.dumps(self._tuning)) if self._tuning is not None else None
@@ -290,6 +334,7 @@ class ProductIndex:
             ValueError: empty input, wrong dim (naming both), NaN/inf, ids duplicated within the call or
                 already in the index (naming some of them).
         """
+        self._refuse_if_read_only("add products to")
         vectors = as_matrix(vectors, "vectors")
         if vectors.shape[1] != self.dim:
             raise ValueError(f"vectors have dim {vectors.shape[1]} but the index holds dim {self.dim}")
@@ -307,6 +352,7 @@ class ProductIndex:
         Raises:
             KeyError: some ids are not in the index (naming them); nothing is removed then.
         """
+        self._refuse_if_read_only("remove products from")
         if isinstance(product_ids, str):
             product_ids = [product_ids]
         unknown = [pid for pid in product_ids if pid not in self._positions]
@@ -431,6 +477,24 @@ class ProductIndex:
         database = check_tuning_vectors(vectors, self.ntotal, self.dim)
         return self._tune(target_recall, k, queries, int(n_queries), database, seed)
 
+    def use_search_params(self, search_params: Mapping[str, int]) -> None:
+        """Search with ``search_params`` from now on (e.g. those another index of the same preset was tuned
+        to, to compare the two at equal settings); they replace :attr:`search_params` and go into the
+        manifest on :meth:`save`.
+
+        Raises:
+            ValueError: a key this index type does not use, or a value that is not a positive integer.
+        """
+        known = {"ivf": ("nprobe", "k_factor", "min_candidates"), "hnsw": ("efSearch",)}.get(self._kind, ())
+        for key, value in search_params.items():
+            if key not in known:
+                raise ValueError(f"{key!r} is not a search parameter of a {self._kind} index; valid: {list(known)}")
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(f"search parameter {key} must be a positive integer, got {value!r}")
+        self._search_params.update({key: int(value) for key, value in search_params.items()})
+        self._apply_search_params(self._cpu_index)
+        self._placement.invalidate()
+
     def use_device(self, device: str) -> str:
         """Move searching to ``device`` (``"auto"``, ``"cpu"`` or ``"cuda"``); returns where it now runs.
 
@@ -444,9 +508,11 @@ class ProductIndex:
         """Bytes of the index as :meth:`save` writes it (``index.faiss``), counted without a copy.
 
         This is the memory the index holds (vectors, codes, ids, centroids, graph), give or take
-        a few headers; the product-id list of the manifest is not counted.
+        a few headers; the product-id list of the manifest is not counted. For the on-disk layout it is
+        what the index keeps on disk (``index.ivfdata`` included), most of it memory-mapped, not held.
         """
-        return serialized_index_size(self._cpu_index)
+        size = serialized_index_size(self._cpu_index)
+        return size + ondisk_bytes(self._cpu_index) if self._layout["kind"] == ONDISK_LAYOUT else size
 
     # ----------------------------------------------------------------------------- persistence
     def save(
@@ -483,6 +549,7 @@ class ProductIndex:
             self._tuning,
             self._metadata,
             self.product_ids,
+            self._layout,
         )
         # The source of truth is already the CPU index; a GPU copy, if any, is only a search replica.
         write_index_dir(directory, self._cpu_index, manifest, attachments, lock_timeout=lock_timeout)
@@ -532,6 +599,13 @@ class ProductIndex:
         return payload
 
     # ----------------------------------------------------------------------------- internals
+    def _refuse_if_read_only(self, action: str) -> None:
+        if self._layout["kind"] == ONDISK_LAYOUT:
+            raise ValueError(
+                f"cannot {action} the on-disk index{self._where()}: its {self._layout['shards']} merged shards are "
+                "read-only (faiss packs the lists without room to grow); build it again with the full catalog"
+            )
+
     def _where(self) -> str:
         return f" at {self._directory}" if self._directory is not None else ""
 

@@ -10,6 +10,9 @@ A saved index is a real, stable directory::
                                      checksum (sha256 of index.faiss), attachments (name -> sha256),
                                      manifest_checksum (sha256 of the manifest's canonical JSON)
     <dir>/.v-<id>/descriptor.pt ...  attachments (only names in KNOWN_ATTACHMENTS)
+    <dir>/.v-<id>/index.ivfdata      the on-disk layout only (``index.ondisk``): the merged inverted
+    <dir>/.v-<id>/refine.faiss       lists and the re-rank vectors, memory-mapped on load; checksummed
+                                     in the manifest's index_files, index.faiss then holds the IVF
     <dir>/index.faiss -> current/index.faiss      stable relative links, so that ``<dir>/<name>``
     <dir>/manifest.json -> current/manifest.json  keeps naming the live file for callers that
     <dir>/descriptor.pt -> current/descriptor.pt  open it by path (the engine does)
@@ -54,6 +57,7 @@ from .errors import IndexCorruptError, IndexLockedError
 from .format1 import adopt_flat, flat_files, legacy_siblings, recover_legacy, remove_legacy_siblings
 from .layout import (
     CURRENT,
+    INDEX_DATA_FILES,
     INDEX_FILE,
     LINKED,
     LOCK_FILE,
@@ -76,6 +80,7 @@ from .manifest import (
     read_version,
     sha256_file,
 )
+from .ondisk import ONDISK_LAYOUT, write_ondisk_files
 
 LOGGER = logging.getLogger("street2shop.index")
 
@@ -268,23 +273,29 @@ def live_version_dir(directory: str | os.PathLike) -> Path:
 def _write_version(
     version: Path, cpu_index: Any, manifest: Dict[str, Any], payloads: Mapping[str, bytes]
 ) -> Dict[str, str]:
-    """Write and fsync every file of a version folder; returns the attachments' sha256 by name."""
+    """Write and fsync every file of a version folder; returns the sha256 by name of every file but the
+    index and the manifest (the attachments, and the on-disk layout's files)."""
     index_path = version / INDEX_FILE
-    faiss.write_index(cpu_index, str(index_path))
-    fsync_path(index_path)
+    index_files = {}
+    if manifest.get("layout", {}).get("kind") == ONDISK_LAYOUT:
+        write_ondisk_files(version, cpu_index)
+        index_files = {name: sha256_file(version / name) for name in INDEX_DATA_FILES}
+    else:
+        faiss.write_index(cpu_index, str(index_path))
+        fsync_path(index_path)
     crash_point("index-written")
     attached = {}
     for name, payload in sorted(payloads.items()):
         _write_file(version / name, payload)
         attached[name] = hashlib.sha256(payload).hexdigest()
     crash_point("attachments-written")
-    manifest = checksummed_manifest(manifest, sha256_file(index_path), attached)
+    manifest = checksummed_manifest(manifest, sha256_file(index_path), attached, index_files)
     _write_file(version / MANIFEST_FILE, json.dumps(manifest, indent=1).encode("utf-8"))
     crash_point("manifest-written")
     fsync_path(version)
     fsync_path(version.parent)  # the version folder's own entry
     crash_point("version-synced")
-    return attached
+    return {**attached, **index_files}
 
 
 def _publish(target: Path, version_name: str, names: Set[str]) -> None:

@@ -116,11 +116,15 @@ def build_index(
     proxy: Optional[Proxy] = None,
     proxy_state: Optional[bytes] = None,
     pipeline: Optional[Dict[str, Any]] = None,
+    shards: Optional[int] = None,
 ) -> ProductIndex:
     """Catalog table (product_id, image) -> saved index directory. Resumes from the feature cache.
 
     A product may have several rows (images): each image is indexed under an internal image id
     (`retrieval.gallery.ProductImages`) and the pipeline scores the product by its best-matching image.
+
+    ``shards`` N builds the index as N shards merged into one memory-mapped on-disk index (read-only; see
+    ``index.ondisk``), None one in-memory index: both search alike.
 
     ``local_features=True`` (local descriptors only) also stores the catalog's local features, so
     that `Searcher(..., rerank=N)` can re-rank by spatial verification.
@@ -170,6 +174,7 @@ def build_index(
         preset=preset,
         metadata={**descriptor_metadata(descriptor), PIPELINE_KEY: pipeline},
         device=faiss_device,
+        shards=shards,
     )
     attachments = {
         DESCRIPTOR_FILE: descriptor_state_bytes(descriptor),
@@ -208,6 +213,7 @@ def index_catalog(
     cache_dir: Optional[os.PathLike] = None,
     seed: int = 0,
     local_features: bool = False,
+    shards: Optional[int] = None,
     echo=print,
 ) -> ProductIndex:
     """`street2shop index`: the catalog of data set spec `catalog` -> a saved pipeline (`build_index`).
@@ -218,7 +224,7 @@ def index_catalog(
     of `fit_data` (a data set spec; default: the catalog's own data set, whose training pairs or, without
     any, its catalog are used), and the index records which. `rerank` N > 0 stores the catalog's local
     features and re-ranks each query's top N at query time. `out_dir` is checked before the data loads,
-    so a refused one costs nothing.
+    so a refused one costs nothing. `shards` N: the index as N shards merged on disk (`build_index`).
     """
     from benchmarks.runner import describe_fit_images, fit_images
     from benchmarks.suite import resolve_cache_dir
@@ -261,6 +267,7 @@ def index_catalog(
         local_features=local_features or bool(rerank),
         pipeline=record,
         proxy_state=Path(proxy_checkpoint).read_bytes() if proxy_checkpoint else None,
+        shards=shards,
     )
     echo(f"wrote {out_dir}: {sizes}, dim {built.dim}, {time.perf_counter() - started:.1f} s")
     return built

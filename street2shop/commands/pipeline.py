@@ -55,6 +55,14 @@ from street2shop.commands.options import (
     is_flag=True,
     help="Also store the catalog's local features (local descriptors), for `query --rerank`.",
 )
+@click.option(
+    "--shards",
+    default=None,
+    type=click.IntRange(min=1),
+    help="Build the index as N shards filled in parallel and merged into one memory-mapped on-disk index "
+    "(--preset ivfpq-rflat): same results, lists and vectors stay on disk; read-only (`add`/`remove` refuse it). "
+    "Default: one in-memory index.",
+)
 def index_command(catalog, out_dir, recipe, proxy, descriptor, preset, rerank, runs, **options) -> None:
     """Save a pipeline: embed a catalog's product photos into a FAISS index, with everything a query needs.
 
