@@ -25,6 +25,7 @@ from typing import Any, List, Sequence
 import numpy as np
 import pandas as pd
 import torch
+from tqdm.auto import tqdm
 
 from retrieval.batching import iter_batches
 from retrieval.descriptors.fused import FusedDescriptor
@@ -88,16 +89,14 @@ def _branch_vectors(
     size = tuple(fused.input_spec.size)
     read = proxy_input_size(proxy, size) if proxy is not None else size
     parts: List[List[np.ndarray]] = [[] for _ in fused.branches]
-    done = 0
-    for batch in iter_batches(list(paths), read, batch_size):
-        batch = batch.to(fused.device)
-        if proxy is not None:
-            batch = to_descriptor_input(proxy(batch), size)
-        for i, vectors in enumerate(fused.branch_vectors(batch)):
-            parts[i].append(vectors.float().cpu().numpy())
-        done += len(batch)
-        if progress:
-            log.info("fused: %s %d/%d", label, done, len(paths))
+    with tqdm(total=len(paths), desc=f"fused: {label}", unit="img", disable=not progress, leave=False) as bar:
+        for batch in iter_batches(list(paths), read, batch_size):
+            batch = batch.to(fused.device)
+            if proxy is not None:
+                batch = to_descriptor_input(proxy(batch), size)
+            for i, vectors in enumerate(fused.branch_vectors(batch)):
+                parts[i].append(vectors.float().cpu().numpy())
+            bar.update(len(batch))
     return [np.concatenate(p) for p in parts]
 
 
