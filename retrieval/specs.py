@@ -30,7 +30,7 @@ from typing import Any, Callable, List, Mapping, Optional, Sequence, Tuple, Unio
 
 from retrieval.registry import parse_settings
 
-_SPEC = re.compile(r"^(?P<name>[^\[\]@;=]+?)\s*(?:\[(?P<options>[^\]]*)\])?$")
+_SPEC = re.compile(r"^(?P<name>[^\[\]@;=]+?)\s*(?:\[(?P<options>.*)\])?$")  # options may nest brackets
 SPEC_FORMS = "NAME, NAME@path/final.pt, NAME[KEY=VALUE;KEY=VALUE] or NAME[KEY=VALUE;...]@path/final.pt"
 
 
@@ -68,15 +68,19 @@ def names_a_checkpoint(spec: str) -> bool:
     return bool(_split_checkpoint(spec)[1])
 
 
-def split_specs(text: str) -> List[str]:
-    """Comma-separated specs; a comma inside brackets stays: 'paintnet[sp_image_size=128,96],none'."""
+def split_specs(text: str, separator: str = ",") -> List[str]:
+    """Comma-separated specs; a comma inside brackets stays: 'paintnet[sp_image_size=128,96],none'.
+
+    With ``separator=";"`` the same splits a spec's options, so that an option's value may be a spec with
+    options of its own: 'fused[branches=sift[n_clusters=4;pca_dim=32]|gem;weights=None]'.
+    """
     items, depth, start = [], 0, 0
     for i, char in enumerate(text):
         if char in "[(":
             depth += 1
         elif char in "])":
             depth -= 1
-        elif char == "," and depth <= 0:
+        elif char == separator and depth <= 0:
             items.append(text[start:i])
             start = i + 1
     items.append(text[start:])
@@ -111,7 +115,7 @@ def parse_spec(text: str, defaults: Optional[Mapping[str, Any]] = None, source: 
     match = _SPEC.match(head.strip())
     if not match:
         raise SpecSyntaxError(f"bad spec {text!r}: expected {SPEC_FORMS}")
-    items = [item.strip() for item in (match["options"] or "").split(";") if item.strip()]
+    items = split_specs(match["options"] or "", separator=";")
     # The same typing as --set: 'false' and False are one option (and one checkpoint key).
     options = parse_settings(items, None if defaults is None else dict(defaults), source=source or f"spec {text!r}:")
     return Spec(match["name"], checkpoint.strip() or None, options)

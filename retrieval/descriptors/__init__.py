@@ -3,6 +3,7 @@
 from retrieval.descriptors import (  # noqa: F401,E402  # noqa: F401
     colorhist,
     delf,  # noqa: F401
+    fused,
     gem,
     l2net,
     lfnet,

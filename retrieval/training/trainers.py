@@ -67,6 +67,7 @@ RUN_ARGUMENTS = tuple(field.name for field in dataclasses.fields(TrainingJob))[2
 # Trainer modules of this layer, imported on first use (a new trainer file appends its module here).
 _TRAINER_MODULES: List[str] = [
     "retrieval.training.delf",
+    "retrieval.training.fused",
     "retrieval.training.patch",
     "retrieval.training.tn",
 ]

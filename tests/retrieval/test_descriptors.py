@@ -22,6 +22,7 @@ TINY = {
     "lfnet": {"image_size": (96, 64), "n_clusters": 4, "pca_dim": 32, "max_keypoints": 32},
     "tn": {"image_size": (96, 64)},
     "delf": {"image_size": (96, 64), "scales": (1.0,), "n_clusters": 4, "attention_hidden": 32},
+    "fused": {"branches": "colorhist[image_size=(48, 32)]|sift[image_size=(96, 64);n_clusters=4]"},
 }
 
 
