@@ -43,7 +43,7 @@ DEFAULT_KS = (1, 5, 10, 20)
 # The outputs of `street2shop bench` in its --out directory, by name: the only files a re-run may delete.
 BENCH_TABLES = ("results", "per_query", "protocol_draws", "generation", "trainings")  # each .csv and .parquet
 BENCH_FILES = ("report.md", "config.json", "map_curves.png", "heatmap.png")
-BENCH_RANK_DIR = "rank"  # rank/index.html and rank/rank_NNN.png (benchmarks.report.write_rank_pages)
+BENCH_RANK_DIR = "rank"  # rank/index.html and rank/rank_NNN.png (benchmarks.rank_pictures.write_rank_pages)
 _RANK_PICTURE = re.compile(r"rank_\d{3,}\.png")
 
 

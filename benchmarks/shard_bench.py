@@ -35,6 +35,7 @@ import numpy as np
 from benchmarks.speed_suite import GENERATOR_DESCRIPTION, descriptor_like_vectors
 from index import ProductIndex
 from index.storage import live_version_dir
+from retrieval.files import write_text_atomic
 
 PRESET = "ivfpq-rflat"
 _MEMORY_KEYS = ("VmRSS", "RssAnon", "RssFile", "VmHWM")
@@ -44,11 +45,11 @@ def shard_bench(
     n: int = 1_000_000,
     dim: int = 512,
     shards: int = 4,
+    work_dir: Optional[os.PathLike] = None,  # where both indexes are saved (default: a temporary folder)
     n_queries: int = 1000,
     k: int = 10,
     target_recall: float = 0.95,
     seed: int = 0,
-    work_dir: Optional[os.PathLike] = None,
     progress: Callable[[str], None] = lambda line: None,
 ) -> Dict[str, Any]:
     """Build, save and measure the single and the sharded on-disk index (see the module docstring).
@@ -195,10 +196,8 @@ def write_shard_bench(report: Dict[str, Any], out_dir: os.PathLike) -> Path:
     """Write ``shards.json`` and ``shards.md`` into ``out_dir``; returns the Markdown path."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "shards.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
-    path = out_dir / "shards.md"
-    path.write_text(format_shard_bench(report) + "\n", encoding="utf-8")
-    return path
+    write_text_atomic(out_dir / "shards.json", json.dumps(report, indent=1) + "\n")
+    return write_text_atomic(out_dir / "shards.md", format_shard_bench(report) + "\n")
 
 
 def _memory_mib() -> Dict[str, float]:

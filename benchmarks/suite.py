@@ -238,7 +238,7 @@ def _config_record(config: BenchConfig, data, resolved, torch_device, trainings,
 
 def _write_rank_pictures(data, per_query, proxy_specs, count: int, seed: int, device, out: Path) -> None:
     """rank/index.html: `count` seeded queries, each as query | proxy output | top 5, for every combination."""
-    from benchmarks.report import write_bench_rank_pictures
+    from benchmarks.rank_pictures import write_bench_rank_pictures
     from benchmarks.runner import proxy_previews
     from retrieval.batching import sample_paths
 

@@ -34,6 +34,7 @@ import ctypes
 import mmap
 import os
 import shutil
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -46,6 +47,33 @@ from faiss.contrib.ondisk import merge_ondisk
 from .layout import INDEX_FILE, IVF_DATA_FILE, REFINE_FILE, fsync_path
 
 ONDISK_LAYOUT = "ondisk"
+
+
+def check_shard_request(plan: Any, n_vectors: int, dim: int, shards: int, preset: str) -> None:
+    """Refuse, before any training, a sharded build the plan (`index.presets.plan_index`) cannot make."""
+    if plan.sweep is None:  # the IVF presets' fallback to Flat on a small catalog
+        raise ValueError(f"cannot build {shards} shards: {plan.fallback_reason or 'an exact index'}")
+    shard_bounds(n_vectors, shards)
+    check_shardable(faiss.index_factory(dim, plan.factory_string, faiss.METRIC_INNER_PRODUCT), preset)
+
+
+def fill_shards(
+    cpu_index: Any, vectors: np.ndarray, shards: int, work_dir: Optional[os.PathLike]
+) -> Tuple[Dict[str, Any], Path, Dict[str, float]]:
+    """`build_ondisk` into a new staging folder inside `work_dir` (None: the system's temporary folder); returns
+    (layout, the staging folder, which the caller removes when the index is gone, timings)."""
+    staging = Path(tempfile.mkdtemp(prefix="street2shop-shards-", dir=work_dir))
+    layout, timings = build_ondisk(cpu_index, vectors, shards, staging)
+    return layout, staging, timings
+
+
+def refuse_if_read_only(layout: Dict[str, Any], action: str, where: str) -> None:
+    """A ValueError for `action` ("add products to", ...) on an on-disk layout, which cannot grow or shrink."""
+    if layout["kind"] == ONDISK_LAYOUT:
+        raise ValueError(
+            f"cannot {action} the on-disk index{where}: its {layout['shards']} merged shards are "
+            "read-only (faiss packs the lists without room to grow); build it again with the full catalog"
+        )
 
 
 def check_shardable(cpu_index: Any, preset: str) -> None:

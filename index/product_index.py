@@ -16,34 +16,32 @@ without tuning again.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 import shutil
-import tempfile
 import time
 import weakref
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
-import faiss
 import numpy as np
 
 from .arrays import as_matrix, check_k
+from .attachments import attachment_path, read_attachment
 from .device import SearchPlacement
-from .errors import IndexCorruptError, IndexMismatchError
+from .errors import IndexMismatchError
 from .faiss_index import downcast_owned, index_kind, serialized_index_size, trained_index
 from .ids import check_new_ids, name_some, remove_labels
-from .layout import KNOWN_ATTACHMENTS
 from .manifest import index_manifest, jsonable_metadata
 from .mismatch import DEFAULT_COMPAT_KEYS, check_index_matches
-from .ondisk import ONDISK_LAYOUT, build_ondisk, check_shardable, ondisk_bytes, shard_bounds
+from .ondisk import ONDISK_LAYOUT, check_shard_request, fill_shards, ondisk_bytes, refuse_if_read_only
 from .presets import DEFAULT_TARGET_RECALL, plan_index
 from .storage import DEFAULT_LOCK_TIMEOUT_S, check_index_destination, load_index_dir, write_index_dir
 from .tuning import (
     DEFAULT_TUNING_QUERIES,
     apply_search_params,
+    check_search_params,
     check_target_recall,
     check_tuning_queries,
     check_tuning_vectors,
@@ -166,10 +164,7 @@ class ProductIndex:
         dim = vectors.shape[1]
         plan = plan_index(preset, dim, len(vectors))
         if shards is not None:  # refused before minutes of training
-            if plan.sweep is None:  # the IVF presets' fallback to Flat on a small catalog
-                raise ValueError(f"cannot build {shards} shards: {plan.fallback_reason or 'an exact index'}")
-            shard_bounds(len(vectors), shards)
-            check_shardable(faiss.index_factory(dim, plan.factory_string, faiss.METRIC_INNER_PRODUCT), preset)
+            check_shard_request(plan, len(vectors), dim, shards, preset)
         if plan.fallback_reason:
             LOGGER.warning(plan.fallback_reason)
         if target_recall is not None:
@@ -182,8 +177,7 @@ class ProductIndex:
         if shards is None:
             cpu_index.add(vectors)
         else:
-            staging = Path(tempfile.mkdtemp(prefix="street2shop-shards-", dir=work_dir))
-            layout, shard_timings = build_ondisk(cpu_index, vectors, int(shards), staging)
+            layout, staging, shard_timings = fill_shards(cpu_index, vectors, int(shards), work_dir)
         built = cls(
             cpu_index, product_ids, preset, plan.factory_string, plan.search_params, metadata, device, layout=layout
         )
@@ -485,13 +479,7 @@ class ProductIndex:
         Raises:
             ValueError: a key this index type does not use, or a value that is not a positive integer.
         """
-        known = {"ivf": ("nprobe", "k_factor", "min_candidates"), "hnsw": ("efSearch",)}.get(self._kind, ())
-        for key, value in search_params.items():
-            if key not in known:
-                raise ValueError(f"{key!r} is not a search parameter of a {self._kind} index; valid: {list(known)}")
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-                raise ValueError(f"search parameter {key} must be a positive integer, got {value!r}")
-        self._search_params.update({key: int(value) for key, value in search_params.items()})
+        self._search_params.update(check_search_params(self._kind, search_params))
         self._apply_search_params(self._cpu_index)
         self._placement.invalidate()
 
@@ -559,52 +547,20 @@ class ProductIndex:
         return directory
 
     def has_attachment(self, name: str) -> bool:
-        """Whether the loaded version holds the checksummed attachment `name`."""
+        """Whether the loaded version holds the checksummed attachment ``name``."""
         return name in self._attachment_checksums
 
     def attachment_path(self, name: str) -> Path:
-        """Path of attachment ``name`` of exactly the version this index was loaded from.
-
-        ``directory / name`` follows the live version, which a concurrent save may replace between
-        :meth:`load` and the caller's read; this path stays with the loaded manifest (until a later
-        save deletes that version: then read the file again through :meth:`load`).
-
-        Raises:
-            ValueError: ``name`` is not one of ``KNOWN_ATTACHMENTS``.
-            FileNotFoundError: the index was not loaded from disk, or has no such attachment.
-        """
-        if name not in KNOWN_ATTACHMENTS:
-            raise ValueError(f"attachment name {name!r} is not one of {sorted(KNOWN_ATTACHMENTS)}")
-        if self._directory is None:
-            raise FileNotFoundError(f"this index was never saved or loaded, so it has no attachment {name}")
-        folder = self._version_dir if self._version_dir is not None else self._directory
-        if self._version_dir is not None and name not in self._attachment_checksums:
-            raise FileNotFoundError(
-                f"the index at {self._directory} has no {name}: rebuild it with `street2shop index`"
-            )
-        return folder / name
+        """Path of attachment ``name`` of exactly the version this index was loaded from (`attachment_path`)."""
+        return attachment_path(name, self._directory, self._version_dir, self._attachment_checksums)
 
     def read_attachment(self, name: str) -> bytes:
-        """The bytes of attachment ``name`` of the loaded version, checked against its manifest checksum.
-
-        Raises:
-            FileNotFoundError: no such attachment (see :meth:`attachment_path`).
-            IndexCorruptError: the file no longer matches the checksum verified at load time.
-        """
-        path = self.attachment_path(name)
-        payload = path.read_bytes()
-        expected = self._attachment_checksums.get(name)
-        if expected is not None and hashlib.sha256(payload).hexdigest() != expected:
-            raise IndexCorruptError(f"{path} does not match its checksum in the manifest: rebuild the index")
-        return payload
+        """The bytes of attachment ``name`` of the loaded version, checked against its manifest checksum."""
+        return read_attachment(name, self._directory, self._version_dir, self._attachment_checksums)
 
     # ----------------------------------------------------------------------------- internals
     def _refuse_if_read_only(self, action: str) -> None:
-        if self._layout["kind"] == ONDISK_LAYOUT:
-            raise ValueError(
-                f"cannot {action} the on-disk index{self._where()}: its {self._layout['shards']} merged shards are "
-                "read-only (faiss packs the lists without room to grow); build it again with the full catalog"
-            )
+        refuse_if_read_only(self._layout, action, self._where())
 
     def _where(self) -> str:
         return f" at {self._directory}" if self._directory is not None else ""

@@ -412,6 +412,22 @@ def recall_per_query(found: np.ndarray, exact: np.ndarray) -> np.ndarray:
     return hits.any(axis=1).sum(axis=1) / exact.shape[1]
 
 
+def check_search_params(kind: str, search_params: Mapping[str, Any]) -> Dict[str, int]:
+    """Search parameters given by hand, checked against the index kind's: {key: positive int}.
+
+    Example:
+        >>> check_search_params("ivf", {"nprobe": 8})
+        {'nprobe': 8}
+    """
+    known = {"ivf": ("nprobe", "k_factor", "min_candidates"), "hnsw": ("efSearch",)}.get(kind, ())
+    for key, value in search_params.items():
+        if key not in known:
+            raise ValueError(f"{key!r} is not a search parameter of a {kind} index; valid: {list(known)}")
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"search parameter {key} must be a positive integer, got {value!r}")
+    return {key: int(value) for key, value in search_params.items()}
+
+
 def check_target_recall(target_recall: float) -> None:
     """Raise ValueError unless ``target_recall`` is a number in (0, 1]."""
     if isinstance(target_recall, bool) or not isinstance(target_recall, (int, float)) or not 0 < target_recall <= 1:

@@ -6,6 +6,7 @@
 
 __version__ = "0.1.0"
 
-from street2shop.pipeline import BadImageError, Pipeline, SearchHit, SearchResult  # noqa: E402
+from street2shop.images import BadImageError  # noqa: E402
+from street2shop.pipeline import Pipeline, SearchHit, SearchResult  # noqa: E402
 
 __all__ = ["Pipeline", "SearchHit", "SearchResult", "BadImageError", "__version__"]

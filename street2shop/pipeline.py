@@ -40,17 +40,16 @@ from generation.proxies import Box
 from index import IndexMismatchError, ProductIndex, object_path, store_object
 from retrieval.batching import resolve_device
 from retrieval.gallery import ProductImages
-from retrieval.io import (
-    ImageReadError,
-    array_to_rgb,
-    decode_image_bytes,
-    images_to_tensor,
-    pil_to_rgb,
-    read_image,
-    resize_image,
-)
+from retrieval.io import images_to_tensor, resize_image
 from retrieval.proxy_stage import box_in_photo, proxy_input_size, to_descriptor_input
 from retrieval.rerank import LocalFeatureStore, SpatialVerifier
+from street2shop.images import (
+    as_image_list,
+    encoded_suffix,
+    image_name,
+    image_to_rgb,
+    png_bytes,
+)
 
 log = logging.getLogger("street2shop")
 
@@ -58,10 +57,6 @@ PIPELINE_KEY = "pipeline"  # the manifest metadata entry this module writes
 PROXY_FILE = "proxy.pt"
 CATALOG_FILE = "catalog.csv"
 SEARCH_BATCH = 32  # images embedded together by `search` and `add`
-
-
-class BadImageError(ValueError):
-    """An image given to `Pipeline.search` or `Pipeline.add` that cannot be decoded; the message says which."""
 
 
 @dataclass(frozen=True)
@@ -87,83 +82,6 @@ class SearchResult:
     descriptor_input: np.ndarray
     crop_box: Optional[Tuple[int, int, int, int]]
     timings_ms: Dict[str, float]
-
-
-# ------------------------------------------------------------------------------------ images in
-def image_to_rgb(image: Any, name: str) -> np.ndarray:
-    """One image of any kind `Pipeline.search` takes -> (H, W, 3) uint8 RGB.
-
-    Kinds: str/Path (a file), bytes (a file's content), PIL.Image, np.ndarray (H, W[, C]) uint8/uint16/
-    bool/float, torch.Tensor (C, H, W) or (H, W) float in [0, 1] (or uint8).
-
-    Raises:
-        BadImageError: naming `name`, the kind and what is wrong.
-    """
-    try:
-        if isinstance(image, (str, os.PathLike)):
-            return read_image(image)
-        if isinstance(image, (bytes, bytearray, memoryview)):
-            return decode_image_bytes(bytes(image), name)
-        if isinstance(image, np.ndarray):
-            return array_to_rgb(image, name)
-        if isinstance(image, torch.Tensor):
-            return array_to_rgb(_tensor_to_hwc(image, name), name)
-        try:
-            from PIL import Image
-        except ImportError:  # pragma: no cover - Pillow is a dependency
-            Image = None
-        if Image is not None and isinstance(image, Image.Image):
-            return pil_to_rgb(image, name)
-    except (ImageReadError, FileNotFoundError) as error:
-        raise BadImageError(str(error)) from error
-    raise BadImageError(
-        f"{name} is a {type(image).__name__}: give a file path, the file's bytes, a PIL image, a numpy array "
-        "(H, W[, C]) or a tensor (C, H, W)"
-    )
-
-
-def _tensor_to_hwc(tensor: torch.Tensor, name: str) -> np.ndarray:
-    """(C, H, W) with C in 1..4, or (H, W) -> a numpy (H, W[, C]) array (floats stay floats in [0, 1])."""
-    data = tensor.detach().cpu()
-    if data.ndim == 3 and data.shape[0] in (1, 2, 3, 4):
-        data = data.permute(1, 2, 0)
-    elif data.ndim != 2:
-        raise ImageReadError(f"{name} is a tensor of shape {tuple(tensor.shape)}: expected (C, H, W) or (H, W)")
-    if data.is_floating_point():
-        values = data.float().numpy()
-        if np.isfinite(values).all() and (values.min() < 0 or values.max() > 1):
-            raise ImageReadError(f"{name} is a float tensor with values outside [0, 1]: scale it to [0, 1]")
-        return values
-    return data.numpy()
-
-
-def as_image_list(images: Any) -> List[Any]:
-    """`search`'s argument -> a list of single images: one image, a list/tuple of them, or a 4-D batch
-    (numpy (B, H, W, C) or tensor (B, C, H, W))."""
-    if isinstance(images, (list, tuple)):
-        return list(images)
-    if isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 4:
-        return list(images)
-    return [images]
-
-
-def _encoded_suffix(data: bytes) -> str:
-    """The file suffix of encoded image bytes, from their content (never from a name)."""
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as image:
-        kind = (image.format or "").lower()
-    return {"jpeg": ".jpg", "png": ".png", "webp": ".webp", "gif": ".gif", "bmp": ".bmp", "tiff": ".tif"}.get(
-        kind, ".img"
-    )
-
-
-def _png_bytes(rgb: np.ndarray) -> bytes:
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.fromarray(rgb).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 # ------------------------------------------------------------------------------------ models from specs
@@ -447,7 +365,7 @@ class Pipeline:
         size = self.descriptor.input_spec.size
         read_h, read_w = proxy_input_size(self.proxy, size)  # a cropping proxy may read the photo larger
         clock = _Clock()
-        photos = [image_to_rgb(image, _image_name(image, offset + i)) for i, image in enumerate(items)]
+        photos = [image_to_rgb(image, image_name(image, offset + i)) for i, image in enumerate(items)]
         batch = images_to_tensor([resize_image(photo, (read_h, read_w)) for photo in photos]).to(self.device)
         clock.lap("decode")
         seen, boxes = self._proxied(batch, size)
@@ -540,7 +458,7 @@ class Pipeline:
                 f"the index at {self.index_dir} keeps no catalog table (built before indexes kept one), so it "
                 f"cannot record further images of {repeated[:5]}: rebuild it with `street2shop index`"
             )
-        photos = [image_to_rgb(image, _image_name(image, i)) for i, image in enumerate(images)]
+        photos = [image_to_rgb(image, image_name(image, i)) for i, image in enumerate(images)]
         vectors, local = self._embed_catalog(photos)
         stored = [self._remember_image(image, photo) for image, photo in zip(images, photos)]
         image_ids = self.images.add(product_ids)
@@ -573,8 +491,8 @@ class Pipeline:
             return str(Path(image).resolve())
         if isinstance(image, (bytes, bytearray, memoryview)):
             data = bytes(image)
-            return store_object(self.index_dir, data, _encoded_suffix(data))
-        return store_object(self.index_dir, _png_bytes(photo), ".png")
+            return store_object(self.index_dir, data, encoded_suffix(data))
+        return store_object(self.index_dir, png_bytes(photo), ".png")
 
     def remove(self, product_ids: Sequence[str]) -> None:
         """Remove products by id, with all their images. Raises KeyError listing the unknown ids (nothing is
@@ -629,12 +547,6 @@ def _refuse_other_proxy(spec: str, recorded, recorded_spec: str, index_dir: Path
             f"drop --proxy (the index records its own), or build another index with `street2shop index --proxy "
             f"{spec} ...`"
         )
-
-
-def _image_name(image: Any, position: int) -> str:
-    if isinstance(image, (str, os.PathLike)):
-        return str(image)
-    return f"image {position} ({type(image).__name__})"
 
 
 class _Clock:

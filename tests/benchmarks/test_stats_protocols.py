@@ -5,14 +5,8 @@ import pandas as pd
 import pytest
 
 from benchmarks.protocols import ap_from_rank, relevant_ranks, sampled_gallery_protocol, summarise_draws
-from benchmarks.report import (
-    paper_numbers,
-    rank_picture,
-    table4_markdown,
-    trained_vs_untrained,
-    untrained_label,
-    write_rank_pages,
-)
+from benchmarks.rank_pictures import rank_picture, write_rank_pages
+from benchmarks.report import paper_numbers, table4_markdown, trained_vs_untrained, untrained_label
 from benchmarks.stats import bootstrap_ci, paired_bootstrap_test, relative_improvement
 
 
