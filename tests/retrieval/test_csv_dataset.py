@@ -149,6 +149,8 @@ def test_proxies_refuse_a_set_without_parse_maps_and_say_what_can_train(user_set
     assert result.exit_code != 0 and "Traceback" not in result.output
     name = "hp" if command[1] == "parsing" else "paintnet"
     assert f"{name} learns from parse maps" in result.output and "none of its 8 training pairs has one" in result.output
-    assert "the descriptors can (delf, l2net, lfnet, tn" in result.output and "dtgan, hp, paintnet" in result.output
+    assert (
+        "the descriptors can (delf, fused, l2net, lfnet, tn" in result.output and "dtgan, hp, paintnet" in result.output
+    )
     assert f"use it here as {name}@RUN/final.pt" in result.output
     assert not (tmp_path / "run" / "final.pt").exists()

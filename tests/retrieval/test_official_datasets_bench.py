@@ -7,10 +7,22 @@ import pytest
 from click.testing import CliRunner
 
 from street2shop.cli import cli
-from tests.retrieval.official_layouts import write_deepfashion2, write_street2shop
+from tests.retrieval.official_layouts import (
+    write_deepfashion2,
+    write_deepfashion_c2s,
+    write_lookbook,
+    write_street2shop,
+)
+
+FORMATS = [
+    ("deepfashion2", write_deepfashion2),
+    ("deepfashion-c2s", write_deepfashion_c2s),
+    ("street2shop", write_street2shop),
+    ("lookbook", write_lookbook),
+]
 
 
-@pytest.mark.parametrize("fmt, writer", [("deepfashion2", write_deepfashion2), ("street2shop", write_street2shop)])
+@pytest.mark.parametrize("fmt, writer", FORMATS, ids=[fmt for fmt, _ in FORMATS])
 def test_bench_finds_the_cropped_garments(fmt, writer, tmp_path, monkeypatch):
     monkeypatch.setenv("STREET2SHOP_CACHE", str(tmp_path / "cache"))
     root = writer(tmp_path / fmt)
