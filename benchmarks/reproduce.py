@@ -11,6 +11,7 @@ call with the same config finds final.pt there and reuses it.
 
 Specs:
     "gem", "none"                     not trainable: passed through unchanged.
+    "gem[backbone=lite2]"             not trainable, built with those options: passed through unchanged.
     "tn@runs/tn/final.pt"             already trained: passed through unchanged.
     "paintnet"                        trained (or reused) -> "paintnet@<cache>/checkpoints/paintnet-<key>/final.pt"
     "paintnet[use_perceptual=False]"  an ablation: the options in brackets (`;`-separated KEY=VALUE, read
@@ -81,6 +82,19 @@ def model_class(kind: str, name: str):
 
     list_descriptors()  # registers the built-in descriptors
     return DESCRIPTORS.get(name)
+
+
+def names_a_training(kind: str, spec: str) -> bool:
+    """Whether `spec` names a model to train: a trainable model without a checkpoint ("tn", "tn[dim=256]").
+
+    Untrainable models ("gem[backbone=lite2]") and trained ones ("tn[dim=256]@final.pt") are built as given.
+
+    Example:
+        >>> [names_a_training("descriptor", s) for s in ("tn[dim=256]", "gem[backbone=lite2]", "tn@a.pt")]
+        [True, False, False]
+    """
+    parsed = parse_spec(spec)
+    return parsed.checkpoint is None and bool(getattr(model_class(kind, parsed.name), "trainable", False))
 
 
 def registered_names(kind: str) -> List[str]:
@@ -195,8 +209,7 @@ def ensure_trained(
         reproduce.json when reused; None when unrecorded) and train_pairs.
 
     Raises:
-        ValueError: an unknown kind or name, options on a model that is not trained here, or a dataset
-            without training pairs when something must be trained.
+        ValueError: an unknown kind or name, or a dataset without training pairs when something must be trained.
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
@@ -212,13 +225,8 @@ def ensure_trained(
         progress,
         say,
     )
+    # Untrainable specs go to the grid unchanged, their options with them ("gem[backbone=lite2]").
     parsed = [(p.name, p.checkpoint, dict(p.options)) for p in map(parse_spec, specs)]
-    for spec, (name, checkpoint, spec_options) in zip(specs, parsed):
-        if checkpoint is None and not planner.is_trainable(name) and spec_options:
-            raise ValueError(
-                f"{kind} {name!r} is not trainable: options in {spec!r} would be lost "
-                "(untrainable specs go to the grid unchanged)"
-            )
 
     # Dependency first, explicitly: a proxy that takes a parser gets hp's final.pt as its `parser`.
     parser_checkpoint = None

@@ -27,8 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
-from benchmarks.reproduce import grid_specs
-from retrieval.specs import names_a_checkpoint
+from benchmarks.reproduce import grid_specs, names_a_training
 
 Progress = Union[bool, Callable[[str], None]]
 Echo = Callable[[str], None]
@@ -105,8 +104,8 @@ def run_bench_suite(config: BenchConfig, *, echo: Echo = print, progress: Progre
     when this run has it; an earlier run's files go once the grid is done, foreign files stay).
 
     Raises:
-        ValueError: a spec that matches nothing or has options of the wrong type, options in brackets
-            without `train`, cut-offs below 1.
+        ValueError: a spec that matches nothing or has options of the wrong type, options in brackets of a
+            trainable model without `train`, cut-offs below 1.
         OSError: an `out_dir` that cannot be made.
     """
     from benchmarks.report import git_revision
@@ -137,8 +136,14 @@ def run_bench_suite(config: BenchConfig, *, echo: Echo = print, progress: Progre
     if config.fit_data is not None:
         fit_set = load_dataset(config.fit_data, split="val", seed=config.seed, cache_dir=cache)
     echo(f"descriptors that need fitting are fitted on {describe_fit_images(fit_set or data, config.fit_max_images)}")
-    # 'NAME[k=v]' asks for a training; 'NAME[k=v]@final.pt' is a trained model built with those options.
-    with_options = [spec for spec in proxy_specs + descriptor_specs if "[" in spec and not names_a_checkpoint(spec)]
+    # 'NAME[k=v]' of a trainable model asks for a training; 'NAME[k=v]@final.pt' is a trained model built with
+    # those options, and an untrainable 'gem[backbone=lite2]' is built with them, no training needed.
+    with_options = [
+        spec
+        for kind, specs in (("proxy", proxy_specs), ("descriptor", descriptor_specs))
+        for spec in specs
+        if "[" in spec and names_a_training(kind, spec)
+    ]
     if with_options and not config.train:
         raise ValueError(
             f"{', '.join(with_options)}: options in brackets name a model to train; add --train, "

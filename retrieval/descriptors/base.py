@@ -41,6 +41,10 @@ class Descriptor(nn.Module):
     shipped_state_prefixes: tuple = ("backbone.",)
     # State that `fit` computes after training (codebooks, whitening): never read from a checkpoint.
     fit_state_prefixes: tuple = ()
+    # Options added after indexes, feature caches and checkpoints existed, with the value they all had:
+    # left out of the fingerprint while at that value, so a default descriptor keeps its old fingerprint
+    # (and its caches) while any other value (another backbone: other weights too) gets a new one.
+    late_option_defaults: Dict[str, Any] = {"backbone": "lite0"}
 
     def __init__(self, **conf: Any):
         super().__init__()
@@ -108,6 +112,21 @@ class Descriptor(nn.Module):
         )
         return self
 
+    def refuse_other_architecture(self, checkpoint, trained_conf: Dict[str, Any], keys: Iterable[str]) -> None:
+        """Raise a ValueError naming the options to pass when `checkpoint` was trained with other `keys`.
+
+        `trained_conf` is the config final.pt records; an option it lacks (one added later, such as
+        `backbone`) had its `late_option_defaults` value.
+        """
+        trained = {**self.late_option_defaults, **trained_conf}
+        differ = {k: trained[k] for k in keys if k in trained and trained[k] != self.conf.get(k)}
+        if differ:
+            raise ValueError(
+                f"{checkpoint} was trained with {differ}, this {self.name} has "
+                f"{ {k: self.conf.get(k) for k in differ} }: "
+                f"create it with create_descriptor('{self.name}@{checkpoint}', **{differ})"
+            )
+
     # ---- bookkeeping ----------------------------------------------------------------------
     @property
     def fitted(self) -> bool:
@@ -124,8 +143,10 @@ class Descriptor(nn.Module):
         return json.loads(json.dumps(self.conf, default=list))
 
     def fingerprint(self) -> str:
-        """Hash of name, config and every tensor of the state dict (fitted codebooks included)."""
-        return module_fingerprint(self.name, self.config(), self)
+        """Hash of name, config and every tensor of the state dict (fitted codebooks, backbone weights included)."""
+        late = self.late_option_defaults
+        conf = {k: v for k, v in self.config().items() if k not in late or v != late[k]}
+        return module_fingerprint(self.name, conf, self)
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, dim={self.dim}, conf={self.conf}"

@@ -1,4 +1,4 @@
-"""DELF-style attentive local features on a frozen EfficientNet-Lite0 (Noh et al., ICCV 2017).
+"""DELF-style attentive local features on a frozen EfficientNet-Lite0 or Lite2 (Noh et al., ICCV 2017).
 
 Noh, Araujo, Sim, Weyand & Han, "Large-Scale Image Retrieval with Attentive Deep Local Features":
 dense features of an intermediate CNN block are the local descriptors; a small attention network
@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from retrieval.aggregation import fit_codebook, vlad
-from retrieval.backbones import LITE0_STAGES, LITE_MEAN, LITE_STD, EfficientNetLite0
+from retrieval.backbones import LITE_MEAN, LITE_STD, EfficientNetLite, block_geometry
 from retrieval.descriptors.base import DESCRIPTORS, Descriptor, NotFittedError, check_images
 from retrieval.types import InputSpec, LocalFeatures
 from retrieval.vlad_fitting import kmeans_options, pad_features
@@ -47,25 +47,32 @@ SOFTPLUS_ONE = math.log(math.expm1(1.0))
 TRAINED_PREFIXES = ("attention.",)
 
 
-def endpoint_geometry(endpoint: str) -> Tuple[int, int]:
-    """Channels and total stride of an EfficientNet-Lite0 block endpoint ("block0" .. "block15").
+def endpoint_geometry(endpoint: str, backbone: str = "lite0") -> Tuple[int, int]:
+    """Channels and total stride of a block endpoint of an EfficientNet-Lite backbone ("block0" ..).
 
     Example:
-        >>> endpoint_geometry("block10")
-        (112, 16)
+        >>> endpoint_geometry("block10"), endpoint_geometry("block14", "lite2")
+        ((112, 16), (120, 16))
     """
-    blocks = []
-    stride = 2  # the stem convolution
-    for _, _, stage_stride, _, out_channels, repeats in LITE0_STAGES:
-        for repeat in range(repeats):
-            stride *= stage_stride if repeat == 0 else 1
-            blocks.append((out_channels, stride))
+    blocks = block_geometry(backbone)
     names = [f"block{i}" for i in range(len(blocks))]
     if endpoint not in names:
         raise ValueError(
-            f"DELF needs a block endpoint of EfficientNet-Lite0 ('block0'..'block{len(blocks) - 1}'), got {endpoint!r}"
+            f"DELF needs a block endpoint of EfficientNet-{backbone.capitalize()} "
+            f"('block0'..'block{len(blocks) - 1}'), got {endpoint!r}"
         )
     return blocks[names.index(endpoint)]
+
+
+def default_endpoint(backbone: str) -> str:
+    """The last block at stride 16 ("block10" of Lite0, "block14" of Lite2): the paper's conv4 of ResNet-50.
+
+    Example:
+        >>> default_endpoint("lite0"), default_endpoint("lite2")
+        ('block10', 'block14')
+    """
+    last = max(i for i, (_, stride) in enumerate(block_geometry(backbone)) if stride == 16)
+    return f"block{last}"
 
 
 def receptive_field_centres(
@@ -133,11 +140,13 @@ class AttentionNetwork(nn.Module):
 
 @DESCRIPTORS.register("delf")
 class DELF(Descriptor):
-    """DELF-style attentive local features (frozen EfficientNet-Lite0 block + trained attention), VLAD.
+    """DELF-style attentive local features (frozen EfficientNet-Lite block + trained attention), VLAD.
 
     Config (``default_conf``):
         image_size: (H, W) the loader resizes to (the pyramid scales are relative to it).
-        endpoint: backbone block whose output are the dense features ("block10": 112 channels, stride 16).
+        endpoint: backbone block whose output are the dense features; "auto" is `default_endpoint`
+            (Lite0's "block10": 112 channels, Lite2's "block14": 120 channels, both stride 16), and the
+            config keeps the block it resolved to.
         scales: image pyramid; each scale runs the backbone once (cost grows with the sum of squares).
         max_keypoints: keypoints kept per image, the highest attention over all scales.
         attention_hidden: channels of the attention network's hidden layer (512 in the paper, whose
@@ -149,6 +158,7 @@ class DELF(Descriptor):
         max_fit_descriptors: at most this many descriptors train PCA and the k-means.
         kmeans_iterations, seed: of the codebook (and the fit subsampling).
         pretrained: load the ImageNet weights of the backbone (False only for tests of shapes).
+        backbone: "lite0" or "lite2" (`retrieval.backbones.LITE_VARIANTS`).
 
     `fit` learns the PCA of the local descriptors, the codebook (and the whitening). The attention
     comes from `train_on`; untrained, every location scores 1 and the keypoints are the
@@ -169,7 +179,7 @@ class DELF(Descriptor):
     needs_fit = True
     default_conf: Dict[str, Any] = {
         "image_size": (256, 192),
-        "endpoint": "block10",
+        "endpoint": "auto",
         "scales": (0.7, 1.0, 1.4),
         "max_keypoints": 200,
         "attention_hidden": 128,
@@ -181,11 +191,16 @@ class DELF(Descriptor):
         "kmeans_iterations": 20,
         "seed": 0,
         "pretrained": True,
+        "backbone": "lite0",
     }
 
     def __init__(self, **conf: Any):
         super().__init__(**conf)
-        self.channels, self.stride = endpoint_geometry(str(self.conf["endpoint"]))
+        backbone = str(self.conf["backbone"])
+        if self.conf["endpoint"] == "auto":
+            # Stored resolved: a default Lite0 DELF keeps the config (and fingerprint) it had with "block10".
+            self.conf["endpoint"] = default_endpoint(backbone)
+        self.channels, self.stride = endpoint_geometry(str(self.conf["endpoint"]), backbone)
         scales = tuple(float(s) for s in self.conf["scales"])
         if not scales or min(scales) <= 0:
             raise ValueError(f"scales must be a non-empty list of positive factors, got {self.conf['scales']}")
@@ -199,7 +214,7 @@ class DELF(Descriptor):
         whiten_dim = self.conf["whiten_dim"]
         if whiten_dim is not None and not 1 <= int(whiten_dim) <= n_clusters * pca_dim:
             raise ValueError(f"whiten_dim must be None or in [1, {n_clusters * pca_dim}], got {whiten_dim}")
-        self.backbone = EfficientNetLite0(pretrained=bool(self.conf["pretrained"])).eval()
+        self.backbone = EfficientNetLite(backbone, pretrained=bool(self.conf["pretrained"])).eval()
         self.attention = AttentionNetwork(self.channels, int(self.conf["attention_hidden"]))
         self.register_buffer("pca_mean", torch.zeros(self.channels))
         self.register_buffer("pca_projection", torch.zeros(self.channels, pca_dim))
@@ -366,8 +381,11 @@ class DELF(Descriptor):
         Only the attention is trained, so final.pt holds only it: the fit (PCA, codebook, whitening)
         happens afterwards and may use any ``pca_dim``/``n_clusters``/``whiten_dim``.
         """
-        from retrieval.training import load_trained_weights
+        from retrieval.training import load_checkpoint, load_trained_weights
 
+        run_config = load_checkpoint(checkpoint, map_location="cpu").get("config") or {}
+        trained_conf = run_config.get("descriptor_config") or {}
+        self.refuse_other_architecture(checkpoint, trained_conf, ("backbone", "endpoint", "attention_hidden"))
         not_trained = tuple(k for k in self.state_dict() if not k.startswith(TRAINED_PREFIXES))
         load_trained_weights(
             self, checkpoint, kind="descriptor", name=self.name, conf=self.conf, shipped_prefixes=not_trained

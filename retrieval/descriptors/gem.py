@@ -1,6 +1,7 @@
 """GeM: generalised-mean pooling of a pretrained CNN feature map (Radenović et al., 2018).
 
-The modern global baseline: EfficientNet-Lite0 (ImageNet weights) head activations, pooled with
+The modern global baseline: EfficientNet-Lite0 (or, with `backbone=lite2`, Lite2) ImageNet head
+activations, pooled with
     f_c = (mean_{x,y} X_c(x, y)^p)^(1/p),
 so p = 1 is average pooling and p -> inf max pooling.
 """
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from retrieval.backbones import LITE_MEAN, LITE_STD, EfficientNetLite0
+from retrieval.backbones import HEAD_CHANNELS, LITE_MEAN, LITE_STD, EfficientNetLite
 from retrieval.descriptors.base import DESCRIPTORS, Descriptor
 from retrieval.types import GlobalFeatures, InputSpec
 
@@ -30,18 +31,18 @@ def gem_pool(feature_map: torch.Tensor, p: float = 3.0, eps: float = 1e-6) -> to
 
 @DESCRIPTORS.register("gem")
 class GeM(Descriptor):
-    """GeM over pretrained EfficientNet-Lite0 head features; 1280-d, nothing to fit."""
+    """GeM over pretrained EfficientNet-Lite head features (`backbone`: "lite0" or "lite2"); 1280-d, nothing to fit."""
 
     kind = "global"
-    default_conf = {"image_size": (320, 240), "p": 3.0, "pretrained": True}
+    default_conf = {"image_size": (320, 240), "p": 3.0, "pretrained": True, "backbone": "lite0"}
 
     def __init__(self, **conf):
         super().__init__(**conf)
-        self.backbone = EfficientNetLite0(pretrained=self.conf["pretrained"]).eval()
+        self.backbone = EfficientNetLite(self.conf["backbone"], pretrained=self.conf["pretrained"]).eval()
 
     @property
     def dim(self) -> int:
-        return EfficientNetLite0.out_channels
+        return HEAD_CHANNELS
 
     @property
     def input_spec(self) -> InputSpec:

@@ -1,6 +1,6 @@
 """R-MAC: regional maximum activations of convolutions (Tolias et al., ICLR 2016).
 
-Max-pooled regions at L scales over a pretrained EfficientNet-Lite0 feature map, each region vector
+Max-pooled regions at L scales over a pretrained EfficientNet-Lite0 (or Lite2) feature map, each region vector
 L2-normalised, PCA-whitened (learned by `fit`), summed and L2-normalised again.
 """
 
@@ -12,7 +12,7 @@ from typing import Iterable, List, Tuple
 import numpy as np
 import torch
 
-from retrieval.backbones import LITE_MEAN, LITE_STD, EfficientNetLite0
+from retrieval.backbones import HEAD_CHANNELS, LITE_MEAN, LITE_STD, EfficientNetLite
 from retrieval.descriptors.base import DESCRIPTORS, Descriptor
 from retrieval.types import GlobalFeatures, InputSpec
 from retrieval.whitening import PCAWhitening
@@ -63,7 +63,10 @@ def regional_max(feature_map: torch.Tensor, regions: Tuple[Tuple[int, int, int, 
 
 @DESCRIPTORS.register("rmac")
 class RMAC(Descriptor):
-    """R-MAC over pretrained EfficientNet-Lite0 head features with learned PCA-whitening."""
+    """R-MAC over pretrained EfficientNet-Lite head features with learned PCA-whitening.
+
+    `backbone`: "lite0" (default) or "lite2"; both give 1280-channel head maps.
+    """
 
     kind = "global"
     needs_fit = True
@@ -76,12 +79,13 @@ class RMAC(Descriptor):
         "max_fit_regions": 200_000,
         "seed": 0,
         "pretrained": True,
+        "backbone": "lite0",
     }
 
     def __init__(self, **conf):
         super().__init__(**conf)
-        self.backbone = EfficientNetLite0(pretrained=self.conf["pretrained"]).eval()
-        self.whitening = PCAWhitening(EfficientNetLite0.out_channels, self.conf["whiten_dim"])
+        self.backbone = EfficientNetLite(self.conf["backbone"], pretrained=self.conf["pretrained"]).eval()
+        self.whitening = PCAWhitening(HEAD_CHANNELS, self.conf["whiten_dim"])
 
     @property
     def dim(self) -> int:

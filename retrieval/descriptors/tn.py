@@ -4,7 +4,7 @@ The paper's TN baseline (PaintNet, Table 4; Hoffer & Ailon, 2015) rebuilt on the
 one network embeds both domains, trained so that a person photo lies closer to the product it wears
 than to any other product, by a margin, in cosine distance.
 
-    image -> EfficientNet-Lite0 (ImageNet, frozen up to block `15 - finetune_last_blocks`)
+    image -> EfficientNet-Lite0 or Lite2 (ImageNet, frozen up to block `n_blocks - 1 - finetune_last_blocks`)
           -> 1x1 head convolution (1280 channels, H/32 x W/32)
           -> attention-weighted GeM pooling (learned location scores, fixed exponent p = 3)
           -> L2-normalise -> Linear 1280 -> dim -> L2-normalise
@@ -33,15 +33,23 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from retrieval.backbones import LITE_MEAN, LITE_STD, EfficientNetLite0
+from retrieval.backbones import HEAD_CHANNELS, LITE_MEAN, LITE_STD, EfficientNetLite, block_geometry
 from retrieval.descriptors.base import DESCRIPTORS, Descriptor
 from retrieval.training import load_checkpoint
 from retrieval.types import GlobalFeatures, InputSpec
 
-N_BLOCKS = 16  # MBConv blocks of EfficientNet-Lite0 (block0 .. block15)
-HEAD_CHANNELS = EfficientNetLite0.out_channels
-# Options of `default_conf` that shape the network: a checkpoint only loads into the same ones.
-ARCHITECTURE_KEYS = ("pooling", "attention_hidden", "gem_p", "dim", "finetune_last_blocks", "projection_seed")
+# Options of `default_conf` that shape the network: a checkpoint only loads into the same ones. The
+# backbone is one of them although a frozen-backbone final.pt holds the head alone: Lite0 and Lite2
+# heads have the same shapes (1280 channels in), so only this check keeps one from loading into the other.
+ARCHITECTURE_KEYS = (
+    "pooling",
+    "attention_hidden",
+    "gem_p",
+    "dim",
+    "finetune_last_blocks",
+    "projection_seed",
+    "backbone",
+)
 
 
 # ---- pure functions ----------------------------------------------------------------------------------
@@ -170,7 +178,7 @@ class EmbeddingHead(nn.Module):
 
 @DESCRIPTORS.register("tn")
 class TripletNet(Descriptor):
-    """Triplet-trained embedding of both domains on EfficientNet-Lite0 (see the module docstring).
+    """Triplet-trained embedding of both domains on EfficientNet-Lite (see the module docstring).
 
     Config (``default_conf``, the network):
         image_size: (H, W) the loader resizes to; VITON's native 256 x 192 by default.
@@ -179,11 +187,13 @@ class TripletNet(Descriptor):
         gem_p: the (fixed) GeM exponent.
         dim: output dimension.
         finetune_last_blocks: 0 trains the head only (the backbone is frozen and shipped with the
-            wheel, so final.pt holds the head alone); k in 1..15 also trains the last k MBConv blocks
-            and the 1x1 head convolution (their BatchNorm statistics stay frozen) and final.pt then
-            holds the whole network (`shipped_state_prefixes` is () for that instance).
+            wheel, so final.pt holds the head alone); k in 1..n_blocks-1 (15 for Lite0, 20 for Lite2)
+            also trains the last k MBConv blocks and the 1x1 head convolution (their BatchNorm
+            statistics stay frozen) and final.pt then holds the whole network (`shipped_state_prefixes`
+            is () for that instance).
         projection_seed: seed of the initial orthogonal projection (and of the scorer's first layer).
         pretrained: ImageNet weights for the backbone (False only for tests of shapes).
+        backbone: "lite0" or "lite2" (`retrieval.backbones.LITE_VARIANTS`); both give 1280-channel head maps.
 
     Training options: `retrieval.training.tn.TNTrainConfig`.
     """
@@ -200,18 +210,20 @@ class TripletNet(Descriptor):
         "projection_seed": 0,
         "pretrained": True,
         "image_size": (256, 192),
+        "backbone": "lite0",
     }
 
     def __init__(self, **conf: Any):
         super().__init__(**conf)
         k = int(self.conf["finetune_last_blocks"])
-        if not 0 <= k < N_BLOCKS:
-            raise ValueError(f"finetune_last_blocks must be in 0..{N_BLOCKS - 1}, got {k}")
+        n_blocks = len(block_geometry(self.conf["backbone"]))
+        if not 0 <= k < n_blocks:
+            raise ValueError(f"finetune_last_blocks must be in 0..{n_blocks - 1} for {self.conf['backbone']}, got {k}")
         if self.conf["pooling"] not in ("attention", "gem"):
             raise ValueError(f"pooling must be 'attention' or 'gem', got {self.conf['pooling']!r}")
         if not 1 <= int(self.conf["dim"]) <= HEAD_CHANNELS:
             raise ValueError(f"dim must be in 1..{HEAD_CHANNELS}, got {self.conf['dim']}")
-        self.backbone = EfficientNetLite0(pretrained=self.conf["pretrained"]).eval()
+        self.backbone = EfficientNetLite(self.conf["backbone"], pretrained=self.conf["pretrained"]).eval()
         self.head = EmbeddingHead(
             HEAD_CHANNELS,
             int(self.conf["dim"]),
@@ -234,19 +246,29 @@ class TripletNet(Descriptor):
         return InputSpec(size=tuple(self.conf["image_size"]), mean=LITE_MEAN, std=LITE_STD)
 
     @property
+    def n_blocks(self) -> int:
+        """MBConv blocks of the backbone: 16 for Lite0, 21 for Lite2."""
+        return len(self.backbone._blocks)
+
+    @property
+    def fine_tuned_blocks(self) -> nn.ModuleList:
+        """The last `finetune_last_blocks` MBConv blocks (empty when the whole trunk is frozen)."""
+        return self.backbone._blocks[self.n_blocks - int(self.conf["finetune_last_blocks"]) :]
+
+    @property
     def cache_endpoint(self) -> str:
         """The backbone map cached for training: the output of the last frozen block."""
-        return f"block{N_BLOCKS - 1 - int(self.conf['finetune_last_blocks'])}"
+        return f"block{self.n_blocks - 1 - int(self.conf['finetune_last_blocks'])}"
 
     def frozen_maps(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) -> the frozen trunk's output at `cache_endpoint`, e.g. (B, 320, H/32, W/32)."""
+        """(B, 3, H, W) -> the frozen trunk's output at `cache_endpoint`, e.g. (B, 320, H/32, W/32) for Lite0."""
         return self.backbone.features(images, (self.cache_endpoint,))[self.cache_endpoint]
 
     def head_maps(self, maps: torch.Tensor) -> torch.Tensor:
         """Frozen-trunk maps -> 1280-channel head maps: the fine-tuned blocks (if any), then the 1x1 head conv."""
         net = self.backbone
         x = maps.contiguous(memory_format=torch.channels_last)
-        for block in net._blocks[N_BLOCKS - int(self.conf["finetune_last_blocks"]) :]:
+        for block in self.fine_tuned_blocks:
             x = block(x)
         return net.act(net._bn1(net._conv_head(x)))
 
@@ -256,14 +278,5 @@ class TripletNet(Descriptor):
     def load_trained(self, checkpoint) -> "TripletNet":
         """Load a final.pt of `train_on`; a checkpoint of another architecture is refused with the options to pass."""
         payload = load_checkpoint(checkpoint, map_location="cpu")
-        trained_conf = payload.get("descriptor_conf") or {}
-        differ = {
-            k: trained_conf[k] for k in ARCHITECTURE_KEYS if k in trained_conf and trained_conf[k] != self.conf[k]
-        }
-        if differ:
-            raise ValueError(
-                f"{checkpoint} was trained with {differ}, this tn has "
-                f"{ {k: self.conf[k] for k in differ} }: "
-                f"create it with create_descriptor('tn@{checkpoint}', **{differ})"
-            )
+        self.refuse_other_architecture(checkpoint, payload.get("descriptor_conf") or {}, ARCHITECTURE_KEYS)
         return super().load_trained(checkpoint)

@@ -48,7 +48,7 @@ from torch import nn
 
 from retrieval.batching import load_batch
 from retrieval.datasets.viton_street import street_training_pairs
-from retrieval.descriptors.tn import N_BLOCKS, TripletNet
+from retrieval.descriptors.tn import TripletNet
 from retrieval.metrics import rank_of_truth, single_relevant_metrics
 from retrieval.proxy_stage import to_descriptor_input
 from retrieval.training.map_cache import cache_chunks, float16_maps
@@ -147,7 +147,7 @@ def trainable_modules(tn: TripletNet) -> nn.ModuleDict:
     parts: Dict[str, nn.Module] = {"head": tn.head}
     k = int(tn.conf["finetune_last_blocks"])
     if k > 0:
-        parts["blocks"] = nn.ModuleList(tn.backbone._blocks[N_BLOCKS - k :])
+        parts["blocks"] = tn.fine_tuned_blocks
         parts["conv_head"] = tn.backbone._conv_head
         parts["bn_head"] = tn.backbone._bn1
     return nn.ModuleDict(parts)

@@ -53,7 +53,8 @@ def _grid_specs(patterns: str, kind: str, flag: str) -> List[str]:
 @opt(
     "--descriptors",
     default="colorhist,sift,rmac,gem",
-    help="Comma-separated names or globs ('*' = all), each optionally NAME@run/final.pt.",
+    help="Comma-separated names or globs ('*' = all), each optionally NAME@run/final.pt; options of an untrainable "
+    "one as NAME[KEY=VALUE;...], e.g. 'gem[backbone=lite2]' (a trainable one's need --train or a checkpoint).",
 )
 @opt("--proxies", default="none", help="Names or globs, e.g. 'none,hp,paintnet@runs/paintnet/final.pt'.")
 @opt("--indexes", "--index", "presets", default="flat", help="Index presets or globs, e.g. 'flat,ivfpq'.")

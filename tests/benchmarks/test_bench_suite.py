@@ -303,3 +303,9 @@ def test_run_bench_suite_from_python(synthetic_root, tmp_path):
     assert lines[0].startswith("viton:") and lines[-1].endswith("config.json)")
     with pytest.raises(ValueError, match="add --train"):
         run_bench_suite(dataclasses.replace(config, proxies="paintnet[width=0.5]"), progress=False)
+    with pytest.raises(ValueError, match=r"tn\[dim=16\]: options in brackets name a model to train; add --train"):
+        run_bench_suite(dataclasses.replace(config, descriptors="tn[dim=16]"), progress=False)
+    # an untrainable descriptor with options is built as given, without --train
+    options = dataclasses.replace(config, descriptors="gem[p=4;image_size=64,48]", out_dir=tmp_path / "gem")
+    record = json.loads((run_bench_suite(options, progress=False) / "config.json").read_text())
+    assert record["descriptors"] == ["gem[p=4.0;image_size=(64, 48)]"] and record["trainings"] == []

@@ -94,7 +94,7 @@ def stub_parser_loading(monkeypatch):
 
 def test_untrainable_and_trained_specs_pass_through(data, tmp_path, monkeypatch):
     fake = FakeTraining().install(monkeypatch, HumanParsingProxy, PaintNet, TripletNet)
-    specs = ["gem", "colorhist", "tn@runs/tn/final.pt"]
+    specs = ["gem", "colorhist", "tn@runs/tn/final.pt", "gem[backbone=lite2;p=4]", "tn[dim=256]@runs/tn/final.pt"]
     assert ensure_trained(specs, "descriptor", data, tmp_path, progress=False) == (specs, [])
     specs = ["none", "paintnet@runs/paintnet/final.pt"]
     assert ensure_trained(specs, "proxy", data, tmp_path, progress=False) == (specs, [])
@@ -106,8 +106,6 @@ def test_bad_requests_are_refused(data, tmp_path):
         ensure_trained(["gem"], "index", data, tmp_path, progress=False)
     with pytest.raises(ValueError, match="unknown proxy"):
         ensure_trained(["nope"], "proxy", data, tmp_path, progress=False)
-    with pytest.raises(ValueError, match="not trainable"):
-        ensure_trained(["gem[p=4]"], "descriptor", data, tmp_path, progress=False)
     with pytest.raises(ValueError, match="time_budget_s"):
         ensure_trained(["hp[time_budget_s=5]"], "proxy", data, tmp_path, progress=False)
     no_pairs = type(data)(name="csv:shop", catalog=data.catalog, queries=data.queries, train=None)

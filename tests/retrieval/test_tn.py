@@ -224,6 +224,22 @@ def test_train_on_round_trips_through_final_pt(tiny_set, trained):
         create_descriptor(f"tn@{final}", image_size=SIZE, dim=16)
 
 
+def test_a_head_trained_on_one_backbone_is_refused_by_another(trained, tmp_path):
+    """Lite0 and Lite2 heads have the same shapes: only the recorded backbone keeps them apart."""
+    _, final = trained
+    payload = load_checkpoint(final)
+    assert payload["descriptor_conf"]["backbone"] == "lite0"
+    with pytest.raises(ValueError, match=r"trained with \{'backbone': 'lite0'\}, this tn has \{'backbone': 'lite2'\}"):
+        create_descriptor(f"tn@{final}", image_size=SIZE, dim=32, backbone="lite2", pretrained=False)
+    # a final.pt from before the option existed was trained on Lite0
+    del payload["descriptor_conf"]["backbone"]
+    legacy = tmp_path / "legacy.pt"
+    torch.save(payload, legacy)
+    assert create_descriptor(f"tn@{legacy}", image_size=SIZE, dim=32).conf["backbone"] == "lite0"
+    with pytest.raises(ValueError, match="backbone"):
+        create_descriptor(f"tn@{legacy}", image_size=SIZE, dim=32, backbone="lite2", pretrained=False)
+
+
 def test_interrupted_run_resumes_to_the_same_weights(tiny_set, trained, tmp_path, monkeypatch):
     whole = trained[1]
     steps = len(pd.read_csv(whole.parent / "losses.csv"))
