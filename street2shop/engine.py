@@ -348,10 +348,7 @@ def build_recipe(
             data = load_dataset(train_data, split="val", seed=seed, cache_dir=cache)
             if data.train is None or data.train.empty:
                 raise ValueError(f"{data.name} has no training pairs to train recipe {recipe!r} on")
-        settings = dict(training.settings)
-        if training.behind is not None:
-            proxy_name, proxy_run = training.behind
-            settings["proxy"] = f"{proxy_name}@{runs / proxy_run / 'final.pt'}"
+        settings = chosen.training_settings(training, runs)
         echo(f"training {training.kind} {training.name} on {data.name}'s {len(data.train)} pairs -> {final.parent}")
         started = time.perf_counter()
         train_named(

@@ -30,8 +30,16 @@ def test_recipes_name_their_parts_and_trainings():
         "preset": "flat",
         "rerank": 0,
     }
-    with pytest.raises(ValueError, match="recipes: best, fast, no-training"):
+    with pytest.raises(ValueError, match="recipes: best, fast, no-training, street"):
         get_recipe("nope")
+    street = get_recipe("street")
+    fused = street.trainings[-1]
+    assert street.training_settings(fused, "r") == {
+        "branches": "tn@r/tn_studio/final.pt|tn@r/tn_street/final.pt",
+        "proxy": "hp@r/parser_street/final.pt",
+    }
+    assert street.specs("r")["descriptor"] == "fused@r/fused/final.pt"
+    assert [t.run for t in street.trainings].index("fused") > [t.run for t in street.trainings].index("tn_street")
 
 
 def test_a_recipe_whose_checkpoints_are_missing_says_how_to_train_them(tmp_path):
