@@ -304,3 +304,29 @@ def test_the_readme_python_example_runs(shop, dataset, tmp_path, monkeypatch):
     namespace: dict = {}
     exec(compile(block, "README.md", "exec"), namespace)
     assert Pipeline.load(tmp_path / "shop-index", device="cpu").ntotal == len(dataset.catalog)
+
+
+def test_a_fused_pipeline_is_self_contained(dataset, tmp_path):
+    """A fusion of trained branches, indexed: the index loads with the branches' checkpoints gone, rebuilds the
+    same fusion (fingerprint, weights) and ranks exactly as the fusion's own vectors do."""
+    branches = "colorhist[image_size=(48, 32)]|colorhist[image_size=(48, 32);bins=(8, 2, 2)]"
+    fused = create_descriptor(f"fused[branches={branches}]")
+    final = fused.train_on(dataset, tmp_path / "run", seed=0, progress=False, grid_step=0.25)
+    moved = tmp_path / "moved.pt"
+    shutil.move(final, moved)
+    trained = create_descriptor(f"fused@{moved}")
+    build_index(dataset.catalog, trained, tmp_path / "shop", progress=False)
+    moved.unlink()  # the index must not need it
+    pipeline = Pipeline.load(tmp_path / "shop", device="cpu")
+    assert pipeline.descriptor.fingerprint() == trained.fingerprint()
+    assert pipeline.descriptor.fusion_weights.tolist() == trained.fusion_weights.tolist()
+    photo = dataset.queries["image"].iloc[0]
+    hits = pipeline.search(photo, k=3)[0].hits
+    from retrieval.io import images_to_tensor, read_image, resize_image
+
+    query = trained.embed(images_to_tensor([resize_image(read_image(photo), trained.input_spec.size)]))
+    gallery = trained.embed(
+        images_to_tensor([resize_image(read_image(p), trained.input_spec.size) for p in dataset.catalog["image"]])
+    )
+    order = torch.argsort(gallery @ query[0], descending=True)[:3].tolist()
+    assert [h.product_id for h in hits] == [str(dataset.catalog["product_id"].iloc[i]) for i in order]
