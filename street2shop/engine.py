@@ -26,8 +26,9 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, Optional, Sequence
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -80,25 +81,59 @@ def _load_state(path: Path, device: torch.device) -> Dict[str, Any]:
 
 def load_descriptor_state(metadata: Dict[str, Any], directory: Path, device: torch.device) -> Descriptor:
     """Rebuild the descriptor an index was made with and check it reproduces the stored fingerprint."""
-    descriptor = create_descriptor(metadata["descriptor"], **metadata["descriptor_config"]).to(device)
     path = directory / DESCRIPTOR_FILE
     if not path.exists():
         raise FileNotFoundError(
             f"{path} is missing: the index directory is incomplete; rebuild it with `street2shop index`"
         )
-    state = _load_state(path, device)
+    return descriptor_from_state(metadata, _load_state(path, device), device, path)
+
+
+def descriptor_from_state(
+    metadata: Dict[str, Any], state: Dict[str, Any], device: torch.device, source: os.PathLike
+) -> Descriptor:
+    """`descriptor_metadata` + `descriptor_state_bytes`'s state -> the same descriptor, fingerprint checked.
+
+    ``source`` names where the state came from (an index's descriptor.pt, a Ray worker's copy) in errors.
+    """
+    descriptor = create_descriptor(metadata["descriptor"], **metadata["descriptor_config"]).to(device)
     missing, unexpected = descriptor.load_state_dict(state, strict=False)
     shipped = descriptor.shipped_state_prefixes
     stray = [k for k in missing if not (shipped and k.startswith(shipped))] + list(unexpected)
     if stray:
-        raise IndexMismatchError(f"{path} does not fit descriptor {metadata['descriptor']!r}: keys {stray[:5]}")
+        raise IndexMismatchError(f"{source} does not fit descriptor {metadata['descriptor']!r}: keys {stray[:5]}")
     if descriptor.fingerprint() != metadata["fingerprint"]:
         raise IndexMismatchError(
-            f"descriptor {metadata['descriptor']!r} rebuilt from {directory} has fingerprint "
+            f"descriptor {metadata['descriptor']!r} rebuilt from {source} has fingerprint "
             f"{descriptor.fingerprint()} but the index was built with {metadata['fingerprint']}: the "
             "pretrained weights or the code changed since; rebuild the index with `street2shop index`"
         )
     return descriptor
+
+
+def embed_locally(
+    descriptor: Descriptor,
+    paths: Sequence[str],
+    *,
+    batch_size: int,
+    cache_dir: Optional[os.PathLike],
+    progress: bool,
+) -> np.ndarray:
+    """`--engine local`: this process embeds what the per-image feature cache lacks (`extract_features`).
+
+    Its signature is every ``build_index(embed_catalog=...)``'s: catalog photo paths -> (N, D) float32, row i
+    for paths[i], no proxy (catalog photos are clean product shots).
+    """
+    cache = FeatureCache(cache_dir, f"{descriptor.name}-{descriptor.fingerprint()}") if cache_dir else None
+    return extract_features(
+        descriptor.embed,
+        paths,
+        descriptor.input_spec.size,
+        batch_size=batch_size,
+        device=descriptor.device,
+        cache=cache,
+        progress=f"index {descriptor.name}" if progress else None,
+    )
 
 
 def build_index(
@@ -117,8 +152,12 @@ def build_index(
     proxy_state: Optional[bytes] = None,
     pipeline: Optional[Dict[str, Any]] = None,
     shards: Optional[int] = None,
+    embed_catalog: Optional[Callable[..., np.ndarray]] = None,
 ) -> ProductIndex:
     """Catalog table (product_id, image) -> saved index directory. Resumes from the feature cache.
+
+    ``embed_catalog`` embeds the catalog's photos (default `embed_locally`, in this process;
+    `street2shop.distributed.RayEmbedder` on a Ray cluster); fitting and the index are the same for both.
 
     A product may have several rows (images): each image is indexed under an internal image id
     (`retrieval.gallery.ProductImages`) and the pipeline scores the product by its best-matching image.
@@ -153,15 +192,8 @@ def build_index(
             progress=progress,
             cache_dir=cache_dir,
         )
-    cache = FeatureCache(cache_dir, f"{descriptor.name}-{descriptor.fingerprint()}") if cache_dir else None
-    vectors = extract_features(
-        descriptor.embed,
-        list(catalog["image"]),
-        descriptor.input_spec.size,
-        batch_size=batch_size,
-        device=descriptor.device,
-        cache=cache,
-        progress=f"index {descriptor.name}" if progress else None,
+    vectors = (embed_catalog or embed_locally)(
+        descriptor, list(catalog["image"]), batch_size=batch_size, cache_dir=cache_dir, progress=progress
     )
     if pipeline is None:
         proxy = proxy if proxy is not None else create_proxy("none")
@@ -214,6 +246,8 @@ def index_catalog(
     seed: int = 0,
     local_features: bool = False,
     shards: Optional[int] = None,
+    engine: str = "local",
+    address: Optional[str] = None,
     echo=print,
 ) -> ProductIndex:
     """`street2shop index`: the catalog of data set spec `catalog` -> a saved pipeline (`build_index`).
@@ -225,6 +259,8 @@ def index_catalog(
     any, its catalog are used), and the index records which. `rerank` N > 0 stores the catalog's local
     features and re-ranks each query's top N at query time. `out_dir` is checked before the data loads,
     so a refused one costs nothing. `shards` N: the index as N shards merged on disk (`build_index`).
+    `engine` "ray" embeds the catalog on a Ray cluster (`street2shop.distributed`; `address` None: a local
+    one for this job, "auto" or "ray://HOST:PORT": a running one), "local" in this process.
     """
     from benchmarks.runner import describe_fit_images, fit_images
     from benchmarks.suite import resolve_cache_dir
@@ -232,6 +268,15 @@ def index_catalog(
     from street2shop.pipeline import model_from_spec
 
     check_index_destination(out_dir)  # before the data loads: a refused --out must not cost the whole extraction
+    if engine not in ("local", "ray"):
+        raise ValueError(f"engine must be 'local' or 'ray', got {engine!r}")
+    if address is not None and engine != "ray":
+        raise ValueError("--address names a Ray cluster: it needs --engine ray")
+    embed_catalog = None
+    if engine == "ray":
+        from street2shop.distributed import RayEmbedder
+
+        embed_catalog = RayEmbedder(address)  # before the data loads: a missing extra fails at once
     if int(rerank) < 0:
         raise ValueError(f"rerank must be >= 0 (0: off), got {rerank}")
     cache = resolve_cache_dir(cache_dir)
@@ -268,6 +313,7 @@ def index_catalog(
         pipeline=record,
         proxy_state=Path(proxy_checkpoint).read_bytes() if proxy_checkpoint else None,
         shards=shards,
+        embed_catalog=embed_catalog,
     )
     echo(f"wrote {out_dir}: {sizes}, dim {built.dim}, {time.perf_counter() - started:.1f} s")
     return built

@@ -63,6 +63,19 @@ from street2shop.commands.options import (
     "(--preset ivfpq-rflat): same results, lists and vectors stay on disk; read-only (`add`/`remove` refuse it). "
     "Default: one in-memory index.",
 )
+@click.option(
+    "--engine",
+    default="local",
+    type=click.Choice(["local", "ray"]),
+    help="Who embeds the catalog: local (this process) or ray (an actor pool on a Ray cluster, resumable Parquet "
+    'shards in the feature cache; needs pip install -e ".[distributed]"). Same vectors, same index.',
+)
+@click.option(
+    "--address",
+    default=None,
+    help="With --engine ray: the cluster to join, auto (the running one) or ray://HOST:PORT. "
+    "Default: a local Ray cluster started for this job.",
+)
 def index_command(catalog, out_dir, recipe, proxy, descriptor, preset, rerank, runs, **options) -> None:
     """Save a pipeline: embed a catalog's product photos into a FAISS index, with everything a query needs.
 

@@ -126,6 +126,24 @@ def test_index_out_with_foreign_files_is_refused_before_loading_data(tmp_path, m
     assert (out / "notes.txt").read_text() == "mine"
 
 
+def test_engine_ray_without_the_extra_names_the_install_command(tmp_path, monkeypatch):
+    """Without Ray (here: `import ray` made to fail), --engine ray is refused before any data loads, exit 2."""
+    import retrieval.datasets
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError, as when it is not installed
+    monkeypatch.setattr(
+        retrieval.datasets, "load_dataset", lambda *a, **k: pytest.fail("loaded data before checking the engine")
+    )
+    args = ["index", "--catalog", "synthetic:8", "--engine", "ray", "--out", str(tmp_path / "out")]
+    line = _one_error_line(CliRunner().invoke(cli, args))
+    assert "'distributed' extra" in line and 'pip install -e ".[distributed]"' in line
+
+
+def test_address_without_engine_ray_is_refused(tmp_path):
+    args = ["index", "--catalog", "synthetic:8", "--address", "auto", "--out", str(tmp_path / "out")]
+    assert "--engine ray" in _one_error_line(CliRunner().invoke(cli, args))
+
+
 def test_build_index_checks_its_destination_before_extracting(dataset, tmp_path, monkeypatch):
     import street2shop.engine as engine
 
