@@ -57,17 +57,6 @@ class Spec:
         return f"{head}@{self.checkpoint}" if self.checkpoint is not None else head
 
 
-def names_a_checkpoint(spec: str) -> bool:
-    """Whether a spec loads trained weights ('NAME@final.pt', 'NAME[k=v]@final.pt'), as opposed to naming a model
-    to build or to train ('NAME', 'NAME[k=v]', 'tn[proxy=hp@runs/parser/final.pt]').
-
-    Example:
-        >>> [names_a_checkpoint(s) for s in ("tn@a.pt", "tn[proxy=hp@a.pt]", "hp[k=1]@a.pt", "gem")]
-        [True, False, True, False]
-    """
-    return bool(_split_checkpoint(spec)[1])
-
-
 def split_specs(text: str, separator: str = ",") -> List[str]:
     """Comma-separated specs; a comma inside brackets stays: 'paintnet[sp_image_size=128,96],none'.
 

@@ -87,7 +87,7 @@ def _branch_vectors(
 ) -> List[np.ndarray]:
     """Each branch's (N, D_i) vectors of image files, behind `proxy` (None: the photos as they are)."""
     size = tuple(fused.input_spec.size)
-    read = proxy_input_size(proxy, size) if proxy is not None else size
+    read = proxy_input_size(proxy, size)  # the descriptor's size without a proxy
     parts: List[List[np.ndarray]] = [[] for _ in fused.branches]
     with tqdm(total=len(paths), desc=f"fused: {label}", unit="img", disable=not progress, leave=False) as bar:
         for batch in iter_batches(list(paths), read, batch_size):
