@@ -28,6 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from retrieval.batching import iter_batches
+from retrieval.datasets.viton_street import street_training_pairs
 from retrieval.descriptors.fused import FusedDescriptor
 from retrieval.metrics import average_precision_at_k
 from retrieval.proxy_stage import proxy_input_size, to_descriptor_input
@@ -35,6 +36,9 @@ from retrieval.training.run import CHECKPOINT_VERSION, atomic_torch_save
 from retrieval.training.trainers import TrainingJob, register_trainer
 
 log = logging.getLogger(__name__)
+# Calibration street copies come from seeds STREET_TRAINING_SEED + this + the run's seed: never the draws a
+# descriptor trained on (`street_copies` of tn use STREET_TRAINING_SEED + seed + c for small c).
+CALIBRATION_STREET_SEED = 500
 
 
 @dataclass(frozen=True)
@@ -46,6 +50,9 @@ class FusedTrainConfig:
         branch_proxies: for a fusion whose branches name their own proxies (`FusedDescriptor.branch_proxies`), one
             Proxy object or None (the serving proxy) per branch; None otherwise.
         calibration_pairs: training pairs the weights are chosen on (a seeded sample; 0 = all).
+        street_copies: street-condition versions of the training pairs added to the calibration pool (drawn
+            from other seeds than the copies descriptors train on), so that weights for a street pipeline are not
+            chosen on studio photos alone.
         grid_step: the simplex grid's step (0.1: 11 points for 2 branches, 66 for 3).
         batch_size: images embedded together.
     """
@@ -53,6 +60,7 @@ class FusedTrainConfig:
     proxy: Any = "none"
     branch_proxies: Any = None
     calibration_pairs: int = 1000
+    street_copies: int = 0
     grid_step: float = 0.1
     batch_size: int = 32
 
@@ -141,6 +149,9 @@ def train_fused(fused: FusedDescriptor, job: TrainingJob, config: FusedTrainConf
                 "per branch (the CLI and `bench --train` build them with generation.proxies.proxy_training_options)"
             )
         proxies = [proxy if own is None else _serving_proxy(own, fused) for own in config.branch_proxies]
+    if config.street_copies:
+        # drawn apart from the copies descriptors train on (seeds STREET_TRAINING_SEED + seed + c)
+        train = street_training_pairs(job.dataset, int(config.street_copies), seed=CALIBRATION_STREET_SEED + job.seed)
     pairs = train.drop_duplicates("person_image").reset_index(drop=True)
     if config.calibration_pairs and len(pairs) > config.calibration_pairs:
         pairs = pairs.sample(n=int(config.calibration_pairs), random_state=int(job.seed)).reset_index(drop=True)
