@@ -24,7 +24,13 @@ if TYPE_CHECKING:  # the annotation only: descriptors need not be imported to bu
 PROXIES = Registry("proxy")
 Box = Tuple[int, int, int, int]  # (x0, y0, x1, y1), end-exclusive pixels
 # Modules whose import registers the built-in proxies (a new proxy file appends its module here).
-BUILTIN_PROXY_MODULES = ("generation.parsing", "generation.paintnet", "generation.pix2pix", "generation.dtgan")
+BUILTIN_PROXY_MODULES = (
+    "generation.parsing",
+    "generation.paintnet",
+    "generation.pix2pix",
+    "generation.dtgan",
+    "generation.cyclegan",
+)
 
 
 class Proxy(nn.Module):
@@ -91,7 +97,12 @@ def _register_builtins() -> None:
 
 
 # the proxies' trainers (generation/training/), imported when a trainer is first looked up
-add_trainer_modules("generation.training.gan", "generation.training.paintnet", "generation.training.parsing")
+add_trainer_modules(
+    "generation.training.gan",
+    "generation.training.paintnet",
+    "generation.training.parsing",
+    "generation.training.cyclegan",
+)
 
 
 def create_proxy(name: str, **conf: Any) -> Proxy:
