@@ -329,9 +329,14 @@ def test_train_resume_and_load(name, synthetic_root, tmp_path, monkeypatch):
     assert len(rows) == 4 and float(rows[-1]["g"]) < float(rows[0]["g"])
     assert ("g_sim" in rows[0]) == (name == "cyclegan-nest")
     assert sorted(p.name for p in (tmp_path / "run" / "samples").glob("*.png"))[-1] == "step_000004.png"
-    loaded = create_proxy(f"{name}@{final}", **TINY).eval()
+    # NAME@final.pt builds the architecture it was trained with (what a bench grid hands on); a contradicting
+    # option is refused
+    loaded = create_proxy(f"{name}@{final}").eval()
+    assert loaded.conf == proxy.conf
     images = torch.rand(2, 3, 64, 48, generator=torch.Generator().manual_seed(1))
     assert torch.equal(loaded(images), proxy.eval()(images))
+    with pytest.raises(ValueError, match="another config"):
+        create_proxy(f"{name}@{final}", width=8)
     # the same call again finds the run finished in last.pt and trains nothing more
     create_proxy(name, **TINY).train_on(dataset, tmp_path / "run", **TINY_TRAINING)
     with open(tmp_path / "run" / "losses.csv") as handle:
@@ -375,3 +380,31 @@ def test_paired_training_and_the_cli(synthetic_root, tmp_path):
     assert result.exit_code == 0, result.output
     assert "use it as: --proxies cyclegan-nest@" in result.output
     assert create_proxy(f"cyclegan-nest@{tmp_path / 'cli' / 'final.pt'}", **TINY)
+
+
+@pytest.mark.slow
+def test_bench_trains_the_cyclegans_and_scores_their_generation(synthetic_root, tmp_path):
+    """`bench --train` trains all three unpaired from scratch behind a descriptor; `bench-generation` scores them."""
+    from street2shop.cli import cli
+
+    tiny = "image_size=32;width=4;n_blocks=1;d_width=4;pool_size=2;max_pairs=8;epochs=1;batch_size=4;sample_every=0"
+    specs = ",".join(f"{name}[{tiny}]" for name in NAMES)
+    common = ["--dataset", f"viton:{synthetic_root}", "--cache-dir", str(tmp_path / "cache")]
+    bench = CliRunner().invoke(
+        cli,
+        ["bench", *common, "--descriptors", "colorhist", "--proxies", f"none,{specs}", "--k", "1,5"]
+        + ["--bootstrap", "0", "--protocol-draws", "0", "--generation-samples", "0", "--rank-pictures", "0"]
+        + ["--train", "--train-budget", "0.5", "--out", str(tmp_path / "bench")],
+    )
+    assert bench.exit_code == 0, bench.output
+    checkpoints = sorted((tmp_path / "cache" / "checkpoints").glob("cyclegan*/final.pt"))
+    assert [p.parent.name.rsplit("-", 1)[0] for p in checkpoints] == NAMES
+    trained = [f"{name}@{path}" for name, path in zip(NAMES, checkpoints)]
+    generation = CliRunner().invoke(
+        cli,
+        ["bench-generation", *common, "--proxies", ",".join(trained), "--samples", "4", "--no-inception"]
+        + ["--out", str(tmp_path / "generation")],
+    )
+    assert generation.exit_code == 0, generation.output
+    table = (tmp_path / "generation" / "generation.csv").read_text()
+    assert all(f"{name}@" in table for name in NAMES), table
