@@ -24,7 +24,13 @@ if TYPE_CHECKING:  # the annotation only: descriptors need not be imported to bu
 PROXIES = Registry("proxy")
 Box = Tuple[int, int, int, int]  # (x0, y0, x1, y1), end-exclusive pixels
 # Modules whose import registers the built-in proxies (a new proxy file appends its module here).
-BUILTIN_PROXY_MODULES = ("generation.parsing", "generation.paintnet", "generation.pix2pix", "generation.dtgan")
+BUILTIN_PROXY_MODULES = (
+    "generation.parsing",
+    "generation.paintnet",
+    "generation.pix2pix",
+    "generation.dtgan",
+    "generation.cyclegan",
+)
 
 
 class Proxy(nn.Module):
@@ -69,6 +75,12 @@ class Proxy(nn.Module):
 
         return train_model(self, dataset, out_dir, **options)
 
+    @classmethod
+    def conf_for_checkpoint(cls, checkpoint, conf: Dict[str, Any]) -> Dict[str, Any]:
+        """The config to build this proxy with before loading `checkpoint` into it: `conf` as given here;
+        a proxy whose final.pt records its architecture completes `conf` with it (`GeneratorProxy`)."""
+        return dict(conf)
+
     def load_trained(self, checkpoint) -> "Proxy":
         """Load the weights of a final.pt written by `train_on` (strict: every key must match)."""
         from retrieval.training import load_trained_weights
@@ -91,7 +103,12 @@ def _register_builtins() -> None:
 
 
 # the proxies' trainers (generation/training/), imported when a trainer is first looked up
-add_trainer_modules("generation.training.gan", "generation.training.paintnet", "generation.training.parsing")
+add_trainer_modules(
+    "generation.training.gan",
+    "generation.training.paintnet",
+    "generation.training.parsing",
+    "generation.training.cyclegan",
+)
 
 
 def create_proxy(name: str, **conf: Any) -> Proxy:
@@ -100,7 +117,10 @@ def create_proxy(name: str, **conf: Any) -> Proxy:
 
     _register_builtins()
     spec = parse_spec(name)  # NAME, NAME@ckpt, NAME[k=v], NAME[k=v]@ckpt; keyword options win over bracketed ones
-    proxy = PROXIES.create(spec.name, **{**spec.options, **conf})
+    options = {**spec.options, **conf}
+    if spec.checkpoint:
+        options = PROXIES.get(spec.name).conf_for_checkpoint(spec.checkpoint, options)
+    proxy = PROXIES.create(spec.name, **options)
     if spec.checkpoint:
         proxy.load_trained(spec.checkpoint)
     return proxy
