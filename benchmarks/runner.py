@@ -231,7 +231,7 @@ def run_benchmark(
             fit_seconds = time.perf_counter() - started
             started = time.perf_counter()
             gallery_vectors = extract_features(
-                descriptor.embed,
+                descriptor.embed_catalog,
                 list(catalog["image"]),
                 size,
                 batch_size=batch_size,

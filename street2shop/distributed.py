@@ -115,7 +115,7 @@ class _EmbedBatches:
     def __call__(self, batch: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
         with torch.no_grad():
             vectors = extract_features(
-                self.descriptor.embed,
+                self.descriptor.embed_catalog,
                 [str(p) for p in batch["path"]],
                 self.descriptor.input_spec.size,
                 batch_size=self.batch_size,

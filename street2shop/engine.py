@@ -126,7 +126,7 @@ def embed_locally(
     """
     cache = FeatureCache(cache_dir, f"{descriptor.name}-{descriptor.fingerprint()}") if cache_dir else None
     return extract_features(
-        descriptor.embed,
+        descriptor.embed_catalog,
         paths,
         descriptor.input_spec.size,
         batch_size=batch_size,

@@ -485,7 +485,7 @@ class Pipeline:
         for start in range(0, len(photos), SEARCH_BATCH):
             batch = images_to_tensor([resize_image(p, size) for p in photos[start : start + SEARCH_BATCH]])
             batch = batch.to(self.device)
-            vectors.append(self.descriptor.embed(batch).float().cpu().numpy())
+            vectors.append(self.descriptor.embed_catalog(batch).float().cpu().numpy())
             if self.gallery_local is not None:
                 local.append(self.descriptor.extract(batch))
         return np.concatenate(vectors), (LocalFeatureStore.from_features(local) if local else None)

@@ -4,6 +4,8 @@ Every descriptor is a `torch.nn.Module` registered in `DESCRIPTORS`. The engine 
 
 - `embed(images) -> (B, dim)` float32 L2-normalised: what goes into a FAISS index. Global
   descriptors return `extract(images).desc`; local ones aggregate their `LocalFeatures` (VLAD, ...).
+- `embed_catalog(images)`: the same for catalog photos (index builds, `add`); `embed` itself unless the
+  descriptor pools blurred copies of each catalog photo (`catalog_blur`, see the method).
 - `fit(batches)` once before `embed` when `needs_fit` (codebooks, PCA-whitening): `batches` is an
   iterable of (B, 3, H, W) image tensors from a *training* set, never from the evaluation queries.
 - `fingerprint()`: a hash of name, config and weights, stored in index manifests and feature caches
@@ -13,8 +15,10 @@ Every descriptor is a `torch.nn.Module` registered in `DESCRIPTORS`. The engine 
 from __future__ import annotations
 
 import json
+import math
 from typing import Any, Dict, Iterable, Union
 
+import kornia
 import torch
 from torch import nn
 
@@ -44,7 +48,7 @@ class Descriptor(nn.Module):
     # Options added after indexes, feature caches and checkpoints existed, with the value they all had:
     # left out of the fingerprint while at that value, so a default descriptor keeps its old fingerprint
     # (and its caches) while any other value (another backbone: other weights too) gets a new one.
-    late_option_defaults: Dict[str, Any] = {"backbone": "lite0"}
+    late_option_defaults: Dict[str, Any] = {"backbone": "lite0", "catalog_blur": ()}
 
     def __init__(self, **conf: Any):
         super().__init__()
@@ -80,6 +84,22 @@ class Descriptor(nn.Module):
         out = self.extract(images)
         vectors = out.desc if isinstance(out, GlobalFeatures) else self.aggregate(out)
         return torch.nn.functional.normalize(vectors.float(), dim=-1)
+
+    @torch.no_grad()
+    def embed_catalog(self, images: torch.Tensor) -> torch.Tensor:
+        """Catalog photos (B, 3, H, W) in [0, 1] -> (B, dim) float32, L2-normalised: what every index is built of.
+
+        `embed`, unless the descriptor has a `catalog_blur` option (sigmas in pixels at its input size): then the
+        L2-normalised mean of the sharp photo's vector (half the weight) and its Gaussian-blurred copies' (the
+        other half, shared equally), so that a product also matches a blurred street photo of it while a sharp
+        query still finds the sharp photo's side. Queries always go through `embed`.
+        """
+        sigmas = [float(s) for s in (self.conf.get("catalog_blur") or ())]
+        vectors = self.embed(images)
+        if not sigmas:
+            return vectors
+        blurred = sum(self.embed(gaussian_blur(images, sigma)) for sigma in sigmas) / len(sigmas)
+        return torch.nn.functional.normalize(vectors + blurred, dim=-1)
 
     def fit(self, batches: Iterable[torch.Tensor]) -> "Descriptor":
         """Learn what `embed` needs from training images; a no-op for descriptors that need nothing."""
@@ -150,6 +170,22 @@ class Descriptor(nn.Module):
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, dim={self.dim}, conf={self.conf}"
+
+
+def gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
+    """(B, 3, H, W) blurred by an isotropic Gaussian of `sigma` pixels (kernel +-3 sigma, reflected borders).
+
+    Example:
+        >>> flat = torch.full((1, 3, 8, 8), 0.5)
+        >>> torch.allclose(gaussian_blur(flat, 2.0), flat)
+        True
+    """
+    if sigma <= 0:
+        raise ValueError(f"a blur sigma must be > 0 pixels, got {sigma}")
+    # reflected padding needs half the kernel below the image's shorter side
+    half = min(math.ceil(3.0 * sigma), min(images.shape[-2:]) - 1)
+    side = 2 * max(half, 0) + 1
+    return kornia.filters.gaussian_blur2d(images, (side, side), (sigma, sigma), border_type="reflect")
 
 
 def check_images(images: torch.Tensor) -> None:

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from retrieval.descriptors.base import DESCRIPTORS, Descriptor, create_descriptor
+from retrieval.descriptors.base import DESCRIPTORS, Descriptor, check_images, create_descriptor
 from retrieval.types import GlobalFeatures
 
 BRANCH_SEPARATOR = "|"
@@ -182,12 +182,20 @@ class FusedDescriptor(Descriptor):
         return [self.branch_vector(branch, images) for branch in self._branches()]
 
     @staticmethod
-    def branch_vector(branch: Descriptor, images: torch.Tensor) -> torch.Tensor:
-        """One branch's (B, D_i) vectors of (B, 3, H, W) images, resized to the branch's input size first."""
+    def branch_vector(branch: Descriptor, images: torch.Tensor, catalog: bool = False) -> torch.Tensor:
+        """One branch's (B, D_i) vectors of (B, 3, H, W) images, resized to the branch's input size first
+        (``catalog``: catalog photos, through the branch's `embed_catalog`)."""
         size = tuple(branch.input_spec.size)
         if tuple(images.shape[-2:]) != size:
             images = F.interpolate(images, size=size, mode="bilinear", align_corners=False, antialias=True)
-        return branch.embed(images)
+        return branch.embed_catalog(images) if catalog else branch.embed(images)
+
+    @torch.no_grad()
+    def embed_catalog(self, images: torch.Tensor) -> torch.Tensor:
+        """Catalog photos -> fused vectors, each branch through its own `embed_catalog` (its `catalog_blur`)."""
+        check_images(images)
+        vectors = [self.branch_vector(branch, images, catalog=True) for branch in self._branches()]
+        return fuse_vectors(vectors, self.fusion_weights)
 
     @torch.no_grad()
     def extract(self, images: torch.Tensor) -> GlobalFeatures:

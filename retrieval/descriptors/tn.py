@@ -194,6 +194,9 @@ class TripletNet(Descriptor):
         projection_seed: seed of the initial orthogonal projection (and of the scorer's first layer).
         pretrained: ImageNet weights for the backbone (False only for tests of shapes).
         backbone: "lite0" or "lite2" (`retrieval.backbones.LITE_VARIANTS`); both give 1280-channel head maps.
+        catalog_blur: Gaussian sigmas (pixels at `image_size`) of blurred copies pooled into each catalog photo's
+            vector (`Descriptor.embed_catalog`; e.g. (2.0, 4.0) for street queries, which arrive blurred); ()
+            none. Queries are never blurred; the network is the same, so any checkpoint takes it.
 
     Training options: `retrieval.training.tn.TNTrainConfig`.
     """
@@ -211,6 +214,7 @@ class TripletNet(Descriptor):
         "pretrained": True,
         "image_size": (256, 192),
         "backbone": "lite0",
+        "catalog_blur": (),
     }
 
     def __init__(self, **conf: Any):

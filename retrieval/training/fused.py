@@ -94,10 +94,17 @@ def fused_map_at_20(similarities: np.ndarray, targets: np.ndarray, weights: np.n
 
 @torch.no_grad()
 def _branch_vectors(
-    fused: FusedDescriptor, paths: Sequence[str], proxies: Sequence[Any], batch_size: int, progress: bool, label: str
+    fused: FusedDescriptor,
+    paths: Sequence[str],
+    proxies: Sequence[Any],
+    batch_size: int,
+    progress: bool,
+    label: str,
+    catalog: bool = False,
 ) -> List[np.ndarray]:
     """Each branch's (N, D_i) vectors of image files, branch i behind ``proxies[i]`` (None: the photos as they
-    are). A proxy shared by several branches runs once per batch."""
+    are; ``catalog``: catalog photos, through each branch's `embed_catalog`). A proxy shared by branches runs once
+    per batch."""
     size = tuple(fused.input_spec.size)
     read = max((proxy_input_size(proxy, size) for proxy in proxies), key=lambda hw: hw[0] * hw[1])
     parts: List[List[np.ndarray]] = [[] for _ in fused.branches]
@@ -110,7 +117,8 @@ def _branch_vectors(
                     seen = batch if proxy is None else proxy(to_descriptor_input(batch, proxy_input_size(proxy, size)))
                     outputs[id(proxy)] = to_descriptor_input(seen, size)
             for i, (branch, proxy) in enumerate(zip(fused.branches, proxies)):
-                parts[i].append(fused.branch_vector(branch, outputs[id(proxy)]).float().cpu().numpy())
+                vectors = fused.branch_vector(branch, outputs[id(proxy)], catalog=catalog)
+                parts[i].append(vectors.float().cpu().numpy())
             bar.update(len(batch))
     return [np.concatenate(p) for p in parts]
 
@@ -160,7 +168,7 @@ def train_fused(fused: FusedDescriptor, job: TrainingJob, config: FusedTrainConf
     fused.eval()
     queries = _branch_vectors(fused, pairs["person_image"], proxies, config.batch_size, job.progress, "queries")
     gallery = _branch_vectors(
-        fused, products["product_image"], [None] * len(proxies), config.batch_size, job.progress, "products"
+        fused, products["product_image"], [None] * len(proxies), config.batch_size, job.progress, "products", True
     )
     similarities = np.stack([q @ g.T for q, g in zip(queries, gallery)])  # (n, Q, G)
     grid = simplex_grid(len(fused.branches), float(config.grid_step))
