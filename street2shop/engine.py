@@ -152,7 +152,9 @@ def build_index(
     proxy_state: Optional[bytes] = None,
     pipeline: Optional[Dict[str, Any]] = None,
     shards: Optional[int] = None,
+    shard_layout: str = "merged",
     embed_catalog: Optional[Callable[..., np.ndarray]] = None,
+    workers: Optional[int] = None,
 ) -> ProductIndex:
     """Catalog table (product_id, image) -> saved index directory. Resumes from the feature cache.
 
@@ -162,8 +164,9 @@ def build_index(
     A product may have several rows (images): each image is indexed under an internal image id
     (`retrieval.gallery.ProductImages`) and the pipeline scores the product by its best-matching image.
 
-    ``shards`` N builds the index as N shards merged into one memory-mapped on-disk index (read-only; see
-    ``index.ondisk``), None one in-memory index: both search alike.
+    ``shards`` N builds the index as N shards, ``shard_layout`` "merged" into one memory-mapped on-disk index
+    (read-only; see ``index.ondisk``) or "separate": N shard files searched together (``index.shards``; `add`
+    goes to the last shard); None one in-memory index: all search alike.
 
     ``local_features=True`` (local descriptors only) also stores the catalog's local features, so
     that `Searcher(..., rerank=N)` can re-rank by spatial verification.
@@ -207,6 +210,7 @@ def build_index(
         metadata={**descriptor_metadata(descriptor), PIPELINE_KEY: pipeline},
         device=faiss_device,
         shards=shards,
+        shard_layout=shard_layout,
     )
     attachments = {
         DESCRIPTOR_FILE: descriptor_state_bytes(descriptor),
@@ -246,6 +250,7 @@ def index_catalog(
     seed: int = 0,
     local_features: bool = False,
     shards: Optional[int] = None,
+    shard_layout: str = "merged",
     engine: str = "local",
     address: Optional[str] = None,
     echo=print,
@@ -258,7 +263,8 @@ def index_catalog(
     of `fit_data` (a data set spec; default: the catalog's own data set, whose training pairs or, without
     any, its catalog are used), and the index records which. `rerank` N > 0 stores the catalog's local
     features and re-ranks each query's top N at query time. `out_dir` is checked before the data loads,
-    so a refused one costs nothing. `shards` N: the index as N shards merged on disk (`build_index`).
+    so a refused one costs nothing. `shards` N: the index as N shards, merged on disk or kept separate
+    (`shard_layout`, see `build_index`).
     `engine` "ray" embeds the catalog on a Ray cluster (`street2shop.distributed`; `address` None: a local
     one for this job, "auto" or "ray://HOST:PORT": a running one), "local" in this process.
     """
@@ -270,6 +276,8 @@ def index_catalog(
     check_index_destination(out_dir)  # before the data loads: a refused --out must not cost the whole extraction
     if engine not in ("local", "ray"):
         raise ValueError(f"engine must be 'local' or 'ray', got {engine!r}")
+    if shard_layout != "merged" and shards is None:
+        raise ValueError(f"--shard-layout {shard_layout} says how N shards are kept: it needs --shards N")
     if address is not None and engine != "ray":
         raise ValueError("--address names a Ray cluster: it needs --engine ray")
     embed_catalog = None
@@ -313,6 +321,7 @@ def index_catalog(
         pipeline=record,
         proxy_state=Path(proxy_checkpoint).read_bytes() if proxy_checkpoint else None,
         shards=shards,
+        shard_layout=shard_layout,
         embed_catalog=embed_catalog,
     )
     echo(f"wrote {out_dir}: {sizes}, dim {built.dim}, {time.perf_counter() - started:.1f} s")

@@ -59,9 +59,16 @@ from street2shop.commands.options import (
     "--shards",
     default=None,
     type=click.IntRange(min=1),
-    help="Build the index as N shards filled in parallel and merged into one memory-mapped on-disk index "
-    "(--preset ivfpq-rflat): same results, lists and vectors stay on disk; read-only (`add`/`remove` refuse it). "
-    "Default: one in-memory index.",
+    help="Build the index as N shards filled in parallel (see --shard-layout). Default: one in-memory index.",
+)
+@opt(
+    "--shard-layout",
+    default="merged",
+    type=click.Choice(["merged", "separate"]),
+    help="With --shards: merged = one memory-mapped on-disk index (--preset ivfpq-rflat; same results, lists and "
+    "vectors stay on disk; read-only: `add`/`remove` refuse it); separate = N shard files searched together "
+    "(any preset, one GPU per shard where there are several; exact presets give the single index's results; "
+    "`add` goes to the last shard, `remove` is refused).",
 )
 @click.option(
     "--engine",
