@@ -118,8 +118,10 @@ def embed_locally(
     batch_size: int,
     cache_dir: Optional[os.PathLike],
     progress: bool,
+    workers: Optional[int] = None,
 ) -> np.ndarray:
-    """`--engine local`: this process embeds what the per-image feature cache lacks (`extract_features`).
+    """`--engine local`: this process embeds what the per-image feature cache lacks (`extract_features`), its
+    photos decoded by ``workers`` loader processes (None: `retrieval.batching.default_workers`; 0: in process).
 
     Its signature is every ``build_index(embed_catalog=...)``'s: catalog photo paths -> (N, D) float32, row i
     for paths[i], no proxy (catalog photos are clean product shots).
@@ -133,6 +135,7 @@ def embed_locally(
         device=descriptor.device,
         cache=cache,
         progress=f"index {descriptor.name}" if progress else None,
+        workers=workers,
     )
 
 
@@ -158,8 +161,9 @@ def build_index(
 ) -> ProductIndex:
     """Catalog table (product_id, image) -> saved index directory. Resumes from the feature cache.
 
-    ``embed_catalog`` embeds the catalog's photos (default `embed_locally`, in this process;
-    `street2shop.distributed.RayEmbedder` on a Ray cluster); fitting and the index are the same for both.
+    ``embed_catalog`` embeds the catalog's photos (default `embed_locally`, in this process, its photos decoded
+    by ``workers`` loader processes; `street2shop.distributed.RayEmbedder` on a Ray cluster); fitting and the
+    index are the same for both.
 
     A product may have several rows (images): each image is indexed under an internal image id
     (`retrieval.gallery.ProductImages`) and the pipeline scores the product by its best-matching image.
@@ -194,9 +198,15 @@ def build_index(
             batch_size=batch_size,
             progress=progress,
             cache_dir=cache_dir,
+            workers=workers,
         )
     vectors = (embed_catalog or embed_locally)(
-        descriptor, list(catalog["image"]), batch_size=batch_size, cache_dir=cache_dir, progress=progress
+        descriptor,
+        list(catalog["image"]),
+        batch_size=batch_size,
+        cache_dir=cache_dir,
+        progress=progress,
+        workers=workers,
     )
     if pipeline is None:
         proxy = proxy if proxy is not None else create_proxy("none")
@@ -253,6 +263,7 @@ def index_catalog(
     shard_layout: str = "merged",
     engine: str = "local",
     address: Optional[str] = None,
+    workers: Optional[int] = None,
     echo=print,
 ) -> ProductIndex:
     """`street2shop index`: the catalog of data set spec `catalog` -> a saved pipeline (`build_index`).
@@ -266,7 +277,8 @@ def index_catalog(
     so a refused one costs nothing. `shards` N: the index as N shards, merged on disk or kept separate
     (`shard_layout`, see `build_index`).
     `engine` "ray" embeds the catalog on a Ray cluster (`street2shop.distributed`; `address` None: a local
-    one for this job, "auto" or "ray://HOST:PORT": a running one), "local" in this process.
+    one for this job, "auto" or "ray://HOST:PORT": a running one), "local" in this process, its photos decoded by
+    `workers` loader processes (None: min(4, CPUs); 0: in this process).
     """
     from benchmarks.runner import describe_fit_images, fit_images
     from benchmarks.suite import resolve_cache_dir
@@ -323,6 +335,7 @@ def index_catalog(
         shards=shards,
         shard_layout=shard_layout,
         embed_catalog=embed_catalog,
+        workers=workers,
     )
     echo(f"wrote {out_dir}: {sizes}, dim {built.dim}, {time.perf_counter() - started:.1f} s")
     return built
@@ -336,11 +349,13 @@ def add_catalog(
     device: str = "auto",
     cache_dir: Optional[os.PathLike] = None,
     seed: int = 0,
+    workers: Optional[int] = None,
     echo=print,
 ) -> int:
     """`street2shop add`: add the products of data set spec `catalog` that the index lacks; returns how many.
 
-    Only their photos are embedded (`Pipeline.add`); the index is saved as a new version atomically.
+    Only their photos are embedded (`Pipeline.add`, decoded by ``workers`` processes, None: min(4, CPUs));
+    the index is saved as a new version atomically.
     """
     from retrieval.datasets import load_dataset
     from street2shop.pipeline import Pipeline
@@ -354,7 +369,7 @@ def add_catalog(
         return 0
     started = time.perf_counter()
     # a new product's several rows are its several images (existing products are left as they are)
-    pipeline.add(list(new["product_id"].astype(str)), list(new["image"]), more_images=True)
+    pipeline.add(list(new["product_id"].astype(str)), list(new["image"]), more_images=True, workers=workers)
     pipeline.save()
     added = new["product_id"].nunique()
     echo(
@@ -378,6 +393,7 @@ def build_recipe(
     device: str = "auto",
     cache_dir: Optional[os.PathLike] = None,
     seed: int = 0,
+    workers: Optional[int] = None,
     echo=print,
 ) -> ProductIndex:
     """`street2shop build`: train what `recipe` needs in dependency order (skipping a training whose final.pt
@@ -427,6 +443,7 @@ def build_recipe(
         device=device,
         cache_dir=cache,
         seed=seed,
+        workers=workers,
         echo=echo,
         **parts,
     )
