@@ -171,7 +171,7 @@ def train_named(
         seed=seed,
         progress=progress,
         time_budget_s=time_budget_s,
-        **proxy_training_options({**(options or {}), **training}),  # proxy=hp@RUN: trainers take the object
+        **proxy_training_options({**(options or {}), **training}, model),  # proxy=hp@RUN: trainers take the object
     )
 
 
@@ -390,7 +390,7 @@ class _Planner:
             seed=self.seed,
             progress=bool(self.progress),
             time_budget_s=None if self.budget_minutes is None else 60.0 * self.budget_minutes,
-            **proxy_training_options(train_options),
+            **proxy_training_options(train_options, model),
         )
         wall_s = time.perf_counter() - started
         # Done means final.pt in the keyed folder: that is what the next call looks for.

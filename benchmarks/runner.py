@@ -29,6 +29,7 @@ from index import ProductIndex
 from retrieval.batching import fit_descriptor, sample_paths
 from retrieval.datasets import RetrievalSet
 from retrieval.descriptors import create_descriptor
+from retrieval.descriptors.fused import fuse_vectors
 from retrieval.features import DEFAULT_CHUNK, FeatureCache, extract_features, materialize_proxy_outputs
 from retrieval.files import file_sha1, read_checked_bytes, write_checked_bytes
 from retrieval.gallery import ProductImages
@@ -206,6 +207,14 @@ def run_benchmark(
             _run_proxy(spec, list(queries["image"]), output_root, batch_size, device, progress) for spec in proxies
         ]
         wanted = None if combinations is None else {(str(p), str(d)) for p, d in combinations}
+        branch_runs: Dict[str, Tuple] = {}
+
+        def branch_proxied(spec: str) -> Tuple[List[str], str]:
+            """A fusion branch's own proxy, run once over the queries: (its output paths, its feature-cache key)."""
+            if spec not in branch_runs:
+                branch_runs[spec] = _run_proxy(spec, list(queries["image"]), output_root, batch_size, device, progress)
+            return branch_runs[spec][3], branch_runs[spec][2]
+
         for descriptor_spec in descriptors:
             descriptor = create_descriptor(descriptor_spec).to(device).eval()
             descriptor_name = descriptor_label(descriptor_spec)
@@ -262,16 +271,31 @@ def run_benchmark(
                 if wanted is not None and (str(proxy_spec), str(descriptor_spec)) not in wanted:
                     continue
                 started = time.perf_counter()
-                query_vectors = extract_features(
-                    descriptor.embed,
-                    query_paths,
-                    size,
-                    batch_size=batch_size,
-                    device=device,
-                    chunk_size=chunk_size,
-                    cache=cache(f"{descriptor.name}-{descriptor.fingerprint()}-{proxy_key}"),
-                    progress=f"{proxy_label}+{descriptor_name}: queries" if progress else None,
-                    workers=workers,
+                # A fusion whose branches name their own proxies embeds branch by branch (`_fused_query_vectors`)
+                embedded = [(descriptor, query_paths, proxy_key)]
+                if getattr(descriptor, "has_branch_proxies", False):
+                    embedded = [
+                        (branch, query_paths, proxy_key) if spec is None else (branch, *branch_proxied(spec))
+                        for branch, spec in zip(descriptor.branches, descriptor.branch_proxies)
+                    ]
+                parts = [
+                    extract_features(
+                        model.embed,
+                        paths,
+                        model.input_spec.size,
+                        batch_size=batch_size,
+                        device=device,
+                        chunk_size=chunk_size,
+                        cache=cache(f"{model.name}-{model.fingerprint()}-{key}"),
+                        progress=f"{proxy_label}+{descriptor_name}: queries" if progress else None,
+                        workers=workers,
+                    )
+                    for model, paths, key in embedded
+                ]
+                query_vectors = (
+                    parts[0]
+                    if len(parts) == 1
+                    else fuse_vectors([torch.from_numpy(p) for p in parts], descriptor.fusion_weights).numpy()
                 )
                 query_seconds = time.perf_counter() - started
                 protocol = _paper_protocol(

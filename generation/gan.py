@@ -1,8 +1,8 @@
-"""Shared pieces of the project's conditional GANs (PaintNet, pix2pix, DTGAN): what their networks and losses need.
+"""Shared pieces of the project's GANs (PaintNet, pix2pix, DTGAN, CycleGAN): what their networks and losses need.
 
 Small on purpose; every generator in `generation/` builds on these and nothing else:
 
-- layers: `conv_block` (conv -> [BN] -> L-ReLU/ReLU/Tanh; transposed with `up_block`),
+- layers: `conv_block` (conv -> [BN or IN] -> L-ReLU/ReLU/Tanh; transposed with `up_block`),
   `init_gan_weights` (DCGAN's N(0, 0.02) initialisation), `set_requires_grad`;
 - value ranges: generators work in [-1, 1] (tanh); `to_gan_range` / `from_gan_range` convert from/to the
   project's [0, 1] images, `uint8_to_gan` from stored uint8 pixels;
@@ -16,13 +16,15 @@ The paired training data (`prepare_pair_tensors`, pair archives) and the loop ov
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 GAN_MODES = ("bce", "lsgan", "hinge")
+# conv_block's `norm`: True / "batch" -> BatchNorm; "instance" -> InstanceNorm without affine parameters (CycleGAN).
+NORMS = {True: nn.BatchNorm2d, "batch": nn.BatchNorm2d, "instance": nn.InstanceNorm2d, False: None}
 
 # --------------------------------------------------------------------------------------------------
 # Layers
@@ -49,16 +51,19 @@ def conv_block(
     kernel_size: int = 4,
     stride: int = 2,
     padding: int = 1,
-    norm: bool = True,
+    norm: Union[bool, str] = True,
     activation: Optional[str] = "lrelu",
     dropout: float = 0.0,
     transposed: bool = False,
+    padding_mode: str = "zeros",
 ) -> nn.Sequential:
-    """Convolution -> optional BatchNorm -> optional dropout -> activation (Leaky-ReLU 0.2 by default).
+    """Convolution -> optional normalisation -> optional dropout -> activation (Leaky-ReLU 0.2 by default).
 
     The default (4x4, stride 2, padding 1) halves the resolution: the encoder/discriminator layer of
     DCGAN, pix2pix, DTGAN and PaintNet's Table 1; `transposed` makes it a transposed convolution that
-    doubles it instead (`up_block`). The convolution has no bias when BN follows it.
+    doubles it instead (`up_block`). `norm` is True or "batch" (BatchNorm), "instance" (InstanceNorm
+    without affine parameters, CycleGAN's) or False; the convolution has no bias when a norm follows it.
+    `padding_mode` "reflect" pads by mirroring (CycleGAN's generator; plain convolutions only).
 
     Shape:
         - Input: (B, in_channels, H, W).
@@ -69,10 +74,19 @@ def conv_block(
         >>> conv_block(6, 96)(torch.zeros(2, 6, 64, 64)).shape
         torch.Size([2, 96, 32, 32])
     """
-    layer = nn.ConvTranspose2d if transposed else nn.Conv2d
-    layers = [layer(in_channels, out_channels, kernel_size, stride, padding, bias=not norm)]
+    if norm not in NORMS:
+        raise ValueError(f"unknown norm {norm!r}; valid: True, False, 'batch', 'instance'")
+    if transposed:
+        if padding_mode != "zeros":
+            raise ValueError(f"a transposed convolution pads with zeros only, got padding_mode={padding_mode!r}")
+        layers = [nn.ConvTranspose2d(in_channels, out_channels, kernel_size, stride, padding, bias=not norm)]
+    else:
+        conv = nn.Conv2d(
+            in_channels, out_channels, kernel_size, stride, padding, bias=not norm, padding_mode=padding_mode
+        )
+        layers = [conv]
     if norm:
-        layers.append(nn.BatchNorm2d(out_channels))
+        layers.append(NORMS[norm](out_channels))
     if dropout > 0:
         layers.append(nn.Dropout(dropout))
     act = _activation(activation)

@@ -14,7 +14,8 @@ Example:
 
 from __future__ import annotations
 
-from typing import Callable, Tuple
+from pathlib import Path
+from typing import Any, Callable, Dict, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -85,6 +86,18 @@ class GeneratorProxy(Proxy):
         small = resize_images(images, (side, side))
         generated = from_gan_range(self.generator(to_gan_range(small)))
         return resize_images(generated, images.shape[-2:]).clamp(0.0, 1.0)
+
+    @classmethod
+    def conf_for_checkpoint(cls, checkpoint, conf: Dict[str, Any]) -> Dict[str, Any]:
+        """`conf` completed with the config final.pt was trained with ("proxy_conf"), the given options winning:
+        'NAME@run/final.pt' then builds the architecture it was trained with (a bench's 'cyclegan[width=32]'
+        comes back as 'cyclegan@.../final.pt'), and an option that contradicts it fails in `load_trained`."""
+        from retrieval.training import load_checkpoint  # training stays out of the inference modules until used
+
+        if not Path(checkpoint).is_file():
+            return dict(conf)  # load_trained says what is wrong with the path
+        stored = load_checkpoint(checkpoint).get("proxy_conf") or {}
+        return {**{k: v for k, v in stored.items() if k in cls.default_conf}, **conf}
 
     def load_trained(self, checkpoint) -> "GeneratorProxy":
         """`Proxy.load_trained`, with weights of another width (a shape mismatch) reported as a ValueError."""

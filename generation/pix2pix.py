@@ -158,7 +158,9 @@ class PatchDiscriminator(nn.Module):
     Args:
         in_channels: 6 for pix2pix's (input photo, candidate product) pairs.
         width: channels of the first layer (pix2pix: 64).
-        n_layers: stride-2 layers (pix2pix: 3, the 70x70 PatchGAN).
+        n_layers: stride-2 layers (pix2pix: 3, the 70x70 PatchGAN); n_layers + 2 convolutions in all.
+        norm: the normalisation after every convolution but the first and the last ("batch" for pix2pix,
+            "instance" for CycleGAN; see `generation.gan.conv_block`).
 
     Shape:
         - Input: (B, in_channels, H, W).
@@ -169,13 +171,13 @@ class PatchDiscriminator(nn.Module):
         torch.Size([2, 1, 6, 6])
     """
 
-    def __init__(self, in_channels: int = 6, width: int = 64, n_layers: int = 3):
+    def __init__(self, in_channels: int = 6, width: int = 64, n_layers: int = 3, norm: str = "batch"):
         super().__init__()
         layers = [conv_block(in_channels, width, norm=False)]
         channels = width
         for layer in range(1, n_layers + 1):
             out_ch = width * min(2**layer, 8)
-            layers.append(conv_block(channels, out_ch, stride=2 if layer < n_layers else 1))
+            layers.append(conv_block(channels, out_ch, stride=2 if layer < n_layers else 1, norm=norm))
             channels = out_ch
         layers.append(conv_block(channels, 1, stride=1, norm=False, activation=None))
         self.net = nn.Sequential(*layers)

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-from retrieval.proxy_stage import behind_proxy
+from retrieval.proxy_stage import behind_proxy, proxy_input_size, to_descriptor_input
 from retrieval.registry import Registry, module_fingerprint, plugin_conf
 from retrieval.training.trainers import add_trainer_modules
 
@@ -24,7 +24,13 @@ if TYPE_CHECKING:  # the annotation only: descriptors need not be imported to bu
 PROXIES = Registry("proxy")
 Box = Tuple[int, int, int, int]  # (x0, y0, x1, y1), end-exclusive pixels
 # Modules whose import registers the built-in proxies (a new proxy file appends its module here).
-BUILTIN_PROXY_MODULES = ("generation.parsing", "generation.paintnet", "generation.pix2pix", "generation.dtgan")
+BUILTIN_PROXY_MODULES = (
+    "generation.parsing",
+    "generation.paintnet",
+    "generation.pix2pix",
+    "generation.dtgan",
+    "generation.cyclegan",
+)
 
 
 class Proxy(nn.Module):
@@ -69,6 +75,12 @@ class Proxy(nn.Module):
 
         return train_model(self, dataset, out_dir, **options)
 
+    @classmethod
+    def conf_for_checkpoint(cls, checkpoint, conf: Dict[str, Any]) -> Dict[str, Any]:
+        """The config to build this proxy with before loading `checkpoint` into it: `conf` as given here;
+        a proxy whose final.pt records its architecture completes `conf` with it (`GeneratorProxy`)."""
+        return dict(conf)
+
     def load_trained(self, checkpoint) -> "Proxy":
         """Load the weights of a final.pt written by `train_on` (strict: every key must match)."""
         from retrieval.training import load_trained_weights
@@ -91,7 +103,12 @@ def _register_builtins() -> None:
 
 
 # the proxies' trainers (generation/training/), imported when a trainer is first looked up
-add_trainer_modules("generation.training.gan", "generation.training.paintnet", "generation.training.parsing")
+add_trainer_modules(
+    "generation.training.gan",
+    "generation.training.paintnet",
+    "generation.training.parsing",
+    "generation.training.cyclegan",
+)
 
 
 def create_proxy(name: str, **conf: Any) -> Proxy:
@@ -100,15 +117,21 @@ def create_proxy(name: str, **conf: Any) -> Proxy:
 
     _register_builtins()
     spec = parse_spec(name)  # NAME, NAME@ckpt, NAME[k=v], NAME[k=v]@ckpt; keyword options win over bracketed ones
-    proxy = PROXIES.create(spec.name, **{**spec.options, **conf})
+    options = {**spec.options, **conf}
+    if spec.checkpoint:
+        options = PROXIES.get(spec.name).conf_for_checkpoint(spec.checkpoint, options)
+    proxy = PROXIES.create(spec.name, **options)
     if spec.checkpoint:
         proxy.load_trained(spec.checkpoint)
     return proxy
 
 
-def proxy_training_options(options: Dict[str, Any]) -> Dict[str, Any]:
+def proxy_training_options(options: Dict[str, Any], model: Optional[nn.Module] = None) -> Dict[str, Any]:
     """Training options with a proxy named by a string (``proxy="hp@runs/parser/final.pt"``) built into
     the Proxy object that retrieval-side trainers take (they cannot look proxies up by name: layers).
+
+    A `model` whose branches name proxies of their own (``fused[...;proxies=...]``) also gets them built, as
+    ``branch_proxies``: one Proxy or None (the serving proxy) per branch.
 
     Example:
         >>> proxy_training_options({"epochs": 2, "proxy": "none"})
@@ -116,10 +139,13 @@ def proxy_training_options(options: Dict[str, Any]) -> Dict[str, Any]:
         >>> type(proxy_training_options({"proxy": "hp"})["proxy"]).__name__  # doctest: +SKIP
         'HumanParsingProxy'
     """
+    options = dict(options)
     proxy = options.get("proxy")
     if isinstance(proxy, str) and proxy != "none":
-        return {**options, "proxy": create_proxy(proxy)}
-    return dict(options)
+        options["proxy"] = create_proxy(proxy)
+    if getattr(model, "has_branch_proxies", False):
+        options["branch_proxies"] = [create_proxy(spec) if spec else None for spec in model.branch_proxies]
+    return options
 
 
 def list_proxies() -> list:
@@ -128,5 +154,43 @@ def list_proxies() -> list:
 
 
 def query_embedder(descriptor: "Descriptor", proxy: Optional[Proxy]):
-    """(B, 3, H, W) -> (B, D): the proxy (if any) then the descriptor, at the descriptor's input size."""
-    return behind_proxy(descriptor.embed, proxy, descriptor.input_spec.size)
+    """(B, 3, H, W) -> (B, D): the proxy (if any) then the descriptor, at the descriptor's input size.
+
+    A fusion whose branches name proxies of their own (``fused[...;proxies=...]``) runs each branch behind its
+    proxy (or behind ``proxy`` where it says `same`) and fuses the branch vectors with its weights.
+    """
+    if not getattr(descriptor, "has_branch_proxies", False):
+        return behind_proxy(descriptor.embed, proxy, descriptor.input_spec.size)
+    return BranchQueryEmbedder(descriptor, proxy)
+
+
+class BranchQueryEmbedder:
+    """The query side of a fusion with per-branch proxies: each branch behind its own proxy, then fused.
+
+    Each proxy named once is built once (two branches behind ``hp@a.pt`` share it and run it once per batch).
+    """
+
+    def __init__(self, fused: "Descriptor", serving_proxy: Optional[Proxy]):
+        from retrieval.descriptors.fused import fuse_vectors  # the module only: proxies need no descriptors
+
+        self._fuse = fuse_vectors
+        self.fused = fused
+        built: Dict[str, Proxy] = {}
+        for spec in fused.branch_proxies:
+            if spec and spec not in built:
+                built[spec] = create_proxy(spec).to(fused.device).eval()
+        self.proxies: List[Optional[Proxy]] = [built[spec] if spec else serving_proxy for spec in fused.branch_proxies]
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        size = tuple(self.fused.input_spec.size)
+        outputs: Dict[int, torch.Tensor] = {}  # id(proxy) -> its output on `images`: each proxy runs once
+        vectors = []
+        for branch, proxy in zip(self.fused.branches, self.proxies):
+            if id(proxy) not in outputs:
+                seen = images
+                if proxy is not None and proxy.name != "none":
+                    seen = proxy(to_descriptor_input(images, proxy_input_size(proxy, size)))
+                outputs[id(proxy)] = to_descriptor_input(seen, size)
+            vectors.append(self.fused.branch_vector(branch, outputs[id(proxy)]))
+        return self._fuse(vectors, self.fused.fusion_weights)

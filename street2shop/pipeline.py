@@ -36,7 +36,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from generation.proxies import Box
+from generation.proxies import Box, BranchQueryEmbedder
 from index import IndexMismatchError, ProductIndex, object_path, store_object
 from retrieval.batching import iter_mapped, resolve_device
 from retrieval.gallery import ProductImages
@@ -190,6 +190,10 @@ class Pipeline:
         self.index = index
         self.descriptor = descriptor
         self.proxy = proxy
+        # a fusion whose branches name proxies of their own embeds queries branch by branch
+        self._branch_embedder = (
+            BranchQueryEmbedder(descriptor, proxy) if getattr(descriptor, "has_branch_proxies", False) else None
+        )
         self.record = record
         self._catalog = catalog  # image id -> catalog.csv's image (path or stored object name)
         # which product each indexed image shows: the index holds images, results are products
@@ -370,7 +374,8 @@ class Pipeline:
         clock.lap("decode")
         seen, boxes = self._proxied(batch, size)
         clock.lap("proxy")
-        vectors = self.descriptor.embed(seen).float().cpu().numpy()
+        embedded = self.descriptor.embed(seen) if self._branch_embedder is None else self._branch_embedder(batch)
+        vectors = embedded.float().cpu().numpy()
         clock.lap("describe")
         # images searched deep enough for the top products (`ProductImages.search_depth`), then collapsed
         scores, ids = self.index.search(vectors, self.images.search_depth(max(k, self.rerank)))

@@ -39,7 +39,14 @@ from generation.gan import (
 )
 from generation.generator_proxy import GeneratorProxy
 from generation.pix2pix import PatchDiscriminator
-from generation.training.pairs import GanTrainer, StepFn, load_pair_archive, prepare_pair_tensors, require_parse_maps
+from generation.training.pairs import (
+    GanTrainer,
+    SamplerFn,
+    StepFn,
+    load_pair_archive,
+    prepare_pair_tensors,
+    require_parse_maps,
+)
 from retrieval.training import TrainingJob, register_trainer
 
 # --------------------------------------------------------------------------------------------------
@@ -48,13 +55,12 @@ from retrieval.training import TrainingJob, register_trainer
 
 
 @dataclass(frozen=True)
-class GeneratorTrainConfig:
-    """Training options of a `GeneratorProxy`, with pix2pix's values; not part of the proxy's conf or fingerprint.
+class GanLoopConfig:
+    """The options of `train_generator_proxy`'s loop that every generator proxy's GAN shares (pix2pix's values).
 
     Attributes:
         epochs, batch_size: passes over the pairs, and pairs per step.
         lr, beta1, beta2: Adam, for every network (pix2pix and 003: 2e-4, (0.5, 0.999)).
-        l1_weight: weight of the L1 pixel loss (pix2pix: 100).
         gan_mode: the adversarial loss, one of `generation.gan.GAN_MODES`.
         d_width: channels of the discriminators' first layer (pix2pix's PatchGAN: 64).
         sample_every: write a sample grid every this many steps (and at the end); 0 = never.
@@ -68,7 +74,6 @@ class GeneratorTrainConfig:
     lr: float = 2e-4
     beta1: float = 0.5
     beta2: float = 0.999
-    l1_weight: float = 100.0
     gan_mode: str = "bce"
     d_width: int = 64
     sample_every: int = 100
@@ -79,6 +84,18 @@ class GeneratorTrainConfig:
     def __post_init__(self) -> None:
         if self.gan_mode not in GAN_MODES:
             raise ValueError(f"gan_mode must be one of {GAN_MODES}, got {self.gan_mode!r}")
+
+
+@dataclass(frozen=True)
+class GeneratorTrainConfig(GanLoopConfig):
+    """Training options of a `GeneratorProxy` trained on pairs: `GanLoopConfig` plus a pixel loss; not part
+    of the proxy's conf or fingerprint.
+
+    Attributes:
+        l1_weight: weight of the L1 pixel loss (pix2pix: 100).
+    """
+
+    l1_weight: float = 100.0
 
 
 @dataclass(frozen=True)
@@ -337,6 +354,8 @@ PairTable = Optional[pd.DataFrame]
 GanParts = Tuple[Dict[str, nn.Module], Dict[str, torch.optim.Optimizer], StepFn]
 # (model, config, data, pairs) -> GanParts: the GAN of one kind of generator proxy.
 Setup = Callable[[GeneratorProxy, GeneratorTrainConfig, PairData, PairTable], GanParts]
+# (data, pairs, seed) -> each epoch's batches (`GanTrainer.train`'s sampler), or None for shuffled pairs.
+SamplerSetup = Callable[[PairData, PairTable, int], Optional[SamplerFn]]
 
 
 def pix2pix_setup(model: GeneratorProxy, config: GeneratorTrainConfig, data: PairData, pairs: PairTable) -> GanParts:
@@ -426,7 +445,7 @@ def sample_columns(generator: nn.Module, batch: Mapping[str, torch.Tensor]) -> L
 
 
 def pair_tensors(
-    model: GeneratorProxy, dataset, out_dir: Path, config: GeneratorTrainConfig, progress: bool
+    model: GeneratorProxy, dataset, out_dir: Path, config: GanLoopConfig, progress: bool
 ) -> Tuple[PairData, PairTable]:
     """({"person", "product"} uint8 tensors at image_size, the pairs table or None for an archive).
 
@@ -456,9 +475,17 @@ def pair_tensors(
     return {"person": tensors["person"], "product": tensors["product"]}, pairs
 
 
-def train_generator_proxy(model: GeneratorProxy, job: TrainingJob, config: GeneratorTrainConfig, setup: Setup) -> Path:
+def train_generator_proxy(
+    model: GeneratorProxy,
+    job: TrainingJob,
+    config: GanLoopConfig,
+    setup: Setup,
+    sampler: Optional[SamplerSetup] = None,
+) -> Path:
     """Train `model.generator` on `job.dataset.train`'s (person photo, product photo) pairs with the GAN of
     `setup`; return final.pt. Afterwards `model` holds the trained generator (in eval mode).
+
+    `sampler`, when given, decides each epoch's batches (CycleGAN's unpaired domains); else shuffled pairs.
     """
     out_dir, seed = Path(job.out_dir), job.seed
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -491,6 +518,7 @@ def train_generator_proxy(model: GeneratorProxy, job: TrainingJob, config: Gener
         batch_size=int(config.batch_size),
         step=step,
         sample=lambda batch: sample_columns(model.generator, batch),
+        sampler=None if sampler is None else sampler(data, pairs, seed),
     )
     model.eval()
     return trainer.finish(weights=model.state_dict(), extra={"proxy": model.name, "proxy_conf": model.conf})

@@ -25,7 +25,7 @@ import io
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import cv2
 import numpy as np
@@ -348,6 +348,10 @@ def save_sample_grid(
 
 StepFn = Callable[[Dict[str, torch.Tensor], torch.Generator], Mapping[str, float]]
 SampleFn = Callable[[Dict[str, torch.Tensor]], Sequence[Tuple[str, torch.Tensor]]]
+# The rows of one batch: (B,) int64 rows of every tensor, or {tensor name: (B,) rows} (unpaired domains).
+BatchRows = Union[torch.Tensor, Mapping[str, torch.Tensor]]
+# epoch -> that epoch's batches, in order; deterministic in the epoch so that a resumed run sees the same.
+SamplerFn = Callable[[int], Sequence[BatchRows]]
 
 
 class GanTrainer:
@@ -404,16 +408,32 @@ class GanTrainer:
                 return parameter.device
         return torch.device("cpu")
 
-    def batch(self, data: Mapping[str, torch.Tensor], indices: torch.Tensor) -> Dict[str, torch.Tensor]:
+    def batch(self, data: Mapping[str, torch.Tensor], indices: BatchRows) -> Dict[str, torch.Tensor]:
         """Rows `indices` of every tensor of `data` on the trainer's device; uint8 become [-1, 1] floats.
 
-        The batch also holds "index" (B,) int64: the rows' positions in `data`.
+        The batch also holds "index" (B,) int64: the rows' positions in `data`. With `indices` a mapping
+        {name: rows} (one entry per tensor of `data`), each tensor is taken at its own rows and the batch
+        holds "index_<name>" for each instead.
         """
-        out = {"index": indices.to(self.device)}
+        if isinstance(indices, torch.Tensor):
+            out = {"index": indices.to(self.device)}
+            rows_of = {name: indices for name in data}
+        else:
+            if set(indices) != set(data):
+                raise ValueError(f"batch rows name {sorted(indices)}, but the data holds {sorted(data)}")
+            out = {f"index_{name}": rows.to(self.device) for name, rows in indices.items()}
+            rows_of = dict(indices)
         for name, tensor in data.items():
-            rows = tensor[indices].to(self.device)
+            rows = tensor[rows_of[name]].to(self.device)
             out[name] = uint8_to_gan(rows) if rows.dtype == torch.uint8 else rows
         return out
+
+    def shuffled_batches(self, n: int, batch_size: int, epoch: int) -> list:
+        """The default order: a permutation seeded by (seed, epoch) cut into batches of `batch_size` rows
+        (the last, partial one dropped when there is at least one full batch, so BatchNorm never sees one row)."""
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
+        stop = n - n % batch_size if n >= batch_size else n
+        return [order[i : i + batch_size] for i in range(0, stop, batch_size)]
 
     def train(
         self,
@@ -422,12 +442,13 @@ class GanTrainer:
         batch_size: int,
         step: StepFn,
         sample: Optional[SampleFn] = None,
+        sampler: Optional[SamplerFn] = None,
     ) -> None:
         """Run `step(batch, generator) -> {loss name: value}` over `epochs` epochs (or the time budget).
 
-        Batches hold `batch_size` rows (the last, partial one is dropped when the data holds at least one
-        full batch, so BatchNorm never sees a batch of one). `sample(batch) -> [(label, images in [0, 1])]`
-        makes the columns of the sample grid.
+        Batches hold `batch_size` rows of every tensor, the same rows of each (`shuffled_batches`), unless
+        `sampler(epoch)` gives each epoch's batches (e.g. unpaired domains: other rows per tensor, see
+        `batch`). `sample(batch) -> [(label, images in [0, 1])]` makes the columns of the sample grid.
         """
         n = len(next(iter(data.values())))
         if n == 0:
@@ -436,9 +457,7 @@ class GanTrainer:
         self._sample_fn = sample
         self._sample_batch = self.batch(data, torch.arange(min(self.n_samples, n)))
         for epoch in self.run.epochs(epochs):
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
-            stop = n - n % batch_size if n >= batch_size else n
-            chunks = [order[i : i + batch_size] for i in range(0, stop, batch_size)]
+            chunks = sampler(epoch) if sampler is not None else self.shuffled_batches(n, batch_size, epoch)
             for indices in self.run.skip_done(chunks):
                 generator = torch.Generator(device=self.device).manual_seed(
                     self.seed * 1_000_003 + 7919 * (self.run.step + 1)

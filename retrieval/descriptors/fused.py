@@ -11,8 +11,13 @@ index holds every branch's weights in its descriptor state.
 
 The weights are fitted on training pairs by `street2shop train descriptor fused` (`retrieval.training.fused`:
 a grid over the simplex, maximising mAP@20 on a held-out share of the training pairs, never on evaluated
-queries); untrained, they are equal (or `weights=` as given). All branches read the same input (behind the
-pipeline's one proxy); each gets the photo at its own input size.
+queries); untrained, they are equal (or `weights=` as given). Each branch gets the photo at its own input size.
+
+A branch reads the query behind the pipeline's proxy unless `proxies=` names its own, one proxy spec per branch
+('|'-separated, `same` or empty for the pipeline's): ``fused[branches=tn@a|tn@b;proxies=same|none]`` puts the
+second branch on the raw photo. Proxies live in a higher layer, so this module only records the specs; the layers
+that can build proxies (`generation.proxies.query_embedder`, the bench) run them. Catalog images never go through
+a proxy, so the gallery side is the same either way.
 
 Example:
     >>> fused = create_descriptor("fused[branches=colorhist|colorhist[bins=(8, 2, 2)]]")
@@ -22,7 +27,7 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +50,24 @@ def branch_specs(text: str) -> List[str]:
     if len(specs) < 2:
         raise ValueError(f"fused needs at least 2 branches separated by '{BRANCH_SEPARATOR}', got {text!r}")
     return specs
+
+
+def branch_proxy_specs(text: Any, n_branches: int) -> List[Optional[str]]:
+    """The `proxies` option -> one proxy spec per branch, None for the pipeline's own ('same' or empty).
+
+    Example:
+        >>> branch_proxy_specs("same|none", 2), branch_proxy_specs("", 3)
+        ([None, 'none'], [None, None, None])
+    """
+    if not text:
+        return [None] * n_branches
+    specs = [spec.strip() for spec in str(text).split(BRANCH_SEPARATOR)]
+    if len(specs) != n_branches:
+        raise ValueError(
+            f"proxies names {len(specs)} proxies for {n_branches} branches: give one per branch, "
+            f"'{BRANCH_SEPARATOR}'-separated ('same' for the pipeline's own), got {text!r}"
+        )
+    return [None if spec in ("", "same") else spec for spec in specs]
 
 
 def fuse_vectors(vectors: Sequence[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
@@ -85,15 +108,18 @@ class FusedDescriptor(Descriptor):
             Checkpoint paths load the branches' weights when the fusion is built; the recorded config keeps
             only their architectures, and their weights travel in the fused state (checkpoints, indexes).
         weights: the branches' weights (normalised to sum 1); None: equal, until trained.
+        proxies: one proxy spec per branch ('|'-separated; `same` or empty: the pipeline's proxy), or empty for
+            every branch behind the pipeline's proxy (`branch_proxy_specs`).
     """
 
     kind = "global"
     trainable = True
-    default_conf: Dict[str, Any] = {"branches": "", "weights": None}
+    default_conf: Dict[str, Any] = {"branches": "", "weights": None, "proxies": ""}
 
     def __init__(self, **conf: Any):
         super().__init__(**conf)
         self.branches = nn.ModuleList()
+        self.branch_proxies: List[Optional[str]] = []
         self.register_buffer("fusion_weights", torch.zeros(0))
         if self.conf["branches"]:  # else `load_trained` builds them from the checkpoint's record
             self._build(self.conf["branches"])
@@ -102,6 +128,7 @@ class FusedDescriptor(Descriptor):
         specs = branch_specs(branches)
         self.branches = nn.ModuleList([create_descriptor(spec) for spec in specs])
         self.fusion_weights = normalised_weights(self.conf["weights"], len(specs))
+        self.branch_proxies = branch_proxy_specs(self.conf["proxies"], len(specs))
         self.needs_fit = any(branch.needs_fit for branch in self.branches)
         self._fitted.fill_(not self.needs_fit)
         # What a wheel ships stays out of checkpoints and indexes, branch by branch.
@@ -120,6 +147,7 @@ class FusedDescriptor(Descriptor):
             recorded = load_checkpoint(checkpoint, map_location="cpu").get("descriptor_conf") or {}
             if not recorded.get("branches"):
                 raise ValueError(f"{checkpoint} records no fused branches: was it written by `train descriptor fused`?")
+            self.conf["proxies"] = recorded.get("proxies", "")
             self._build(recorded["branches"])
         return super().load_trained(checkpoint)
 
@@ -136,21 +164,30 @@ class FusedDescriptor(Descriptor):
         """The branches' architectures (specs without checkpoint paths) and the weights: with the state dict,
         enough to rebuild the fusion anywhere, and the same whether it was built from checkpoints or an index."""
         architectures = [_architecture(branch) for branch in self._branches()]
-        return {
+        config = {
             "branches": BRANCH_SEPARATOR.join(architectures),
             "weights": [round(float(w), 6) for w in self.fusion_weights],
         }
+        if any(self.branch_proxies):  # recorded only when used: older fusions keep their fingerprints
+            config["proxies"] = BRANCH_SEPARATOR.join(spec or "same" for spec in self.branch_proxies)
+        return config
+
+    @property
+    def has_branch_proxies(self) -> bool:
+        """Whether some branch reads the query behind a proxy of its own (see the module docstring)."""
+        return any(self.branch_proxies)
 
     def branch_vectors(self, images: torch.Tensor) -> List[torch.Tensor]:
         """Each branch's L2-normalised (B, D_i) vectors, each branch reading the images at its own input size."""
-        vectors = []
-        for branch in self._branches():
-            size = tuple(branch.input_spec.size)
-            seen = images
-            if tuple(images.shape[-2:]) != size:
-                seen = F.interpolate(images, size=size, mode="bilinear", align_corners=False, antialias=True)
-            vectors.append(branch.embed(seen))
-        return vectors
+        return [self.branch_vector(branch, images) for branch in self._branches()]
+
+    @staticmethod
+    def branch_vector(branch: Descriptor, images: torch.Tensor) -> torch.Tensor:
+        """One branch's (B, D_i) vectors of (B, 3, H, W) images, resized to the branch's input size first."""
+        size = tuple(branch.input_spec.size)
+        if tuple(images.shape[-2:]) != size:
+            images = F.interpolate(images, size=size, mode="bilinear", align_corners=False, antialias=True)
+        return branch.embed(images)
 
     @torch.no_grad()
     def extract(self, images: torch.Tensor) -> GlobalFeatures:

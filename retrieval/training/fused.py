@@ -28,6 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from retrieval.batching import iter_batches
+from retrieval.datasets.viton_street import street_training_pairs
 from retrieval.descriptors.fused import FusedDescriptor
 from retrieval.metrics import average_precision_at_k
 from retrieval.proxy_stage import proxy_input_size, to_descriptor_input
@@ -35,6 +36,9 @@ from retrieval.training.run import CHECKPOINT_VERSION, atomic_torch_save
 from retrieval.training.trainers import TrainingJob, register_trainer
 
 log = logging.getLogger(__name__)
+# Calibration street copies come from seeds STREET_TRAINING_SEED + this + the run's seed: never the draws a
+# descriptor trained on (`street_copies` of tn use STREET_TRAINING_SEED + seed + c for small c).
+CALIBRATION_STREET_SEED = 500
 
 
 @dataclass(frozen=True)
@@ -43,13 +47,20 @@ class FusedTrainConfig:
 
     Attributes:
         proxy: "none" or the Proxy object the person photos go through (the fusion's serving proxy).
+        branch_proxies: for a fusion whose branches name their own proxies (`FusedDescriptor.branch_proxies`), one
+            Proxy object or None (the serving proxy) per branch; None otherwise.
         calibration_pairs: training pairs the weights are chosen on (a seeded sample; 0 = all).
+        street_copies: street-condition versions of the training pairs added to the calibration pool (drawn
+            from other seeds than the copies descriptors train on), so that weights for a street pipeline are not
+            chosen on studio photos alone.
         grid_step: the simplex grid's step (0.1: 11 points for 2 branches, 66 for 3).
         batch_size: images embedded together.
     """
 
     proxy: Any = "none"
+    branch_proxies: Any = None
     calibration_pairs: int = 1000
+    street_copies: int = 0
     grid_step: float = 0.1
     batch_size: int = 32
 
@@ -83,21 +94,37 @@ def fused_map_at_20(similarities: np.ndarray, targets: np.ndarray, weights: np.n
 
 @torch.no_grad()
 def _branch_vectors(
-    fused: FusedDescriptor, paths: Sequence[str], proxy: Any, batch_size: int, progress: bool, label: str
+    fused: FusedDescriptor, paths: Sequence[str], proxies: Sequence[Any], batch_size: int, progress: bool, label: str
 ) -> List[np.ndarray]:
-    """Each branch's (N, D_i) vectors of image files, behind `proxy` (None: the photos as they are)."""
+    """Each branch's (N, D_i) vectors of image files, branch i behind ``proxies[i]`` (None: the photos as they
+    are). A proxy shared by several branches runs once per batch."""
     size = tuple(fused.input_spec.size)
-    read = proxy_input_size(proxy, size)  # the descriptor's size without a proxy
+    read = max((proxy_input_size(proxy, size) for proxy in proxies), key=lambda hw: hw[0] * hw[1])
     parts: List[List[np.ndarray]] = [[] for _ in fused.branches]
     with tqdm(total=len(paths), desc=f"fused: {label}", unit="img", disable=not progress, leave=False) as bar:
         for batch in iter_batches(list(paths), read, batch_size):
             batch = batch.to(fused.device)
-            if proxy is not None:
-                batch = to_descriptor_input(proxy(batch), size)
-            for i, vectors in enumerate(fused.branch_vectors(batch)):
-                parts[i].append(vectors.float().cpu().numpy())
+            outputs = {}  # id(proxy) -> its output at the fusion's input size
+            for proxy in proxies:
+                if id(proxy) not in outputs:
+                    seen = batch if proxy is None else proxy(to_descriptor_input(batch, proxy_input_size(proxy, size)))
+                    outputs[id(proxy)] = to_descriptor_input(seen, size)
+            for i, (branch, proxy) in enumerate(zip(fused.branches, proxies)):
+                parts[i].append(fused.branch_vector(branch, outputs[id(proxy)]).float().cpu().numpy())
             bar.update(len(batch))
     return [np.concatenate(p) for p in parts]
+
+
+def _serving_proxy(proxy: Any, fused: FusedDescriptor) -> Any:
+    """A Proxy object on the fusion's device, or None for "none"; a proxy name is refused (layers: see below)."""
+    if isinstance(proxy, str):
+        if proxy != "none":
+            raise ValueError(
+                f"fused.train_on takes proxy= as a Proxy object, not the name {proxy!r} (the CLI and `bench "
+                "--train` build it)"
+            )
+        return None
+    return None if proxy is None else proxy.to(fused.device).eval()
 
 
 @register_trainer("fused", config=FusedTrainConfig)
@@ -113,24 +140,28 @@ def train_fused(fused: FusedDescriptor, job: TrainingJob, config: FusedTrainConf
     train = job.dataset.train
     if train is None or train.empty:
         raise ValueError(f"{job.dataset.name} has no training pairs to fit the fusion's weights on")
-    proxy = config.proxy
-    if isinstance(proxy, str):
-        if proxy != "none":
+    proxy = _serving_proxy(config.proxy, fused)
+    proxies = [proxy] * len(fused.branches)
+    if fused.has_branch_proxies:
+        if config.branch_proxies is None or len(config.branch_proxies) != len(fused.branches):
             raise ValueError(
-                f"fused.train_on takes proxy= as a Proxy object, not the name {proxy!r} (the CLI and `bench "
-                "--train` build it)"
+                "this fusion's branches name proxies of their own: train_on needs branch_proxies=, one Proxy or None "
+                "per branch (the CLI and `bench --train` build them with generation.proxies.proxy_training_options)"
             )
-        proxy = None
-    elif proxy is not None:
-        proxy = proxy.to(fused.device).eval()
+        proxies = [proxy if own is None else _serving_proxy(own, fused) for own in config.branch_proxies]
+    if config.street_copies:
+        # drawn apart from the copies descriptors train on (seeds STREET_TRAINING_SEED + seed + c)
+        train = street_training_pairs(job.dataset, int(config.street_copies), seed=CALIBRATION_STREET_SEED + job.seed)
     pairs = train.drop_duplicates("person_image").reset_index(drop=True)
     if config.calibration_pairs and len(pairs) > config.calibration_pairs:
         pairs = pairs.sample(n=int(config.calibration_pairs), random_state=int(job.seed)).reset_index(drop=True)
     products = pairs.drop_duplicates("product_id").reset_index(drop=True)
     targets = pd.Index(products["product_id"].astype(str)).get_indexer(pairs["product_id"].astype(str))
     fused.eval()
-    queries = _branch_vectors(fused, pairs["person_image"], proxy, config.batch_size, job.progress, "queries")
-    gallery = _branch_vectors(fused, products["product_image"], None, config.batch_size, job.progress, "products")
+    queries = _branch_vectors(fused, pairs["person_image"], proxies, config.batch_size, job.progress, "queries")
+    gallery = _branch_vectors(
+        fused, products["product_image"], [None] * len(proxies), config.batch_size, job.progress, "products"
+    )
     similarities = np.stack([q @ g.T for q, g in zip(queries, gallery)])  # (n, Q, G)
     grid = simplex_grid(len(fused.branches), float(config.grid_step))
     scores = fused_map_at_20(similarities, targets, grid)
@@ -150,7 +181,7 @@ def train_fused(fused: FusedDescriptor, job: TrainingJob, config: FusedTrainConf
     out_dir.mkdir(parents=True, exist_ok=True)
     shipped = fused.shipped_state_prefixes
     weights = {k: v.cpu() for k, v in fused.state_dict().items() if not (shipped and k.startswith(shipped))}
-    options = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name != "proxy"}
+    options = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if "prox" not in f.name}
     final = out_dir / "final.pt"
     atomic_torch_save(
         {

@@ -82,7 +82,7 @@ def _train(kind: str, name: str, dataset, out_dir, time_budget, device, cache_di
     if "pairs" in settings:  # a pair archive (export-pairs) stands in for the photos
         if kind == "descriptor":
             raise ValueError(
-                "--set pairs=ARCHIVE is for the generators (paintnet, pix2pix, dtgan); "
+                "--set pairs=ARCHIVE is for the generators (paintnet, pix2pix, dtgan, cyclegan*); "
                 "descriptors train on the data set's photos: drop it and give --dataset"
             )
         data = None
@@ -195,6 +195,29 @@ def train_pix2pix_command(**options) -> None:
 def train_dtgan_command(**options) -> None:
     """Train the DTGAN-style association GAN baseline (residual generator, real/fake + association D)."""
     _train("proxy", "dtgan", **options)
+
+
+def _cyclegan_command(name: str, summary: str) -> None:
+    """Register `train NAME` for one of the CycleGAN proxies (`generation.cyclegan`)."""
+
+    def command(**options) -> None:
+        _train("proxy", name, **options)
+
+    command.__doc__ = (
+        f"{summary}\n\n    Unpaired by default (no batch holds a person photo and the product it wears; "
+        "--set unpaired=false trains on the pairs). Other options through --set: cycle_weight, pool_size, "
+        "image_size, width, n_blocks, d_width, max_pairs, pairs, sample_every."
+    )
+    train_group.command(name)(_train_options(command))
+
+
+_cyclegan_command(
+    "cyclegan", "Train the vanilla CycleGAN (unpaired): person photo <-> product photo, G_AB as the proxy."
+)
+_cyclegan_command(
+    "cyclegan-long", "Train Long CycleGAN: 2 generators cascaded each way; the A->B cascade is the proxy."
+)
+_cyclegan_command("cyclegan-nest", "Train Nest CycleGAN: Long CycleGAN plus inner cycles and the similarity loss.")
 
 
 COMMANDS = (

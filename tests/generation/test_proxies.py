@@ -18,6 +18,7 @@ TINY = {
     "dtgan": {"stem_width": 4},
     "paintnet": {"width": 0.125, "sp_image_size": (64, 48), "sp_hidden": 16, "sp_dim": 16, "sp_k": 3},
     "paintnet-wo-sp": {"width": 0.125},
+    **{name: {"image_size": 32, "width": 4, "n_blocks": 1} for name in ("cyclegan", "cyclegan-long", "cyclegan-nest")},
 }
 # train_on options for a tiny checkpoint (seed, progress and out_dir are added by the test).
 TINY_TRAINING = {
@@ -26,6 +27,10 @@ TINY_TRAINING = {
     "dtgan": {"epochs": 1, "batch_size": 4, "max_pairs": 8, "d_width": 8, "sample_every": 0},
     "paintnet": {"epochs": 1, "batch_size": 4, "max_pairs": 8, "sp_epochs": 1, "sample_every": 0},
     "paintnet-wo-sp": {"epochs": 1, "batch_size": 4, "max_pairs": 8, "sample_every": 0},
+    **{
+        name: {"epochs": 1, "batch_size": 4, "max_pairs": 8, "d_width": 4, "pool_size": 2, "sample_every": 0}
+        for name in ("cyclegan", "cyclegan-long", "cyclegan-nest")
+    },
 }
 NEEDS_CHECKPOINT = set()
 

@@ -69,3 +69,16 @@ def test_training_picks_weights_at_least_as_good_as_each_branch_and_they_travel(
     assert rebuilt.fingerprint() == loaded.fingerprint()
     images = torch.rand(2, 3, 48, 32)
     assert torch.allclose(rebuilt.embed(images), loaded.embed(images))
+
+
+def test_calibration_can_add_street_copies_drawn_apart_from_training_ones(synthetic_root, tmp_path, monkeypatch):
+    monkeypatch.setenv("STREET2SHOP_CACHE", str(tmp_path / "cache"))
+    data = load_viton(synthetic_root, split="val")
+    studio_pairs = data.train["person_image"].nunique()
+    fused = create_descriptor(f"fused[branches={BRANCHES}]")
+    final = fused.train_on(
+        data, tmp_path / "run", seed=0, progress=False, grid_step=0.5, calibration_pairs=0, street_copies=1
+    )
+    payload = torch.load(final, weights_only=True)
+    assert payload["calibration"]["pairs"] == 2 * studio_pairs  # every studio pair and one street copy of each
+    assert payload["config"]["train"]["street_copies"] == 1
