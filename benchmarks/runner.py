@@ -140,6 +140,7 @@ def run_benchmark(
     cache_dir: Optional[Path] = None,
     seed: int = 0,
     progress: bool = True,
+    workers: Optional[int] = None,
     rerank: Optional[int] = None,
     rerank_conf: Optional[Dict] = None,
     distractors: int = 0,
@@ -170,6 +171,7 @@ def run_benchmark(
     and every descriptor reads its outputs.
 
     Descriptors are fitted on ``fit_dataset``'s training images (default: ``dataset``'s; `fit_images`).
+    ``workers``: processes decoding photos for fitting and embedding (`retrieval.batching.iter_mapped`).
     ``combinations``: (proxy spec, descriptor spec) pairs to score, e.g. named recipes; None scores the
     whole proxy x descriptor grid.
     """
@@ -227,6 +229,7 @@ def run_benchmark(
                     batch_size=batch_size,
                     progress=progress,
                     cache_dir=cache_dir,
+                    workers=workers,
                 )
             fit_seconds = time.perf_counter() - started
             started = time.perf_counter()
@@ -239,6 +242,7 @@ def run_benchmark(
                 cache=cache(f"{descriptor.name}-{descriptor.fingerprint()}"),
                 chunk_size=chunk_size,
                 progress=f"{descriptor_name}: gallery" if progress else None,
+                workers=workers,
             )
             gallery_seconds = time.perf_counter() - started
             indexes = {}
@@ -284,6 +288,7 @@ def run_benchmark(
                         chunk_size=chunk_size,
                         cache=cache(f"{model.name}-{model.fingerprint()}-{key}"),
                         progress=f"{proxy_label}+{descriptor_name}: queries" if progress else None,
+                        workers=workers,
                     )
                     for model, paths, key in embedded
                 ]

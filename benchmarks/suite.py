@@ -53,6 +53,7 @@ class BenchConfig:
     out_dir: PathLike = "results"
     device: str = "auto"
     batch_size: int = 32
+    workers: Optional[int] = None  # processes decoding photos (None: min(4, CPUs); 0: in process)
     fit_max_images: int = 1000
     cache_dir: Optional[PathLike] = None
     cache_features: bool = True  # False: recompute every feature (--no-cache)
@@ -172,6 +173,7 @@ def run_bench_suite(config: BenchConfig, *, echo: Echo = print, progress: Progre
         device=torch_device,
         faiss_device=config.device,
         batch_size=config.batch_size,
+        workers=config.workers,
         fit_max_images=config.fit_max_images,
         cache_dir=cache / "features" if config.cache_features else None,
         seed=config.seed,

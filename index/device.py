@@ -2,16 +2,21 @@
 
 The source of truth is always a CPU index (it is what gets saved); a GPU copy is made from it for
 searching. The decision is logged once per process per distinct outcome, not on every call.
+
+A separate-shard index (``index.shards``, a ``faiss.IndexShards``) is copied shard by shard: each shard goes
+to the GPU :func:`shard_gpu_plan` gives it (its own GPU when there are as many; round-robin when fewer) and
+the copies are searched together by a new ``IndexShards``, the GPUs in parallel, FAISS merging the top-k.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from typing import Any, List, Mapping, Optional, Set, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Set, Tuple
 
 import faiss
 
+from .faiss_index import shard_parts
 from .presets import DEFAULT_REFINE_K_FACTOR
 
 LOGGER = logging.getLogger("street2shop.index")
@@ -19,7 +24,7 @@ LOGGER = logging.getLogger("street2shop.index")
 _VALID_DEVICES = ("auto", "cpu", "cuda")
 _LOGGED: Set[str] = set()
 _LOG_LOCK = threading.Lock()
-_GPU_RESOURCES: Optional[Any] = None
+_GPU_RESOURCES: Dict[int, Any] = {}
 _GPU_RESOURCES_LOCK = threading.Lock()
 
 
@@ -73,17 +78,29 @@ def log_once(level: int, message: str) -> None:
     LOGGER.log(level, message)
 
 
-def _gpu_resources() -> Any:
-    # One StandardGpuResources per process: each one reserves its own scratch memory on the GPU.
-    global _GPU_RESOURCES
+def _gpu_resources(gpu: int = 0) -> Any:
+    # One StandardGpuResources per GPU and process: each one reserves its own scratch memory on its GPU.
     with _GPU_RESOURCES_LOCK:
-        if _GPU_RESOURCES is None:
-            _GPU_RESOURCES = faiss.StandardGpuResources()
-        return _GPU_RESOURCES
+        if gpu not in _GPU_RESOURCES:
+            _GPU_RESOURCES[gpu] = faiss.StandardGpuResources()
+        return _GPU_RESOURCES[gpu]
 
 
-def clone_to_gpu(cpu_index: Any) -> Any:
-    """A GPU copy of a CPU ``IndexFlat`` or ``IndexIVFPQ``/``IndexIVF*`` (GPU 0).
+def shard_gpu_plan(n_shards: int, n_gpus: int) -> List[Optional[int]]:
+    """The GPU each of ``n_shards`` shards searches on, given ``n_gpus`` GPUs: shard s on GPU ``s % n_gpus``
+    (each on its own when there are enough, round-robin otherwise); all None (the CPU) without a GPU.
+
+    Example:
+        >>> shard_gpu_plan(4, 2), shard_gpu_plan(2, 4), shard_gpu_plan(3, 0)
+        ([0, 1, 0, 1], [0, 1], [None, None, None])
+    """
+    if n_shards < 1 or n_gpus < 0:
+        raise ValueError(f"need >= 1 shard and >= 0 GPUs, got {n_shards} shards and {n_gpus} GPUs")
+    return [shard % n_gpus if n_gpus else None for shard in range(n_shards)]
+
+
+def clone_to_gpu(cpu_index: Any, gpu: int = 0) -> Any:
+    """A GPU copy of a CPU ``IndexFlat`` or ``IndexIVFPQ``/``IndexIVF*`` on GPU ``gpu``.
 
     Raises whatever faiss raises (RuntimeError) for index types without a GPU version.
     """
@@ -92,11 +109,12 @@ def clone_to_gpu(cpu_index: Any) -> Any:
     # For IndexIVFPQ it only means float16 lookup tables, which GPU IVFPQ needs beyond 48
     # sub-quantizers (shared-memory limit).
     options.useFloat16 = isinstance(cpu_index, faiss.IndexIVFPQ) and cpu_index.pq.M > 48
-    return faiss.index_cpu_to_gpu(_gpu_resources(), 0, cpu_index, options)
+    return faiss.index_cpu_to_gpu(_gpu_resources(gpu), gpu, cpu_index, options)
 
 
 def has_gpu_version(cpu_index: Any, kind: str) -> bool:
-    """Whether faiss can clone this index (its IVF part, for IVF presets) to a GPU."""
+    """Whether faiss can clone this index (its IVF part, for IVF presets; its shards' for an IndexShards) to a GPU."""
+    cpu_index = shard_parts(cpu_index)[0]
     if kind == "flat":
         return True
     if kind == "ivf":
@@ -127,13 +145,42 @@ def index_placement(kind: str, device: str, has_gpu_version: bool = True) -> str
 
 def gpu_search_copy(cpu_index: Any, kind: str, search_params: Mapping[str, Any]) -> Tuple[Any, List[Any]]:
     """The GPU copy of a ProductIndex's ``cpu_index`` (kind ``"flat"`` or ``"ivf"``) that searches run on,
-    and every faiss object it needs kept alive, with ``search_params`` (``nprobe``, ``k_factor``) set on it."""
+    and every faiss object it needs kept alive, with ``search_params`` (``nprobe``, ``k_factor``) set on it.
+    An ``IndexShards`` is copied shard by shard onto the GPUs of :func:`shard_gpu_plan`."""
+    if isinstance(cpu_index, faiss.IndexShards):
+        return gpu_shards_copy(shard_parts(cpu_index), kind, search_params, faiss_gpu_count())
+    return gpu_part_copy(cpu_index, kind, search_params, 0)
+
+
+def gpu_shards_copy(
+    parts: List[Any], kind: str, search_params: Mapping[str, Any], n_gpus: int
+) -> Tuple[Any, List[Any]]:
+    """``parts`` (CPU shards, successive ids) copied each to its GPU of :func:`shard_gpu_plan` and searched
+    together by a new ``faiss.IndexShards`` (a thread per shard, so the GPUs work at once); returns it and
+    every faiss object it needs kept alive (it owns none of them)."""
+    plan = shard_gpu_plan(len(parts), n_gpus)
+    if None in plan:
+        raise RuntimeError("faiss sees no GPU: a separate-shard index searches on the CPU (SearchPlacement)")
+    log_once(
+        logging.INFO, f"faiss: {len(parts)} shards on {min(len(parts), n_gpus)} GPUs (shard s on GPU s % {n_gpus})"
+    )
+    fanned = faiss.IndexShards(int(parts[0].d), True, True)
+    keep: List[Any] = []
+    for part, gpu in zip(parts, plan):
+        copy, needed = gpu_part_copy(part, kind, search_params, gpu)
+        fanned.add_shard(copy)
+        keep.extend(needed)
+    return fanned, [*keep, fanned]
+
+
+def gpu_part_copy(cpu_index: Any, kind: str, search_params: Mapping[str, Any], gpu: int) -> Tuple[Any, List[Any]]:
+    """:func:`gpu_search_copy` of one (unsharded) index on GPU ``gpu``."""
     if kind == "flat":
-        gpu_index = clone_to_gpu(cpu_index)
+        gpu_index = clone_to_gpu(cpu_index, gpu)
         return gpu_index, [gpu_index]
     # faiss has no GPU IndexRefine: the IVFPQ part goes to the GPU and the exact re-ranking
     # stays on the CPU vectors, which the wrapper only references (we keep them alive).
-    base_gpu = clone_to_gpu(faiss.downcast_index(cpu_index.base_index))
+    base_gpu = clone_to_gpu(faiss.downcast_index(cpu_index.base_index), gpu)
     faiss.GpuParameterSpace().set_index_parameter(base_gpu, "nprobe", int(search_params.get("nprobe", 8)))
     refine = faiss.IndexRefine(base_gpu, cpu_index.refine_index)
     refine.k_factor = float(search_params.get("k_factor", DEFAULT_REFINE_K_FACTOR))

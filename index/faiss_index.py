@@ -3,14 +3,24 @@ trained, and its size as saved. Nothing here knows product ids."""
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, List, Optional
 
 import faiss
 import numpy as np
 
 
+def shard_parts(cpu_index: Any) -> List[Any]:
+    """The shards of a ``faiss.IndexShards`` (the separate-shard layout, ``index.shards``), each as its concrete
+    class; ``[cpu_index]`` for any other index. The IndexShards owns them: the list only borrows."""
+    if isinstance(cpu_index, faiss.IndexShards):
+        return [faiss.downcast_index(cpu_index.at(s)) for s in range(cpu_index.count())]
+    return [cpu_index]
+
+
 def index_kind(cpu_index: Any) -> str:
-    """``"flat"``, ``"ivf"`` or ``"hnsw"``: the index types a ProductIndex handles, each in its own way."""
+    """``"flat"``, ``"ivf"`` or ``"hnsw"``: the index types a ProductIndex handles, each in its own way (an
+    ``IndexShards`` is of its shards' kind: they all come from one trained index)."""
+    cpu_index = shard_parts(cpu_index)[0]
     if isinstance(cpu_index, faiss.IndexFlat):
         return "flat"
     if isinstance(cpu_index, faiss.IndexHNSW):
@@ -88,8 +98,18 @@ def trained_index(factory_string: str, vectors: np.ndarray, train_size: Optional
     return cpu_index
 
 
+def reconstruct_all(cpu_index: Any) -> np.ndarray:
+    """Every stored vector in label order, (N, D) float32; the shards of an ``IndexShards`` one after another
+    (its labels are successive: shard s starts where shard s - 1 ends)."""
+    parts = [part.reconstruct_n(0, part.ntotal) for part in shard_parts(cpu_index)]
+    return np.concatenate(parts) if len(parts) > 1 else parts[0]
+
+
 def serialized_index_size(cpu_index: Any) -> int:
-    """Bytes ``faiss.write_index`` writes for ``cpu_index``, counted as they stream (no copy in memory)."""
+    """Bytes ``faiss.write_index`` writes for ``cpu_index`` (each shard of an ``IndexShards``, which faiss
+    cannot write as one), counted as they stream (no copy in memory)."""
+    if isinstance(cpu_index, faiss.IndexShards):
+        return sum(serialized_index_size(part) for part in shard_parts(cpu_index))
     written = [0]
 
     def count(chunk: bytes) -> int:

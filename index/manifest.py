@@ -20,6 +20,7 @@ import faiss
 from .errors import IndexCorruptError
 from .layout import INDEX_DATA_FILES, INDEX_FILE, KNOWN_ATTACHMENTS, MANIFEST_FILE
 from .ondisk import ONDISK_LAYOUT, READ_FLAGS, attach_ondisk_files
+from .shards import SEPARATE_LAYOUT, attach_separate_files, check_separate_layout, separate_index_files
 
 LOGGER = logging.getLogger("street2shop.index")
 
@@ -68,7 +69,8 @@ def index_manifest(
 ) -> Dict[str, Any]:
     """The manifest of a ProductIndex before `checksummed_manifest` seals it: its own fields, and what the
     index file (dim, ntotal) and this process (faiss version, time) tell. ``layout``: how the index is kept
-    (None: ``{"kind": "single"}``, one index file; ``index.ondisk`` records shards merged on disk)."""
+    (None: ``{"kind": "single"}``, one index file; ``index.ondisk`` records shards merged on disk,
+    ``index.shards`` shards kept apart)."""
     return {
         "format_version": FORMAT_VERSION,
         "layout": dict(layout or {"kind": "single"}),
@@ -154,6 +156,11 @@ def read_version(folder: Path) -> Tuple[Any, Dict[str, Any]]:
             cpu_index = attach_ondisk_files(cpu_index, folder)
         except (RuntimeError, ValueError) as error:
             raise IndexCorruptError(f"faiss cannot map the on-disk index in {folder}: {error}") from None
+    elif manifest["layout"]["kind"] == SEPARATE_LAYOUT:
+        try:
+            cpu_index = attach_separate_files(cpu_index, folder, manifest["layout"])
+        except (RuntimeError, ValueError) as error:
+            raise IndexCorruptError(f"the shards in {folder} do not fit {manifest_path}: {error}") from None
     _check_against_index(manifest, manifest_path, cpu_index)
     return cpu_index, manifest
 
@@ -214,11 +221,17 @@ def _check_layout(manifest: Dict[str, Any], path: Path, rebuild: str) -> None:
     needs, whose names must be the on-disk layout's own: a manifest cannot make us map arbitrary files."""
     layout = manifest.setdefault("layout", {"kind": "single"})
     index_files = manifest.setdefault("index_files", {})
-    if not isinstance(layout, dict) or layout.get("kind") not in ("single", ONDISK_LAYOUT):
-        raise IndexCorruptError(f"{path}: layout {layout!r} is not 'single' or {ONDISK_LAYOUT!r}: {rebuild}")
+    kinds = ("single", ONDISK_LAYOUT, SEPARATE_LAYOUT)
+    if not isinstance(layout, dict) or layout.get("kind") not in kinds:
+        raise IndexCorruptError(f"{path}: layout {str(layout)[:80]} is not one of {', '.join(kinds)}: {rebuild}")
     if not isinstance(index_files, dict) or not all(isinstance(value, str) for value in index_files.values()):
         raise IndexCorruptError(f"{path}: index_files is not a map of file names to sha256: {rebuild}")
     expected = set(INDEX_DATA_FILES) if layout["kind"] == ONDISK_LAYOUT else set()
+    if layout["kind"] == SEPARATE_LAYOUT:
+        problem = check_separate_layout(layout)
+        if problem:
+            raise IndexCorruptError(f"{path}: separate-shard layout: {problem}: {rebuild}")
+        expected = set(separate_index_files(layout["shards"]))
     if set(index_files) != expected:
         raise IndexCorruptError(
             f"{path}: a {layout['kind']} index keeps {sorted(expected) or 'no files'} beside {INDEX_FILE}, but the "

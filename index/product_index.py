@@ -35,8 +35,9 @@ from .faiss_index import downcast_owned, index_kind, serialized_index_size, trai
 from .ids import check_new_ids, name_some, remove_labels
 from .manifest import index_manifest, jsonable_metadata
 from .mismatch import DEFAULT_COMPAT_KEYS, check_index_matches
-from .ondisk import ONDISK_LAYOUT, check_shard_request, fill_shards, ondisk_bytes, refuse_if_read_only
+from .ondisk import ONDISK_LAYOUT, ondisk_bytes
 from .presets import DEFAULT_TARGET_RECALL, plan_index
+from .shards import MERGED, add_vectors, check_sharded_build, fill_sharded, refuse_change
 from .storage import DEFAULT_LOCK_TIMEOUT_S, check_index_destination, load_index_dir, write_index_dir
 from .tuning import (
     DEFAULT_TUNING_QUERIES,
@@ -99,8 +100,8 @@ class ProductIndex:
         self._version_dir = version_dir
         self._attachment_checksums = dict(attachment_checksums or {})
         self._kind = index_kind(self._cpu_index)
-        # How the index is kept: {"kind": "single"} (one index file, all in memory) or the on-disk layout
-        # of shards merged into memory-mapped files (index.ondisk), which is read-only.
+        # How the index is kept: {"kind": "single"} (one index file, all in memory), the on-disk layout of
+        # shards merged into memory-mapped files (index.ondisk, read-only) or separate shards (index.shards).
         self._layout = dict(layout or {"kind": "single"})
         self._tuning = dict(tuning) if tuning else None
         self._build_timings: Optional[Dict[str, float]] = None
@@ -122,6 +123,7 @@ class ProductIndex:
         seed: int = 0,
         shards: Optional[int] = None,
         work_dir: Optional[str | os.PathLike] = None,
+        shard_layout: str = MERGED,
     ) -> "ProductIndex":
         """Build an index of ``preset`` over a catalog, training it on ``vectors`` when it needs it.
 
@@ -147,6 +149,9 @@ class ProductIndex:
             work_dir: where a sharded build writes its shards and merged lists (a new folder inside it,
                 removed with this object; a save hard-links the lists when on the same file system);
                 None: the system's temporary folder.
+            shard_layout: with ``shards``, ``"merged"`` (above) or ``"separate"``: N shards of any preset kept
+                apart, one file each, searched together by ``faiss.IndexShards`` (``index.shards``; on one
+                GPU each where there are several); :meth:`add` goes to the last shard, :meth:`remove` is refused.
 
         Shape:
             - vectors: :math:`(N, D)`, float32 (other float dtypes are converted).
@@ -164,7 +169,7 @@ class ProductIndex:
         dim = vectors.shape[1]
         plan = plan_index(preset, dim, len(vectors))
         if shards is not None:  # refused before minutes of training
-            check_shard_request(plan, len(vectors), dim, shards, preset)
+            check_sharded_build(plan, len(vectors), dim, shards, preset, shard_layout)
         if plan.fallback_reason:
             LOGGER.warning(plan.fallback_reason)
         if target_recall is not None:
@@ -177,7 +182,9 @@ class ProductIndex:
         if shards is None:
             cpu_index.add(vectors)
         else:
-            layout, staging, shard_timings = fill_shards(cpu_index, vectors, int(shards), work_dir)
+            cpu_index, layout, staging, shard_timings = fill_sharded(
+                cpu_index, vectors, int(shards), shard_layout, work_dir
+            )
         built = cls(
             cpu_index, product_ids, preset, plan.factory_string, plan.search_params, metadata, device, layout=layout
         )
@@ -280,8 +287,9 @@ class ProductIndex:
 
     @property
     def layout(self) -> Dict[str, Any]:
-        """How the index is kept: ``{"kind": "single"}``, or ``{"kind": "ondisk", "shards": N,
-        "shard_sizes": [...]}`` for shards merged into memory-mapped files (see ``index.ondisk``)."""
+        """How the index is kept: ``{"kind": "single"}``, or ``{"kind": "ondisk" | "separate", "shards": N,
+        "shard_sizes": [...]}`` for shards merged into memory-mapped files (``index.ondisk``) or kept apart
+        and searched together (``index.shards``)."""
         return json.loads(json.dumps(self._layout))
 
     @property
@@ -328,12 +336,12 @@ class ProductIndex:
             ValueError: empty input, wrong dim (naming both), NaN/inf, ids duplicated within the call or
                 already in the index (naming some of them).
         """
-        self._refuse_if_read_only("add products to")
+        refuse_change(self._layout, "add products to", self._where(), removing=False)
         vectors = as_matrix(vectors, "vectors")
         if vectors.shape[1] != self.dim:
             raise ValueError(f"vectors have dim {vectors.shape[1]} but the index holds dim {self.dim}")
         check_new_ids(product_ids, len(vectors), existing=self._positions)
-        self._cpu_index.add(vectors)
+        add_vectors(self._cpu_index, self._layout, vectors)  # a separate-shard index: to its last shard
         start = len(self._ids)
         self._ids = np.concatenate([self._ids, np.array(list(product_ids), dtype=object)])
         for offset, pid in enumerate(product_ids):
@@ -346,7 +354,7 @@ class ProductIndex:
         Raises:
             KeyError: some ids are not in the index (naming them); nothing is removed then.
         """
-        self._refuse_if_read_only("remove products from")
+        refuse_change(self._layout, "remove products from", self._where(), removing=True)
         if isinstance(product_ids, str):
             product_ids = [product_ids]
         unknown = [pid for pid in product_ids if pid not in self._positions]
@@ -559,9 +567,6 @@ class ProductIndex:
         return read_attachment(name, self._directory, self._version_dir, self._attachment_checksums)
 
     # ----------------------------------------------------------------------------- internals
-    def _refuse_if_read_only(self, action: str) -> None:
-        refuse_if_read_only(self._layout, action, self._where())
-
     def _where(self) -> str:
         return f" at {self._directory}" if self._directory is not None else ""
 

@@ -13,6 +13,8 @@ A saved index is a real, stable directory::
     <dir>/.v-<id>/index.ivfdata      the on-disk layout only (``index.ondisk``): the merged inverted
     <dir>/.v-<id>/refine.faiss       lists and the re-rank vectors, memory-mapped on load; checksummed
                                      in the manifest's index_files, index.faiss then holds the IVF
+    <dir>/.v-<id>/shard-0001.faiss   the separate-shard layout only (``index.shards``): shards 1..N-1
+                                     (index.faiss is shard 0), checksummed in index_files, never linked
     <dir>/index.faiss -> current/index.faiss      stable relative links, so that ``<dir>/<name>``
     <dir>/manifest.json -> current/manifest.json  keeps naming the live file for callers that
     <dir>/descriptor.pt -> current/descriptor.pt  open it by path (the engine does)
@@ -81,6 +83,7 @@ from .manifest import (
     sha256_file,
 )
 from .ondisk import ONDISK_LAYOUT, write_ondisk_files
+from .shards import SEPARATE_LAYOUT, write_separate_files
 
 LOGGER = logging.getLogger("street2shop.index")
 
@@ -161,7 +164,8 @@ def write_index_dir(
         except BaseException:
             shutil.rmtree(version, ignore_errors=True)
             raise
-        _publish(target, version.name, {INDEX_FILE, MANIFEST_FILE} | set(attached))
+        # Shard files (index.shards) get no top-level link: they are read through the version folder only.
+        _publish(target, version.name, {INDEX_FILE, MANIFEST_FILE} | (set(attached) & set(LINKED)))
         _remove_leftovers(target)
         crash_point("done")
     return target
@@ -277,9 +281,12 @@ def _write_version(
     index and the manifest (the attachments, and the on-disk layout's files)."""
     index_path = version / INDEX_FILE
     index_files = {}
-    if manifest.get("layout", {}).get("kind") == ONDISK_LAYOUT:
+    kind = manifest.get("layout", {}).get("kind")
+    if kind == ONDISK_LAYOUT:
         write_ondisk_files(version, cpu_index)
         index_files = {name: sha256_file(version / name) for name in INDEX_DATA_FILES}
+    elif kind == SEPARATE_LAYOUT:
+        index_files = {name: sha256_file(version / name) for name in write_separate_files(version, cpu_index)}
     else:
         faiss.write_index(cpu_index, str(index_path))
         fsync_path(index_path)

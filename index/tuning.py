@@ -52,6 +52,7 @@ import numpy as np
 
 from .arrays import as_matrix
 from .errors import IndexMismatchError
+from .faiss_index import reconstruct_all, shard_parts
 from .presets import DEFAULT_EF_SEARCH, DEFAULT_REFINE_K_FACTOR, MIN_REFINE_CANDIDATES
 
 LOGGER = logging.getLogger("street2shop.index")
@@ -149,7 +150,7 @@ def tune_search_params(
     ntotal = int(cpu_index.ntotal)
     if ntotal < 2:
         raise ValueError(f"cannot tune an index of {ntotal} products: it needs at least 2")
-    database = vectors if vectors is not None else cpu_index.reconstruct_n(0, ntotal)
+    database = vectors if vectors is not None else reconstruct_all(cpu_index)
     source = "caller's queries"
     if queries is None:
         queries, cosine = catalog_tuning_queries(database, n_queries, seed)
@@ -197,7 +198,9 @@ def log_tuning(
             f"(target {target_recall}) on {report['n_queries']} queries"
         )
     else:
-        exact_rerank = kind == "hnsw" or isinstance(faiss.downcast_index(cpu_index.refine_index), faiss.IndexFlat)
+        exact_rerank = kind == "hnsw" or isinstance(
+            faiss.downcast_index(shard_parts(cpu_index)[0].refine_index), faiss.IndexFlat
+        )
         LOGGER.warning(
             f"{preset} ({factory_string}) cannot reach recall@{report['k']} {target_recall} on this "
             f"catalog: best is {report['recall']:.3f} with {settings}. For higher recall use "
@@ -232,7 +235,8 @@ def sweep_ivf(cpu_index: Any, measure: Measure, target_recall: float, k: int) ->
     1.5x slower than the fastest setting found.
     """
     ntotal = int(cpu_index.ntotal)
-    nprobes = nprobe_steps(min(int(faiss.extract_index_ivf(cpu_index).nlist), _MAX_TUNED_NPROBE))
+    nlist = faiss.extract_index_ivf(shard_parts(cpu_index)[0]).nlist  # every shard has the same lists
+    nprobes = nprobe_steps(min(int(nlist), _MAX_TUNED_NPROBE))
     # Beyond twice the catalog, deeper re-ranks re-score the same vectors.
     k_factors = [kf for kf in _TUNING_K_FACTORS if kf == 1 or kf * k <= 2 * ntotal]
     sweep: List[Dict[str, Any]] = []
@@ -316,10 +320,12 @@ def hnsw_search_params(ef_search: int, k: int) -> Any:
 
 def apply_search_params(index: Any, kind: str, search_params: Mapping[str, Any]) -> None:
     """Set the ``nprobe`` and ``k_factor`` of a ProductIndex's ``search_params`` on its IVF ``index``, where
-    every search reads them (HNSW searches take theirs per call, see :func:`search_time_params`)."""
+    every search reads them (HNSW searches take theirs per call, see :func:`search_time_params`); on every
+    shard of an ``IndexShards``."""
     if kind == "ivf":
-        faiss.extract_index_ivf(index).nprobe = int(search_params.get("nprobe", 8))
-        index.k_factor = float(search_params.get("k_factor", DEFAULT_REFINE_K_FACTOR))
+        for part in shard_parts(index):
+            faiss.extract_index_ivf(part).nprobe = int(search_params.get("nprobe", 8))
+            part.k_factor = float(search_params.get("k_factor", DEFAULT_REFINE_K_FACTOR))
 
 
 def search_time_params(kind: str, search_params: Mapping[str, Any], k: int) -> Optional[Any]:

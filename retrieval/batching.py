@@ -1,4 +1,4 @@
-"""Images from files to batches on a device: decoding threads, seeded samples, descriptor fitting."""
+"""Images from files to batches on a device: decoding worker processes, seeded samples, descriptor fitting."""
 
 from __future__ import annotations
 
@@ -6,9 +6,10 @@ import hashlib
 import io
 import logging
 import os
-from concurrent.futures import ThreadPoolExecutor
+import pickle
+from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -27,22 +28,125 @@ def load_batch(paths: Sequence[str], size: Tuple[int, int]) -> torch.Tensor:
     return images_to_tensor([resize_image(read_image(path), size) for path in paths])
 
 
-def iter_batches(
-    paths: Sequence[str], size: Tuple[int, int], batch_size: int, workers: int = 2
+def default_workers() -> int:
+    """Decoding worker processes when the caller does not say: min(4, CPU count); $STREET2SHOP_WORKERS overrides."""
+    configured = os.environ.get("STREET2SHOP_WORKERS")
+    if configured is not None and configured.strip():
+        try:
+            return max(0, int(configured))
+        except ValueError:
+            raise ValueError(f"STREET2SHOP_WORKERS must be a whole number >= 0, got {configured!r}") from None
+    return min(4, os.cpu_count() or 1)
+
+
+class _Failed:
+    """What a decoding worker sends back instead of a batch: the error (re-raised by the main process as it is,
+    so a bad image gives the same error as without workers) or, if it cannot travel, its text."""
+
+    def __init__(self, error: BaseException):
+        try:
+            pickle.loads(pickle.dumps(error))
+            self.error = error
+        except Exception:  # an exception type that cannot cross processes: keep what it said
+            self.error = RuntimeError(f"{type(error).__name__}: {error}")
+
+
+class _Mapped(torch.utils.data.Dataset):
+    """Item i: ``function(items[i])``, or a `_Failed` carrying what it raised."""
+
+    def __init__(self, function: Callable[[Any], Any], items: Sequence[Any]):
+        self.function, self.items = function, list(items)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, item: int) -> Any:
+        try:
+            return self.function(self.items[item])
+        except Exception as error:  # raised in the main process, in order, naming the file
+            return _Failed(error)
+
+
+def _as_is(item: Any) -> Any:
+    return item
+
+
+def _one_thread_worker(_: int) -> None:
+    # Each worker decodes one item at a time; torch's own threads would only fight the others for cores.
+    torch.set_num_threads(1)
+
+
+def iter_mapped(
+    function: Callable[[Any], Any], items: Sequence[Any], workers: Optional[int] = None, what: str = "item"
+) -> Iterator[Any]:
+    """Yield ``function(item)`` for each of ``items``, in order, computed a few items ahead in ``workers``
+    processes of a `torch.utils.data.DataLoader` (None: `default_workers`; 0, or a single item: in this process).
+
+    For the CPU-bound part of embedding (decoding and resizing photos) while the caller runs the model in the
+    main process. What ``function`` raises for an item is raised here, as it is, when that item is reached
+    (so a bad image gives the same error with or without workers); a worker that dies (killed, out of
+    memory) raises a RuntimeError naming the items (``what`` numbers, the first by ``str(item)``) in flight.
+    """
+    workers = default_workers() if workers is None else int(workers)
+    if workers < 0:
+        raise ValueError(f"workers must be >= 0 (0: decode in this process), got {workers}")
+    workers = min(workers, len(items)) if len(items) > 1 else 0
+    loader = torch.utils.data.DataLoader(
+        _Mapped(function, items),
+        batch_size=None,  # an item is what the caller wants (a whole batch, for `iter_path_batches`)
+        collate_fn=_as_is,  # not torch's default, which turns numpy arrays into tensors
+        num_workers=workers,
+        worker_init_fn=_one_thread_worker if workers else None,
+        prefetch_factor=2 if workers else None,
+    )
+    stream = iter(loader)
+    try:
+        for position in range(len(items)):
+            try:
+                result = next(stream)
+            except RuntimeError as error:  # the DataLoader's words for a dead worker
+                # Which of the items in flight killed it cannot be known: name them all.
+                last = min(len(items), position + 2 * workers)
+                raise RuntimeError(
+                    f"a decoding worker died while {what}s {position + 1}-{last} of {len(items)} were being decoded "
+                    f"(from {str(items[position])[:200]} on): {error}; run with --workers 0 to decode in this process"
+                ) from error
+            if isinstance(result, _Failed):
+                raise result.error
+            yield result
+    finally:
+        del stream  # shuts the workers down now, also when the caller stops early
+
+
+def decode_batch(paths: Sequence[str], size: Tuple[int, int]) -> torch.Tensor:
+    """Read and resize images into one (B, H, W, 3) uint8 tensor: what a loader worker sends back (a quarter
+    of the float batch's bytes through shared memory); `images_to_tensor` of its rows is `load_batch`."""
+    return torch.from_numpy(np.stack([resize_image(read_image(path), size) for path in paths]))
+
+
+def iter_path_batches(
+    batches: Sequence[Sequence[str]], size: Tuple[int, int], workers: Optional[int] = None
 ) -> Iterator[torch.Tensor]:
-    """Yield (B, 3, H, W) batches in order, decoding the next batches while the caller computes."""
-    chunks = [paths[i : i + batch_size] for i in range(0, len(paths), batch_size)]
-    if not chunks:
-        return
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        pending = [pool.submit(load_batch, chunk, size) for chunk in chunks[: workers + 1]]
-        next_chunk = len(pending)
-        for _ in range(len(chunks)):
-            batch = pending.pop(0).result()
-            if next_chunk < len(chunks):
-                pending.append(pool.submit(load_batch, chunks[next_chunk], size))
-                next_chunk += 1
-            yield batch
+    """Yield each group of image files of ``batches`` as one (B, 3, H, W) float tensor in [0, 1], in order,
+    read and resized by ``workers`` loader processes (`iter_mapped`, `decode_batch`), made float here.
+
+    A batch is exactly `load_batch` of its files, so vectors do not depend on the number of workers; an
+    unreadable image raises what `load_batch` raises (``ImageReadError`` naming the file).
+    """
+    decoded = iter_mapped(partial(decode_batch, size=size), [list(batch) for batch in batches], workers, "batch")
+    try:
+        for batch in decoded:
+            yield images_to_tensor(list(batch.numpy()))
+    finally:
+        decoded.close()  # stops the workers now, also when the caller stops early
+
+
+def iter_batches(
+    paths: Sequence[str], size: Tuple[int, int], batch_size: int, workers: Optional[int] = None
+) -> Iterator[torch.Tensor]:
+    """Yield (B, 3, H, W) batches of ``batch_size`` files in order, decoded ahead by ``workers`` processes
+    (`iter_path_batches`)."""
+    yield from iter_path_batches([paths[i : i + batch_size] for i in range(0, len(paths), batch_size)], size, workers)
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -72,6 +176,7 @@ def fit_descriptor(
     batch_size: int = 32,
     progress: bool = True,
     cache_dir: Optional[os.PathLike] = None,
+    workers: Optional[int] = None,
 ) -> Descriptor:
     """Fit (codebook, whitening) on training images; a no-op for descriptors that need nothing.
 
@@ -92,7 +197,7 @@ def fit_descriptor(
         before = {k: v.detach().clone() for k, v in descriptor.state_dict().items()}
     size = descriptor.input_spec.size
     device = descriptor.device
-    batches = iter_batches(list(paths), size, batch_size)
+    batches = iter_batches(list(paths), size, batch_size, workers)
     if progress:
         from tqdm.auto import tqdm
 

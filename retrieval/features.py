@@ -1,10 +1,10 @@
 """Batched feature extraction over image files, with a resumable on-disk cache.
 
 The expensive part of indexing and benchmarking is running a descriptor over thousands of images.
-`extract_features` reads and decodes images on a thread pool (Pillow and OpenCV release the GIL)
-while the descriptor works on the previous batch, and stores each image's features in a
-`FeatureCache` keyed by the image's content hash, under a stage key holding the fingerprints of proxy
-and descriptor. An entry depends on nothing but its image and the models, never on where the image
+`extract_features` reads, decodes and resizes images in worker processes (a `torch.utils.data.DataLoader`,
+`retrieval.batching.iter_path_batches`) while the descriptor works on earlier batches, and stores each
+image's features in a `FeatureCache` keyed by the image's content hash, under a stage key holding the
+fingerprints of proxy and descriptor. An entry depends on nothing but its image and the models, never on where the image
 stands in a list: inserting one product into an indexed catalog embeds that one image, an interrupted
 run resumes from the images it finished, and a changed image, a refit codebook or another proxy never
 reuses stale features. Every entry is verified when read (SHA-256 footer, shape (1, D), float32,
@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from retrieval.batching import iter_batches
+from retrieval.batching import iter_batches, iter_path_batches
 from retrieval.files import file_sha1, read_checked_bytes, write_checked_bytes
 from retrieval.io import ImageReadError, read_image
 from retrieval.proxy_stage import proxy_input_size, to_descriptor_input
@@ -111,6 +111,7 @@ def extract_features(
     chunk_size: int = DEFAULT_CHUNK,
     progress: Optional[str] = None,
     dim: Optional[int] = None,
+    workers: Optional[int] = None,
 ) -> np.ndarray:
     """Run `embed` (e.g. descriptor(proxy(x))) over image files, reusing the cached features of each image.
 
@@ -127,6 +128,8 @@ def extract_features(
         chunk_size: images embedded between two cache writes.
         progress: a label for the progress bar, or None for no bar.
         dim: D, when the caller knows it (descriptor.dim); else taken from a freshly computed image.
+        workers: decoding worker processes (None: `retrieval.batching.default_workers`; 0: this process);
+            the vectors are the same for any number.
 
     Returns:
         (N, D) float32, row i for paths[i].
@@ -143,18 +146,29 @@ def extract_features(
     bar = tqdm(total=len(unique), desc=progress, unit="img", disable=progress is None, leave=False)
 
     def compute(todo: List[str]) -> None:
-        for start in range(0, len(todo), chunk_size):
-            chunk = todo[start : start + chunk_size]
-            parts = []
-            for batch in iter_batches([source[key] for key in chunk], size, batch_size):
-                parts.append(embed(batch.to(device)).float().cpu().numpy())
-                bar.update(len(batch))
-            rows = np.concatenate(parts).astype(np.float32)
-            for key, row in zip(chunk, rows):
-                found[key] = row[None]
-                # A non-finite entry would be refused by every later read: it is returned, never cached.
-                if cache is not None and np.isfinite(row).all():
-                    cache.put(key, row[None])
+        chunks = [todo[start : start + chunk_size] for start in range(0, len(todo), chunk_size)]
+        # One loader for every chunk (its workers start once), its batches cut within each chunk as before.
+        groups = [
+            [source[key] for key in chunk[i : i + batch_size]]
+            for chunk in chunks
+            for i in range(0, len(chunk), batch_size)
+        ]
+        batches = iter_path_batches(groups, size, workers)
+        try:
+            for chunk in chunks:
+                parts = []
+                for _ in range(-(-len(chunk) // batch_size)):
+                    batch = next(batches)
+                    parts.append(embed(batch.to(device)).float().cpu().numpy())
+                    bar.update(len(batch))
+                rows = np.concatenate(parts).astype(np.float32)
+                for key, row in zip(chunk, rows):
+                    found[key] = row[None]
+                    # A non-finite entry would be refused by every later read: it is returned, never cached.
+                    if cache is not None and np.isfinite(row).all():
+                        cache.put(key, row[None])
+        finally:
+            batches.close()  # stops the decoding workers now, also after an error
 
     try:
         todo = [key for key in unique if found[key] is None]

@@ -121,6 +121,7 @@ class _EmbedBatches:
                 batch_size=self.batch_size,
                 device=self.descriptor.device,
                 dim=self.descriptor.dim,
+                workers=0,  # the actor pool is the parallelism: each actor decodes its own batch
             )
         return {"key": batch["key"], "vector": vectors}
 

@@ -118,8 +118,10 @@ def embed_locally(
     batch_size: int,
     cache_dir: Optional[os.PathLike],
     progress: bool,
+    workers: Optional[int] = None,
 ) -> np.ndarray:
-    """`--engine local`: this process embeds what the per-image feature cache lacks (`extract_features`).
+    """`--engine local`: this process embeds what the per-image feature cache lacks (`extract_features`), its
+    photos decoded by ``workers`` loader processes (None: `retrieval.batching.default_workers`; 0: in process).
 
     Its signature is every ``build_index(embed_catalog=...)``'s: catalog photo paths -> (N, D) float32, row i
     for paths[i], no proxy (catalog photos are clean product shots).
@@ -133,6 +135,7 @@ def embed_locally(
         device=descriptor.device,
         cache=cache,
         progress=f"index {descriptor.name}" if progress else None,
+        workers=workers,
     )
 
 
@@ -152,18 +155,22 @@ def build_index(
     proxy_state: Optional[bytes] = None,
     pipeline: Optional[Dict[str, Any]] = None,
     shards: Optional[int] = None,
+    shard_layout: str = "merged",
     embed_catalog: Optional[Callable[..., np.ndarray]] = None,
+    workers: Optional[int] = None,
 ) -> ProductIndex:
     """Catalog table (product_id, image) -> saved index directory. Resumes from the feature cache.
 
-    ``embed_catalog`` embeds the catalog's photos (default `embed_locally`, in this process;
-    `street2shop.distributed.RayEmbedder` on a Ray cluster); fitting and the index are the same for both.
+    ``embed_catalog`` embeds the catalog's photos (default `embed_locally`, in this process, its photos decoded
+    by ``workers`` loader processes; `street2shop.distributed.RayEmbedder` on a Ray cluster); fitting and the
+    index are the same for both.
 
     A product may have several rows (images): each image is indexed under an internal image id
     (`retrieval.gallery.ProductImages`) and the pipeline scores the product by its best-matching image.
 
-    ``shards`` N builds the index as N shards merged into one memory-mapped on-disk index (read-only; see
-    ``index.ondisk``), None one in-memory index: both search alike.
+    ``shards`` N builds the index as N shards, ``shard_layout`` "merged" into one memory-mapped on-disk index
+    (read-only; see ``index.ondisk``) or "separate": N shard files searched together (``index.shards``; `add`
+    goes to the last shard); None one in-memory index: all search alike.
 
     ``local_features=True`` (local descriptors only) also stores the catalog's local features, so
     that `Searcher(..., rerank=N)` can re-rank by spatial verification.
@@ -191,9 +198,15 @@ def build_index(
             batch_size=batch_size,
             progress=progress,
             cache_dir=cache_dir,
+            workers=workers,
         )
     vectors = (embed_catalog or embed_locally)(
-        descriptor, list(catalog["image"]), batch_size=batch_size, cache_dir=cache_dir, progress=progress
+        descriptor,
+        list(catalog["image"]),
+        batch_size=batch_size,
+        cache_dir=cache_dir,
+        progress=progress,
+        workers=workers,
     )
     if pipeline is None:
         proxy = proxy if proxy is not None else create_proxy("none")
@@ -207,6 +220,7 @@ def build_index(
         metadata={**descriptor_metadata(descriptor), PIPELINE_KEY: pipeline},
         device=faiss_device,
         shards=shards,
+        shard_layout=shard_layout,
     )
     attachments = {
         DESCRIPTOR_FILE: descriptor_state_bytes(descriptor),
@@ -246,8 +260,10 @@ def index_catalog(
     seed: int = 0,
     local_features: bool = False,
     shards: Optional[int] = None,
+    shard_layout: str = "merged",
     engine: str = "local",
     address: Optional[str] = None,
+    workers: Optional[int] = None,
     echo=print,
 ) -> ProductIndex:
     """`street2shop index`: the catalog of data set spec `catalog` -> a saved pipeline (`build_index`).
@@ -258,9 +274,11 @@ def index_catalog(
     of `fit_data` (a data set spec; default: the catalog's own data set, whose training pairs or, without
     any, its catalog are used), and the index records which. `rerank` N > 0 stores the catalog's local
     features and re-ranks each query's top N at query time. `out_dir` is checked before the data loads,
-    so a refused one costs nothing. `shards` N: the index as N shards merged on disk (`build_index`).
+    so a refused one costs nothing. `shards` N: the index as N shards, merged on disk or kept separate
+    (`shard_layout`, see `build_index`).
     `engine` "ray" embeds the catalog on a Ray cluster (`street2shop.distributed`; `address` None: a local
-    one for this job, "auto" or "ray://HOST:PORT": a running one), "local" in this process.
+    one for this job, "auto" or "ray://HOST:PORT": a running one), "local" in this process, its photos decoded by
+    `workers` loader processes (None: min(4, CPUs); 0: in this process).
     """
     from benchmarks.runner import describe_fit_images, fit_images
     from benchmarks.suite import resolve_cache_dir
@@ -270,6 +288,8 @@ def index_catalog(
     check_index_destination(out_dir)  # before the data loads: a refused --out must not cost the whole extraction
     if engine not in ("local", "ray"):
         raise ValueError(f"engine must be 'local' or 'ray', got {engine!r}")
+    if shard_layout != "merged" and shards is None:
+        raise ValueError(f"--shard-layout {shard_layout} says how N shards are kept: it needs --shards N")
     if address is not None and engine != "ray":
         raise ValueError("--address names a Ray cluster: it needs --engine ray")
     embed_catalog = None
@@ -313,7 +333,9 @@ def index_catalog(
         pipeline=record,
         proxy_state=Path(proxy_checkpoint).read_bytes() if proxy_checkpoint else None,
         shards=shards,
+        shard_layout=shard_layout,
         embed_catalog=embed_catalog,
+        workers=workers,
     )
     echo(f"wrote {out_dir}: {sizes}, dim {built.dim}, {time.perf_counter() - started:.1f} s")
     return built
@@ -327,11 +349,13 @@ def add_catalog(
     device: str = "auto",
     cache_dir: Optional[os.PathLike] = None,
     seed: int = 0,
+    workers: Optional[int] = None,
     echo=print,
 ) -> int:
     """`street2shop add`: add the products of data set spec `catalog` that the index lacks; returns how many.
 
-    Only their photos are embedded (`Pipeline.add`); the index is saved as a new version atomically.
+    Only their photos are embedded (`Pipeline.add`, decoded by ``workers`` processes, None: min(4, CPUs));
+    the index is saved as a new version atomically.
     """
     from retrieval.datasets import load_dataset
     from street2shop.pipeline import Pipeline
@@ -345,7 +369,7 @@ def add_catalog(
         return 0
     started = time.perf_counter()
     # a new product's several rows are its several images (existing products are left as they are)
-    pipeline.add(list(new["product_id"].astype(str)), list(new["image"]), more_images=True)
+    pipeline.add(list(new["product_id"].astype(str)), list(new["image"]), more_images=True, workers=workers)
     pipeline.save()
     added = new["product_id"].nunique()
     echo(
@@ -369,6 +393,7 @@ def build_recipe(
     device: str = "auto",
     cache_dir: Optional[os.PathLike] = None,
     seed: int = 0,
+    workers: Optional[int] = None,
     echo=print,
 ) -> ProductIndex:
     """`street2shop build`: train what `recipe` needs in dependency order (skipping a training whose final.pt
@@ -418,6 +443,7 @@ def build_recipe(
         device=device,
         cache_dir=cache,
         seed=seed,
+        workers=workers,
         echo=echo,
         **parts,
     )

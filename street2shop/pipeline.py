@@ -38,7 +38,7 @@ import torch
 
 from generation.proxies import Box, BranchQueryEmbedder
 from index import IndexMismatchError, ProductIndex, object_path, store_object
-from retrieval.batching import resolve_device
+from retrieval.batching import iter_mapped, resolve_device
 from retrieval.gallery import ProductImages
 from retrieval.io import images_to_tensor, resize_image
 from retrieval.proxy_stage import box_in_photo, proxy_input_size, to_descriptor_input
@@ -429,8 +429,13 @@ class Pipeline:
         )
 
     # ---------------------------------------------------------------------------- catalog updates
-    def add(self, product_ids: Sequence[str], images: Sequence[Any], *, more_images: bool = False) -> None:
+    def add(
+        self, product_ids: Sequence[str], images: Sequence[Any], *, more_images: bool = False, workers: int = 0
+    ) -> None:
         """Add products: their photos (any kind `search` takes) are embedded without the proxy, as at indexing.
+
+        ``workers`` processes decode the photos (`retrieval.batching.iter_mapped`; 0, the default: this process,
+        as a service that adds while it searches should; None: min(4, CPUs)); the vectors do not depend on it.
 
         File paths are remembered as paths; bytes, arrays, PIL images and tensors are written into the
         index directory, content-addressed (`index.store_object`). Call `save` to make it permanent.
@@ -463,7 +468,7 @@ class Pipeline:
                 f"the index at {self.index_dir} keeps no catalog table (built before indexes kept one), so it "
                 f"cannot record further images of {repeated[:5]}: rebuild it with `street2shop index`"
             )
-        photos = [image_to_rgb(image, image_name(image, i)) for i, image in enumerate(images)]
+        photos = list(iter_mapped(_decoded, list(enumerate(images)), workers, "image"))
         vectors, local = self._embed_catalog(photos)
         stored = [self._remember_image(image, photo) for image, photo in zip(images, photos)]
         image_ids = self.images.add(product_ids)
@@ -568,3 +573,9 @@ class _Clock:
 
     def per_image(self, count: int) -> Dict[str, float]:
         return {stage: round(ms / max(1, count), 3) for stage, ms in self.stages.items()}
+
+
+def _decoded(numbered: Tuple[int, Any]) -> np.ndarray:
+    """(position, image) -> `image_to_rgb` of it, its errors naming it (what `Pipeline.add`'s workers run)."""
+    position, image = numbered
+    return image_to_rgb(image, image_name(image, position))

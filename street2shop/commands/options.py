@@ -51,13 +51,25 @@ def whole(flag: str, default: int, minimum: int, help: Optional[str] = None):
     return opt(flag, default=default, type=click.IntRange(min=minimum), help=help)
 
 
+def workers_option():
+    """--workers N: processes decoding and resizing photos for a command that embeds them (0: in process)."""
+    return click.option(
+        "--workers",
+        default=None,
+        type=click.IntRange(min=0),
+        help="Processes decoding and resizing photos while the model runs in this one (0: decode in this "
+        "process). Default: $STREET2SHOP_WORKERS, else min(4, CPUs). The vectors do not depend on it.",
+    )
+
+
 def embedding_options(fit_help: str, cache_help: str):
-    """--device, --batch-size, --fit-max-images and --cache-dir: what a command that embeds photos takes."""
+    """--device, --batch-size, --fit-max-images, --cache-dir and --workers: what a command that embeds photos takes."""
     options = (
         opt("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"])),
         opt("--batch-size", default=32, type=click.IntRange(min=1)),
         whole("--fit-max-images", 1000, 1, fit_help),
         click.option("--cache-dir", default=None, help=cache_help),
+        workers_option(),
     )
 
     def apply(command):

@@ -15,6 +15,7 @@ from street2shop.commands.options import (
     embedding_options,
     opt,
     whole,
+    workers_option,
 )
 
 
@@ -59,9 +60,16 @@ from street2shop.commands.options import (
     "--shards",
     default=None,
     type=click.IntRange(min=1),
-    help="Build the index as N shards filled in parallel and merged into one memory-mapped on-disk index "
-    "(--preset ivfpq-rflat): same results, lists and vectors stay on disk; read-only (`add`/`remove` refuse it). "
-    "Default: one in-memory index.",
+    help="Build the index as N shards filled in parallel (see --shard-layout). Default: one in-memory index.",
+)
+@opt(
+    "--shard-layout",
+    default="merged",
+    type=click.Choice(["merged", "separate"]),
+    help="With --shards: merged = one memory-mapped on-disk index (--preset ivfpq-rflat; same results, lists and "
+    "vectors stay on disk; read-only: `add`/`remove` refuse it); separate = N shard files searched together "
+    "(any preset, one GPU per shard where there are several; exact presets give the single index's results; "
+    "`add` goes to the last shard, `remove` is refused).",
 )
 @click.option(
     "--engine",
@@ -144,7 +152,8 @@ def query_command(index_dir, photos, k, proxy, descriptor, fmt, device, rerank, 
 @opt("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--cache-dir", default=None, help="Where synthetic sets are generated. Default: $STREET2SHOP_CACHE.")
 @opt("--seed", default=0)
-def add_command(index_dir, catalog, split, device, cache_dir, seed) -> None:
+@workers_option()
+def add_command(index_dir, catalog, split, device, cache_dir, seed, workers) -> None:
     """Add a catalog's new products to a saved index (products already in it are left as they are).
 
     Only the new products' photos are embedded; the index is saved as a new version in one atomic step,
@@ -153,7 +162,14 @@ def add_command(index_dir, catalog, split, device, cache_dir, seed) -> None:
     from street2shop.engine import add_catalog
 
     add_catalog(
-        index_dir, catalog, split=split, device=device, cache_dir=cache_dir_path(cache_dir), seed=seed, echo=click.echo
+        index_dir,
+        catalog,
+        split=split,
+        device=device,
+        cache_dir=cache_dir_path(cache_dir),
+        seed=seed,
+        workers=workers,
+        echo=click.echo,
     )
 
 
@@ -203,6 +219,7 @@ def recipes_command() -> None:
 @opt("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--cache-dir", default=None, help="Default: $STREET2SHOP_CACHE or ~/.cache/street2shop.")
 @opt("--seed", default=0)
+@workers_option()
 def build_command(recipe, train_data, catalog, out_dir, **options):
     """Train what a recipe needs, in dependency order, then index a catalog with it.
 

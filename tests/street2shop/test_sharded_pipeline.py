@@ -81,3 +81,52 @@ def test_query_command_and_add_on_a_sharded_index(indexes, catalog):
     refused = CliRunner().invoke(cli, ["add", str(sharded), "--catalog", "synthetic:3", "--device", "cpu"])
     assert refused.exit_code == 2 and "read-only" in refused.output
     assert ProductIndex.load(sharded, device="cpu").ntotal == N_PRODUCTS
+
+
+@pytest.fixture(scope="module")
+def flat_indexes(catalog, tmp_path_factory):
+    """(single, separate) colorhist pipelines of 300 products, preset flat: `index --shards 3 --shard-layout
+    separate` through the CLI, the single one through `build_index`."""
+    root = tmp_path_factory.mktemp("flat")
+    subset = catalog.iloc[:300]
+    build_index(subset, create_descriptor("colorhist"), root / "single", progress=False)
+    csv = root / "catalog.csv"
+    subset.to_csv(csv, index=False)
+    built = CliRunner().invoke(
+        cli,
+        ["index", "--catalog", f"csv:{csv}", "--descriptor", "colorhist", "--out", str(root / "separate"),
+         "--shards", "3", "--shard-layout", "separate", "--device", "cpu", "--cache-dir", str(root / "cache")],
+    )  # fmt: skip
+    assert built.exit_code == 0, built.output
+    return root / "single", root / "separate"
+
+
+def test_separate_shards_pipeline_query_and_add(flat_indexes, catalog):
+    single, separate = (Pipeline.load(directory, device="cpu") for directory in flat_indexes)
+    assert separate.index.layout == {"kind": "separate", "shards": 3, "shard_sizes": [100, 100, 100]}
+    photos = list(catalog["image"].iloc[:300:40])
+    for expected, got in zip(single.search(photos, k=10), separate.search(photos, k=10)):
+        assert [hit.product_id for hit in got.hits] == [hit.product_id for hit in expected.hits]
+        np.testing.assert_allclose([h.score for h in got.hits], [h.score for h in expected.hits], atol=1e-5)
+    answers = [
+        CliRunner().invoke(
+            cli, ["query", "--index", str(d), photos[1], "--k", "5", "--format", "json", "--device", "cpu"]
+        )
+        for d in flat_indexes
+    ]
+    assert all(answer.exit_code == 0 for answer in answers), answers[1].output
+    assert json.loads(answers[1].output) == json.loads(answers[0].output)
+    separate.add(["p0300", "p0301"], list(catalog["image"].iloc[300:302]))  # to the last shard
+    separate.save()
+    grown = Pipeline.load(flat_indexes[1], device="cpu")
+    assert grown.index.layout["shard_sizes"] == [100, 100, 102]
+    assert grown.search([catalog["image"].iloc[301]], k=1)[0].hits[0].product_id == "p0301"
+    refused = CliRunner().invoke(cli, ["remove", str(flat_indexes[1]), "p0001"])
+    assert refused.exit_code == 2 and "build it again" in refused.output
+
+
+def test_shard_layout_without_shards_is_refused(tmp_path):
+    answer = CliRunner().invoke(
+        cli, ["index", "--catalog", "synthetic:3", "--shard-layout", "separate", "--out", str(tmp_path / "x")]
+    )
+    assert answer.exit_code == 2 and "needs --shards N" in answer.output
