@@ -29,14 +29,19 @@ def load_batch(paths: Sequence[str], size: Tuple[int, int]) -> torch.Tensor:
 
 
 def default_workers() -> int:
-    """Decoding worker processes when the caller does not say: min(4, CPU count); $STREET2SHOP_WORKERS overrides."""
+    """Decoding worker processes when the caller does not say; $STREET2SHOP_WORKERS overrides.
+
+    0 (decode in-process) below 4 CPUs: on 2 cores the model is the whole cost and workers measured no faster
+    (README, scale section); else min(4, CPUs // 2), leaving the other half to the model's threads.
+    """
     configured = os.environ.get("STREET2SHOP_WORKERS")
     if configured is not None and configured.strip():
         try:
             return max(0, int(configured))
         except ValueError:
             raise ValueError(f"STREET2SHOP_WORKERS must be a whole number >= 0, got {configured!r}") from None
-    return min(4, os.cpu_count() or 1)
+    cpus = os.cpu_count() or 1
+    return 0 if cpus < 4 else min(4, cpus // 2)
 
 
 class _Failed:

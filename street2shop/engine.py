@@ -278,7 +278,7 @@ def index_catalog(
     (`shard_layout`, see `build_index`).
     `engine` "ray" embeds the catalog on a Ray cluster (`street2shop.distributed`; `address` None: a local
     one for this job, "auto" or "ray://HOST:PORT": a running one), "local" in this process, its photos decoded by
-    `workers` loader processes (None: min(4, CPUs); 0: in this process).
+    `workers` loader processes (None: `default_workers()`; 0: in this process).
     """
     from benchmarks.runner import describe_fit_images, fit_images
     from benchmarks.suite import resolve_cache_dir
@@ -354,7 +354,7 @@ def add_catalog(
 ) -> int:
     """`street2shop add`: add the products of data set spec `catalog` that the index lacks; returns how many.
 
-    Only their photos are embedded (`Pipeline.add`, decoded by ``workers`` processes, None: min(4, CPUs));
+    Only their photos are embedded (`Pipeline.add`, decoded by ``workers`` processes, None: `default_workers()`);
     the index is saved as a new version atomically.
     """
     from retrieval.datasets import load_dataset

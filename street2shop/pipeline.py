@@ -435,7 +435,7 @@ class Pipeline:
         """Add products: their photos (any kind `search` takes) are embedded without the proxy, as at indexing.
 
         ``workers`` processes decode the photos (`retrieval.batching.iter_mapped`; 0, the default: this process,
-        as a service that adds while it searches should; None: min(4, CPUs)); the vectors do not depend on it.
+        as a service that adds while it searches should; None: `default_workers()`); the vectors do not depend on it.
 
         File paths are remembered as paths; bytes, arrays, PIL images and tensors are written into the
         index directory, content-addressed (`index.store_object`). Call `save` to make it permanent.

@@ -58,7 +58,8 @@ def workers_option():
         default=None,
         type=click.IntRange(min=0),
         help="Processes decoding and resizing photos while the model runs in this one (0: decode in this "
-        "process). Default: $STREET2SHOP_WORKERS, else min(4, CPUs). The vectors do not depend on it.",
+        "process). Default: $STREET2SHOP_WORKERS, else 0 below 4 CPUs and min(4, CPUs // 2) above. The "
+        "vectors do not depend on it.",
     )
 
 

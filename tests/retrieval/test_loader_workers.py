@@ -77,7 +77,9 @@ def test_worker_counts(monkeypatch):
     with pytest.raises(ValueError, match="STREET2SHOP_WORKERS.*whole number"):
         default_workers()
     monkeypatch.delenv("STREET2SHOP_WORKERS")
-    assert 1 <= default_workers() <= 4
+    for cpus, expected in ((1, 0), (2, 0), (3, 0), (4, 2), (8, 4), (64, 4)):
+        monkeypatch.setattr(os, "cpu_count", lambda: cpus)
+        assert default_workers() == expected, cpus
     with pytest.raises(ValueError, match="workers must be >= 0"):
         list(iter_mapped(str, [1, 2], workers=-1))
 
