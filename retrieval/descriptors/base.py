@@ -132,6 +132,12 @@ class Descriptor(nn.Module):
         )
         return self
 
+    @classmethod
+    def recorded_architecture(cls, checkpoint) -> Dict[str, Any]:
+        """The architecture options a final.pt of this descriptor was trained with (those `load_trained` checks),
+        so that ``NAME@final.pt`` builds the network the checkpoint holds; {} where nothing is recorded."""
+        return {}
+
     def refuse_other_architecture(self, checkpoint, trained_conf: Dict[str, Any], keys: Iterable[str]) -> None:
         """Raise a ValueError naming the options to pass when `checkpoint` was trained with other `keys`.
 
@@ -203,7 +209,10 @@ def create_descriptor(name: str, **conf: Any) -> Descriptor:
     from retrieval.specs import parse_spec
 
     spec = parse_spec(name)  # NAME, NAME@ckpt, NAME[k=v], NAME[k=v]@ckpt; keyword options win over bracketed ones
-    descriptor = DESCRIPTORS.create(spec.name, **{**spec.options, **conf})
+    # the checkpoint's architecture first, so NAME@final.pt needs no options; options given still win (and a
+    # conflicting one is refused by load_trained, naming it)
+    recorded = DESCRIPTORS.get(spec.name).recorded_architecture(spec.checkpoint) if spec.checkpoint else {}
+    descriptor = DESCRIPTORS.create(spec.name, **{**recorded, **spec.options, **conf})
     if spec.checkpoint:
         descriptor.load_trained(spec.checkpoint)
     return descriptor

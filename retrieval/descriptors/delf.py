@@ -45,6 +45,8 @@ from retrieval.whitening import apply_pca_whitening, fit_pca_whitening, whitened
 SOFTPLUS_ONE = math.log(math.expm1(1.0))
 # The state `train_on` learns (and final.pt holds); the rest is the frozen backbone or comes from `fit`.
 TRAINED_PREFIXES = ("attention.",)
+# Options that shape the trained attention: a final.pt loads only into the same ones (and records them).
+DELF_ARCHITECTURE_KEYS = ("backbone", "endpoint", "attention_hidden")
 
 
 def endpoint_geometry(endpoint: str, backbone: str = "lite0") -> Tuple[int, int]:
@@ -375,6 +377,14 @@ class DELF(Descriptor):
         self._fitted.fill_(True)
         return self
 
+    @classmethod
+    def recorded_architecture(cls, checkpoint) -> Dict[str, Any]:
+        from retrieval.training import load_checkpoint
+
+        run_config = load_checkpoint(checkpoint, map_location="cpu").get("config") or {}
+        recorded = run_config.get("descriptor_config") or {}
+        return {key: recorded[key] for key in DELF_ARCHITECTURE_KEYS if key in recorded}
+
     def load_trained(self, checkpoint) -> "DELF":
         """Load the attention of a final.pt written by `train_on` (strict for the attention's keys).
 
@@ -385,7 +395,7 @@ class DELF(Descriptor):
 
         run_config = load_checkpoint(checkpoint, map_location="cpu").get("config") or {}
         trained_conf = run_config.get("descriptor_config") or {}
-        self.refuse_other_architecture(checkpoint, trained_conf, ("backbone", "endpoint", "attention_hidden"))
+        self.refuse_other_architecture(checkpoint, trained_conf, DELF_ARCHITECTURE_KEYS)
         not_trained = tuple(k for k in self.state_dict() if not k.startswith(TRAINED_PREFIXES))
         load_trained_weights(
             self, checkpoint, kind="descriptor", name=self.name, conf=self.conf, shipped_prefixes=not_trained

@@ -28,7 +28,7 @@ Example:
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any, Dict, Optional
 
 import torch
 from torch import nn
@@ -278,6 +278,11 @@ class TripletNet(Descriptor):
 
     def extract(self, images: torch.Tensor) -> GlobalFeatures:
         return GlobalFeatures(self.head(self.head_maps(self.frozen_maps(images))))
+
+    @classmethod
+    def recorded_architecture(cls, checkpoint) -> Dict[str, Any]:
+        recorded = load_checkpoint(checkpoint, map_location="cpu").get("descriptor_conf") or {}
+        return {key: recorded[key] for key in ARCHITECTURE_KEYS if key in recorded}
 
     def load_trained(self, checkpoint) -> "TripletNet":
         """Load a final.pt of `train_on`; a checkpoint of another architecture is refused with the options to pass."""

@@ -325,3 +325,20 @@ def test_finetuned_blocks_travel_in_final_pt(tiny_set, tmp_path):
     assert torch.equal(loaded.embed(images), tn.eval().embed(images))
     with pytest.raises(ValueError, match="finetune_last_blocks"):
         create_descriptor(f"tn@{final}", image_size=SIZE, dim=32)
+
+
+def test_a_checkpoint_builds_the_architecture_it_records(tmp_path):
+    """`tn@final.pt` of a run with other architecture options needs no options; a conflicting one is refused."""
+    from retrieval.training.run import atomic_torch_save
+
+    trained = create_descriptor("tn", finetune_last_blocks=1, dim=64, image_size=(64, 48))
+    final = tmp_path / "final.pt"
+    atomic_torch_save(
+        {"version": 1, "state_dict": trained.state_dict(), "descriptor": "tn", "descriptor_conf": trained.config()},
+        final,
+    )
+    loaded = create_descriptor(f"tn[image_size=(64, 48)]@{final}")
+    assert loaded.conf["finetune_last_blocks"] == 1 and loaded.dim == 64
+    assert loaded.fingerprint() == trained.fingerprint()
+    with pytest.raises(ValueError, match="finetune_last_blocks"):
+        create_descriptor(f"tn[finetune_last_blocks=2]@{final}")
