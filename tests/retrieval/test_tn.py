@@ -323,8 +323,11 @@ def test_finetuned_blocks_travel_in_final_pt(tiny_set, tmp_path):
     images = load_batch(list(tiny_set.queries["image"][:3]), SIZE)
     loaded = create_descriptor(f"tn@{final}", image_size=SIZE, dim=32, finetune_last_blocks=1).eval()
     assert torch.equal(loaded.embed(images), tn.eval().embed(images))
+    # the checkpoint records finetune_last_blocks: left out, it is taken from there; another value is refused
+    recorded = create_descriptor(f"tn@{final}", image_size=SIZE, dim=32).eval()
+    assert torch.equal(recorded.embed(images), loaded.embed(images))
     with pytest.raises(ValueError, match="finetune_last_blocks"):
-        create_descriptor(f"tn@{final}", image_size=SIZE, dim=32)
+        create_descriptor(f"tn@{final}", image_size=SIZE, dim=32, finetune_last_blocks=2)
 
 
 def test_a_checkpoint_builds_the_architecture_it_records(tmp_path):
