@@ -218,7 +218,6 @@ def run_benchmark(
         for descriptor_spec in descriptors:
             descriptor = create_descriptor(descriptor_spec).to(device).eval()
             descriptor_name = descriptor_label(descriptor_spec)
-            size = descriptor.input_spec.size
             started = time.perf_counter()
             if descriptor.needs_fit:
                 fit_set = fit_dataset if fit_dataset is not None else dataset
@@ -233,16 +232,27 @@ def run_benchmark(
                 )
             fit_seconds = time.perf_counter() - started
             started = time.perf_counter()
-            gallery_vectors = extract_features(
-                descriptor.embed_catalog,
-                list(catalog["image"]),
-                size,
-                batch_size=batch_size,
-                device=device,
-                cache=cache(f"{descriptor.name}-{descriptor.fingerprint()}"),
-                chunk_size=chunk_size,
-                progress=f"{descriptor_name}: gallery" if progress else None,
-                workers=workers,
+            # a fusion's gallery is its branches' (each cached under its own fingerprint, so a grid of fusions
+            # over the same branches embeds every catalog photo once per branch), fused with its weights
+            fused_branches = list(getattr(descriptor, "branches", []) or [])
+            gallery_parts = [
+                extract_features(
+                    model.embed_catalog,
+                    list(catalog["image"]),
+                    model.input_spec.size,
+                    batch_size=batch_size,
+                    device=device,
+                    cache=cache(f"{model.name}-{model.fingerprint()}"),
+                    chunk_size=chunk_size,
+                    progress=f"{descriptor_name}: gallery" if progress else None,
+                    workers=workers,
+                )
+                for model in (fused_branches or [descriptor])
+            ]
+            gallery_vectors = (
+                gallery_parts[0]
+                if not fused_branches
+                else fuse_vectors([torch.from_numpy(p) for p in gallery_parts], descriptor.fusion_weights).numpy()
             )
             gallery_seconds = time.perf_counter() - started
             indexes = {}
@@ -271,9 +281,9 @@ def run_benchmark(
                 if wanted is not None and (str(proxy_spec), str(descriptor_spec)) not in wanted:
                     continue
                 started = time.perf_counter()
-                # A fusion whose branches name their own proxies embeds branch by branch (`_fused_query_vectors`)
+                # a fusion embeds branch by branch (each behind its own proxy where it names one), each cached
                 embedded = [(descriptor, query_paths, proxy_key)]
-                if getattr(descriptor, "has_branch_proxies", False):
+                if fused_branches:
                     embedded = [
                         (branch, query_paths, proxy_key) if spec is None else (branch, *branch_proxied(spec))
                         for branch, spec in zip(descriptor.branches, descriptor.branch_proxies)
