@@ -87,14 +87,18 @@ def model_class(kind: str, name: str):
 def names_a_training(kind: str, spec: str) -> bool:
     """Whether `spec` names a model to train: a trainable model without a checkpoint ("tn", "tn[dim=256]").
 
-    Untrainable models ("gem[backbone=lite2]") and trained ones ("tn[dim=256]@final.pt") are built as given.
+    Untrainable models ("gem[backbone=lite2]") and trained ones ("tn[dim=256]@final.pt") are built as given, and so
+    is a model whose training only chooses options that the spec gives (`fused[branches=...;weights=(1, 1)]`).
 
     Example:
         >>> [names_a_training("descriptor", s) for s in ("tn[dim=256]", "gem[backbone=lite2]", "tn@a.pt")]
         [True, False, False]
     """
     parsed = parse_spec(spec)
-    return parsed.checkpoint is None and bool(getattr(model_class(kind, parsed.name), "trainable", False))
+    cls = model_class(kind, parsed.name)
+    # a model whose training only sets options (a fusion's weights) is complete when they are given
+    given = any(parsed.options.get(key) is not None for key in getattr(cls, "options_a_training_sets", ()))
+    return parsed.checkpoint is None and bool(getattr(cls, "trainable", False)) and not given
 
 
 def registered_names(kind: str) -> List[str]:

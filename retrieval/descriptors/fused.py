@@ -114,6 +114,8 @@ class FusedDescriptor(Descriptor):
 
     kind = "global"
     trainable = True
+    # training only chooses the weights: a spec that gives them names a finished fusion (the bench runs it as is)
+    options_a_training_sets = ("weights",)
     default_conf: Dict[str, Any] = {"branches": "", "weights": None, "proxies": ""}
 
     def __init__(self, **conf: Any):

@@ -81,3 +81,11 @@ def test_weight_fitting_runs_each_branch_behind_its_proxy(synthetic_root, tmp_pa
     final = fused.train_on(data, tmp_path / "run", seed=0, progress=False, **options)
     loaded = create_descriptor(f"fused@{final}")
     assert loaded.branch_proxies == [None, "none"] and loaded.fingerprint() == fused.fingerprint()
+
+
+def test_a_fusion_with_its_weights_given_is_benched_as_is():
+    from benchmarks.reproduce import names_a_training
+
+    assert not names_a_training("descriptor", f"fused[branches={BRANCHES};weights=(1, 1)]")
+    assert names_a_training("descriptor", f"fused[branches={BRANCHES}]")  # its weights are still to be fitted
+    assert names_a_training("descriptor", "tn[dim=256]")
