@@ -572,9 +572,21 @@ def _spatially_reranked(
 
 
 def descriptor_label(spec: str) -> str:
-    """'tn@runs/tn-viton/final.pt' -> 'tn@tn-viton': short, and still says which training run."""
-    name, _, checkpoint = spec.partition("@")
-    return f"{name}@{Path(checkpoint).parent.name or Path(checkpoint).stem}" if checkpoint else name
+    """'tn@runs/tn-viton/final.pt' -> 'tn@tn-viton': short, and still says which training run.
+
+    Every checkpoint path is shortened, also those inside a fusion's options, so two specs that differ only in
+    their options keep different labels.
+
+    Example:
+        >>> descriptor_label("fused[branches=tn@runs/a/final.pt|tn@runs/b/final.pt;weights=(1, 2)]")
+        'fused[branches=tn@a|tn@b;weights=(1, 2)]'
+    """
+
+    def run_name(match: "re.Match") -> str:
+        path = Path(match.group(1))
+        return f"@{path.parent.name or path.stem}"
+
+    return re.sub(r"@([^|\];,'\"\s]+)", run_name, spec)
 
 
 def format_table(results: pd.DataFrame, ks: Sequence[int] = DEFAULT_KS, markdown: bool = False) -> str:

@@ -33,13 +33,19 @@ def test_recipes_name_their_parts_and_trainings():
     with pytest.raises(ValueError, match="recipes: best, fast, no-training, street"):
         get_recipe("nope")
     street = get_recipe("street")
-    fused = street.trainings[-1]
-    assert street.training_settings(fused, "r") == {
-        "branches": "tn@r/tn_studio/final.pt|tn@r/tn_street/final.pt",
+    tn_street = street.trainings[-1]
+    assert street.training_settings(tn_street, "r") == {
+        "street_copies": 3,
+        "finetune_last_blocks": 2,
+        "epochs": 24,
         "proxy": "hp@r/parser_street/final.pt",
     }
-    assert street.specs("r")["descriptor"] == "fused@r/fused/final.pt"
-    assert [t.run for t in street.trainings].index("fused") > [t.run for t in street.trainings].index("tn_street")
+    assert street.specs("r")["descriptor"] == (
+        "fused[branches=tn@r/tn_studio/final.pt|tn[catalog_blur=(2.0, 4.0)]@r/tn_street/final.pt;weights=(1, 1)]"
+    )
+    assert [t.run for t in street.trainings].index("tn_street") > [t.run for t in street.trainings].index(
+        "parser_street"
+    )
 
 
 def test_a_recipe_whose_checkpoints_are_missing_says_how_to_train_them(tmp_path):
