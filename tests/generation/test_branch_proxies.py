@@ -89,3 +89,22 @@ def test_a_fusion_with_its_weights_given_is_benched_as_is():
     assert not names_a_training("descriptor", f"fused[branches={BRANCHES};weights=(1, 1)]")
     assert names_a_training("descriptor", f"fused[branches={BRANCHES}]")  # its weights are still to be fitted
     assert names_a_training("descriptor", "tn[dim=256]")
+
+
+def test_a_saved_pipeline_searches_with_each_branch_behind_its_proxy(synthetic_root, tmp_path):
+    from street2shop import Pipeline
+    from street2shop.engine import build_index
+
+    data = load_viton(synthetic_root, split="val")
+    shops = {}
+    for name, spec in (("own", f"{BRANCHES};proxies=same|none"), ("plain", BRANCHES)):
+        fused = create_descriptor(f"fused[branches={spec};weights=(1, 1)]").eval()
+        build_index(data.catalog, fused, tmp_path / name, progress=False)
+        shops[name] = Pipeline.load(tmp_path / name, device="cpu")
+    assert shops["own"].descriptor.branch_proxies == [None, "none"]
+    assert shops["own"]._branch_embedder is not None and shops["plain"]._branch_embedder is None
+    # the pipeline's proxy is none, so "same" and "none" read the same photo: both ways must rank alike
+    photos = list(data.queries["image"].iloc[:4])
+    for own, plain in zip(shops["own"].search(photos, k=3), shops["plain"].search(photos, k=3)):
+        assert [h.product_id for h in own.hits] == [h.product_id for h in plain.hits]
+        assert [h.score for h in own.hits] == pytest.approx([h.score for h in plain.hits], abs=1e-5)
