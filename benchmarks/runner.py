@@ -29,7 +29,7 @@ from index import ProductIndex
 from retrieval.batching import fit_descriptor, sample_paths
 from retrieval.datasets import RetrievalSet
 from retrieval.descriptors import create_descriptor
-from retrieval.descriptors.fused import fuse_vectors
+from retrieval.descriptors.fused import FusedDescriptor, fuse_vectors
 from retrieval.features import DEFAULT_CHUNK, FeatureCache, extract_features, materialize_proxy_outputs
 from retrieval.files import file_sha1, read_checked_bytes, write_checked_bytes
 from retrieval.gallery import ProductImages
@@ -234,7 +234,7 @@ def run_benchmark(
             started = time.perf_counter()
             # a fusion's gallery is its branches' (each cached under its own fingerprint, so a grid of fusions
             # over the same branches embeds every catalog photo once per branch), fused with its weights
-            fused_branches = list(getattr(descriptor, "branches", []) or [])
+            fused_branches = list(descriptor.branches) if isinstance(descriptor, FusedDescriptor) else []
             gallery_parts = [
                 extract_features(
                     model.embed_catalog,

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-from retrieval.proxy_stage import behind_proxy, proxy_input_size, to_descriptor_input
+from retrieval.proxy_stage import behind_proxy
 from retrieval.registry import Registry, module_fingerprint, plugin_conf
 from retrieval.training.trainers import add_trainer_modules
 
@@ -179,18 +179,13 @@ class BranchQueryEmbedder:
         for spec in fused.branch_proxies:
             if spec and spec not in built:
                 built[spec] = create_proxy(spec).to(fused.device).eval()
+        self.serving_proxy = serving_proxy
         self.proxies: List[Optional[Proxy]] = [built[spec] if spec else serving_proxy for spec in fused.branch_proxies]
 
     @torch.no_grad()
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        size = tuple(self.fused.input_spec.size)
-        outputs: Dict[int, torch.Tensor] = {}  # id(proxy) -> its output on `images`: each proxy runs once
-        vectors = []
-        for branch, proxy in zip(self.fused.branches, self.proxies):
-            if id(proxy) not in outputs:
-                seen = images
-                if proxy is not None and proxy.name != "none":
-                    seen = proxy(to_descriptor_input(images, proxy_input_size(proxy, size)))
-                outputs[id(proxy)] = to_descriptor_input(seen, size)
-            vectors.append(self.fused.branch_vector(branch, outputs[id(proxy)]))
+    def __call__(self, images: torch.Tensor, serving_output: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, D) fused vectors; ``serving_output``: the serving proxy's output on ``images`` at
+        the fusion's input size when the caller already has it (the pipeline shows it), so it is not run again."""
+        known = None if serving_output is None else {id(self.serving_proxy): serving_output}
+        vectors = self.fused.branch_vectors_behind(images, self.proxies, known=known)
         return self._fuse(vectors, self.fused.fusion_weights)

@@ -374,7 +374,7 @@ class Pipeline:
         clock.lap("decode")
         seen, boxes = self._proxied(batch, size)
         clock.lap("proxy")
-        embedded = self.descriptor.embed(seen) if self._branch_embedder is None else self._branch_embedder(batch)
+        embedded = self.descriptor.embed(seen) if self._branch_embedder is None else self._branch_embedder(batch, seen)
         vectors = embedded.float().cpu().numpy()
         clock.lap("describe")
         # images searched deep enough for the top products (`ProductImages.search_depth`), then collapsed

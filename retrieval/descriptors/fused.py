@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from retrieval.descriptors.base import DESCRIPTORS, Descriptor, check_images, create_descriptor
+from retrieval.proxy_stage import proxy_input_size, to_descriptor_input
 from retrieval.types import GlobalFeatures
 
 BRANCH_SEPARATOR = "|"
@@ -182,6 +183,32 @@ class FusedDescriptor(Descriptor):
     def branch_vectors(self, images: torch.Tensor) -> List[torch.Tensor]:
         """Each branch's L2-normalised (B, D_i) vectors, each branch reading the images at its own input size."""
         return [self.branch_vector(branch, images) for branch in self._branches()]
+
+    def branch_vectors_behind(
+        self,
+        images: torch.Tensor,
+        proxies: Sequence[Any],
+        catalog: bool = False,
+        known: Optional[Dict[int, torch.Tensor]] = None,
+    ) -> List[torch.Tensor]:
+        """Each branch's (B, D_i) vectors, branch i reading ``images`` behind ``proxies[i]``.
+
+        A proxy is any (B, 3, H, W) -> (B, 3, h, w) callable, read at its `proxy_input_size`; None or one named
+        "none" leaves the images as they are. Each distinct proxy runs once; ``known`` holds outputs already
+        computed, by ``id(proxy)`` (a pipeline's serving proxy), at the fusion's input size. ``catalog``: catalog
+        photos, through each branch's `embed_catalog`.
+        """
+        size = tuple(self.input_spec.size)
+        outputs = dict(known or {})
+        vectors = []
+        for branch, proxy in zip(self._branches(), proxies):
+            if id(proxy) not in outputs:
+                seen = images
+                if proxy is not None and getattr(proxy, "name", None) != "none":
+                    seen = proxy(to_descriptor_input(images, proxy_input_size(proxy, size)))
+                outputs[id(proxy)] = to_descriptor_input(seen, size)
+            vectors.append(self.branch_vector(branch, outputs[id(proxy)], catalog=catalog))
+        return vectors
 
     @staticmethod
     def branch_vector(branch: Descriptor, images: torch.Tensor, catalog: bool = False) -> torch.Tensor:

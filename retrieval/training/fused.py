@@ -31,7 +31,7 @@ from retrieval.batching import iter_batches
 from retrieval.datasets.viton_street import street_training_pairs
 from retrieval.descriptors.fused import FusedDescriptor
 from retrieval.metrics import average_precision_at_k
-from retrieval.proxy_stage import proxy_input_size, to_descriptor_input
+from retrieval.proxy_stage import proxy_input_size
 from retrieval.training.run import CHECKPOINT_VERSION, atomic_torch_save
 from retrieval.training.trainers import TrainingJob, register_trainer
 
@@ -110,14 +110,7 @@ def _branch_vectors(
     parts: List[List[np.ndarray]] = [[] for _ in fused.branches]
     with tqdm(total=len(paths), desc=f"fused: {label}", unit="img", disable=not progress, leave=False) as bar:
         for batch in iter_batches(list(paths), read, batch_size):
-            batch = batch.to(fused.device)
-            outputs = {}  # id(proxy) -> its output at the fusion's input size
-            for proxy in proxies:
-                if id(proxy) not in outputs:
-                    seen = batch if proxy is None else proxy(to_descriptor_input(batch, proxy_input_size(proxy, size)))
-                    outputs[id(proxy)] = to_descriptor_input(seen, size)
-            for i, (branch, proxy) in enumerate(zip(fused.branches, proxies)):
-                vectors = fused.branch_vector(branch, outputs[id(proxy)], catalog=catalog)
+            for i, vectors in enumerate(fused.branch_vectors_behind(batch.to(fused.device), proxies, catalog=catalog)):
                 parts[i].append(vectors.float().cpu().numpy())
             bar.update(len(batch))
     return [np.concatenate(p) for p in parts]
@@ -189,7 +182,9 @@ def train_fused(fused: FusedDescriptor, job: TrainingJob, config: FusedTrainConf
     out_dir.mkdir(parents=True, exist_ok=True)
     shipped = fused.shipped_state_prefixes
     weights = {k: v.cpu() for k, v in fused.state_dict().items() if not (shipped and k.startswith(shipped))}
-    options = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if "prox" not in f.name}
+    options = {
+        f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name not in ("proxy", "branch_proxies")
+    }
     final = out_dir / "final.pt"
     atomic_torch_save(
         {
