@@ -80,7 +80,7 @@ def cli(verbose: int) -> None:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
 
 
-@click.command("list")
+@cli.command("list")
 def list_plugins() -> None:
     """List the registered descriptors, proxies and index presets."""
     from generation.proxies import list_proxies
