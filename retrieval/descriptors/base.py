@@ -5,7 +5,8 @@ Every descriptor is a `torch.nn.Module` registered in `DESCRIPTORS`. The engine 
 - `embed(images) -> (B, dim)` float32 L2-normalised: what goes into a FAISS index. Global
   descriptors return `extract(images).desc`; local ones aggregate their `LocalFeatures` (VLAD, ...).
 - `embed_catalog(images)`: the same for catalog photos (index builds, `add`); `embed` itself unless the
-  descriptor pools blurred copies of each catalog photo (`catalog_blur`, see the method).
+  descriptor pools blurred copies of each catalog photo (`catalog_blur`) or mirrors its queries
+  (`query_flip`, see the methods).
 - `fit(batches)` once before `embed` when `needs_fit` (codebooks, PCA-whitening): `batches` is an
   iterable of (B, 3, H, W) image tensors from a *training* set, never from the evaluation queries.
 - `fingerprint()`: a hash of name, config and weights, stored in index manifests and feature caches
@@ -48,7 +49,7 @@ class Descriptor(nn.Module):
     # Options added after indexes, feature caches and checkpoints existed, with the value they all had:
     # left out of the fingerprint while at that value, so a default descriptor keeps its old fingerprint
     # (and its caches) while any other value (another backbone: other weights too) gets a new one.
-    late_option_defaults: Dict[str, Any] = {"backbone": "lite0", "catalog_blur": ()}
+    late_option_defaults: Dict[str, Any] = {"backbone": "lite0", "catalog_blur": (), "query_flip": False}
 
     def __init__(self, **conf: Any):
         super().__init__()
@@ -74,7 +75,19 @@ class Descriptor(nn.Module):
 
     @torch.no_grad()
     def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) in [0, 1] -> (B, dim) float32, L2-normalised."""
+        """Query photos (B, 3, H, W) in [0, 1] -> (B, dim) float32, L2-normalised.
+
+        With a `query_flip` option set, the L2-normalised mean of the photo's vector and its mirror image's
+        (test-time augmentation: one more forward pass per query; catalog photos are never mirrored).
+        """
+        vectors = self.embed_unaugmented(images)
+        if self.conf.get("query_flip"):
+            vectors = torch.nn.functional.normalize(vectors + self.embed_unaugmented(images.flip(-1)), dim=-1)
+        return vectors
+
+    @torch.no_grad()
+    def embed_unaugmented(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [0, 1] -> (B, dim) float32, L2-normalised: one pass, no test-time augmentation."""
         check_images(images)
         if not self.fitted:
             raise NotFittedError(
@@ -89,16 +102,16 @@ class Descriptor(nn.Module):
     def embed_catalog(self, images: torch.Tensor) -> torch.Tensor:
         """Catalog photos (B, 3, H, W) in [0, 1] -> (B, dim) float32, L2-normalised: what every index is built of.
 
-        `embed`, unless the descriptor has a `catalog_blur` option (sigmas in pixels at its input size): then the
-        L2-normalised mean of the sharp photo's vector (half the weight) and its Gaussian-blurred copies' (the
-        other half, shared equally), so that a product also matches a blurred street photo of it while a sharp
-        query still finds the sharp photo's side. Queries always go through `embed`.
+        One unaugmented pass (`embed_unaugmented`), unless the descriptor has a `catalog_blur` option (sigmas in
+        pixels at its input size): then the L2-normalised mean of the sharp photo's vector (half the weight) and
+        its Gaussian-blurred copies' (the other half, shared equally), so that a product also matches a blurred
+        street photo of it while a sharp query still finds the sharp photo's side.
         """
         sigmas = [float(s) for s in (self.conf.get("catalog_blur") or ())]
-        vectors = self.embed(images)
+        vectors = self.embed_unaugmented(images)
         if not sigmas:
             return vectors
-        blurred = sum(self.embed(gaussian_blur(images, sigma)) for sigma in sigmas) / len(sigmas)
+        blurred = sum(self.embed_unaugmented(gaussian_blur(images, sigma)) for sigma in sigmas) / len(sigmas)
         return torch.nn.functional.normalize(vectors + blurred, dim=-1)
 
     def fit(self, batches: Iterable[torch.Tensor]) -> "Descriptor":

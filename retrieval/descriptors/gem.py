@@ -31,10 +31,13 @@ def gem_pool(feature_map: torch.Tensor, p: float = 3.0, eps: float = 1e-6) -> to
 
 @DESCRIPTORS.register("gem")
 class GeM(Descriptor):
-    """GeM over pretrained EfficientNet-Lite head features (`backbone`: "lite0" or "lite2"); 1280-d, nothing to fit."""
+    """GeM over pretrained EfficientNet-Lite head features (`backbone`: "lite0" or "lite2"); 1280-d, nothing to fit.
+
+    `query_flip`: queries are the mean of the photo's and its mirror image's vectors (`Descriptor.embed`).
+    """
 
     kind = "global"
-    default_conf = {"image_size": (320, 240), "p": 3.0, "pretrained": True, "backbone": "lite0"}
+    default_conf = {"image_size": (320, 240), "p": 3.0, "pretrained": True, "backbone": "lite0", "query_flip": False}
 
     def __init__(self, **conf):
         super().__init__(**conf)

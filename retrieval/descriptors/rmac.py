@@ -65,7 +65,8 @@ def regional_max(feature_map: torch.Tensor, regions: Tuple[Tuple[int, int, int, 
 class RMAC(Descriptor):
     """R-MAC over pretrained EfficientNet-Lite head features with learned PCA-whitening.
 
-    `backbone`: "lite0" (default) or "lite2"; both give 1280-channel head maps.
+    `backbone`: "lite0" (default) or "lite2"; both give 1280-channel head maps. `query_flip`: queries are the
+    mean of the photo's and its mirror image's vectors (`Descriptor.embed`).
     """
 
     kind = "global"
@@ -80,6 +81,7 @@ class RMAC(Descriptor):
         "seed": 0,
         "pretrained": True,
         "backbone": "lite0",
+        "query_flip": False,
     }
 
     def __init__(self, **conf):

@@ -197,6 +197,8 @@ class TripletNet(Descriptor):
         catalog_blur: Gaussian sigmas (pixels at `image_size`) of blurred copies pooled into each catalog photo's
             vector (`Descriptor.embed_catalog`; e.g. (2.0, 4.0) for street queries, which arrive blurred); ()
             none. Queries are never blurred; the network is the same, so any checkpoint takes it.
+        query_flip: queries are the L2-normalised mean of the photo's vector and its mirror image's
+            (`Descriptor.embed`); catalog photos are never mirrored. Any checkpoint takes it too.
 
     Training options: `retrieval.training.tn.TNTrainConfig`.
     """
@@ -215,6 +217,7 @@ class TripletNet(Descriptor):
         "image_size": (256, 192),
         "backbone": "lite0",
         "catalog_blur": (),
+        "query_flip": False,
     }
 
     def __init__(self, **conf: Any):

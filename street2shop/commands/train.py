@@ -75,6 +75,13 @@ def _train(kind: str, name: str, dataset, out_dir, time_budget, device, cache_di
     from retrieval.datasets import load_dataset
     from retrieval.registry import parse_settings
 
+    if "[" in name:
+        plain, options = name.split("[", 1)
+        settings_hint = " ".join(f"--set {item.strip()}" for item in options.rstrip("]").split(";") if item.strip())
+        raise ValueError(
+            f"train takes a plain {kind} name, not the spec {name!r}: give its options with --set, "
+            f"e.g. `street2shop train {kind} {plain} {settings_hint}`"
+        )
     if not getattr(model_class(kind, name), "trainable", False):  # before any data loads
         raise ValueError(f"{kind} {name!r} has nothing to train")
     # Typed by the model's options and its trainer's: 'false' is False, not a truthy string.
@@ -98,10 +105,9 @@ def _train(kind: str, name: str, dataset, out_dir, time_budget, device, cache_di
     source = (
         f"the pair archive {settings['pairs']}" if data is None else f"{data.name}'s {len(data.train)} training pairs"
     )
-    click.echo(
-        f"trained {name} in {time.perf_counter() - started:.0f} s on {source}"
-        f"{budget} -> {final}; steps and epochs: {Path(out_dir) / 'losses.csv'}"
-    )
+    losses = Path(out_dir) / "losses.csv"
+    where_losses = f"; steps and epochs: {losses}" if losses.is_file() else ""  # the fused trainer fits, no steps
+    click.echo(f"trained {name} in {time.perf_counter() - started:.0f} s on {source}{budget} -> {final}{where_losses}")
     flag = "--descriptors" if kind == "descriptor" else "--proxies"
     click.echo(f"use it as: {flag} {name}@{final}")
 

@@ -1,4 +1,4 @@
-"""Blur-pooled catalog vectors (`Descriptor.embed_catalog`, tn's `catalog_blur`) on tiny seeded inputs.
+"""Blur-pooled catalog vectors and mirrored queries (`catalog_blur`, `query_flip`) on tiny seeded inputs.
 
 Street photos arrive blurred; a catalog vector that pools a product photo with blurred copies of it matches them
 better while a sharp query still finds the sharp side. Queries never go through it.
@@ -67,3 +67,24 @@ def test_an_index_is_built_of_catalog_vectors_and_records_the_option(synthetic_r
     assert hits[0].score == pytest.approx(
         float(descriptor.embed(load_batch([first["image"]], (64, 48))) @ expected.T), abs=1e-4
     )
+
+
+def test_query_flip_averages_the_mirror_image_and_leaves_the_catalog_alone():
+    torch.manual_seed(0)
+    images = torch.rand(3, 3, 64, 48)
+    plain = create_descriptor("tn", **TINY_TN).eval()
+    flipping = create_descriptor("tn", **TINY_TN, query_flip=True).eval()
+    flipping.load_state_dict(plain.state_dict())
+    expected = torch.nn.functional.normalize(plain.embed(images) + plain.embed(images.flip(-1)), dim=-1)
+    assert torch.allclose(flipping.embed(images), expected, atol=1e-6)
+    assert not torch.allclose(flipping.embed(images), plain.embed(images), atol=1e-4)
+    # a photo and its mirror image are one query; catalog photos are never mirrored
+    assert torch.allclose(flipping.embed(images.flip(-1)), flipping.embed(images), atol=1e-6)
+    assert torch.equal(flipping.embed_catalog(images), plain.embed(images))
+    assert plain.fingerprint() == create_descriptor("tn", **TINY_TN, query_flip=False).fingerprint()
+    assert flipping.fingerprint() != plain.fingerprint()
+    # a fusion's branch flips its own queries
+    gem = create_descriptor("gem", image_size=(64, 48)).eval()
+    fused = create_descriptor("fused[branches=gem[image_size=(64, 48);query_flip=true]|colorhist]").eval()
+    gem_flipped = torch.nn.functional.normalize(gem.embed(images) + gem.embed(images.flip(-1)), dim=-1)
+    assert torch.allclose(fused.branch_vectors(images)[0], gem_flipped, atol=1e-6)

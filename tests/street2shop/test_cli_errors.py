@@ -111,6 +111,15 @@ def test_bench_k_reports_the_value_given(tmp_path):
     _usage_error(result, "every k must be >= 1, got '-1'")
 
 
+def test_train_with_a_bracketed_spec_names_the_set_options(tmp_path):
+    result = CliRunner().invoke(
+        cli, ["train", "descriptor", "tn[backbone=lite2;dim=256]", "--out", str(tmp_path / "run")]
+    )
+    assert result.exit_code == 2
+    assert "street2shop train descriptor tn --set backbone=lite2 --set dim=256" in result.output
+    assert not (tmp_path / "run").exists()
+
+
 # ---- index --out is checked before any work --------------------------------------------------
 def test_index_out_with_foreign_files_is_refused_before_loading_data(tmp_path, monkeypatch):
     import retrieval.datasets
