@@ -3,15 +3,17 @@
 A proxy (`generation.proxies.Proxy`, or any callable (B, 3, H, W) -> (B, 3, h, w) in [0, 1]) may return
 another size than the descriptor reads; its output is resized back to the descriptor's input size
 (bilinear) and clamped to [0, 1], the same way at query time, in the benchmark and in training. A proxy may
-also ask for its photos larger than the descriptor reads them (`proxy_input_size`).
+also ask for its photos larger than the descriptor reads them (`proxy_input_size`). A trainer that reads its
+street photos behind a proxy takes it as a built object (`training_proxy`).
 """
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence, Tuple, TypeVar
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple, TypeVar, Union
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 Output = TypeVar("Output")
 
@@ -81,3 +83,38 @@ def behind_proxy(
         return read(to_descriptor_input(proxy(images), size))
 
     return proxied
+
+
+def training_proxy(
+    proxy: Any, trainer: str, device: Optional[Union[str, torch.device]] = None
+) -> Tuple[Optional[Callable[[torch.Tensor], torch.Tensor]], Dict[str, str]]:
+    """A trainer's ``proxy`` option -> (the proxy, or None; ``{"name", "fingerprint"}`` for its run config).
+
+    Proxies live in generation/, a layer above retrieval/ (DESIGN.md layers): a trainer takes a built Proxy
+    object (or any callable (B, 3, H, W) -> (B, 3, h, w) in [0, 1]), never a name; its callers build it with
+    `generation.proxies.proxy_training_options` (the CLI, `bench --train` and `street2shop build` do). A
+    network is put in eval mode, and on ``device`` when one is given.
+
+    Raises:
+        ValueError: a proxy name (naming ``trainer`` and who builds it), or something not callable.
+
+    Example:
+        >>> training_proxy("none", "tn")
+        (None, {'name': 'none', 'fingerprint': ''})
+    """
+    if proxy is None or proxy == "none":
+        return None, {"name": "none", "fingerprint": ""}
+    if isinstance(proxy, str):
+        raise ValueError(
+            f"{trainer}.train_on takes proxy= as a Proxy object, not the name {proxy!r}: build it with "
+            "generation.proxies.create_proxy (the CLI and `bench --train` do)"
+        )
+    if not callable(proxy):
+        raise ValueError(f"proxy must be None, 'none' or a callable Proxy, got {type(proxy).__name__}")
+    if isinstance(proxy, nn.Module):
+        proxy.eval()
+        if device is not None:
+            proxy.to(device)
+    name = getattr(proxy, "name", type(proxy).__name__)
+    fingerprint = proxy.fingerprint() if hasattr(proxy, "fingerprint") else ""
+    return proxy, {"name": str(name), "fingerprint": str(fingerprint)}

@@ -6,15 +6,21 @@ linear classifier memorises the labels and stops teaching the attention; by defa
 therefore the batch's product photos pooled by the same attention (`paired_attention_loss`; the
 paper's loss stays available, see `train_delf`). The backbone stays frozen: training runs on block
 features cached once per run (`retrieval.training.map_cache`), which makes it a few minutes on a CPU.
+
+For street queries, like tn (`retrieval.training.tn`): ``street_copies`` adds street-condition versions of
+every pair (`retrieval.datasets.viton_street.street_training_pairs`), and ``proxy`` (a built Proxy object,
+e.g. the street parser) reads the person photos behind the proxy the descriptor will serve behind; product
+photos never go through it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import numpy as np
 import torch
@@ -22,8 +28,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from retrieval.batching import iter_batches
+from retrieval.datasets.viton_street import street_training_pairs
 from retrieval.descriptors.delf import DELF, TRAINED_PREFIXES
 from retrieval.files import read_checked_bytes, write_checked_bytes
+from retrieval.proxy_stage import behind_proxy, proxy_input_size, training_proxy
 from retrieval.training.map_cache import cache_chunks, float16_maps
 from retrieval.training.run import TrainingRun
 from retrieval.training.trainers import TrainingJob, register_trainer
@@ -46,6 +54,11 @@ class DELFTrainConfig:
     of the frozen block features (~5-10 minutes on 2 CPU cores); an epoch over the cached features
     then takes seconds. On a VITON validation subset the paired loss reached its retrieval quality
     within 1-3 epochs and stayed there (10 epochs: same within noise); 5 is a margin, not a tuned optimum.
+
+    street_copies: street-condition versions of every training pair added to the pairs
+    (`retrieval.datasets.viton_street.street_training_pairs`; needs a VITON-layout set); proxy: "none" or a
+    built Proxy object the person photos are read behind before caching (`--set proxy=hp@RUN/final.pt`: the
+    CLI builds it; product photos never go through it).
     """
 
     epochs: int = 5
@@ -54,6 +67,8 @@ class DELFTrainConfig:
     loss: str = "paired"  # one of TRAINING_LOSSES
     weight_decay: float = 1e-4
     cache_batch_size: int = 32  # images per backbone batch while caching
+    street_copies: int = 0
+    proxy: Any = "none"
 
 
 def attention_pool(features: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
@@ -77,6 +92,7 @@ def paired_attention_loss(
     product_features: torch.Tensor,
     person_features: torch.Tensor,
     scale: float = PAIRED_LOGIT_SCALE,
+    labels: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """DELF's image-level loss with the classifier's weights tied to the batch's product photos.
 
@@ -87,13 +103,24 @@ def paired_attention_loss(
     two images per product id, a free linear classifier learns each id from those two images alone
     and then no longer needs the attention to find the garment (see `train_delf`).
 
+    ``labels`` (the pairs' product ids) matter when a batch holds two pairs of one product (street
+    copies): the other pair's photo is then no negative, and its logit is left out (-inf) in both
+    directions, the pair's own kept. Without labels, or with distinct ones, nothing is left out.
+
     Shape:
         - product_features, person_features: (B, C, h, w), row i of both = pair i
+        - labels: (B,) or None
         - output: (scalar loss, scalar accuracy of the person -> product direction)
     """
     products = F.normalize(attention_pool(product_features, attention(product_features)), dim=1)
     persons = F.normalize(attention_pool(person_features, attention(person_features)), dim=1)
     logits = scale * persons @ products.T  # (B persons, B products)
+    if labels is not None:
+        labels = labels.to(logits.device)
+        same_product = labels[:, None] == labels[None, :]  # symmetric, so it serves logits.T as well
+        same_product.fill_diagonal_(False)
+        if same_product.any():
+            logits = logits.masked_fill(same_product, float("-inf"))
     targets = torch.arange(len(logits), device=logits.device)
     loss = 0.5 * (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets))
     accuracy = (logits.argmax(dim=1) == targets).float().mean()
@@ -126,17 +153,25 @@ def train_delf(delf: DELF, job: TrainingJob, config: DELFTrainConfig) -> Path:
     - "paired" (default, `paired_attention_loss`): the classifier's weights are the batch's
       product photos, pooled by the same attention.
     - "classifier" (the paper's, `attention_classification_loss`): a free linear classifier
-      over all training product ids. Measured on the first 300 products of the VITON
-      validation split (VLAD, mAP@20): it peaked after 1-2 epochs (0.58-0.60) and then fell
-      to 0.27-0.35 as the classifier memorised the two images of each id (loss 8.2 -> 0.5 at
-      lr 1e-2), and wandered between 0.46 and 0.62 at lr 1e-3; "paired" stayed at 0.64-0.69
-      over 1-10 epochs. Untrained: 0.16.
+      over all training product ids (street copies of a pair share its id). Measured on the first
+      300 products of the VITON validation split (VLAD, mAP@20): it peaked after 1-2 epochs
+      (0.58-0.60) and then fell to 0.27-0.35 as the classifier memorised the two images of each id
+      (loss 8.2 -> 0.5 at lr 1e-2), and wandered between 0.46 and 0.62 at lr 1e-3; "paired" stayed
+      at 0.64-0.69 over 1-10 epochs. Untrained: 0.16.
 
     ``batch_size`` counts pairs (both photos of each go into the batch). The frozen block features of every
     training image (at scale 1) are cached once under ``job.out_dir/block-features/`` (float16,
     about 43 KB per 256x192 image), in chunks of pairs in a seeded order, so an interrupted run
     resumes its caching as well as its training. With a time budget, caching stops after
     half of it and training uses the pairs cached so far (a warning says how many).
+
+    ``street_copies`` > 0 trains on the studio pairs followed by that many street-condition versions of
+    each (`street_training_pairs`, copy c seeded with ``STREET_TRAINING_SEED + seed + c`` like tn's), so a
+    product has several pairs and "paired" leaves a batch's other pairs of the row's product out of its
+    negatives (``labels`` of `paired_attention_loss`). ``proxy`` (a built Proxy object, see
+    `retrieval.proxy_stage.training_proxy`) reads the person photos, at its `proxy_input_size`, before
+    their block features are cached; product photos never go through it. Both are recorded in the run
+    config only when used, so a run without them resumes as before.
 
     final.pt holds the attention only: use it as ``delf@OUT/final.pt``, which is then fitted
     (PCA, codebook) like the untrained one.
@@ -145,6 +180,12 @@ def train_delf(delf: DELF, job: TrainingJob, config: DELFTrainConfig) -> Path:
     if dataset.train is None or dataset.train.empty:
         raise ValueError(f"{dataset.name} has no training pairs to train {delf.name} on")
     pairs = dataset.train.sort_values("pair_id").reset_index(drop=True)
+    street_copies = int(config.street_copies)
+    if street_copies < 0:
+        raise ValueError(f"street_copies must be >= 0, got {street_copies}")
+    if street_copies:  # the studio pairs in the order above, then each copy of them in the same order
+        pairs = street_training_pairs(dataclasses.replace(dataset, train=pairs), street_copies, seed=seed)
+    proxy, proxy_label = training_proxy(config.proxy, delf.name, delf.device)
     products = sorted(pairs["product_id"].astype(str).unique())
     labels = pairs["product_id"].astype(str).map({p: i for i, p in enumerate(products)}).to_numpy()
     loss = config.loss
@@ -170,6 +211,11 @@ def train_delf(delf: DELF, job: TrainingJob, config: DELFTrainConfig) -> Path:
         "weight_decay": weight_decay,
         "seed": seed,
     }
+    # only when used, so that the configs of runs from before these options still match on resume
+    if street_copies:
+        run_config["street_copies"] = street_copies
+    if proxy is not None:
+        run_config["proxy"] = proxy_label
     run = TrainingRun(
         out_dir,
         modules,
@@ -179,7 +225,7 @@ def train_delf(delf: DELF, job: TrainingJob, config: DELFTrainConfig) -> Path:
     )
     delf.backbone.eval()
     product_maps, person_maps, targets = _cached_training_features(
-        delf, pairs, labels, out_dir / "block-features", run, seed, int(config.cache_batch_size), job.progress
+        delf, pairs, labels, proxy, out_dir / "block-features", run, seed, int(config.cache_batch_size), job.progress
     )
     n_pairs = len(targets)
     for epoch in run.epochs(epochs):
@@ -188,7 +234,9 @@ def train_delf(delf: DELF, job: TrainingJob, config: DELFTrainConfig) -> Path:
             products_batch = product_maps[batch].to(delf.device, torch.float32)
             persons_batch = person_maps[batch].to(delf.device, torch.float32)
             if loss == "paired":
-                value, accuracy = paired_attention_loss(delf.attention, products_batch, persons_batch)
+                value, accuracy = paired_attention_loss(
+                    delf.attention, products_batch, persons_batch, labels=targets[batch]
+                )
             else:
                 value, accuracy = attention_classification_loss(
                     delf.attention,
@@ -203,16 +251,26 @@ def train_delf(delf: DELF, job: TrainingJob, config: DELFTrainConfig) -> Path:
             if run.out_of_time:
                 break
     weights = {k: v.detach().cpu() for k, v in delf.state_dict().items() if k.startswith(TRAINED_PREFIXES)}
-    return run.finish(weights=weights, extra={"descriptor": delf.name})
+    extra = {"descriptor": delf.name, **({"proxy": proxy_label} if proxy is not None else {})}
+    return run.finish(weights=weights, extra=extra)
 
 
 def _cached_training_features(
-    delf: DELF, pairs, labels: np.ndarray, cache_dir: Path, run, seed: int, batch_size: int, progress: bool
+    delf: DELF,
+    pairs,
+    labels: np.ndarray,
+    proxy: Optional[Callable[[torch.Tensor], torch.Tensor]],
+    cache_dir: Path,
+    run,
+    seed: int,
+    batch_size: int,
+    progress: bool,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Block features (float16) of the training pairs' two photos, cached in chunks of pairs (`cache_chunks`).
 
     A chunk file `chunk-NNNNN.npz` (sealed by `write_checked_bytes`) holds "features": the product
-    photos of its pairs, then their person photos, in the same order, and "labels" likewise (twice).
+    photos of its pairs, then their person photos (behind `proxy` when one is given), in the same
+    order, and "labels" likewise (twice).
 
     Returns:
         (product maps (P, C, h, w), person maps (P, C, h, w), labels (P,) int64) for the P
@@ -226,8 +284,18 @@ def _cached_training_features(
     def compute(number: int, inputs: None) -> Tuple[np.ndarray, np.ndarray]:
         """Block maps (2n, C, h, w) float16 of the chunk's products then persons, and their labels."""
         chunk = chunks[number]
-        paths = list(pairs["product_image"].iloc[chunk]) + list(pairs["person_image"].iloc[chunk])
-        maps = float16_maps(delf.block_features, iter_batches(paths, size, batch_size), delf.device)
+        products, persons = list(pairs["product_image"].iloc[chunk]), list(pairs["person_image"].iloc[chunk])
+        if proxy is None:  # one stream of batches, as before the proxy option: the cached maps stay the same
+            maps = float16_maps(delf.block_features, iter_batches(products + persons, size, batch_size), delf.device)
+        else:
+            read = proxy_input_size(proxy, size)
+            person_features = behind_proxy(delf.block_features, proxy, size)
+            maps = torch.cat(
+                [
+                    float16_maps(delf.block_features, iter_batches(products, size, batch_size), delf.device),
+                    float16_maps(person_features, iter_batches(persons, read, batch_size), delf.device),
+                ]
+            )
         return maps.numpy(), np.concatenate([labels[chunk], labels[chunk]])
 
     cached = cache_chunks(

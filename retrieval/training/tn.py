@@ -50,7 +50,7 @@ from retrieval.batching import load_batch
 from retrieval.datasets.viton_street import street_training_pairs
 from retrieval.descriptors.tn import TripletNet
 from retrieval.metrics import rank_of_truth, single_relevant_metrics
-from retrieval.proxy_stage import to_descriptor_input
+from retrieval.proxy_stage import to_descriptor_input, training_proxy
 from retrieval.training.map_cache import cache_chunks, float16_maps
 from retrieval.training.run import TrainingRun, atomic_torch_save, load_checkpoint
 from retrieval.training.trainers import TrainingJob, register_trainer
@@ -249,9 +249,7 @@ def train_tn(tn: TripletNet, job: TrainingJob, config: TNTrainConfig) -> Path:
     pairs = _training_pairs(dataset)
     if tconf["street_copies"]:
         pairs = street_training_pairs(dataset, int(tconf["street_copies"]), seed=seed)
-    proxy, proxy_label = _resolve_proxy(tconf["proxy"])
-    if isinstance(proxy, nn.Module):
-        proxy.to(tn.device)
+    proxy, proxy_label = training_proxy(tconf["proxy"], tn.name, tn.device)
     tconf["proxy"] = proxy_label["name"]
     if not 0.0 <= float(tconf["val_fraction"]) < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {tconf['val_fraction']}")
@@ -488,25 +486,6 @@ def _first_occurrences(labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor
 
 def _step_seed(seed: int, epoch: int, step: int) -> int:
     return (int(seed) * 1_000_003 + int(epoch) * 10_007 + int(step)) % (2**63)
-
-
-def _resolve_proxy(proxy: Any) -> Tuple[Optional[Callable], Dict[str, str]]:
-    """None / "none" / a Proxy instance -> (callable or None, {name, fingerprint}) for the config."""
-    if proxy is None or proxy == "none":
-        return None, {"name": "none", "fingerprint": ""}
-    if isinstance(proxy, str):
-        # Proxies live in generation/, a layer above: the caller builds the object (DESIGN.md layers).
-        raise ValueError(
-            f"tn.train_on takes proxy= as a Proxy object, not the name {proxy!r}: build it with "
-            "generation.proxies.create_proxy (the CLI and `bench --train` do)"
-        )
-    if not callable(proxy):
-        raise ValueError(f"proxy must be None, 'none' or a callable Proxy, got {type(proxy).__name__}")
-    if isinstance(proxy, nn.Module):
-        proxy.eval()
-    name = getattr(proxy, "name", type(proxy).__name__)
-    fingerprint = proxy.fingerprint() if hasattr(proxy, "fingerprint") else ""
-    return proxy, {"name": str(name), "fingerprint": str(fingerprint)}
 
 
 def _log_validation(epoch: int, best: _BestSnapshot) -> None:

@@ -2,13 +2,26 @@
 
 from __future__ import annotations
 
+import dataclasses
+import io
+import json
+import math
+
+import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner
 
+from retrieval.batching import load_batch
 from retrieval.datasets import load_dataset
+from retrieval.datasets.viton_street import street_training_pairs
 from retrieval.descriptors import NotFittedError, create_descriptor
 from retrieval.descriptors.delf import AttentionNetwork, endpoint_geometry, receptive_field_centres
+from retrieval.files import read_checked_bytes
+from retrieval.proxy_stage import to_descriptor_input
+from retrieval.training import delf as delf_training
 from retrieval.training.delf import attention_classification_loss, attention_pool, paired_attention_loss
+from street2shop.cli import cli
 
 # Small but real: pretrained backbone, three pyramid scales, tiny codebook.
 SMALL = {
@@ -140,6 +153,40 @@ def test_paired_loss_golden():
     assert torch.isclose(loss, expected) and accuracy == 1.0
 
 
+def unit_photos(rows) -> torch.Tensor:
+    """(B, C) rows -> (B, C, 1, 1) block features: one location each, so an untrained (uniform) attention pools
+    each photo to its normalised row."""
+    return torch.tensor(rows)[:, :, None, None]
+
+
+def test_paired_loss_leaves_other_pairs_of_the_product_out_golden():
+    # three pairs, the first two of one product (a studio pair and its street copy: the same product photo)
+    attention = AttentionNetwork(2, 4)
+    products = unit_photos([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    persons = unit_photos([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0]])
+    s = 2.0
+    # cosines persons x products: [[1, 1, 0], [0.6, 0.6, 0.8], [0, 0, 1]]; (0, 1) and (1, 0) are left out
+    rows = [math.log1p(math.exp(-s)), math.log1p(math.exp(0.2 * s)), math.log1p(2 * math.exp(-s))]
+    columns = [math.log1p(math.exp(-s)), math.log1p(math.exp(-0.6 * s)), math.log1p(math.exp(-0.2 * s) + math.exp(-s))]
+    loss, accuracy = paired_attention_loss(attention, products, persons, scale=s, labels=torch.tensor([5, 5, 7]))
+    assert loss.item() == pytest.approx(0.5 * (sum(rows) / 3 + sum(columns) / 3), rel=1e-6)
+    assert accuracy.item() == pytest.approx(2 / 3)  # person 1 is closer to product 2
+    unmasked, _ = paired_attention_loss(attention, products, persons, scale=s)
+    assert unmasked.item() > loss.item()  # the duplicate counted as a negative before
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in attention.parameters())  # -inf logits pass no NaN back
+
+
+def test_paired_loss_without_duplicates_is_unchanged_by_labels():
+    torch.manual_seed(1)
+    attention = AttentionNetwork(8, 4)
+    torch.nn.init.normal_(attention.conv2.weight, std=0.5)
+    products, persons = torch.randn(5, 8, 3, 2), torch.randn(5, 8, 3, 2)
+    plain = paired_attention_loss(attention, products, persons)
+    labelled = paired_attention_loss(attention, products, persons, labels=torch.tensor([4, 0, 3, 1, 2]))
+    assert torch.equal(plain[0], labelled[0]) and torch.equal(plain[1], labelled[1])
+
+
 def test_train_on_synthetic_and_checkpoint_round_trip(synthetic_root, tmp_path):
     data = load_dataset(f"viton:{synthetic_root}", split="val")
     conf = {**SMALL, "scales": (1.0,)}
@@ -148,6 +195,10 @@ def test_train_on_synthetic_and_checkpoint_round_trip(synthetic_root, tmp_path):
     assert final.exists() and (tmp_path / "run" / "losses.csv").exists()
     assert len(list((tmp_path / "run" / "block-features").glob("chunk-*.npz"))) >= 1
     assert delf.attention.conv2.weight.abs().sum() > 0
+    # without street copies or a proxy the run config is what it was before those options (resume matches)
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert "street_copies" not in config and "proxy" not in config
+    assert "proxy" not in torch.load(final, weights_only=True)
 
     loaded = create_descriptor(f"delf@{final}", **conf).eval()
     assert torch.equal(loaded.attention.conv2.weight, delf.attention.conv2.weight)
@@ -174,3 +225,83 @@ def test_train_on_synthetic_and_checkpoint_round_trip(synthetic_root, tmp_path):
     }
     with pytest.raises(ValueError, match="valid: paired, classifier"):
         create_descriptor("delf", **conf).train_on(data, tmp_path / "bad", loss="triplet")
+
+
+class InvertedLarge:
+    """A test proxy: 1 - image, reading photos at twice the descriptor's size (its output is resized back)."""
+
+    name = "inverted"
+    input_scale = 2.0
+
+    def fingerprint(self) -> str:
+        return "inverted-1"
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return 1.0 - images
+
+
+def test_street_copies_and_a_proxy_train_are_recorded_and_resume(synthetic_root, tmp_path, monkeypatch):
+    monkeypatch.setenv("STREET2SHOP_CACHE", str(tmp_path / "cache"))  # where the street copies are generated
+    data = load_dataset(f"viton:{synthetic_root}", split="val")
+    conf = {**SMALL, "scales": (1.0,)}
+    options = dict(epochs=2, batch_size=8, progress=False, street_copies=1, proxy=InvertedLarge())
+    batch_labels = []
+
+    def recording_loss(*args, labels=None, **kwargs):
+        batch_labels.append(labels)
+        return paired_attention_loss(*args, labels=labels, **kwargs)
+
+    monkeypatch.setattr(delf_training, "paired_attention_loss", recording_loss)
+    delf = create_descriptor("delf", **conf)
+    final = delf.train_on(data, tmp_path / "run", **options)
+    # the loss got each batch's product ids, and some batch held a pair and its street copy
+    assert batch_labels and all(labels is not None and len(labels) <= 8 for labels in batch_labels)
+    assert any(len(labels.unique()) < len(labels) for labels in batch_labels)
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["street_copies"] == 1 and config["pairs"] == 2 * len(data.train)
+    assert config["products"] == data.train["product_id"].nunique()  # a street copy keeps its pair's product
+    assert config["proxy"] == {"name": "inverted", "fingerprint": "inverted-1"}
+    payload = torch.load(final, weights_only=True)
+    assert payload["proxy"]["name"] == "inverted" and payload["steps"] > 0
+    losses = (tmp_path / "run" / "losses.csv").read_text().splitlines()
+    assert len(losses) > 1 and "nan" not in "".join(losses[1:]).lower()
+
+    # the first chunk: the product photos as they are, then the person photos behind the proxy
+    pairs = street_training_pairs(dataclasses.replace(data, train=data.train.sort_values("pair_id")), 1, seed=0)
+    rows = pairs.iloc[np.random.default_rng(0).permutation(len(pairs))[:3]]
+    with np.load(io.BytesIO(read_checked_bytes(tmp_path / "run" / "block-features" / "chunk-00000.npz"))) as chunk:
+        features, labels = chunk["features"], chunk["labels"]
+    n = len(features) // 2
+    assert n == min(64, len(pairs)) and (labels[:n] == labels[n:]).all()
+    size = conf["image_size"]
+    with torch.no_grad():
+        products = delf.block_features(load_batch(list(rows["product_image"]), size))
+        persons = delf.block_features(
+            to_descriptor_input(1.0 - load_batch(list(rows["person_image"]), (2 * size[0], 2 * size[1])), size)
+        )
+    assert torch.allclose(torch.from_numpy(features[:3]).float(), products, atol=2e-2)
+    assert torch.allclose(torch.from_numpy(features[n : n + 3]).float(), persons, atol=2e-2)
+
+    # the same command resumes the finished run; other street copies or no proxy are another run
+    again = create_descriptor("delf", **conf).train_on(data, tmp_path / "run", **options)
+    assert torch.load(again, weights_only=True)["steps"] == payload["steps"]
+    for other in ({"street_copies": 2}, {"proxy": "none"}):
+        with pytest.raises(ValueError, match="another config"):
+            create_descriptor("delf", **conf).train_on(data, tmp_path / "run", **{**options, **other})
+
+
+def test_cli_trains_delf_on_street_copies_behind_a_named_proxy(synthetic_root, tmp_path, monkeypatch):
+    """`--set street_copies=N --set proxy=SPEC`: the CLI types both and builds the proxy (retrieval/ cannot)."""
+    monkeypatch.setenv("STREET2SHOP_CACHE", str(tmp_path / "cache"))
+    run = tmp_path / "run"
+    settings = ["image_size=96,64", "attention_hidden=32", "street_copies=1", "proxy=hp"]
+    result = CliRunner().invoke(
+        cli,
+        ["train", "descriptor", "delf", "--dataset", f"viton:{synthetic_root}", "--out", str(run)]
+        + ["--epochs", "1", "--batch-size", "8", "--device", "cpu"]
+        + [arg for setting in settings for arg in ("--set", setting)],
+        catch_exceptions=False,
+    )
+    assert result.exit_code == 0, result.output
+    config = json.loads((run / "config.json").read_text())
+    assert config["street_copies"] == 1 and config["proxy"]["name"] == "hp" and config["proxy"]["fingerprint"]
