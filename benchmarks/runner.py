@@ -242,7 +242,7 @@ def run_benchmark(
                     model.input_spec.size,
                     batch_size=batch_size,
                     device=device,
-                    cache=cache(f"{model.name}-{model.fingerprint()}"),
+                    cache=cache(f"{model.name}-{model.catalog_fingerprint()}"),
                     chunk_size=chunk_size,
                     progress=f"{descriptor_name}: gallery" if progress else None,
                     workers=workers,

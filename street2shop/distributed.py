@@ -59,7 +59,7 @@ def require_ray():
 
 def shard_directory(cache_dir: os.PathLike, descriptor: Descriptor) -> Path:
     """Where the shards of this descriptor (name and fingerprint: its weights and fitted state) go."""
-    return Path(cache_dir) / f"{descriptor.name}-{descriptor.fingerprint()}" / SHARD_FOLDER
+    return Path(cache_dir) / f"{descriptor.name}-{descriptor.catalog_fingerprint()}" / SHARD_FOLDER
 
 
 def write_shard(directory: Path, keys: Sequence[str], vectors: np.ndarray) -> Path:

@@ -126,7 +126,7 @@ def embed_locally(
     Its signature is every ``build_index(embed_catalog=...)``'s: catalog photo paths -> (N, D) float32, row i
     for paths[i], no proxy (catalog photos are clean product shots).
     """
-    cache = FeatureCache(cache_dir, f"{descriptor.name}-{descriptor.fingerprint()}") if cache_dir else None
+    cache = FeatureCache(cache_dir, f"{descriptor.name}-{descriptor.catalog_fingerprint()}") if cache_dir else None
     return extract_features(
         descriptor.embed_catalog,
         paths,

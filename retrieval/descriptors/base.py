@@ -33,6 +33,10 @@ class NotFittedError(RuntimeError):
     """Raised when a descriptor that needs `fit` is used before it."""
 
 
+# Options that change only how a query is embedded (`embed`), never a catalog vector (`embed_catalog`).
+QUERY_ONLY_OPTIONS = ("query_flip",)
+
+
 class Descriptor(nn.Module):
     """Base class. Subclasses set `default_conf`, `kind`, `trainable`, `needs_fit` and implement `extract`."""
 
@@ -185,6 +189,15 @@ class Descriptor(nn.Module):
         """Hash of name, config and every tensor of the state dict (fitted codebooks, backbone weights included)."""
         late = self.late_option_defaults
         conf = {k: v for k, v in self.config().items() if k not in late or v != late[k]}
+        return module_fingerprint(self.name, conf, self)
+
+    def catalog_fingerprint(self) -> str:
+        """`fingerprint` as if the query-only options were at their defaults: the key of cached catalog vectors,
+        which those options do not change (a `query_flip` descriptor reuses its plain twin's catalog cache)."""
+        late = self.late_option_defaults
+        conf = {
+            k: v for k, v in self.config().items() if k not in QUERY_ONLY_OPTIONS and (k not in late or v != late[k])
+        }
         return module_fingerprint(self.name, conf, self)
 
     def extra_repr(self) -> str:

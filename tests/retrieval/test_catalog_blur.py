@@ -83,6 +83,10 @@ def test_query_flip_averages_the_mirror_image_and_leaves_the_catalog_alone():
     assert torch.equal(flipping.embed_catalog(images), plain.embed(images))
     assert plain.fingerprint() == create_descriptor("tn", **TINY_TN, query_flip=False).fingerprint()
     assert flipping.fingerprint() != plain.fingerprint()
+    # the catalog vectors are the same, so is their cache key; a catalog option still changes it
+    assert flipping.catalog_fingerprint() == plain.catalog_fingerprint() == plain.fingerprint()
+    blurred = create_descriptor("tn", **TINY_TN, catalog_blur=(2.0,), query_flip=True)
+    assert blurred.catalog_fingerprint() != plain.catalog_fingerprint()
     # a fusion's branch flips its own queries
     gem = create_descriptor("gem", image_size=(64, 48)).eval()
     fused = create_descriptor("fused[branches=gem[image_size=(64, 48);query_flip=true]|colorhist]").eval()
