@@ -33,19 +33,20 @@ def test_recipes_name_their_parts_and_trainings():
     with pytest.raises(ValueError, match="recipes: best, fast, no-training, street"):
         get_recipe("nope")
     street = get_recipe("street")
-    tn_street = street.trainings[-1]
-    assert street.training_settings(tn_street, "r") == {
-        "street_copies": 3,
-        "finetune_last_blocks": 2,
-        "epochs": 24,
-        "proxy": "hp@r/parser_street/final.pt",
-    }
+    runs = [t.run for t in street.trainings]
+    assert runs == ["parser_street", "tn_street_head", "tn_street", "tn_street_lite2"]  # the parser first
+    behind = {"proxy": "hp@r/parser_street/final.pt"}
+    assert [street.training_settings(t, "r") for t in street.trainings[1:]] == [
+        {"street_copies": 1, **behind},
+        {"street_copies": 3, "finetune_last_blocks": 2, "epochs": 24, **behind},
+        {"backbone": "lite2", "street_copies": 3, "finetune_last_blocks": 2, "epochs": 24, **behind},
+    ]
+    branch = "tn[catalog_blur=(2.0, 4.0);query_flip=true]@r/{}/final.pt"
     assert street.specs("r")["descriptor"] == (
-        "fused[branches=tn@r/tn_studio/final.pt|tn[catalog_blur=(2.0, 4.0)]@r/tn_street/final.pt;weights=(1, 1)]"
+        f"fused[branches={branch.format('tn_street')}|{branch.format('tn_street_head')}|"
+        f"{branch.format('tn_street_lite2')};weights=(1, 1, 1)]"
     )
-    assert [t.run for t in street.trainings].index("tn_street") > [t.run for t in street.trainings].index(
-        "parser_street"
-    )
+    assert street.specs("r")["proxy"] == "hp@r/parser_street/final.pt"
 
 
 def test_a_recipe_whose_checkpoints_are_missing_says_how_to_train_them(tmp_path):
