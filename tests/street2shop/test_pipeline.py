@@ -153,10 +153,10 @@ def test_add_remove_save_reload_and_product_images(shop, dataset):
 
 
 class _CountingEmbed:
-    """Wraps a descriptor's embed and counts the images it embeds."""
+    """Wraps a descriptor's single pass (`embed_unaugmented`) and counts the images it embeds."""
 
     def __init__(self, descriptor):
-        self.embed, self.images = descriptor.embed, 0
+        self.embed, self.images = descriptor.embed_unaugmented, 0
 
     def __call__(self, images):
         self.images += len(images)
@@ -179,7 +179,7 @@ def test_adding_one_product_to_an_indexed_catalog_of_1000_embeds_one_image(tmp_p
     catalog = _tiny_catalog(tmp_path / "photos", 1000)
     descriptor = create_descriptor("colorhist")
     counter = _CountingEmbed(descriptor)
-    monkeypatch.setattr(descriptor, "embed", counter)
+    monkeypatch.setattr(descriptor, "embed_unaugmented", counter)  # the one pass a catalog photo gets
     cache = tmp_path / "cache"
     build_index(catalog, descriptor, tmp_path / "first", progress=False, cache_dir=cache)
     assert counter.images == 1000
@@ -193,9 +193,11 @@ def test_adding_one_product_to_an_indexed_catalog_of_1000_embeds_one_image(tmp_p
     from retrieval.descriptors.colorhist import ColorHistogram
 
     calls = []
-    original = ColorHistogram.embed
+    original = ColorHistogram.embed_unaugmented
     monkeypatch.setattr(
-        ColorHistogram, "embed", lambda self, images: (calls.append(len(images)), original(self, images))[1]
+        ColorHistogram,
+        "embed_unaugmented",
+        lambda self, images: (calls.append(len(images)), original(self, images))[1],
     )
     result = _invoke("add", tmp_path / "first", "--catalog", f"csv:{tmp_path / 'grown.csv'}", "--device", "cpu")
     assert result.exit_code == 0, result.output
