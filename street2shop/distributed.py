@@ -58,7 +58,8 @@ def require_ray():
 
 
 def shard_directory(cache_dir: os.PathLike, descriptor: Descriptor) -> Path:
-    """Where the shards of this descriptor (name and fingerprint: its weights and fitted state) go."""
+    """Where the shards of this descriptor's catalog vectors go (name and `catalog_fingerprint`: its weights, fitted
+    state and catalog options)."""
     return Path(cache_dir) / f"{descriptor.name}-{descriptor.catalog_fingerprint()}" / SHARD_FOLDER
 
 

@@ -185,20 +185,17 @@ class Descriptor(nn.Module):
         """JSON-serialisable config: enough, with the state dict, to rebuild this descriptor."""
         return json.loads(json.dumps(self.conf, default=list))
 
-    def fingerprint(self) -> str:
-        """Hash of name, config and every tensor of the state dict (fitted codebooks, backbone weights included)."""
-        late = self.late_option_defaults
-        conf = {k: v for k, v in self.config().items() if k not in late or v != late[k]}
+    def fingerprint(self, leave_out: Iterable[str] = ()) -> str:
+        """Hash of name, config and every tensor of the state dict (fitted codebooks, backbone weights included),
+        the options in ``leave_out`` left out of it."""
+        late, left_out = self.late_option_defaults, set(leave_out)
+        conf = {k: v for k, v in self.config().items() if k not in left_out and (k not in late or v != late[k])}
         return module_fingerprint(self.name, conf, self)
 
     def catalog_fingerprint(self) -> str:
-        """`fingerprint` as if the query-only options were at their defaults: the key of cached catalog vectors,
-        which those options do not change (a `query_flip` descriptor reuses its plain twin's catalog cache)."""
-        late = self.late_option_defaults
-        conf = {
-            k: v for k, v in self.config().items() if k not in QUERY_ONLY_OPTIONS and (k not in late or v != late[k])
-        }
-        return module_fingerprint(self.name, conf, self)
+        """`fingerprint` with the query-only options left out: the key of cached catalog vectors, which those
+        options do not change (a `query_flip` descriptor reuses its plain twin's catalog cache)."""
+        return self.fingerprint(leave_out=QUERY_ONLY_OPTIONS)
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, dim={self.dim}, conf={self.conf}"

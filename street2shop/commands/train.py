@@ -74,13 +74,16 @@ def _train(kind: str, name: str, dataset, out_dir, time_budget, device, cache_di
     from benchmarks.reproduce import model_class, option_defaults, train_named
     from retrieval.datasets import load_dataset
     from retrieval.registry import parse_settings
+    from retrieval.specs import parse_spec, split_specs
 
-    if "[" in name:
-        plain, options = name.split("[", 1)
-        settings_hint = " ".join(f"--set {item.strip()}" for item in options.rstrip("]").split(";") if item.strip())
+    spec = parse_spec(name)
+    if spec.options or spec.checkpoint:
+        # the options as typed (split like any spec's, so a nested spec's ';' stays in its option)
+        inner = name[len(spec.name) + 1 : name.rindex("]")] if spec.options else ""
+        settings_hint = "".join(f" --set {item}" for item in split_specs(inner, separator=";"))
         raise ValueError(
             f"train takes a plain {kind} name, not the spec {name!r}: give its options with --set, "
-            f"e.g. `street2shop train {kind} {plain} {settings_hint}`"
+            f"e.g. `street2shop train {kind} {spec.name}{settings_hint}`"
         )
     if not getattr(model_class(kind, name), "trainable", False):  # before any data loads
         raise ValueError(f"{kind} {name!r} has nothing to train")

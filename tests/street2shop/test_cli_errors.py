@@ -118,6 +118,12 @@ def test_train_with_a_bracketed_spec_names_the_set_options(tmp_path):
     assert result.exit_code == 2
     assert "street2shop train descriptor tn --set backbone=lite2 --set dim=256" in result.output
     assert not (tmp_path / "run").exists()
+    # a nested spec keeps its own ';' inside its option
+    result = CliRunner().invoke(
+        cli, ["train", "descriptor", "fused[branches=tn[dim=8;pooling=gem]|gem;weights=(1, 2)]", "--out", "x"]
+    )
+    assert result.exit_code == 2
+    assert "train descriptor fused --set branches=tn[dim=8;pooling=gem]|gem --set weights=(1, 2)`" in result.output
 
 
 # ---- index --out is checked before any work --------------------------------------------------
