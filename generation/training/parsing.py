@@ -5,7 +5,8 @@
       -> BCE + Dice (`garment_segmentation_loss`), AdamW with a smaller rate for the fine-tuned encoder
          blocks, linear warm-up then cosine decay (`train_garment_parser`, through `TrainingRun`)
       -> garment IoUs on the validation queries' parse maps, found beside the photos by VITON's layout
-         (`validation_parsing_pairs`, `evaluate_garment_masks`), into final.pt and val_metrics.json
+         (`validation_parsing_pairs`, `evaluate_garment_masks`), on the studio photos and on their street
+         versions (the `viton-street` draws of the run's seed), into final.pt and val_metrics.json
 
 `train_hp` is the trainer of the "hp" proxy (`street2shop train parsing --out runs/parser`); afterwards
 the proxy uses the trained parser, as `create_proxy("hp@runs/parser/final.pt")` does.
@@ -35,6 +36,7 @@ from generation.metrics import GarmentIoU
 from generation.parsing import GarmentParser, HumanParsingProxy, garment_masks
 from generation.training.pairs import require_parse_maps
 from retrieval.datasets.viton_street import STREET_TRAINING_SEED
+from retrieval.files import write_text_atomic
 from retrieval.garments import garment_mask_from_labels
 from retrieval.io import read_image, read_mask, resize_image
 from retrieval.street_conditions import street_version
@@ -205,10 +207,13 @@ def evaluate_garment_masks(
     batch_size: int = 32,
     threshold: float = 0.5,
     progress: bool = False,
+    street_seed: Optional[int] = None,
 ) -> Dict[str, float]:
     """Garment IoUs of the parser (or of GrabCut when `parser` is None) against LIP parse maps.
 
-    Masks are compared at the parse maps' own resolution (the photo is resized to it first).
+    Masks are compared at the parse maps' own resolution (the photo is resized to it first). With
+    `street_seed`, each photo is replaced by its street version (`street_version` with that seed, the draw
+    `viton-street` makes with the same seed) and scored against its parse map carried along with the person.
 
     Returns:
         `generation.metrics.GarmentIoU.compute()`: iou_garment, iou_background, miou,
@@ -223,10 +228,14 @@ def evaluate_garment_masks(
         chunks = tqdm(chunks, desc="parser mIoU", unit="batch", leave=False)
     for start in chunks:
         labels = [read_mask(p) for p in parses[start : start + batch_size]]
-        photos = [
-            resize_image(read_image(p), lab.shape[:2])
-            for p, lab in zip(person_images[start : start + batch_size], labels)
-        ]
+        photos = [read_image(p) for p in person_images[start : start + batch_size]]
+        if street_seed is not None:
+            streets = [
+                street_version(photo, lab, street_seed, Path(path).stem)
+                for photo, lab, path in zip(photos, labels, person_images[start : start + batch_size])
+            ]
+            photos, labels = [street.image for street in streets], [street.labels for street in streets]
+        photos = [resize_image(photo, lab.shape[:2]) for photo, lab in zip(photos, labels)]
         # One batch when the parse maps share a size (VITON's do), else photo by photo.
         groups = (
             [list(range(len(photos)))] if len({lab.shape for lab in labels}) == 1 else [[i] for i in range(len(photos))]
@@ -278,7 +287,8 @@ def train_garment_parser(
     180 MB). Each epoch visits them in a (seed, epoch)-seeded order with random horizontal flips;
     AdamW, `lr` for the decoder and `lr * encoder_lr_scale` for the fine-tuned encoder blocks, linear
     warm-up then cosine decay over all steps. After training, garment IoUs on `validation` (photos,
-    parse maps) go into final.pt (`val`) and `<out_dir>/val_metrics.json`.
+    parse maps) go into final.pt (`val`) and `<out_dir>/val_metrics.json`; those on the same photos' street
+    versions (drawn with `seed`, as `viton-street` draws its queries) under the key ``street``.
 
     final.pt holds the weights as `parser.*` (what the hp proxy's state dict names them), the parser's
     architecture (`parser_conf`) and `proxy: "hp"`.
@@ -348,14 +358,17 @@ def train_garment_parser(
     parser.eval()
     extra: Dict[str, Any] = {"proxy": "hp", "parser_conf": parser.config()}
     if validation is not None and len(validation[0]):
-        metrics = evaluate_garment_masks(*validation, parser=parser, progress=progress)
+        metrics: Dict[str, Any] = evaluate_garment_masks(*validation, parser=parser, progress=progress)
+        metrics["street"] = evaluate_garment_masks(*validation, parser=parser, progress=progress, street_seed=seed)
         extra["val"] = metrics
-        (Path(out_dir) / "val_metrics.json").write_text(json.dumps(metrics, indent=1))
+        write_text_atomic(Path(out_dir) / "val_metrics.json", json.dumps(metrics, indent=1))
         log.warning(
-            "parser on %d validation photos: garment IoU %.4f, mIoU %.4f",
+            "parser on %d validation photos: garment IoU %.4f, mIoU %.4f; on their street versions %.4f, %.4f",
             metrics["images"],
             metrics["iou_garment"],
             metrics["miou"],
+            metrics["street"]["iou_garment"],
+            metrics["street"]["miou"],
         )
     return run.finish(extra=extra)
 

@@ -1,6 +1,7 @@
 """Garment parser, GrabCut fallbacks (person photos and product shape maps), segmented texture, hp training."""
 
 import json
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -19,12 +20,16 @@ from generation.proxies import create_proxy
 from generation.shape_maps import fill_holes, grabcut_shape_map, mask_iou, shape_map_agreement
 from generation.training.parsing import (
     dice_loss,
+    evaluate_garment_masks,
     garment_segmentation_loss,
     validation_parsing_pairs,
     viton_parse_path,
 )
 from retrieval.datasets import load_viton
+from retrieval.files import write_image_atomic
 from retrieval.garments import GARMENT_LABELS, garment_mask_from_labels, mask_bounding_boxes, segmented_texture
+from retrieval.io import read_image, read_mask
+from retrieval.street_conditions import street_version
 from retrieval.training import load_checkpoint
 
 
@@ -161,6 +166,23 @@ def test_grabcut_shape_map_of_a_product_on_white():
         grabcut_shape_map(product, init="nope")
 
 
+def test_street_evaluation_scores_each_street_photo_against_its_own_moved_parse_map(synthetic_root, tmp_path):
+    data = load_viton(synthetic_root, split="val")
+    photos, parses = validation_parsing_pairs(data, limit=3)
+    torch.manual_seed(0)
+    parser = GarmentParser((32, 32), decoder_channels=8, pretrained=False).eval()
+    written = ([], [])
+    for photo, parse in zip(photos, parses):  # the street versions, written out as a plain studio set
+        street = street_version(read_image(photo), read_mask(parse), 7, Path(photo).stem)
+        written[0].append(str(tmp_path / f"{Path(photo).stem}.png"))
+        written[1].append(str(tmp_path / f"{Path(photo).stem}-parse.png"))
+        write_image_atomic(written[0][-1], street.image)
+        write_image_atomic(written[1][-1], street.labels)
+    street = evaluate_garment_masks(photos, parses, parser, street_seed=7)
+    assert street == evaluate_garment_masks(*written, parser)
+    assert street != evaluate_garment_masks(photos, parses, parser)  # not the studio photos
+
+
 def test_checkpoint_round_trip(synthetic_root, tmp_path):
     data = load_viton(synthetic_root, split="val")
     proxy = create_proxy("hp")
@@ -170,7 +192,9 @@ def test_checkpoint_round_trip(synthetic_root, tmp_path):
     payload = load_checkpoint(final)
     assert payload["proxy"] == "hp" and payload["parser_conf"]["image_size"] == [32, 32]
     assert payload["steps"] == 1 and payload["val"]["images"] == 3  # 16 training pairs, batch 16
-    assert json.loads((tmp_path / "run" / "val_metrics.json").read_text())["images"] == 3
+    stored = json.loads((tmp_path / "run" / "val_metrics.json").read_text())
+    assert stored["images"] == 3 and stored["street"]["images"] == 3  # studio photos and their street versions
+    assert 0.0 <= stored["street"]["iou_garment"] <= 1.0
     photos = torch.rand(2, 3, 64, 48, generator=torch.Generator().manual_seed(0))
     loaded = create_proxy(f"hp@{final}").eval()
     assert loaded.uses_parser

@@ -34,9 +34,16 @@ def test_recipes_name_their_parts_and_trainings():
         get_recipe("nope")
     street = get_recipe("street")
     runs = [t.run for t in street.trainings]
-    assert runs == ["parser_street", "tn_street_head", "tn_street", "tn_street_lite2"]  # the parser first
-    behind = {"proxy": "hp@r/parser_street/final.pt"}
-    assert [street.training_settings(t, "r") for t in street.trainings[1:]] == [
+    assert runs == [
+        "parser_street",
+        "parser_street_hr",
+        "tn_street_head",
+        "tn_street",
+        "tn_street_lite2",
+    ]  # parsers first
+    assert street.training_settings(street.trainings[1], "r") == {"street_copies": 1, "image_size": (256, 192)}
+    behind = {"proxy": "hp@r/parser_street/final.pt"}  # tn learns from the 128 x 96 parser's cut-outs
+    assert [street.training_settings(t, "r") for t in street.trainings[2:]] == [
         {"street_copies": 1, **behind},
         {"street_copies": 3, "finetune_last_blocks": 2, "epochs": 24, **behind},
         {"backbone": "lite2", "street_copies": 3, "finetune_last_blocks": 2, "epochs": 24, **behind},
@@ -46,7 +53,7 @@ def test_recipes_name_their_parts_and_trainings():
         f"fused[branches={branch.format('tn_street')}|{branch.format('tn_street_head')}|"
         f"{branch.format('tn_street_lite2')};weights=(1, 1, 1)]"
     )
-    assert street.specs("r")["proxy"] == "hp@r/parser_street/final.pt"
+    assert street.specs("r")["proxy"] == "hp@r/parser_street_hr/final.pt"  # queries go through the 256 x 192 one
 
 
 def test_a_recipe_whose_checkpoints_are_missing_says_how_to_train_them(tmp_path):
