@@ -105,8 +105,12 @@ def _train(kind: str, name: str, dataset, out_dir, time_budget, device, cache_di
     budget_s = None if time_budget is None else 60 * time_budget
     final = train_named(kind, name, data, out_dir, settings, flags, device=device, seed=seed, time_budget_s=budget_s)
     budget = f" (stopped by the {time_budget:g}-minute budget if it came first)" if time_budget else ""
+    copies = int(settings.get("street_copies", 0) or 0)  # each training pair also seen as that many street photos
+    street = f" (+ {copies} street cop{'y' if copies == 1 else 'ies'} of each)" if copies else ""
     source = (
-        f"the pair archive {settings['pairs']}" if data is None else f"{data.name}'s {len(data.train)} training pairs"
+        f"the pair archive {settings['pairs']}"
+        if data is None
+        else f"{data.name}'s {len(data.train)} training pairs{street}"
     )
     losses = Path(out_dir) / "losses.csv"
     where_losses = f"; steps and epochs: {losses}" if losses.is_file() else ""  # the fused trainer fits, no steps

@@ -305,3 +305,4 @@ def test_cli_trains_delf_on_street_copies_behind_a_named_proxy(synthetic_root, t
     assert result.exit_code == 0, result.output
     config = json.loads((run / "config.json").read_text())
     assert config["street_copies"] == 1 and config["proxy"]["name"] == "hp" and config["proxy"]["fingerprint"]
+    assert "training pairs (+ 1 street copy of each)" in result.output  # the count says what was seen
