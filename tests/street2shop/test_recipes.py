@@ -41,7 +41,11 @@ def test_recipes_name_their_parts_and_trainings():
         "tn_street",
         "tn_street_lite2",
     ]  # parsers first
-    assert street.training_settings(street.trainings[1], "r") == {"street_copies": 1, "image_size": (256, 192)}
+    assert street.training_settings(street.trainings[1], "r") == {
+        "street_copies": 2,
+        "image_size": (256, 192),
+        "epochs": 7,
+    }
     behind = {"proxy": "hp@r/parser_street/final.pt"}  # tn learns from the 128 x 96 parser's cut-outs
     assert [street.training_settings(t, "r") for t in street.trainings[2:]] == [
         {"street_copies": 1, **behind},
