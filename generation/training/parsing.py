@@ -130,15 +130,25 @@ def viton_parse_path(person_image: str) -> Optional[Path]:
     return candidate if candidate.is_file() else None
 
 
-def _read_pair(
-    person_image: str, parse: str, size: Tuple[int, int], street_seed: Optional[int] = None
+def _read_photo_and_labels(
+    person_image: str, parse: str, street_seed: Optional[int] = None
 ) -> Tuple[np.ndarray, np.ndarray]:
-    """(photo (h, w, 3) uint8, garment mask (h, w) uint8) at `size`; with `street_seed`, the photo's street
-    version (`retrieval.street_conditions.street_version`) and its parse map moved along with the person."""
+    """(photo (H, W, 3) uint8, parse map (h, w) uint8) as stored; with `street_seed`, the photo's street version
+    (`retrieval.street_conditions.street_version`, image id = the file's stem, as `viton-street` draws it) and its
+    parse map moved along with the person."""
     photo, labels = read_image(person_image), read_mask(parse)
     if street_seed is not None:
         street = street_version(photo, labels, street_seed, Path(person_image).stem)
         photo, labels = street.image, street.labels
+    return photo, labels
+
+
+def _read_pair(
+    person_image: str, parse: str, size: Tuple[int, int], street_seed: Optional[int] = None
+) -> Tuple[np.ndarray, np.ndarray]:
+    """(photo (h, w, 3) uint8, garment mask (h, w) uint8) at `size`, street version with `street_seed`
+    (`_read_photo_and_labels`)."""
+    photo, labels = _read_photo_and_labels(person_image, parse, street_seed)
     image = resize_image(photo, size)
     garment = garment_mask_from_labels(labels).astype(np.uint8) * 255
     # Area-averaged, the mask keeps its boundary as soft targets instead of a jagged nearest-neighbour edge.
@@ -227,15 +237,12 @@ def evaluate_garment_masks(
 
         chunks = tqdm(chunks, desc="parser mIoU", unit="batch", leave=False)
     for start in chunks:
-        labels = [read_mask(p) for p in parses[start : start + batch_size]]
-        photos = [read_image(p) for p in person_images[start : start + batch_size]]
-        if street_seed is not None:
-            streets = [
-                street_version(photo, lab, street_seed, Path(path).stem)
-                for photo, lab, path in zip(photos, labels, person_images[start : start + batch_size])
-            ]
-            photos, labels = [street.image for street in streets], [street.labels for street in streets]
-        photos = [resize_image(photo, lab.shape[:2]) for photo, lab in zip(photos, labels)]
+        read = [
+            _read_photo_and_labels(photo, parse, street_seed)
+            for photo, parse in zip(person_images[start : start + batch_size], parses[start : start + batch_size])
+        ]
+        labels = [lab for _, lab in read]
+        photos = [resize_image(photo, lab.shape[:2]) for photo, lab in read]
         # One batch when the parse maps share a size (VITON's do), else photo by photo.
         groups = (
             [list(range(len(photos)))] if len({lab.shape for lab in labels}) == 1 else [[i] for i in range(len(photos))]
