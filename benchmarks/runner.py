@@ -26,6 +26,7 @@ from benchmarks.protocols import sampled_gallery_protocol, summarise_draws
 from benchmarks.stats import bootstrap_ci, paired_bootstrap_test, relative_improvement
 from generation.proxies import create_proxy
 from index import ProductIndex
+from index.bank_norm import DEFAULT_BANK_BETA, bank_offsets
 from retrieval.batching import fit_descriptor, sample_paths
 from retrieval.datasets import RetrievalSet
 from retrieval.descriptors import create_descriptor
@@ -151,6 +152,8 @@ def run_benchmark(
     proxy_output_dir: Optional[Path] = None,
     fit_dataset: Optional[RetrievalSet] = None,
     combinations: Optional[Sequence[Tuple[str, str]]] = None,
+    query_bank: Optional[Sequence[str]] = None,
+    bank_beta: float = DEFAULT_BANK_BETA,
 ) -> BenchResult:
     """Score every proxy x descriptor x index preset on `dataset`.
 
@@ -174,10 +177,20 @@ def run_benchmark(
     ``workers``: processes decoding photos for fitting and embedding (`retrieval.batching.iter_mapped`).
     ``combinations``: (proxy spec, descriptor spec) pairs to score, e.g. named recipes; None scores the
     whole proxy x descriptor grid.
+
+    With ``query_bank`` (photos of typical queries, from a training split: never the evaluated ones) every
+    combination also gets a row "NAME+qb": the same search with query-bank normalisation (``index.bank_norm``,
+    inverted softmax at ``bank_beta``); the bank photos go through the proxy and descriptor as queries do.
     """
     dataset.validate()
     catalog = _with_distractors(dataset, distractors, seed)
     queries = dataset.queries.drop_duplicates("query_id").reset_index(drop=True)
+    evaluated = set(map(str, queries["image"])) & set(map(str, query_bank or []))
+    if evaluated:
+        raise ValueError(
+            f"{len(evaluated)} query-bank photos are evaluated queries too (e.g. {sorted(evaluated)[0]}): the bank "
+            "must come from a training split, not from the photos it is scored on"
+        )
     # one vector per catalog image; a product with several images is scored by its best one (retrieval.gallery)
     gallery = ProductImages.of_catalog(catalog["product_id"].astype(str))
     image_ids, gallery_ids = gallery.image_ids, gallery.product_ids  # (I,) each: the image, its product
@@ -203,17 +216,51 @@ def run_benchmark(
     output_root = Path(proxy_output_dir or (temporary.name if temporary else Path(cache_dir).parent / "proxy-outputs"))
     try:
         # Each proxy runs once over the queries; every descriptor below reads its stored outputs.
-        proxied = [
-            _run_proxy(spec, list(queries["image"]), output_root, batch_size, device, progress) for spec in proxies
-        ]
-        wanted = None if combinations is None else {(str(p), str(d)) for p, d in combinations}
-        branch_runs: Dict[str, Tuple] = {}
+        photo_sets = {"queries": list(queries["image"]), "bank": list(query_bank or [])}
+        proxy_runs: Dict[Tuple[str, str], Tuple] = {}
 
-        def branch_proxied(spec: str) -> Tuple[List[str], str]:
-            """A fusion branch's own proxy, run once over the queries: (its output paths, its feature-cache key)."""
-            if spec not in branch_runs:
-                branch_runs[spec] = _run_proxy(spec, list(queries["image"]), output_root, batch_size, device, progress)
-            return branch_runs[spec][3], branch_runs[spec][2]
+        def proxied(spec: str, photos: str = "queries") -> Tuple:
+            """A proxy run once over the queries (or the bank's photos): `_run_proxy`'s (label, paper name, feature-
+            cache key, output paths, seconds)."""
+            if (spec, photos) not in proxy_runs:
+                proxy_runs[spec, photos] = _run_proxy(
+                    spec, photo_sets[photos], output_root, batch_size, device, progress
+                )
+            return proxy_runs[spec, photos]
+
+        for spec in proxies:
+            proxied(spec)
+        wanted = None if combinations is None else {(str(p), str(d)) for p, d in combinations}
+
+        def embed_photos(descriptor, proxy_spec: str, photos: str, label: str) -> np.ndarray:
+            """The query vectors of `photos` behind `proxy_spec`; a fusion embeds branch by branch (each behind its
+            own proxy where it names one), each cached."""
+            _, _, proxy_key, paths, _ = proxied(proxy_spec, photos)
+            embedded = [(descriptor, paths, proxy_key)]
+            if isinstance(descriptor, FusedDescriptor):
+                embedded = []
+                for branch, spec in zip(descriptor.branches, descriptor.branch_proxies):
+                    _, _, branch_key, branch_paths, _ = (
+                        proxied(spec, photos) if spec is not None else (0, 0, proxy_key, paths, 0)
+                    )
+                    embedded.append((branch, branch_paths, branch_key))
+            parts = [
+                extract_features(
+                    model.embed,
+                    paths,
+                    model.input_spec.size,
+                    batch_size=batch_size,
+                    device=device,
+                    chunk_size=chunk_size,
+                    cache=cache(f"{model.name}-{model.fingerprint()}-{key}"),
+                    progress=label if progress else None,
+                    workers=workers,
+                )
+                for model, paths, key in embedded
+            ]
+            if len(parts) == 1:
+                return parts[0]
+            return fuse_vectors([torch.from_numpy(p) for p in parts], descriptor.fusion_weights).numpy()
 
         for descriptor_spec in descriptors:
             descriptor = create_descriptor(descriptor_spec).to(device).eval()
@@ -277,35 +324,13 @@ def run_benchmark(
                     progress=f"{descriptor_name}: gallery local features" if progress else None,
                 )
                 gallery_local_seconds = time.perf_counter() - started
-            for proxy_spec, (proxy_label, paper_proxy, proxy_key, query_paths, proxy_seconds) in zip(proxies, proxied):
+            for proxy_spec in proxies:
+                proxy_label, paper_proxy, proxy_key, query_paths, proxy_seconds = proxied(proxy_spec)
                 if wanted is not None and (str(proxy_spec), str(descriptor_spec)) not in wanted:
                     continue
                 started = time.perf_counter()
-                # a fusion embeds branch by branch (each behind its own proxy where it names one), each cached
-                embedded = [(descriptor, query_paths, proxy_key)]
-                if fused_branches:
-                    embedded = [
-                        (branch, query_paths, proxy_key) if spec is None else (branch, *branch_proxied(spec))
-                        for branch, spec in zip(descriptor.branches, descriptor.branch_proxies)
-                    ]
-                parts = [
-                    extract_features(
-                        model.embed,
-                        paths,
-                        model.input_spec.size,
-                        batch_size=batch_size,
-                        device=device,
-                        chunk_size=chunk_size,
-                        cache=cache(f"{model.name}-{model.fingerprint()}-{key}"),
-                        progress=f"{proxy_label}+{descriptor_name}: queries" if progress else None,
-                        workers=workers,
-                    )
-                    for model, paths, key in embedded
-                ]
-                query_vectors = (
-                    parts[0]
-                    if len(parts) == 1
-                    else fuse_vectors([torch.from_numpy(p) for p in parts], descriptor.fusion_weights).numpy()
+                query_vectors = embed_photos(
+                    descriptor, proxy_spec, "queries", f"{proxy_label}+{descriptor_name}: queries"
                 )
                 query_seconds = time.perf_counter() - started
                 protocol = _paper_protocol(
@@ -320,6 +345,13 @@ def run_benchmark(
                 )
                 if protocol is not None:
                     draws.append(protocol[1].assign(proxy=proxy_label, descriptor=descriptor_name))
+                if query_bank:
+                    started = time.perf_counter()
+                    bank_vectors = embed_photos(
+                        descriptor, proxy_spec, "bank", f"{proxy_label}+{descriptor_name}: query bank"
+                    )
+                    offsets = bank_offsets(gallery_vectors, bank_vectors, bank_beta)
+                    bank_seconds = time.perf_counter() - started
                 for preset, (product_index, build_seconds) in indexes.items():
                     started = time.perf_counter()
                     scores, ranked_images = product_index.search(
@@ -343,6 +375,18 @@ def run_benchmark(
                         "search_s": round(time.perf_counter() - started, 3),
                     }
                     record(row, gallery.collapse(scores, ranked_images, depth)[1])
+                    if query_bank:
+                        started = time.perf_counter()
+                        normalised = product_index.search(query_vectors, gallery.search_depth(depth), offsets)
+                        record(
+                            {
+                                **{k: v for k, v in row.items() if not k.startswith("paper_") or k == "paper_proxy"},
+                                "descriptor": f"{descriptor_name}+qb",
+                                "bank_s": round(bank_seconds, 1),
+                                "search_s": round(time.perf_counter() - started, 3),
+                            },
+                            gallery.collapse(*normalised, depth)[1],
+                        )
                     if verify:
                         started = time.perf_counter()
                         reranked = _spatially_reranked(

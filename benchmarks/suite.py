@@ -72,6 +72,9 @@ class BenchConfig:
     command: Optional[str] = None
     fit_data: Optional[str] = None  # data set spec whose training images fit codebooks/whitening (None: dataset)
     combinations: Optional[Sequence[Tuple[str, str]]] = None  # (proxy, descriptor) pairs only, e.g. recipes
+    query_bank: Sequence[str] = ()  # data set specs whose training-split query photos form the bank (+qb rows)
+    query_bank_size: int = 1500  # photos drawn from each
+    bank_beta: float = 20.0
 
 
 def check_ks(ks: Sequence[int]) -> List[int]:
@@ -114,7 +117,7 @@ def run_bench_suite(config: BenchConfig, *, echo: Echo = print, progress: Progre
     from benchmarks.runner import describe_fit_images, format_table, remove_previous_bench_outputs, run_benchmark
     from index import list_index_presets
     from retrieval.batching import resolve_device
-    from retrieval.datasets import load_dataset, subset_products
+    from retrieval.datasets import load_dataset, query_bank_photos, subset_products
     from retrieval.specs import expand_specs
 
     say = _reporter(progress)
@@ -160,6 +163,13 @@ def run_bench_suite(config: BenchConfig, *, echo: Echo = print, progress: Progre
         )
         # A proxy a descriptor trains behind (`tn[proxy=hp]`) is also a row of the descriptors' call: once here.
         trainings = list({str(row["checkpoint"]): row for row in proxy_rows + descriptor_rows}.values())
+    bank = [
+        photo
+        for spec in config.query_bank
+        for photo in query_bank_photos(spec, config.query_bank_size, config.seed, cache)
+    ]
+    if bank:
+        say(f"query bank: {len(bank)} training-split photos of {', '.join(config.query_bank)} (rows NAME+qb)")
     if config.combinations is not None:
         say(f"grid: {len(config.combinations)} proxy + descriptor pairs x {len(preset_names)} indexes")
     else:
@@ -186,6 +196,8 @@ def run_bench_suite(config: BenchConfig, *, echo: Echo = print, progress: Progre
         bootstrap=config.bootstrap,
         fit_dataset=fit_set,
         combinations=config.combinations,
+        query_bank=bank,
+        bank_beta=config.bank_beta,
     )
     generation, generation_md = _generation_scores(
         data, proxy_specs, config.generation_samples, torch_device, config.seed
@@ -230,6 +242,9 @@ def _config_record(config: BenchConfig, data, resolved, torch_device, trainings,
         "limit": config.limit,
         "rerank": config.rerank,
         "rerank_model": config.rerank_model,
+        "query_bank": list(config.query_bank),
+        "query_bank_size": config.query_bank_size,
+        "bank_beta": config.bank_beta,
         "distractors": config.distractors,
         "protocol_draws": config.protocol_draws,
         "protocol_gallery": config.protocol_gallery,

@@ -20,11 +20,12 @@ REFINE_FILE = "refine.faiss"
 INDEX_DATA_FILES = (IVF_DATA_FILE, REFINE_FILE)
 """The files an index of the on-disk layout (``index.ondisk``) keeps beside ``index.faiss``: the merged
 inverted lists and the re-rank vectors, both memory-mapped on load. No other index file is written."""
-KNOWN_ATTACHMENTS = frozenset({"descriptor.pt", "local_features.npz", "proxy.pt", "catalog.csv"})
+KNOWN_ATTACHMENTS = frozenset({"descriptor.pt", "local_features.npz", "proxy.pt", "catalog.csv", "query_bank.npz"})
 """The files the engine keeps beside an index; no other name is written, read or deleted, so a
 manifest cannot make us touch arbitrary files. (descriptor.pt: the descriptor's weights and fitted state;
 local_features.npz: the catalog's local features for re-ranking; proxy.pt: the proxy's trained weights;
-catalog.csv: product id -> image of every product.)"""
+catalog.csv: product id -> image of every product; query_bank.npz: the query bank and the catalog's
+offsets of query-bank normalisation, ``index.bank_norm``.)"""
 
 OBJECTS_DIR = "images"
 """A content-addressed store beside the versions: ``<dir>/images/<sha256>.<ext>``, files named by the

@@ -29,9 +29,10 @@ import numpy as np
 
 from .arrays import as_matrix, check_k
 from .attachments import attachment_path, read_attachment
+from .bank_norm import DEFAULT_BANK_BETA, bank_offsets, offset_topk
 from .device import SearchPlacement
 from .errors import IndexMismatchError
-from .faiss_index import downcast_owned, index_kind, serialized_index_size, trained_index
+from .faiss_index import downcast_owned, index_kind, reconstruct_all, serialized_index_size, trained_index
 from .ids import check_new_ids, name_some, remove_labels
 from .manifest import index_manifest, jsonable_metadata
 from .mismatch import DEFAULT_COMPAT_KEYS, check_index_matches
@@ -369,7 +370,9 @@ class ProductIndex:
         self._placement.invalidate()
 
     # ----------------------------------------------------------------------------- search
-    def search(self, queries: np.ndarray, k: int) -> Tuple[np.ndarray, np.ndarray]:
+    def search(
+        self, queries: np.ndarray, k: int, offsets: Optional[np.ndarray] = None
+    ) -> Tuple[np.ndarray, np.ndarray]:
         """The k most similar products for each query, best first, in one batched FAISS call.
 
         ``k`` is clamped to :attr:`ntotal`, so the result has ``min(k, ntotal)`` columns. Approximate
@@ -379,14 +382,17 @@ class ProductIndex:
         Args:
             queries: query descriptors, one per row.
             k: number of results wanted per query, >= 1.
+            offsets: per-product score offsets in :attr:`product_ids` order (query-bank normalisation,
+                ``index.bank_norm``): products are then ranked and scored by similarity minus offset, exactly
+                (the search goes deeper until no other product can reach the top k).
 
         Shape:
-            - queries: :math:`(Q, D)` float32.
+            - queries: :math:`(Q, D)` float32; offsets: :math:`(N,)` with N = :attr:`ntotal`.
             - Output: ``scores`` :math:`(Q, K)` float32 and ``ids`` :math:`(Q, K)` object array of str,
               with :math:`K = \\min(k, ntotal)`.
 
         Raises:
-            ValueError: empty index, k < 1, queries not 2-D or with NaN/inf.
+            ValueError: empty index, k < 1, queries not 2-D or with NaN/inf, offsets not one per product.
             IndexMismatchError: the query dim differs from the index dim.
         """
         if self.ntotal == 0:
@@ -398,18 +404,40 @@ class ProductIndex:
                 f"queries have dim {queries.shape[1]} but the index{self._where()} was built with dim "
                 f"{self.dim}: query with the descriptor the index was built with, or rebuild it"
             )
-        k = min(k, self.ntotal)
-        params = search_time_params(self._kind, self._search_params, k)
-        index = self._placement.search_index(self._cpu_index, self._search_params)
-        if params is None:
-            scores, labels = index.search(queries, k)
+        if offsets is None:
+            scores, labels = self._search_labels(queries, min(k, self.ntotal))
         else:
-            scores, labels = index.search(queries, k, params=params)
+            offsets = np.asarray(offsets, dtype=np.float32)
+            if offsets.shape != (self.ntotal,) or not np.isfinite(offsets).all():
+                raise ValueError(
+                    f"offsets must be {self.ntotal} finite numbers, one per indexed product, got shape {offsets.shape}"
+                )
+            scores, labels = offset_topk(self._search_labels, queries, k, offsets)
         found = labels >= 0
         ids = np.full(labels.shape, None, dtype=object)
         ids[found] = self._ids[labels[found]]
         scores = np.where(found, scores, -np.inf).astype(np.float32, copy=False)
         return scores, ids
+
+    def _search_labels(self, queries: np.ndarray, k: int) -> Tuple[np.ndarray, np.ndarray]:
+        """FAISS's (scores, labels) for normalised ``queries`` at the tuned parameters, ``k`` <= :attr:`ntotal`."""
+        params = search_time_params(self._kind, self._search_params, k)
+        index = self._placement.search_index(self._cpu_index, self._search_params)
+        if params is None:
+            return index.search(queries, k)
+        return index.search(queries, k, params=params)
+
+    def bank_offsets(self, bank: np.ndarray, beta: float = DEFAULT_BANK_BETA) -> np.ndarray:
+        """The query-bank offset of every indexed vector (``index.bank_norm.bank_offsets``), in
+        :attr:`product_ids` order, for :meth:`search`'s ``offsets``.
+
+        The vectors are read back from the index: exact for ``flat``, ``hnsw`` and ``ivfpq-rflat``, SQ8-decoded
+        (within ~1e-3) for ``ivfpq``.
+
+        Shape:
+            - bank: :math:`(B, D)`; output: :math:`(N,)` float32 with N = :attr:`ntotal`.
+        """
+        return bank_offsets(reconstruct_all(self._cpu_index), bank, beta)
 
     def check_compatible(self, expected: Mapping[str, Any], keys: Sequence[str] = DEFAULT_COMPAT_KEYS) -> None:
         """Raise if this index was built for other vectors than the caller is about to query with.

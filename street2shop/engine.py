@@ -31,15 +31,25 @@ from typing import Any, Callable, Dict, Optional, Sequence
 import numpy as np
 import pandas as pd
 import torch
+from tqdm.auto import tqdm
 
 from generation.proxies import Proxy, create_proxy
 from index import IndexCorruptError, IndexMismatchError, ProductIndex, check_index_destination
+from index.bank_norm import DEFAULT_BANK_BETA
 from retrieval.batching import fit_descriptor, resolve_device
 from retrieval.descriptors import Descriptor, create_descriptor
 from retrieval.features import FeatureCache, extract_features
 from retrieval.gallery import ProductImages, products_and_images
 from retrieval.rerank import LocalFeatureStore
-from street2shop.pipeline import CATALOG_FILE, PIPELINE_KEY, PROXY_FILE, catalog_table_bytes, pipeline_record
+from street2shop.pipeline import (
+    CATALOG_FILE,
+    PIPELINE_KEY,
+    PROXY_FILE,
+    Pipeline,
+    catalog_table_bytes,
+    model_from_spec,
+    pipeline_record,
+)
 
 log = logging.getLogger("street2shop")
 DESCRIPTOR_FILE = "descriptor.pt"
@@ -264,6 +274,9 @@ def index_catalog(
     engine: str = "local",
     address: Optional[str] = None,
     workers: Optional[int] = None,
+    query_bank: Sequence[str] = (),
+    query_bank_size: int = 1500,
+    bank_beta: float = DEFAULT_BANK_BETA,
     echo=print,
 ) -> ProductIndex:
     """`street2shop index`: the catalog of data set spec `catalog` -> a saved pipeline (`build_index`).
@@ -279,11 +292,13 @@ def index_catalog(
     `engine` "ray" embeds the catalog on a Ray cluster (`street2shop.distributed`; `address` None: a local
     one for this job, "auto" or "ray://HOST:PORT": a running one), "local" in this process, its photos decoded by
     `workers` loader processes (None: `default_workers()`; 0: in this process).
+    `query_bank` (data set specs): the pipeline scores with query-bank normalisation (`index.bank_norm`), its bank
+    `query_bank_size` training-split query photos of each set (`retrieval.datasets.query_bank_photos`) embedded
+    as queries are, at inverse temperature `bank_beta`.
     """
     from benchmarks.runner import describe_fit_images, fit_images
     from benchmarks.suite import resolve_cache_dir
-    from retrieval.datasets import load_dataset
-    from street2shop.pipeline import model_from_spec
+    from retrieval.datasets import load_dataset, query_bank_photos
 
     check_index_destination(out_dir)  # before the data loads: a refused --out must not cost the whole extraction
     if engine not in ("local", "ray"):
@@ -338,6 +353,20 @@ def index_catalog(
         workers=workers,
     )
     echo(f"wrote {out_dir}: {sizes}, dim {built.dim}, {time.perf_counter() - started:.1f} s")
+    if query_bank:
+        started = time.perf_counter()
+        photos = [p for spec in query_bank for p in query_bank_photos(spec, query_bank_size, seed, cache)]
+        shop = Pipeline.load(out_dir, device=device)
+        with tqdm(total=len(photos), desc="query bank", unit="img", leave=False) as bar:
+            shop.use_query_bank(
+                photos, beta=bank_beta, sources=query_bank, progress=lambda done, total: bar.update(done - bar.n)
+            )
+        shop.save()
+        built = shop.index
+        echo(
+            f"query bank: {len(photos)} training-split photos of {', '.join(query_bank)}, beta {bank_beta:g}, "
+            f"{time.perf_counter() - started:.1f} s"
+        )
     return built
 
 
@@ -358,7 +387,6 @@ def add_catalog(
     the index is saved as a new version atomically.
     """
     from retrieval.datasets import load_dataset
-    from street2shop.pipeline import Pipeline
 
     pipeline = Pipeline.load(index_dir, device=device)
     table = load_dataset(catalog, split=split, seed=seed, cache_dir=cache_dir).catalog
@@ -430,11 +458,11 @@ def build_recipe(
             settings,
             {"epochs": epochs} if epochs is not None else {},
             device=device,
-            seed=seed,
+            seed=seed if training.seed is None else training.seed,
             time_budget_s=None if time_budget_minutes is None else 60 * time_budget_minutes,
         )
         echo(f"trained {training.kind} {training.name} in {time.perf_counter() - started:.0f} s")
-    parts = resolve_recipe(recipe, runs=runs)
+    parts = resolve_recipe(recipe, runs=runs, bank_data=train_data)
     return index_catalog(
         catalog,
         out_dir,
@@ -477,8 +505,6 @@ class Searcher:
     """
 
     def __init__(self, index_dir: os.PathLike, **load_options: Any):
-        from street2shop.pipeline import Pipeline
-
         self.pipeline = Pipeline.load(index_dir, **load_options)
         self.index_dir = self.pipeline.index_dir
         self.index = self.pipeline.index

@@ -8,6 +8,8 @@ back with nothing else given: the directory records every part (see `street2shop
     proxy.pt       the proxy's trained weights (a copy of the checkpoint it was built from), if any
     descriptor.pt  the descriptor's weights (trained heads included) and fitted state
     local_features.npz   the catalog's local features, when the pipeline re-ranks
+    query_bank.npz the query bank (vectors of training-split query photos, their sources, beta) and each indexed
+                   image's offset, when the pipeline scores with query-bank normalisation (`index.bank_norm`)
     catalog.csv    product_id -> image: a file path, or images/<sha256>.<ext> inside the directory for
                    images added as bytes or arrays (`index.store_object`); one row per indexed image, and
                    an image_id column (the index's internal id of each image) when a product has several
@@ -38,6 +40,7 @@ import torch
 
 from generation.proxies import Box, BranchQueryEmbedder
 from index import IndexMismatchError, ProductIndex, object_path, store_object
+from index.bank_norm import DEFAULT_BANK_BETA, bank_offsets
 from retrieval.batching import iter_mapped, resolve_device
 from retrieval.gallery import ProductImages
 from retrieval.io import images_to_tensor, resize_image
@@ -56,6 +59,7 @@ log = logging.getLogger("street2shop")
 PIPELINE_KEY = "pipeline"  # the manifest metadata entry this module writes
 PROXY_FILE = "proxy.pt"
 CATALOG_FILE = "catalog.csv"
+QUERY_BANK_FILE = "query_bank.npz"
 SEARCH_BATCH = 32  # images embedded together by `search` and `add`
 
 
@@ -82,6 +86,56 @@ class SearchResult:
     descriptor_input: np.ndarray
     crop_box: Optional[Tuple[int, int, int, int]]
     timings_ms: Dict[str, float]
+
+
+@dataclass(frozen=True)
+class QueryBank:
+    """The query bank of a pipeline that scores with query-bank normalisation (`index.bank_norm`).
+
+    Attributes:
+        vectors: (B, D) float32, the bank photos embedded as queries (proxy, then descriptor).
+        beta: the inverted softmax's inverse temperature.
+        sources: where the photos came from (data set specs), for people reading `describe`.
+    """
+
+    vectors: np.ndarray
+    beta: float
+    sources: Tuple[str, ...] = ()
+
+    def describe(self) -> Dict[str, Any]:
+        return {"photos": len(self.vectors), "beta": self.beta, "sources": list(self.sources)}
+
+    def to_bytes(self, image_ids: Sequence[str], offsets: np.ndarray) -> bytes:
+        """query_bank.npz: the bank, and each indexed image's offset under its image id."""
+        buffer = io.BytesIO()
+        np.savez(
+            buffer,
+            vectors=self.vectors.astype(np.float32),
+            beta=np.float64(self.beta),
+            sources=np.array(self.sources, dtype=str),
+            image_ids=np.array(list(image_ids), dtype=str),
+            offsets=np.asarray(offsets, dtype=np.float32),
+        )
+        return buffer.getvalue()
+
+    @classmethod
+    def from_bytes(cls, payload: bytes, image_ids: Sequence[str], path: Path) -> Tuple["QueryBank", np.ndarray]:
+        """(the bank, the offsets in `image_ids`' order) from query_bank.npz.
+
+        Raises:
+            IndexMismatchError: the file has no offset for some indexed image (it was not saved with this index).
+        """
+        with np.load(io.BytesIO(payload), allow_pickle=False) as stored:
+            bank = cls(stored["vectors"].astype(np.float32), float(stored["beta"]), tuple(map(str, stored["sources"])))
+            by_id = pd.Series(stored["offsets"].astype(np.float32), index=stored["image_ids"].astype(str))
+        positions = by_id.index.get_indexer(list(image_ids))
+        if (positions < 0).any():
+            missing = [image_ids[i] for i in np.flatnonzero(positions < 0)[:5]]
+            raise IndexMismatchError(
+                f"{path} has no query-bank offset for {int((positions < 0).sum())} indexed images (e.g. {missing}): "
+                "rebuild the index with `street2shop index --query-bank ...`"
+            )
+        return bank, by_id.to_numpy()[positions]
 
 
 # ------------------------------------------------------------------------------------ models from specs
@@ -204,6 +258,8 @@ class Pipeline:
         self.rerank = int(rerank)
         self.device = device
         self._proxy_lock = threading.Lock()  # GrabCut and some proxies keep per-call state: one batch at a time
+        self.bank: Optional[QueryBank] = None  # query-bank normalisation (`use_query_bank`), off by default
+        self._offsets: Optional[np.ndarray] = None  # (ntotal,) the bank's offset of each indexed image, index order
 
     # ---------------------------------------------------------------------------- loading
     @classmethod
@@ -299,10 +355,15 @@ class Pipeline:
             table = pd.read_csv(io.BytesIO(index.read_attachment(CATALOG_FILE)), dtype=str, keep_default_na=False)
             image_ids = table["image_id"] if "image_id" in table.columns else table["product_id"]
             catalog = dict(zip(image_ids, table["image"]))
-        return cls(
+        pipeline = cls(
             index_dir, index, model, proxy_model, record, catalog, proxy_state, gallery_local, verifier, n_rerank,
             torch_device, product_images_of(index.product_ids, table),
         )  # fmt: skip
+        if index.has_attachment(QUERY_BANK_FILE):
+            pipeline.bank, pipeline._offsets = QueryBank.from_bytes(
+                index.read_attachment(QUERY_BANK_FILE), index.product_ids, index_dir / QUERY_BANK_FILE
+            )
+        return pipeline
 
     # ---------------------------------------------------------------------------- properties
     @property
@@ -315,8 +376,8 @@ class Pipeline:
         return self.images.n_products
 
     def describe(self) -> Dict[str, Any]:
-        """{"recipe", "proxy", "descriptor", "preset", "products", "dim", "rerank", "device"}, and "images"
-        when a product has several."""
+        """{"recipe", "proxy", "descriptor", "preset", "products", "dim", "rerank", "query_bank", "device"}, and
+        "images" when a product has several."""
         record = self.record or {}
         images = {} if self.images.one_per_product else {"images": self.images.n_images}
         return {
@@ -328,6 +389,7 @@ class Pipeline:
             **images,
             "dim": self.index.dim,
             "rerank": self.rerank,
+            "query_bank": None if self.bank is None else self.bank.describe(),
             "device": str(self.device),
         }
 
@@ -366,19 +428,10 @@ class Pipeline:
 
     @torch.no_grad()
     def _search_batch(self, items: Sequence[Any], k: int, offset: int) -> List[SearchResult]:
-        size = self.descriptor.input_spec.size
-        read_h, read_w = proxy_input_size(self.proxy, size)  # a cropping proxy may read the photo larger
         clock = _Clock()
-        photos = [image_to_rgb(image, image_name(image, offset + i)) for i, image in enumerate(items)]
-        batch = images_to_tensor([resize_image(photo, (read_h, read_w)) for photo in photos]).to(self.device)
-        clock.lap("decode")
-        seen, boxes = self._proxied(batch, size)
-        clock.lap("proxy")
-        embedded = self.descriptor.embed(seen) if self._branch_embedder is None else self._branch_embedder(batch, seen)
-        vectors = embedded.float().cpu().numpy()
-        clock.lap("describe")
+        vectors, seen, boxes, photos, read_size = self._embed_queries(items, offset, clock)
         # images searched deep enough for the top products (`ProductImages.search_depth`), then collapsed
-        scores, ids = self.index.search(vectors, self.images.search_depth(max(k, self.rerank)))
+        scores, ids = self.index.search(vectors, self.images.search_depth(max(k, self.rerank)), self._offsets)
         clock.lap("search")
         if self.rerank:
             scores, ids = self._reranked(seen, scores, ids)
@@ -394,11 +447,56 @@ class Pipeline:
                     if pid is not None
                 ],
                 descriptor_input=np.ascontiguousarray(pixels[i]),
-                crop_box=box_in_photo(boxes[i], (read_h, read_w), photos[i].shape[:2]),
+                crop_box=box_in_photo(boxes[i], read_size, photos[i].shape[:2]),
                 timings_ms=dict(timings),
             )
             for i in range(len(items))
         ]
+
+    def _embed_queries(self, items: Sequence[Any], offset: int, clock: "_Clock"):
+        """Query photos -> (vectors (B, D) float32, what the descriptor saw, the proxy's boxes, the decoded photos,
+        the size they were read at); `offset` numbers the photos in error messages."""
+        size = self.descriptor.input_spec.size
+        read_h, read_w = proxy_input_size(self.proxy, size)  # a cropping proxy may read the photo larger
+        photos = [image_to_rgb(image, image_name(image, offset + i)) for i, image in enumerate(items)]
+        batch = images_to_tensor([resize_image(photo, (read_h, read_w)) for photo in photos]).to(self.device)
+        clock.lap("decode")
+        seen, boxes = self._proxied(batch, size)
+        clock.lap("proxy")
+        embedded = self.descriptor.embed(seen) if self._branch_embedder is None else self._branch_embedder(batch, seen)
+        clock.lap("describe")
+        return embedded.float().cpu().numpy(), seen, boxes, photos, (read_h, read_w)
+
+    # ---------------------------------------------------------------------------- query-bank normalisation
+    @torch.no_grad()
+    def use_query_bank(
+        self, photos: Sequence[Any], *, beta: float = DEFAULT_BANK_BETA, sources: Sequence[str] = (), progress=None
+    ) -> None:
+        """Score from now on with query-bank normalisation (`index.bank_norm`): `photos` (typical query photos from
+        a training split, never ones you will evaluate on) are embedded as queries are, and every indexed image
+        gets the offset that demotes products close to many of them. `save` keeps the bank; `add` gives new
+        products their offsets from it.
+
+        Args:
+            photos: file paths or anything `search` takes.
+            beta: the inverted softmax's inverse temperature.
+            sources: where the photos came from (data set specs), recorded with the bank.
+            progress: None, or a callable (done, total) called after each batch.
+
+        Raises:
+            BadImageError: an unreadable photo. ValueError: no photos, beta <= 0.
+        """
+        items = as_image_list(photos)
+        if not items:
+            raise ValueError("a query bank needs at least one photo")
+        vectors = []
+        for start in range(0, len(items), SEARCH_BATCH):
+            vectors.append(self._embed_queries(items[start : start + SEARCH_BATCH], start, _Clock())[0])
+            if progress is not None:
+                progress(min(start + SEARCH_BATCH, len(items)), len(items))
+        bank = QueryBank(np.concatenate(vectors), float(beta), tuple(str(s) for s in sources))
+        self._offsets = self.index.bank_offsets(bank.vectors, bank.beta)
+        self.bank = bank
 
     def _proxied(self, batch: torch.Tensor, size) -> Tuple[torch.Tensor, List[Optional[Box]]]:
         """What the descriptor reads (the proxy's output at its input size, `retrieval.proxy_stage`) and, per
@@ -477,6 +575,8 @@ class Pipeline:
         except BaseException:
             self.images.discard(image_ids)
             raise
+        if self.bank is not None:
+            self._offsets = np.concatenate([self._offsets, bank_offsets(vectors, self.bank.vectors, self.bank.beta)])
         if self.gallery_local is not None:
             self.gallery_local = LocalFeatureStore.from_features([self.gallery_local, local])
         if self._catalog is not None:
@@ -515,10 +615,13 @@ class Pipeline:
         image_ids = [image_id for pid in dict.fromkeys(product_ids) for image_id in self.images.images_of(pid)]
         self.index.remove(image_ids)
         self.images.remove(product_ids)
+        kept = [before[pid] for pid in self.index.product_ids]  # old positions of the images left, in index order
         if self.gallery_local is not None:
-            keep = torch.as_tensor([before[pid] for pid in self.index.product_ids], dtype=torch.long)
+            keep = torch.as_tensor(kept, dtype=torch.long)
             store = self.gallery_local
             self.gallery_local = LocalFeatureStore(store.keypoints[keep], store.desc[keep], store.mask[keep])
+        if self._offsets is not None:
+            self._offsets = self._offsets[np.asarray(kept, dtype=np.int64)]
         if self._catalog is not None:
             for image_id in image_ids:
                 self._catalog.pop(image_id, None)
@@ -532,6 +635,8 @@ class Pipeline:
             attachments[PROXY_FILE] = self._proxy_state
         if self.gallery_local is not None:
             attachments[LOCAL_FEATURES_FILE] = self.gallery_local.to_bytes()
+        if self.bank is not None:
+            attachments[QUERY_BANK_FILE] = self.bank.to_bytes(self.index.product_ids, self._offsets)
         if self._catalog is not None:
             ids = self.index.product_ids  # image ids, in index order
             attachments[CATALOG_FILE] = catalog_table_bytes(

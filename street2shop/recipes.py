@@ -23,7 +23,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 DEFAULT_PROXY = "none"
 DEFAULT_DESCRIPTOR = "gem"
@@ -45,6 +45,7 @@ class Training:
     run: str
     settings: Mapping[str, Any] = field(default_factory=dict)
     behind: Optional[Tuple[str, str]] = None  # (proxy name, run), e.g. ("hp", "parser")
+    seed: Optional[int] = None  # this training's seed (None: build's --seed), e.g. to vary an ensemble's branches
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,24 @@ class Recipe:
     rerank: int = 0
     trainings: Tuple[Training, ...] = ()
     measured: str = "not measured yet"
+    # Query-bank normalisation (index.bank_norm): the data sets whose training-split query photos form the bank,
+    # "{data}" the training data (build) or the catalog's data set (index), "{data_street}" its street variant.
+    query_bank: Tuple[str, ...] = ()
+
+    def bank_sources(self, data: str) -> Tuple[str, ...]:
+        """The query bank's data set specs for data set `data` (e.g. viton:ROOT -> viton:ROOT, viton-street:ROOT).
+
+        Raises:
+            ValueError: the bank wants street photos, and `data` has no street variant (only viton:ROOT has).
+        """
+        street = street_variant(data)
+        if street is None and any("{data_street}" in template for template in self.query_bank):
+            raise ValueError(
+                f"recipe {self.name!r} builds its query bank from street versions of the training photos, and {data!r} "
+                "has none (viton:ROOT has: viton-street:ROOT): give the bank's data sets with --query-bank SPEC "
+                "(training-split query photos like the ones you will search with)"
+            )
+        return tuple(template.format(data=data, data_street=street) for template in self.query_bank)
 
     def run_paths(self, runs: os.PathLike) -> Dict[str, str]:
         """{run: RUNS/run/final.pt} of every training: what the ``{run}`` placeholders stand for."""
@@ -149,11 +168,22 @@ RECIPES: Dict[str, Recipe] = {
                     behind=("hp", "parser_street"),
                 ),
             ),
+            # Query-bank normalisation against training-split photos, studio and street (README, query bank).
+            query_bank=("{data}", "{data_street}"),
             measured="mAP@20 0.749 [0.731, 0.765] (studio photos) and 0.476 [0.456, 0.497] (viton-street) on all 1,820 "
             "VITON validation products; trainings 882 + 2,766 + 1,229 + 4,281 + 3,861 s on this 2-core CPU",
         ),
     )
 }
+
+
+def street_variant(data: str) -> Optional[str]:
+    """The street-condition variant of a data set spec: viton:ROOT -> viton-street:ROOT (itself for one already),
+    None for a format without one."""
+    scheme, _, argument = str(data).partition(":")
+    if scheme.strip().lower() in ("viton", "viton-street"):
+        return f"viton-street:{argument}"
+    return None
 
 
 def list_recipes() -> list:
@@ -180,20 +210,27 @@ def resolve_recipe(
     preset: Optional[str] = None,
     rerank: Optional[int] = None,
     runs: Optional[os.PathLike] = None,
+    query_bank: Optional[Sequence[str]] = None,
+    bank_data: Optional[str] = None,
 ) -> Dict[str, Any]:
     """`index`'s pipeline parts: the recipe's (or the defaults), each overridden by an option given.
 
+    `query_bank` (data set specs) replaces the recipe's query bank, whose sources are otherwise made from
+    `bank_data` (`Recipe.bank_sources`; the training data of `build`, the catalog's data set of `index`).
+
     Returns:
-        {"recipe", "proxy", "descriptor", "preset", "rerank"}.
+        {"recipe", "proxy", "descriptor", "preset", "rerank", "query_bank"}.
 
     Raises:
         ValueError: an unknown recipe.
         FileNotFoundError: a checkpoint the recipe needs is missing (with the command that trains it).
     """
     given = {"proxy": proxy, "descriptor": descriptor, "preset": preset, "rerank": rerank}
+    bank = tuple(query_bank or ())
     if recipe is None:
         defaults = {"proxy": DEFAULT_PROXY, "descriptor": DEFAULT_DESCRIPTOR, "preset": DEFAULT_PRESET, "rerank": 0}
-        return {"recipe": None, **{key: given[key] if given[key] is not None else defaults[key] for key in defaults}}
+        chosen_parts = {key: given[key] if given[key] is not None else defaults[key] for key in defaults}
+        return {"recipe": None, **chosen_parts, "query_bank": bank}
     chosen = get_recipe(recipe)
     runs = Path(runs) if runs is not None else default_runs(recipe)
     parts = chosen.specs(runs)
@@ -206,7 +243,12 @@ def resolve_recipe(
                 f"`street2shop build --recipe {recipe} --train-data DATA --catalog CATALOG --out DIR --runs {runs}`, "
                 f"or give --{part} {training.name}@YOUR/final.pt"
             )
-    return {"recipe": recipe, **{key: given[key] if given[key] is not None else parts[key] for key in parts}}
+    if not bank and chosen.query_bank:
+        if bank_data is None:
+            raise ValueError(f"recipe {recipe!r} scores with a query bank: name its data set (--query-bank SPEC)")
+        bank = chosen.bank_sources(bank_data)
+    chosen_parts = {key: given[key] if given[key] is not None else parts[key] for key in parts}
+    return {"recipe": recipe, **chosen_parts, "query_bank": bank}
 
 
 def recipe_combinations(names, runs: Optional[os.PathLike] = None) -> list:

@@ -41,6 +41,7 @@ from retrieval.datasets.base import (
     default_cache_dir,
     list_dataset_formats,
     load_dataset,
+    query_bank_photos,
     register_dataset_format,
     subset_products,
 )
@@ -87,6 +88,7 @@ __all__ = [
     "load_street2shop",
     "load_viton",
     "load_viton_street",
+    "query_bank_photos",
     "register_dataset_format",
     "subset_products",
 ]

@@ -15,6 +15,7 @@ from street2shop.commands.options import (
     opt,
     parse_counts,
     parse_ks,
+    query_bank_options,
     split_list,
     whole,
 )
@@ -73,6 +74,10 @@ def _grid_specs(patterns: str, kind: str, flag: str) -> List[str]:
     "Also score each local descriptor's top N re-ranked by spatial verification (rows NAME+sv); 0: off.",
 )
 @opt("--rerank-model", default="similarity", type=click.Choice(RERANK_MODELS), help=RERANK_MODEL_HELP)
+@query_bank_options(
+    "Also score every combination with query-bank normalisation (rows NAME+qb): a bank of training-split "
+    "query photos of this data set, repeatable (e.g. --query-bank viton:ROOT --query-bank viton-street:ROOT)."
+)
 @whole("--limit", 0, 0, "Evaluate a seeded sample of N products and their queries (0: all); for slow descriptors.")
 @whole("--distractors", 0, 0, "Extra gallery products drawn from the training split (nobody queries them).")
 @whole("--protocol-draws", 10, 0, "The paper's protocol: seeded galleries drawn (0: off).")

@@ -81,6 +81,29 @@ def embedding_options(fit_help: str, cache_help: str):
     return apply
 
 
+def query_bank_options(bank_help: str):
+    """--query-bank (repeatable), --query-bank-size and --bank-beta: query-bank normalisation (`index.bank_norm`)."""
+    from index.bank_norm import DEFAULT_BANK_BETA
+
+    options = (
+        click.option("--query-bank", multiple=True, help=bank_help),
+        whole("--query-bank-size", 1500, 1, "Photos drawn from each --query-bank set (seeded)."),
+        opt(
+            "--bank-beta",
+            default=DEFAULT_BANK_BETA,
+            type=click.FloatRange(min=0, min_open=True),
+            help="Inverse temperature of the query-bank normalisation's inverted softmax.",
+        ),
+    )
+
+    def apply(command):
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return apply
+
+
 def cache_dir_path(value: Optional[str]) -> Path:
     from benchmarks.suite import resolve_cache_dir
 

@@ -14,6 +14,7 @@ from street2shop.commands.options import (
     cache_dir_path,
     embedding_options,
     opt,
+    query_bank_options,
     whole,
     workers_option,
 )
@@ -84,7 +85,12 @@ from street2shop.commands.options import (
     help="With --engine ray: the cluster to join, auto (the running one) or ray://HOST:PORT. "
     "Default: a local Ray cluster started for this job.",
 )
-def index_command(catalog, out_dir, recipe, proxy, descriptor, preset, rerank, runs, **options) -> None:
+@query_bank_options(
+    "Score with query-bank normalisation: a bank of training-split query photos of this data set, embedded "
+    "as queries are, demotes products that sit close to every query; repeatable. Default: the recipe's (recipe "
+    "street: the catalog's data set and its street variant, or --fit-data's), else none."
+)
+def index_command(catalog, out_dir, recipe, proxy, descriptor, preset, rerank, runs, query_bank, **options) -> None:
     """Save a pipeline: embed a catalog's product photos into a FAISS index, with everything a query needs.
 
     The directory records the proxy (and its weights), the descriptor (weights and fitted state), the
@@ -101,7 +107,16 @@ def index_command(catalog, out_dir, recipe, proxy, descriptor, preset, rerank, r
     from street2shop.engine import index_catalog
     from street2shop.recipes import resolve_recipe
 
-    parts = resolve_recipe(recipe, proxy=proxy, descriptor=descriptor, preset=preset, rerank=rerank, runs=runs)
+    parts = resolve_recipe(
+        recipe,
+        proxy=proxy,
+        descriptor=descriptor,
+        preset=preset,
+        rerank=rerank,
+        runs=runs,
+        query_bank=query_bank,
+        bank_data=options["fit_data"] or catalog,
+    )
     index_catalog(catalog, out_dir, echo=click.echo, **parts, **options)
 
 
@@ -196,6 +211,7 @@ def recipes_command() -> None:
         click.echo(f"{recipe.name}: {recipe.summary}")
         click.echo(
             f"    proxy {recipe.proxy}, descriptor {recipe.descriptor}, preset {recipe.preset}, rerank {recipe.rerank}"
+            + (f", query bank {' + '.join(recipe.query_bank)}" if recipe.query_bank else "")
         )
         click.echo(f"    needs: {needs}; measured: {recipe.measured}")
 

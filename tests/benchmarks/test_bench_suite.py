@@ -63,6 +63,37 @@ def test_benchmark_tables_agree(dataset):
     assert harder.per_query["top5"].str.contains("distractor:").any() or harder.summary.iloc[0]["mAP@5"] == row["mAP@5"]
 
 
+def test_query_bank_rows_rank_by_similarity_minus_offsets_and_refuse_evaluated_photos(dataset, synthetic_root):
+    from index.bank_norm import bank_offsets
+    from retrieval.datasets import query_bank_photos
+    from retrieval.descriptors import create_descriptor
+    from retrieval.features import extract_features
+
+    bank = query_bank_photos(f"viton:{synthetic_root}", 10)
+    result = run_benchmark(
+        dataset, ["colorhist"], ["none"], ks=(1, 5), progress=False, protocol_draws=0, bootstrap=0, query_bank=bank,
+        bank_beta=10.0,
+    )  # fmt: skip
+    assert list(result.summary["descriptor"]) == ["colorhist", "colorhist+qb"]
+    # brute force: cosine minus each product's log-mean-exp over the bank, ranked by numpy
+    model = create_descriptor("colorhist")
+    queries = dataset.queries.drop_duplicates("query_id")
+    q = extract_features(model.embed, list(queries["image"]), model.input_spec.size, progress=None)
+    g = extract_features(model.embed_catalog, list(dataset.catalog["image"]), model.input_spec.size, progress=None)
+    b = extract_features(model.embed, bank, model.input_spec.size, progress=None)
+    normalise = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
+    corrected = normalise(q) @ normalise(g).T - bank_offsets(g, b, 10.0)[None, :]
+    truth = (
+        dataset.catalog["product_id"].astype(str).to_numpy()[:, None] == queries["product_id"].astype(str).to_numpy()
+    )
+    rank = (corrected > np.where(truth.T, corrected, -np.inf).max(axis=1, keepdims=True)).sum(axis=1) + 1
+    rows = result.per_query[result.per_query["descriptor"] == "colorhist+qb"].set_index("query_id")
+    expected = pd.Series(np.where(rank <= 5, rank, 0), index=queries["query_id"])
+    assert (rows.loc[expected.index, "rank"].to_numpy() == expected.to_numpy()).all()
+    with pytest.raises(ValueError, match="must come from a training split"):
+        run_benchmark(dataset, ["colorhist"], ["none"], progress=False, query_bank=list(queries["image"][:2]))
+
+
 def test_interrupted_benchmark_resumes_without_recomputing(dataset, tmp_path, monkeypatch):
     """Kill the run after two cached images; the rerun computes only the rest; a third run computes nothing."""
     calls = {"put": 0}

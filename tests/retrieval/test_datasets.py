@@ -26,6 +26,7 @@ from retrieval.datasets import (
     load_dataset,
     load_viton,
     load_viton_street,
+    query_bank_photos,
     register_dataset_format,
 )
 from retrieval.io import read_image, read_mask
@@ -88,6 +89,20 @@ def test_val_split_is_disjoint_from_training_pairs(tmp_path):
     assert list(data.train.columns) == ["pair_id", "person_image", "product_image", "parse", "mask", "product_id"]
     train_split = load_viton(tmp_path, split="train", seed=3)
     assert set(train_split.catalog["product_id"]) == train_ids
+
+
+def test_a_query_bank_is_a_seeded_sample_of_training_split_photos_only(tmp_path):
+    _fake_viton(tmp_path, "train", _ids(30))
+    spec = f"viton:{tmp_path}"
+    evaluated = set(load_viton(tmp_path, split="val", seed=0).queries["image"].astype(str))
+    every = query_bank_photos(spec, 100)
+    assert len(every) == 20 and not set(every) & evaluated  # all 20 training photos, none of the 10 evaluated
+    sample = query_bank_photos(spec, 5)
+    assert len(sample) == 5 and sample == query_bank_photos(spec, 5)  # seeded
+    assert sample == [photo for photo in every if photo in set(sample)]  # in the set's order
+    assert query_bank_photos(spec, 5, seed=1) != sample
+    with pytest.raises(ValueError, match="at least one photo"):
+        query_bank_photos(spec, 0)
 
 
 def test_split_is_deterministic_for_a_seed(tmp_path):

@@ -160,6 +160,14 @@ def test_cli_index_query_bench(synthetic_root, tmp_path):
     )
     assert out.exit_code == 0, out.output
     assert "wrote" in out.output
+    banked = ["--query-bank", spec, "--query-bank-size", "5", "--bank-beta", "10"]
+    out = runner.invoke(
+        cli,
+        ["index", "--catalog", spec, "--descriptor", "colorhist", "--out", str(tmp_path / "qb"), "--cache-dir", cache]
+        + banked,
+    )
+    assert out.exit_code == 0, out.output
+    assert f"query bank: 5 training-split photos of {spec}, beta 10" in out.output
     photo = str(sorted((synthetic_root / "train" / "image").glob("*.png"))[0])
     out = runner.invoke(cli, ["query", "--index", str(tmp_path / "idx"), photo, "--k", "3", "--format", "json"])
     assert out.exit_code == 0, out.output
@@ -167,6 +175,10 @@ def test_cli_index_query_bench(synthetic_root, tmp_path):
     assert len(parsed) == 1 and len(parsed[0]["results"]) == 3
     out = runner.invoke(cli, ["query", "--index", str(tmp_path / "idx"), photo, "--descriptor", "gem"])
     assert out.exit_code == 2 and "rebuild the index" in out.output
+    out = runner.invoke(cli, ["query", "--index", str(tmp_path / "qb"), photo, "--k", "3", "--format", "json"])
+    assert out.exit_code == 0, out.output
+    normalised = json.loads(out.output)[0]["results"]
+    assert len(normalised) == 3 and normalised != parsed[0]["results"]  # same products maybe, other scores
     out = runner.invoke(
         cli,
         [
@@ -179,11 +191,13 @@ def test_cli_index_query_bench(synthetic_root, tmp_path):
             str(tmp_path / "res"),
             "--cache-dir",
             cache,
-        ],
+        ]
+        + banked,
     )
     assert out.exit_code == 0, out.output
     assert "mAP@20" in out.output and (tmp_path / "res" / "results.csv").exists()
-    assert "| none | colorhist |" in (tmp_path / "res" / "report.md").read_text()
+    report = (tmp_path / "res" / "report.md").read_text()
+    assert "| none | colorhist |" in report and "| none | colorhist+qb |" in report
 
 
 def test_cli_errors_are_one_line_messages(tmp_path):

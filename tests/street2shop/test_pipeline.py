@@ -143,6 +143,7 @@ def test_add_remove_save_reload_and_product_images(shop, dataset):
         "products": before + 1,
         "dim": 256,
         "rerank": 0,
+        "query_bank": None,
         "device": "cpu",
     }
     assert len(again.search(query, k=3)[0].hits) == 3
@@ -150,6 +151,38 @@ def test_add_remove_save_reload_and_product_images(shop, dataset):
     copy = shop.parent / "copy"
     shutil.copytree(shop, copy, symlinks=True)
     assert Pipeline.load(copy, device="cpu").product_image_path("flipped").read_bytes() == stored.read_bytes()
+
+
+def test_query_bank_scores_are_similarity_minus_offsets_through_add_remove_save_and_load(shop, dataset):
+    pipeline, reference = Pipeline.load(shop, device="cpu"), Pipeline.load(shop, device="cpu")  # reference: no bank
+    query = dataset.queries["image"].iloc[0]
+    bank_photos = list(dataset.queries["image"].iloc[1:])  # typical query photos (not `query` itself)
+    pipeline.use_query_bank(bank_photos, beta=5.0, sources=("synthetic",))
+    assert pipeline.describe()["query_bank"] == {"photos": len(bank_photos), "beta": 5.0, "sources": ["synthetic"]}
+
+    def ranked(p):
+        return [(hit.score, hit.product_id) for hit in p.search(query, k=p.ntotal)[0].hits]
+
+    def expected():
+        """The reference's cosines minus each product's offset against the bank, best first."""
+        offsets = dict(zip(pipeline.index.product_ids, pipeline.index.bank_offsets(pipeline.bank.vectors, 5.0)))
+        return sorted(((score - offsets[pid], pid) for score, pid in ranked(reference)), reverse=True)
+
+    def assert_ranked_as_expected(p):
+        got, want = ranked(p), expected()
+        assert [pid for _, pid in got] == [pid for _, pid in want]
+        np.testing.assert_allclose([score for score, _ in got], [score for score, _ in want], atol=1e-5)
+
+    assert_ranked_as_expected(pipeline)
+    negative = 255 - np.asarray(Image.open(dataset.catalog["image"].iloc[1]).convert("RGB"))
+    for p in (pipeline, reference):
+        p.add(["negative"], [negative])  # the pipeline's new offset comes from its stored bank
+        p.remove([str(dataset.catalog["product_id"].iloc[2])])
+    assert_ranked_as_expected(pipeline)
+    pipeline.save()
+    again = Pipeline.load(shop, device="cpu")
+    assert again.describe()["query_bank"]["photos"] == len(bank_photos)
+    assert_ranked_as_expected(again)
 
 
 class _CountingEmbed:

@@ -69,8 +69,28 @@ def test_a_recipe_whose_checkpoints_are_missing_says_how_to_train_them(tmp_path)
     assert resolve_recipe("best", runs=tmp_path)["descriptor"] == f"tn@{tmp_path}/tn/final.pt"
     # an option given wins over the recipe's part
     assert resolve_recipe("fast", descriptor="gem")["descriptor"] == "gem"
-    assert resolve_recipe(None) == {"recipe": None, "proxy": "none", "descriptor": "gem", "preset": "flat", "rerank": 0}
+    assert resolve_recipe(None) == {
+        "recipe": None,
+        "proxy": "none",
+        "descriptor": "gem",
+        "preset": "flat",
+        "rerank": 0,
+        "query_bank": (),
+    }
     assert recipe_combinations(["fast", "no-training"]) == [("none", "colorhist"), ("hp", "gem")]
+
+
+def test_a_recipe_query_bank_comes_from_the_data_and_its_street_variant():
+    street = get_recipe("street")
+    assert street.bank_sources("viton:/data/v") == ("viton:/data/v", "viton-street:/data/v")
+    assert street.bank_sources("viton-street:/data/v") == ("viton-street:/data/v", "viton-street:/data/v")
+    with pytest.raises(ValueError, match="has none .*--query-bank SPEC"):
+        street.bank_sources("csv:shop.csv")
+    assert get_recipe("best").bank_sources("csv:shop.csv") == ()
+    assert resolve_recipe(None, query_bank=("viton:x",))["query_bank"] == ("viton:x",)
+    assert resolve_recipe("fast", bank_data="viton:x")["query_bank"] == ()
+    given = resolve_recipe("fast", query_bank=("csv:q.csv",), bank_data="viton:x")
+    assert given["query_bank"] == ("csv:q.csv",)  # an explicit bank replaces the recipe's (none here)
 
 
 def test_index_with_a_recipe_records_it(synthetic_root, tmp_path):
@@ -112,7 +132,7 @@ def test_build_trains_in_dependency_order_skips_finished_runs_then_indexes(synth
     calls = []
 
     def fake_train(kind, name, data, out_dir, settings, options=None, **kwargs):
-        calls.append((kind, name, Path(out_dir).name, dict(settings)))
+        calls.append((kind, name, Path(out_dir).name, dict(settings), kwargs["seed"]))
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         (Path(out_dir) / "final.pt").write_bytes(b"trained")
         return Path(out_dir) / "final.pt"
@@ -122,7 +142,11 @@ def test_build_trains_in_dependency_order_skips_finished_runs_then_indexes(synth
         summary="two trainings, the second behind the first",
         proxy="none",
         descriptor="colorhist",
-        trainings=(Training("proxy", "hp", "parser"), Training("descriptor", "tn", "tn", behind=("hp", "parser"))),
+        trainings=(
+            Training("proxy", "hp", "parser"),
+            Training("descriptor", "tn", "tn", behind=("hp", "parser"), seed=7),
+        ),
+        query_bank=("{data}",),
     )
     monkeypatch.setitem(RECIPES, recipe.name, recipe)
     monkeypatch.setattr(benchmarks.reproduce, "train_named", fake_train)
@@ -134,8 +158,15 @@ def test_build_trains_in_dependency_order_skips_finished_runs_then_indexes(synth
     result = _invoke(*arguments, "--out", tmp_path / "a")
     assert result.exit_code == 0, result.output
     parser_final = runs / "parser" / "final.pt"
-    assert calls == [("proxy", "hp", "parser", {}), ("descriptor", "tn", "tn", {"proxy": f"hp@{parser_final}"})]
+    assert calls == [
+        ("proxy", "hp", "parser", {}, 0),  # build's --seed
+        ("descriptor", "tn", "tn", {"proxy": f"hp@{parser_final}"}, 7),  # the training's own
+    ]
     assert result.output.count("trained ") == 2 and "wrote" in result.output
+    assert f"training-split photos of viton:{synthetic_root}, beta 20" in result.output  # the recipe's query bank
+    assert Pipeline.load(tmp_path / "a", device="cpu").describe()["query_bank"]["sources"] == [
+        f"viton:{synthetic_root}"
+    ]
     calls.clear()
     result = _invoke(*arguments, "--out", tmp_path / "b")
     assert result.exit_code == 0, result.output
