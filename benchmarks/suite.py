@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 from benchmarks.reproduce import grid_specs, names_a_training
+from index.bank_norm import DEFAULT_BANK_BETA
 
 Progress = Union[bool, Callable[[str], None]]
 Echo = Callable[[str], None]
@@ -74,7 +75,7 @@ class BenchConfig:
     combinations: Optional[Sequence[Tuple[str, str]]] = None  # (proxy, descriptor) pairs only, e.g. recipes
     query_bank: Sequence[str] = ()  # data set specs whose training-split query photos form the bank (+qb rows)
     query_bank_size: int = 1500  # photos drawn from each
-    bank_beta: float = 20.0
+    bank_beta: float = DEFAULT_BANK_BETA
 
 
 def check_ks(ks: Sequence[int]) -> List[int]:

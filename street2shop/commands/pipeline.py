@@ -88,7 +88,7 @@ from street2shop.commands.options import (
 @query_bank_options(
     "Score with query-bank normalisation: a bank of training-split query photos of this data set, embedded "
     "as queries are, demotes products that sit close to every query; repeatable. Default: the recipe's (recipe "
-    "street: the catalog's data set and its street variant, or --fit-data's), else none."
+    "street: the street variant of --fit-data, else of the catalog's data set), else none."
 )
 def index_command(catalog, out_dir, recipe, proxy, descriptor, preset, rerank, runs, query_bank, **options) -> None:
     """Save a pipeline: embed a catalog's product photos into a FAISS index, with everything a query needs.
