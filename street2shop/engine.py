@@ -359,7 +359,11 @@ def index_catalog(
         shop = Pipeline.load(out_dir, device=device)
         with tqdm(total=len(photos), desc="query bank", unit="img", leave=False) as bar:
             shop.use_query_bank(
-                photos, beta=bank_beta, sources=query_bank, progress=lambda done, total: bar.update(done - bar.n)
+                photos,
+                beta=bank_beta,
+                sources=query_bank,
+                progress=lambda done, total: bar.update(done - bar.n),
+                cache_dir=cache,
             )
         shop.save()
         built = shop.index

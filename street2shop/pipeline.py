@@ -25,6 +25,7 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import os
@@ -42,6 +43,7 @@ from generation.proxies import Box, BranchQueryEmbedder
 from index import IndexMismatchError, ProductIndex, object_path, store_object
 from index.bank_norm import DEFAULT_BANK_BETA, bank_offsets
 from retrieval.batching import iter_mapped, resolve_device
+from retrieval.files import DamagedCacheError, file_sha1, read_checked_bytes, write_checked_bytes
 from retrieval.gallery import ProductImages
 from retrieval.io import images_to_tensor, resize_image
 from retrieval.proxy_stage import box_in_photo, proxy_input_size, to_descriptor_input
@@ -470,7 +472,13 @@ class Pipeline:
     # ---------------------------------------------------------------------------- query-bank normalisation
     @torch.no_grad()
     def use_query_bank(
-        self, photos: Sequence[Any], *, beta: float = DEFAULT_BANK_BETA, sources: Sequence[str] = (), progress=None
+        self,
+        photos: Sequence[Any],
+        *,
+        beta: float = DEFAULT_BANK_BETA,
+        sources: Sequence[str] = (),
+        progress=None,
+        cache_dir: Optional[os.PathLike] = None,
     ) -> None:
         """Score from now on with query-bank normalisation (`index.bank_norm`): `photos` (typical query photos from
         a training split, never ones you will evaluate on) are embedded as queries are, and every indexed image
@@ -482,6 +490,9 @@ class Pipeline:
             beta: the inverted softmax's inverse temperature.
             sources: where the photos came from (data set specs), recorded with the bank.
             progress: None, or a callable (done, total) called after each batch.
+            cache_dir: keep the bank's vectors here (``query-banks/<key>.npy``, keyed by the proxy's and descriptor's
+                fingerprints and the photos' contents) and reuse them, so a rebuilt index does not embed the bank
+                again. Only banks of file paths are cached.
 
         Raises:
             BadImageError: an unreadable photo. ValueError: no photos, beta <= 0.
@@ -489,14 +500,31 @@ class Pipeline:
         items = as_image_list(photos)
         if not items:
             raise ValueError("a query bank needs at least one photo")
-        vectors = []
-        for start in range(0, len(items), SEARCH_BATCH):
-            vectors.append(self._embed_queries(items[start : start + SEARCH_BATCH], start, _Clock())[0])
-            if progress is not None:
-                progress(min(start + SEARCH_BATCH, len(items)), len(items))
-        bank = QueryBank(np.concatenate(vectors), float(beta), tuple(str(s) for s in sources))
+        stored = self._bank_cache_file(items, cache_dir)
+        vectors = _cached_vectors(stored, len(items), self.index.dim)
+        if vectors is None:
+            parts = []
+            for start in range(0, len(items), SEARCH_BATCH):
+                parts.append(self._embed_queries(items[start : start + SEARCH_BATCH], start, _Clock())[0])
+                if progress is not None:
+                    progress(min(start + SEARCH_BATCH, len(items)), len(items))
+            vectors = np.concatenate(parts).astype(np.float32)
+            if stored is not None:
+                buffer = io.BytesIO()
+                np.save(buffer, vectors)
+                write_checked_bytes(stored, buffer.getvalue())
+        bank = QueryBank(vectors, float(beta), tuple(str(s) for s in sources))
         self._offsets = self.index.bank_offsets(bank.vectors, bank.beta)
         self.bank = bank
+
+    def _bank_cache_file(self, items: Sequence[Any], cache_dir: Optional[os.PathLike]) -> Optional[Path]:
+        """Where `use_query_bank` keeps the vectors of `items` (None: no cache, or photos that are not files)."""
+        if cache_dir is None or not all(isinstance(item, (str, os.PathLike)) for item in items):
+            return None
+        digest = hashlib.sha1(f"{self.proxy.fingerprint()}|{self.descriptor.fingerprint()}".encode("utf-8"))
+        for item in items:
+            digest.update(file_sha1(item).encode("ascii"))
+        return Path(cache_dir) / "query-banks" / f"{digest.hexdigest()[:20]}.npy"
 
     def _proxied(self, batch: torch.Tensor, size) -> Tuple[torch.Tensor, List[Optional[Box]]]:
         """What the descriptor reads (the proxy's output at its input size, `retrieval.proxy_stage`) and, per
@@ -678,6 +706,28 @@ class _Clock:
 
     def per_image(self, count: int) -> Dict[str, float]:
         return {stage: round(ms / max(1, count), 3) for stage, ms in self.stages.items()}
+
+
+def _cached_vectors(stored: Optional[Path], rows: int, dim: int) -> Optional[np.ndarray]:
+    """The (rows, dim) vectors `use_query_bank` kept in `stored`, or None (no file; a damaged or stale one is
+    logged and embedded again)."""
+    if stored is None or not stored.exists():
+        return None
+    try:
+        vectors = np.load(io.BytesIO(read_checked_bytes(stored)), allow_pickle=False)
+    except (OSError, ValueError, DamagedCacheError) as error:
+        log.warning("query-bank cache %s is unreadable (%s): embedding the bank again", stored, error)
+        return None
+    if vectors.shape != (rows, dim) or not np.isfinite(vectors).all():
+        log.warning(
+            "query-bank cache %s holds %s vectors, not (%d, %d): embedding the bank again",
+            stored,
+            vectors.shape,
+            rows,
+            dim,
+        )
+        return None
+    return vectors.astype(np.float32)
 
 
 def _decoded(numbered: Tuple[int, Any]) -> np.ndarray:

@@ -185,6 +185,24 @@ def test_query_bank_scores_are_similarity_minus_offsets_through_add_remove_save_
     assert_ranked_as_expected(again)
 
 
+def test_a_cached_query_bank_is_reused_and_a_damaged_one_embedded_again(shop, dataset, tmp_path, caplog):
+    pipeline = Pipeline.load(shop, device="cpu")
+    bank_photos = list(dataset.queries["image"])
+    pipeline.use_query_bank(bank_photos, cache_dir=tmp_path)
+    first = pipeline.bank.vectors.copy()
+    (stored,) = (tmp_path / "query-banks").glob("*.npy")
+    embedded = []
+    original = pipeline._embed_queries
+    pipeline._embed_queries = lambda *args: embedded.append(1) or original(*args)
+    pipeline.use_query_bank(bank_photos, cache_dir=tmp_path)
+    assert embedded == [] and np.array_equal(pipeline.bank.vectors, first)
+    stored.write_bytes(stored.read_bytes()[:-5])  # damaged: the checksum footer no longer matches
+    with caplog.at_level(logging.WARNING):
+        pipeline.use_query_bank(bank_photos, cache_dir=tmp_path)
+    assert embedded and "embedding the bank again" in caplog.text
+    np.testing.assert_allclose(pipeline.bank.vectors, first, atol=1e-6)
+
+
 class _CountingEmbed:
     """Wraps a descriptor's single pass (`embed_unaugmented`) and counts the images it embeds."""
 
