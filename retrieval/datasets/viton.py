@@ -197,7 +197,8 @@ def load_viton(root: PathLike, split: str = "val", seed: int = 0, val_fraction: 
         }
     )
     data = RetrievalSet(
-        name=f"viton:{root} [{split}]",
+        # a split other than seed 0's says so: checkpoints trained on one split leak into another's validation
+        name=f"viton:{root} [{split}]" if seed == 0 else f"viton:{root} [{split}, split seed {seed}]",
         catalog=catalog.reset_index(drop=True),
         queries=queries.reset_index(drop=True),
         train=None if train is None else train[list(TRAIN_COLUMNS)].reset_index(drop=True),

@@ -211,7 +211,8 @@ def load_viton_street(
         queries["image"] = make_street_queries(root, studio.queries, target, seed=seed, frame_scale=frame_scale)
         write_text_atomic(marker, json.dumps(expected, indent=2, sort_keys=True) + "\n")
     data = RetrievalSet(
-        name=f"{'viton-street' if frame_scale == 1.0 else 'viton-street-hr'}:{root} [{split}]",
+        name=f"{'viton-street' if frame_scale == 1.0 else 'viton-street-hr'}:{root} [{split}"
+        + (f", split seed {seed}]" if seed else "]"),
         catalog=studio.catalog,
         queries=queries,
         train=studio.train,

@@ -66,7 +66,12 @@ def _grid_specs(patterns: str, kind: str, flag: str) -> List[str]:
     "Feature and checkpoint cache; default $STREET2SHOP_CACHE or ~/.cache/street2shop.",
 )
 @click.option("--no-cache", is_flag=True, help="Recompute every feature.")
-@opt("--seed", default=0)
+@opt(
+    "--seed",
+    default=0,
+    help="Seed of the train/validation split, the bootstrap and the samples. Models trained with `street2shop train` "
+    "learnt split seed 0's training pairs: score them on seed 0, or their training products are evaluated.",
+)
 @whole(
     "--rerank",
     0,

@@ -50,7 +50,17 @@ TRAIN_OPTIONS = [
     ),
     opt("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"])),
     click.option("--cache-dir", default=None, help="Default: $STREET2SHOP_CACHE or ~/.cache/street2shop."),
-    opt("--seed", default=0),
+    opt(
+        "--seed",
+        default=0,
+        help="Seed of the model's initialisation, its sampling and its street copies (the split is --split-seed's).",
+    ),
+    opt(
+        "--split-seed",
+        default=0,
+        help="Seed of the data set's train/validation split. Keep the default: `bench` and `index` evaluate on split "
+        "seed 0, and a model trained on another split has seen most of its validation products.",
+    ),
     click.option(
         "--set",
         "settings",
@@ -69,7 +79,9 @@ def _train_options(command):
     return command
 
 
-def _train(kind: str, name: str, dataset, out_dir, time_budget, device, cache_dir, seed, settings=(), **flags) -> None:
+def _train(
+    kind: str, name: str, dataset, out_dir, time_budget, device, cache_dir, seed, split_seed, settings=(), **flags
+) -> None:
     """Build the named descriptor or proxy, train it on the dataset's training pairs, say where it went."""
     from benchmarks.reproduce import model_class, option_defaults, train_named
     from retrieval.datasets import load_dataset
@@ -97,7 +109,7 @@ def _train(kind: str, name: str, dataset, out_dir, time_budget, device, cache_di
             )
         data = None
     else:
-        data = load_dataset(dataset, split="val", seed=seed, cache_dir=cache_dir_path(cache_dir))
+        data = load_dataset(dataset, split="val", seed=split_seed, cache_dir=cache_dir_path(cache_dir))
         if data.train is None or data.train.empty:
             raise ValueError(f"{data.name} has no training pairs to train {name} on")
     started = time.perf_counter()

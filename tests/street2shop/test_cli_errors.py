@@ -126,6 +126,26 @@ def test_train_with_a_bracketed_spec_names_the_set_options(tmp_path):
     assert "train descriptor fused --set branches=tn[dim=8;pooling=gem]|gem --set weights=(1, 2)`" in result.output
 
 
+def test_train_seed_seeds_the_model_and_never_moves_the_split(synthetic_root, tmp_path, monkeypatch):
+    """`--seed` used to seed the split too: a second seed then trained on most of seed 0's validation products."""
+    import benchmarks.reproduce
+
+    seen = []
+
+    def fake_train(kind, name, data, out_dir, settings, options=None, **kwargs):
+        seen.append((data.name, sorted(data.train["product_id"]), kwargs["seed"]))
+        return tmp_path / "final.pt"
+
+    monkeypatch.setattr(benchmarks.reproduce, "train_named", fake_train)
+    base = ["train", "descriptor", "tn", "--dataset", f"viton:{synthetic_root}", "--out", str(tmp_path / "run")]
+    for extra in ([], ["--seed", "3"], ["--split-seed", "2"]):
+        result = CliRunner().invoke(cli, base + extra)
+        assert result.exit_code == 0, result.output
+    (name0, products0, seed0), (name3, products3, seed3), (name_split, products_split, _) = seen
+    assert (seed0, seed3) == (0, 3) and name3 == name0 and products3 == products0  # same split, other model seed
+    assert name_split.endswith("[val, split seed 2]") and products_split != products0
+
+
 # ---- index --out is checked before any work --------------------------------------------------
 def test_index_out_with_foreign_files_is_refused_before_loading_data(tmp_path, monkeypatch):
     import retrieval.datasets
