@@ -201,6 +201,12 @@ def remove_command(index_dir, product_ids) -> None:
     click.echo(f"removed {len(set(product_ids))} products from {index_dir}: {pipeline.ntotal} left")
 
 
+def _bank_words(template: str) -> str:
+    """A recipe's query-bank source in words ("{data_street}" -> street versions of the data's training photos)."""
+    words = {"{data}": "the data's training photos", "{data_street}": "street versions of the data's training photos"}
+    return words.get(template, template)
+
+
 @click.command("recipes")
 def recipes_command() -> None:
     """List the named pipelines (`index --recipe`, `build --recipe`) with what they need and measured."""
@@ -211,7 +217,7 @@ def recipes_command() -> None:
         click.echo(f"{recipe.name}: {recipe.summary}")
         click.echo(
             f"    proxy {recipe.proxy}, descriptor {recipe.descriptor}, preset {recipe.preset}, rerank {recipe.rerank}"
-            + (f", query bank {' + '.join(recipe.query_bank)}" if recipe.query_bank else "")
+            + (f", query bank: {' + '.join(map(_bank_words, recipe.query_bank))}" if recipe.query_bank else "")
         )
         click.echo(f"    needs: {needs}; measured: {recipe.measured}")
 
