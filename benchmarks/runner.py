@@ -240,10 +240,11 @@ def run_benchmark(
             if isinstance(descriptor, FusedDescriptor):
                 embedded = []
                 for branch, spec in zip(descriptor.branches, descriptor.branch_proxies):
-                    _, _, branch_key, branch_paths, _ = (
-                        proxied(spec, photos) if spec is not None else (0, 0, proxy_key, paths, 0)
-                    )
-                    embedded.append((branch, branch_paths, branch_key))
+                    if spec is None:
+                        embedded.append((branch, paths, proxy_key))
+                    else:
+                        _, _, branch_key, branch_paths, _ = proxied(spec, photos)
+                        embedded.append((branch, branch_paths, branch_key))
             parts = [
                 extract_features(
                     model.embed,
@@ -380,7 +381,7 @@ def run_benchmark(
                         normalised = product_index.search(query_vectors, gallery.search_depth(depth), offsets)
                         record(
                             {
-                                **{k: v for k, v in row.items() if not k.startswith("paper_") or k == "paper_proxy"},
+                                **_first_stage_columns(row),
                                 "descriptor": f"{descriptor_name}+qb",
                                 "bank_s": round(bank_seconds, 1),
                                 "search_s": round(time.perf_counter() - started, 3),
@@ -404,10 +405,9 @@ def run_benchmark(
                             f"{descriptor.name}-{descriptor.fingerprint()}-{proxy_key}",
                             progress=f"{proxy_label}+{descriptor_name}+sv" if progress else None,
                         )
-                        # the paper protocol's columns describe the first stage; the paper's row still applies
                         record(
                             {
-                                **{k: v for k, v in row.items() if not k.startswith("paper_") or k == "paper_proxy"},
+                                **_first_stage_columns(row),
                                 "descriptor": f"{descriptor_name}+sv",
                                 "gallery_s": round(gallery_seconds + gallery_local_seconds, 1),
                                 "rerank_s": round(time.perf_counter() - started, 1),
@@ -420,6 +420,12 @@ def run_benchmark(
     per_query_table = pd.concat(per_query, ignore_index=True)
     summary = add_statistics(pd.DataFrame(rows), per_query_table, ks, n_resamples=bootstrap, seed=seed)
     return BenchResult(summary, per_query_table, pd.concat(draws, ignore_index=True) if draws else pd.DataFrame())
+
+
+def _first_stage_columns(row: Dict) -> Dict:
+    """A combination's row less the paper protocol's columns, which describe its first stage only (the paper's proxy
+    name still applies): the base of its "+qb" and "+sv" rows."""
+    return {k: v for k, v in row.items() if not k.startswith("paper_") or k == "paper_proxy"}
 
 
 def _run_proxy(

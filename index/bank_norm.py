@@ -74,7 +74,6 @@ def offset_topk(
     queries: np.ndarray,
     k: int,
     offsets: np.ndarray,
-    first_depth: int = 0,
 ) -> Tuple[np.ndarray, np.ndarray]:
     """The top ``k`` by ``score - offsets[label]``, exact with respect to ``search``'s ranking.
 
@@ -98,7 +97,7 @@ def offset_topk(
     out_scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
     out_labels = np.full((len(queries), k), -1, dtype=np.int64)
     pending = np.arange(len(queries))
-    depth = min(total, max(first_depth, 2 * k, k + 32))
+    depth = min(total, max(2 * k, k + 32))
     while len(pending):
         scores, labels = search(queries[pending], depth)
         found = labels >= 0
