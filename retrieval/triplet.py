@@ -1,4 +1,5 @@
-"""Triplet learning as small composable parts: distances, miners, the margin loss and a seeded batch sampler.
+"""Triplet learning as small composable parts: distances, miners, the margin loss and a seeded batch sampler,
+and its contrastive alternative, the InfoNCE loss over the same (anchors, candidates, labels) batches.
 
 The parts follow pytorch-metric-learning's shape (`TripletMarginLoss(margin, miner=BatchHardMiner())`)
 but are written for the *cross-domain* case as well: anchors come from one set of embeddings (street
@@ -297,6 +298,74 @@ class TripletMarginLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"margin={self.margin}, distance={self.distance!r}, reduction={self.reduction!r}"
+
+
+class InfoNCELoss(nn.Module):
+    """Contrastive (InfoNCE) loss: each anchor classifies its positives among all the batch's candidates.
+
+    loss(a) = logsumexp_{c in batch} s(a, c) / t - logsumexp_{c with label(a)} s(a, c) / t, s the cosine.
+    Every candidate of another label is a negative, every one of the anchor's label a positive (with
+    street copies, one product can sit in a batch twice); an anchor without a positive is skipped.
+    Unlike batch-hard triplets, every negative pulls with a weight that grows with its similarity, so a
+    batch never gives a zero gradient while the embedding is still collapsed.
+
+    Args:
+        temperature: t; smaller sharpens the softmax onto the hardest negatives.
+
+    Shape:
+        - embeddings: (N, D) anchors; labels: (N,)
+        - candidates: (M, D) (default: `embeddings` themselves, the diagonal then left out); candidate_labels: (M,)
+        - Output: () mean over the anchors with a positive (0, keeping the graph, when none has one).
+
+    After each call, `last_stats` holds "batch_miss": the share of anchors whose most similar candidate is a
+    negative (falls as training learns the batch).
+
+    Example:
+        >>> a = torch.tensor([[1.0, 0.0]]); c = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+        >>> round(float(InfoNCELoss(1.0)(a, torch.tensor([0]), c, torch.tensor([0, 1]))), 4)  # log(1 + e^-1)
+        0.3133
+    """
+
+    def __init__(self, temperature: float = 0.05):
+        super().__init__()
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.temperature = float(temperature)
+        self.last_stats = {"batch_miss": 0.0}
+
+    def forward(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        candidates: Optional[torch.Tensor] = None,
+        candidate_labels: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        same_set = candidates is None
+        if same_set:
+            candidates, candidate_labels = embeddings, labels
+        elif candidate_labels is None:
+            raise ValueError("candidate_labels are required with candidates")
+        logits = nn.functional.normalize(embeddings, dim=1) @ nn.functional.normalize(candidates, dim=1).T
+        logits = logits / self.temperature
+        positive, _ = _label_masks(labels, candidate_labels)
+        # A finite stand-in for -inf: a row with nothing left would give NaN gradients, even when unused.
+        excluded = torch.finfo(logits.dtype).min / 2
+        if same_set:  # an embedding is not its own positive, nor a candidate at all
+            eye = torch.eye(len(labels), dtype=torch.bool, device=logits.device)
+            positive = positive & ~eye
+            logits = logits.masked_fill(eye, excluded)
+        has_positive = positive.any(dim=1)
+        every = torch.logsumexp(logits, dim=1)
+        positives = torch.logsumexp(logits.masked_fill(~positive, excluded), dim=1)
+        losses = (every - positives)[has_positive]
+        with torch.no_grad():
+            top = logits.argmax(dim=1)
+            missed = ~positive[torch.arange(len(top), device=top.device), top]
+            self.last_stats = {"batch_miss": float(missed[has_positive].float().mean()) if losses.numel() else 0.0}
+        return losses.mean() if losses.numel() else embeddings.sum() * 0.0
+
+    def extra_repr(self) -> str:
+        return f"temperature={self.temperature}"
 
 
 # ---- sampling ----------------------------------------------------------------------------------------

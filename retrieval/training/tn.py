@@ -6,7 +6,8 @@
       `generation.proxies.proxy_training_options`, since retrieval/ cannot look proxies up);
       positives: their products; negatives: the other products of the batch, mined by `retrieval.triplet`
       (batch-hard by default), in both
-      directions (street -> shop and shop -> street) when `symmetric`.
+      directions (street -> shop and shop -> street) when `symmetric`. `loss="infonce"` replaces the
+      mined triplets by a contrastive loss over the whole batch (`retrieval.triplet.InfoNCELoss`).
     - the frozen part of the backbone runs once per run: its maps (block 15, or the block before the
       fine-tuned ones) are cached as float16 chunks under `<out_dir>/features/` (about 0.23 GB for
       VITON's 3,600 training pairs), so an interrupted run resumes without recomputing them; with a
@@ -39,7 +40,7 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 import numpy as np
 import pandas as pd
@@ -54,9 +55,10 @@ from retrieval.proxy_stage import to_descriptor_input, training_proxy
 from retrieval.training.map_cache import cache_chunks, float16_maps
 from retrieval.training.run import TrainingRun, atomic_torch_save, load_checkpoint
 from retrieval.training.trainers import TrainingJob, register_trainer
-from retrieval.triplet import TripletMarginLoss, create_miner, seeded_batches
+from retrieval.triplet import InfoNCELoss, TripletMarginLoss, create_miner, seeded_batches
 
 log = logging.getLogger("street2shop.tn")
+LOSSES = ("triplet", "infonce")
 
 
 @dataclass(frozen=True)
@@ -64,7 +66,8 @@ class TNTrainConfig:
     """The training options of `tn` (`street2shop train descriptor tn --set KEY=VALUE`).
 
     epochs; batch_size (pairs per batch); lr; weight_decay; backbone_lr_scale (of the fine-tuned
-    blocks' learning rate); margin (cosine distance); miner ("batch_hard", "semi_hard", "all");
+    blocks' learning rate); loss ("triplet": margin and miner apply; "infonce": temperature applies);
+    margin (cosine distance); miner ("batch_hard", "semi_hard", "all"); temperature (of "infonce");
     symmetric (also shop -> street triplets); location_dropout; val_fraction; proxy ("none" or a
     Proxy object); chunk_pairs and extract_batch_size (the map cache); extract_budget_share (the
     share of the time budget the map cache may use; see the module docstring); street_copies (street-condition
@@ -76,8 +79,10 @@ class TNTrainConfig:
     lr: float = 1e-3
     weight_decay: float = 1e-4
     backbone_lr_scale: float = 0.1
+    loss: str = "triplet"
     margin: float = 0.2
     miner: str = "batch_hard"
+    temperature: float = 0.05
     symmetric: bool = True
     location_dropout: float = 0.2
     val_fraction: float = 0.1
@@ -184,7 +189,7 @@ def triplet_loss(
     street: torch.Tensor,
     shop: torch.Tensor,
     labels: torch.Tensor,
-    criterion: TripletMarginLoss,
+    criterion: Union[TripletMarginLoss, InfoNCELoss],
     symmetric: bool = True,
     masks: Tuple[Optional[torch.Tensor], Optional[torch.Tensor]] = (None, None),
 ) -> Tuple[torch.Tensor, Dict[str, float]]:
@@ -199,7 +204,9 @@ def triplet_loss(
     shop = embed_training_inputs(tn, shop, masks[1])
     labels = labels.to(tn.device)
     to_shop = criterion(street, labels, shop, labels)
-    stats = {"loss_street2shop": float(to_shop.detach()), "active": criterion.last_stats["active"]}
+    # triplets log the share of active triplets; InfoNCE the share of anchors whose nearest candidate is wrong
+    key = "active" if "active" in criterion.last_stats else "batch_miss"
+    stats = {"loss_street2shop": float(to_shop.detach()), key: criterion.last_stats[key]}
     loss = to_shop
     if symmetric:
         to_street = criterion(shop, labels, street, labels)
@@ -255,6 +262,8 @@ def train_tn(tn: TripletNet, job: TrainingJob, config: TNTrainConfig) -> Path:
         raise ValueError(f"val_fraction must be in [0, 1), got {tconf['val_fraction']}")
     if tconf["miner"] not in ("batch_hard", "semi_hard", "all"):
         raise ValueError(f"miner must be batch_hard, semi_hard or all, got {tconf['miner']!r}")
+    if tconf["loss"] not in LOSSES:
+        raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {tconf['loss']!r}")
     tn.eval()  # BatchNorm statistics stay frozen, also in fine-tuned blocks
     order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed)).numpy()
     trainable = trainable_modules(tn)
@@ -268,8 +277,9 @@ def train_tn(tn: TripletNet, job: TrainingJob, config: TNTrainConfig) -> Path:
     run_config = {
         "descriptor": tn.name,
         "descriptor_conf": tn.config(),
-        # more epochs may extend a run; street_copies only when used, so older runs' configs still match
-        "train": {k: v for k, v in tconf.items() if k != "epochs" and not (k == "street_copies" and not v)},
+        # more epochs may extend a run; street_copies and the InfoNCE options only when used, so older runs'
+        # configs still match
+        "train": {k: v for k, v in tconf.items() if k != "epochs" and not _unused_option(k, tconf)},
         "proxy": proxy_label,
         "dataset": dataset.name,
         "pairs": len(pairs),
@@ -304,7 +314,11 @@ def train_tn(tn: TripletNet, job: TrainingJob, config: TNTrainConfig) -> Path:
     if not best.evaluated:
         best.offer(trainable, -1, evaluate())
         _log_validation(-1, best)
-    criterion = TripletMarginLoss(float(tconf["margin"]), "cosine", create_miner(tconf["miner"]))
+    criterion = (
+        InfoNCELoss(float(tconf["temperature"]))
+        if tconf["loss"] == "infonce"
+        else TripletMarginLoss(float(tconf["margin"]), "cosine", create_miner(tconf["miner"]))
+    )
     batch_size = min(int(tconf["batch_size"]), len(train_idx))
     with torch.no_grad():  # the location-dropout masks have the head maps' size
         probe = street[:1].to(tn.device, torch.float32)
@@ -450,6 +464,16 @@ def _cached_maps(
 
 
 # ---- helpers -----------------------------------------------------------------------------------------
+
+
+def _unused_option(key: str, tconf: Dict[str, Any]) -> bool:
+    """Whether option `key` is left out of the run config: newer options at their off value, so that runs
+    from before them keep matching their checkpoints on resume."""
+    if key == "street_copies":
+        return not tconf[key]
+    if key in ("loss", "temperature"):
+        return tconf["loss"] == "triplet"
+    return False
 
 
 def _training_pairs(dataset) -> pd.DataFrame:

@@ -2,6 +2,7 @@
 (retrieval/training/tn.py)."""
 
 import json
+import math
 
 import pandas as pd
 import pytest
@@ -18,6 +19,7 @@ from retrieval.training import TrainingRun, load_checkpoint
 from retrieval.training.tn import location_keep_mask, triplet_loss
 from retrieval.triplet import (
     BatchHardMiner,
+    InfoNCELoss,
     SemiHardMiner,
     TripletMarginLoss,
     all_triplets,
@@ -117,6 +119,50 @@ def test_loss_module_matches_explicit_triplets_and_keeps_graph_when_empty():
     assert empty.item() == 0.0 and x.grad is not None
     with pytest.raises(ValueError, match="unknown distance"):
         TripletMarginLoss(distance="manhattan")
+
+
+def test_infonce_golden_with_a_repeated_product():
+    """Temperature 1, candidates labelled 0, 0, 1. Anchor 0 (label 0) sits at cosines 1, 0, 0 from them:
+    log(e + 1 + 1) - log(e + 1), both label-0 candidates in the numerator. Anchor 1 (label 1) at 0, 1, 1:
+    log(1 + 2e) - log(e)."""
+    e = math.e
+    anchors = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    candidates = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
+    loss_fn = InfoNCELoss(1.0)
+    loss = loss_fn(anchors, torch.tensor([0, 1]), candidates, torch.tensor([0, 0, 1]))
+    anchor0, anchor1 = math.log((e + 2) / (e + 1)), math.log((1 + 2 * e) / e)
+    assert loss.item() == pytest.approx((anchor0 + anchor1) / 2, abs=1e-6)
+    assert loss_fn.last_stats["batch_miss"] == 0.5  # anchor 1's nearest candidates tie; argmax takes label 0's
+    with pytest.raises(ValueError, match="temperature"):
+        InfoNCELoss(0.0)
+
+
+def test_infonce_matches_a_loop_and_skips_anchors_without_a_positive():
+    generator = torch.Generator().manual_seed(1)
+    street, shop = torch.randn(5, 8, generator=generator), torch.randn(6, 8, generator=generator)
+    labels, candidate_labels = torch.tensor([0, 1, 1, 2, 7]), torch.tensor([0, 1, 2, 2, 3, 1])
+    street.requires_grad_(True)
+    loss = InfoNCELoss(0.2)(street, labels, shop, candidate_labels)
+    loss.backward()
+    cos = torch.nn.functional.normalize(street.detach(), dim=1) @ torch.nn.functional.normalize(shop, dim=1).T
+    expected = []
+    for i in range(4):  # anchor 4 (label 7) has no positive
+        logits = cos[i] / 0.2
+        expected.append(torch.logsumexp(logits, 0) - torch.logsumexp(logits[candidate_labels == labels[i]], 0))
+    assert loss.item() == pytest.approx(torch.stack(expected).mean().item(), abs=1e-5)
+    assert torch.isfinite(street.grad).all() and street.grad[4].abs().sum() == 0
+    # one set plays both roles: the diagonal is neither a positive nor a candidate
+    x = torch.randn(4, 3, generator=generator)
+    same = InfoNCELoss(0.5)(x, torch.tensor([0, 0, 1, 1]))
+    c = torch.nn.functional.normalize(x, dim=1) @ torch.nn.functional.normalize(x, dim=1).T / 0.5
+    pairs = [(0, 1), (1, 0), (2, 3), (3, 2)]
+    looped = [torch.logsumexp(torch.cat([c[i, :i], c[i, i + 1 :]]), 0) - c[i, j] for i, j in pairs]
+    assert same.item() == pytest.approx(torch.stack(looped).mean().item(), abs=1e-5)
+    # no anchor has a positive: a zero that still back-propagates
+    y = torch.randn(3, 4, requires_grad=True)
+    empty = InfoNCELoss()(y, torch.tensor([0, 1, 2]))
+    empty.backward()
+    assert empty.item() == 0.0 and torch.isfinite(y.grad).all()
 
 
 def test_seeded_batches_are_a_function_of_seed_and_epoch():
@@ -222,6 +268,21 @@ def test_train_on_round_trips_through_final_pt(tiny_set, trained):
     assert not torch.allclose(tn.head.projection.weight, orthogonal_rows(32, 1280, seed=0))
     with pytest.raises(ValueError, match="trained with"):
         create_descriptor(f"tn@{final}", image_size=SIZE, dim=16)
+
+
+def test_infonce_training_records_its_loss_and_logs_batch_misses(tiny_set, trained, tmp_path):
+    tn = create_descriptor("tn", image_size=SIZE, dim=32)
+    final = tn.train_on(tiny_set, tmp_path / "nce", seed=3, loss="infonce", temperature=0.1, **TINY_TRAIN)
+    config = json.loads((tmp_path / "nce" / "config.json").read_text())["train"]
+    assert config["loss"] == "infonce" and config["temperature"] == 0.1
+    losses = pd.read_csv(final.parent / "losses.csv")
+    assert "batch_miss" in losses.columns and "active" not in losses.columns
+    assert losses["loss"].notna().all() and (losses["loss"] > 0).all()
+    # a triplet run's config does not name the new options, so runs from before them still resume
+    _, triplet_final = trained
+    assert "loss" not in json.loads((triplet_final.parent / "config.json").read_text())["train"]
+    with pytest.raises(ValueError, match="loss must be one of triplet, infonce"):
+        create_descriptor("tn", image_size=SIZE, dim=32).train_on(tiny_set, tmp_path / "bad", loss="arcface")
 
 
 def test_a_head_trained_on_one_backbone_is_refused_by_another(trained, tmp_path):
