@@ -37,6 +37,8 @@ from retrieval.gallery import ProductImages
 from retrieval.metrics import average_precision_at_k, count_relevant, ranking_metrics, relevance_matrix
 from retrieval.proxy_stage import box_in_photo, proxy_input_size, to_descriptor_input
 from retrieval.rerank import LocalFeatureStore, SpatialVerifier
+from retrieval.specs import checkpoint_paths
+from retrieval.training.provenance import held_out_violations
 
 log = logging.getLogger("street2shop.bench")
 DEFAULT_KS = (1, 5, 10, 20)
@@ -154,6 +156,7 @@ def run_benchmark(
     combinations: Optional[Sequence[Tuple[str, str]]] = None,
     query_bank: Optional[Sequence[str]] = None,
     bank_beta: float = DEFAULT_BANK_BETA,
+    allow_train_overlap: bool = False,
 ) -> BenchResult:
     """Score every proxy x descriptor x index preset on `dataset`.
 
@@ -181,6 +184,9 @@ def run_benchmark(
     With ``query_bank`` (photos of typical queries, from a training split: never the evaluated ones) every
     combination also gets a row "NAME+qb": the same search with query-bank normalisation (``index.bank_norm``,
     inverted softmax at ``bank_beta``); the bank photos go through the proxy and descriptor as queries do.
+
+    A checkpoint trained on any evaluated product (`retrieval.training.provenance`) is refused unless
+    ``allow_train_overlap``: its scores would measure memorisation.
     """
     dataset.validate()
     catalog = _with_distractors(dataset, distractors, seed)
@@ -191,6 +197,8 @@ def run_benchmark(
             f"{len(evaluated)} query-bank photos are evaluated queries too (e.g. {sorted(evaluated)[0]}): the bank "
             "must come from a training split, not from the photos it is scored on"
         )
+    specs = [*descriptors, *proxies, *(spec for pair in combinations or () for spec in pair)]
+    refuse_seen_products(specs, {str(p) for p in queries["product_id"]}, dataset.name, allow_train_overlap)
     # one vector per catalog image; a product with several images is scored by its best one (retrieval.gallery)
     gallery = ProductImages.of_catalog(catalog["product_id"].astype(str))
     image_ids, gallery_ids = gallery.image_ids, gallery.product_ids  # (I,) each: the image, its product
@@ -420,6 +428,35 @@ def run_benchmark(
     per_query_table = pd.concat(per_query, ignore_index=True)
     summary = add_statistics(pd.DataFrame(rows), per_query_table, ks, n_resamples=bootstrap, seed=seed)
     return BenchResult(summary, per_query_table, pd.concat(draws, ignore_index=True) if draws else pd.DataFrame())
+
+
+def refuse_seen_products(specs: Sequence[str], evaluated_products: set, dataset_name: str, allow: bool) -> None:
+    """Raise when a checkpoint of `specs` was trained on an evaluated product (warn instead with `allow`); warn
+    about checkpoints too old to say what they were trained on."""
+    paths = [path for spec in specs for path in checkpoint_paths(spec)]
+    overlaps, unrecorded = held_out_violations(paths, evaluated_products)
+    if unrecorded:
+        log.warning(
+            "%d checkpoint(s) record no training products (trained before the record existed), so their "
+            "evaluated products are not checked: %s",
+            len(unrecorded),
+            ", ".join(unrecorded),
+        )
+    if not overlaps:
+        return
+    lines = [
+        f"{o.checkpoint} was trained on {o.shared} of the {len(evaluated_products)} products {dataset_name} "
+        f"evaluates (training data: {o.trained_on}; e.g. product {o.example})"
+        for o in overlaps
+    ]
+    if allow:
+        log.warning("scoring on products the models have seen (--allow-train-overlap): %s", "; ".join(lines))
+        return
+    raise ValueError(
+        "; ".join(lines) + ". Its scores would measure memorisation, not retrieval: evaluate on the split it "
+        "held out (train and bench with the same --split-seed), or pass --allow-train-overlap to measure that on "
+        "purpose"
+    )
 
 
 def _first_stage_columns(row: Dict) -> Dict:

@@ -76,6 +76,7 @@ class BenchConfig:
     query_bank: Sequence[str] = ()  # data set specs whose training-split query photos form the bank (+qb rows)
     query_bank_size: int = 1500  # photos drawn from each
     bank_beta: float = DEFAULT_BANK_BETA
+    allow_train_overlap: bool = False  # score checkpoints on products they trained on (else refused)
 
 
 def check_ks(ks: Sequence[int]) -> List[int]:
@@ -199,6 +200,7 @@ def run_bench_suite(config: BenchConfig, *, echo: Echo = print, progress: Progre
         combinations=config.combinations,
         query_bank=bank,
         bank_beta=config.bank_beta,
+        allow_train_overlap=config.allow_train_overlap,
     )
     generation, generation_md = _generation_scores(
         data, proxy_specs, config.generation_samples, torch_device, config.seed

@@ -87,6 +87,24 @@ def _split_checkpoint(text: str) -> Tuple[str, str]:
     return text, ""
 
 
+def checkpoint_paths(text: str) -> List[str]:
+    """Every checkpoint a spec names: its own and those of the specs inside its options, at any depth.
+
+    Example:
+        >>> checkpoint_paths("fused[branches=tn[proxy=hp@p/final.pt]@a/final.pt|gem;weights=None]@f/final.pt")
+        ['f/final.pt', 'a/final.pt', 'p/final.pt']
+    """
+    head, checkpoint = _split_checkpoint(text)
+    paths = [checkpoint.strip()] if checkpoint.strip() else []
+    match = _SPEC.match(head.strip())
+    for item in split_specs((match["options"] or "") if match else "", separator=";"):
+        value = item.partition("=")[2].strip()
+        if len(value) > 1 and value[0] == value[-1] and value[0] in "'\"":  # a quoted value, as a label writes it
+            value = value[1:-1]
+        paths += [path for part in split_specs(value, separator="|") if "@" in part for path in checkpoint_paths(part)]
+    return paths
+
+
 def parse_spec(text: str, defaults: Optional[Mapping[str, Any]] = None, source: Optional[str] = None) -> Spec:
     """'NAME', 'NAME@path/final.pt', 'NAME[k=v;k=v]' or 'NAME[k=v;k=v]@path/final.pt' -> Spec.
 

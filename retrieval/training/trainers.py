@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Type
 
 from retrieval.registry import typed_options
+from retrieval.training.provenance import record_training_products
 
 
 @dataclass(frozen=True)
@@ -162,10 +163,13 @@ def train_model(
     time_budget_s: Optional[float] = None,
     **options: Any,
 ) -> Path:
-    """Train ``model`` (a descriptor or proxy, by its registry name) with its registered trainer; final.pt."""
+    """Train ``model`` (a descriptor or proxy, by its registry name) with its registered trainer; final.pt,
+    stamped with the products of ``dataset``'s training pairs (`retrieval.training.provenance`)."""
     config = training_config(model.name, options)
     job = TrainingJob(dataset, Path(out_dir), seed=seed, progress=progress, time_budget_s=time_budget_s)
-    return Path(trainer_for(model.name).train(model, job, config))
+    final = Path(trainer_for(model.name).train(model, job, config))
+    record_training_products(final, dataset)  # so a benchmark can refuse to score it on products it has seen
+    return final
 
 
 def split_options(

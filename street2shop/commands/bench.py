@@ -69,8 +69,8 @@ def _grid_specs(patterns: str, kind: str, flag: str) -> List[str]:
 @opt(
     "--seed",
     default=0,
-    help="Seed of the train/validation split, the bootstrap and the samples. Models trained with `street2shop train` "
-    "learnt split seed 0's training pairs: score them on seed 0, or their training products are evaluated.",
+    help="Seed of the train/validation split, the bootstrap and the samples. A model trained with `street2shop train "
+    "--split-seed N` learnt split N's training pairs: a checkpoint trained on evaluated products is refused.",
 )
 @whole(
     "--rerank",
@@ -82,6 +82,12 @@ def _grid_specs(patterns: str, kind: str, flag: str) -> List[str]:
 @query_bank_options(
     "Also score every combination with query-bank normalisation (rows NAME+qb): a bank of training-split "
     "query photos of this data set, repeatable (e.g. --query-bank viton:ROOT --query-bank viton-street:ROOT)."
+)
+@click.option(
+    "--allow-train-overlap",
+    is_flag=True,
+    help="Score checkpoints on products they were trained on (refused by default: such scores measure "
+    "memorisation). Every `train` run records its training products in final.pt.",
 )
 @whole("--limit", 0, 0, "Evaluate a seeded sample of N products and their queries (0: all); for slow descriptors.")
 @whole("--distractors", 0, 0, "Extra gallery products drawn from the training split (nobody queries them).")

