@@ -63,6 +63,7 @@ PROXY_FILE = "proxy.pt"
 CATALOG_FILE = "catalog.csv"
 QUERY_BANK_FILE = "query_bank.npz"
 SEARCH_BATCH = 32  # images embedded together by `search` and `add`
+BANK_CHECKPOINT_S = 30.0  # how often an embedding query bank saves what it has (resumed after an interruption)
 
 
 @dataclass(frozen=True)
@@ -492,7 +493,8 @@ class Pipeline:
             progress: None, or a callable (done, total) called after each batch.
             cache_dir: keep the bank's vectors here (``query-banks/<key>.npy``, keyed by the proxy's and descriptor's
                 fingerprints and the photos' contents) and reuse them, so a rebuilt index does not embed the bank
-                again. Only banks of file paths are cached.
+                again. Only banks of file paths are cached. An embedding saves what it has every
+                `BANK_CHECKPOINT_S` (``<key>.partial.npy``), so an interrupted one goes on from there.
 
         Raises:
             BadImageError: an unreadable photo. ValueError: no photos, beta <= 0.
@@ -503,16 +505,22 @@ class Pipeline:
         stored = self._bank_cache_file(items, cache_dir)
         vectors = _cached_vectors(stored, len(items), self.index.dim)
         if vectors is None:
-            parts = []
-            for start in range(0, len(items), SEARCH_BATCH):
+            # An interrupted embedding left its first batches here: go on from them.
+            partial = None if stored is None else stored.with_name(stored.stem + ".partial.npy")
+            done = _cached_vectors(partial, len(items), self.index.dim, prefix_of=SEARCH_BATCH)
+            parts = [] if done is None else [done]
+            last_saved = time.perf_counter()
+            for start in range(0 if done is None else len(done), len(items), SEARCH_BATCH):
                 parts.append(self._embed_queries(items[start : start + SEARCH_BATCH], start, _Clock())[0])
+                if partial is not None and time.perf_counter() - last_saved > BANK_CHECKPOINT_S:
+                    _write_vectors(partial, np.concatenate(parts))
+                    last_saved = time.perf_counter()
                 if progress is not None:
                     progress(min(start + SEARCH_BATCH, len(items)), len(items))
             vectors = np.concatenate(parts).astype(np.float32)
             if stored is not None:
-                buffer = io.BytesIO()
-                np.save(buffer, vectors)
-                write_checked_bytes(stored, buffer.getvalue())
+                _write_vectors(stored, vectors)
+                partial.unlink(missing_ok=True)
         bank = QueryBank(vectors, float(beta), tuple(str(s) for s in sources))
         self._offsets = self.index.bank_offsets(bank.vectors, bank.beta)
         self.bank = bank
@@ -708,9 +716,16 @@ class _Clock:
         return {stage: round(ms / max(1, count), 3) for stage, ms in self.stages.items()}
 
 
-def _cached_vectors(stored: Optional[Path], rows: int, dim: int) -> Optional[np.ndarray]:
+def _write_vectors(path: Path, vectors: np.ndarray) -> None:
+    buffer = io.BytesIO()
+    np.save(buffer, vectors.astype(np.float32))
+    write_checked_bytes(path, buffer.getvalue())
+
+
+def _cached_vectors(stored: Optional[Path], rows: int, dim: int, prefix_of: int = 0) -> Optional[np.ndarray]:
     """The (rows, dim) vectors `use_query_bank` kept in `stored`, or None (no file; a damaged or stale one is
-    logged and embedded again)."""
+    logged and embedded again). With `prefix_of` B, the first n rows of them are enough, n a multiple of B
+    below `rows` (what an interrupted embedding saved)."""
     if stored is None or not stored.exists():
         return None
     try:
@@ -718,6 +733,9 @@ def _cached_vectors(stored: Optional[Path], rows: int, dim: int) -> Optional[np.
     except (OSError, ValueError, DamagedCacheError) as error:
         log.warning("query-bank cache %s is unreadable (%s): embedding the bank again", stored, error)
         return None
+    whole_batches = prefix_of and vectors.ndim == 2 and len(vectors) < rows and len(vectors) % prefix_of == 0
+    if prefix_of and whole_batches and vectors.shape[1] == dim and np.isfinite(vectors).all():
+        return vectors.astype(np.float32)
     if vectors.shape != (rows, dim) or not np.isfinite(vectors).all():
         log.warning(
             "query-bank cache %s holds %s vectors, not (%d, %d): embedding the bank again",

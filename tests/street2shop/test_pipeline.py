@@ -24,6 +24,7 @@ from retrieval.descriptors import create_descriptor
 from street2shop import BadImageError, Pipeline, SearchHit, SearchResult
 from street2shop.cli import cli
 from street2shop.engine import DESCRIPTOR_FILE, build_index
+from street2shop.pipeline import SEARCH_BATCH
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 
@@ -201,6 +202,35 @@ def test_a_cached_query_bank_is_reused_and_a_damaged_one_embedded_again(shop, da
         pipeline.use_query_bank(bank_photos, cache_dir=tmp_path)
     assert embedded and "embedding the bank again" in caplog.text
     np.testing.assert_allclose(pipeline.bank.vectors, first, atol=1e-6)
+
+
+def test_an_interrupted_query_bank_goes_on_from_its_saved_batches(shop, dataset, tmp_path, monkeypatch):
+    import street2shop.pipeline as pipeline_module
+
+    monkeypatch.setattr(pipeline_module, "BANK_CHECKPOINT_S", -1.0)  # save after every batch
+    photos = list(dataset.queries["image"])
+    bank_photos = (photos * (2 * SEARCH_BATCH // len(photos) + 2))[: 2 * SEARCH_BATCH + 5]  # three batches
+    reference = Pipeline.load(shop, device="cpu")
+    reference.use_query_bank(bank_photos)  # no cache: the uninterrupted vectors
+    pipeline = Pipeline.load(shop, device="cpu")
+    original, starts = pipeline._embed_queries, []
+
+    def interrupted_at_the_third_batch(items, start, clock):
+        starts.append(start)
+        if len(starts) == 3:
+            raise KeyboardInterrupt("simulated Ctrl-C")
+        return original(items, start, clock)
+
+    pipeline._embed_queries = interrupted_at_the_third_batch
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.use_query_bank(bank_photos, cache_dir=tmp_path)
+    (partial,) = (tmp_path / "query-banks").glob("*.partial.npy")
+    starts.clear()
+    pipeline._embed_queries = lambda items, start, clock: starts.append(start) or original(items, start, clock)
+    pipeline.use_query_bank(bank_photos, cache_dir=tmp_path)
+    assert starts == [2 * SEARCH_BATCH]  # only the batch that was cut off
+    np.testing.assert_allclose(pipeline.bank.vectors, reference.bank.vectors, atol=1e-6)
+    assert not partial.exists() and len(list((tmp_path / "query-banks").glob("*.npy"))) == 1
 
 
 class _CountingEmbed:
