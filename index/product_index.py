@@ -16,6 +16,7 @@ without tuning again.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -579,7 +580,10 @@ class ProductIndex:
         write_index_dir(directory, self._cpu_index, manifest, attachments, lock_timeout=lock_timeout)
         self._directory = directory
         self._version_dir = None  # attachments are read through the directory's live links from now on
-        self._attachment_checksums = {}
+        # ... and checked against what this save wrote, so `has_attachment` and `read_attachment` know them
+        self._attachment_checksums = {
+            name: hashlib.sha256(payload).hexdigest() for name, payload in (attachments or {}).items()
+        }
         return directory
 
     def has_attachment(self, name: str) -> bool:

@@ -553,3 +553,16 @@ def test_attachment_path_stays_with_the_loaded_version(tmp_path):
         loaded.read_attachment("descriptor.pt")  # its version was deleted by the save
     with pytest.raises(FileNotFoundError, match="descriptor.pt"):
         ProductIndex.load(target, device="cpu").attachment_path("descriptor.pt")
+
+
+def test_a_saved_index_knows_the_attachments_it_wrote(tmp_path):
+    index = make_catalog(1)
+    assert not index.has_attachment("descriptor.pt")  # never saved
+    index.save(tmp_path / "idx", attachments={"descriptor.pt": b"state one"})
+    assert index.has_attachment("descriptor.pt") and index.read_attachment("descriptor.pt") == b"state one"
+    assert not index.has_attachment("query_bank.npz")
+    index.save(tmp_path / "idx", attachments=make_attachments(1))
+    for name, payload in make_attachments(1).items():
+        assert index.has_attachment(name) and index.read_attachment(name) == payload
+    index.save(tmp_path / "idx")  # no attachments this time
+    assert not index.has_attachment("descriptor.pt")
