@@ -184,7 +184,7 @@ def embed_training_inputs(tn: TripletNet, inputs: torch.Tensor, mask: Optional[t
     return tn.head(inputs, mask)
 
 
-def triplet_loss(
+def pair_batch_loss(
     tn: TripletNet,
     street: torch.Tensor,
     shop: torch.Tensor,
@@ -332,7 +332,7 @@ def train_tn(tn: TripletNet, job: TrainingJob, config: TNTrainConfig) -> Path:
                 generator = torch.Generator().manual_seed(_step_seed(seed, epoch, i))
                 rate = float(tconf["location_dropout"])
                 masks = tuple(location_keep_mask(len(rows), h, w, rate, generator).to(tn.device) for _ in range(2))
-                loss, stats = triplet_loss(
+                loss, stats = pair_batch_loss(
                     tn, street[rows], shop[rows], labels[rows], criterion, bool(tconf["symmetric"]), masks
                 )
                 optimizer.zero_grad(set_to_none=True)

@@ -16,7 +16,7 @@ from retrieval.descriptors.gem import gem_pool
 from retrieval.descriptors.tn import attention_gem_pool, orthogonal_rows
 from retrieval.metrics import rank_of_truth, single_relevant_metrics
 from retrieval.training import TrainingRun, load_checkpoint
-from retrieval.training.tn import location_keep_mask, triplet_loss
+from retrieval.training.tn import location_keep_mask, pair_batch_loss
 from retrieval.triplet import (
     BatchHardMiner,
     InfoNCELoss,
@@ -221,12 +221,12 @@ def test_one_training_step_lowers_the_loss():
     labels = torch.arange(8)
     criterion = TripletMarginLoss(0.5, miner=BatchHardMiner())
     optimizer = torch.optim.SGD(tn.head.parameters(), lr=0.5)
-    before, stats = triplet_loss(tn, street, shop, labels, criterion)
+    before, stats = pair_batch_loss(tn, street, shop, labels, criterion)
     assert before.item() > 0 and set(stats) >= {"loss", "loss_street2shop", "loss_shop2street", "active"}
     optimizer.zero_grad()
     before.backward()
     optimizer.step()
-    after, _ = triplet_loss(tn, street, shop, labels, criterion)
+    after, _ = pair_batch_loss(tn, street, shop, labels, criterion)
     assert after.item() < before.item()
     assert tn.backbone._conv_head.weight.grad is None  # the frozen backbone gets no gradient
 
