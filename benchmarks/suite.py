@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 from benchmarks.reproduce import grid_specs, names_a_training
-from index.bank_norm import DEFAULT_BANK_BETA
+from index.bank_norm import DEFAULT_BANK_BETA, DEFAULT_BANK_SIZE
 
 Progress = Union[bool, Callable[[str], None]]
 Echo = Callable[[str], None]
@@ -74,7 +74,7 @@ class BenchConfig:
     fit_data: Optional[str] = None  # data set spec whose training images fit codebooks/whitening (None: dataset)
     combinations: Optional[Sequence[Tuple[str, str]]] = None  # (proxy, descriptor) pairs only, e.g. recipes
     query_bank: Sequence[str] = ()  # data set specs whose training-split query photos form the bank (+qb rows)
-    query_bank_size: int = 1500  # photos drawn from each
+    query_bank_size: int = DEFAULT_BANK_SIZE  # photos drawn from each (0: all)
     bank_beta: float = DEFAULT_BANK_BETA
     allow_train_overlap: bool = False  # score checkpoints on products they trained on (else refused)
 

@@ -23,8 +23,10 @@ import numpy as np
 
 from .arrays import as_matrix, check_k
 
-# chosen for recipe street's fusion on the even half of the validation queries, from 5/10/20/30/50 (README, query bank)
+# chosen for a 1,500-photo bank on the even half of the validation queries, from 5/10/20/30/50 (README, query bank);
+# a larger bank wants a larger beta: recipe street's whole training split (3,639 photos) takes 15
 DEFAULT_BANK_BETA = 10.0
+DEFAULT_BANK_SIZE = 1500  # photos drawn from each bank source; 0 takes all of its training split
 _CHUNK = 2048  # catalog vectors per (chunk, bank) similarity block: 2048 x 4000 float32 is 33 MB
 
 

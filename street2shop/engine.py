@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from generation.proxies import Proxy, create_proxy
 from index import IndexCorruptError, IndexMismatchError, ProductIndex, check_index_destination
-from index.bank_norm import DEFAULT_BANK_BETA
+from index.bank_norm import DEFAULT_BANK_BETA, DEFAULT_BANK_SIZE
 from retrieval.batching import fit_descriptor, resolve_device
 from retrieval.descriptors import Descriptor, create_descriptor
 from retrieval.features import FeatureCache, extract_features
@@ -275,7 +275,7 @@ def index_catalog(
     address: Optional[str] = None,
     workers: Optional[int] = None,
     query_bank: Sequence[str] = (),
-    query_bank_size: int = 1500,
+    query_bank_size: int = DEFAULT_BANK_SIZE,
     bank_beta: float = DEFAULT_BANK_BETA,
     echo=print,
 ) -> ProductIndex:
@@ -293,7 +293,7 @@ def index_catalog(
     one for this job, "auto" or "ray://HOST:PORT": a running one), "local" in this process, its photos decoded by
     `workers` loader processes (None: `default_workers()`; 0: in this process).
     `query_bank` (data set specs): the pipeline scores with query-bank normalisation (`index.bank_norm`), its bank
-    `query_bank_size` training-split query photos of each set (`retrieval.datasets.query_bank_photos`) embedded
+    `query_bank_size` training-split query photos of each set (0: all; `retrieval.datasets.query_bank_photos`) embedded
     as queries are, at inverse temperature `bank_beta`.
     """
     from benchmarks.runner import describe_fit_images, fit_images

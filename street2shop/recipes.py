@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
+from index.bank_norm import DEFAULT_BANK_BETA, DEFAULT_BANK_SIZE
+
 DEFAULT_PROXY = "none"
 DEFAULT_DESCRIPTOR = "gem"
 DEFAULT_PRESET = "flat"
@@ -59,8 +61,11 @@ class Recipe:
     trainings: Tuple[Training, ...] = ()
     measured: str = "not measured yet"
     # Query-bank normalisation (index.bank_norm): the data sets whose training-split query photos form the bank,
-    # "{data}" the training data (build) or the catalog's data set (index), "{data_street}" its street variant.
+    # "{data}" the training data (build) or the catalog's data set (index), "{data_street}" its street variant;
+    # how many photos of each (0: all) and the inverted softmax's beta.
     query_bank: Tuple[str, ...] = ()
+    bank_size: int = DEFAULT_BANK_SIZE
+    bank_beta: float = DEFAULT_BANK_BETA
 
     def bank_sources(self, data: str) -> Tuple[str, ...]:
         """The query bank's data set specs for data set `data` (e.g. viton:ROOT -> viton:ROOT, viton-street:ROOT).
@@ -134,20 +139,23 @@ RECIPES: Dict[str, Recipe] = {
         Recipe(
             name="street",
             summary="for street photos: hp with a parser trained on street copies too at the photo's full 256 x 192, "
-            "then an equal-weight fusion of three tn trained on street copies (Lite0 fine-tuned, Lite0 head only, "
-            "Lite2 fine-tuned), catalog vectors pooled with blurred copies, queries with their mirror image, scored "
-            "with query-bank normalisation against 1,500 street versions of training photos",
-            # The tn branches learnt from the cut-outs of the 128 x 96 street parser (parser_street): that is how they
-            # were trained and measured. Queries go through the 256 x 192 one (parser_street_hr), whose masks are closer
-            # to the true garment on street photos (README, the street parser at full resolution).
+            "then a fusion of four tn trained on street copies (Lite0 fine-tuned, Lite0 head only, Lite2 fine-tuned at "
+            "twice the weight, and Lite0 fine-tuned with the contrastive InfoNCE loss behind the 256 x 192 parser), "
+            "catalog vectors pooled with blurred copies, queries with their mirror image, scored with query-bank "
+            "normalisation against the street versions of all training photos",
+            # The first three branches learnt from the cut-outs of the 128 x 96 street parser (parser_street): that is
+            # how they were trained and measured. Queries go through the 256 x 192 one (parser_street_hr), whose masks
+            # are closer to the true garment on street photos (README, the street parser at full resolution); the
+            # InfoNCE branch learnt from that one's cut-outs.
             proxy="hp@{parser_street_hr}",
-            # equal weights, fixed a priori: fitted on training pairs they go to the branch that trained on those very
-            # pairs (README, fusion); the branch set was chosen on half the validation queries (README, ensembles)
+            # weights fixed by a grid over {0, 1, 2} per branch on half the validation queries, never fitted on
+            # training pairs: there they go to the branch that trained on those very pairs (README, fusion; InfoNCE)
             descriptor="fused[branches="
             + "|".join(
-                f"tn[{STREET_BRANCH_OPTIONS}]@{{{run}}}" for run in ("tn_street", "tn_street_head", "tn_street_lite2")
+                f"tn[{STREET_BRANCH_OPTIONS}]@{{{run}}}"
+                for run in ("tn_street", "tn_street_head", "tn_street_lite2", "tn_street_nce")
             )
-            + ";weights=(1, 1, 1)]",
+            + ";weights=(1, 1, 2, 1)]",
             trainings=(
                 Training("proxy", "hp", "parser_street", {"street_copies": 1}),
                 Training(
@@ -168,11 +176,26 @@ RECIPES: Dict[str, Recipe] = {
                     {"backbone": "lite2", "street_copies": 3, "finetune_last_blocks": 2, "epochs": 24},
                     behind=("hp", "parser_street"),
                 ),
+                Training(
+                    "descriptor",
+                    "tn",
+                    "tn_street_nce",
+                    {
+                        "street_copies": 3,
+                        "finetune_last_blocks": 2,
+                        "epochs": 24,
+                        "loss": "infonce",
+                        "temperature": 0.05,
+                    },
+                    behind=("hp", "parser_street_hr"),
+                ),
             ),
-            # Query-bank normalisation against street versions of training-split photos (README, query bank).
+            # Query-bank normalisation against the street versions of every training-split photo (README, query bank).
             query_bank=("{data_street}",),
-            measured="mAP@20 0.745 [0.727, 0.762] (studio photos) and 0.487 [0.468, 0.508] (viton-street) on all 1,820 "
-            "VITON validation products; trainings 882 + 2,766 + 1,229 + 4,281 + 3,861 s on this 2-core CPU",
+            bank_size=0,
+            bank_beta=15.0,
+            measured="mAP@20 0.763 [0.745, 0.780] (studio photos) and 0.507 [0.489, 0.528] (viton-street) on all 1,820 "
+            "VITON validation products; trainings 882 + 2,766 + 1,229 + 4,281 + 3,861 + ~4,135 s on this 2-core CPU",
         ),
     )
 }
@@ -213,14 +236,17 @@ def resolve_recipe(
     runs: Optional[os.PathLike] = None,
     query_bank: Optional[Sequence[str]] = None,
     bank_data: Optional[str] = None,
+    query_bank_size: Optional[int] = None,
+    bank_beta: Optional[float] = None,
 ) -> Dict[str, Any]:
     """`index`'s pipeline parts: the recipe's (or the defaults), each overridden by an option given.
 
     `query_bank` (data set specs) replaces the recipe's query bank, whose sources are otherwise made from
     `bank_data` (`Recipe.bank_sources`; the training data of `build`, the catalog's data set of `index`).
+    `query_bank_size` and `bank_beta` replace the recipe's (`Recipe.bank_size`, `Recipe.bank_beta`).
 
     Returns:
-        {"recipe", "proxy", "descriptor", "preset", "rerank", "query_bank"}.
+        {"recipe", "proxy", "descriptor", "preset", "rerank", "query_bank", "query_bank_size", "bank_beta"}.
 
     Raises:
         ValueError: an unknown recipe.
@@ -231,7 +257,7 @@ def resolve_recipe(
     if recipe is None:
         defaults = {"proxy": DEFAULT_PROXY, "descriptor": DEFAULT_DESCRIPTOR, "preset": DEFAULT_PRESET, "rerank": 0}
         chosen_parts = {key: given[key] if given[key] is not None else defaults[key] for key in defaults}
-        return {"recipe": None, **chosen_parts, "query_bank": bank}
+        return {"recipe": None, **chosen_parts, **_bank_parts(bank, query_bank_size, bank_beta, None)}
     chosen = get_recipe(recipe)
     runs = Path(runs) if runs is not None else default_runs(recipe)
     parts = chosen.specs(runs)
@@ -249,7 +275,20 @@ def resolve_recipe(
             raise ValueError(f"recipe {recipe!r} scores with a query bank: name its data set (--query-bank SPEC)")
         bank = chosen.bank_sources(bank_data)
     chosen_parts = {key: given[key] if given[key] is not None else parts[key] for key in parts}
-    return {"recipe": recipe, **chosen_parts, "query_bank": bank}
+    return {"recipe": recipe, **chosen_parts, **_bank_parts(bank, query_bank_size, bank_beta, chosen)}
+
+
+def _bank_parts(
+    bank: Tuple[str, ...], size: Optional[int], beta: Optional[float], recipe: Optional[Recipe]
+) -> Dict[str, Any]:
+    """The query bank's sources, size and beta: each given one, else the recipe's, else the defaults."""
+    default_size = recipe.bank_size if recipe is not None else DEFAULT_BANK_SIZE
+    default_beta = recipe.bank_beta if recipe is not None else DEFAULT_BANK_BETA
+    return {
+        "query_bank": bank,
+        "query_bank_size": default_size if size is None else int(size),
+        "bank_beta": default_beta if beta is None else float(beta),
+    }
 
 
 def recipe_combinations(names, runs: Optional[os.PathLike] = None) -> list:

@@ -192,14 +192,14 @@ def subset_products(data: RetrievalSet, limit: Optional[int], seed: int = 0) -> 
 
 def query_bank_photos(spec: str, count: int, seed: int = 0, cache_dir: Optional[PathLike] = None) -> List[str]:
     """Photos of typical queries for query-bank normalisation (``index.bank_norm``): a seeded sample of at most
-    `count` query photos of the training split of data set `spec` (e.g. ``viton-street:ROOT``, whose training
-    photos are street versions too), never of its validation split.
+    `count` query photos (0: all of them) of the training split of data set `spec` (e.g. ``viton-street:ROOT``,
+    whose training photos are street versions too), never of its validation split.
 
     Raises:
-        ValueError: count < 1, or a set without training-split queries (say which to use instead).
+        ValueError: count < 0, or a set without training-split queries (say which to use instead).
     """
-    if count < 1:
-        raise ValueError(f"a query bank needs at least one photo, got count={count}")
+    if count < 0:
+        raise ValueError(f"a query bank takes a number of photos >= 1, or 0 for all; got count={count}")
     data = load_dataset(spec, split="train", seed=seed, cache_dir=cache_dir)
     queries = data.queries.drop_duplicates("query_id")
     if queries.empty:
@@ -207,7 +207,7 @@ def query_bank_photos(spec: str, count: int, seed: int = 0, cache_dir: Optional[
             f"{spec} has no training-split query photos for a query bank: name a set with a training split "
             "(viton:ROOT, viton-street:ROOT, synthetic, ...)"
         )
-    if len(queries) > count:  # a seeded sample, kept in the set's order
+    if 0 < count < len(queries):  # a seeded sample, kept in the set's order
         chosen = set(queries["query_id"].sample(n=count, random_state=seed))
         queries = queries[queries["query_id"].isin(chosen)]
     return [str(photo) for photo in queries["image"]]

@@ -81,18 +81,30 @@ def embedding_options(fit_help: str, cache_help: str):
     return apply
 
 
-def query_bank_options(bank_help: str):
-    """--query-bank (repeatable), --query-bank-size and --bank-beta: query-bank normalisation (`index.bank_norm`)."""
-    from index.bank_norm import DEFAULT_BANK_BETA
+def query_bank_options(bank_help: str, recipe_defaults: bool = False):
+    """--query-bank (repeatable), --query-bank-size and --bank-beta: query-bank normalisation (`index.bank_norm`).
 
+    With `recipe_defaults` the last two default to None: the recipe's values, else the plain defaults
+    (`street2shop.recipes.resolve_recipe`).
+    """
+    from index.bank_norm import DEFAULT_BANK_BETA, DEFAULT_BANK_SIZE
+
+    default_note = "the recipe's, else " if recipe_defaults else ""
     options = (
         click.option("--query-bank", multiple=True, help=bank_help),
-        whole("--query-bank-size", 1500, 1, "Photos drawn from each --query-bank set (seeded)."),
+        opt(
+            "--query-bank-size",
+            default=None if recipe_defaults else DEFAULT_BANK_SIZE,
+            type=click.IntRange(min=0),
+            help="Photos drawn from each --query-bank set (seeded; 0: all of its training split). Default: "
+            f"{default_note}{DEFAULT_BANK_SIZE}.",
+        ),
         opt(
             "--bank-beta",
-            default=DEFAULT_BANK_BETA,
+            default=None if recipe_defaults else DEFAULT_BANK_BETA,
             type=click.FloatRange(min=0, min_open=True),
-            help="Inverse temperature of the query-bank normalisation's inverted softmax.",
+            help=f"Inverse temperature of the query-bank normalisation's inverted softmax. Default: "
+            f"{default_note}{DEFAULT_BANK_BETA:g}.",
         ),
     )
 

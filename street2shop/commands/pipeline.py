@@ -88,7 +88,8 @@ from street2shop.commands.options import (
 @query_bank_options(
     "Score with query-bank normalisation: a bank of training-split query photos of this data set, embedded "
     "as queries are, demotes products that sit close to every query; repeatable. Default: the recipe's (recipe "
-    "street: the street variant of --fit-data, else of the catalog's data set), else none."
+    "street: the street variant of --fit-data, else of the catalog's data set), else none.",
+    recipe_defaults=True,
 )
 def index_command(catalog, out_dir, recipe, proxy, descriptor, preset, rerank, runs, query_bank, **options) -> None:
     """Save a pipeline: embed a catalog's product photos into a FAISS index, with everything a query needs.
@@ -116,6 +117,8 @@ def index_command(catalog, out_dir, recipe, proxy, descriptor, preset, rerank, r
         runs=runs,
         query_bank=query_bank,
         bank_data=options["fit_data"] or catalog,
+        query_bank_size=options.pop("query_bank_size"),
+        bank_beta=options.pop("bank_beta"),
     )
     index_catalog(catalog, out_dir, echo=click.echo, **parts, **options)
 
@@ -207,6 +210,12 @@ def _bank_words(template: str) -> str:
     return words.get(template, template)
 
 
+def _bank_summary(recipe) -> str:
+    """ "all street versions of the data's training photos, beta 15" (how many, from where, at which beta)."""
+    how_many = "all" if recipe.bank_size == 0 else f"{recipe.bank_size:,} of the"
+    return f"{how_many} {' + '.join(map(_bank_words, recipe.query_bank))}, beta {recipe.bank_beta:g}"
+
+
 @click.command("recipes")
 def recipes_command() -> None:
     """List the named pipelines (`index --recipe`, `build --recipe`) with what they need and measured."""
@@ -217,7 +226,7 @@ def recipes_command() -> None:
         click.echo(f"{recipe.name}: {recipe.summary}")
         click.echo(
             f"    proxy {recipe.proxy}, descriptor {recipe.descriptor}, preset {recipe.preset}, rerank {recipe.rerank}"
-            + (f", query bank: {' + '.join(map(_bank_words, recipe.query_bank))}" if recipe.query_bank else "")
+            + (f", query bank: {_bank_summary(recipe)}" if recipe.query_bank else "")
         )
         click.echo(f"    needs: {needs}; measured: {recipe.measured}")
 

@@ -97,12 +97,13 @@ def test_a_query_bank_is_a_seeded_sample_of_training_split_photos_only(tmp_path)
     evaluated = set(load_viton(tmp_path, split="val", seed=0).queries["image"].astype(str))
     every = query_bank_photos(spec, 100)
     assert len(every) == 20 and not set(every) & evaluated  # all 20 training photos, none of the 10 evaluated
+    assert query_bank_photos(spec, 0) == every  # 0: all of them
     sample = query_bank_photos(spec, 5)
     assert len(sample) == 5 and sample == query_bank_photos(spec, 5)  # seeded
     assert sample == [photo for photo in every if photo in set(sample)]  # in the set's order
     assert query_bank_photos(spec, 5, seed=1) != sample
-    with pytest.raises(ValueError, match="at least one photo"):
-        query_bank_photos(spec, 0)
+    with pytest.raises(ValueError, match="0 for all"):
+        query_bank_photos(spec, -1)
 
 
 def test_split_is_deterministic_for_a_seed(tmp_path):

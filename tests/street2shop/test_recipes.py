@@ -40,6 +40,7 @@ def test_recipes_name_their_parts_and_trainings():
         "tn_street_head",
         "tn_street",
         "tn_street_lite2",
+        "tn_street_nce",
     ]  # parsers first
     assert street.training_settings(street.trainings[1], "r") == {
         "street_copies": 2,
@@ -51,11 +52,19 @@ def test_recipes_name_their_parts_and_trainings():
         {"street_copies": 1, **behind},
         {"street_copies": 3, "finetune_last_blocks": 2, "epochs": 24, **behind},
         {"backbone": "lite2", "street_copies": 3, "finetune_last_blocks": 2, "epochs": 24, **behind},
+        {
+            "street_copies": 3,
+            "finetune_last_blocks": 2,
+            "epochs": 24,
+            "loss": "infonce",
+            "temperature": 0.05,
+            "proxy": "hp@r/parser_street_hr/final.pt",  # the InfoNCE branch learns the 256 x 192 parser's
+        },
     ]
     branch = "tn[catalog_blur=(2.0, 4.0);query_flip=true]@r/{}/final.pt"
     assert street.specs("r")["descriptor"] == (
         f"fused[branches={branch.format('tn_street')}|{branch.format('tn_street_head')}|"
-        f"{branch.format('tn_street_lite2')};weights=(1, 1, 1)]"
+        f"{branch.format('tn_street_lite2')}|{branch.format('tn_street_nce')};weights=(1, 1, 2, 1)]"
     )
     assert street.specs("r")["proxy"] == "hp@r/parser_street_hr/final.pt"  # queries go through the 256 x 192 one
 
@@ -76,6 +85,8 @@ def test_a_recipe_whose_checkpoints_are_missing_says_how_to_train_them(tmp_path)
         "preset": "flat",
         "rerank": 0,
         "query_bank": (),
+        "query_bank_size": 1500,
+        "bank_beta": 10.0,
     }
     assert recipe_combinations(["fast", "no-training"]) == [("none", "colorhist"), ("hp", "gem")]
 
@@ -91,6 +102,11 @@ def test_a_recipe_query_bank_comes_from_the_data_and_its_street_variant():
     assert resolve_recipe("fast", bank_data="viton:x")["query_bank"] == ()
     given = resolve_recipe("fast", query_bank=("csv:q.csv",), bank_data="viton:x")
     assert given["query_bank"] == ("csv:q.csv",)  # an explicit bank replaces the recipe's (none here)
+    # recipe street's bank: every street training photo (0: all), beta 15; options given replace them
+    parts = resolve_recipe("street", proxy="hp", descriptor="gem", bank_data="viton:/d")  # given: no checkpoints
+    assert (parts["query_bank"], parts["query_bank_size"], parts["bank_beta"]) == (("viton-street:/d",), 0, 15.0)
+    parts = resolve_recipe("street", proxy="hp", descriptor="gem", bank_data="viton:/d", query_bank_size=9, bank_beta=5)
+    assert (parts["query_bank_size"], parts["bank_beta"]) == (9, 5.0)
 
 
 def test_index_with_a_recipe_records_it(synthetic_root, tmp_path):
