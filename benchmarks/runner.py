@@ -453,9 +453,9 @@ def refuse_seen_products(specs: Sequence[str], evaluated_products: set, dataset_
         log.warning("scoring on products the models have seen (--allow-train-overlap): %s", "; ".join(lines))
         return
     raise ValueError(
-        "; ".join(lines) + ". Its scores would measure memorisation, not retrieval: evaluate on the split it "
-        "held out (train and bench with the same --split-seed), or pass --allow-train-overlap to measure that on "
-        "purpose"
+        "; ".join(lines) + ". Its scores would measure memorisation, not retrieval: evaluate it on products it "
+        "held out (a split data set: train and bench with the same --split-seed; your own files: queries of other "
+        "products), or pass --allow-train-overlap to measure that on purpose"
     )
 
 

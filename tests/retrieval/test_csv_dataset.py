@@ -124,9 +124,12 @@ def test_train_tn_and_bench_it_on_the_users_csv(user_set, tmp_path, monkeypatch)
         "--protocol-draws",
         "0",
     ]
-    result = CliRunner().invoke(
-        cli, args + ["--bootstrap", "10", "--out", str(out), "--device", "cpu"], catch_exceptions=False
-    )
+    args += ["--bootstrap", "10", "--out", str(out), "--device", "cpu"]
+    # the pairs are of the products the queries ask for: a score of memorisation, refused unless asked for
+    refused = CliRunner().invoke(cli, args, catch_exceptions=False)
+    assert refused.exit_code == 2 and "trained on 8 of the 8 products" in refused.output
+    assert "--allow-train-overlap" in refused.output
+    result = CliRunner().invoke(cli, args + ["--allow-train-overlap"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     summary = pd.read_csv(out / "results.csv")
     assert summary["gallery"].tolist() == [8, 8] and summary["gallery_images"].tolist() == [24, 24]
