@@ -126,6 +126,13 @@ def run_bench_suite(config: BenchConfig, *, echo: Echo = print, progress: Progre
     k_list = check_ks(config.ks)
     descriptor_specs = grid_specs(config.descriptors, "descriptor", "descriptors")
     proxy_specs = grid_specs(config.proxies, "proxy", "proxies")
+    # typed like the grid's specs (a fusion's branches come back quoted), or no combination would match a grid cell
+    combinations = None
+    if config.combinations is not None:
+        combinations = [
+            (grid_specs((p,), "proxy", "proxies")[0], grid_specs((d,), "descriptor", "descriptors")[0])
+            for p, d in config.combinations
+        ]
     preset_names = expand_specs(config.presets, list_index_presets(), "index preset")
     out = Path(config.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -172,8 +179,8 @@ def run_bench_suite(config: BenchConfig, *, echo: Echo = print, progress: Progre
     ]
     if bank:
         say(f"query bank: {len(bank)} training-split photos of {', '.join(config.query_bank)} (rows NAME+qb)")
-    if config.combinations is not None:
-        say(f"grid: {len(config.combinations)} proxy + descriptor pairs x {len(preset_names)} indexes")
+    if combinations is not None:
+        say(f"grid: {len(combinations)} proxy + descriptor pairs x {len(preset_names)} indexes")
     else:
         say(f"grid: {len(proxy_specs)} proxies x {len(descriptor_specs)} descriptors x {len(preset_names)} indexes")
     result = run_benchmark(
@@ -197,7 +204,7 @@ def run_bench_suite(config: BenchConfig, *, echo: Echo = print, progress: Progre
         protocol_draws=config.protocol_draws,
         bootstrap=config.bootstrap,
         fit_dataset=fit_set,
-        combinations=config.combinations,
+        combinations=combinations,
         query_bank=bank,
         bank_beta=config.bank_beta,
         allow_train_overlap=config.allow_train_overlap,

@@ -259,23 +259,33 @@ def resolve_recipe(
         chosen_parts = {key: given[key] if given[key] is not None else defaults[key] for key in defaults}
         return {"recipe": None, **chosen_parts, **_bank_parts(bank, query_bank_size, bank_beta, None)}
     chosen = get_recipe(recipe)
-    runs = Path(runs) if runs is not None else default_runs(recipe)
-    parts = chosen.specs(runs)
-    for training in chosen.trainings:
-        part = "proxy" if training.kind == "proxy" else "descriptor"
-        checkpoint = runs / training.run / "final.pt"
-        if given[part] is None and not checkpoint.exists():
-            raise FileNotFoundError(
-                f"recipe {recipe!r} needs {checkpoint} ({training.kind} {training.name}): train it with "
-                f"`street2shop build --recipe {recipe} --train-data DATA --catalog CATALOG --out DIR --runs {runs}`, "
-                f"or give --{part} {training.name}@YOUR/final.pt"
-            )
+    chosen_parts = _recipe_parts(chosen, given, runs)
     if not bank and chosen.query_bank:
         if bank_data is None:
             raise ValueError(f"recipe {recipe!r} scores with a query bank: name its data set (--query-bank SPEC)")
         bank = chosen.bank_sources(bank_data)
-    chosen_parts = {key: given[key] if given[key] is not None else parts[key] for key in parts}
     return {"recipe": recipe, **chosen_parts, **_bank_parts(bank, query_bank_size, bank_beta, chosen)}
+
+
+def _recipe_parts(recipe: Recipe, given: Mapping[str, Any], runs: Optional[os.PathLike]) -> Dict[str, Any]:
+    """The recipe's proxy, descriptor, preset and rerank with its checkpoints under `runs` (default runs/NAME),
+    each replaced by a `given` one that is not None.
+
+    Raises:
+        FileNotFoundError: a checkpoint the recipe needs is missing (with the command that trains it).
+    """
+    runs = Path(runs) if runs is not None else default_runs(recipe.name)
+    parts = recipe.specs(runs)
+    for training in recipe.trainings:
+        part = "proxy" if training.kind == "proxy" else "descriptor"
+        checkpoint = runs / training.run / "final.pt"
+        if given.get(part) is None and not checkpoint.exists():
+            raise FileNotFoundError(
+                f"recipe {recipe.name!r} needs {checkpoint} ({training.kind} {training.name}): train it with "
+                f"`street2shop build --recipe {recipe.name} --train-data DATA --catalog CATALOG --out DIR --runs "
+                f"{runs}`, or give --{part} {training.name}@YOUR/final.pt"
+            )
+    return {key: given[key] if given.get(key) is not None else parts[key] for key in parts}
 
 
 def _bank_parts(
@@ -291,6 +301,26 @@ def _bank_parts(
     }
 
 
+def recipe_query_bank(names: Sequence[str], data: str) -> Optional[Dict[str, Any]]:
+    """The query bank the named recipes score with on data set `data`, for `bench --recipes`:
+    {"query_bank", "query_bank_size", "bank_beta"}, or None when none of them has one.
+
+    Raises:
+        ValueError: two of them score with different banks (one bench applies one bank to every row), or
+            `data` has no variant the bank needs (`Recipe.bank_sources`).
+    """
+    with_bank = [recipe for recipe in map(get_recipe, names) if recipe.query_bank]
+    if not with_bank:
+        return None
+    if len({(r.query_bank, r.bank_size, r.bank_beta) for r in with_bank}) > 1:
+        raise ValueError(
+            f"recipes {', '.join(r.name for r in with_bank)} score with different query banks, and one bench applies "
+            "one bank to every row: bench them apart, or give the bank with --query-bank SPEC"
+        )
+    recipe = with_bank[0]
+    return _bank_parts(recipe.bank_sources(data), None, None, recipe)
+
+
 def recipe_combinations(names, runs: Optional[os.PathLike] = None) -> list:
     """(proxy spec, descriptor spec) of each named recipe, for `bench --recipes` (one grid row each).
 
@@ -298,6 +328,6 @@ def recipe_combinations(names, runs: Optional[os.PathLike] = None) -> list:
     """
     pairs = []
     for name in names:
-        parts = resolve_recipe(name, runs=runs)
+        parts = _recipe_parts(get_recipe(name), {}, runs)  # its query bank is the bench's (`recipe_query_bank`)
         pairs.append((parts["proxy"], parts["descriptor"]))
     return pairs

@@ -123,7 +123,8 @@ def _grid_specs(patterns: str, kind: str, flag: str) -> List[str]:
     "--recipes",
     default=None,
     help="Score named pipelines (see `street2shop recipes`), one row each, e.g. 'best,fast'; "
-    "alone unless --descriptors/--proxies are given too.",
+    "alone unless --descriptors/--proxies are given too. A recipe with a query bank (street) also gets its "
+    "NAME+qb row, with the recipe's bank, size and beta unless --query-bank, --query-bank-size or --bank-beta say.",
 )
 @click.option("--runs", default=None, help="With --recipes: where their checkpoints are. Default: runs/RECIPE.")
 def bench_command(ks, descriptors, proxies, presets, no_cache, train_missing, recipes, runs, **options) -> None:
@@ -155,7 +156,7 @@ def bench_command(ks, descriptors, proxies, presets, no_cache, train_missing, re
     preset_names = _expand(presets, list_index_presets(), "index preset")
     combinations = None
     if recipes:
-        from street2shop.recipes import recipe_combinations
+        from street2shop.recipes import recipe_combinations, recipe_query_bank
 
         ctx = click.get_current_context()
         grid_given = any(
@@ -165,6 +166,16 @@ def bench_command(ks, descriptors, proxies, presets, no_cache, train_missing, re
         if train_missing:
             raise click.UsageError("--recipes and --train do not mix: train a recipe with `street2shop build`")
         pairs = recipe_combinations(split_list(recipes), runs)
+        given = {name for name in options if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE}
+        bank = None if "query_bank" in given else recipe_query_bank(split_list(recipes), options["dataset"])
+        if bank is not None:  # score the recipe as it serves: its +qb row is the recipe's number
+            options.update({key: value for key, value in bank.items() if key not in given})
+            how_many = options["query_bank_size"] or "all"
+            click.echo(
+                f"query bank of recipe {recipes}: {how_many} training-split photos of each of "
+                f"{', '.join(options['query_bank'])}, beta {options['bank_beta']:g} (rows NAME+qb)",
+                err=True,
+            )
         grid = [(p, d) for p in proxy_specs for d in descriptor_specs] if grid_given else []
         combinations = grid + [pair for pair in pairs if pair not in grid]
         proxy_specs = list(dict.fromkeys(p for p, _ in combinations))

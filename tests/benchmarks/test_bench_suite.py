@@ -340,6 +340,11 @@ def test_run_bench_suite_from_python(synthetic_root, tmp_path):
     options = dataclasses.replace(config, descriptors="gem[p=4;image_size=64,48]", out_dir=tmp_path / "gem")
     record = json.loads((run_bench_suite(options, progress=False) / "config.json").read_text())
     assert record["descriptors"] == ["gem[p=4.0;image_size=(64, 48)]"] and record["trainings"] == []
+    # combinations (what --recipes scores) are typed like the grid: spelled as typed, they still find their cell
+    spec = "gem[p=4;image_size=64,48]"
+    paired = dataclasses.replace(options, descriptors=(spec,), combinations=[("none", spec)], out_dir=tmp_path / "c")
+    results = pd.read_parquet(run_bench_suite(paired, progress=False) / "results.parquet")
+    assert results["descriptor"].tolist() == ["gem[p=4.0;image_size=(64, 48)]"]
 
 
 def test_a_checkpoint_trained_on_evaluated_products_is_refused(dataset, tmp_path, caplog):

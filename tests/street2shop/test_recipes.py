@@ -3,6 +3,8 @@ bench --recipes (one grid row each), and the fit data that index and bench say t
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -11,7 +13,15 @@ from click.testing import CliRunner
 
 from street2shop import Pipeline
 from street2shop.cli import cli
-from street2shop.recipes import RECIPES, Recipe, Training, get_recipe, recipe_combinations, resolve_recipe
+from street2shop.recipes import (
+    RECIPES,
+    Recipe,
+    Training,
+    get_recipe,
+    recipe_combinations,
+    recipe_query_bank,
+    resolve_recipe,
+)
 
 
 def _invoke(*arguments):
@@ -187,3 +197,30 @@ def test_build_trains_in_dependency_order_skips_finished_runs_then_indexes(synth
     result = _invoke(*arguments, "--out", tmp_path / "b")
     assert result.exit_code == 0, result.output
     assert calls == [] and result.output.count("exists, skipped") == 2
+
+
+def test_bench_scores_a_recipe_with_its_own_query_bank(synthetic_root, tmp_path, monkeypatch):
+    banked = Recipe(
+        "banked", "colorhist with a bank", "none", "colorhist", query_bank=("{data}",), bank_size=6, bank_beta=7.0
+    )
+    monkeypatch.setitem(RECIPES, "banked", banked)
+    data = f"viton:{synthetic_root}"
+    assert recipe_query_bank(["fast", "banked"], data) == {
+        "query_bank": (data,),
+        "query_bank_size": 6,
+        "bank_beta": 7.0,
+    }
+    assert recipe_query_bank(["fast"], data) is None
+    monkeypatch.setitem(RECIPES, "other", dataclasses.replace(banked, name="other", bank_beta=3.0))
+    with pytest.raises(ValueError, match="different query banks"):
+        recipe_query_bank(["banked", "other"], data)
+    common = ["bench", "--dataset", data, "--recipes", "banked", "--protocol-draws", "0", "--bootstrap", "0"]
+    common += ["--rank-pictures", "0", "--generation-samples", "0", "--cache-dir", tmp_path / "cache"]
+    result = _invoke(*common, "--out", tmp_path / "b1")
+    assert result.exit_code == 0, result.output
+    config = json.loads((tmp_path / "b1" / "config.json").read_text())
+    assert (config["query_bank_size"], config["bank_beta"]) == (6, 7.0)
+    assert set(pd.read_csv(tmp_path / "b1" / "results.csv")["descriptor"]) == {"colorhist", "colorhist+qb"}
+    result = _invoke(*common, "--bank-beta", "2", "--out", tmp_path / "b2")  # an option given wins
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "b2" / "config.json").read_text())["bank_beta"] == 2.0
