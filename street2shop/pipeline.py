@@ -734,7 +734,7 @@ def _cached_vectors(stored: Optional[Path], rows: int, dim: int, prefix_of: int 
         log.warning("query-bank cache %s is unreadable (%s): embedding the bank again", stored, error)
         return None
     whole_batches = prefix_of and vectors.ndim == 2 and len(vectors) < rows and len(vectors) % prefix_of == 0
-    if prefix_of and whole_batches and vectors.shape[1] == dim and np.isfinite(vectors).all():
+    if whole_batches and vectors.shape[1] == dim and np.isfinite(vectors).all():
         return vectors.astype(np.float32)
     if vectors.shape != (rows, dim) or not np.isfinite(vectors).all():
         log.warning(

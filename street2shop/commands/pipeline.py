@@ -211,7 +211,7 @@ def _bank_words(template: str) -> str:
 
 
 def _bank_summary(recipe) -> str:
-    """ "all street versions of the data's training photos, beta 15" (how many, from where, at which beta)."""
+    """How many photos, from where, at which beta: e.g. "all street versions of the data's training photos, beta 15"."""
     how_many = "all" if recipe.bank_size == 0 else f"{recipe.bank_size:,} of the"
     return f"{how_many} {' + '.join(map(_bank_words, recipe.query_bank))}, beta {recipe.bank_beta:g}"
 
