@@ -59,7 +59,8 @@ TRAIN_OPTIONS = [
         "--split-seed",
         default=0,
         help="Seed of the data set's train/validation split. Keep the default: `bench` and `index` evaluate on split "
-        "seed 0, and a model trained on another split has seen most of its validation products.",
+        "seed 0, and a model trained on another split has seen most of its validation products (final.pt records "
+        "its training products, and `bench` refuses to score it on them).",
     ),
     click.option(
         "--set",
