@@ -178,7 +178,8 @@ def run_bench_suite(config: BenchConfig, *, echo: Echo = print, progress: Progre
         for photo in query_bank_photos(spec, config.query_bank_size, config.seed, cache)
     ]
     if bank:
-        say(f"query bank: {len(bank)} training-split photos of {', '.join(config.query_bank)} (rows NAME+qb)")
+        sources = ", ".join(config.query_bank)
+        say(f"query bank: {len(bank)} training-split photos of {sources}, beta {config.bank_beta:g} (rows NAME+qb)")
     if combinations is not None:
         say(f"grid: {len(combinations)} proxy + descriptor pairs x {len(preset_names)} indexes")
     else:

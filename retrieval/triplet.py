@@ -192,6 +192,20 @@ def create_miner(name: str) -> nn.Module:
 # ---- the loss ----------------------------------------------------------------------------------------
 
 
+def _candidates_or_self(
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    candidates: Optional[torch.Tensor],
+    candidate_labels: Optional[torch.Tensor],
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """A loss's candidates and their labels: the anchors themselves when none are given (the single-domain case)."""
+    if candidates is None:
+        return embeddings, labels
+    if candidate_labels is None:
+        raise ValueError("candidate_labels are required with candidates")
+    return candidates, candidate_labels
+
+
 def triplet_margin_loss(
     anchor: torch.Tensor,
     positive: torch.Tensor,
@@ -283,10 +297,7 @@ class TripletMarginLoss(nn.Module):
         candidates: Optional[torch.Tensor] = None,
         candidate_labels: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        if candidates is None:
-            candidates, candidate_labels = embeddings, labels
-        elif candidate_labels is None:
-            raise ValueError("candidate_labels are required with candidates")
+        candidates, candidate_labels = _candidates_or_self(embeddings, labels, candidates, candidate_labels)
         distances = pairwise_distance(embeddings, candidates, self.distance)
         anchors, positives, negatives = self.miner(distances.detach(), labels, candidate_labels)
         losses = torch.relu(distances[anchors, positives] - distances[anchors, negatives] + self.margin)
@@ -341,10 +352,7 @@ class InfoNCELoss(nn.Module):
         candidate_labels: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         same_set = candidates is None
-        if same_set:
-            candidates, candidate_labels = embeddings, labels
-        elif candidate_labels is None:
-            raise ValueError("candidate_labels are required with candidates")
+        candidates, candidate_labels = _candidates_or_self(embeddings, labels, candidates, candidate_labels)
         logits = nn.functional.normalize(embeddings, dim=1) @ nn.functional.normalize(candidates, dim=1).T
         logits = logits / self.temperature
         positive, _ = _label_masks(labels, candidate_labels)

@@ -170,12 +170,6 @@ def bench_command(ks, descriptors, proxies, presets, no_cache, train_missing, re
         bank = None if "query_bank" in given else recipe_query_bank(split_list(recipes), options["dataset"])
         if bank is not None:  # score the recipe as it serves: its +qb row is the recipe's number
             options.update({key: value for key, value in bank.items() if key not in given})
-            how_many = options["query_bank_size"] or "all"
-            click.echo(
-                f"query bank of recipe {recipes}: {how_many} training-split photos of each of "
-                f"{', '.join(options['query_bank'])}, beta {options['bank_beta']:g} (rows NAME+qb)",
-                err=True,
-            )
         grid = [(p, d) for p in proxy_specs for d in descriptor_specs] if grid_given else []
         combinations = grid + [pair for pair in pairs if pair not in grid]
         proxy_specs = list(dict.fromkeys(p for p, _ in combinations))
